@@ -1,0 +1,2 @@
+//! The `vio` demo and benchmark tool.
+fn main() {}

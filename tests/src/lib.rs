@@ -1,0 +1,1 @@
+//! Shared pieces of the `vio` tool and the cross-crate tests.

@@ -1,0 +1,429 @@
+//! Descriptor chains: the validating walk, and the validated [`Chain`] a device serves.
+//!
+//! The walk enforces every rule of virtio 1.2 §2.7.5 and §2.7.5.3 that a device can
+//! check, on a private copy of each descriptor (each shared field is fetched once):
+//!
+//! - at most `limit` descriptors (the queue size) in the table walk, and at most `limit`
+//!   entries in an indirect table, which also stops loops;
+//! - `next` inside the table it indexes;
+//! - `VIRTQ_DESC_F_INDIRECT` only when negotiated, never with `NEXT`, never nested,
+//!   with a length that is a non-zero multiple of 16 (§2.7.5.3.1);
+//! - device-readable descriptors before device-writable ones (§2.7.4.2);
+//! - `addr + len` without overflow, and every range accepted by the sharing model's
+//!   [`DeviceMemory::check`] before any byte moves;
+//! - total length below 2^32;
+//! - zero-length descriptors counted against the limit and otherwise skipped.
+
+use crate::access::{AccessError, DescSlot, DeviceMemory, Segment, check_within};
+use crate::ring::layout::{Descriptor, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use smallvec::SmallVec;
+use zerocopy::FromBytes;
+
+/// Why a descriptor chain was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// More descriptors than the limit: too long, or a loop.
+    #[error("chain longer than {limit} descriptors (too long or a loop)")]
+    TooLong {
+        /// The limit that was hit.
+        limit: u16,
+    },
+    /// A `next` field points outside its table.
+    #[error("descriptor {index} links to {next}, outside a table of {size}")]
+    NextOutOfRange {
+        /// Position of the descriptor.
+        index: u16,
+        /// Its `next` value.
+        next: u16,
+        /// Size of the table it indexes.
+        size: u16,
+    },
+    /// INDIRECT used without VIRTIO_F_INDIRECT_DESC.
+    #[error("indirect descriptor used without negotiating INDIRECT_DESC")]
+    IndirectNotNegotiated,
+    /// An indirect table contains an indirect descriptor.
+    #[error("nested indirect descriptor")]
+    NestedIndirect,
+    /// A descriptor carries both INDIRECT and NEXT.
+    #[error("indirect descriptor also has NEXT set")]
+    IndirectWithNext,
+    /// Indirect table length 0 or not a multiple of 16.
+    #[error("indirect table length {0} is not a non-zero multiple of 16")]
+    IndirectLength(u32),
+    /// Indirect table with more entries than allowed.
+    #[error("indirect table of {entries} entries exceeds the limit of {limit}")]
+    IndirectTooLarge {
+        /// Entries in the table.
+        entries: u32,
+        /// The limit.
+        limit: u16,
+    },
+    /// A device-readable descriptor after a device-writable one.
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    /// `addr + len` wraps around the address space.
+    #[error("descriptor range {addr:#x}+{len:#x} overflows")]
+    AddrOverflow {
+        /// Descriptor address.
+        addr: u64,
+        /// Descriptor length.
+        len: u32,
+    },
+    /// The chain's total length reaches 2^32 bytes.
+    #[error("chain carries 2^32 bytes or more")]
+    TooManyBytes,
+    /// The sharing model refused a descriptor's range.
+    #[error("descriptor memory unreachable")]
+    Access(#[from] AccessError),
+}
+
+/// Segments kept inline before spilling to the heap; most requests have at most 4.
+const INLINE_SEGMENTS: usize = 4;
+
+/// A validated descriptor chain, owned by the device until it is returned as used.
+///
+/// Holds private copies of the descriptors: nothing the driver does after the walk can
+/// change what the device sees.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    head: u16,
+    segs: SmallVec<[Segment; INLINE_SEGMENTS]>,
+    n_readable: usize,
+    readable_len: u32,
+    writable_len: u32,
+}
+
+impl Chain {
+    /// Head descriptor index, the id reported in the used ring.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Device-readable segments, in order (zero-length descriptors omitted).
+    pub fn readable(&self) -> &[Segment] {
+        &self.segs[..self.n_readable]
+    }
+
+    /// Device-writable segments, in order (zero-length descriptors omitted).
+    pub fn writable(&self) -> &[Segment] {
+        &self.segs[self.n_readable..]
+    }
+
+    /// Total device-readable bytes.
+    pub fn readable_len(&self) -> u32 {
+        self.readable_len
+    }
+
+    /// Total device-writable bytes; the most a used length may report.
+    pub fn writable_len(&self) -> u32 {
+        self.writable_len
+    }
+
+    /// A cursor that reads the readable part front to back through `mem`.
+    pub fn reader<'a, M: DeviceMemory>(&'a self, mem: &'a M) -> ChainReader<'a, M> {
+        ChainReader {
+            cursor: Cursor::new(self.readable()),
+            mem,
+        }
+    }
+
+    /// A cursor that writes the writable part front to back through `mem`.
+    pub fn writer<'a, M: DeviceMemory>(&'a self, mem: &'a M) -> ChainWriter<'a, M> {
+        ChainWriter {
+            cursor: Cursor::new(self.writable()),
+            mem,
+        }
+    }
+}
+
+/// Position inside a list of segments.
+struct Cursor<'a> {
+    segs: &'a [Segment],
+    seg: usize,
+    off: u32,
+    done: u64,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(segs: &'a [Segment]) -> Self {
+        Cursor { segs, seg: 0, off: 0, done: 0 }
+    }
+
+    fn remaining(&self) -> u64 {
+        let total: u64 = self.segs.iter().map(|s| u64::from(s.len)).sum();
+        total - self.done
+    }
+
+    /// Runs `op(segment, offset, range_in_buf)` over the pieces covering `len` bytes.
+    fn step(
+        &mut self,
+        len: usize,
+        mut op: impl FnMut(&Segment, u32, std::ops::Range<usize>) -> Result<(), AccessError>,
+    ) -> Result<usize, AccessError> {
+        let mut moved = 0;
+        while moved < len {
+            let Some(seg) = self.segs.get(self.seg) else { break };
+            let avail = (seg.len - self.off) as usize;
+            let n = avail.min(len - moved);
+            check_within(seg, self.off, n)?;
+            op(seg, self.off, moved..moved + n)?;
+            moved += n;
+            self.done += n as u64;
+            if n == avail {
+                self.seg += 1;
+                self.off = 0;
+            } else {
+                // n < avail <= u32::MAX, so the sum stays below seg.len.
+                self.off += u32::try_from(n).unwrap_or(u32::MAX);
+            }
+        }
+        Ok(moved)
+    }
+}
+
+/// Error of [`ChainReader::read_exact`] and [`ChainWriter::write_all`].
+#[derive(Debug, thiserror::Error)]
+pub enum ChainIoError {
+    /// The chain has fewer bytes left than asked for.
+    #[error("chain has {left} bytes left, {wanted} wanted")]
+    Short {
+        /// Bytes left in the chain part.
+        left: u64,
+        /// Bytes asked for.
+        wanted: usize,
+    },
+    /// The sharing model refused the access.
+    #[error("descriptor memory access failed")]
+    Access(#[from] AccessError),
+}
+
+/// Reads the device-readable part of a [`Chain`] in order.
+pub struct ChainReader<'a, M> {
+    cursor: Cursor<'a>,
+    mem: &'a M,
+}
+
+impl<M: DeviceMemory> ChainReader<'_, M> {
+    /// Reads up to `buf.len()` bytes; returns how many (0 at the end).
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, AccessError> {
+        let mem = self.mem;
+        self.cursor.step(buf.len(), |seg, off, r| mem.read(seg, off, &mut buf[r]))
+    }
+
+    /// Reads exactly `buf.len()` bytes or fails without guessing.
+    pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ChainIoError> {
+        let left = self.cursor.remaining();
+        if (buf.len() as u64) > left {
+            return Err(ChainIoError::Short { left, wanted: buf.len() });
+        }
+        self.read(buf)?;
+        Ok(())
+    }
+
+    /// Bytes not yet read.
+    pub fn remaining(&self) -> u64 {
+        self.cursor.remaining()
+    }
+}
+
+/// Writes the device-writable part of a [`Chain`] in order, counting bytes written.
+pub struct ChainWriter<'a, M> {
+    cursor: Cursor<'a>,
+    mem: &'a M,
+}
+
+impl<M: DeviceMemory> ChainWriter<'_, M> {
+    /// Writes up to `buf.len()` bytes; returns how many (0 when full).
+    pub fn write(&mut self, buf: &[u8]) -> Result<usize, AccessError> {
+        let mem = self.mem;
+        self.cursor.step(buf.len(), |seg, off, r| mem.write(seg, off, &buf[r]))
+    }
+
+    /// Writes all of `buf` or fails before writing anything if it cannot fit.
+    pub fn write_all(&mut self, buf: &[u8]) -> Result<(), ChainIoError> {
+        let left = self.cursor.remaining();
+        if (buf.len() as u64) > left {
+            return Err(ChainIoError::Short { left, wanted: buf.len() });
+        }
+        self.write(buf)?;
+        Ok(())
+    }
+
+    /// Bytes written so far: the used length to report.
+    pub fn written(&self) -> u32 {
+        // The writable part is below 2^32 bytes by validation.
+        u32::try_from(self.cursor.done).unwrap_or(u32::MAX)
+    }
+
+    /// Bytes of writable space left.
+    pub fn remaining(&self) -> u64 {
+        self.cursor.remaining()
+    }
+}
+
+/// One descriptor as fetched from shared memory: `(addr, len, flags, next)`.
+pub(crate) type RawDesc = (u64, u32, u16, u16);
+
+/// Walks the chain starting at `head`, reading table entries with `read` (indices
+/// below `size` only) and indirect tables through `mem`.
+pub(crate) fn walk<M: DeviceMemory>(
+    head: u16,
+    size: u16,
+    read: impl Fn(u16) -> RawDesc,
+    mem: &M,
+    indirect_ok: bool,
+    scratch: &mut Vec<u8>,
+) -> Result<Chain, ChainError> {
+    let mut b = Builder::new(head);
+    let mut idx = head;
+    let mut steps: u32 = 0;
+    loop {
+        steps += 1;
+        if steps > u32::from(size) {
+            return Err(ChainError::TooLong { limit: size });
+        }
+        let (addr, len, flags, next) = read(idx);
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            if !indirect_ok {
+                return Err(ChainError::IndirectNotNegotiated);
+            }
+            if flags & VIRTQ_DESC_F_NEXT != 0 {
+                return Err(ChainError::IndirectWithNext);
+            }
+            b.indirect(idx, addr, len, size, mem, scratch)?;
+            break;
+        }
+        b.push(addr, len, flags, DescSlot::Table(idx), mem)?;
+        if flags & VIRTQ_DESC_F_NEXT == 0 {
+            break;
+        }
+        if next >= size {
+            return Err(ChainError::NextOutOfRange { index: idx, next, size });
+        }
+        idx = next;
+    }
+    Ok(b.finish())
+}
+
+struct Builder {
+    chain: Chain,
+    seen_writable: bool,
+}
+
+impl Builder {
+    fn new(head: u16) -> Self {
+        Builder {
+            chain: Chain {
+                head,
+                segs: SmallVec::new(),
+                n_readable: 0,
+                readable_len: 0,
+                writable_len: 0,
+            },
+            seen_writable: false,
+        }
+    }
+
+    fn push<M: DeviceMemory>(
+        &mut self,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        slot: DescSlot,
+        mem: &M,
+    ) -> Result<(), ChainError> {
+        let writable = flags & VIRTQ_DESC_F_WRITE != 0;
+        if !writable && self.seen_writable {
+            return Err(ChainError::ReadableAfterWritable);
+        }
+        self.seen_writable |= writable;
+        if len == 0 {
+            return Ok(());
+        }
+        if addr.checked_add(u64::from(len)).is_none() {
+            return Err(ChainError::AddrOverflow { addr, len });
+        }
+        let c = &mut self.chain;
+        let total = u64::from(c.readable_len) + u64::from(c.writable_len) + u64::from(len);
+        if total > u64::from(u32::MAX) {
+            return Err(ChainError::TooManyBytes);
+        }
+        let seg = Segment {
+            addr,
+            len,
+            writable,
+            head: c.head,
+            slot,
+        };
+        mem.check(&seg)?;
+        if writable {
+            c.writable_len += len;
+        } else {
+            c.readable_len += len;
+            c.n_readable += 1;
+        }
+        c.segs.push(seg);
+        Ok(())
+    }
+
+    /// Validates and walks the indirect table that descriptor `table` points to.
+    fn indirect<M: DeviceMemory>(
+        &mut self,
+        table: u16,
+        addr: u64,
+        len: u32,
+        limit: u16,
+        mem: &M,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), ChainError> {
+        if len == 0 || len % 16 != 0 {
+            return Err(ChainError::IndirectLength(len));
+        }
+        let entries = len / 16;
+        if entries > u32::from(limit) {
+            return Err(ChainError::IndirectTooLarge { entries, limit });
+        }
+        if addr.checked_add(u64::from(len)).is_none() {
+            return Err(ChainError::AddrOverflow { addr, len });
+        }
+        // The table is read like any device-readable buffer (the write flag on a table
+        // descriptor is ignored, §2.7.5.3.2), so every model mediates it.
+        let seg = Segment {
+            addr,
+            len,
+            writable: false,
+            head: self.chain.head,
+            slot: DescSlot::Table(table),
+        };
+        mem.check(&seg)?;
+        // `len` is bounded by `limit * 16` above: no allocation sized by the driver alone.
+        scratch.clear();
+        scratch.resize(len as usize, 0);
+        mem.read(&seg, 0, scratch)?;
+        let descs = <[Descriptor]>::ref_from_bytes(scratch).map_err(|_| ChainError::IndirectLength(len))?;
+        // `entries <= limit <= u16::MAX`.
+        let n = u16::try_from(entries).unwrap_or(u16::MAX);
+        let mut i: u16 = 0;
+        for _ in 0..n {
+            let d = &descs[usize::from(i)];
+            let flags = d.flags.get();
+            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                return Err(ChainError::NestedIndirect);
+            }
+            self.push(d.addr.get(), d.len.get(), flags, DescSlot::Indirect { table, index: i }, mem)?;
+            if flags & VIRTQ_DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            let next = d.next.get();
+            if next >= n {
+                return Err(ChainError::NextOutOfRange { index: i, next, size: n });
+            }
+            i = next;
+        }
+        Err(ChainError::TooLong { limit: n })
+    }
+
+    fn finish(self) -> Chain {
+        self.chain
+    }
+}

@@ -1,0 +1,8 @@
+//! Virtqueues: wire layouts, descriptor chains and the split ring's two sides.
+
+pub mod chain;
+pub mod layout;
+pub mod split;
+
+pub use chain::{Chain, ChainError, ChainReader, ChainWriter};
+pub use layout::{Descriptor, SplitLayout, UsedElem};

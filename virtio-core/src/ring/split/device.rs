@@ -1,0 +1,300 @@
+//! The device side of a split virtqueue.
+
+use super::{RingSetupError, SplitRingMemory, Views};
+use crate::access::DeviceMemory;
+use crate::features::Features;
+use crate::notify::need_event;
+use crate::ring::chain::{self, Chain, ChainError};
+use crate::ring::layout::{VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY};
+use std::sync::atomic::{Ordering, fence};
+
+/// Why the device could not take the next chain.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceQueueError {
+    /// The chain at `head` broke a rule; the queue already returned it with length 0.
+    #[error("descriptor chain at head {head} rejected")]
+    BadChain {
+        /// Head of the rejected chain.
+        head: u16,
+        /// The rule it broke.
+        #[source]
+        source: ChainError,
+    },
+    /// The driver made a head available that the device still holds; skipped, so each
+    /// chain is served at most once.
+    #[error("head {0} made available twice")]
+    DuplicateHead(u16),
+    /// The queue is unusable until reset: the driver broke the ring itself.
+    #[error("queue needs reset")]
+    NeedsReset(#[source] RingFault),
+}
+
+/// Ring-level faults that leave no safe way to continue (the device should set
+/// DEVICE_NEEDS_RESET, virtio 1.2 §2.1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RingFault {
+    /// `avail.idx` moved more than the queue size past the last head taken.
+    #[error("avail.idx {idx} is {ahead} entries ahead of {last}, more than the queue size")]
+    AvailTooFarAhead {
+        /// The value read.
+        idx: u16,
+        /// Our next position.
+        last: u16,
+        /// Distance.
+        ahead: u16,
+    },
+    /// `avail.idx` went backwards from a value already seen.
+    #[error("avail.idx went back from {seen} to {idx}")]
+    AvailWentBack {
+        /// Previously seen value.
+        seen: u16,
+        /// The value read now.
+        idx: u16,
+    },
+    /// A head index outside the descriptor table.
+    #[error("available head {head} outside a queue of {size}")]
+    HeadOutOfRange {
+        /// The head read from the ring.
+        head: u16,
+        /// Queue size.
+        size: u16,
+    },
+}
+
+/// Misuse of [`SplitDevice::add_used`] by the device implementation itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UsedError {
+    /// The head is not held by the device.
+    #[error("head {0} is not in flight")]
+    NotInFlight(u16),
+    /// More bytes reported than the chain can hold.
+    #[error("used length {len} exceeds the {writable} writable bytes")]
+    TooLong {
+        /// Reported length.
+        len: u32,
+        /// Writable bytes of the chain.
+        writable: u32,
+    },
+}
+
+/// The device side of an activated split virtqueue.
+///
+/// Created only from validated ring memory, so every method can rely on the layout.
+/// Keeps its own copies of `last_avail` and the used index: whatever the driver writes
+/// into `used.idx` or `used.flags` is never read back (HOSTILE rule 10).
+pub struct SplitDevice<M> {
+    views: Views,
+    mem: M,
+    size: u16,
+    event_idx: bool,
+    indirect: bool,
+    /// Next available-ring position to take.
+    last_avail: u16,
+    /// Last `avail.idx` value read (only moves forward).
+    avail_seen: u16,
+    /// Our used index (private; the shared one is write-only for us).
+    used_idx: u16,
+    /// `used_idx` when we last decided about notifying.
+    signalled_used: u16,
+    /// Writable length + 1 of each head held by the device, 0 when not held.
+    in_flight: Vec<u64>,
+    fault: Option<RingFault>,
+    /// Reused buffer for indirect tables.
+    scratch: Vec<u8>,
+}
+
+impl<M: DeviceMemory> SplitDevice<M> {
+    /// Activates the device side of a queue of `size` over `ring`, reaching descriptor
+    /// memory through `mem`. Only the used ring must be writable.
+    pub fn new(size: u16, ring: &SplitRingMemory, mem: M, features: Features) -> Result<Self, RingSetupError> {
+        let views = Views::new(size, ring, (false, false, true))?;
+        Ok(SplitDevice {
+            views,
+            mem,
+            size,
+            event_idx: features.contains(Features::EVENT_IDX),
+            indirect: features.contains(Features::INDIRECT_DESC),
+            last_avail: 0,
+            avail_seen: 0,
+            used_idx: 0,
+            signalled_used: 0,
+            in_flight: vec![0; usize::from(size)],
+            fault: None,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// The sharing model's access object, for serving chains.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// The fault that put the queue into needs-reset, if any.
+    pub fn fault(&self) -> Option<RingFault> {
+        self.fault
+    }
+
+    /// Number of chains popped and not yet returned.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.iter().filter(|&&w| w != 0).count()
+    }
+
+    /// Takes the next available chain, validated.
+    ///
+    /// `Ok(None)` means the ring is empty. A chain that breaks a rule is returned to the
+    /// driver with length 0 and reported as [`DeviceQueueError::BadChain`]; the caller
+    /// just calls `pop` again. [`DeviceQueueError::NeedsReset`] is sticky.
+    pub fn pop(&mut self) -> Result<Option<Chain>, DeviceQueueError> {
+        if let Some(f) = self.fault {
+            return Err(DeviceQueueError::NeedsReset(f));
+        }
+        if self.last_avail == self.avail_seen && !self.refresh_avail()? {
+            return Ok(None);
+        }
+        let pos = self.last_avail;
+        // Ordered after the Acquire load of avail.idx in `refresh_avail`.
+        let head = self.views.avail_ring(pos);
+        self.last_avail = pos.wrapping_add(1);
+        if head >= self.size {
+            return Err(self.fail(RingFault::HeadOutOfRange { head, size: self.size }));
+        }
+        if self.in_flight[usize::from(head)] != 0 {
+            return Err(DeviceQueueError::DuplicateHead(head));
+        }
+        let views = &self.views;
+        let walked = chain::walk(
+            head,
+            self.size,
+            |i| views.read_desc(i),
+            &self.mem,
+            self.indirect,
+            &mut self.scratch,
+        );
+        match walked {
+            Ok(chain) => {
+                self.in_flight[usize::from(head)] = u64::from(chain.writable_len()) + 1;
+                Ok(Some(chain))
+            }
+            Err(source) => {
+                tracing::debug!(head, error = %source, "rejecting descriptor chain");
+                self.publish_used(head, 0);
+                Err(DeviceQueueError::BadChain { head, source })
+            }
+        }
+    }
+
+    /// Reads `avail.idx`; returns whether new heads are available.
+    fn refresh_avail(&mut self) -> Result<bool, DeviceQueueError> {
+        let idx = self.views.avail_idx();
+        let ahead = idx.wrapping_sub(self.last_avail);
+        if ahead > self.size {
+            // A jump backwards also shows up here unless it stays ahead of last_avail.
+            let f = if idx.wrapping_sub(self.avail_seen) > self.size {
+                RingFault::AvailWentBack {
+                    seen: self.avail_seen,
+                    idx,
+                }
+            } else {
+                RingFault::AvailTooFarAhead {
+                    idx,
+                    last: self.last_avail,
+                    ahead,
+                }
+            };
+            return Err(self.fail(f));
+        }
+        if idx.wrapping_sub(self.avail_seen) > ahead {
+            return Err(self.fail(RingFault::AvailWentBack {
+                seen: self.avail_seen,
+                idx,
+            }));
+        }
+        self.avail_seen = idx;
+        Ok(ahead != 0)
+    }
+
+    fn fail(&mut self, f: RingFault) -> DeviceQueueError {
+        tracing::warn!(fault = %f, "virtqueue needs reset");
+        self.fault = Some(f);
+        DeviceQueueError::NeedsReset(f)
+    }
+
+    /// Returns a chain to the driver with `len` bytes written into its writable part.
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), UsedError> {
+        let slot = self
+            .in_flight
+            .get_mut(usize::from(head))
+            .filter(|w| **w != 0)
+            .ok_or(UsedError::NotInFlight(head))?;
+        let writable = *slot - 1;
+        if u64::from(len) > writable {
+            return Err(UsedError::TooLong {
+                len,
+                // Stored from a u32 plus one.
+                writable: u32::try_from(writable).unwrap_or(u32::MAX),
+            });
+        }
+        *slot = 0;
+        self.publish_used(head, len);
+        Ok(())
+    }
+
+    fn publish_used(&mut self, head: u16, len: u32) {
+        self.views.set_used_elem(self.used_idx, u32::from(head), len);
+        self.used_idx = self.used_idx.wrapping_add(1);
+        // Release: the element above becomes visible no later than the index.
+        self.views.publish_used_idx(self.used_idx);
+    }
+
+    /// Whether the driver wants a used-buffer notification for what was added since the
+    /// last call (virtio 1.2 §2.7.7.2, §2.7.10).
+    pub fn needs_notification(&mut self) -> bool {
+        // Pairs with the driver's fence in `SplitDriver::enable_notifications` (between
+        // its used_event / flags store and its used.idx load): either it sees our new
+        // used.idx, or we see its new used_event / flags.
+        fence(Ordering::SeqCst);
+        let old = self.signalled_used;
+        let new = self.used_idx;
+        self.signalled_used = new;
+        if self.event_idx {
+            need_event(self.views.used_event(), new, old)
+        } else {
+            new != old && self.views.avail_flags() & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
+        }
+    }
+
+    /// Asks the driver not to send available-buffer notifications (while polling).
+    pub fn disable_notifications(&mut self) {
+        if !self.event_idx {
+            self.views.set_used_flags(VIRTQ_USED_F_NO_NOTIFY);
+        }
+        // With EVENT_IDX, avail_event is simply left behind: at most one more kick.
+    }
+
+    /// Asks for available-buffer notifications again; returns `true` if buffers arrived
+    /// meanwhile (so the caller keeps polling instead of sleeping).
+    pub fn enable_notifications(&mut self) -> bool {
+        if self.event_idx {
+            self.views.set_avail_event(self.avail_seen);
+        } else {
+            self.views.set_used_flags(0);
+        }
+        // Pairs with the driver's fence in `SplitDriver::kick_prepare` (between its
+        // avail.idx store and its avail_event / flags load): either it sees our request
+        // for a kick, or we see its new avail.idx below.
+        fence(Ordering::SeqCst);
+        if self.fault.is_some() {
+            return false;
+        }
+        match self.refresh_avail() {
+            Ok(_) => self.avail_seen != self.last_avail,
+            // The fault is latched; the next `pop` reports it.
+            Err(_) => true,
+        }
+    }
+}

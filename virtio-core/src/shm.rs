@@ -1,0 +1,394 @@
+//! Shared-memory regions: the one place in the core that touches raw pointers.
+//!
+//! A [`Region`] names a byte range that another party (a device, a driver, another
+//! process) may read and write at any moment. Nothing here hands out `&[u8]` or
+//! `&mut [u8]` over such memory, because the other side could change it under the
+//! reference. Instead a region offers:
+//!
+//! - bounds-checked byte copies in and out ([`Region::read`], [`Region::write`]), the
+//!   "copy once into private memory, then validate" path that every parser uses;
+//! - slices of atomics (`&[AtomicU16]`, `&[AtomicU32]`, `&[AtomicU64]`), crate-private,
+//!   which the ring views in [`crate::ring`] build on so that ring indices and
+//!   descriptors are read exactly once with the ordering the spec asks for.
+//!
+//! A region is either writable or read-only; a read-only region refuses writes before
+//! they reach memory, which matters when it is backed by a real read-only mapping
+//! (sharing model 3 maps the descriptor table and the available ring that way).
+
+use std::any::Any;
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
+
+/// Why a region access was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegionError {
+    /// The range does not lie inside the region.
+    #[error("range {offset:#x}+{len:#x} lies outside a region of {size:#x} bytes")]
+    OutOfBounds {
+        /// Offset of the refused range from the start of the region.
+        offset: u64,
+        /// Length of the refused range.
+        len: u64,
+        /// Size of the region.
+        size: usize,
+    },
+    /// An atomic view was asked for at an offset its type cannot be aligned at.
+    #[error("offset {offset:#x} is not aligned to {align} bytes")]
+    Misaligned {
+        /// Offset from the start of the region.
+        offset: u64,
+        /// Alignment the access needs.
+        align: usize,
+    },
+    /// A write was attempted through a read-only region.
+    #[error("region is read-only")]
+    ReadOnly,
+}
+
+/// A byte range of shared memory, kept alive by an owner handle.
+///
+/// Cloning is cheap (one reference count). Two guests in one process each have their
+/// own regions; there is no global state.
+#[derive(Clone)]
+pub struct Region {
+    base: NonNull<u8>,
+    len: usize,
+    writable: bool,
+    // Keeps the mapping behind `base` alive; never read.
+    _owner: Arc<dyn Any + Send + Sync>,
+}
+
+// SAFETY: a `Region` is a pointer into memory that `from_raw`'s caller guaranteed to be
+// valid for the owner's lifetime and to be accessed only through atomics or raw copies
+// (never through Rust references), so sharing or sending it between threads creates no
+// aliasing that the type system relies on.
+unsafe impl Send for Region {}
+// SAFETY: as for `Send`: all access goes through atomics or raw copies.
+unsafe impl Sync for Region {}
+
+impl fmt::Debug for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Region")
+            .field("base", &self.base)
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+impl Region {
+    /// Wraps `len` bytes of memory at `base`.
+    ///
+    /// # Safety
+    ///
+    /// - `[base, base + len)` must stay mapped and readable (and writable, if
+    ///   `writable`) for as long as `owner` is alive;
+    /// - every party that accesses the memory (this process or another) does so only
+    ///   through atomics or raw byte copies, never through Rust references that assume
+    ///   no concurrent writer;
+    /// - `base` is at least 8-byte aligned when the caller intends to take 64-bit
+    ///   atomic views (alignment is still checked per view).
+    pub unsafe fn from_raw(
+        base: NonNull<u8>,
+        len: usize,
+        writable: bool,
+        owner: Arc<dyn Any + Send + Sync>,
+    ) -> Region {
+        Region {
+            base,
+            len,
+            writable,
+            _owner: owner,
+        }
+    }
+
+    /// Size of the region in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether writes are allowed through this region.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Address of the first byte, for handing to the kernel (io_uring, iovecs).
+    ///
+    /// Dereferencing it is the caller's business and needs the same care as
+    /// [`Region::from_raw`] describes.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.base.as_ptr()
+    }
+
+    /// The same memory without write permission.
+    pub fn read_only(&self) -> Region {
+        Region {
+            writable: false,
+            ..self.clone()
+        }
+    }
+
+    /// The sub-range `[offset, offset + len)`, with the same permission and owner.
+    pub fn sub(&self, offset: u64, len: u64) -> Result<Region, RegionError> {
+        let start = self.check(offset, len)?;
+        // SAFETY: `check` proved `start + len <= self.len`, so the new base stays inside
+        // the mapping `from_raw`'s contract covers, and it is non-null as an in-bounds
+        // offset of a non-null pointer.
+        let base = unsafe { NonNull::new_unchecked(self.base.as_ptr().add(start)) };
+        Ok(Region {
+            base,
+            len: len as usize,
+            writable: self.writable,
+            _owner: self._owner.clone(),
+        })
+    }
+
+    /// Copies `dst.len()` bytes starting at `offset` into private memory.
+    pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), RegionError> {
+        let start = self.check(offset, dst.len() as u64)?;
+        // SAFETY: the source range is in bounds (checked above) and mapped readable per
+        // `from_raw`; `dst` is private memory that cannot overlap shared memory we do not
+        // hold references to. A concurrent writer can only make us copy arbitrary bytes:
+        // callers validate the private copy, never the shared original.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(start), dst.as_mut_ptr(), dst.len())
+        };
+        Ok(())
+    }
+
+    /// Copies `src` into the region starting at `offset`.
+    pub fn write(&self, offset: u64, src: &[u8]) -> Result<(), RegionError> {
+        if !self.writable {
+            return Err(RegionError::ReadOnly);
+        }
+        let start = self.check(offset, src.len() as u64)?;
+        // SAFETY: in bounds (checked) and writable (checked); see `read` for why a racing
+        // reader on the other side is not our memory-safety concern.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(start), src.len())
+        };
+        Ok(())
+    }
+
+    /// Fills `[offset, offset + len)` with zeros.
+    pub fn zero(&self, offset: u64, len: u64) -> Result<(), RegionError> {
+        if !self.writable {
+            return Err(RegionError::ReadOnly);
+        }
+        let start = self.check(offset, len)?;
+        // SAFETY: in bounds and writable, as checked just above.
+        unsafe { std::ptr::write_bytes(self.base.as_ptr().add(start), 0, len as usize) };
+        Ok(())
+    }
+
+    /// `count` 16-bit atomics starting at `offset`.
+    pub(crate) fn u16s(&self, offset: u64, count: usize) -> Result<&[AtomicU16], RegionError> {
+        self.atomics(offset, count)
+    }
+
+    /// `count` 32-bit atomics starting at `offset`.
+    pub(crate) fn u32s(&self, offset: u64, count: usize) -> Result<&[AtomicU32], RegionError> {
+        self.atomics(offset, count)
+    }
+
+    /// `count` 64-bit atomics starting at `offset`.
+    pub(crate) fn u64s(&self, offset: u64, count: usize) -> Result<&[AtomicU64], RegionError> {
+        self.atomics(offset, count)
+    }
+
+    fn atomics<T>(&self, offset: u64, count: usize) -> Result<&[T], RegionError> {
+        let size = std::mem::size_of::<T>();
+        let align = std::mem::align_of::<T>();
+        let bytes = (count as u64)
+            .checked_mul(size as u64)
+            .ok_or(RegionError::OutOfBounds {
+                offset,
+                len: u64::MAX,
+                size: self.len,
+            })?;
+        let start = self.check(offset, bytes)?;
+        let ptr = self.base.as_ptr().wrapping_add(start);
+        if ptr.align_offset(align) != 0 {
+            return Err(RegionError::Misaligned { offset, align });
+        }
+        // SAFETY: the range is in bounds and aligned for `T` (checked above); `T` is one
+        // of the std atomic integers, which may alias memory written concurrently by
+        // others through atomics or copies (`from_raw`'s contract) and have no invalid
+        // bit patterns. The slice borrows `self`, which keeps the owner alive. Loads from
+        // a read-only mapping are allowed for these sizes; the ring views built on a
+        // read-only region never store through them.
+        Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<T>(), count) })
+    }
+
+    /// Checks that `[offset, offset + len)` lies inside the region; returns the offset as
+    /// `usize`.
+    fn check(&self, offset: u64, len: u64) -> Result<usize, RegionError> {
+        let oob = RegionError::OutOfBounds {
+            offset,
+            len,
+            size: self.len,
+        };
+        let end = offset.checked_add(len).ok_or(oob)?;
+        if end > self.len as u64 {
+            return Err(oob);
+        }
+        usize::try_from(offset).map_err(|_| oob)
+    }
+}
+
+/// A typed array of atomics inside a region, owning a handle to the region.
+///
+/// Dereferences to `[T]`, so ring code indexes it like a slice while the region (and so
+/// the mapping) stays alive.
+pub(crate) struct Atomics<T: 'static> {
+    ptr: NonNull<T>,
+    len: usize,
+    _region: Region,
+}
+
+// SAFETY: `T` is a std atomic integer (the constructors below are the only ones), which
+// is `Sync`; the pointer stays valid while `_region` is held.
+unsafe impl<T: Sync> Send for Atomics<T> {}
+// SAFETY: as above.
+unsafe impl<T: Sync> Sync for Atomics<T> {}
+
+impl<T> std::ops::Deref for Atomics<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `ptr`/`len` were produced by `Region::atomics` on `_region`, which
+        // checked bounds and alignment; `_region` keeps the mapping alive for as long as
+        // `self`, and the returned slice borrows `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Region {
+    /// An owning array of `count` 16-bit atomics at `offset`.
+    pub(crate) fn atomic_u16s(&self, offset: u64, count: usize) -> Result<Atomics<AtomicU16>, RegionError> {
+        let s = self.u16s(offset, count)?;
+        Ok(Atomics { ptr: NonNull::from(s).cast(), len: s.len(), _region: self.clone() })
+    }
+
+    /// An owning array of `count` 32-bit atomics at `offset`.
+    pub(crate) fn atomic_u32s(&self, offset: u64, count: usize) -> Result<Atomics<AtomicU32>, RegionError> {
+        let s = self.u32s(offset, count)?;
+        Ok(Atomics { ptr: NonNull::from(s).cast(), len: s.len(), _region: self.clone() })
+    }
+
+    /// An owning array of `count` 64-bit atomics at `offset`.
+    pub(crate) fn atomic_u64s(&self, offset: u64, count: usize) -> Result<Atomics<AtomicU64>, RegionError> {
+        let s = self.u64s(offset, count)?;
+        Ok(Atomics { ptr: NonNull::from(s).cast(), len: s.len(), _region: self.clone() })
+    }
+}
+
+/// Page-aligned, zeroed, anonymous shared memory owned by this process.
+///
+/// The owner of regions made by [`OwnedMemory::region`]; used by the test arena and by
+/// anything that needs private ring memory.
+pub struct OwnedMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is process-wide memory with no thread affinity; all access goes
+// through `Region`, whose contract covers concurrency.
+unsafe impl Send for OwnedMemory {}
+// SAFETY: `OwnedMemory` itself offers no access to the bytes, only `Region`s do.
+unsafe impl Sync for OwnedMemory {}
+
+impl OwnedMemory {
+    /// Maps `len` bytes (rounded up to whole pages) of zeroed memory.
+    pub fn new(len: usize) -> std::io::Result<Arc<OwnedMemory>> {
+        use rustix::mm::{MapFlags, ProtFlags, mmap_anonymous};
+        let page = rustix::param::page_size();
+        let len = len.max(1).div_ceil(page) * page;
+        // SAFETY: a fresh anonymous mapping with no fixed address cannot alias any
+        // existing Rust object.
+        let ptr = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+            )
+        }?;
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(std::io::ErrorKind::OutOfMemory)?;
+        Ok(Arc::new(OwnedMemory { ptr, len }))
+    }
+
+    /// Size in bytes (a whole number of pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never, but clippy asks).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A writable region over the whole mapping that keeps the mapping alive.
+    pub fn region(self: &Arc<Self>) -> Region {
+        let owner: Arc<dyn Any + Send + Sync> = self.clone();
+        // SAFETY: the mapping is valid and writable until `OwnedMemory` is dropped, which
+        // `owner` prevents while the region lives; we hand out no references to its bytes.
+        unsafe { Region::from_raw(self.ptr, self.len, true, owner) }
+    }
+}
+
+impl Drop for OwnedMemory {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in `new` with exactly this address and length,
+        // and no region outlives us (each holds an `Arc` to us).
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
+            tracing::error!(error = %e, "munmap of owned shared memory failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn bounds_and_permissions_are_checked() {
+        let mem = OwnedMemory::new(4096).unwrap();
+        let r = mem.region();
+        assert_eq!(r.len(), 4096);
+        r.write(10, b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        r.read(10, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert!(matches!(r.read(4095, &mut buf), Err(RegionError::OutOfBounds { .. })));
+        assert!(matches!(r.read(u64::MAX, &mut buf), Err(RegionError::OutOfBounds { .. })));
+        assert_eq!(r.read_only().write(0, b"x"), Err(RegionError::ReadOnly));
+        assert_eq!(r.read_only().zero(0, 1), Err(RegionError::ReadOnly));
+        let sub = r.sub(8, 16).unwrap();
+        sub.read(2, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert!(sub.read(12, &mut buf).is_err());
+        assert!(r.sub(4000, 200).is_err());
+    }
+
+    #[test]
+    fn atomic_views_check_alignment_and_size() {
+        let mem = OwnedMemory::new(4096).unwrap();
+        let r = mem.region();
+        assert!(matches!(r.u64s(4, 1), Err(RegionError::Misaligned { .. })));
+        assert!(matches!(r.u16s(4094, 2), Err(RegionError::OutOfBounds { .. })));
+        assert!(r.u64s(0, usize::MAX).is_err());
+        let v = r.u32s(4, 2).unwrap();
+        v[1].store(0xdead_beef, Ordering::Relaxed);
+        let mut b = [0u8; 4];
+        r.read(8, &mut b).unwrap();
+        assert_eq!(u32::from_ne_bytes(b), 0xdead_beef);
+    }
+}
