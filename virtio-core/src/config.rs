@@ -45,7 +45,10 @@ impl ConfigSpace {
     /// A config space holding `bytes` (the device-specific layout, little-endian
     /// fields), at generation 0.
     pub fn new(bytes: Vec<u8>) -> Self {
-        Self { bytes, generation: 0 }
+        Self {
+            bytes,
+            generation: 0,
+        }
     }
 
     /// Size in bytes.
@@ -75,7 +78,11 @@ impl ConfigSpace {
         let target = offset
             .checked_add(bytes.len())
             .and_then(|end| self.bytes.get_mut(offset..end))
-            .ok_or(ConfigError::OutOfBounds { offset, len: bytes.len(), size })?;
+            .ok_or(ConfigError::OutOfBounds {
+                offset,
+                len: bytes.len(),
+                size,
+            })?;
         if target == bytes {
             return Ok(false);
         }
@@ -99,7 +106,11 @@ impl ConfigSpace {
         let source = offset
             .checked_add(buf.len())
             .and_then(|end| self.bytes.get(offset..end))
-            .ok_or(ConfigError::OutOfBounds { offset, len: buf.len(), size: self.bytes.len() })?;
+            .ok_or(ConfigError::OutOfBounds {
+                offset,
+                len: buf.len(),
+                size: self.bytes.len(),
+            })?;
         buf.copy_from_slice(source);
         Ok(())
     }
@@ -125,7 +136,9 @@ pub fn read_consistent(
             return Ok(());
         }
     }
-    Err(ConfigError::Unstable { tries: MAX_CONSISTENT_READ_TRIES })
+    Err(ConfigError::Unstable {
+        tries: MAX_CONSISTENT_READ_TRIES,
+    })
 }
 
 #[cfg(test)]
@@ -159,7 +172,10 @@ mod tests {
 
     #[test]
     fn generation_wraps() {
-        let mut space = ConfigSpace { bytes: vec![0], generation: u32::MAX };
+        let mut space = ConfigSpace {
+            bytes: vec![0],
+            generation: u32::MAX,
+        };
         assert_eq!(space.update(0, &[1]), Ok(true));
         assert_eq!(space.generation(), 0);
     }
@@ -167,22 +183,39 @@ mod tests {
     #[test]
     fn out_of_bounds_is_refused_without_side_effects() {
         let mut space = ConfigSpace::new(vec![7; 4]);
-        let err = ConfigError::OutOfBounds { offset: 3, len: 2, size: 4 };
+        let err = ConfigError::OutOfBounds {
+            offset: 3,
+            len: 2,
+            size: 4,
+        };
         assert_eq!(space.update(3, &[1, 1]), Err(err));
         assert_eq!(space.generation(), 0);
         let mut buf = [0; 2];
         assert_eq!(space.read(3, &mut buf), Err(err));
         assert_eq!(buf, [0, 0]);
-        assert!(matches!(space.read(usize::MAX, &mut buf), Err(ConfigError::OutOfBounds { .. })));
-        assert!(matches!(space.update(usize::MAX, &[1]), Err(ConfigError::OutOfBounds { .. })));
-        assert!(matches!(space.read(5, &mut []), Err(ConfigError::OutOfBounds { .. })));
+        assert!(matches!(
+            space.read(usize::MAX, &mut buf),
+            Err(ConfigError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            space.update(usize::MAX, &[1]),
+            Err(ConfigError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            space.read(5, &mut []),
+            Err(ConfigError::OutOfBounds { .. })
+        ));
     }
 
     #[test]
     fn consistent_read_of_a_stable_space() {
         let space = ConfigSpace::new((0..8).collect());
         let mut buf = [0; 8];
-        let result = read_consistent(|| space.generation(), |b| space.read(0, b).unwrap_or(()), &mut buf);
+        let result = read_consistent(
+            || space.generation(),
+            |b| space.read(0, b).unwrap_or(()),
+            &mut buf,
+        );
         assert_eq!(result, Ok(()));
         assert_eq!(buf, [0, 1, 2, 3, 4, 5, 6, 7]);
     }
@@ -224,7 +257,9 @@ mod tests {
         let mut buf = [0; 4];
         assert_eq!(
             read_consistent(read_gen, |_| {}, &mut buf),
-            Err(ConfigError::Unstable { tries: MAX_CONSISTENT_READ_TRIES })
+            Err(ConfigError::Unstable {
+                tries: MAX_CONSISTENT_READ_TRIES
+            })
         );
         assert_eq!(generation.get(), 2 * MAX_CONSISTENT_READ_TRIES);
     }

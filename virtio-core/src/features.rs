@@ -96,7 +96,11 @@ struct BitList(u64);
 impl fmt::Display for BitList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut rest = self.0;
-        f.write_str(if rest.count_ones() == 1 { "bit " } else { "bits " })?;
+        f.write_str(if rest.is_power_of_two() {
+            "bit "
+        } else {
+            "bits "
+        })?;
         let mut first = true;
         while rest != 0 {
             let bit = rest.trailing_zeros();
@@ -179,8 +183,14 @@ mod tests {
     const GUEST_ECN: u64 = 1 << 9;
     // Shaped like virtio-net's table: TSO4 needs GUEST_CSUM, ECN needs TSO4.
     const NET_DEPS: &[Dependency] = &[
-        Dependency { feature: GUEST_TSO4, requires: GUEST_CSUM },
-        Dependency { feature: GUEST_ECN, requires: GUEST_TSO4 },
+        Dependency {
+            feature: GUEST_TSO4,
+            requires: GUEST_CSUM,
+        },
+        Dependency {
+            feature: GUEST_ECN,
+            requires: GUEST_TSO4,
+        },
     ];
 
     #[test]
@@ -221,15 +231,26 @@ mod tests {
     #[test]
     fn negotiate_refuses_bits_not_offered() {
         let err = negotiate(V1 | CSUM, V1 | CSUM | GUEST_TSO4 | (1 << 40), &[]);
-        assert_eq!(err, Err(FeatureError::NotOffered { bits: GUEST_TSO4 | (1 << 40) }));
+        assert_eq!(
+            err,
+            Err(FeatureError::NotOffered {
+                bits: GUEST_TSO4 | (1 << 40)
+            })
+        );
         let msg = err.map(|_| ()).unwrap_err().to_string();
         assert_eq!(msg, "Features not offered by the device: bits 7, 40");
     }
 
     #[test]
     fn negotiate_refuses_missing_version_1() {
-        assert_eq!(negotiate(V1 | CSUM, CSUM, &[]), Err(FeatureError::MissingVersion1));
-        assert_eq!(negotiate(CSUM, CSUM, &[]), Err(FeatureError::MissingVersion1));
+        assert_eq!(
+            negotiate(V1 | CSUM, CSUM, &[]),
+            Err(FeatureError::MissingVersion1)
+        );
+        assert_eq!(
+            negotiate(CSUM, CSUM, &[]),
+            Err(FeatureError::MissingVersion1)
+        );
     }
 
     #[test]
@@ -238,7 +259,10 @@ mod tests {
         let err = negotiate(offered, V1 | GUEST_TSO4, NET_DEPS);
         assert_eq!(
             err,
-            Err(FeatureError::MissingDependency { feature: GUEST_TSO4, missing: GUEST_CSUM })
+            Err(FeatureError::MissingDependency {
+                feature: GUEST_TSO4,
+                missing: GUEST_CSUM
+            })
         );
         let msg = err.map(|_| ()).unwrap_err().to_string();
         assert_eq!(msg, "Feature bit 7 requires missing bit 1");
@@ -263,7 +287,11 @@ mod tests {
 
     fn dependency() -> impl Strategy<Value = Dependency> {
         // VERSION_1 never carries a dependency (see `Dependency`).
-        ((0u32..64).prop_filter("not VERSION_1", |b| *b != 32), any::<u64>(), 0u32..3)
+        (
+            (0u32..64).prop_filter("not VERSION_1", |b| *b != 32),
+            any::<u64>(),
+            0u32..3,
+        )
             .prop_map(|(bit, mask, density)| Dependency {
                 feature: 1 << bit,
                 // Sparse masks make satisfiable dependencies likely.

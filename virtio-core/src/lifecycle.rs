@@ -50,7 +50,14 @@ pub struct QueueRegisters {
 impl QueueRegisters {
     /// Registers as they read after a reset.
     pub const fn new(max_size: u16) -> Self {
-        Self { size: max_size, max_size, desc: 0, avail: 0, used: 0, enabled: false }
+        Self {
+            size: max_size,
+            max_size,
+            desc: 0,
+            avail: 0,
+            used: 0,
+            enabled: false,
+        }
     }
 }
 
@@ -166,7 +173,7 @@ pub struct DeviceLifecycle {
     offered: u64,
     deps: &'static [Dependency],
     driver_features: u64,
-    status: StatusMachine,
+    machine: StatusMachine,
     config: ConfigSpace,
     queues: Vec<QueueRegisters>,
 }
@@ -186,9 +193,12 @@ impl DeviceLifecycle {
             offered: offered | Features::VERSION_1.bits(),
             deps,
             driver_features: 0,
-            status: StatusMachine::new(),
+            machine: StatusMachine::new(),
             config,
-            queues: queue_max_sizes.iter().map(|&max| QueueRegisters::new(max)).collect(),
+            queues: queue_max_sizes
+                .iter()
+                .map(|&max| QueueRegisters::new(max))
+                .collect(),
         }
     }
 
@@ -209,7 +219,7 @@ impl DeviceLifecycle {
 
     /// The negotiated features, once FEATURES_OK is set.
     pub fn negotiated_features(&self) -> Option<u64> {
-        self.status
+        self.machine
             .status()
             .contains(DeviceStatus::FEATURES_OK)
             .then_some(self.driver_features)
@@ -221,11 +231,13 @@ impl DeviceLifecycle {
     /// Outside DRIVER..FEATURES_OK (§3.1.1 steps 4-5), or after FAILED; nothing is
     /// recorded then.
     pub fn set_driver_features(&mut self, features: u64) -> Result<(), DriverFeaturesError> {
-        let status = self.status.status();
+        let status = self.machine.status();
         let open = status.contains(DeviceStatus::DRIVER)
             && !status.intersects(DeviceStatus::FEATURES_OK | DeviceStatus::FAILED);
         if !open {
-            return Err(DriverFeaturesError { status: status.bits() });
+            return Err(DriverFeaturesError {
+                status: status.bits(),
+            });
         }
         self.driver_features = features;
         Ok(())
@@ -241,11 +253,13 @@ impl DeviceLifecycle {
     /// [`StatusError`] for an illegal write; nothing changes then.
     pub fn write_status(&mut self, value: u8) -> Result<StatusChange, StatusError> {
         let (offered, accepted, deps) = (self.offered, self.driver_features, self.deps);
-        let change = self.status.write(value, || match features::negotiate(offered, accepted, deps) {
-            Ok(_) => FeaturesVerdict::Accept,
-            Err(error) => {
-                warn!(%error, "refusing FEATURES_OK");
-                FeaturesVerdict::Refuse
+        let change = self.machine.write(value, || {
+            match features::negotiate(offered, accepted, deps) {
+                Ok(_) => FeaturesVerdict::Accept,
+                Err(error) => {
+                    warn!(%error, "refusing FEATURES_OK");
+                    FeaturesVerdict::Refuse
+                }
             }
         })?;
         if change == StatusChange::Reset {
@@ -259,14 +273,14 @@ impl DeviceLifecycle {
 
     /// The device status.
     pub fn status(&self) -> DeviceStatus {
-        self.status.status()
+        self.machine.status()
     }
 
     /// Device side: the device hit an error it cannot recover from without a reset.
     /// Sets DEVICE_NEEDS_RESET and bumps the config generation; if DRIVER_OK is set
     /// the device MUST send a configuration change notification (§2.1.2).
     pub fn set_needs_reset(&mut self) -> ConfigNotification {
-        if !self.status.set_needs_reset() {
+        if !self.machine.set_needs_reset() {
             return ConfigNotification::NotRequired;
         }
         self.config.bump_generation();
@@ -282,7 +296,11 @@ impl DeviceLifecycle {
     ///
     /// # Errors
     /// [`ConfigError::OutOfBounds`]; nothing changes then.
-    pub fn update_config(&mut self, offset: usize, bytes: &[u8]) -> Result<ConfigNotification, ConfigError> {
+    pub fn update_config(
+        &mut self,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<ConfigNotification, ConfigError> {
         if self.config.update(offset, bytes)? {
             Ok(self.config_notification())
         } else {
@@ -292,7 +310,7 @@ impl DeviceLifecycle {
 
     fn config_notification(&self) -> ConfigNotification {
         // Before DRIVER_OK the driver reads config as part of setup anyway.
-        if self.status.status().contains(DeviceStatus::DRIVER_OK) {
+        if self.machine.status().contains(DeviceStatus::DRIVER_OK) {
             ConfigNotification::Required
         } else {
             ConfigNotification::NotRequired
@@ -317,10 +335,13 @@ impl DeviceLifecycle {
     /// The registers of a queue the driver may configure now (§3.1.1 step 7, and
     /// never after DRIVER_OK: HOSTILE rule 11).
     fn writable_queue(&mut self, index: u16) -> Result<&mut QueueRegisters, QueueError> {
-        let status = self.status.status();
-        let closed = DeviceStatus::DRIVER_OK | DeviceStatus::FAILED | DeviceStatus::DEVICE_NEEDS_RESET;
+        let status = self.machine.status();
+        let closed =
+            DeviceStatus::DRIVER_OK | DeviceStatus::FAILED | DeviceStatus::DEVICE_NEEDS_RESET;
         if !status.contains(DeviceStatus::FEATURES_OK) || status.intersects(closed) {
-            return Err(QueueError::NotConfigurable { status: status.bits() });
+            return Err(QueueError::NotConfigurable {
+                status: status.bits(),
+            });
         }
         let queue = self
             .queues
@@ -427,7 +448,12 @@ impl DeviceLifecycle {
                 }
             }
         }
-        Ok(QueueLayout { size: q.size, desc: q.desc, avail: q.avail, used: q.used })
+        Ok(QueueLayout {
+            size: q.size,
+            desc: q.desc,
+            avail: q.avail,
+            used: q.used,
+        })
     }
 }
 
@@ -569,7 +595,11 @@ fn set_bit(
 ///
 /// # Errors
 /// See [`InitError`].
-pub fn initialize(ctrl: &impl ControlPlane, wanted: u64, deps: &[Dependency]) -> Result<u64, InitError> {
+pub fn initialize(
+    ctrl: &impl ControlPlane,
+    wanted: u64,
+    deps: &[Dependency],
+) -> Result<u64, InitError> {
     ctrl.set_status(0);
     let mut status = ctrl.status();
     for _ in 0..RESET_POLL_LIMIT {
@@ -606,7 +636,9 @@ fn negotiate_features(
     ctrl.set_driver_features(features);
     match set_bit(ctrl, *confirmed, DeviceStatus::FEATURES_OK) {
         Ok(bits) => *confirmed = bits,
-        Err(InitError::StatusRefused { .. }) => return Err(InitError::FeaturesRefused { features }),
+        Err(InitError::StatusRefused { .. }) => {
+            return Err(InitError::FeaturesRefused { features });
+        }
         Err(other) => return Err(other),
     }
     Ok(features)
@@ -640,9 +672,479 @@ pub fn driver_ok(ctrl: &impl ControlPlane) -> Result<(), InitError> {
 ///
 /// # Errors
 /// [`ConfigError::Unstable`] if the generation keeps changing.
-pub fn read_config(ctrl: &impl ControlPlane, offset: usize, buf: &mut [u8]) -> Result<(), ConfigError> {
-    config::read_consistent(|| ctrl.config_generation(), |b| ctrl.read_config(offset, b), buf)
+pub fn read_config(
+    ctrl: &impl ControlPlane,
+    offset: usize,
+    buf: &mut [u8],
+) -> Result<(), ConfigError> {
+    config::read_consistent(
+        || ctrl.config_generation(),
+        |b| ctrl.read_config(offset, b),
+        buf,
+    )
 }
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    const V1: u64 = Features::VERSION_1.bits();
+    const EVENT_IDX: u64 = Features::EVENT_IDX.bits();
+    const GUEST_CSUM: u64 = 1 << 1;
+    const GUEST_TSO4: u64 = 1 << 7;
+    const DEPS: &[Dependency] = &[Dependency {
+        feature: GUEST_TSO4,
+        requires: GUEST_CSUM,
+    }];
+    const ACK: u8 = DeviceStatus::ACKNOWLEDGE.bits();
+    const DRIVER: u8 = DeviceStatus::DRIVER.bits();
+    const FEATURES_OK: u8 = DeviceStatus::FEATURES_OK.bits();
+    const DRIVER_OK: u8 = DeviceStatus::DRIVER_OK.bits();
+    const FAILED: u8 = DeviceStatus::FAILED.bits();
+    const NEEDS_RESET: u8 = DeviceStatus::DEVICE_NEEDS_RESET.bits();
+
+    fn device(offered: u64) -> DeviceLifecycle {
+        DeviceLifecycle::new(
+            1,
+            offered,
+            DEPS,
+            ConfigSpace::new(vec![1, 2, 3, 4]),
+            &[256, 100],
+        )
+    }
+
+    /// A device with FEATURES_OK set, ready for queue setup.
+    fn configuring() -> DeviceLifecycle {
+        let mut dev = device(EVENT_IDX);
+        for status in [ACK, ACK | DRIVER] {
+            assert!(dev.write_status(status).is_ok());
+        }
+        assert_eq!(dev.set_driver_features(V1 | EVENT_IDX), Ok(()));
+        assert_eq!(
+            dev.write_status(ACK | DRIVER | FEATURES_OK),
+            Ok(StatusChange::Added(DeviceStatus::FEATURES_OK))
+        );
+        dev
+    }
+
+    /// Queue 0 at size 256 with areas at well-separated, aligned addresses.
+    fn set_layout(dev: &mut DeviceLifecycle, desc: u64, avail: u64, used: u64) {
+        assert_eq!(dev.set_queue_desc(0, desc), Ok(()));
+        assert_eq!(dev.set_queue_avail(0, avail), Ok(()));
+        assert_eq!(dev.set_queue_used(0, used), Ok(()));
+    }
+
+    #[test]
+    fn happy_path_over_the_in_process_transport() {
+        let ctrl = Mutex::new(device(GUEST_CSUM | GUEST_TSO4 | EVENT_IDX));
+        let features = initialize(&ctrl, GUEST_CSUM | GUEST_TSO4 | (1 << 20), DEPS);
+        assert_eq!(features, Ok(V1 | GUEST_CSUM | GUEST_TSO4));
+        assert_eq!(ctrl.status(), ACK | DRIVER | FEATURES_OK);
+        {
+            let mut dev = locked(&ctrl);
+            assert_eq!(
+                dev.negotiated_features(),
+                Some(V1 | GUEST_CSUM | GUEST_TSO4)
+            );
+            set_layout(&mut dev, 0x1000, 0x2000, 0x3000);
+            let layout = QueueLayout {
+                size: 256,
+                desc: 0x1000,
+                avail: 0x2000,
+                used: 0x3000,
+            };
+            assert_eq!(dev.enable_queue(0), Ok(layout));
+        }
+        assert_eq!(driver_ok(&ctrl), Ok(()));
+        assert_eq!(ctrl.status(), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+        let mut buf = [0; 4];
+        assert_eq!(read_config(&ctrl, 0, &mut buf), Ok(()));
+        assert_eq!(buf, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn initialize_drops_features_with_missing_dependencies() {
+        let ctrl = Mutex::new(device(GUEST_TSO4));
+        assert_eq!(initialize(&ctrl, GUEST_CSUM | GUEST_TSO4, DEPS), Ok(V1));
+    }
+
+    #[test]
+    fn initialize_resets_a_live_device() {
+        let mut dev = configuring();
+        set_layout(&mut dev, 0x1000, 0x2000, 0x3000);
+        assert!(dev.enable_queue(0).is_ok());
+        let ctrl = Mutex::new(dev);
+        assert_eq!(driver_ok(&ctrl), Ok(()));
+        assert_eq!(initialize(&ctrl, EVENT_IDX, &[]), Ok(V1 | EVENT_IDX));
+        assert_eq!(locked(&ctrl).queue(0).map(|q| q.enabled), Some(false));
+    }
+
+    #[test]
+    fn device_refuses_features_that_break_its_dependencies() {
+        // The driver ignores the device's table, so it accepts TSO4 without CSUM.
+        let ctrl = Mutex::new(device(GUEST_CSUM | GUEST_TSO4));
+        let err = initialize(&ctrl, GUEST_TSO4, &[]);
+        assert_eq!(
+            err,
+            Err(InitError::FeaturesRefused {
+                features: V1 | GUEST_TSO4
+            })
+        );
+        assert_eq!(ctrl.status(), ACK | DRIVER | FAILED);
+        assert_eq!(locked(&ctrl).negotiated_features(), None);
+        assert_eq!(
+            driver_ok(&ctrl),
+            Err(InitError::NotReady {
+                status: ACK | DRIVER | FAILED
+            })
+        );
+    }
+
+    #[test]
+    fn features_ok_withheld_for_invalid_sets() {
+        for accepted in [V1 | GUEST_TSO4, GUEST_CSUM, V1 | (1 << 20)] {
+            let mut dev = device(GUEST_CSUM | GUEST_TSO4);
+            assert!(dev.write_status(ACK).is_ok());
+            assert!(dev.write_status(ACK | DRIVER).is_ok());
+            assert_eq!(dev.set_driver_features(accepted), Ok(()));
+            assert_eq!(
+                dev.write_status(ACK | DRIVER | FEATURES_OK),
+                Ok(StatusChange::FeaturesRefused {
+                    added: DeviceStatus::empty()
+                })
+            );
+            assert_eq!(dev.status().bits(), ACK | DRIVER, "accepted {accepted:#x}");
+            // The driver may correct itself and try again.
+            assert_eq!(dev.set_driver_features(V1 | GUEST_CSUM), Ok(()));
+            assert!(dev.write_status(ACK | DRIVER | FEATURES_OK).is_ok());
+            assert_eq!(dev.negotiated_features(), Some(V1 | GUEST_CSUM));
+        }
+    }
+
+    #[test]
+    fn driver_features_writable_only_between_driver_and_features_ok() {
+        let mut dev = device(0);
+        assert_eq!(
+            dev.set_driver_features(V1),
+            Err(DriverFeaturesError { status: 0 })
+        );
+        assert!(dev.write_status(ACK).is_ok());
+        assert_eq!(
+            dev.set_driver_features(V1),
+            Err(DriverFeaturesError { status: ACK })
+        );
+        let mut dev = configuring();
+        let status = ACK | DRIVER | FEATURES_OK;
+        assert_eq!(
+            dev.set_driver_features(V1),
+            Err(DriverFeaturesError { status })
+        );
+        assert_eq!(dev.driver_features(), V1 | EVENT_IDX);
+    }
+
+    #[test]
+    fn version_1_is_always_offered() {
+        assert_eq!(device(0).device_features(), V1);
+    }
+
+    #[test]
+    fn queue_registers_closed_before_features_ok() {
+        let mut dev = device(0);
+        assert!(dev.write_status(ACK).is_ok());
+        assert!(dev.write_status(ACK | DRIVER).is_ok());
+        let closed = QueueError::NotConfigurable {
+            status: ACK | DRIVER,
+        };
+        assert_eq!(dev.set_queue_size(0, 128), Err(closed));
+        assert_eq!(dev.set_queue_desc(0, 0x1000), Err(closed));
+        assert_eq!(dev.enable_queue(0), Err(closed));
+    }
+
+    #[test]
+    fn queue_registers_closed_after_driver_ok() {
+        let mut dev = configuring();
+        assert_eq!(dev.set_queue_size(1, 64), Ok(()));
+        assert!(
+            dev.write_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+                .is_ok()
+        );
+        let closed = QueueError::NotConfigurable {
+            status: ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        };
+        assert_eq!(dev.set_queue_size(1, 32), Err(closed));
+        assert_eq!(dev.set_queue_desc(1, 0), Err(closed));
+        assert_eq!(dev.set_queue_avail(1, 0), Err(closed));
+        assert_eq!(dev.set_queue_used(1, 0), Err(closed));
+        assert_eq!(dev.enable_queue(1), Err(closed));
+        assert_eq!(dev.queue(1).map(|q| q.size), Some(64));
+    }
+
+    #[test]
+    fn enabled_queue_is_fixed() {
+        let mut dev = configuring();
+        set_layout(&mut dev, 0x1000, 0x2000, 0x3000);
+        assert!(dev.enable_queue(0).is_ok());
+        let enabled = QueueError::Enabled { index: 0 };
+        assert_eq!(dev.set_queue_desc(0, 0x8000), Err(enabled));
+        assert_eq!(dev.set_queue_size(0, 64), Err(enabled));
+        assert_eq!(dev.enable_queue(0), Err(enabled));
+    }
+
+    #[test]
+    fn queue_size_rules() {
+        let mut dev = configuring();
+        for (size, max) in [(0, 256), (3, 256), (512, 256), (100, 100)] {
+            let index = if max == 256 { 0 } else { 1 };
+            assert_eq!(
+                dev.set_queue_size(index, size),
+                Err(QueueError::InvalidSize { size, max })
+            );
+        }
+        assert_eq!(dev.set_queue_size(0, 1), Ok(()));
+        assert_eq!(dev.set_queue_size(1, 64), Ok(()));
+        assert_eq!(
+            dev.set_queue_size(2, 64),
+            Err(QueueError::NoSuchQueue { index: 2 })
+        );
+        // Queue 1's default size (its maximum, 100) is not a power of two.
+        let mut dev = configuring();
+        assert_eq!(
+            dev.enable_queue(1),
+            Err(QueueError::InvalidSize {
+                size: 100,
+                max: 100
+            })
+        );
+    }
+
+    #[test]
+    fn packed_ring_allows_any_size_and_small_event_areas() {
+        let packed = Features::RING_PACKED.bits();
+        let mut dev = device(packed);
+        assert!(dev.write_status(ACK | DRIVER).is_ok());
+        assert_eq!(dev.set_driver_features(V1 | packed), Ok(()));
+        assert!(dev.write_status(ACK | DRIVER | FEATURES_OK).is_ok());
+        assert_eq!(dev.set_queue_size(1, 100), Ok(()));
+        assert_eq!(dev.set_queue_desc(1, 0x1000), Ok(()));
+        // Split, the used ring would be 6 + 8 * 100 bytes and overlap.
+        assert_eq!(dev.set_queue_avail(1, 0x1000 + 1600), Ok(()));
+        assert_eq!(dev.set_queue_used(1, 0x1000 + 1604), Ok(()));
+        assert!(dev.enable_queue(1).is_ok());
+    }
+
+    #[test]
+    fn misaligned_areas_are_refused() {
+        let cases = [
+            ((0x1008, 0x2000, 0x3000), RingArea::Descriptor, 0x1008, 16),
+            ((0x1000, 0x2001, 0x3000), RingArea::Driver, 0x2001, 2),
+            ((0x1000, 0x2000, 0x3002), RingArea::Device, 0x3002, 4),
+        ];
+        for ((desc, avail, used), area, addr, align) in cases {
+            let mut dev = configuring();
+            set_layout(&mut dev, desc, avail, used);
+            let err = QueueError::Misaligned { area, addr, align };
+            assert_eq!(dev.validate_queue(0), Err(err));
+            assert_eq!(dev.enable_queue(0), Err(err));
+            assert_eq!(dev.queue(0).map(|q| q.enabled), Some(false));
+        }
+    }
+
+    #[test]
+    fn areas_wrapping_the_address_space_are_refused() {
+        let mut dev = configuring();
+        // 256 descriptors are 4096 bytes; the last one would wrap.
+        let addr = 0xffff_ffff_ffff_f010;
+        set_layout(&mut dev, addr, 0x2000, 0x3000);
+        let err = QueueError::Overflow {
+            area: RingArea::Descriptor,
+            addr,
+            len: 4096,
+        };
+        assert_eq!(dev.validate_queue(0), Err(err));
+        // The used ring (2054 bytes) ending two bytes short of 2^64 is fine.
+        let mut dev = configuring();
+        set_layout(&mut dev, 0x1000, 0x2000, 0u64.wrapping_sub(2056));
+        assert!(dev.validate_queue(0).is_ok());
+    }
+
+    #[test]
+    fn overlapping_areas_are_refused() {
+        let cases = [
+            // Descriptor table is 0x1000..0x2000; avail starts one entry early.
+            (
+                (0x1000, 0x1ffe, 0x3000),
+                RingArea::Descriptor,
+                RingArea::Driver,
+            ),
+            // Avail ring is 0x2000..0x2206; used begins inside it.
+            ((0x1000, 0x2000, 0x2204), RingArea::Driver, RingArea::Device),
+            // Used ring contains the whole descriptor table.
+            (
+                (0x1000, 0x4000, 0x0800),
+                RingArea::Descriptor,
+                RingArea::Device,
+            ),
+            // All three at one address.
+            (
+                (0x1000, 0x1000, 0x1000),
+                RingArea::Descriptor,
+                RingArea::Driver,
+            ),
+        ];
+        for ((desc, avail, used), first, second) in cases {
+            let mut dev = configuring();
+            set_layout(&mut dev, desc, avail, used);
+            assert_eq!(
+                dev.validate_queue(0),
+                Err(QueueError::Overlap { first, second })
+            );
+        }
+        // Back to back is not an overlap.
+        let mut dev = configuring();
+        set_layout(&mut dev, 0x1000, 0x2000, 0x2208);
+        assert!(dev.validate_queue(0).is_ok());
+    }
+
+    #[test]
+    fn reset_clears_driver_state_but_keeps_the_generation() {
+        let mut dev = configuring();
+        set_layout(&mut dev, 0x1000, 0x2000, 0x3000);
+        assert_eq!(dev.set_queue_size(0, 64), Ok(()));
+        assert!(dev.enable_queue(0).is_ok());
+        assert!(
+            dev.write_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+                .is_ok()
+        );
+        assert_eq!(dev.update_config(0, &[9]), Ok(ConfigNotification::Required));
+        assert_eq!(dev.write_status(0), Ok(StatusChange::Reset));
+        assert_eq!(dev.status(), DeviceStatus::empty());
+        assert_eq!(dev.driver_features(), 0);
+        assert_eq!(dev.negotiated_features(), None);
+        assert_eq!(dev.queue(0), Some(&QueueRegisters::new(256)));
+        assert_eq!(dev.config().generation(), 1);
+    }
+
+    #[test]
+    fn needs_reset_bumps_generation_and_asks_for_a_notification() {
+        let mut dev = configuring();
+        assert_eq!(dev.set_needs_reset(), ConfigNotification::NotRequired);
+        assert_eq!(dev.config().generation(), 1);
+        assert_eq!(
+            dev.set_queue_size(0, 64),
+            Err(QueueError::NotConfigurable {
+                status: ACK | DRIVER | FEATURES_OK | NEEDS_RESET
+            })
+        );
+
+        let ctrl = Mutex::new(configuring());
+        assert_eq!(driver_ok(&ctrl), Ok(()));
+        assert_eq!(
+            locked(&ctrl).set_needs_reset(),
+            ConfigNotification::Required
+        );
+        assert_eq!(
+            locked(&ctrl).set_needs_reset(),
+            ConfigNotification::NotRequired
+        );
+        assert_eq!(ctrl.config_generation(), 1);
+        assert_eq!(
+            ctrl.status(),
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK | NEEDS_RESET
+        );
+        // The driver cannot clear it; only a reset does.
+        ctrl.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert_eq!(ctrl.status() & NEEDS_RESET, NEEDS_RESET);
+        assert_eq!(initialize(&ctrl, 0, &[]), Ok(V1));
+    }
+
+    #[test]
+    fn config_updates_notify_only_when_live_and_changed() {
+        let ctrl = Mutex::new(configuring());
+        assert_eq!(
+            locked(&ctrl).update_config(1, &[7]),
+            Ok(ConfigNotification::NotRequired)
+        );
+        assert_eq!(driver_ok(&ctrl), Ok(()));
+        assert_eq!(
+            locked(&ctrl).update_config(1, &[7]),
+            Ok(ConfigNotification::NotRequired)
+        );
+        assert_eq!(
+            locked(&ctrl).update_config(1, &[8]),
+            Ok(ConfigNotification::Required)
+        );
+        assert!(locked(&ctrl).update_config(3, &[0, 0]).is_err());
+        let mut buf = [0xff; 2];
+        ctrl.read_config(3, &mut buf);
+        assert_eq!(buf, [0, 0], "out-of-range transport reads return zeros");
+    }
+
+    #[test]
+    fn refused_transport_writes_show_in_the_status() {
+        let ctrl = Mutex::new(device(0));
+        ctrl.set_status(ACK | DRIVER_OK);
+        assert_eq!(ctrl.status(), 0);
+        ctrl.set_driver_features(V1);
+        assert_eq!(locked(&ctrl).driver_features(), 0);
+    }
+
+    /// A scripted transport for device behaviour the lifecycle never shows.
+    struct Scripted {
+        offered: u64,
+        status: Cell<u8>,
+        stuck_status: Option<u8>,
+        writes: Cell<u32>,
+    }
+
+    impl ControlPlane for Scripted {
+        fn device_features(&self) -> u64 {
+            self.offered
+        }
+        fn set_driver_features(&self, _: u64) {}
+        fn status(&self) -> u8 {
+            self.stuck_status.unwrap_or(self.status.get())
+        }
+        fn set_status(&self, status: u8) {
+            self.writes.set(self.writes.get() + 1);
+            self.status.set(status);
+        }
+        fn config_generation(&self) -> u32 {
+            0
+        }
+        fn read_config(&self, _: usize, buf: &mut [u8]) {
+            buf.fill(0);
+        }
+    }
+
+    #[test]
+    fn legacy_device_is_refused_and_failed() {
+        let ctrl = Scripted {
+            offered: GUEST_CSUM,
+            status: Cell::new(0),
+            stuck_status: None,
+            writes: Cell::new(0),
+        };
+        assert_eq!(
+            initialize(&ctrl, GUEST_CSUM, &[]),
+            Err(InitError::NotModern)
+        );
+        assert_eq!(ctrl.status(), ACK | DRIVER | FAILED);
+    }
+
+    #[test]
+    fn reset_that_never_completes_times_out() {
+        let ctrl = Scripted {
+            offered: V1,
+            status: Cell::new(0),
+            stuck_status: Some(ACK),
+            writes: Cell::new(0),
+        };
+        assert_eq!(
+            initialize(&ctrl, 0, &[]),
+            Err(InitError::ResetTimeout { status: ACK })
+        );
+        assert_eq!(ctrl.writes.get(), 1, "nothing but the reset is written");
+    }
+}

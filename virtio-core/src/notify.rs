@@ -756,7 +756,9 @@ mod tests {
         };
         // Only notify once the waiter is past its spin phase and parked
         // (or about to park under the lock), so the condvar path is taken.
+        let give_up = Instant::now() + LONG;
         while n.parked_waiters() == 0 {
+            assert!(Instant::now() < give_up, "waiter never parked");
             thread::yield_now();
         }
         n.notify().unwrap();
@@ -770,11 +772,11 @@ mod tests {
         // varying amount so notifications land while the peer is spinning,
         // between registering as a waiter and parking, and while parked.
         // A lost wake-up shows up as a timed-out wait returning 0.
-        const ROUNDS: u32 = 5_000;
+        const ROUNDS: u32 = 20_000;
         let ping = Arc::new(InProcessNotifier::new());
         let pong = Arc::new(InProcessNotifier::new());
         let delay = |i: u32| {
-            for _ in 0..(i.wrapping_mul(2_654_435_761) >> 22) {
+            for _ in 0..(i.wrapping_mul(2_654_435_761) >> 23) {
                 std::hint::spin_loop();
             }
         };

@@ -122,7 +122,9 @@ pub struct StatusMachine {
 impl StatusMachine {
     /// A device that has just been reset: status 0.
     pub const fn new() -> Self {
-        Self { status: DeviceStatus::empty() }
+        Self {
+            status: DeviceStatus::empty(),
+        }
     }
 
     /// The status as the driver reads it.
@@ -175,13 +177,18 @@ impl StatusMachine {
             if !added.contains(bit) {
                 continue;
             }
-            let have = if bit == DeviceStatus::DRIVER_OK { current } else { new };
+            let have = if bit == DeviceStatus::DRIVER_OK {
+                current
+            } else {
+                new
+            };
             let missing = requires.difference(have);
             if !missing.is_empty() {
                 return Err(StatusError::OutOfOrder { bit, missing });
             }
         }
-        if added.contains(DeviceStatus::FEATURES_OK) && features_verdict() == FeaturesVerdict::Refuse
+        if added.contains(DeviceStatus::FEATURES_OK)
+            && features_verdict() == FeaturesVerdict::Refuse
         {
             let added = added.difference(DeviceStatus::FEATURES_OK);
             self.status |= added;
@@ -233,7 +240,11 @@ mod tests {
     fn refused(m: &mut StatusMachine, value: u8) -> StatusError {
         let before = m.read();
         let err = m.write(value, accept).expect_err("write should be refused");
-        assert_eq!(m.read(), before, "a refusal must leave the status unchanged");
+        assert_eq!(
+            m.read(),
+            before,
+            "a refusal must leave the status unchanged"
+        );
         err
     }
 
@@ -245,7 +256,10 @@ mod tests {
         for bit in [ACK, DRIVER, FEATURES_OK, DRIVER_OK] {
             value |= bit;
             let change = m.write(value, accept);
-            assert_eq!(change, Ok(StatusChange::Added(DeviceStatus::from_bits_retain(bit))));
+            assert_eq!(
+                change,
+                Ok(StatusChange::Added(DeviceStatus::from_bits_retain(bit)))
+            );
             assert_eq!(m.read(), value);
         }
     }
@@ -262,7 +276,12 @@ mod tests {
 
     #[test]
     fn zero_resets_from_any_state() {
-        for value in [ACK, ACK | DRIVER, ACK | DRIVER | FEATURES_OK, ACK | DRIVER | FEATURES_OK | DRIVER_OK] {
+        for value in [
+            ACK,
+            ACK | DRIVER,
+            ACK | DRIVER | FEATURES_OK,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        ] {
             let mut m = at(value);
             assert_eq!(m.write(0, accept), Ok(StatusChange::Reset));
             assert_eq!(m.read(), 0);
@@ -277,7 +296,10 @@ mod tests {
     #[test]
     fn rewriting_the_same_value_changes_nothing() {
         let mut m = at(ACK | DRIVER);
-        assert_eq!(m.write(ACK | DRIVER, accept), Ok(StatusChange::Added(DeviceStatus::empty())));
+        assert_eq!(
+            m.write(ACK | DRIVER, accept),
+            Ok(StatusChange::Added(DeviceStatus::empty()))
+        );
         assert_eq!(m.read(), ACK | DRIVER);
     }
 
@@ -286,11 +308,15 @@ mod tests {
         let mut m = at(ACK | DRIVER | FEATURES_OK);
         assert_eq!(
             refused(&mut m, ACK | FEATURES_OK),
-            StatusError::Cleared { bits: DeviceStatus::DRIVER }
+            StatusError::Cleared {
+                bits: DeviceStatus::DRIVER
+            }
         );
         assert_eq!(
             refused(&mut m, ACK | DRIVER),
-            StatusError::Cleared { bits: DeviceStatus::FEATURES_OK }
+            StatusError::Cleared {
+                bits: DeviceStatus::FEATURES_OK
+            }
         );
     }
 
@@ -299,12 +325,18 @@ mod tests {
         let mut m = StatusMachine::new();
         assert_eq!(
             refused(&mut m, DRIVER),
-            StatusError::OutOfOrder { bit: DeviceStatus::DRIVER, missing: DeviceStatus::ACKNOWLEDGE }
+            StatusError::OutOfOrder {
+                bit: DeviceStatus::DRIVER,
+                missing: DeviceStatus::ACKNOWLEDGE
+            }
         );
         let mut m = at(ACK);
         assert_eq!(
             refused(&mut m, ACK | FEATURES_OK),
-            StatusError::OutOfOrder { bit: DeviceStatus::FEATURES_OK, missing: DeviceStatus::DRIVER }
+            StatusError::OutOfOrder {
+                bit: DeviceStatus::FEATURES_OK,
+                missing: DeviceStatus::DRIVER
+            }
         );
         let mut m = at(ACK | DRIVER);
         assert_eq!(
@@ -324,7 +356,13 @@ mod tests {
             verdict_calls.set(verdict_calls.get() + 1);
             FeaturesVerdict::Accept
         });
-        assert!(matches!(err, Err(StatusError::OutOfOrder { bit: DeviceStatus::DRIVER_OK, .. })));
+        assert!(matches!(
+            err,
+            Err(StatusError::OutOfOrder {
+                bit: DeviceStatus::DRIVER_OK,
+                ..
+            })
+        ));
         assert_eq!(verdict_calls.get(), 0, "no verdict for an illegal write");
         assert_eq!(m.read(), ACK | DRIVER);
     }
@@ -333,14 +371,20 @@ mod tests {
     fn unknown_bits_are_refused() {
         for bit in [0x10, 0x20] {
             let mut m = at(ACK);
-            assert_eq!(refused(&mut m, ACK | bit), StatusError::UnknownBits { bits: bit });
+            assert_eq!(
+                refused(&mut m, ACK | bit),
+                StatusError::UnknownBits { bits: bit }
+            );
         }
     }
 
     #[test]
     fn driver_cannot_set_needs_reset() {
         let mut m = at(ACK | DRIVER);
-        assert_eq!(refused(&mut m, ACK | DRIVER | NEEDS_RESET), StatusError::NeedsResetWritten);
+        assert_eq!(
+            refused(&mut m, ACK | DRIVER | NEEDS_RESET),
+            StatusError::NeedsResetWritten
+        );
     }
 
     #[test]
@@ -349,18 +393,33 @@ mod tests {
         assert!(m.set_needs_reset());
         assert!(!m.set_needs_reset());
         let current = m.read();
-        assert_eq!(current, ACK | DRIVER | FEATURES_OK | DRIVER_OK | NEEDS_RESET);
+        assert_eq!(
+            current,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK | NEEDS_RESET
+        );
         // Echoing it back is fine; omitting it does not clear it.
         assert!(m.write(current, accept).is_ok());
-        assert!(m.write(ACK | DRIVER | FEATURES_OK | DRIVER_OK | FAILED, accept).is_ok());
+        assert!(
+            m.write(ACK | DRIVER | FEATURES_OK | DRIVER_OK | FAILED, accept)
+                .is_ok()
+        );
         assert_eq!(m.read(), current | FAILED);
     }
 
     #[test]
     fn failed_may_be_set_at_any_time() {
-        for value in [0, ACK, ACK | DRIVER, ACK | DRIVER | FEATURES_OK, ACK | DRIVER | FEATURES_OK | DRIVER_OK] {
+        for value in [
+            0,
+            ACK,
+            ACK | DRIVER,
+            ACK | DRIVER | FEATURES_OK,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        ] {
             let mut m = at(value);
-            assert_eq!(m.write(value | FAILED, accept), Ok(StatusChange::Added(DeviceStatus::FAILED)));
+            assert_eq!(
+                m.write(value | FAILED, accept),
+                Ok(StatusChange::Added(DeviceStatus::FAILED))
+            );
             assert_eq!(m.read(), value | FAILED);
         }
     }
@@ -369,7 +428,10 @@ mod tests {
     fn only_reset_after_failed() {
         let mut m = at(ACK);
         assert!(m.write(ACK | FAILED, accept).is_ok());
-        assert_eq!(refused(&mut m, ACK | DRIVER | FAILED), StatusError::AfterFailed);
+        assert_eq!(
+            refused(&mut m, ACK | DRIVER | FAILED),
+            StatusError::AfterFailed
+        );
         assert!(m.write(ACK | FAILED, accept).is_ok());
         assert_eq!(m.write(0, accept), Ok(StatusChange::Reset));
     }
@@ -378,12 +440,20 @@ mod tests {
     fn refused_verdict_withholds_features_ok() {
         let mut m = at(ACK | DRIVER);
         let change = m.write(ACK | DRIVER | FEATURES_OK, || FeaturesVerdict::Refuse);
-        assert_eq!(change, Ok(StatusChange::FeaturesRefused { added: DeviceStatus::empty() }));
+        assert_eq!(
+            change,
+            Ok(StatusChange::FeaturesRefused {
+                added: DeviceStatus::empty()
+            })
+        );
         assert_eq!(m.read(), ACK | DRIVER);
         // DRIVER_OK cannot follow a refused FEATURES_OK.
         assert!(matches!(
             refused(&mut m, ACK | DRIVER | FEATURES_OK | DRIVER_OK),
-            StatusError::OutOfOrder { bit: DeviceStatus::DRIVER_OK, .. }
+            StatusError::OutOfOrder {
+                bit: DeviceStatus::DRIVER_OK,
+                ..
+            }
         ));
         // The driver may try again (e.g. after changing its features).
         assert!(m.write(ACK | DRIVER | FEATURES_OK, accept).is_ok());
@@ -395,7 +465,10 @@ mod tests {
         let mut m = StatusMachine::new();
         let change = m.write(ACK | DRIVER | FEATURES_OK, || FeaturesVerdict::Refuse);
         let expected = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER;
-        assert_eq!(change, Ok(StatusChange::FeaturesRefused { added: expected }));
+        assert_eq!(
+            change,
+            Ok(StatusChange::FeaturesRefused { added: expected })
+        );
         assert_eq!(m.read(), ACK | DRIVER);
     }
 
@@ -409,7 +482,10 @@ mod tests {
         let mut m = at(ACK | DRIVER);
         assert!(m.write(ACK | DRIVER | FEATURES_OK, verdict).is_ok());
         assert!(m.write(ACK | DRIVER | FEATURES_OK, verdict).is_ok());
-        assert!(m.write(ACK | DRIVER | FEATURES_OK | DRIVER_OK, verdict).is_ok());
+        assert!(
+            m.write(ACK | DRIVER | FEATURES_OK | DRIVER_OK, verdict)
+                .is_ok()
+        );
         assert_eq!(calls.get(), 1);
     }
 }

@@ -186,6 +186,11 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
         self.size
     }
 
+    /// The ring memory this queue was set up over (to hand its addresses to a device).
+    pub fn ring_memory(&self) -> &SplitRingMemory {
+        &self.mem
+    }
+
     /// Free descriptors.
     pub fn num_free(&self) -> u16 {
         self.num_free

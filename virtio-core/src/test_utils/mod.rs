@@ -5,6 +5,8 @@
 //! These are real implementations, bounds-checked like production code; they only lack
 //! the isolation machinery of the real sharing models.
 
+pub mod raw;
+
 use crate::access::{AccessError, DeviceMemory, Segment, check_within};
 use crate::ring::layout::SplitLayout;
 use crate::ring::split::SplitRingMemory;

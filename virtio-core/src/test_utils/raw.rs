@@ -1,0 +1,1 @@
+//! A raw ring writer that plays a hostile driver (being written).
