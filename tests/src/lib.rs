@@ -1,1 +1,3 @@
 //! Shared pieces of the `vio` tool and the cross-crate tests.
+pub mod report;
+pub mod peer;

@@ -45,10 +45,7 @@ impl ConfigSpace {
     /// A config space holding `bytes` (the device-specific layout, little-endian
     /// fields), at generation 0.
     pub fn new(bytes: Vec<u8>) -> Self {
-        Self {
-            bytes,
-            generation: 0,
-        }
+        Self { bytes, generation: 0 }
     }
 
     /// Size in bytes.

@@ -96,11 +96,7 @@ struct BitList(u64);
 impl fmt::Display for BitList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut rest = self.0;
-        f.write_str(if rest.is_power_of_two() {
-            "bit "
-        } else {
-            "bits "
-        })?;
+        f.write_str(if rest.is_power_of_two() { "bit " } else { "bits " })?;
         let mut first = true;
         while rest != 0 {
             let bit = rest.trailing_zeros();
@@ -247,10 +243,7 @@ mod tests {
             negotiate(V1 | CSUM, CSUM, &[]),
             Err(FeatureError::MissingVersion1)
         );
-        assert_eq!(
-            negotiate(CSUM, CSUM, &[]),
-            Err(FeatureError::MissingVersion1)
-        );
+        assert_eq!(negotiate(CSUM, CSUM, &[]), Err(FeatureError::MissingVersion1));
     }
 
     #[test]

@@ -253,15 +253,15 @@ impl DeviceLifecycle {
     /// [`StatusError`] for an illegal write; nothing changes then.
     pub fn write_status(&mut self, value: u8) -> Result<StatusChange, StatusError> {
         let (offered, accepted, deps) = (self.offered, self.driver_features, self.deps);
-        let change = self.machine.write(value, || {
-            match features::negotiate(offered, accepted, deps) {
+        let change = self
+            .machine
+            .write(value, || match features::negotiate(offered, accepted, deps) {
                 Ok(_) => FeaturesVerdict::Accept,
                 Err(error) => {
                     warn!(%error, "refusing FEATURES_OK");
                     FeaturesVerdict::Refuse
                 }
-            }
-        })?;
+            })?;
         if change == StatusChange::Reset {
             self.driver_features = 0;
             for queue in &mut self.queues {
@@ -296,11 +296,7 @@ impl DeviceLifecycle {
     ///
     /// # Errors
     /// [`ConfigError::OutOfBounds`]; nothing changes then.
-    pub fn update_config(
-        &mut self,
-        offset: usize,
-        bytes: &[u8],
-    ) -> Result<ConfigNotification, ConfigError> {
+    pub fn update_config(&mut self, offset: usize, bytes: &[u8]) -> Result<ConfigNotification, ConfigError> {
         if self.config.update(offset, bytes)? {
             Ok(self.config_notification())
         } else {
@@ -336,8 +332,7 @@ impl DeviceLifecycle {
     /// never after DRIVER_OK: HOSTILE rule 11).
     fn writable_queue(&mut self, index: u16) -> Result<&mut QueueRegisters, QueueError> {
         let status = self.machine.status();
-        let closed =
-            DeviceStatus::DRIVER_OK | DeviceStatus::FAILED | DeviceStatus::DEVICE_NEEDS_RESET;
+        let closed = DeviceStatus::DRIVER_OK | DeviceStatus::FAILED | DeviceStatus::DEVICE_NEEDS_RESET;
         if !status.contains(DeviceStatus::FEATURES_OK) || status.intersects(closed) {
             return Err(QueueError::NotConfigurable {
                 status: status.bits(),
@@ -595,11 +590,7 @@ fn set_bit(
 ///
 /// # Errors
 /// See [`InitError`].
-pub fn initialize(
-    ctrl: &impl ControlPlane,
-    wanted: u64,
-    deps: &[Dependency],
-) -> Result<u64, InitError> {
+pub fn initialize(ctrl: &impl ControlPlane, wanted: u64, deps: &[Dependency]) -> Result<u64, InitError> {
     ctrl.set_status(0);
     let mut status = ctrl.status();
     for _ in 0..RESET_POLL_LIMIT {
@@ -672,16 +663,8 @@ pub fn driver_ok(ctrl: &impl ControlPlane) -> Result<(), InitError> {
 ///
 /// # Errors
 /// [`ConfigError::Unstable`] if the generation keeps changing.
-pub fn read_config(
-    ctrl: &impl ControlPlane,
-    offset: usize,
-    buf: &mut [u8],
-) -> Result<(), ConfigError> {
-    config::read_consistent(
-        || ctrl.config_generation(),
-        |b| ctrl.read_config(offset, b),
-        buf,
-    )
+pub fn read_config(ctrl: &impl ControlPlane, offset: usize, buf: &mut [u8]) -> Result<(), ConfigError> {
+    config::read_consistent(|| ctrl.config_generation(), |b| ctrl.read_config(offset, b), buf)
 }
 
 #[cfg(test)]
@@ -706,13 +689,7 @@ mod tests {
     const NEEDS_RESET: u8 = DeviceStatus::DEVICE_NEEDS_RESET.bits();
 
     fn device(offered: u64) -> DeviceLifecycle {
-        DeviceLifecycle::new(
-            1,
-            offered,
-            DEPS,
-            ConfigSpace::new(vec![1, 2, 3, 4]),
-            &[256, 100],
-        )
+        DeviceLifecycle::new(1, offered, DEPS, ConfigSpace::new(vec![1, 2, 3, 4]), &[256, 100])
     }
 
     /// A device with FEATURES_OK set, ready for queue setup.
@@ -744,10 +721,7 @@ mod tests {
         assert_eq!(ctrl.status(), ACK | DRIVER | FEATURES_OK);
         {
             let mut dev = locked(&ctrl);
-            assert_eq!(
-                dev.negotiated_features(),
-                Some(V1 | GUEST_CSUM | GUEST_TSO4)
-            );
+            assert_eq!(dev.negotiated_features(), Some(V1 | GUEST_CSUM | GUEST_TSO4));
             set_layout(&mut dev, 0x1000, 0x2000, 0x3000);
             let layout = QueueLayout {
                 size: 256,
@@ -837,10 +811,7 @@ mod tests {
         );
         let mut dev = configuring();
         let status = ACK | DRIVER | FEATURES_OK;
-        assert_eq!(
-            dev.set_driver_features(V1),
-            Err(DriverFeaturesError { status })
-        );
+        assert_eq!(dev.set_driver_features(V1), Err(DriverFeaturesError { status }));
         assert_eq!(dev.driver_features(), V1 | EVENT_IDX);
     }
 
@@ -854,9 +825,7 @@ mod tests {
         let mut dev = device(0);
         assert!(dev.write_status(ACK).is_ok());
         assert!(dev.write_status(ACK | DRIVER).is_ok());
-        let closed = QueueError::NotConfigurable {
-            status: ACK | DRIVER,
-        };
+        let closed = QueueError::NotConfigurable { status: ACK | DRIVER };
         assert_eq!(dev.set_queue_size(0, 128), Err(closed));
         assert_eq!(dev.set_queue_desc(0, 0x1000), Err(closed));
         assert_eq!(dev.enable_queue(0), Err(closed));
@@ -866,10 +835,7 @@ mod tests {
     fn queue_registers_closed_after_driver_ok() {
         let mut dev = configuring();
         assert_eq!(dev.set_queue_size(1, 64), Ok(()));
-        assert!(
-            dev.write_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
-                .is_ok()
-        );
+        assert!(dev.write_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK).is_ok());
         let closed = QueueError::NotConfigurable {
             status: ACK | DRIVER | FEATURES_OK | DRIVER_OK,
         };
@@ -912,10 +878,7 @@ mod tests {
         let mut dev = configuring();
         assert_eq!(
             dev.enable_queue(1),
-            Err(QueueError::InvalidSize {
-                size: 100,
-                max: 100
-            })
+            Err(QueueError::InvalidSize { size: 100, max: 100 })
         );
     }
 
@@ -973,33 +936,18 @@ mod tests {
     fn overlapping_areas_are_refused() {
         let cases = [
             // Descriptor table is 0x1000..0x2000; avail starts one entry early.
-            (
-                (0x1000, 0x1ffe, 0x3000),
-                RingArea::Descriptor,
-                RingArea::Driver,
-            ),
+            ((0x1000, 0x1ffe, 0x3000), RingArea::Descriptor, RingArea::Driver),
             // Avail ring is 0x2000..0x2206; used begins inside it.
             ((0x1000, 0x2000, 0x2204), RingArea::Driver, RingArea::Device),
             // Used ring contains the whole descriptor table.
-            (
-                (0x1000, 0x4000, 0x0800),
-                RingArea::Descriptor,
-                RingArea::Device,
-            ),
+            ((0x1000, 0x4000, 0x0800), RingArea::Descriptor, RingArea::Device),
             // All three at one address.
-            (
-                (0x1000, 0x1000, 0x1000),
-                RingArea::Descriptor,
-                RingArea::Driver,
-            ),
+            ((0x1000, 0x1000, 0x1000), RingArea::Descriptor, RingArea::Driver),
         ];
         for ((desc, avail, used), first, second) in cases {
             let mut dev = configuring();
             set_layout(&mut dev, desc, avail, used);
-            assert_eq!(
-                dev.validate_queue(0),
-                Err(QueueError::Overlap { first, second })
-            );
+            assert_eq!(dev.validate_queue(0), Err(QueueError::Overlap { first, second }));
         }
         // Back to back is not an overlap.
         let mut dev = configuring();
@@ -1013,10 +961,7 @@ mod tests {
         set_layout(&mut dev, 0x1000, 0x2000, 0x3000);
         assert_eq!(dev.set_queue_size(0, 64), Ok(()));
         assert!(dev.enable_queue(0).is_ok());
-        assert!(
-            dev.write_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
-                .is_ok()
-        );
+        assert!(dev.write_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK).is_ok());
         assert_eq!(dev.update_config(0, &[9]), Ok(ConfigNotification::Required));
         assert_eq!(dev.write_status(0), Ok(StatusChange::Reset));
         assert_eq!(dev.status(), DeviceStatus::empty());
@@ -1040,14 +985,8 @@ mod tests {
 
         let ctrl = Mutex::new(configuring());
         assert_eq!(driver_ok(&ctrl), Ok(()));
-        assert_eq!(
-            locked(&ctrl).set_needs_reset(),
-            ConfigNotification::Required
-        );
-        assert_eq!(
-            locked(&ctrl).set_needs_reset(),
-            ConfigNotification::NotRequired
-        );
+        assert_eq!(locked(&ctrl).set_needs_reset(), ConfigNotification::Required);
+        assert_eq!(locked(&ctrl).set_needs_reset(), ConfigNotification::NotRequired);
         assert_eq!(ctrl.config_generation(), 1);
         assert_eq!(
             ctrl.status(),
@@ -1126,10 +1065,7 @@ mod tests {
             stuck_status: None,
             writes: Cell::new(0),
         };
-        assert_eq!(
-            initialize(&ctrl, GUEST_CSUM, &[]),
-            Err(InitError::NotModern)
-        );
+        assert_eq!(initialize(&ctrl, GUEST_CSUM, &[]), Err(InitError::NotModern));
         assert_eq!(ctrl.status(), ACK | DRIVER | FAILED);
     }
 

@@ -18,6 +18,9 @@
 //! `VIRTIO_F_EVENT_IDX` negotiated, the rule is [`need_event`] (virtio 1.2
 //! §2.7.7 and §2.7.10).
 
+// Nothing here needs `unsafe`: rustix and std wrap every syscall used.
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -413,10 +416,7 @@ impl Wait for InProcessNotifier {
                 break n;
             }
             guard = match deadline {
-                None => self
-                    .cond
-                    .wait(guard)
-                    .unwrap_or_else(PoisonError::into_inner),
+                None => self.cond.wait(guard).unwrap_or_else(PoisonError::into_inner),
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -448,6 +448,22 @@ mod tests {
     /// Generous bound so a lost wake-up fails the test instead of hanging it.
     const LONG: Duration = Duration::from_secs(10);
 
+    /// Waits for a notification that has been or is about to be sent.
+    ///
+    /// A wait re-checks the counter when its timeout expires, so a lost
+    /// wake-up would still return the notification, only `LONG` late: assert
+    /// on the time too, or the tests could not see one.
+    fn wait_promptly(w: &impl Wait) -> u64 {
+        let start = Instant::now();
+        let n = w.wait(Some(LONG)).unwrap();
+        let waited = start.elapsed();
+        assert!(
+            waited < LONG,
+            "lost wake-up: slept out the whole timeout ({waited:?}), then found {n}"
+        );
+        n
+    }
+
     // ---- need_event -------------------------------------------------------
 
     /// Reference: walk the batch one index at a time, marking each entry
@@ -469,8 +485,8 @@ mod tests {
             .chain(0xfff0..=0xffff)
             .collect();
         let batches: [u16; 20] = [
-            0, 1, 2, 3, 4, 7, 8, 15, 16, 127, 128, 255, 256, 1024, 0x7fff, 0x8000, 0x8001, 0xfffe,
-            0xffff, 0x4321,
+            0, 1, 2, 3, 4, 7, 8, 15, 16, 127, 128, 255, 256, 1024, 0x7fff, 0x8000, 0x8001, 0xfffe, 0xffff,
+            0x4321,
         ];
         for &old in &olds {
             for &d in &batches {
@@ -620,16 +636,8 @@ mod tests {
     fn eventfd_adopts_a_blocking_fd_and_makes_it_non_blocking() {
         let fd = rustix::event::eventfd(0, EventfdFlags::empty()).unwrap();
         let n = EventFdNotifier::from_owned_fd(fd).unwrap();
-        assert!(
-            rustix::fs::fcntl_getfl(&n)
-                .unwrap()
-                .contains(OFlags::NONBLOCK)
-        );
-        assert!(
-            rustix::io::fcntl_getfd(&n)
-                .unwrap()
-                .contains(FdFlags::CLOEXEC)
-        );
+        assert!(rustix::fs::fcntl_getfl(&n).unwrap().contains(OFlags::NONBLOCK));
+        assert!(rustix::io::fcntl_getfd(&n).unwrap().contains(FdFlags::CLOEXEC));
         // Would block forever on a blocking eventfd.
         assert_eq!(n.take().unwrap(), 0);
         n.notify().unwrap();
@@ -653,7 +661,7 @@ mod tests {
             let (n, ready) = (Arc::clone(&n), Arc::clone(&ready));
             thread::spawn(move || {
                 ready.wait();
-                n.wait(Some(LONG)).unwrap()
+                wait_promptly(&*n)
             })
         };
         ready.wait();
@@ -752,7 +760,7 @@ mod tests {
         let n = Arc::new(InProcessNotifier::new());
         let waiter = {
             let n = Arc::clone(&n);
-            thread::spawn(move || n.wait(Some(LONG)).unwrap())
+            thread::spawn(move || wait_promptly(&*n))
         };
         // Only notify once the waiter is past its spin phase and parked
         // (or about to park under the lock), so the condvar path is taken.
@@ -771,7 +779,7 @@ mod tests {
         // Two threads bounce a token; each side delays its reply by a
         // varying amount so notifications land while the peer is spinning,
         // between registering as a waiter and parking, and while parked.
-        // A lost wake-up shows up as a timed-out wait returning 0.
+        // A lost wake-up shows up as a wait that sleeps out its timeout.
         const ROUNDS: u32 = 20_000;
         let ping = Arc::new(InProcessNotifier::new());
         let pong = Arc::new(InProcessNotifier::new());
@@ -784,7 +792,7 @@ mod tests {
             let (ping, pong) = (Arc::clone(&ping), Arc::clone(&pong));
             thread::spawn(move || {
                 for i in 0..ROUNDS {
-                    assert_eq!(ping.wait(Some(LONG)).unwrap(), 1, "round {i}");
+                    assert_eq!(wait_promptly(&*ping), 1, "round {i}");
                     delay(i);
                     pong.notify().unwrap();
                 }
@@ -793,7 +801,7 @@ mod tests {
         for i in 0..ROUNDS {
             delay(i.wrapping_add(ROUNDS));
             ping.notify().unwrap();
-            assert_eq!(pong.wait(Some(LONG)).unwrap(), 1, "round {i}");
+            assert_eq!(wait_promptly(&*pong), 1, "round {i}");
         }
         echo.join().unwrap();
     }

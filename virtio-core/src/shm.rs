@@ -144,7 +144,8 @@ impl Region {
         let base = unsafe { NonNull::new_unchecked(self.base.as_ptr().add(start)) };
         Ok(Region {
             base,
-            len: len as usize,
+            // `check` proved `len <= self.len`, a usize.
+            len: usize::try_from(len).unwrap_or(0),
             writable: self.writable,
             _owner: self._owner.clone(),
         })
@@ -183,8 +184,9 @@ impl Region {
             return Err(RegionError::ReadOnly);
         }
         let start = self.check(offset, len)?;
+        let len = usize::try_from(len).unwrap_or(0); // `len <= self.len` by `check`
         // SAFETY: in bounds and writable, as checked just above.
-        unsafe { std::ptr::write_bytes(self.base.as_ptr().add(start), 0, len as usize) };
+        unsafe { std::ptr::write_bytes(self.base.as_ptr().add(start), 0, len) };
         Ok(())
     }
 

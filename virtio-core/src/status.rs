@@ -187,9 +187,7 @@ impl StatusMachine {
                 return Err(StatusError::OutOfOrder { bit, missing });
             }
         }
-        if added.contains(DeviceStatus::FEATURES_OK)
-            && features_verdict() == FeaturesVerdict::Refuse
-        {
+        if added.contains(DeviceStatus::FEATURES_OK) && features_verdict() == FeaturesVerdict::Refuse {
             let added = added.difference(DeviceStatus::FEATURES_OK);
             self.status |= added;
             return Ok(StatusChange::FeaturesRefused { added });
@@ -240,11 +238,7 @@ mod tests {
     fn refused(m: &mut StatusMachine, value: u8) -> StatusError {
         let before = m.read();
         let err = m.write(value, accept).expect_err("write should be refused");
-        assert_eq!(
-            m.read(),
-            before,
-            "a refusal must leave the status unchanged"
-        );
+        assert_eq!(m.read(), before, "a refusal must leave the status unchanged");
         err
     }
 
@@ -371,10 +365,7 @@ mod tests {
     fn unknown_bits_are_refused() {
         for bit in [0x10, 0x20] {
             let mut m = at(ACK);
-            assert_eq!(
-                refused(&mut m, ACK | bit),
-                StatusError::UnknownBits { bits: bit }
-            );
+            assert_eq!(refused(&mut m, ACK | bit), StatusError::UnknownBits { bits: bit });
         }
     }
 
@@ -393,10 +384,7 @@ mod tests {
         assert!(m.set_needs_reset());
         assert!(!m.set_needs_reset());
         let current = m.read();
-        assert_eq!(
-            current,
-            ACK | DRIVER | FEATURES_OK | DRIVER_OK | NEEDS_RESET
-        );
+        assert_eq!(current, ACK | DRIVER | FEATURES_OK | DRIVER_OK | NEEDS_RESET);
         // Echoing it back is fine; omitting it does not clear it.
         assert!(m.write(current, accept).is_ok());
         assert!(
@@ -428,10 +416,7 @@ mod tests {
     fn only_reset_after_failed() {
         let mut m = at(ACK);
         assert!(m.write(ACK | FAILED, accept).is_ok());
-        assert_eq!(
-            refused(&mut m, ACK | DRIVER | FAILED),
-            StatusError::AfterFailed
-        );
+        assert_eq!(refused(&mut m, ACK | DRIVER | FAILED), StatusError::AfterFailed);
         assert!(m.write(ACK | FAILED, accept).is_ok());
         assert_eq!(m.write(0, accept), Ok(StatusChange::Reset));
     }
@@ -465,10 +450,7 @@ mod tests {
         let mut m = StatusMachine::new();
         let change = m.write(ACK | DRIVER | FEATURES_OK, || FeaturesVerdict::Refuse);
         let expected = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER;
-        assert_eq!(
-            change,
-            Ok(StatusChange::FeaturesRefused { added: expected })
-        );
+        assert_eq!(change, Ok(StatusChange::FeaturesRefused { added: expected }));
         assert_eq!(m.read(), ACK | DRIVER);
     }
 
@@ -482,10 +464,7 @@ mod tests {
         let mut m = at(ACK | DRIVER);
         assert!(m.write(ACK | DRIVER | FEATURES_OK, verdict).is_ok());
         assert!(m.write(ACK | DRIVER | FEATURES_OK, verdict).is_ok());
-        assert!(
-            m.write(ACK | DRIVER | FEATURES_OK | DRIVER_OK, verdict)
-                .is_ok()
-        );
+        assert!(m.write(ACK | DRIVER | FEATURES_OK | DRIVER_OK, verdict).is_ok());
         assert_eq!(calls.get(), 1);
     }
 }

@@ -1,0 +1,212 @@
+//! Benchmark results: aligned tables for people, JSON for comparing runs.
+
+use serde::Serialize;
+use std::fmt::Write as _;
+
+/// One measured figure, optionally beside the same figure for a peer from the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    /// What was measured.
+    pub name: String,
+    /// Unit of `ours` and `peer`.
+    pub unit: String,
+    /// Our median.
+    pub ours: f64,
+    /// The peer's median, measured in the same run.
+    pub peer: Option<f64>,
+    /// Name of the peer.
+    pub peer_name: Option<String>,
+    /// How many repetitions the medians come from.
+    pub reps: usize,
+    /// Whether a larger value is better (throughput) or worse (time).
+    pub higher_is_better: bool,
+}
+
+impl Figure {
+    /// Our figure relative to the peer's, oriented so that < 1 means "ours is
+    /// cheaper" for times and > 1 means "ours is faster" for throughputs.
+    pub fn ratio(&self) -> Option<f64> {
+        self.peer.filter(|p| *p > 0.0).map(|p| self.ours / p)
+    }
+}
+
+/// A titled set of figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Title of the run.
+    pub title: String,
+    /// The figures, in print order.
+    pub figures: Vec<Figure>,
+    /// Free-form notes printed under the table (conditions, targets).
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    /// An empty report.
+    pub fn new(title: impl Into<String>) -> Report {
+        Report {
+            title: title.into(),
+            figures: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// Renders the report as an aligned text table.
+    pub fn table(&self) -> String {
+        let header = ["measurement", "unit", "ours", "peer", "peer value", "ours/peer"];
+        let rows: Vec<[String; 6]> = self
+            .figures
+            .iter()
+            .map(|f| {
+                [
+                    f.name.clone(),
+                    f.unit.clone(),
+                    fmt_num(f.ours),
+                    f.peer_name.clone().unwrap_or_else(|| "-".into()),
+                    f.peer.map(fmt_num).unwrap_or_else(|| "-".into()),
+                    f.ratio().map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        let mut width = header.map(str::len);
+        for r in &rows {
+            for (w, c) in width.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let _ = writeln!(out, "{}", self.title);
+        let line = |out: &mut String, cells: &[String]| {
+            for (i, (c, w)) in cells.iter().zip(width).enumerate() {
+                // Text columns left-aligned, numbers right-aligned.
+                let _ = if i < 2 || i == 3 {
+                    write!(out, "{c:<w$}  ")
+                } else {
+                    write!(out, "{c:>w$}  ")
+                };
+            }
+            let trimmed = out.trim_end().len();
+            out.truncate(trimmed);
+            out.push('\n');
+        };
+        line(&mut out, &header.map(String::from));
+        let rule: Vec<String> = width.iter().map(|w| "-".repeat(*w)).collect();
+        line(&mut out, &rule);
+        for r in &rows {
+            line(&mut out, r);
+        }
+        for n in &self.notes {
+            let _ = writeln!(out, "  {n}");
+        }
+        out
+    }
+
+    /// Writes the report as pretty JSON.
+    pub fn write_json(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, text + "\n")
+    }
+}
+
+/// Formats a figure with three significant digits and a thousands separator for
+/// large numbers.
+pub fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        return format!("{v}");
+    }
+    if v.abs() >= 1000.0 {
+        // Whole numbers with separators: 6,123,456.
+        let s = format!("{:.0}", v.abs());
+        let mut out = String::new();
+        for (i, ch) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(ch);
+        }
+        if v < 0.0 { format!("-{out}") } else { out }
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The median of `xs` (sorted in place); 0 for an empty slice.
+pub fn median(xs: &mut [f64]) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.sort_by(f64::total_cmp);
+    let m = xs.len() / 2;
+    if xs.len() % 2 == 1 { xs[m] } else { (xs[m - 1] + xs[m]) / 2.0 }
+}
+
+/// The `p`-quantile (0..=1) of `xs` (sorted in place), nearest rank.
+pub fn quantile(xs: &mut [f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.sort_by(f64::total_cmp);
+    let rank = (p.clamp(0.0, 1.0) * (xs.len() - 1) as f64).round();
+    // `rank` lies in 0..len by the clamp above.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    xs[rank as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_format_readably() {
+        assert_eq!(fmt_num(6_123_456.4), "6,123,456");
+        assert_eq!(fmt_num(1000.0), "1,000");
+        assert_eq!(fmt_num(612.4), "612");
+        assert_eq!(fmt_num(12.34), "12.3");
+        assert_eq!(fmt_num(0.456), "0.46");
+    }
+
+    #[test]
+    fn medians_and_quantiles() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
+        let mut v: Vec<f64> = (0..=100).map(f64::from).collect();
+        assert_eq!(quantile(&mut v, 0.99), 99.0);
+        assert_eq!(quantile(&mut v, 0.0), 0.0);
+    }
+
+    #[test]
+    fn table_columns_line_up() {
+        let mut r = Report::new("t");
+        r.figures.push(Figure {
+            name: "a".into(),
+            unit: "ns".into(),
+            ours: 12.0,
+            peer: Some(48.0),
+            peer_name: Some("peer".into()),
+            reps: 3,
+            higher_is_better: false,
+        });
+        r.figures.push(Figure {
+            name: "longer name".into(),
+            unit: "ops/s".into(),
+            ours: 6_000_000.0,
+            peer: None,
+            peer_name: None,
+            reps: 3,
+            higher_is_better: true,
+        });
+        let t = r.table();
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 5);
+        assert!(lines[3].contains("0.25x"), "{t}");
+        // The unit column starts at the same place on every row.
+        let col = lines[1].find("unit").unwrap();
+        assert_eq!(&lines[3][col..col + 2], "ns");
+        assert_eq!(&lines[4][col..col + 5], "ops/s");
+    }
+}
