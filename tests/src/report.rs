@@ -64,7 +64,9 @@ impl Report {
                     fmt_num(f.ours),
                     f.peer_name.clone().unwrap_or_else(|| "-".into()),
                     f.peer.map(fmt_num).unwrap_or_else(|| "-".into()),
-                    f.ratio().map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into()),
+                    f.ratio()
+                        .map(|r| format!("{r:.2}x"))
+                        .unwrap_or_else(|| "-".into()),
                 ]
             })
             .collect();
@@ -141,7 +143,11 @@ pub fn median(xs: &mut [f64]) -> f64 {
     }
     xs.sort_by(f64::total_cmp);
     let m = xs.len() / 2;
-    if xs.len() % 2 == 1 { xs[m] } else { (xs[m - 1] + xs[m]) / 2.0 }
+    if xs.len() % 2 == 1 {
+        xs[m]
+    } else {
+        (xs[m - 1] + xs[m]) / 2.0
+    }
 }
 
 /// The `p`-quantile (0..=1) of `xs` (sorted in place), nearest rank.

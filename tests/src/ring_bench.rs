@@ -11,8 +11,8 @@
 
 use crate::peer::SharedGuest;
 use crate::report::{Figure, Report, median, quantile};
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use virtio_core::features::Features;
 use virtio_core::test_utils::{Arena, IdentityShare};
@@ -66,7 +66,11 @@ pub fn run(cfg: &RingBenchConfig) -> Report {
     let mut ours = Vec::new();
     let mut peer = Vec::new();
     for rep in 0..cfg.reps {
-        tracing::info!("device pop + add_used, single thread: repetition {}/{}", rep + 1, cfg.reps);
+        tracing::info!(
+            "device pop + add_used, single thread: repetition {}/{}",
+            rep + 1,
+            cfg.reps
+        );
         ours.push(pop_add_used_ours(cfg, features));
         peer.push(pop_add_used_peer(cfg, features));
     }
@@ -82,7 +86,11 @@ pub fn run(cfg: &RingBenchConfig) -> Report {
 
     let mut rt = Vec::new();
     for rep in 0..cfg.reps {
-        tracing::info!("round trips, two polling threads: repetition {}/{}", rep + 1, cfg.reps);
+        tracing::info!(
+            "round trips, two polling threads: repetition {}/{}",
+            rep + 1,
+            cfg.reps
+        );
         rt.push(round_trips(cfg, features));
     }
     report.figures.push(Figure {
@@ -98,12 +106,19 @@ pub fn run(cfg: &RingBenchConfig) -> Report {
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
     for rep in 0..cfg.reps {
-        tracing::info!("QD1 latency, two polling threads: repetition {}/{}", rep + 1, cfg.reps);
+        tracing::info!(
+            "QD1 latency, two polling threads: repetition {}/{}",
+            rep + 1,
+            cfg.reps
+        );
         let (a, b) = qd1_latency(cfg, features);
         p50.push(a);
         p99.push(b);
     }
-    for (name, v) in [("QD1 round trip, median", &mut p50), ("QD1 round trip, p99", &mut p99)] {
+    for (name, v) in [
+        ("QD1 round trip, median", &mut p50),
+        ("QD1 round trip, p99", &mut p99),
+    ] {
         report.figures.push(Figure {
             name: name.into(),
             unit: "ns".into(),
@@ -160,8 +175,8 @@ impl Setup {
 
 fn pop_add_used_ours(cfg: &RingBenchConfig, features: Features) -> f64 {
     let mut s = setup(cfg.queue_size, features);
-    let mut device = SplitDevice::new(cfg.queue_size, s.driver.ring_memory(), s.arena.clone(), features)
-        .expect("device");
+    let mut device =
+        SplitDevice::new(cfg.queue_size, s.driver.ring_memory(), s.arena.clone(), features).expect("device");
     let mut timed = Duration::ZERO;
     let mut chains = 0u64;
     while chains < cfg.single_thread_chains {
@@ -182,7 +197,11 @@ fn pop_add_used_peer(cfg: &RingBenchConfig, features: Features) -> f64 {
     let mut s = setup(cfg.queue_size, features);
     let bridge = SharedGuest::over(s.arena.clone()).expect("vm-memory bridge");
     let mut q: Queue = bridge
-        .device_queue(cfg.queue_size, s.addrs.into(), features.contains(Features::EVENT_IDX))
+        .device_queue(
+            cfg.queue_size,
+            s.addrs.into(),
+            features.contains(Features::EVENT_IDX),
+        )
         .expect("virtio-queue");
     let mem = bridge.memory();
     let mut timed = Duration::ZERO;
@@ -228,7 +247,8 @@ fn spawn_device(
     features: Features,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
-    let mut device = SplitDevice::new(size, s.driver.ring_memory(), s.arena.clone(), features).expect("device");
+    let mut device =
+        SplitDevice::new(size, s.driver.ring_memory(), s.arena.clone(), features).expect("device");
     std::thread::spawn(move || {
         pin(1);
         device.disable_notifications();
@@ -248,9 +268,7 @@ fn spawn_device(
                 std::hint::spin_loop();
                 continue;
             }
-            for &h in &heads[..k] {
-                let _ = device.add_used(h, 0);
-            }
+            let _ = device.add_used_batch(heads[..k].iter().map(|&h| (h, 0)));
         }
     })
 }

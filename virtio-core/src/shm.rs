@@ -158,9 +158,7 @@ impl Region {
         // `from_raw`; `dst` is private memory that cannot overlap shared memory we do not
         // hold references to. A concurrent writer can only make us copy arbitrary bytes:
         // callers validate the private copy, never the shared original.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(start), dst.as_mut_ptr(), dst.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(self.base.as_ptr().add(start), dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
 
@@ -172,9 +170,7 @@ impl Region {
         let start = self.check(offset, src.len() as u64)?;
         // SAFETY: in bounds (checked) and writable (checked); see `read` for why a racing
         // reader on the other side is not our memory-safety concern.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(start), src.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(start), src.len()) };
         Ok(())
     }
 
@@ -275,19 +271,31 @@ impl Region {
     /// An owning array of `count` 16-bit atomics at `offset`.
     pub(crate) fn atomic_u16s(&self, offset: u64, count: usize) -> Result<Atomics<AtomicU16>, RegionError> {
         let s = self.u16s(offset, count)?;
-        Ok(Atomics { ptr: NonNull::from(s).cast(), len: s.len(), _region: self.clone() })
+        Ok(Atomics {
+            ptr: NonNull::from(s).cast(),
+            len: s.len(),
+            _region: self.clone(),
+        })
     }
 
     /// An owning array of `count` 32-bit atomics at `offset`.
     pub(crate) fn atomic_u32s(&self, offset: u64, count: usize) -> Result<Atomics<AtomicU32>, RegionError> {
         let s = self.u32s(offset, count)?;
-        Ok(Atomics { ptr: NonNull::from(s).cast(), len: s.len(), _region: self.clone() })
+        Ok(Atomics {
+            ptr: NonNull::from(s).cast(),
+            len: s.len(),
+            _region: self.clone(),
+        })
     }
 
     /// An owning array of `count` 64-bit atomics at `offset`.
     pub(crate) fn atomic_u64s(&self, offset: u64, count: usize) -> Result<Atomics<AtomicU64>, RegionError> {
         let s = self.u64s(offset, count)?;
-        Ok(Atomics { ptr: NonNull::from(s).cast(), len: s.len(), _region: self.clone() })
+        Ok(Atomics {
+            ptr: NonNull::from(s).cast(),
+            len: s.len(),
+            _region: self.clone(),
+        })
     }
 }
 
@@ -369,8 +377,14 @@ mod tests {
         let mut buf = [0u8; 5];
         r.read(10, &mut buf).unwrap();
         assert_eq!(&buf, b"hello");
-        assert!(matches!(r.read(4095, &mut buf), Err(RegionError::OutOfBounds { .. })));
-        assert!(matches!(r.read(u64::MAX, &mut buf), Err(RegionError::OutOfBounds { .. })));
+        assert!(matches!(
+            r.read(4095, &mut buf),
+            Err(RegionError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            r.read(u64::MAX, &mut buf),
+            Err(RegionError::OutOfBounds { .. })
+        ));
         assert_eq!(r.read_only().write(0, b"x"), Err(RegionError::ReadOnly));
         assert_eq!(r.read_only().zero(0, 1), Err(RegionError::ReadOnly));
         let sub = r.sub(8, 16).unwrap();

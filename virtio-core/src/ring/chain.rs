@@ -3,8 +3,10 @@
 //! The walk enforces every rule of virtio 1.2 §2.7.5 and §2.7.5.3 that a device can
 //! check, on a private copy of each descriptor (each shared field is fetched once):
 //!
-//! - at most `limit` descriptors (the queue size) in the table walk, and at most `limit`
-//!   entries in an indirect table, which also stops loops;
+//! - at most `limit` descriptors (the queue size) in the whole chain, counting the
+//!   direct descriptors and the entries of an indirect table but not the descriptor
+//!   that points to the table (§2.7.5.2: no chain longer than the queue size); this
+//!   also stops loops, in the table and inside an indirect table;
 //! - `next` inside the table it indexes;
 //! - `VIRTQ_DESC_F_INDIRECT` only when negotiated, never with `NEXT`, never nested,
 //!   with a length that is a non-zero multiple of 16 (§2.7.5.3.1);
@@ -146,7 +148,12 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn new(segs: &'a [Segment]) -> Self {
-        Cursor { segs, seg: 0, off: 0, done: 0 }
+        Cursor {
+            segs,
+            seg: 0,
+            off: 0,
+            done: 0,
+        }
     }
 
     fn remaining(&self) -> u64 {
@@ -207,14 +214,18 @@ impl<M: DeviceMemory> ChainReader<'_, M> {
     /// Reads up to `buf.len()` bytes; returns how many (0 at the end).
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, AccessError> {
         let mem = self.mem;
-        self.cursor.step(buf.len(), |seg, off, r| mem.read(seg, off, &mut buf[r]))
+        self.cursor
+            .step(buf.len(), |seg, off, r| mem.read(seg, off, &mut buf[r]))
     }
 
     /// Reads exactly `buf.len()` bytes or fails without guessing.
     pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ChainIoError> {
         let left = self.cursor.remaining();
         if (buf.len() as u64) > left {
-            return Err(ChainIoError::Short { left, wanted: buf.len() });
+            return Err(ChainIoError::Short {
+                left,
+                wanted: buf.len(),
+            });
         }
         self.read(buf)?;
         Ok(())
@@ -236,14 +247,18 @@ impl<M: DeviceMemory> ChainWriter<'_, M> {
     /// Writes up to `buf.len()` bytes; returns how many (0 when full).
     pub fn write(&mut self, buf: &[u8]) -> Result<usize, AccessError> {
         let mem = self.mem;
-        self.cursor.step(buf.len(), |seg, off, r| mem.write(seg, off, &buf[r]))
+        self.cursor
+            .step(buf.len(), |seg, off, r| mem.write(seg, off, &buf[r]))
     }
 
     /// Writes all of `buf` or fails before writing anything if it cannot fit.
     pub fn write_all(&mut self, buf: &[u8]) -> Result<(), ChainIoError> {
         let left = self.cursor.remaining();
         if (buf.len() as u64) > left {
-            return Err(ChainIoError::Short { left, wanted: buf.len() });
+            return Err(ChainIoError::Short {
+                left,
+                wanted: buf.len(),
+            });
         }
         self.write(buf)?;
         Ok(())
@@ -290,7 +305,9 @@ pub(crate) fn walk<M: DeviceMemory>(
             if flags & VIRTQ_DESC_F_NEXT != 0 {
                 return Err(ChainError::IndirectWithNext);
             }
-            b.indirect(idx, addr, len, size, mem, scratch)?;
+            // Whatever the direct part used is no longer available to the table.
+            let left = size - b.count;
+            b.indirect(idx, addr, len, (size, left), mem, scratch)?;
             break;
         }
         b.push(addr, len, flags, DescSlot::Table(idx), mem)?;
@@ -298,7 +315,11 @@ pub(crate) fn walk<M: DeviceMemory>(
             break;
         }
         if next >= size {
-            return Err(ChainError::NextOutOfRange { index: idx, next, size });
+            return Err(ChainError::NextOutOfRange {
+                index: idx,
+                next,
+                size,
+            });
         }
         idx = next;
     }
@@ -308,6 +329,8 @@ pub(crate) fn walk<M: DeviceMemory>(
 struct Builder {
     chain: Chain,
     seen_writable: bool,
+    /// Descriptors taken so far (zero-length ones included).
+    count: u16,
 }
 
 impl Builder {
@@ -321,6 +344,7 @@ impl Builder {
                 writable_len: 0,
             },
             seen_writable: false,
+            count: 0,
         }
     }
 
@@ -332,6 +356,7 @@ impl Builder {
         slot: DescSlot,
         mem: &M,
     ) -> Result<(), ChainError> {
+        self.count += 1;
         let writable = flags & VIRTQ_DESC_F_WRITE != 0;
         if !writable && self.seen_writable {
             return Err(ChainError::ReadableAfterWritable);
@@ -372,7 +397,7 @@ impl Builder {
         table: u16,
         addr: u64,
         len: u32,
-        limit: u16,
+        (size, left): (u16, u16),
         mem: &M,
         scratch: &mut Vec<u8>,
     ) -> Result<(), ChainError> {
@@ -380,8 +405,11 @@ impl Builder {
             return Err(ChainError::IndirectLength(len));
         }
         let entries = len / 16;
-        if entries > u32::from(limit) {
-            return Err(ChainError::IndirectTooLarge { entries, limit });
+        if entries > u32::from(size) {
+            return Err(ChainError::IndirectTooLarge { entries, limit: size });
+        }
+        if entries > u32::from(left) {
+            return Err(ChainError::TooLong { limit: size });
         }
         if addr.checked_add(u64::from(len)).is_none() {
             return Err(ChainError::AddrOverflow { addr, len });
@@ -396,12 +424,12 @@ impl Builder {
             slot: DescSlot::Table(table),
         };
         mem.check(&seg)?;
-        // `len` is bounded by `limit * 16` above: no allocation sized by the driver alone.
+        // `len` is bounded by `size * 16` above: no allocation sized by the driver alone.
         scratch.clear();
         scratch.resize(len as usize, 0);
         mem.read(&seg, 0, scratch)?;
         let descs = <[Descriptor]>::ref_from_bytes(scratch).map_err(|_| ChainError::IndirectLength(len))?;
-        // `entries <= limit <= u16::MAX`.
+        // `entries <= size <= u16::MAX`.
         let n = u16::try_from(entries).unwrap_or(u16::MAX);
         let mut i: u16 = 0;
         for _ in 0..n {
@@ -410,13 +438,23 @@ impl Builder {
             if flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 return Err(ChainError::NestedIndirect);
             }
-            self.push(d.addr.get(), d.len.get(), flags, DescSlot::Indirect { table, index: i }, mem)?;
+            self.push(
+                d.addr.get(),
+                d.len.get(),
+                flags,
+                DescSlot::Indirect { table, index: i },
+                mem,
+            )?;
             if flags & VIRTQ_DESC_F_NEXT == 0 {
                 return Ok(());
             }
             let next = d.next.get();
             if next >= n {
-                return Err(ChainError::NextOutOfRange { index: i, next, size: n });
+                return Err(ChainError::NextOutOfRange {
+                    index: i,
+                    next,
+                    size: n,
+                });
             }
             i = next;
         }

@@ -41,7 +41,10 @@ pub struct Arena {
 
 impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Arena").field("base", &self.base).field("size", &self.region.len()).finish()
+        f.debug_struct("Arena")
+            .field("base", &self.base)
+            .field("size", &self.region.len())
+            .finish()
     }
 }
 
@@ -78,7 +81,9 @@ impl Arena {
     /// address. Memory is never freed; arenas are per test.
     pub fn alloc(&self, len: u64, align: u64) -> Result<u64, ArenaError> {
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        let start = next.checked_next_multiple_of(align.max(1)).ok_or(ArenaError::Full(len))?;
+        let start = next
+            .checked_next_multiple_of(align.max(1))
+            .ok_or(ArenaError::Full(len))?;
         let end = start.checked_add(len).ok_or(ArenaError::Full(len))?;
         if end > self.base + self.size() {
             return Err(ArenaError::Full(len));

@@ -106,7 +106,12 @@ pub struct SplitDevice<M> {
 impl<M: DeviceMemory> SplitDevice<M> {
     /// Activates the device side of a queue of `size` over `ring`, reaching descriptor
     /// memory through `mem`. Only the used ring must be writable.
-    pub fn new(size: u16, ring: &SplitRingMemory, mem: M, features: Features) -> Result<Self, RingSetupError> {
+    pub fn new(
+        size: u16,
+        ring: &SplitRingMemory,
+        mem: M,
+        features: Features,
+    ) -> Result<Self, RingSetupError> {
         let views = Views::new(size, ring, (false, false, true))?;
         Ok(SplitDevice {
             views,
@@ -161,7 +166,10 @@ impl<M: DeviceMemory> SplitDevice<M> {
         let head = self.views.avail_ring(pos);
         self.last_avail = pos.wrapping_add(1);
         if head >= self.size {
-            return Err(self.fail(RingFault::HeadOutOfRange { head, size: self.size }));
+            return Err(self.fail(RingFault::HeadOutOfRange {
+                head,
+                size: self.size,
+            }));
         }
         if self.in_flight[usize::from(head)] != 0 {
             return Err(DeviceQueueError::DuplicateHead(head));
@@ -192,27 +200,21 @@ impl<M: DeviceMemory> SplitDevice<M> {
     /// Reads `avail.idx`; returns whether new heads are available.
     fn refresh_avail(&mut self) -> Result<bool, DeviceQueueError> {
         let idx = self.views.avail_idx();
-        let ahead = idx.wrapping_sub(self.last_avail);
-        if ahead > self.size {
-            // A jump backwards also shows up here unless it stays ahead of last_avail.
-            let f = if idx.wrapping_sub(self.avail_seen) > self.size {
-                RingFault::AvailWentBack {
-                    seen: self.avail_seen,
-                    idx,
-                }
-            } else {
-                RingFault::AvailTooFarAhead {
-                    idx,
-                    last: self.last_avail,
-                    ahead,
-                }
-            };
-            return Err(self.fail(f));
-        }
-        if idx.wrapping_sub(self.avail_seen) > ahead {
+        // The index only moves forward: anything up to half the index space behind
+        // the last value seen is a step back, anything else a jump forward.
+        let behind = self.avail_seen.wrapping_sub(idx);
+        if behind != 0 && behind < 0x8000 {
             return Err(self.fail(RingFault::AvailWentBack {
                 seen: self.avail_seen,
                 idx,
+            }));
+        }
+        let ahead = idx.wrapping_sub(self.last_avail);
+        if ahead > self.size {
+            return Err(self.fail(RingFault::AvailTooFarAhead {
+                idx,
+                last: self.last_avail,
+                ahead,
             }));
         }
         self.avail_seen = idx;

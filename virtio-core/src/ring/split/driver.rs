@@ -139,7 +139,12 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
     /// Sets up the driver side of a queue of `size` over `ring` (the driver's own
     /// memory, all three areas writable: the driver initialises them) with the
     /// negotiated `features`. The areas are zeroed.
-    pub fn new(size: u16, ring: SplitRingMemory, share: S, features: Features) -> Result<Self, RingSetupError> {
+    pub fn new(
+        size: u16,
+        ring: SplitRingMemory,
+        share: S,
+        features: Features,
+    ) -> Result<Self, RingSetupError> {
         let views = Views::new(size, &ring, (true, true, true))?;
         let mut heads = Vec::with_capacity(usize::from(size));
         heads.resize_with(usize::from(size), || Outstanding {
@@ -175,8 +180,14 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
     fn zero_rings(&mut self) -> Result<(), RingSetupError> {
         let l = SplitLayout { size: self.size };
         let area = |area| move |source| RingSetupError::Area { area, source };
-        self.mem.desc.zero(0, l.desc_bytes()).map_err(area("descriptor table"))?;
-        self.mem.avail.zero(0, l.avail_bytes()).map_err(area("available ring"))?;
+        self.mem
+            .desc
+            .zero(0, l.desc_bytes())
+            .map_err(area("descriptor table"))?;
+        self.mem
+            .avail
+            .zero(0, l.avail_bytes())
+            .map_err(area("available ring"))?;
         self.mem.used.zero(0, l.used_bytes()).map_err(area("used ring"))?;
         Ok(())
     }
@@ -240,7 +251,11 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
         }
         let indirect = self.indirect && total > 1;
         // `total <= size <= 32768`.
-        let needed = if indirect { 1 } else { u16::try_from(total).unwrap_or(u16::MAX) };
+        let needed = if indirect {
+            1
+        } else {
+            u16::try_from(total).unwrap_or(u16::MAX)
+        };
         if needed > self.num_free {
             return Err(AddError::NoSpace {
                 needed,
@@ -344,7 +359,11 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
         table.clear();
         let writable = self.expose_all(out, ins, shares, |_, i, addr, len, flags| {
             // `i < total <= size <= 32768`.
-            let next = if flags & VIRTQ_DESC_F_NEXT != 0 { u16::try_from(i + 1).unwrap_or(0) } else { 0 };
+            let next = if flags & VIRTQ_DESC_F_NEXT != 0 {
+                u16::try_from(i + 1).unwrap_or(0)
+            } else {
+                0
+            };
             table.push(Descriptor::new(addr, len, flags, next));
         });
         let exposed = writable.and_then(|w| {
@@ -353,7 +372,8 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
         });
         self.table = table;
         let (writable, e) = exposed?;
-        self.views.write_desc(head, e.addr, e.len, VIRTQ_DESC_F_INDIRECT, 0);
+        self.views
+            .write_desc(head, e.addr, e.len, VIRTQ_DESC_F_INDIRECT, 0);
         shares.push((e.token, 0));
         Ok(writable)
     }

@@ -7,7 +7,7 @@
 mod device;
 mod driver;
 
-pub use device::{DeviceQueueError, SplitDevice, UsedError};
+pub use device::{DeviceQueueError, RingFault, SplitDevice, UsedError};
 pub use driver::{AddError, DriverQueueError, Rejected, SplitDriver, Used};
 
 use crate::ring::layout::{Descriptor, SplitLayout};
@@ -68,18 +68,31 @@ impl Views {
     ) -> Result<Views, RingSetupError> {
         let layout = SplitLayout::new(size).ok_or(RingSetupError::BadSize(size))?;
         let need_w = |r: &Region, yes: bool, area| {
-            if yes && !r.is_writable() { Err(RingSetupError::NotWritable(area)) } else { Ok(()) }
+            if yes && !r.is_writable() {
+                Err(RingSetupError::NotWritable(area))
+            } else {
+                Ok(())
+            }
         };
         need_w(&mem.desc, writable.0, "descriptor table")?;
         need_w(&mem.avail, writable.1, "available ring")?;
         need_w(&mem.used, writable.2, "used ring")?;
         let n = usize::from(size);
         let area = |area: &'static str| move |source| RingSetupError::Area { area, source };
-        let desc = mem.desc.sub(0, layout.desc_bytes()).and_then(|r| r.atomic_u64s(0, 2 * n));
-        let avail = mem.avail.sub(0, layout.avail_bytes()).and_then(|r| r.atomic_u16s(0, 3 + n));
+        let desc = mem
+            .desc
+            .sub(0, layout.desc_bytes())
+            .and_then(|r| r.atomic_u64s(0, 2 * n));
+        let avail = mem
+            .avail
+            .sub(0, layout.avail_bytes())
+            .and_then(|r| r.atomic_u16s(0, 3 + n));
         let used = mem.used.sub(0, layout.used_bytes());
         let used_hdr = used.as_ref().map_err(|e| *e).and_then(|r| r.atomic_u16s(0, 2));
-        let used_elems = used.as_ref().map_err(|e| *e).and_then(|r| r.atomic_u32s(4, 2 * n));
+        let used_elems = used
+            .as_ref()
+            .map_err(|e| *e)
+            .and_then(|r| r.atomic_u32s(4, 2 * n));
         let avail_event = used.and_then(|r| r.atomic_u16s(4 + 8 * n as u64, 1));
         Ok(Views {
             desc: desc.map_err(area("descriptor table"))?,
@@ -103,7 +116,8 @@ impl Views {
     pub(crate) fn read_desc(&self, i: u16) -> (u64, u32, u16, u16) {
         let i = usize::from(i) * 2;
         let addr = u64::from_le(self.desc[i].load(Ordering::Relaxed));
-        let (len, flags, next) = Descriptor::unpack_tail(u64::from_le(self.desc[i + 1].load(Ordering::Relaxed)));
+        let (len, flags, next) =
+            Descriptor::unpack_tail(u64::from_le(self.desc[i + 1].load(Ordering::Relaxed)));
         (addr, len, flags, next)
     }
 

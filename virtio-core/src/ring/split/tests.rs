@@ -19,7 +19,11 @@ fn pair(size: u16, features: Features) -> Pair {
     let share = IdentityShare::new(arena.clone(), size);
     let driver = SplitDriver::new(size, ring.clone(), share, features).unwrap();
     let device = SplitDevice::new(size, &ring, arena.clone(), features).unwrap();
-    Pair { arena, driver, device }
+    Pair {
+        arena,
+        driver,
+        device,
+    }
 }
 
 fn bufs(arena: &Arena, lens: &[u32]) -> Vec<GuestBuf> {
@@ -39,7 +43,11 @@ fn round_trip_direct_and_indirect() {
         p.arena.write(out[1].addr, b"defgh").unwrap();
         let ins = bufs(&p.arena, &[4, 8]);
         p.driver.add(&out, &ins, 7).unwrap();
-        let expect_free = if features.contains(Features::INDIRECT_DESC) { 7 } else { 4 };
+        let expect_free = if features.contains(Features::INDIRECT_DESC) {
+            7
+        } else {
+            4
+        };
         assert_eq!(p.driver.num_free(), expect_free);
 
         let chain = p.device.pop().unwrap().unwrap();
@@ -75,11 +83,20 @@ fn full_queue_refuses_and_hands_the_token_back() {
     let err = p.driver.add(&b[..2], &[], 2).unwrap_err();
     assert_eq!(err.token, 2);
     assert!(matches!(err.error, AddError::NoSpace { needed: 2, free: 1 }));
-    assert!(matches!(p.driver.add(&[], &[], 3).unwrap_err().error, AddError::Empty));
+    assert!(matches!(
+        p.driver.add(&[], &[], 3).unwrap_err().error,
+        AddError::Empty
+    ));
     let five = bufs(&p.arena, &[1, 1, 1, 1, 1]);
-    assert!(matches!(p.driver.add(&five, &[], 4).unwrap_err().error, AddError::TooLong(5)));
+    assert!(matches!(
+        p.driver.add(&five, &[], 4).unwrap_err().error,
+        AddError::TooLong(5)
+    ));
     let outside = GuestBuf::new(1, 1);
-    assert!(matches!(p.driver.add(&[outside], &[], 5).unwrap_err().error, AddError::Share(_)));
+    assert!(matches!(
+        p.driver.add(&[outside], &[], 5).unwrap_err().error,
+        AddError::Share(_)
+    ));
     assert_eq!(p.driver.share().live, 3);
 }
 
@@ -105,10 +122,19 @@ fn device_side_misuse_is_refused() {
     let ins = bufs(&p.arena, &[10]);
     p.driver.add(&[], &ins, 0).unwrap();
     let c = p.device.pop().unwrap().unwrap();
-    assert_eq!(p.device.add_used(c.head(), 11), Err(UsedError::TooLong { len: 11, writable: 10 }));
+    assert_eq!(
+        p.device.add_used(c.head(), 11),
+        Err(UsedError::TooLong {
+            len: 11,
+            writable: 10
+        })
+    );
     assert_eq!(p.device.add_used(5, 0), Err(UsedError::NotInFlight(5)));
     p.device.add_used(c.head(), 10).unwrap();
-    assert_eq!(p.device.add_used(c.head(), 0), Err(UsedError::NotInFlight(c.head())));
+    assert_eq!(
+        p.device.add_used(c.head(), 0),
+        Err(UsedError::NotInFlight(c.head()))
+    );
 }
 
 #[test]
@@ -173,7 +199,10 @@ fn used_notification_suppression() {
             // used_event is left behind when disabling: at most one spurious notification.
             let _ = p.device.needs_notification();
         }
-        assert!(p.driver.enable_notifications(), "re-check finds the second buffer");
+        assert!(
+            p.driver.enable_notifications(),
+            "re-check finds the second buffer"
+        );
         assert_eq!(p.driver.pop_used().unwrap().unwrap().token, 1);
         assert!(!p.driver.enable_notifications());
     }
@@ -294,8 +323,16 @@ fn run_interleaving(features: Features, warmup: u32, ops: &[Op]) {
     for op in ops {
         match op {
             Op::Add(o, i) if !o.is_empty() || !i.is_empty() => {
-                let out: Vec<_> = o.iter().enumerate().map(|(k, &l)| GuestBuf::new(pool[k].addr, l)).collect();
-                let ins: Vec<_> = i.iter().enumerate().map(|(k, &l)| GuestBuf::new(pool[3 + k].addr, l)).collect();
+                let out: Vec<_> = o
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &l)| GuestBuf::new(pool[k].addr, l))
+                    .collect();
+                let ins: Vec<_> = i
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &l)| GuestBuf::new(pool[3 + k].addr, l))
+                    .collect();
                 match p.driver.add(&out, &ins, next_token) {
                     Ok(head) => {
                         outstanding.insert(next_token, (i.iter().sum(), None));
