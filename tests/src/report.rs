@@ -51,6 +51,20 @@ impl Report {
         }
     }
 
+    /// Adds the median of `xs` (and the median of the peer measured in the same run)
+    /// as a figure. Units ending in `/s` are throughputs, others costs.
+    pub fn add_median(&mut self, name: &str, unit: &str, xs: &mut [f64], peer: Option<(f64, &str)>) {
+        self.figures.push(Figure {
+            name: name.into(),
+            unit: unit.into(),
+            ours: median(xs),
+            peer: peer.map(|p| p.0),
+            peer_name: peer.map(|p| p.1.to_string()),
+            reps: xs.len(),
+            higher_is_better: unit.ends_with("/s"),
+        });
+    }
+
     /// Renders the report as an aligned text table.
     pub fn table(&self) -> String {
         let header = ["measurement", "unit", "ours", "peer", "peer value", "ours/peer"];

@@ -10,7 +10,7 @@
 //! 3. Queue-depth-1 round-trip latency with both sides polling.
 
 use crate::peer::SharedGuest;
-use crate::report::{Figure, Report, median, quantile};
+use crate::report::{Report, median, quantile};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -65,74 +65,51 @@ pub fn run(cfg: &RingBenchConfig) -> Report {
 
     let mut ours = Vec::new();
     let mut peer = Vec::new();
-    for rep in 0..cfg.reps {
-        tracing::info!(
-            "device pop + add_used, single thread: repetition {}/{}",
-            rep + 1,
-            cfg.reps
-        );
+    for rep in 1..=cfg.reps {
+        tracing::info!("device pop + add_used, one thread: repetition {rep}/{}", cfg.reps);
         ours.push(pop_add_used_ours(cfg, features));
         peer.push(pop_add_used_peer(cfg, features));
     }
-    report.figures.push(Figure {
-        name: "device pop + add_used, 1-desc chain, 1 thread".into(),
-        unit: "ns/chain".into(),
-        ours: median(&mut ours),
-        peer: Some(median(&mut peer)),
-        peer_name: Some("virtio-queue 0.18".into()),
-        reps: cfg.reps,
-        higher_is_better: false,
-    });
+    let peer = Some((median(&mut peer), "virtio-queue 0.18"));
+    report.add_median(
+        "device pop + add_used, 1-desc chain, 1 thread",
+        "ns/chain",
+        &mut ours,
+        peer,
+    );
 
-    let mut rt = Vec::new();
-    for rep in 0..cfg.reps {
-        tracing::info!(
-            "round trips, two polling threads: repetition {}/{}",
-            rep + 1,
-            cfg.reps
-        );
-        rt.push(round_trips(cfg, features));
-    }
-    report.figures.push(Figure {
-        name: "round trips, 2 polling threads, queue full".into(),
-        unit: "round trips/s".into(),
-        ours: median(&mut rt),
-        peer: None,
-        peer_name: None,
-        reps: cfg.reps,
-        higher_is_better: true,
+    let mut rt = repeat(cfg, "round trips, two polling threads", || {
+        round_trips(cfg, features)
     });
+    report.add_median(
+        "round trips, 2 polling threads, queue full",
+        "round trips/s",
+        &mut rt,
+        None,
+    );
 
-    let mut p50 = Vec::new();
-    let mut p99 = Vec::new();
-    for rep in 0..cfg.reps {
-        tracing::info!(
-            "QD1 latency, two polling threads: repetition {}/{}",
-            rep + 1,
-            cfg.reps
-        );
-        let (a, b) = qd1_latency(cfg, features);
-        p50.push(a);
-        p99.push(b);
-    }
-    for (name, v) in [
-        ("QD1 round trip, median", &mut p50),
-        ("QD1 round trip, p99", &mut p99),
-    ] {
-        report.figures.push(Figure {
-            name: name.into(),
-            unit: "ns".into(),
-            ours: median(v),
-            peer: None,
-            peer_name: None,
-            reps: cfg.reps,
-            higher_is_better: false,
-        });
-    }
+    let (mut p50, mut p99): (Vec<f64>, Vec<f64>) = (1..=cfg.reps)
+        .map(|rep| {
+            tracing::info!("QD1 latency, two polling threads: repetition {rep}/{}", cfg.reps);
+            qd1_latency(cfg, features)
+        })
+        .unzip();
+    report.add_median("QD1 round trip, median", "ns", &mut p50, None);
+    report.add_median("QD1 round trip, p99", "ns", &mut p99, None);
     report.notes.push(format!(
         "features: VERSION_1 | EVENT_IDX; {ncores} cores; driver and device threads pinned to separate cores; peer measured in the same run"
     ));
     report
+}
+
+/// Runs `f` once per repetition, logging progress.
+fn repeat(cfg: &RingBenchConfig, what: &str, mut f: impl FnMut() -> f64) -> Vec<f64> {
+    (1..=cfg.reps)
+        .map(|rep| {
+            tracing::info!("{what}: repetition {rep}/{}", cfg.reps);
+            f()
+        })
+        .collect()
 }
 
 /// A driver and the ring memory it set up, with buffers for 1-descriptor requests.
@@ -173,18 +150,16 @@ impl Setup {
     }
 }
 
-fn pop_add_used_ours(cfg: &RingBenchConfig, features: Features) -> f64 {
-    let mut s = setup(cfg.queue_size, features);
-    let mut device =
-        SplitDevice::new(cfg.queue_size, s.driver.ring_memory(), s.arena.clone(), features).expect("device");
+/// Times `serve` (one device pop + add_used) over whole queues the driver filled
+/// untimed; returns ns per chain.
+fn time_device(cfg: &RingBenchConfig, s: &mut Setup, mut serve: impl FnMut()) -> f64 {
     let mut timed = Duration::ZERO;
     let mut chains = 0u64;
     while chains < cfg.single_thread_chains {
         let n = s.fill();
         let t = Instant::now();
         for _ in 0..n {
-            let c = device.pop().expect("valid ring").expect("chain");
-            device.add_used(c.head(), 0).expect("in flight");
+            serve();
         }
         timed += t.elapsed();
         chains += n;
@@ -193,36 +168,33 @@ fn pop_add_used_ours(cfg: &RingBenchConfig, features: Features) -> f64 {
     timed.as_nanos() as f64 / chains as f64
 }
 
+fn pop_add_used_ours(cfg: &RingBenchConfig, features: Features) -> f64 {
+    let mut s = setup(cfg.queue_size, features);
+    let mut device =
+        SplitDevice::new(cfg.queue_size, s.driver.ring_memory(), s.arena.clone(), features).expect("device");
+    time_device(cfg, &mut s, || {
+        let c = device.pop().expect("valid ring").expect("chain");
+        device.add_used(c.head(), 0).expect("in flight");
+    })
+}
+
 fn pop_add_used_peer(cfg: &RingBenchConfig, features: Features) -> f64 {
     let mut s = setup(cfg.queue_size, features);
     let bridge = SharedGuest::over(s.arena.clone()).expect("vm-memory bridge");
+    let event_idx = features.contains(Features::EVENT_IDX);
     let mut q: Queue = bridge
-        .device_queue(
-            cfg.queue_size,
-            s.addrs.into(),
-            features.contains(Features::EVENT_IDX),
-        )
+        .device_queue(cfg.queue_size, s.addrs.into(), event_idx)
         .expect("virtio-queue");
     let mem = bridge.memory();
-    let mut timed = Duration::ZERO;
-    let mut chains = 0u64;
-    while chains < cfg.single_thread_chains {
-        let n = s.fill();
-        let t = Instant::now();
-        for _ in 0..n {
-            let chain = q.iter(mem).expect("queue ready").next().expect("chain");
-            let head = chain.head_index();
-            // A device walks the chain's descriptors; ours validates them inside pop.
-            for d in chain {
-                std::hint::black_box(d);
-            }
-            q.add_used(mem, head, 0).expect("add_used");
+    time_device(cfg, &mut s, || {
+        let chain = q.iter(mem).expect("queue ready").next().expect("chain");
+        let head = chain.head_index();
+        // A device walks the chain's descriptors; ours validates them inside pop.
+        for d in chain {
+            std::hint::black_box(d);
         }
-        timed += t.elapsed();
-        chains += n;
-        s.drain();
-    }
-    timed.as_nanos() as f64 / chains as f64
+        q.add_used(mem, head, 0).expect("add_used");
+    })
 }
 
 /// The cores this process may run on, read once before any thread is pinned (a pinned

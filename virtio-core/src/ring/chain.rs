@@ -96,6 +96,17 @@ pub struct Chain {
 }
 
 impl Chain {
+    /// A chain with no segments yet, for the walk to fill.
+    pub(crate) fn empty(head: u16) -> Chain {
+        Chain {
+            head,
+            segs: SmallVec::new(),
+            n_readable: 0,
+            readable_len: 0,
+            writable_len: 0,
+        }
+    }
+
     /// Head descriptor index, the id reported in the used ring.
     pub fn head(&self) -> u16 {
         self.head
@@ -281,16 +292,22 @@ pub(crate) type RawDesc = (u64, u32, u16, u16);
 
 /// Walks the chain starting at `head`, reading table entries with `read` (indices
 /// below `size` only) and indirect tables through `mem`.
+/// Fills `chain`, which must be empty (see [`Chain::empty`]); on error its content
+/// is meaningless.
 pub(crate) fn walk<M: DeviceMemory>(
-    head: u16,
+    chain: &mut Chain,
     size: u16,
     read: impl Fn(u16) -> RawDesc,
     mem: &M,
     indirect_ok: bool,
     scratch: &mut Vec<u8>,
-) -> Result<Chain, ChainError> {
-    let mut b = Builder::new(head);
-    let mut idx = head;
+) -> Result<(), ChainError> {
+    let mut b = Builder {
+        chain,
+        seen_writable: false,
+        count: 0,
+    };
+    let mut idx = b.chain.head;
     let mut steps: u32 = 0;
     loop {
         steps += 1;
@@ -323,31 +340,17 @@ pub(crate) fn walk<M: DeviceMemory>(
         }
         idx = next;
     }
-    Ok(b.finish())
+    Ok(())
 }
 
-struct Builder {
-    chain: Chain,
+struct Builder<'c> {
+    chain: &'c mut Chain,
     seen_writable: bool,
     /// Descriptors taken so far (zero-length ones included).
     count: u16,
 }
 
-impl Builder {
-    fn new(head: u16) -> Self {
-        Builder {
-            chain: Chain {
-                head,
-                segs: SmallVec::new(),
-                n_readable: 0,
-                readable_len: 0,
-                writable_len: 0,
-            },
-            seen_writable: false,
-            count: 0,
-        }
-    }
-
+impl Builder<'_> {
     fn push<M: DeviceMemory>(
         &mut self,
         addr: u64,
@@ -368,7 +371,7 @@ impl Builder {
         if addr.checked_add(u64::from(len)).is_none() {
             return Err(ChainError::AddrOverflow { addr, len });
         }
-        let c = &mut self.chain;
+        let c = &mut *self.chain;
         let total = u64::from(c.readable_len) + u64::from(c.writable_len) + u64::from(len);
         if total > u64::from(u32::MAX) {
             return Err(ChainError::TooManyBytes);
@@ -459,9 +462,5 @@ impl Builder {
             i = next;
         }
         Err(ChainError::TooLong { limit: n })
-    }
-
-    fn finish(self) -> Chain {
-        self.chain
     }
 }

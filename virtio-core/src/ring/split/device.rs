@@ -175,8 +175,9 @@ impl<M: DeviceMemory> SplitDevice<M> {
             return Err(DeviceQueueError::DuplicateHead(head));
         }
         let views = &self.views;
+        let mut chain = Chain::empty(head);
         let walked = chain::walk(
-            head,
+            &mut chain,
             self.size,
             |i| views.read_desc(i),
             &self.mem,
@@ -184,7 +185,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
             &mut self.scratch,
         );
         match walked {
-            Ok(chain) => {
+            Ok(()) => {
                 self.in_flight[usize::from(head)] = u64::from(chain.writable_len()) + 1;
                 Ok(Some(chain))
             }
