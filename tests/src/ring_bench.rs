@@ -287,8 +287,9 @@ fn qd1_latency(cfg: &RingBenchConfig, features: Features) -> (f64, f64) {
     let buf = s.buf;
     let mut samples = Vec::with_capacity(1 << 20);
     let start = Instant::now();
-    while start.elapsed() < cfg.run_time && samples.len() < (1 << 20) {
-        let t = Instant::now();
+    // One clock read per round trip: each sample runs from the end of the previous one.
+    let mut last = start;
+    while last.duration_since(start) < cfg.run_time && samples.len() < (1 << 20) {
         let _ = s.driver.add(&[buf], &[], 0);
         loop {
             match s.driver.pop_used() {
@@ -297,7 +298,9 @@ fn qd1_latency(cfg: &RingBenchConfig, features: Features) -> (f64, f64) {
                 Err(e) => panic!("device broke the ring: {e}"),
             }
         }
-        samples.push(t.elapsed().as_nanos() as f64);
+        let now = Instant::now();
+        samples.push(now.duration_since(last).as_nanos() as f64);
+        last = now;
     }
     stop.store(true, Ordering::Relaxed);
     let _ = dev.join();

@@ -536,15 +536,11 @@ fn rule04_direct_descriptors_then_one_indirect_are_served() {
         .readable()
         .iter()
         .chain(chain.writable())
-        .map(|s| s.slot)
+        .map(|s| s.slot())
         .collect();
     assert_eq!(
         slots,
-        [
-            DescSlot::Table(0),
-            DescSlot::Indirect { table: 3, index: 0 },
-            DescSlot::Indirect { table: 3, index: 1 }
-        ]
+        [DescSlot::Table(0), DescSlot::Indirect(0), DescSlot::Indirect(1)]
     );
     assert_eq!((chain.readable_len(), chain.writable_len()), (8, 6));
     let mut buf = [0u8; 8];
@@ -625,7 +621,7 @@ fn rule06_zero_length_descriptors_are_skipped() {
         .readable()
         .iter()
         .chain(chain.writable())
-        .map(|s| s.slot)
+        .map(|s| s.slot())
         .collect();
     assert_eq!(slots, [DescSlot::Table(1), DescSlot::Table(3)]);
     assert_eq!((chain.readable_len(), chain.writable_len()), (4, 4));
@@ -1023,7 +1019,7 @@ fn rule12_descriptor_changed_after_pop_does_not_change_the_chain() {
     let after: Vec<_> = chain.readable().iter().chain(chain.writable()).copied().collect();
     assert_eq!(segs, after);
     assert_eq!(
-        (segs[0].addr, segs[0].len, segs[1].addr, segs[1].len),
+        (segs[0].addr(), segs[0].len(), segs[1].addr(), segs[1].len()),
         (req, 4, reply, 4)
     );
     let before = rig.snapshot();

@@ -855,7 +855,7 @@ fn check_our_chain(device: &SplitDevice<Arc<Arena>>, chain: &Chain, slots: &Slot
     chain.reader(device.memory()).read_exact(&mut first).unwrap();
     assert_eq!(u64::from_le_bytes(first), serial, "head {}: serial", chain.head());
     let s = shape(serial);
-    let segs = |v: &[virtio_core::Segment]| v.iter().map(|g| (g.addr, g.len)).collect::<Vec<_>>();
+    let segs = |v: &[virtio_core::Segment]| v.iter().map(|g| (g.addr(), g.len())).collect::<Vec<_>>();
     let want_r: Vec<(u64, u32)> = s
         .readable
         .iter()
@@ -878,7 +878,7 @@ fn check_our_chain(device: &SplitDevice<Arc<Arena>>, chain: &Chain, slots: &Slot
         want_w,
         "request {serial}: writable segments"
     );
-    assert!(chain.writable().iter().all(|g| g.writable) && chain.readable().iter().all(|g| !g.writable));
+    assert!(chain.writable().iter().all(|g| g.writable()) && chain.readable().iter().all(|g| !g.writable()));
     let mut all = vec![0u8; chain.readable_len() as usize];
     chain.reader(device.memory()).read_exact(&mut all).unwrap();
     let want: Vec<u8> = s
@@ -987,7 +987,7 @@ fn run_mock_driver(size: u16, indirect: bool, event_idx: bool) {
                 let (serial, slot, _) = &mock.in_flight[&chain.head()];
                 (*serial, *slot)
             };
-            let was_indirect = matches!(chain.readable()[0].slot, DescSlot::Indirect { .. });
+            let was_indirect = matches!(chain.readable()[0].slot(), DescSlot::Indirect { .. });
             let mut d = [0u8; 16];
             mem.read_slice(&mut d, GuestAddress(addrs.desc + 16 * u64::from(chain.head())))
                 .unwrap();
@@ -1179,7 +1179,7 @@ fn mock_split_queue_chains_served_by_split_device() {
         .readable()
         .iter()
         .chain(chain.writable())
-        .map(|s| (s.addr, s.len, s.writable))
+        .map(|s| (s.addr(), s.len(), s.writable()))
         .collect();
     assert_eq!(ours, theirs);
     assert_eq!(ours, [(req, 16, false), (req + 16, 32, false), (resp, 64, true)]);
@@ -1200,8 +1200,8 @@ fn mock_split_queue_chains_served_by_split_device() {
     let chain = device.pop().unwrap().expect("chain from add_chain");
     assert_eq!(chain.readable().len(), 3);
     for (i, s) in chain.readable().iter().enumerate() {
-        assert_eq!((s.addr, s.len), (0x1000, 0x1000));
-        assert_eq!(s.slot, DescSlot::Table(u16::try_from(i).unwrap()));
+        assert_eq!((s.addr(), s.len()), (0x1000, 0x1000));
+        assert_eq!(s.slot(), DescSlot::Table(u16::try_from(i).unwrap()));
     }
     assert!(chain.writable().is_empty());
     let mut all = vec![0u8; 3 * 0x1000];
@@ -1215,15 +1215,9 @@ fn mock_split_queue_chains_served_by_split_device() {
     let chain = device.pop().unwrap().expect("chain from add_indirect_chain");
     assert_eq!(chain.readable().len(), 4);
     for (i, s) in chain.readable().iter().enumerate() {
-        assert_eq!((s.addr, s.len), (0x1000, 0x1000));
+        assert_eq!((s.addr(), s.len()), (0x1000, 0x1000));
         let index = u16::try_from(i).unwrap();
-        assert_eq!(
-            s.slot,
-            DescSlot::Indirect {
-                table: chain.head(),
-                index
-            }
-        );
+        assert_eq!(s.slot(), DescSlot::Indirect(index));
     }
     device.add_used(chain.head(), 0).unwrap();
     assert_eq!(used_elem(&mock, 2), (u32::from(chain.head()), 0));

@@ -10,34 +10,95 @@
 use crate::shm::Region;
 
 /// Where a descriptor sits: in the queue's descriptor table, or inside the indirect
-/// table that a table descriptor points to. Model 3's helper uses it to look the
-/// descriptor up in its trusted view.
+/// table of its chain. Model 3's helper uses it to look the descriptor up in its
+/// trusted view (an indirect table is always named by the last descriptor of the
+/// chain's direct part, virtio 1.2 §2.7.5.3.1, so the head finds it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DescSlot {
     /// Entry `0` of the descriptor table.
     Table(u16),
-    /// Entry `index` of the indirect table named by descriptor-table entry `table`.
-    Indirect {
-        /// The descriptor-table entry that carries `VIRTQ_DESC_F_INDIRECT`.
-        table: u16,
-        /// Position inside the indirect table.
-        index: u16,
-    },
+    /// Entry `0` of the chain's indirect table.
+    Indirect(u16),
 }
 
-/// One validated descriptor of a chain, as the device sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Marks the "writable" bit in `head_w` and the "indirect" bit in `slot`; queue sizes
+/// are at most 32768, so indices never need bit 15.
+const HIGH_BIT: u16 = 0x8000;
+
+/// One validated descriptor of a chain, as the device sees it: a private copy, 16
+/// bytes so that chains stay cheap to move.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Segment {
-    /// The descriptor's `addr` (meaning depends on the sharing model).
-    pub addr: u64,
+    addr: u64,
+    len: u32,
+    /// Head of the chain, with [`HIGH_BIT`] set when the segment is device-writable.
+    head_w: u16,
+    /// Position in its table, with [`HIGH_BIT`] set inside an indirect table.
+    slot: u16,
+}
+
+impl Segment {
+    /// A segment of `len` bytes at `addr` in the chain headed by `head`. Indices must
+    /// be below 32768 (the largest queue size); higher bits are dropped.
+    pub fn new(addr: u64, len: u32, writable: bool, head: u16, slot: DescSlot) -> Segment {
+        let (index, indirect) = match slot {
+            DescSlot::Table(i) => (i, 0),
+            DescSlot::Indirect(i) => (i, HIGH_BIT),
+        };
+        Segment {
+            addr,
+            len,
+            head_w: (head & !HIGH_BIT) | if writable { HIGH_BIT } else { 0 },
+            slot: (index & !HIGH_BIT) | indirect,
+        }
+    }
+
+    /// The descriptor's `addr` (its meaning depends on the sharing model).
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
     /// The descriptor's `len`, non-zero.
-    pub len: u32,
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Always false: zero-length descriptors never become segments.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Whether the device may write it.
-    pub writable: bool,
+    pub fn writable(&self) -> bool {
+        self.head_w & HIGH_BIT != 0
+    }
+
     /// Head of the chain it belongs to.
-    pub head: u16,
+    pub fn head(&self) -> u16 {
+        self.head_w & !HIGH_BIT
+    }
+
     /// Where the descriptor sits.
-    pub slot: DescSlot,
+    pub fn slot(&self) -> DescSlot {
+        let index = self.slot & !HIGH_BIT;
+        if self.slot & HIGH_BIT != 0 {
+            DescSlot::Indirect(index)
+        } else {
+            DescSlot::Table(index)
+        }
+    }
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .field("writable", &self.writable())
+            .field("head", &self.head())
+            .field("slot", &self.slot())
+            .finish()
+    }
 }
 
 /// Why the device's access to descriptor memory was refused.
@@ -127,11 +188,11 @@ impl<M: DeviceMemory + ?Sized> DeviceMemory for std::sync::Arc<M> {
 pub fn check_within(seg: &Segment, offset: u32, len: usize) -> Result<(), AccessError> {
     let end = u64::from(offset).checked_add(len as u64);
     match end {
-        Some(end) if end <= u64::from(seg.len) => Ok(()),
+        Some(end) if end <= u64::from(seg.len()) => Ok(()),
         _ => Err(AccessError::PastSegment {
             offset: u64::from(offset),
             len: len as u64,
-            seg_len: seg.len,
+            seg_len: seg.len(),
         }),
     }
 }

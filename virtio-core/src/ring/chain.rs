@@ -168,7 +168,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn remaining(&self) -> u64 {
-        let total: u64 = self.segs.iter().map(|s| u64::from(s.len)).sum();
+        let total: u64 = self.segs.iter().map(|s| u64::from(s.len())).sum();
         total - self.done
     }
 
@@ -181,7 +181,7 @@ impl<'a> Cursor<'a> {
         let mut moved = 0;
         while moved < len {
             let Some(seg) = self.segs.get(self.seg) else { break };
-            let avail = (seg.len - self.off) as usize;
+            let avail = (seg.len() - self.off) as usize;
             let n = avail.min(len - moved);
             check_within(seg, self.off, n)?;
             op(seg, self.off, moved..moved + n)?;
@@ -351,6 +351,7 @@ struct Builder<'c> {
 }
 
 impl Builder<'_> {
+    #[inline(always)]
     fn push<M: DeviceMemory>(
         &mut self,
         addr: u64,
@@ -376,13 +377,7 @@ impl Builder<'_> {
         if total > u64::from(u32::MAX) {
             return Err(ChainError::TooManyBytes);
         }
-        let seg = Segment {
-            addr,
-            len,
-            writable,
-            head: c.head,
-            slot,
-        };
+        let seg = Segment::new(addr, len, writable, c.head, slot);
         mem.check(&seg)?;
         if writable {
             c.writable_len += len;
@@ -395,6 +390,7 @@ impl Builder<'_> {
     }
 
     /// Validates and walks the indirect table that descriptor `table` points to.
+    #[inline(never)]
     fn indirect<M: DeviceMemory>(
         &mut self,
         table: u16,
@@ -419,13 +415,7 @@ impl Builder<'_> {
         }
         // The table is read like any device-readable buffer (the write flag on a table
         // descriptor is ignored, §2.7.5.3.2), so every model mediates it.
-        let seg = Segment {
-            addr,
-            len,
-            writable: false,
-            head: self.chain.head,
-            slot: DescSlot::Table(table),
-        };
+        let seg = Segment::new(addr, len, false, self.chain.head, DescSlot::Table(table));
         mem.check(&seg)?;
         // `len` is bounded by `size * 16` above: no allocation sized by the driver alone.
         scratch.clear();
@@ -441,13 +431,7 @@ impl Builder<'_> {
             if flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 return Err(ChainError::NestedIndirect);
             }
-            self.push(
-                d.addr.get(),
-                d.len.get(),
-                flags,
-                DescSlot::Indirect { table, index: i },
-                mem,
-            )?;
+            self.push(d.addr.get(), d.len.get(), flags, DescSlot::Indirect(i), mem)?;
             if flags & VIRTQ_DESC_F_NEXT == 0 {
                 return Ok(());
             }

@@ -141,36 +141,36 @@ impl Arena {
 /// range is bounds-checked against the arena.
 impl DeviceMemory for Arena {
     fn check(&self, seg: &Segment) -> Result<(), AccessError> {
-        self.offset(seg.addr, u64::from(seg.len))
+        self.offset(seg.addr(), u64::from(seg.len()))
             .map(|_| ())
             .map_err(|_| AccessError::OutOfBounds {
-                addr: seg.addr,
-                len: u64::from(seg.len),
+                addr: seg.addr(),
+                len: u64::from(seg.len()),
             })
     }
 
     fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
         check_within(seg, offset, dst.len())?;
-        Arena::read(self, seg.addr + u64::from(offset), dst).map_err(|_| AccessError::OutOfBounds {
-            addr: seg.addr,
-            len: u64::from(seg.len),
+        Arena::read(self, seg.addr() + u64::from(offset), dst).map_err(|_| AccessError::OutOfBounds {
+            addr: seg.addr(),
+            len: u64::from(seg.len()),
         })
     }
 
     fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
-        if !seg.writable {
+        if !seg.writable() {
             return Err(AccessError::Denied);
         }
         check_within(seg, offset, src.len())?;
-        Arena::write(self, seg.addr + u64::from(offset), src).map_err(|_| AccessError::OutOfBounds {
-            addr: seg.addr,
-            len: u64::from(seg.len),
+        Arena::write(self, seg.addr() + u64::from(offset), src).map_err(|_| AccessError::OutOfBounds {
+            addr: seg.addr(),
+            len: u64::from(seg.len()),
         })
     }
 
     fn direct(&self, seg: &Segment) -> Option<Region> {
-        let r = self.guest_region(seg.addr, u64::from(seg.len)).ok()?;
-        Some(if seg.writable { r } else { r.read_only() })
+        let r = self.guest_region(seg.addr(), u64::from(seg.len())).ok()?;
+        Some(if seg.writable() { r } else { r.read_only() })
     }
 }
 

@@ -22,7 +22,9 @@ use super::Arena;
 use crate::access::{AccessError, DescSlot, DeviceMemory, Segment};
 use crate::features::Features;
 use crate::ring::chain::Chain;
-use crate::ring::layout::{Descriptor, SplitLayout, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_WRITE};
+use crate::ring::layout::{
+    Descriptor, SplitLayout, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+};
 use crate::ring::split::{DeviceQueueError, RingSetupError, SplitDevice, SplitRingMemory, UsedError};
 use crate::shm::{Region, RegionError};
 use std::sync::{Arc, Mutex};
@@ -373,7 +375,7 @@ impl<M> Recorder<M> {
     fn note(&self, kind: AccessKind, seg: &Segment, offset: u32, len: u64, ok: bool) {
         let access = Access {
             kind,
-            addr: seg.addr.saturating_add(u64::from(offset)),
+            addr: seg.addr().saturating_add(u64::from(offset)),
             len,
             seg: *seg,
             ok,
@@ -385,7 +387,7 @@ impl<M> Recorder<M> {
 impl<M: DeviceMemory> DeviceMemory for Recorder<M> {
     fn check(&self, seg: &Segment) -> Result<(), AccessError> {
         let r = self.inner.check(seg);
-        self.note(AccessKind::Check, seg, 0, u64::from(seg.len), r.is_ok());
+        self.note(AccessKind::Check, seg, 0, u64::from(seg.len()), r.is_ok());
         r
     }
 
@@ -403,7 +405,7 @@ impl<M: DeviceMemory> DeviceMemory for Recorder<M> {
 
     fn direct(&self, seg: &Segment) -> Option<Region> {
         let r = self.inner.direct(seg);
-        self.note(AccessKind::Direct, seg, 0, u64::from(seg.len), r.is_some());
+        self.note(AccessKind::Direct, seg, 0, u64::from(seg.len()), r.is_some());
         r
     }
 }
@@ -732,12 +734,12 @@ impl Harness {
         );
         let (mut rsum, mut wsum) = (0u64, 0u64);
         for s in chain.readable() {
-            assert!(!s.writable, "writable segment among the readable ones: {s:?}");
-            rsum += u64::from(s.len);
+            assert!(!s.writable(), "writable segment among the readable ones: {s:?}");
+            rsum += u64::from(s.len());
         }
         for s in chain.writable() {
-            assert!(s.writable, "readable segment after a writable one: {s:?}");
-            wsum += u64::from(s.len);
+            assert!(s.writable(), "readable segment after a writable one: {s:?}");
+            wsum += u64::from(s.len());
         }
         assert_eq!(rsum, u64::from(chain.readable_len()), "readable total");
         assert_eq!(wsum, u64::from(chain.writable_len()), "writable total");
@@ -775,33 +777,52 @@ impl Harness {
                 panic!("access through a segment not in the chain: {a:?}");
             };
             assert!(
-                a.within(seg.addr, u64::from(seg.len)),
+                a.within(seg.addr(), u64::from(seg.len())),
                 "access past its segment: {a:?}"
             );
             if a.kind == AccessKind::Write {
-                assert!(seg.writable, "write into a readable segment: {a:?}");
+                assert!(seg.writable(), "write into a readable segment: {a:?}");
             }
         }
         self.held.push(Held { chain, written });
     }
 
+    /// The descriptor-table entry that points to chain `head`'s indirect table.
+    fn indirect_descriptor_of(&self, head: u16) -> Option<u16> {
+        let mut i = head;
+        for _ in 0..self.size() {
+            let d = self.raw.read_desc(i);
+            let flags = d.flags.get();
+            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                return Some(i);
+            }
+            if flags & VIRTQ_DESC_F_NEXT == 0 || d.next.get() >= self.size() {
+                return None;
+            }
+            i = d.next.get();
+        }
+        None
+    }
+
     /// A segment is non-empty, in the arena, and a faithful copy of its descriptor.
     fn check_segment(&self, head: u16, s: &Segment) {
-        assert_eq!(s.head, head, "segment of another chain: {s:?}");
-        assert_ne!(s.len, 0, "zero-length segment kept: {s:?}");
-        let end = s.addr.checked_add(u64::from(s.len));
+        assert_eq!(s.head(), head, "segment of another chain: {s:?}");
+        assert_ne!(s.len(), 0, "zero-length segment kept: {s:?}");
+        let end = s.addr().checked_add(u64::from(s.len()));
         assert!(
-            s.addr >= FUZZ_ARENA_BASE && end.is_some_and(|e| e <= FUZZ_ARENA_BASE + FUZZ_ARENA_SIZE),
+            s.addr() >= FUZZ_ARENA_BASE && end.is_some_and(|e| e <= FUZZ_ARENA_BASE + FUZZ_ARENA_SIZE),
             "segment outside the arena: {s:?}"
         );
         // Nothing wrote memory since the walk, so the descriptors are still there.
-        let d = match s.slot {
+        let d = match s.slot() {
             DescSlot::Table(i) => {
                 assert!(i < self.size(), "segment from table entry {i} past the table");
                 self.raw.read_desc(i)
             }
-            DescSlot::Indirect { table, index } => {
-                assert!(table < self.size(), "indirect table entry {table} past the table");
+            DescSlot::Indirect(index) => {
+                // The table descriptor ends the chain's direct part.
+                let table = self.indirect_descriptor_of(head);
+                let table = table.unwrap_or_else(|| panic!("{s:?} but chain {head} has no indirect table"));
                 let t = self.raw.read_desc(table);
                 assert_ne!(
                     t.flags.get() & VIRTQ_DESC_F_INDIRECT,
@@ -822,13 +843,13 @@ impl Harness {
         };
         assert_eq!(
             d.addr.get(),
-            s.addr,
+            s.addr(),
             "segment address differs from its descriptor"
         );
-        assert_eq!(d.len.get(), s.len, "segment length differs from its descriptor");
+        assert_eq!(d.len.get(), s.len(), "segment length differs from its descriptor");
         assert_eq!(
             d.flags.get() & VIRTQ_DESC_F_WRITE != 0,
-            s.writable,
+            s.writable(),
             "segment direction"
         );
         assert_eq!(

@@ -222,6 +222,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
         Ok(ahead != 0)
     }
 
+    #[cold]
     fn fail(&mut self, f: RingFault) -> DeviceQueueError {
         tracing::warn!(fault = %f, "virtqueue needs reset");
         self.fault = Some(f);
