@@ -130,6 +130,28 @@ pub enum AccessError {
     Model(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// One read of a batch: `dst.len()` bytes of `seg` from `offset`.
+#[derive(Debug)]
+pub struct ReadOp<'a> {
+    /// The segment to read.
+    pub seg: Segment,
+    /// Offset inside the segment.
+    pub offset: u32,
+    /// Where the bytes go.
+    pub dst: &'a mut [u8],
+}
+
+/// One write of a batch: `src` into `seg` at `offset`.
+#[derive(Debug)]
+pub struct WriteOp<'a> {
+    /// The (writable) segment to write.
+    pub seg: Segment,
+    /// Offset inside the segment.
+    pub offset: u32,
+    /// The bytes to write.
+    pub src: &'a [u8],
+}
+
 /// How the device side of a sharing model reaches descriptor memory.
 ///
 /// Implementations must refuse (with an error, never a panic) any range outside what
@@ -145,6 +167,20 @@ pub trait DeviceMemory {
 
     /// Copies `src` into the writable `seg` at `offset`.
     fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError>;
+
+    /// Performs several reads in one call, in order; models whose every access costs a
+    /// round trip (model 3's copy helper) override it to move the batch at once. Stops
+    /// at the first refusal: the reads before it have been done.
+    fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Result<(), AccessError> {
+        ops.iter_mut()
+            .try_for_each(|op| self.read(&op.seg, op.offset, op.dst))
+    }
+
+    /// Performs several writes in one call, in order; see [`Self::read_batch`].
+    fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<(), AccessError> {
+        ops.iter()
+            .try_for_each(|op| self.write(&op.seg, op.offset, op.src))
+    }
 
     /// Direct access to the segment's bytes where the model allows it (model 2), for
     /// hot loops and for handing buffers to the kernel. `None` means "copy instead".
@@ -164,6 +200,12 @@ impl<M: DeviceMemory + ?Sized> DeviceMemory for &M {
     fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
         (**self).write(seg, offset, src)
     }
+    fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Result<(), AccessError> {
+        (**self).read_batch(ops)
+    }
+    fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<(), AccessError> {
+        (**self).write_batch(ops)
+    }
     fn direct(&self, seg: &Segment) -> Option<Region> {
         (**self).direct(seg)
     }
@@ -178,6 +220,12 @@ impl<M: DeviceMemory + ?Sized> DeviceMemory for std::sync::Arc<M> {
     }
     fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
         (**self).write(seg, offset, src)
+    }
+    fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Result<(), AccessError> {
+        (**self).read_batch(ops)
+    }
+    fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<(), AccessError> {
+        (**self).write_batch(ops)
     }
     fn direct(&self, seg: &Segment) -> Option<Region> {
         (**self).direct(seg)

@@ -52,6 +52,7 @@ pub mod access;
 pub mod config;
 pub mod features;
 pub mod lifecycle;
+pub mod model;
 pub mod notify;
 pub mod ring;
 pub mod share;
@@ -60,6 +61,7 @@ pub mod status;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
-pub use access::{AccessError, DescSlot, DeviceMemory, Segment};
+pub use access::{AccessError, DescSlot, DeviceMemory, ReadOp, Segment, WriteOp};
+pub use model::{DeviceModel, DeviceQueue, DriverModel, DriverQueue, ModelError, QueueAddrs};
 pub use ring::split::{SplitDevice, SplitDriver, SplitRingMemory};
 pub use share::{Direction, DriverShare, Exposed, GuestBuf, ShareError};

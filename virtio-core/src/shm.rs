@@ -17,6 +17,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
@@ -299,27 +300,29 @@ impl Region {
     }
 }
 
-/// Page-aligned, zeroed, anonymous shared memory owned by this process.
+/// A memory mapping owned by this process: anonymous shared memory, or a window of a
+/// file such as a guest's memfd. Unmapped when the last region over it is dropped.
 ///
-/// The owner of regions made by [`OwnedMemory::region`]; used by the test arena and by
-/// anything that needs private ring memory.
-pub struct OwnedMemory {
+/// Mapping the same file range twice gives two independent views; mapping it without
+/// write permission gives a view through which the MMU refuses writes, which is how a
+/// sharing model hands a device a real read-only ring.
+pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
+    writable: bool,
 }
 
 // SAFETY: the mapping is process-wide memory with no thread affinity; all access goes
 // through `Region`, whose contract covers concurrency.
-unsafe impl Send for OwnedMemory {}
-// SAFETY: `OwnedMemory` itself offers no access to the bytes, only `Region`s do.
-unsafe impl Sync for OwnedMemory {}
+unsafe impl Send for Mapping {}
+// SAFETY: `Mapping` itself offers no access to the bytes, only `Region`s do.
+unsafe impl Sync for Mapping {}
 
-impl OwnedMemory {
-    /// Maps `len` bytes (rounded up to whole pages) of zeroed memory.
-    pub fn new(len: usize) -> std::io::Result<Arc<OwnedMemory>> {
+impl Mapping {
+    /// Maps `len` bytes (rounded up to whole pages) of zeroed anonymous shared memory.
+    pub fn anonymous(len: usize) -> std::io::Result<Arc<Mapping>> {
         use rustix::mm::{MapFlags, ProtFlags, mmap_anonymous};
-        let page = rustix::param::page_size();
-        let len = len.max(1).div_ceil(page) * page;
+        let len = round_to_pages(len);
         // SAFETY: a fresh anonymous mapping with no fixed address cannot alias any
         // existing Rust object.
         let ptr = unsafe {
@@ -330,8 +333,40 @@ impl OwnedMemory {
                 MapFlags::SHARED,
             )
         }?;
+        Mapping::adopt(ptr, len, true)
+    }
+
+    /// Maps `len` bytes of `fd` starting at `offset` (both page aligned), shared, with
+    /// write permission only if `writable`.
+    pub fn of_fd(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        writable: bool,
+    ) -> std::io::Result<Arc<Mapping>> {
+        use rustix::mm::{MapFlags, ProtFlags, mmap};
+        let page = rustix::param::page_size();
+        if len == 0 || len % page != 0 || offset % page as u64 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "file mappings must be whole, page-aligned pages",
+            ));
+        }
+        let prot = if writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        // SAFETY: a fresh shared mapping at an address of the kernel's choosing cannot
+        // alias any existing Rust object; the file's other mappings are reached only
+        // through `Region`s, whose contract covers concurrent access.
+        let ptr = unsafe { mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, offset) }?;
+        Mapping::adopt(ptr, len, writable)
+    }
+
+    fn adopt(ptr: *mut std::ffi::c_void, len: usize, writable: bool) -> std::io::Result<Arc<Mapping>> {
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(std::io::ErrorKind::OutOfMemory)?;
-        Ok(Arc::new(OwnedMemory { ptr, len }))
+        Ok(Arc::new(Mapping { ptr, len, writable }))
     }
 
     /// Size in bytes (a whole number of pages).
@@ -344,21 +379,29 @@ impl OwnedMemory {
         self.len == 0
     }
 
-    /// A writable region over the whole mapping that keeps the mapping alive.
+    /// A region over the whole mapping that keeps the mapping alive; writable only if
+    /// the mapping is.
     pub fn region(self: &Arc<Self>) -> Region {
         let owner: Arc<dyn Any + Send + Sync> = self.clone();
-        // SAFETY: the mapping is valid and writable until `OwnedMemory` is dropped, which
-        // `owner` prevents while the region lives; we hand out no references to its bytes.
-        unsafe { Region::from_raw(self.ptr, self.len, true, owner) }
+        // SAFETY: the mapping is valid (and writable if `self.writable`) until `Mapping`
+        // is dropped, which `owner` prevents while the region lives; we hand out no
+        // references to its bytes.
+        unsafe { Region::from_raw(self.ptr, self.len, self.writable, owner) }
     }
 }
 
-impl Drop for OwnedMemory {
+/// Rounds `len` (at least 1) up to whole pages.
+pub fn round_to_pages(len: usize) -> usize {
+    let page = rustix::param::page_size();
+    len.max(1).div_ceil(page) * page
+}
+
+impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: the mapping was created in `new` with exactly this address and length,
-        // and no region outlives us (each holds an `Arc` to us).
+        // SAFETY: the mapping was created by `anonymous` or `of_fd` with exactly this
+        // address and length, and no region outlives us (each holds an `Arc` to us).
         if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
-            tracing::error!(error = %e, "munmap of owned shared memory failed");
+            tracing::error!(error = %e, "munmap of shared memory failed");
         }
     }
 }
@@ -366,11 +409,12 @@ impl Drop for OwnedMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use std::sync::atomic::Ordering;
 
     #[test]
     fn bounds_and_permissions_are_checked() {
-        let mem = OwnedMemory::new(4096).unwrap();
+        let mem = Mapping::anonymous(4096).unwrap();
         let r = mem.region();
         assert_eq!(r.len(), 4096);
         r.write(10, b"hello").unwrap();
@@ -396,7 +440,7 @@ mod tests {
 
     #[test]
     fn atomic_views_check_alignment_and_size() {
-        let mem = OwnedMemory::new(4096).unwrap();
+        let mem = Mapping::anonymous(4096).unwrap();
         let r = mem.region();
         assert!(matches!(r.u64s(4, 1), Err(RegionError::Misaligned { .. })));
         assert!(matches!(r.u16s(4094, 2), Err(RegionError::OutOfBounds { .. })));
@@ -406,5 +450,21 @@ mod tests {
         let mut b = [0u8; 4];
         r.read(8, &mut b).unwrap();
         assert_eq!(u32::from_ne_bytes(b), 0xdead_beef);
+    }
+
+    #[test]
+    fn file_mappings_share_bytes_and_enforce_read_only() {
+        let fd = rustix::fs::memfd_create("shm-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 8192).unwrap();
+        let rw = Mapping::of_fd(fd.as_fd(), 0, 8192, true).unwrap().region();
+        let ro = Mapping::of_fd(fd.as_fd(), 4096, 4096, false).unwrap().region();
+        assert!(!ro.is_writable());
+        rw.write(4096 + 7, b"seen").unwrap();
+        let mut b = [0u8; 4];
+        ro.read(7, &mut b).unwrap();
+        assert_eq!(&b, b"seen");
+        assert_eq!(ro.write(0, b"x"), Err(RegionError::ReadOnly));
+        assert!(Mapping::of_fd(fd.as_fd(), 100, 4096, true).is_err());
+        assert!(Mapping::of_fd(fd.as_fd(), 0, 100, true).is_err());
     }
 }

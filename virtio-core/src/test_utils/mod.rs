@@ -11,7 +11,7 @@ use crate::access::{AccessError, DeviceMemory, Segment, check_within};
 use crate::ring::layout::SplitLayout;
 use crate::ring::split::SplitRingMemory;
 use crate::share::{Direction, DriverShare, Exposed, GuestBuf, ShareError};
-use crate::shm::{OwnedMemory, Region, RegionError};
+use crate::shm::{Mapping, Region, RegionError};
 use std::sync::{Arc, Mutex};
 
 /// Why an arena operation failed.
@@ -54,7 +54,7 @@ impl Arena {
         if base == 0 || base % 4096 != 0 {
             return Err(ArenaError::BadBase(base));
         }
-        let mem = OwnedMemory::new(size).map_err(ArenaError::Map)?;
+        let mem = Mapping::anonymous(size).map_err(ArenaError::Map)?;
         Ok(Arc::new(Arena {
             region: mem.region(),
             base,

@@ -1,0 +1,291 @@
+//! A guest's memory: a memfd at guest addresses `[base, base + size)`.
+
+use rustix::fs::{MemfdFlags, ftruncate, memfd_create};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use virtio_core::shm::{Mapping, Region, RegionError};
+
+/// Why a guest-memory operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Creating, sizing or mapping the memfd failed.
+    #[error("guest memory system call failed")]
+    Sys(#[source] std::io::Error),
+    /// A guest range outside the guest's memory.
+    #[error("guest range {gpa:#x}+{len:#x} is outside guest memory")]
+    OutOfRange {
+        /// Guest address.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A page operation on an address or length that is not page aligned.
+    #[error("guest range {gpa:#x}+{len:#x} is not page aligned")]
+    Unaligned {
+        /// Guest address.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The allocator has no free range large enough.
+    #[error("guest memory has no free range of {0} bytes")]
+    Exhausted(u64),
+    /// Freeing a range that is not allocated.
+    #[error("guest range {gpa:#x}+{len:#x} was not allocated")]
+    NotAllocated {
+        /// Guest address.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+impl From<RegionError> for MemoryError {
+    fn from(e: RegionError) -> Self {
+        match e {
+            RegionError::OutOfBounds { offset, len, .. } => MemoryError::OutOfRange { gpa: offset, len },
+            other => MemoryError::Sys(std::io::Error::other(other)),
+        }
+    }
+}
+
+/// One guest's memory.
+///
+/// The guest itself reads and writes all of it ([`Self::read`], [`Self::write`],
+/// [`Self::region`]) and allocates its buffers and rings from it ([`Self::alloc`]).
+/// [`Self::map_pages`] is the hypervisor's privilege: a fresh mapping of some pages with
+/// the protection a sharing model grants, which is all a device side ever receives.
+#[derive(Debug)]
+pub struct GuestMemory {
+    fd: OwnedFd,
+    base: u64,
+    size: u64,
+    page: u64,
+    /// The guest's own view of all of its memory.
+    full: Region,
+    /// Free ranges, start -> length, coalesced.
+    free: Mutex<BTreeMap<u64, u64>>,
+}
+
+impl GuestMemory {
+    /// Creates `size` bytes (rounded up to pages) of zeroed memory at guest address
+    /// `base` (page aligned, non-zero).
+    pub fn new(name: &str, base: u64, size: u64) -> Result<Arc<GuestMemory>, MemoryError> {
+        let page = rustix::param::page_size() as u64;
+        if base == 0 || base % page != 0 {
+            return Err(MemoryError::Unaligned { gpa: base, len: size });
+        }
+        let size = size.max(1).div_ceil(page) * page;
+        if base.checked_add(size).is_none() {
+            return Err(MemoryError::OutOfRange { gpa: base, len: size });
+        }
+        let sys = |e: rustix::io::Errno| MemoryError::Sys(e.into());
+        let fd = memfd_create(name, MemfdFlags::CLOEXEC).map_err(sys)?;
+        ftruncate(&fd, size).map_err(sys)?;
+        let len = usize::try_from(size).map_err(|_| MemoryError::OutOfRange { gpa: base, len: size })?;
+        let full = Mapping::of_fd(fd.as_fd(), 0, len, true)
+            .map_err(MemoryError::Sys)?
+            .region();
+        Ok(Arc::new(GuestMemory {
+            fd,
+            base,
+            size,
+            page,
+            full,
+            free: Mutex::new(BTreeMap::from([(base, size)])),
+        }))
+    }
+
+    /// First guest address.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Page size of the mappings.
+    pub fn page_size(&self) -> u64 {
+        self.page
+    }
+
+    /// The memfd, for handing the memory to another process (vhost-user style).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Offset of guest range `[gpa, gpa + len)` in the memfd, if it lies inside.
+    pub fn offset_of(&self, gpa: u64, len: u64) -> Option<u64> {
+        let off = gpa.checked_sub(self.base)?;
+        (off.checked_add(len)? <= self.size).then_some(off)
+    }
+
+    fn offset(&self, gpa: u64, len: u64) -> Result<u64, MemoryError> {
+        self.offset_of(gpa, len)
+            .ok_or(MemoryError::OutOfRange { gpa, len })
+    }
+
+    /// Copies guest memory at `gpa` into `dst` (the guest reading its own memory).
+    pub fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+        Ok(self.full.read(self.offset(gpa, dst.len() as u64)?, dst)?)
+    }
+
+    /// Copies `src` into guest memory at `gpa` (the guest writing its own memory).
+    pub fn write(&self, gpa: u64, src: &[u8]) -> Result<(), MemoryError> {
+        Ok(self.full.write(self.offset(gpa, src.len() as u64)?, src)?)
+    }
+
+    /// The guest's own view of `[gpa, gpa + len)`.
+    pub fn region(&self, gpa: u64, len: u64) -> Result<Region, MemoryError> {
+        Ok(self.full.sub(self.offset(gpa, len)?, len)?)
+    }
+
+    /// A fresh mapping of the whole pages `[gpa, gpa + len)`, writable only if
+    /// `writable`: the MMU enforces the protection, and the mapping covers nothing
+    /// else. This is the hypervisor's privilege; sharing models call it to build the
+    /// capability they hand a device side.
+    pub fn map_pages(&self, gpa: u64, len: u64, writable: bool) -> Result<Region, MemoryError> {
+        if gpa % self.page != 0 || len == 0 || len % self.page != 0 {
+            return Err(MemoryError::Unaligned { gpa, len });
+        }
+        let off = self.offset(gpa, len)?;
+        let len = usize::try_from(len).map_err(|_| MemoryError::OutOfRange { gpa, len })?;
+        Ok(Mapping::of_fd(self.fd.as_fd(), off, len, writable)
+            .map_err(MemoryError::Sys)?
+            .region())
+    }
+
+    /// Allocates `len` bytes aligned to `align` (a power of two) and returns the guest
+    /// address. First fit over coalesced free ranges.
+    pub fn alloc(&self, len: u64, align: u64) -> Result<u64, MemoryError> {
+        let len = len.max(1);
+        let align = align.max(1);
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let found = free.iter().find_map(|(&start, &flen)| {
+            let at = start.checked_next_multiple_of(align)?;
+            let end = at.checked_add(len)?;
+            (end <= start + flen).then_some((start, flen, at))
+        });
+        let (start, flen, at) = found.ok_or(MemoryError::Exhausted(len))?;
+        free.remove(&start);
+        if at > start {
+            free.insert(start, at - start);
+        }
+        let end = at + len;
+        if end < start + flen {
+            free.insert(end, start + flen - end);
+        }
+        Ok(at)
+    }
+
+    /// Allocates `n` whole pages.
+    pub fn alloc_pages(&self, n: u64) -> Result<u64, MemoryError> {
+        let len = n.checked_mul(self.page).ok_or(MemoryError::Exhausted(u64::MAX))?;
+        self.alloc(len, self.page)
+    }
+
+    /// Returns `[gpa, gpa + len)` to the allocator. Refuses ranges that overlap free
+    /// space or lie outside memory, so a double free cannot corrupt the allocator.
+    pub fn free(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let len = len.max(1);
+        self.offset(gpa, len)?;
+        let end = gpa + len;
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let before = free.range(..=gpa).next_back().map(|(&s, &l)| (s, l));
+        let after = free.range(gpa..).next().map(|(&s, &l)| (s, l));
+        if before.is_some_and(|(s, l)| s + l > gpa) || after.is_some_and(|(s, _)| s < end) {
+            return Err(MemoryError::NotAllocated { gpa, len });
+        }
+        let mut start = gpa;
+        let mut stop = end;
+        if let Some((s, l)) = before
+            && s + l == gpa
+        {
+            free.remove(&s);
+            start = s;
+        }
+        if let Some((s, l)) = after
+            && s == end
+        {
+            free.remove(&s);
+            stop = s + l;
+        }
+        free.insert(start, stop - start);
+        Ok(())
+    }
+
+    /// Bytes currently free.
+    pub fn free_bytes(&self) -> u64 {
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).values().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: u64 = 0x4000_0000;
+
+    #[test]
+    fn addresses_are_checked() {
+        let m = GuestMemory::new("t", BASE, 8192).unwrap();
+        assert_eq!(m.size(), 8192);
+        m.write(BASE + 8190, b"ab").unwrap();
+        assert!(matches!(
+            m.write(BASE + 8191, b"ab"),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            m.read(BASE - 1, &mut [0; 1]),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            m.read(0, &mut [0; 1]),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(m.read(u64::MAX, &mut [0; 2]).is_err());
+        assert!(GuestMemory::new("t", 0, 4096).is_err());
+        assert!(GuestMemory::new("t", BASE + 1, 4096).is_err());
+    }
+
+    #[test]
+    fn page_views_share_bytes_and_enforce_protection() {
+        let m = GuestMemory::new("t", BASE, 4 * 4096).unwrap();
+        let ro = m.map_pages(BASE + 4096, 4096, false).unwrap();
+        let rw = m.map_pages(BASE + 8192, 4096, true).unwrap();
+        m.write(BASE + 4096 + 5, b"ring").unwrap();
+        let mut b = [0u8; 4];
+        ro.read(5, &mut b).unwrap();
+        assert_eq!(&b, b"ring");
+        assert!(ro.write(0, b"x").is_err());
+        rw.write(1, b"used").unwrap();
+        m.read(BASE + 8193, &mut b).unwrap();
+        assert_eq!(&b, b"used");
+        // The view covers its pages and nothing else.
+        assert_eq!(rw.len(), 4096);
+        assert!(rw.read(4096, &mut b).is_err());
+        assert!(m.map_pages(BASE + 100, 4096, true).is_err());
+        assert!(m.map_pages(BASE + 3 * 4096, 2 * 4096, true).is_err());
+    }
+
+    #[test]
+    fn allocator_aligns_coalesces_and_refuses_double_free() {
+        let m = GuestMemory::new("t", BASE, 4 * 4096).unwrap();
+        let a = m.alloc(100, 64).unwrap();
+        let b = m.alloc(4096, 4096).unwrap();
+        let c = m.alloc(10, 1).unwrap();
+        assert_eq!(a % 64, 0);
+        assert_eq!(b % 4096, 0);
+        assert!(a + 100 <= b || b + 4096 <= a);
+        m.free(b, 4096).unwrap();
+        assert!(matches!(m.free(b, 4096), Err(MemoryError::NotAllocated { .. })));
+        m.free(a, 100).unwrap();
+        m.free(c, 10).unwrap();
+        assert_eq!(m.free_bytes(), 4 * 4096, "everything coalesced back");
+        assert_eq!(m.alloc_pages(4).unwrap(), BASE);
+        assert!(matches!(m.alloc(1, 1), Err(MemoryError::Exhausted(1))));
+    }
+}
