@@ -1,4 +1,6 @@
 //! Shared pieces of the `vio` tool and the cross-crate tests.
+pub mod conformance;
+pub mod model_bench;
 pub mod peer;
 pub mod report;
 pub mod ring_bench;

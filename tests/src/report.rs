@@ -65,62 +65,118 @@ impl Report {
         });
     }
 
-    /// Renders the report as an aligned text table.
-    pub fn table(&self) -> String {
-        let header = ["measurement", "unit", "ours", "peer", "peer value", "ours/peer"];
-        let rows: Vec<[String; 6]> = self
+    /// The report as a generic table.
+    pub fn to_table(&self) -> Table {
+        let text = |s: &str| Cell::Text(s.to_string());
+        let rows = self
             .figures
             .iter()
             .map(|f| {
-                [
-                    f.name.clone(),
-                    f.unit.clone(),
-                    fmt_num(f.ours),
-                    f.peer_name.clone().unwrap_or_else(|| "-".into()),
-                    f.peer.map(fmt_num).unwrap_or_else(|| "-".into()),
-                    f.ratio()
-                        .map(|r| format!("{r:.2}x"))
-                        .unwrap_or_else(|| "-".into()),
+                vec![
+                    text(&f.name),
+                    text(&f.unit),
+                    Cell::Num(f.ours),
+                    text(f.peer_name.as_deref().unwrap_or("-")),
+                    f.peer.map_or(text("-"), Cell::Num),
+                    f.ratio().map_or(text("-"), |r| Cell::Text(format!("{r:.2}x"))),
                 ]
             })
             .collect();
-        let mut width = header.map(str::len);
-        for r in &rows {
-            for (w, c) in width.iter_mut().zip(r) {
-                *w = (*w).max(c.chars().count());
-            }
+        Table {
+            title: self.title.clone(),
+            columns: ["measurement", "unit", "ours", "peer", "peer value", "ours/peer"]
+                .map(String::from)
+                .to_vec(),
+            rows,
+            notes: self.notes.clone(),
         }
-        let mut out = String::new();
-        let _ = writeln!(out, "{}", self.title);
-        let line = |out: &mut String, cells: &[String]| {
-            for (i, (c, w)) in cells.iter().zip(width).enumerate() {
-                // Text columns left-aligned, numbers right-aligned.
-                let _ = if i < 2 || i == 3 {
-                    write!(out, "{c:<w$}  ")
-                } else {
-                    write!(out, "{c:>w$}  ")
-                };
-            }
-            let trimmed = out.trim_end().len();
-            out.truncate(trimmed);
-            out.push('\n');
-        };
-        line(&mut out, &header.map(String::from));
-        let rule: Vec<String> = width.iter().map(|w| "-".repeat(*w)).collect();
-        line(&mut out, &rule);
-        for r in &rows {
-            line(&mut out, r);
-        }
-        for n in &self.notes {
-            let _ = writeln!(out, "  {n}");
-        }
-        out
+    }
+
+    /// Renders the report as an aligned text table.
+    pub fn table(&self) -> String {
+        self.to_table().render()
     }
 
     /// Writes the report as pretty JSON.
     pub fn write_json(&self, path: &std::path::Path) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(path, text + "\n")
+    }
+}
+
+/// A cell of a [`Table`]: text is left-aligned, numbers right-aligned.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Cell {
+    /// Text.
+    Text(String),
+    /// A number, printed with [`fmt_num`] and kept exact in JSON.
+    Num(f64),
+}
+
+impl Cell {
+    fn shown(&self) -> String {
+        match self {
+            Cell::Text(s) => s.clone(),
+            Cell::Num(v) => fmt_num(*v),
+        }
+    }
+}
+
+/// A titled table of rows, printed aligned or written as JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct Table {
+    /// Printed above the table.
+    pub title: String,
+    /// Column headers.
+    pub columns: Vec<String>,
+    /// Rows, each as long as `columns`.
+    pub rows: Vec<Vec<Cell>>,
+    /// Printed under the table.
+    pub notes: Vec<String>,
+}
+
+impl Table {
+    /// Renders the table with aligned columns.
+    pub fn render(&self) -> String {
+        let shown: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| r.iter().map(Cell::shown).collect())
+            .collect();
+        let mut width: Vec<usize> = self.columns.iter().map(|c| c.chars().count()).collect();
+        for r in &shown {
+            for (w, c) in width.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        // A column is numeric (right-aligned) if any of its cells is a number.
+        let numeric: Vec<bool> = (0..self.columns.len())
+            .map(|i| self.rows.iter().any(|r| matches!(r.get(i), Some(Cell::Num(_)))))
+            .collect();
+        let mut out = String::new();
+        let _ = writeln!(out, "{}", self.title);
+        let line = |out: &mut String, cells: &[String]| {
+            let mut l = String::new();
+            for (i, (c, w)) in cells.iter().zip(&width).enumerate() {
+                let _ = if numeric[i] {
+                    write!(l, "{c:>w$}  ")
+                } else {
+                    write!(l, "{c:<w$}  ")
+                };
+            }
+            let _ = writeln!(out, "{}", l.trim_end());
+        };
+        line(&mut out, &self.columns);
+        let rule: Vec<String> = width.iter().map(|w| "-".repeat(*w)).collect();
+        line(&mut out, &rule);
+        for r in &shown {
+            line(&mut out, r);
+        }
+        for n in &self.notes {
+            let _ = writeln!(out, "  {n}");
+        }
+        out
     }
 }
 
