@@ -1,0 +1,8 @@
+//! virtio-blk, device side (virtio 1.2 §5.2).
+
+pub mod disk;
+pub mod engine;
+pub mod engine_sync;
+pub mod engine_uring;
+pub mod fault;
+pub mod request;
