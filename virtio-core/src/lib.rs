@@ -58,6 +58,7 @@ pub mod ring;
 pub mod share;
 pub mod shm;
 pub mod status;
+pub mod transport;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 

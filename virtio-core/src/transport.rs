@@ -1,0 +1,386 @@
+//! The driver's whole view of a device, and an in-process transport that connects a
+//! driver to a device implementation in the same process.
+//!
+//! [`Transport`] adds queue setup and notifications to the [`ControlPlane`]
+//! (features, status, config). [`InProcessTransport`] implements it over a
+//! [`DeviceLifecycle`] and a [`DeviceHandler`]: when the driver sets DRIVER_OK the
+//! handler is activated with the enabled queues, and when the driver resets the device
+//! the handler is reset first, so status reads 0 only after the device has stopped
+//! touching guest memory (virtio 1.2 §2.4).
+
+use crate::lifecycle::{ControlPlane, DeviceLifecycle, QueueLayout};
+use crate::model::QueueAddrs;
+use crate::notify::{EventFdNotifier, Notify, NotifyError};
+use crate::status::{DeviceStatus, StatusChange};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Why a queue could not be set up through the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// No such queue.
+    #[error("device has no queue {0}")]
+    NoSuchQueue(u16),
+    /// The device refused the queue registers.
+    #[error("device refused queue {index}")]
+    QueueRefused {
+        /// Queue index.
+        index: u16,
+        /// Why.
+        #[source]
+        source: crate::lifecycle::QueueError,
+    },
+    /// A notification could not be sent.
+    #[error("notification failed")]
+    Notify(#[from] NotifyError),
+}
+
+/// The driver's view of a device: control plane, queue setup, notifications.
+pub trait Transport: ControlPlane {
+    /// Number of queues the device has.
+    fn num_queues(&self) -> u16;
+
+    /// Largest size queue `index` accepts (0 if there is no such queue).
+    fn queue_max_size(&self, index: u16) -> u16;
+
+    /// Writes queue `index`'s size and addresses and enables it (§4.1.5.1.3).
+    fn setup_queue(&self, index: u16, size: u16, addrs: QueueAddrs) -> Result<(), TransportError>;
+
+    /// Sends an available-buffer notification for queue `index`.
+    fn notify_queue(&self, index: u16) -> Result<(), TransportError>;
+}
+
+/// One enabled queue handed to a device on activation.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// Queue index.
+    pub index: u16,
+    /// Size and addresses, validated by the lifecycle.
+    pub layout: QueueLayout,
+    /// Becomes readable when the driver notifies this queue.
+    pub kick: EventFdNotifier,
+    /// Notify it to send the driver a used-buffer notification.
+    pub interrupt: EventFdNotifier,
+}
+
+impl ActiveQueue {
+    /// The queue's addresses, for [`crate::DeviceModel::open_queue`].
+    pub fn addrs(&self) -> QueueAddrs {
+        QueueAddrs {
+            desc: self.layout.desc,
+            avail: self.layout.avail,
+            used: self.layout.used,
+        }
+    }
+}
+
+/// What a device implementation does when the driver starts or resets it.
+pub trait DeviceHandler: Send {
+    /// DRIVER_OK was set: start serving `queues` with the negotiated `features`. An
+    /// error puts the device into DEVICE_NEEDS_RESET.
+    fn activate(
+        &mut self,
+        features: u64,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// The driver reset the device: stop serving and return only when no guest memory
+    /// will be read or written any more.
+    fn reset(&mut self);
+}
+
+/// A transport that connects a driver to a [`DeviceHandler`] in the same process.
+pub struct InProcessTransport<H> {
+    state: Mutex<State<H>>,
+    kicks: Vec<EventFdNotifier>,
+    interrupts: Vec<EventFdNotifier>,
+}
+
+struct State<H> {
+    lifecycle: DeviceLifecycle,
+    handler: H,
+    active: bool,
+}
+
+impl<H> std::fmt::Debug for InProcessTransport<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessTransport")
+            .field("queues", &self.kicks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: DeviceHandler> InProcessTransport<H> {
+    /// Connects `handler` behind `lifecycle` (which holds the offered features, the
+    /// config space and the queue maximum sizes).
+    pub fn new(lifecycle: DeviceLifecycle, handler: H) -> Result<Self, NotifyError> {
+        let n = lifecycle.num_queues();
+        let kicks = (0..n)
+            .map(|_| EventFdNotifier::new())
+            .collect::<Result<Vec<_>, _>>()?;
+        let interrupts = (0..n)
+            .map(|_| EventFdNotifier::new())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(InProcessTransport {
+            state: Mutex::new(State {
+                lifecycle,
+                handler,
+                active: false,
+            }),
+            kicks,
+            interrupts,
+        })
+    }
+
+    /// The used-buffer notification of queue `index`, for the driver to wait on.
+    pub fn interrupt(&self, index: u16) -> Option<&EventFdNotifier> {
+        self.interrupts.get(usize::from(index))
+    }
+
+    /// Runs `f` on the device handler (for inspection in tests and tools).
+    pub fn with_handler<R>(&self, f: impl FnOnce(&mut H) -> R) -> R {
+        f(&mut self.lock().handler)
+    }
+
+    /// Runs `f` on the lifecycle (device-side config updates).
+    pub fn with_lifecycle<R>(&self, f: impl FnOnce(&mut DeviceLifecycle) -> R) -> R {
+        f(&mut self.lock().lifecycle)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<H>> {
+        // Every path leaves the state consistent before anything could panic.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn activate(&self, st: &mut State<H>) {
+        let mut queues = Vec::new();
+        for i in 0..st.lifecycle.num_queues() {
+            let Ok(index) = u16::try_from(i) else { break };
+            let enabled = st.lifecycle.queue(index).is_some_and(|q| q.enabled);
+            if !enabled {
+                continue;
+            }
+            let layout = match st.lifecycle.validate_queue(index) {
+                Ok(l) => l,
+                Err(error) => {
+                    tracing::warn!(%error, index, "enabled queue no longer valid");
+                    continue;
+                }
+            };
+            let fds = self.kicks[i]
+                .try_clone()
+                .and_then(|k| Ok((k, self.interrupts[i].try_clone()?)));
+            match fds {
+                Ok((kick, interrupt)) => queues.push(ActiveQueue {
+                    index,
+                    layout,
+                    kick,
+                    interrupt,
+                }),
+                Err(error) => {
+                    tracing::error!(%error, index, "cannot duplicate queue eventfds");
+                    let _ = st.lifecycle.set_needs_reset();
+                    return;
+                }
+            }
+        }
+        let features = st.lifecycle.driver_features();
+        match st.handler.activate(features, queues) {
+            Ok(()) => st.active = true,
+            Err(error) => {
+                tracing::warn!(%error, "device failed to activate");
+                let _ = st.lifecycle.set_needs_reset();
+            }
+        }
+    }
+}
+
+impl<H: DeviceHandler> ControlPlane for InProcessTransport<H> {
+    fn device_features(&self) -> u64 {
+        self.lock().lifecycle.device_features()
+    }
+
+    fn set_driver_features(&self, features: u64) {
+        if let Err(error) = self.lock().lifecycle.set_driver_features(features) {
+            tracing::warn!(%error, features, "driver features write refused");
+        }
+    }
+
+    fn status(&self) -> u8 {
+        self.lock().lifecycle.status().bits()
+    }
+
+    fn set_status(&self, status: u8) {
+        let mut st = self.lock();
+        if status == 0 && st.active {
+            // Stop the device before the reset becomes visible (§2.4).
+            st.handler.reset();
+            st.active = false;
+            // Drain stale notifications so a new session starts clean.
+            for fd in self.kicks.iter().chain(&self.interrupts) {
+                let _ = crate::notify::Wait::take(fd);
+            }
+        }
+        match st.lifecycle.write_status(status) {
+            Ok(StatusChange::Added(added)) if added.contains(DeviceStatus::DRIVER_OK) => {
+                self.activate(&mut st);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, status, "status write refused"),
+        }
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.lock().lifecycle.config().generation()
+    }
+
+    fn read_config(&self, offset: usize, buf: &mut [u8]) {
+        if self.lock().lifecycle.config().read(offset, buf).is_err() {
+            buf.fill(0);
+        }
+    }
+}
+
+impl<H: DeviceHandler> Transport for InProcessTransport<H> {
+    fn num_queues(&self) -> u16 {
+        u16::try_from(self.kicks.len()).unwrap_or(u16::MAX)
+    }
+
+    fn queue_max_size(&self, index: u16) -> u16 {
+        self.lock().lifecycle.queue(index).map_or(0, |q| q.max_size)
+    }
+
+    fn setup_queue(&self, index: u16, size: u16, addrs: QueueAddrs) -> Result<(), TransportError> {
+        let mut st = self.lock();
+        let lc = &mut st.lifecycle;
+        if lc.queue(index).is_none() {
+            return Err(TransportError::NoSuchQueue(index));
+        }
+        let refused = |source| TransportError::QueueRefused { index, source };
+        lc.set_queue_size(index, size).map_err(refused)?;
+        lc.set_queue_desc(index, addrs.desc).map_err(refused)?;
+        lc.set_queue_avail(index, addrs.avail).map_err(refused)?;
+        lc.set_queue_used(index, addrs.used).map_err(refused)?;
+        lc.enable_queue(index).map_err(refused)?;
+        Ok(())
+    }
+
+    fn notify_queue(&self, index: u16) -> Result<(), TransportError> {
+        let fd = self
+            .kicks
+            .get(usize::from(index))
+            .ok_or(TransportError::NoSuchQueue(index))?;
+        Ok(fd.notify()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigSpace;
+    use crate::features::Features;
+    use crate::lifecycle::{driver_ok, initialize};
+    use crate::notify::Wait;
+    use std::sync::Arc;
+
+    #[derive(Default)]
+    struct Recorder {
+        events: Arc<Mutex<Vec<String>>>,
+        kicks: Vec<EventFdNotifier>,
+        fail: bool,
+    }
+
+    impl DeviceHandler for Recorder {
+        fn activate(
+            &mut self,
+            features: u64,
+            queues: Vec<ActiveQueue>,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            let idx: Vec<u16> = queues.iter().map(|q| q.index).collect();
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("activate {features:#x} {idx:?}"));
+            self.kicks = queues.into_iter().map(|q| q.kick).collect();
+            if self.fail { Err("refused".into()) } else { Ok(()) }
+        }
+        fn reset(&mut self) {
+            self.events.lock().unwrap().push("reset".into());
+        }
+    }
+
+    fn transport(fail: bool) -> (InProcessTransport<Recorder>, Arc<Mutex<Vec<String>>>) {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let lc = DeviceLifecycle::new(
+            2,
+            Features::EVENT_IDX.bits(),
+            &[],
+            ConfigSpace::new(vec![7; 8]),
+            &[16, 16],
+        );
+        let rec = Recorder {
+            events: events.clone(),
+            fail,
+            ..Recorder::default()
+        };
+        (InProcessTransport::new(lc, rec).unwrap(), events)
+    }
+
+    const ADDRS: QueueAddrs = QueueAddrs {
+        desc: 0x1000,
+        avail: 0x2000,
+        used: 0x3000,
+    };
+
+    #[test]
+    fn driver_ok_activates_enabled_queues_and_reset_stops_first() {
+        let (t, events) = transport(false);
+        let f = initialize(&t, Features::EVENT_IDX.bits(), &[]).unwrap();
+        assert_eq!(t.num_queues(), 2);
+        assert_eq!(t.queue_max_size(1), 16);
+        assert_eq!(t.queue_max_size(9), 0);
+        t.setup_queue(1, 8, ADDRS).unwrap();
+        assert!(matches!(
+            t.setup_queue(5, 8, ADDRS),
+            Err(TransportError::NoSuchQueue(5))
+        ));
+        driver_ok(&t).unwrap();
+        assert_eq!(*events.lock().unwrap(), vec![format!("activate {f:#x} [1]")]);
+        t.notify_queue(1).unwrap();
+        assert_eq!(t.with_handler(|h| h.kicks[0].take().unwrap()), 1);
+        t.set_status(0);
+        assert_eq!(t.status(), 0);
+        assert_eq!(events.lock().unwrap().last().unwrap(), "reset");
+        let mut cfg = [0u8; 4];
+        t.read_config(4, &mut cfg);
+        assert_eq!(cfg, [7; 4]);
+        t.read_config(6, &mut cfg);
+        assert_eq!(cfg, [0; 4], "out-of-range config reads give zeros");
+    }
+
+    #[test]
+    fn failed_activation_sets_needs_reset() {
+        let (t, _) = transport(true);
+        initialize(&t, 0, &[]).unwrap();
+        t.setup_queue(0, 8, ADDRS).unwrap();
+        let _ = driver_ok(&t);
+        assert_ne!(t.status() & DeviceStatus::DEVICE_NEEDS_RESET.bits(), 0);
+    }
+
+    #[test]
+    fn bad_queue_registers_are_refused() {
+        let (t, _) = transport(false);
+        initialize(&t, 0, &[]).unwrap();
+        assert!(matches!(
+            t.setup_queue(0, 3, ADDRS),
+            Err(TransportError::QueueRefused { .. })
+        ));
+        let misaligned = QueueAddrs {
+            desc: 0x1001,
+            ..ADDRS
+        };
+        assert!(matches!(
+            t.setup_queue(0, 8, misaligned),
+            Err(TransportError::QueueRefused { .. })
+        ));
+    }
+}
