@@ -181,7 +181,8 @@ pub fn scatter_gather<D: DriverModel, V: DeviceModel>(f: &Fixture<D, V>, feature
 /// Many requests in flight, completed in a scrambled order.
 pub fn out_of_order<D: DriverModel, V: DeviceModel>(f: &Fixture<D, V>, features: Features) -> Digest {
     let mut h = DefaultHasher::new();
-    let mut q = f.queue(0, 64, features);
+    // 48 two-buffer requests: room for all of them without indirect descriptors.
+    let mut q = f.queue(0, 128, features);
     let mut bufs = Vec::new();
     for t in 0..48u32 {
         let out = f.buffer(100 + t, |i| pattern(u64::from(t), i));
@@ -224,7 +225,7 @@ pub fn index_wrap<D: DriverModel, V: DeviceModel>(f: &Fixture<D, V>, features: F
             device_kicks += 1;
         }
         let chain = q.device.pop().expect("valid").expect("chain");
-        let used = (t % 17) + 1;
+        let used = (t % 16) + 1;
         let mut w = chain.writer(q.device.memory());
         w.write_all(&t.to_le_bytes().repeat(5)[..used as usize])
             .expect("write");

@@ -4,3 +4,4 @@ pub mod model_bench;
 pub mod peer;
 pub mod report;
 pub mod ring_bench;
+pub mod models;
