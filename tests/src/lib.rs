@@ -1,7 +1,7 @@
 //! Shared pieces of the `vio` tool and the cross-crate tests.
 pub mod conformance;
 pub mod model_bench;
+pub mod models;
 pub mod peer;
 pub mod report;
 pub mod ring_bench;
-pub mod models;

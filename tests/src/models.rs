@@ -15,11 +15,16 @@ fn guest(hv: &Arc<Hypervisor>, name: &str) -> Arc<Domain> {
 }
 
 /// Model 1: rings and a bounce area in one shared region.
-pub fn shared_page() -> Fixture<transport_shared_page::SharedPageDriver, transport_shared_page::SharedPageDevice> {
+pub fn shared_page()
+-> Fixture<transport_shared_page::SharedPageDriver, transport_shared_page::SharedPageDevice> {
     let hv = Hypervisor::new();
     let guest = guest(&hv, "shared-page");
     let (driver, device) = transport_shared_page::pair(&guest, SharedPageConfig::default()).expect("model 1");
-    Fixture { guest, driver, device }
+    Fixture {
+        guest,
+        driver,
+        device,
+    }
 }
 
 /// Model 2: the device reads and writes driver memory directly.
@@ -27,7 +32,11 @@ pub fn direct() -> Fixture<direct::DirectDriver, direct::DirectDevice> {
     let hv = Hypervisor::new();
     let guest = guest(&hv, "direct");
     let (driver, device) = direct::pair(&guest).expect("model 2");
-    Fixture { guest, driver, device }
+    Fixture {
+        guest,
+        driver,
+        device,
+    }
 }
 
 /// Model 3: the device reaches buffers only through the hypervisor's copy helper.
@@ -35,7 +44,11 @@ pub fn hypervisor_copy() -> Fixture<copy::CopyDriver, copy::CopyDevice> {
     let hv = Hypervisor::new();
     let guest = guest(&hv, "hypervisor-copy");
     let (driver, device) = copy::pair(&guest).expect("model 3");
-    Fixture { guest, driver, device }
+    Fixture {
+        guest,
+        driver,
+        device,
+    }
 }
 
 /// Model 4: grant table, the device running as the host domain.
@@ -44,5 +57,9 @@ pub fn grant() -> Fixture<transport_grant::GrantDriver, transport_grant::GrantDe
     let guest = guest(&hv, "grant");
     let service = GrantService::new(hv);
     let (driver, device) = transport_grant::pair(&service, &guest, Hypervisor::HOST).expect("model 4");
-    Fixture { guest, driver, device }
+    Fixture {
+        guest,
+        driver,
+        device,
+    }
 }

@@ -19,8 +19,16 @@ fn all_four_models_behave_identically() {
     // feature set (indirect, event index) does not change what either side observes.
     let distinct: std::collections::HashSet<_> = reference.iter().map(|(_, d)| *d).collect();
     assert_eq!(distinct.len(), 6, "{reference:?}");
-    digests_agree("shared-page", &conformance::run_all(models::shared_page), &reference);
-    digests_agree("hypervisor-copy", &conformance::run_all(models::hypervisor_copy), &reference);
+    digests_agree(
+        "shared-page",
+        &conformance::run_all(models::shared_page),
+        &reference,
+    );
+    digests_agree(
+        "hypervisor-copy",
+        &conformance::run_all(models::hypervisor_copy),
+        &reference,
+    );
     digests_agree("grant", &conformance::run_all(models::grant), &reference);
 }
 
@@ -28,8 +36,8 @@ fn all_four_models_behave_identically() {
 fn one_guest_different_models_per_queue_in_one_process() {
     use hypervisor::Hypervisor;
     use std::sync::Arc;
-    use virtio_core::features::Features;
     use vio::conformance::Fixture;
+    use virtio_core::features::Features;
     // One guest whose queues use different models at the same time: the same exchange
     // over each gives what model 2 alone gives.
     let features = Features::VERSION_1 | Features::EVENT_IDX | Features::INDIRECT_DESC;
@@ -41,9 +49,21 @@ fn one_guest_different_models_per_queue_in_one_process() {
     let (d3, v3) = transport_descriptors::copy::pair(&guest).unwrap();
     let (d4, v4) = transport_grant::pair(&service, &guest, Hypervisor::HOST).unwrap();
     let g = || Arc::clone(&guest);
-    let shared = Fixture { guest: g(), driver: d1, device: v1 };
-    let copy = Fixture { guest: g(), driver: d3, device: v3 };
-    let grant = Fixture { guest: g(), driver: d4, device: v4 };
+    let shared = Fixture {
+        guest: g(),
+        driver: d1,
+        device: v1,
+    };
+    let copy = Fixture {
+        guest: g(),
+        driver: d3,
+        device: v3,
+    };
+    let grant = Fixture {
+        guest: g(),
+        driver: d4,
+        device: v4,
+    };
     std::thread::scope(|s| {
         let runs = [
             s.spawn(|| conformance::out_of_order(&shared, features)),
