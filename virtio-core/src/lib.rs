@@ -49,6 +49,7 @@
 //! ```
 
 pub mod access;
+pub mod blk;
 pub mod config;
 pub mod features;
 pub mod lifecycle;

@@ -1,0 +1,794 @@
+//! Every block engine against real files with `O_DIRECT`.
+//!
+//! Images live under cargo's per-crate scratch directory (`CARGO_TARGET_TMPDIR`), which
+//! must not be tmpfs: tmpfs refuses `O_DIRECT`. io_uring tests run when
+//! [`UringEngine::probe`] passes and say so on stderr when skipped.
+
+// Test sizes are small constants on a 64-bit host; `as` keeps the arithmetic readable.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use backend_host::blk::disk::{DirectMode, Disk, DiskError, DiskOptions};
+use backend_host::blk::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
+use backend_host::blk::engine_sync::SyncEngine;
+use backend_host::blk::engine_uring::{UringConfig, UringEngine, best_engine};
+use backend_host::blk::fault::{FaultEngine, FaultPlan, OpClass, POISON};
+use proptest::prelude::*;
+use rustix::io::Errno;
+
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const MIB: u64 = 1 << 20;
+
+fn is_tmpfs(path: &std::path::Path) -> bool {
+    rustix::fs::statfs(path).is_ok_and(|s| u64::try_from(s.f_type).ok() == Some(TMPFS_MAGIC))
+}
+
+/// A fresh image path in a directory that supports `O_DIRECT`.
+fn image_path(name: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("engines");
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(
+        !is_tmpfs(&dir),
+        "{} is tmpfs, which cannot do O_DIRECT; point CARGO_TARGET_DIR at a disk",
+        dir.display()
+    );
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!("{name}-{}-{n}.img", std::process::id()))
+}
+
+fn direct_image(name: &str, size: u64) -> (PathBuf, Disk) {
+    let path = image_path(name);
+    Disk::create_sparse(&path, size).unwrap();
+    let disk = Disk::open(&path, DiskOptions::default()).unwrap();
+    assert!(disk.direct());
+    (path, disk)
+}
+
+/// The engines to test on `disk`: the thread pool always, io_uring where it works.
+fn engines(disk: &Disk) -> Vec<Box<dyn Engine>> {
+    let mut all: Vec<Box<dyn Engine>> = vec![Box::new(SyncEngine::new(disk, 3).unwrap())];
+    match UringEngine::probe() {
+        Ok(()) => all.push(Box::new(UringEngine::new(disk, UringConfig::default()).unwrap())),
+        Err(why) => eprintln!("skipping io_uring: {why}"),
+    }
+    all
+}
+
+/// Runs `f` once per engine kind, each on a fresh image of `size` bytes.
+fn each_engine(name: &str, size: u64, f: impl Fn(&Disk, &mut dyn Engine)) {
+    let (path, disk) = direct_image(name, size);
+    let kinds = engines(&disk).len();
+    drop(disk);
+    std::fs::remove_file(&path).unwrap();
+    for k in 0..kinds {
+        let (path, disk) = direct_image(name, size);
+        let mut engine = engines(&disk).swap_remove(k);
+        f(&disk, engine.as_mut());
+        drop(engine);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+fn buf(disk: &Disk, len: usize, fill: impl Fn(usize) -> u8) -> AlignedBuf {
+    let mut b = AlignedBuf::new(len, disk.mem_align());
+    for (i, byte) in b.as_mut_slice().iter_mut().enumerate() {
+        *byte = fill(i);
+    }
+    b
+}
+
+fn pattern(seed: u64) -> impl Fn(usize) -> u8 {
+    move |i| (i as u64).wrapping_mul(31).wrapping_add(seed.wrapping_mul(7919)) as u8 | 1
+}
+
+fn write(disk: &Disk, offset: u64, len: usize, seed: u64, user: u64) -> IoOp {
+    IoOp {
+        kind: IoKind::Write { dsync: false },
+        offset,
+        len: 0,
+        buf: buf(disk, len, pattern(seed)),
+        user,
+    }
+}
+
+fn read(disk: &Disk, offset: u64, len: usize, user: u64) -> IoOp {
+    IoOp {
+        kind: IoKind::Read,
+        offset,
+        len: 0,
+        buf: buf(disk, len, |_| 0xEE),
+        user,
+    }
+}
+
+fn range_op(kind: IoKind, offset: u64, len: u64, user: u64) -> IoOp {
+    IoOp {
+        kind,
+        offset,
+        len,
+        buf: AlignedBuf::default(),
+        user,
+    }
+}
+
+/// Submits `ops` as one batch and waits for all of them, sorted by `user`.
+fn run(engine: &mut dyn Engine, ops: Vec<IoOp>) -> Vec<Completion> {
+    let n = ops.len();
+    for op in ops {
+        engine.submit(op);
+    }
+    engine.commit().unwrap();
+    let mut out = Vec::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{}: ops did not complete",
+            engine.name()
+        );
+        engine.wait().unwrap();
+        engine.reap(&mut out);
+    }
+    assert_eq!(engine.in_flight(), 0);
+    out.sort_by_key(|c| c.user);
+    out
+}
+
+fn run1(engine: &mut dyn Engine, op: IoOp) -> Completion {
+    run(engine, vec![op]).pop().unwrap()
+}
+
+fn errno(c: &Completion) -> Option<Errno> {
+    c.result
+        .as_ref()
+        .err()
+        .and_then(|e| e.raw_os_error())
+        .map(Errno::from_raw_os_error)
+}
+
+#[test]
+fn direct_disk_reports_alignment() {
+    let (path, disk) = direct_image("align", MIB);
+    assert_eq!(disk.size(), MIB);
+    assert!(disk.mem_align().is_power_of_two() && disk.mem_align() >= 1);
+    assert!(disk.offset_align().is_power_of_two() && disk.offset_align() >= 512);
+    assert!(disk.block_size() >= disk.offset_align() as u64);
+    eprintln!(
+        "direct I/O alignment here: mem {} offset {}",
+        disk.mem_align(),
+        disk.offset_align()
+    );
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn filesystems_without_direct_io_are_refused_unless_buffered_is_asked_for() {
+    // procfs has no O_DIRECT at all: open(2) fails with EINVAL.
+    let err = Disk::open(
+        "/proc/version",
+        DiskOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, DiskError::DirectIoUnsupported { .. }), "{err:?}");
+    let prefer = DiskOptions {
+        read_only: true,
+        direct: DirectMode::Prefer,
+    };
+    if let Err(err) = Disk::open("/proc/version", prefer) {
+        assert!(!matches!(err, DiskError::DirectIoUnsupported { .. }), "{err:?}");
+    }
+}
+
+#[test]
+fn tmpfs_refuses_direct_io_unless_buffered_is_asked_for() {
+    let shm = PathBuf::from("/dev/shm");
+    if !is_tmpfs(&shm) {
+        eprintln!("skipping: /dev/shm is not tmpfs here");
+        return;
+    }
+    let path = shm.join(format!("engines-tmpfs-{}.img", std::process::id()));
+    Disk::create_sparse(&path, MIB).unwrap();
+    let err = Disk::open(&path, DiskOptions::default()).unwrap_err();
+    assert!(
+        matches!(&err, DiskError::DirectIoUnsupported { path: p } if *p == path),
+        "{err:?}"
+    );
+    let prefer = Disk::open(
+        &path,
+        DiskOptions {
+            direct: DirectMode::Prefer,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(!prefer.direct());
+    let off = Disk::open(
+        &path,
+        DiskOptions {
+            direct: DirectMode::Off,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(!off.direct());
+    assert_eq!(off.mem_align(), 1);
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn best_engine_is_io_uring_when_the_probe_passes() {
+    let (path, disk) = direct_image("best", MIB);
+    let engine = best_engine(&disk, 64).unwrap();
+    let expected = if UringEngine::probe().is_ok() {
+        "io_uring"
+    } else {
+        "sync"
+    };
+    assert_eq!(engine.name(), expected);
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn read_after_write_at_aligned_offsets() {
+    each_engine("raw", 4 * MIB, |disk, engine| {
+        let offsets = [0, 4096 * 7, MIB, 4 * MIB - 8192];
+        let writes = offsets
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| write(disk, o, 8192, o, i as u64));
+        for c in run(engine, writes.collect()) {
+            assert_eq!(c.result.unwrap(), 8192, "{}", engine.name());
+        }
+        let reads = offsets
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| read(disk, o, 8192, i as u64));
+        for (c, &o) in run(engine, reads.collect()).iter().zip(&offsets) {
+            assert_eq!(*c.result.as_ref().unwrap(), 8192);
+            let expected: Vec<u8> = (0..8192).map(pattern(o)).collect();
+            assert_eq!(c.buf.as_slice(), &expected[..], "{} at {o}", engine.name());
+        }
+    });
+}
+
+#[test]
+fn queue_depth_32_completes_every_op_by_tag() {
+    each_engine("qd32", 8 * MIB, |disk, engine| {
+        // Scattered blocks, so completions need not come back in submission order.
+        let offset = |i: u64| (i * 37 % 64) * 128 * 1024;
+        let writes = (0..32).map(|i| write(disk, offset(i), 65536, i, i));
+        for op in writes {
+            engine.submit(op);
+        }
+        assert_eq!(engine.in_flight(), 32);
+        engine.commit().unwrap();
+        let mut done = Vec::new();
+        while done.len() < 32 {
+            engine.wait().unwrap();
+            engine.reap(&mut done);
+        }
+        let order: Vec<u64> = done.iter().map(|c| c.user).collect();
+        assert!(done.iter().all(|c| c.result.as_ref().is_ok_and(|&n| n == 65536)));
+        let reads = run(engine, (0..32).map(|i| read(disk, offset(i), 65536, i)).collect());
+        for c in &reads {
+            let expected: Vec<u8> = (0..65536).map(pattern(c.user)).collect();
+            assert_eq!(c.buf.as_slice(), &expected[..], "{} op {}", engine.name(), c.user);
+        }
+        let in_order = order.windows(2).all(|w| w[0] < w[1]);
+        eprintln!(
+            "{}: QD32 writes completed in submission order: {in_order}",
+            engine.name()
+        );
+    });
+}
+
+#[test]
+fn dsync_writes_and_flush_succeed_and_persist() {
+    each_engine("dsync", MIB, |disk, engine| {
+        let mut op = write(disk, 4096, 4096, 9, 1);
+        op.kind = IoKind::Write { dsync: true };
+        assert_eq!(run1(engine, op).result.unwrap(), 4096);
+        assert_eq!(run1(engine, write(disk, 8192, 4096, 10, 2)).result.unwrap(), 4096);
+        assert_eq!(run1(engine, range_op(IoKind::Flush, 0, 0, 3)).result.unwrap(), 0);
+        // Through a second, buffered descriptor: the data reached the file.
+        let file = std::fs::read(disk.path()).unwrap();
+        let expected: Vec<u8> = (0..4096).map(pattern(9)).collect();
+        assert_eq!(&file[4096..8192], &expected[..]);
+    });
+}
+
+fn zeroing_op_reads_back_zeros(name: &str, kind: IoKind) {
+    each_engine(name, MIB, |disk, engine| {
+        assert_eq!(run1(engine, write(disk, 0, 65536, 5, 0)).result.unwrap(), 65536);
+        let c = run1(engine, range_op(kind, 16384, 16384, 1));
+        assert_eq!(c.result.unwrap(), 16384, "{} {kind:?}", engine.name());
+        let c = run1(engine, read(disk, 0, 65536, 2));
+        let data = c.buf.as_slice();
+        let expected: Vec<u8> = (0..65536).map(pattern(5)).collect();
+        assert_eq!(&data[..16384], &expected[..16384]);
+        assert!(
+            data[16384..32768].iter().all(|&b| b == 0),
+            "{} {kind:?}",
+            engine.name()
+        );
+        assert_eq!(&data[32768..], &expected[32768..]);
+        assert_eq!(std::fs::metadata(disk.path()).unwrap().len(), MIB, "size kept");
+    });
+}
+
+#[test]
+fn discard_reads_back_zeros() {
+    zeroing_op_reads_back_zeros("discard", IoKind::Discard);
+}
+
+#[test]
+fn write_zeroes_reads_back_zeros() {
+    zeroing_op_reads_back_zeros("zeroes", IoKind::WriteZeroes);
+}
+
+#[test]
+fn read_only_disk_refuses_writes_with_ebadf() {
+    let path = image_path("ro");
+    Disk::create_sparse(&path, MIB).unwrap();
+    let disk = Disk::open(
+        &path,
+        DiskOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(disk.read_only());
+    for mut engine in engines(&disk) {
+        let c = run1(engine.as_mut(), write(&disk, 0, 4096, 1, 7));
+        assert_eq!(c.user, 7);
+        assert_eq!(errno(&c), Some(Errno::BADF), "{}: {:?}", engine.name(), c.result);
+        let c = run1(engine.as_mut(), range_op(IoKind::WriteZeroes, 0, 4096, 8));
+        assert_eq!(errno(&c), Some(Errno::BADF), "{}: {:?}", engine.name(), c.result);
+        assert_eq!(
+            run1(engine.as_mut(), read(&disk, 0, 4096, 9)).result.unwrap(),
+            4096
+        );
+    }
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn unaligned_direct_io_fails_with_einval() {
+    each_engine("unaligned", MIB, |disk, engine| {
+        // Holes are read without any alignment check: allocate the blocks first.
+        assert_eq!(run1(engine, write(disk, 0, 65536, 1, 0)).result.unwrap(), 65536);
+        let c = run1(engine, read(disk, 100, 4096, 1));
+        assert_eq!(
+            errno(&c),
+            Some(Errno::INVAL),
+            "{} offset: {:?}",
+            engine.name(),
+            c.result
+        );
+        let c = run1(engine, read(disk, 0, 4096 + 100, 2));
+        assert_eq!(
+            errno(&c),
+            Some(Errno::INVAL),
+            "{} length: {:?}",
+            engine.name(),
+            c.result
+        );
+        if disk.mem_align() <= 16 {
+            eprintln!(
+                "mem_align {} <= malloc's 16: no misaligned buffer test",
+                disk.mem_align()
+            );
+            return;
+        }
+        // AlignedBuf with alignment 1 starts wherever malloc put it; keep allocating
+        // until one misses the direct I/O alignment.
+        let mut keep = Vec::new();
+        let misaligned = loop {
+            let b = AlignedBuf::new(4096, 1);
+            if !b.is_aligned(disk.mem_align()) {
+                break b;
+            }
+            keep.push(b);
+            assert!(keep.len() < 1000, "malloc keeps returning aligned blocks");
+        };
+        let op = IoOp {
+            kind: IoKind::Read,
+            offset: 0,
+            len: 0,
+            buf: misaligned,
+            user: 3,
+        };
+        let c = run1(engine, op);
+        assert_eq!(
+            errno(&c),
+            Some(Errno::INVAL),
+            "{} buffer: {:?}",
+            engine.name(),
+            c.result
+        );
+    });
+}
+
+#[test]
+fn read_across_end_of_file_is_resubmitted_then_reported_short() {
+    // The kernel returns the 4096 bytes before the end, then 0 for the remainder: the
+    // engine resubmits the rest (boundedly) and reports the short count as final.
+    each_engine("eof", MIB, |disk, engine| {
+        let c = run1(engine, read(disk, MIB - 4096, 8192, 1));
+        assert_eq!(c.result.unwrap(), 4096, "{}", engine.name());
+    });
+}
+
+#[test]
+fn out_of_range_offsets_are_rejected_not_wrapped() {
+    each_engine("range", MIB, |disk, engine| {
+        let c = run1(engine, read(disk, u64::MAX - 4095, 4096, 1));
+        assert_eq!(errno(&c), Some(Errno::INVAL), "{}", engine.name());
+        let c = run1(engine, range_op(IoKind::Discard, u64::MAX - 4095, 8192, 2));
+        assert_eq!(errno(&c), Some(Errno::INVAL), "{}", engine.name());
+    });
+}
+
+#[test]
+fn ready_fd_fires_and_reap_never_blocks() {
+    each_engine("readyfd", MIB, |disk, engine| {
+        let mut out = Vec::new();
+        assert_eq!(engine.reap(&mut out), 0);
+        engine.submit(write(disk, 0, 4096, 1, 42));
+        engine.commit().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while out.is_empty() {
+            assert!(Instant::now() < deadline, "{}: no completion", engine.name());
+            let n = {
+                let fd = engine.ready_fd();
+                let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+                let timeout = rustix::event::Timespec {
+                    tv_sec: 10,
+                    tv_nsec: 0,
+                };
+                rustix::event::poll(&mut fds, Some(&timeout)).unwrap()
+            };
+            assert_eq!(n, 1, "{}: ready_fd never became readable", engine.name());
+            engine.ack_ready();
+            engine.reap(&mut out);
+        }
+        assert_eq!(out[0].user, 42);
+        assert_eq!(engine.in_flight(), 0);
+    });
+}
+
+#[test]
+fn dropping_an_engine_with_ops_in_flight_waits_for_them() {
+    each_engine("drop", 8 * MIB, |disk, engine| {
+        for i in 0..64 {
+            engine.submit(write(disk, i * 65536, 65536, i, i));
+        }
+        engine.commit().unwrap();
+        // The caller drops the engine next without reaping.
+    });
+}
+
+#[test]
+fn more_ops_than_ring_entries_all_complete() {
+    let (path, disk) = direct_image("overcommit", 8 * MIB);
+    if UringEngine::probe().is_err() {
+        eprintln!("skipping: io_uring unavailable");
+        return;
+    }
+    let mut engine = UringEngine::new(&disk, UringConfig { entries: 4 }).unwrap();
+    let ops = (0..100).map(|i| write(&disk, i * 8192, 4096, i, i)).collect();
+    let done = run(&mut engine, ops);
+    assert_eq!(done.len(), 100);
+    assert!(done.iter().all(|c| c.result.as_ref().is_ok_and(|&n| n == 4096)));
+    std::fs::remove_file(path).unwrap();
+}
+
+/// Runs `f` on a fault engine over each engine kind.
+fn each_fault_engine(name: &str, plan: FaultPlan, f: impl Fn(&Disk, &mut FaultEngine<Box<dyn Engine>>)) {
+    let (path, disk) = direct_image(name, MIB);
+    let kinds = engines(&disk).len();
+    drop(disk);
+    std::fs::remove_file(path).unwrap();
+    for k in 0..kinds {
+        let (path, disk) = direct_image(name, MIB);
+        let inner = engines(&disk).swap_remove(k);
+        let mut engine = FaultEngine::new(inner, plan.clone());
+        f(&disk, &mut engine);
+        drop(engine);
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+#[test]
+fn fault_nth_write_fails_without_being_performed() {
+    for errno_in in [Errno::IO, Errno::NOSPC] {
+        let plan = FaultPlan::new().fail_write(2, errno_in);
+        each_fault_engine("fault-write", plan, |disk, engine| {
+            let done = run(
+                engine,
+                (0..3).map(|i| write(disk, i * 4096, 4096, 1, i)).collect(),
+            );
+            assert!(done[0].result.is_ok() && done[2].result.is_ok());
+            assert_eq!(errno(&done[1]), Some(errno_in), "{}", engine.name());
+            assert_eq!(engine.stats().injected, 1);
+            let c = run1(engine, read(disk, 4096, 4096, 9));
+            assert!(
+                c.buf.as_slice().iter().all(|&b| b == 0),
+                "failed write was performed"
+            );
+        });
+    }
+}
+
+#[test]
+fn fault_flush_fails_once_then_succeeds() {
+    each_fault_engine(
+        "fault-flush",
+        FaultPlan::new().fail_flush_once(1),
+        |disk, engine| {
+            run1(engine, write(disk, 0, 4096, 1, 0)).result.unwrap();
+            let first = run1(engine, range_op(IoKind::Flush, 0, 0, 1));
+            assert_eq!(errno(&first), Some(Errno::IO));
+            let second = run1(engine, range_op(IoKind::Flush, 0, 0, 2));
+            assert_eq!(
+                second.result.unwrap(),
+                0,
+                "{}: Linux reports a writeback error once",
+                engine.name()
+            );
+        },
+    );
+}
+
+#[test]
+fn fault_short_read_reports_less_and_poisons_the_rest() {
+    let plan = FaultPlan::new()
+        .short(OpClass::Read, 1, 1024)
+        .short(OpClass::Write, 1, 512);
+    each_fault_engine("fault-short", plan, |disk, engine| {
+        assert_eq!(run1(engine, write(disk, 0, 4096, 3, 0)).result.unwrap(), 3584);
+        let c = run1(engine, read(disk, 0, 4096, 1));
+        assert_eq!(c.result.unwrap(), 3072, "{}", engine.name());
+        let expected: Vec<u8> = (0..3072).map(pattern(3)).collect();
+        assert_eq!(&c.buf.as_slice()[..3072], &expected[..]);
+        assert!(c.buf.as_slice()[3072..].iter().all(|&b| b == POISON));
+        assert_eq!(
+            run1(engine, read(disk, 0, 4096, 2)).result.unwrap(),
+            4096,
+            "only the 1st"
+        );
+    });
+}
+
+#[test]
+fn fault_eagain_is_retried_within_the_bound() {
+    let plan = FaultPlan::new()
+        .eagain(OpClass::Write, 1, 3)
+        .eagain(OpClass::Write, 2, 20);
+    each_fault_engine("fault-eagain", plan, |disk, engine| {
+        let c = run1(engine, write(disk, 0, 4096, 1, 0));
+        assert_eq!(
+            c.result.unwrap(),
+            4096,
+            "{}: transient EAGAIN is absorbed",
+            engine.name()
+        );
+        assert_eq!(engine.stats().retries, 3);
+        let c = run1(engine, write(disk, 4096, 4096, 1, 1));
+        assert_eq!(errno(&c), Some(Errno::AGAIN), "{}: bounded", engine.name());
+        assert_eq!(engine.stats().retries, 3 + 8);
+        assert_eq!(engine.stats().injected, 2);
+    });
+}
+
+/// A randomly generated op on a 256 KiB image, in 4 KiB units.
+#[derive(Debug, Clone)]
+enum Step {
+    Write {
+        block: u64,
+        blocks: u64,
+        seed: u64,
+        dsync: bool,
+    },
+    Discard {
+        block: u64,
+        blocks: u64,
+    },
+    Zeroes {
+        block: u64,
+        blocks: u64,
+    },
+    Flush,
+}
+
+const BLOCKS: u64 = 64;
+const BLOCK: u64 = 4096;
+
+fn step() -> impl Strategy<Value = Step> {
+    let range = (0..BLOCKS).prop_flat_map(|b| (Just(b), 1..=(BLOCKS - b).min(8)));
+    prop_oneof![
+        4 => (range.clone(), any::<u64>(), any::<bool>())
+            .prop_map(|((block, blocks), seed, dsync)| Step::Write { block, blocks, seed, dsync }),
+        1 => range.clone().prop_map(|(block, blocks)| Step::Discard { block, blocks }),
+        1 => range.prop_map(|(block, blocks)| Step::Zeroes { block, blocks }),
+        1 => Just(Step::Flush),
+    ]
+}
+
+impl Step {
+    fn range(&self) -> Option<std::ops::Range<u64>> {
+        match *self {
+            Step::Write { block, blocks, .. }
+            | Step::Discard { block, blocks }
+            | Step::Zeroes { block, blocks } => Some(block * BLOCK..(block + blocks) * BLOCK),
+            Step::Flush => None,
+        }
+    }
+
+    fn op(&self, disk: &Disk, user: u64) -> IoOp {
+        let r = self.range().unwrap_or(0..0);
+        match *self {
+            Step::Write { seed, dsync, .. } => IoOp {
+                kind: IoKind::Write { dsync },
+                offset: r.start,
+                len: 0,
+                buf: buf(disk, (r.end - r.start) as usize, pattern(seed)),
+                user,
+            },
+            Step::Discard { .. } => range_op(IoKind::Discard, r.start, r.end - r.start, user),
+            Step::Zeroes { .. } => range_op(IoKind::WriteZeroes, r.start, r.end - r.start, user),
+            Step::Flush => range_op(IoKind::Flush, 0, 0, user),
+        }
+    }
+
+    fn apply(&self, model: &mut [u8]) {
+        let Some(r) = self.range() else { return };
+        let bytes = &mut model[r.start as usize..r.end as usize];
+        match *self {
+            Step::Write { seed, .. } => {
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    *b = pattern(seed)(i);
+                }
+            }
+            _ => bytes.fill(0),
+        }
+    }
+}
+
+/// Batches of up to 8 ops, in flight together; an op overlapping an earlier one of its
+/// batch starts the next batch, so the outcome is defined.
+fn batches(steps: &[Step]) -> Vec<Vec<Step>> {
+    let mut out: Vec<Vec<Step>> = vec![Vec::new()];
+    for s in steps {
+        let last = out.last_mut().unwrap();
+        let overlaps = last.iter().any(|o| match (o.range(), s.range()) {
+            (Some(a), Some(b)) => a.start < b.end && b.start < a.end,
+            _ => false,
+        });
+        if overlaps || last.len() == 8 {
+            out.push(Vec::new());
+        }
+        out.last_mut().unwrap().push(s.clone());
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn engines_agree_with_a_model_on_random_sequences(steps in prop::collection::vec(step(), 1..40)) {
+        let mut model = vec![0u8; (BLOCKS * BLOCK) as usize];
+        for s in &steps {
+            s.apply(&mut model);
+        }
+        let mut contents = Vec::new();
+        let (path, disk) = direct_image("prop", BLOCKS * BLOCK);
+        let kinds = engines(&disk).len();
+        drop(disk);
+        std::fs::remove_file(path).unwrap();
+        for k in 0..kinds {
+            let (path, disk) = direct_image("prop", BLOCKS * BLOCK);
+            let mut engine = engines(&disk).swap_remove(k);
+            let mut user = 0;
+            for batch in batches(&steps) {
+                let ops = batch.iter().map(|s| { user += 1; s.op(&disk, user) }).collect();
+                for c in run(engine.as_mut(), ops) {
+                    prop_assert!(c.result.is_ok(), "{}: {:?}", engine.name(), c.result);
+                }
+            }
+            drop(engine);
+            let file = std::fs::read(&path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            prop_assert!(file == model, "engine {k} differs from the model");
+            contents.push(file);
+        }
+        prop_assert!(contents.windows(2).all(|w| w[0] == w[1]));
+    }
+}
+
+/// 4 KiB random reads at QD1 and QD32 per engine; prints IOPS (a measurement, not a
+/// test: run with `cargo test --release --test engines -- --ignored --nocapture`).
+#[test]
+#[ignore = "benchmark"]
+fn bench_randread_4k() {
+    let size = 256 * MIB;
+    let path = image_path("bench");
+    {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path);
+        let chunk = vec![0x5au8; MIB as usize];
+        let mut file = file.unwrap();
+        for _ in 0..size / MIB {
+            std::io::Write::write_all(&mut file, &chunk).unwrap();
+        }
+        file.sync_all().unwrap();
+    }
+    let disk = Disk::open(&path, DiskOptions::default()).unwrap();
+    let blocks = size / 4096;
+    for qd in [1usize, 32] {
+        for mut engine in engines(&disk) {
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng % blocks) * 4096
+            };
+            let mut bufs: Vec<AlignedBuf> =
+                (0..qd).map(|_| AlignedBuf::new(4096, disk.mem_align())).collect();
+            let mut out = Vec::new();
+            let duration = Duration::from_secs(3);
+            let start = Instant::now();
+            let mut ops = 0u64;
+            let mut issue = |engine: &mut dyn Engine, buf: AlignedBuf| {
+                engine.submit(IoOp {
+                    kind: IoKind::Read,
+                    offset: next(),
+                    len: 0,
+                    buf,
+                    user: 0,
+                });
+            };
+            for b in bufs.drain(..) {
+                issue(engine.as_mut(), b);
+            }
+            engine.commit().unwrap();
+            while start.elapsed() < duration {
+                engine.wait().unwrap();
+                engine.reap(&mut out);
+                for c in out.drain(..) {
+                    assert!(c.result.is_ok());
+                    ops += 1;
+                    issue(engine.as_mut(), c.buf);
+                }
+                engine.commit().unwrap();
+            }
+            while engine.in_flight() > 0 {
+                engine.wait().unwrap();
+                engine.reap(&mut out);
+                out.clear();
+            }
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "{:>8} QD{qd:<2} 4k randread: {:>7.0} IOPS (mean latency {:.1} us)",
+                engine.name(),
+                ops as f64 / secs,
+                secs * 1e6 / ops as f64 * qd as f64
+            );
+        }
+    }
+    drop(disk);
+    std::fs::remove_file(path).unwrap();
+}
