@@ -195,7 +195,7 @@ pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
             let vs = memcpy(r.size).filter(|m| *m > 0.0).map(|m| r.rate / m);
             vec![
                 Cell::Text(r.model.clone()),
-                Cell::Num(f64::from(r.size)),
+                Cell::Int(u64::from(r.size)),
                 Cell::Text(r.way.map_or("(reference)", Way::label).to_string()),
                 Cell::Num(r.rate),
                 Cell::Num(gbit),
@@ -210,5 +210,105 @@ pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
             .to_vec(),
         rows,
         notes,
+    }
+}
+
+/// Runs every model (and memcpy) over every size and direction.
+pub fn run(cfg: &ModelBenchConfig) -> Table {
+    use crate::models;
+    use std::cell::Cell;
+    let mut rows = Vec::new();
+    for &size in &cfg.sizes {
+        tracing::info!("memcpy, {size} B");
+        rows.push(Row {
+            model: "memcpy".into(),
+            size,
+            way: None,
+            rate: memcpy_rate(size, cfg),
+        });
+        for way in [Way::ToDevice, Way::FromDevice] {
+            let label = way.label();
+            tracing::info!("model 1 shared-page, {size} B, {label}");
+            let f = models::shared_page();
+            rows.push(row(
+                "1 shared-page",
+                size,
+                way,
+                measure(&f, &guest_alloc(&f), size, way, cfg),
+            ));
+
+            tracing::info!("model 2 direct, {size} B, {label}");
+            let f = models::direct();
+            rows.push(row(
+                "2 direct",
+                size,
+                way,
+                measure(&f, &guest_alloc(&f), size, way, cfg),
+            ));
+
+            tracing::info!("model 3 hypervisor-copy, {size} B, {label}");
+            let f = models::hypervisor_copy();
+            rows.push(row(
+                "3 hypervisor-copy",
+                size,
+                way,
+                measure(&f, &guest_alloc(&f), size, way, cfg),
+            ));
+
+            tracing::info!("model 4 grant, one-shot grants, {size} B, {label}");
+            let f = models::grant();
+            rows.push(row(
+                "4 grant (one-shot)",
+                size,
+                way,
+                measure(&f, &guest_alloc(&f), size, way, cfg),
+            ));
+
+            tracing::info!("model 4 grant, persistent pool, {size} B, {label}");
+            let f = models::grant();
+            // The pool exists before the queue, so the queue's share uses it.
+            let pool = f
+                .driver
+                .persistent_pool(u64::from(size.next_multiple_of(64)) * cfg.batch as u64)
+                .expect("persistent pool");
+            let next = Cell::new(0u64);
+            let from_pool = |len: u32| {
+                let at = next.get();
+                next.set(at + u64::from(len.next_multiple_of(64)));
+                pool.buf(at, len).expect("pool sized for the batch")
+            };
+            rows.push(row(
+                "4 grant (persistent)",
+                size,
+                way,
+                measure(&f, &from_pool, size, way, cfg),
+            ));
+        }
+    }
+    table(
+        &format!(
+            "sharing models: buffers moved through a split ring, batches of {}, one thread, medians of {}",
+            cfg.batch, cfg.reps
+        ),
+        &rows,
+        vec![
+            "driver->device: the device copies each readable buffer into its own memory; device->driver: the reverse".into(),
+            "memcpy: the same buffers copied between two private arrays, same run".into(),
+        ],
+    )
+}
+
+/// Buffers from the guest's general allocator.
+fn guest_alloc<D, V>(f: &Fixture<D, V>) -> impl Fn(u32) -> GuestBuf + use<D, V> {
+    let mem = f.guest.memory().clone();
+    move |len: u32| GuestBuf::new(mem.alloc(u64::from(len), 64).expect("guest memory"), len)
+}
+
+fn row(model: &str, size: u32, way: Way, rate: f64) -> Row {
+    Row {
+        model: model.to_string(),
+        size,
+        way: Some(way),
+        rate,
     }
 }

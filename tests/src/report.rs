@@ -112,6 +112,8 @@ pub enum Cell {
     Text(String),
     /// A number, printed with [`fmt_num`] and kept exact in JSON.
     Num(f64),
+    /// A whole number (a size, a count), printed exactly with thousands separators.
+    Int(u64),
 }
 
 impl Cell {
@@ -119,6 +121,7 @@ impl Cell {
         match self {
             Cell::Text(s) => s.clone(),
             Cell::Num(v) => fmt_num(*v),
+            Cell::Int(v) => fmt_int(*v),
         }
     }
 }
@@ -152,7 +155,11 @@ impl Table {
         }
         // A column is numeric (right-aligned) if any of its cells is a number.
         let numeric: Vec<bool> = (0..self.columns.len())
-            .map(|i| self.rows.iter().any(|r| matches!(r.get(i), Some(Cell::Num(_)))))
+            .map(|i| {
+                self.rows
+                    .iter()
+                    .any(|r| matches!(r.get(i), Some(Cell::Num(_) | Cell::Int(_))))
+            })
             .collect();
         let mut out = String::new();
         let _ = writeln!(out, "{}", self.title);
@@ -187,16 +194,10 @@ pub fn fmt_num(v: f64) -> String {
         return format!("{v}");
     }
     if v.abs() >= 1000.0 {
-        // Whole numbers with separators: 6,123,456.
-        let s = format!("{:.0}", v.abs());
-        let mut out = String::new();
-        for (i, ch) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(ch);
-        }
-        if v < 0.0 { format!("-{out}") } else { out }
+        // Rounded to a whole number, with separators: 6,123,456.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // |v| >= 1000, finite
+        let whole = fmt_int(v.abs().round() as u64);
+        if v < 0.0 { format!("-{whole}") } else { whole }
     } else if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
@@ -204,6 +205,19 @@ pub fn fmt_num(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
+}
+
+/// A whole number with thousands separators: 65,536.
+pub fn fmt_int(v: u64) -> String {
+    let s = v.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 /// The median of `xs` (sorted in place); 0 for an empty slice.
@@ -243,6 +257,10 @@ mod tests {
         assert_eq!(fmt_num(612.4), "612");
         assert_eq!(fmt_num(12.34), "12.3");
         assert_eq!(fmt_num(0.456), "0.46");
+        assert_eq!(fmt_num(-2500.0), "-2,500");
+        assert_eq!(fmt_int(64), "64");
+        assert_eq!(fmt_int(65536), "65,536");
+        assert_eq!(fmt_int(1_000_000), "1,000,000");
     }
 
     #[test]

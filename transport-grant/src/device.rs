@@ -20,8 +20,8 @@ use crate::error::GrantError;
 use crate::service::{GrantMapping, GrantService, GrantTable};
 use crate::table::{GrantRef, PAGE_BYTES, PAGE_SIZE};
 use hypervisor::DomainId;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::cell::RefCell;
+use std::sync::Arc;
 use virtio_core::access::check_within;
 use virtio_core::ring::layout::SplitLayout;
 use virtio_core::{AccessError, DeviceModel, DeviceQueue, ModelError, QueueAddrs, Segment, SplitRingMemory};
@@ -116,7 +116,7 @@ impl DeviceModel for GrantDevice {
                 table: self.table.clone(),
                 backend: self.backend,
                 _rings: [desc_m, avail_m, used_m],
-                cache: Mutex::new(HashMap::new()),
+                cache: RefCell::new(PageCache::default()),
             },
         })
     }
@@ -130,8 +130,67 @@ pub struct GrantMemory {
     backend: DomainId,
     /// The ring mappings, held (pinning the ring grants) for the queue's life.
     _rings: [GrantMapping; 3],
-    /// Persistent references mapped so far: reference -> one-page mapping.
-    cache: Mutex<HashMap<u32, GrantMapping>>,
+    /// Persistent references mapped so far. A queue's memory is used by one thread
+    /// (the queue's worker), so the cache needs no lock: `GrantMemory` is `Send` but
+    /// not `Sync`.
+    cache: RefCell<PageCache>,
+}
+
+/// References above this are served by copy rather than cached (refs are handed out
+/// low first, so persistent pools sit far below it).
+const MAX_CACHED_REF: u32 = 1 << 16;
+
+/// Persistent mappings indexed directly by reference: one bounds check and one load
+/// per page, no hashing.
+#[derive(Debug, Default)]
+struct PageCache {
+    slots: Vec<Option<GrantMapping>>,
+    count: usize,
+    /// Where the eviction scan resumes.
+    clock: usize,
+}
+
+impl PageCache {
+    fn get(&self, gref: u32) -> Option<&GrantMapping> {
+        self.slots.get(gref as usize)?.as_ref()
+    }
+
+    /// Caches `m` for `gref`, evicting another mapping when full.
+    fn insert(&mut self, gref: u32, m: GrantMapping) -> Option<&GrantMapping> {
+        if gref >= MAX_CACHED_REF {
+            return None;
+        }
+        let i = gref as usize;
+        if self.slots.len() <= i {
+            self.slots.resize_with(i + 1, || None);
+        }
+        if self.slots[i].is_none() {
+            if self.count >= MAX_CACHED_PAGES {
+                self.evict_one();
+            }
+            self.count += 1;
+        }
+        self.slots[i] = Some(m);
+        self.slots[i].as_ref()
+    }
+
+    fn evict_one(&mut self) {
+        let n = self.slots.len();
+        for k in 0..n {
+            let i = (self.clock + k) % n;
+            if self.slots[i].take().is_some() {
+                self.count -= 1;
+                self.clock = (i + 1) % n;
+                return;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.count = 0;
+        self.clock = 0;
+    }
 }
 
 fn access(e: GrantError) -> AccessError {
@@ -163,12 +222,12 @@ fn pieces(a: GrantAddr, offset: u32, len: usize) -> impl Iterator<Item = (u32, u
 impl GrantMemory {
     /// Mappings in the persistent cache (diagnostics).
     pub fn cached_pages(&self) -> usize {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.cache.borrow().count
     }
 
     /// Drops every cached persistent mapping, so the driver can end those grants.
     pub fn flush_cache(&self) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.cache.borrow_mut().clear();
     }
 
     /// Whether `[a.offset, a.offset + len)` may go through the cache.
@@ -188,18 +247,14 @@ impl GrantMemory {
         write: bool,
         mut op: impl FnMut(&GrantMapping, u64, usize, usize) -> Result<(), GrantError>,
     ) -> Option<Result<(), GrantError>> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.cache.borrow_mut();
         let mut range = None;
         for (gref, in_page, n, at) in pieces(a, offset, len.max(1)) {
-            if !cache.contains_key(&gref) {
-                if cache.len() >= MAX_CACHED_PAGES {
-                    let victim = cache.keys().next().copied()?;
-                    cache.remove(&victim);
-                }
+            if cache.get(gref).is_none() {
                 let m = self.table.map(self.backend, GrantRef(gref), 1, None).ok()?;
-                cache.insert(gref, m);
+                cache.insert(gref, m)?;
             }
-            let m = cache.get(&gref)?;
+            let m = cache.get(gref)?;
             if *range.get_or_insert(m.range_first()) != m.range_first() || (write && !m.is_writable()) {
                 return None;
             }

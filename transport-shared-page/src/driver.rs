@@ -150,7 +150,6 @@ impl DriverModel for SharedPageDriver {
             alloc: BounceAlloc::new(area.len() as u64),
             bounce: area,
             base: bounce.start,
-            scratch: vec![0; CHUNK].into_boxed_slice(),
             _claim: claim,
         };
         Ok(DriverQueue { addrs, ring, share })
@@ -174,11 +173,6 @@ impl Drop for Claim {
         self.0.store(false, Ordering::Release);
     }
 }
-
-/// Bytes copied per step between guest memory and the bounce area. The two regions
-/// cannot be copied between directly without unsafe code, so each step goes through
-/// a private buffer; at 16 KiB it stays in L1, and the second copy is cheap.
-const CHUNK: usize = 16 * 1024;
 
 /// What an exposed buffer was, for [`SharedPageShare::retire`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,7 +210,6 @@ pub struct SharedPageShare {
     /// Model address of the bounce area's first byte.
     base: u64,
     alloc: BounceAlloc,
-    scratch: Box<[u8]>,
     _claim: Claim,
 }
 
@@ -250,32 +243,19 @@ impl SharedPageShare {
         self.base..self.base + self.bounce.len() as u64
     }
 
-    /// Copies `len` bytes of guest memory at `gpa` into the bounce area at `off`.
+    /// Copies `len` bytes of guest memory at `gpa` into the bounce area at `off`:
+    /// one copy, region to region.
     fn copy_in(&mut self, gpa: u64, off: u64, len: u32) -> Result<(), MemoryError> {
         let len = u64::from(len);
-        let mut done = 0;
-        while done < len {
-            let n = usize::try_from(len - done).map_or(CHUNK, |left| left.min(CHUNK));
-            let chunk = &mut self.scratch[..n];
-            self.memory.read(gpa + done, chunk)?;
-            self.bounce.write(off + done, chunk)?;
-            done += n as u64;
-        }
-        Ok(())
+        let guest = self.memory.region(gpa, len)?;
+        Ok(guest.copy_to(0, &self.bounce, off, len)?)
     }
 
     /// Copies `len` bytes of the bounce area at `off` back to guest memory at `gpa`.
     fn copy_out(&mut self, off: u64, gpa: u64, len: u32) -> Result<(), MemoryError> {
         let len = u64::from(len);
-        let mut done = 0;
-        while done < len {
-            let n = usize::try_from(len - done).map_or(CHUNK, |left| left.min(CHUNK));
-            let chunk = &mut self.scratch[..n];
-            self.bounce.read(off + done, chunk)?;
-            self.memory.write(gpa + done, chunk)?;
-            done += n as u64;
-        }
-        Ok(())
+        let guest = self.memory.region(gpa, len)?;
+        Ok(self.bounce.copy_to(off, &guest, 0, len)?)
     }
 
     fn exposed(&self, block: Block, len: u32, kind: Kind, guest: u64) -> Exposed<BounceToken> {

@@ -20,7 +20,7 @@ use std::fmt;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 /// Why a region access was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -175,6 +175,25 @@ impl Region {
         Ok(())
     }
 
+    /// Copies `len` bytes from this region at `offset` into `dst` at `dst_offset`, in
+    /// one pass (no private bounce). The ranges may overlap, even through different
+    /// mappings of the same pages.
+    pub fn copy_to(&self, offset: u64, dst: &Region, dst_offset: u64, len: u64) -> Result<(), RegionError> {
+        if !dst.writable {
+            return Err(RegionError::ReadOnly);
+        }
+        let from = self.check(offset, len)?;
+        let to = dst.check(dst_offset, len)?;
+        let len = usize::try_from(len).unwrap_or(0); // `len <= self.len` by `check`
+        // SAFETY: both ranges are in bounds of mappings kept alive by `self` and `dst`
+        // (checked above), the destination is writable (checked); `ptr::copy` has
+        // memmove semantics, so overlapping ranges (two views of one page) are fine.
+        // As in `read`, a concurrent writer on the other side can only make us copy
+        // arbitrary bytes.
+        unsafe { std::ptr::copy(self.base.as_ptr().add(from), dst.base.as_ptr().add(to), len) };
+        Ok(())
+    }
+
     /// Fills `[offset, offset + len)` with zeros.
     pub fn zero(&self, offset: u64, len: u64) -> Result<(), RegionError> {
         if !self.writable {
@@ -185,6 +204,17 @@ impl Region {
         // SAFETY: in bounds and writable, as checked just above.
         unsafe { std::ptr::write_bytes(self.base.as_ptr().add(start), 0, len) };
         Ok(())
+    }
+
+    /// Loads the little-endian `u16` at `offset` (2-byte aligned) with one atomic
+    /// access: for reading a ring index the other side publishes.
+    pub fn load_u16(&self, offset: u64, order: Ordering) -> Result<u16, RegionError> {
+        Ok(u16::from_le(self.u16s(offset, 1)?[0].load(order)))
+    }
+
+    /// Loads the little-endian `u32` at `offset` (4-byte aligned) with one atomic access.
+    pub fn load_u32(&self, offset: u64, order: Ordering) -> Result<u32, RegionError> {
+        Ok(u32::from_le(self.u32s(offset, 1)?[0].load(order)))
     }
 
     /// `count` 16-bit atomics starting at `offset`.
@@ -410,7 +440,6 @@ impl Drop for Mapping {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
-    use std::sync::atomic::Ordering;
 
     #[test]
     fn bounds_and_permissions_are_checked() {
@@ -450,6 +479,24 @@ mod tests {
         let mut b = [0u8; 4];
         r.read(8, &mut b).unwrap();
         assert_eq!(u32::from_ne_bytes(b), 0xdead_beef);
+    }
+
+    #[test]
+    fn region_to_region_copies_check_both_sides() {
+        let a = Mapping::anonymous(4096).unwrap().region();
+        let b = Mapping::anonymous(4096).unwrap().region();
+        a.write(10, b"payload").unwrap();
+        a.copy_to(10, &b, 100, 7).unwrap();
+        let mut got = [0u8; 7];
+        b.read(100, &mut got).unwrap();
+        assert_eq!(&got, b"payload");
+        // Overlapping ranges of one region behave like memmove.
+        a.copy_to(10, &a, 12, 7).unwrap();
+        a.read(12, &mut got).unwrap();
+        assert_eq!(&got, b"payload");
+        assert!(a.copy_to(4090, &b, 0, 7).is_err());
+        assert!(a.copy_to(0, &b, 4090, 7).is_err());
+        assert_eq!(a.copy_to(0, &b.read_only(), 0, 1), Err(RegionError::ReadOnly));
     }
 
     #[test]

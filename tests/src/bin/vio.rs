@@ -6,7 +6,8 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
-use vio::report::Report;
+use vio::model_bench::{self, ModelBenchConfig};
+use vio::report::Table;
 use vio::ring_bench::{self, RingBenchConfig};
 
 #[derive(Parser)]
@@ -40,6 +41,22 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Sharing-model benchmark: 64 B, 1514 B and 64 KiB buffers moved each way over
+    /// each of the four models, with memcpy measured in the same run.
+    ModelBench {
+        /// Repetitions per figure (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Milliseconds per repetition.
+        #[arg(long, default_value_t = 400)]
+        millis: u64,
+        /// Buffers per batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,8 +69,32 @@ fn main() -> std::process::ExitCode {
         .with_target(false)
         .init();
     let cli = Cli::parse();
-    let (report, json) = match cli.command {
-        Command::Demo { json } => (ring_bench::run(&RingBenchConfig::quick()), json),
+    let (tables, json) = match cli.command {
+        Command::Demo { json } => (
+            vec![
+                ring_bench::run(&RingBenchConfig::quick()).to_table(),
+                model_bench::run(&ModelBenchConfig::quick()),
+            ],
+            json,
+        ),
+        Command::ModelBench {
+            reps,
+            millis,
+            batch,
+            json,
+        } => {
+            if !(1..=1024).contains(&batch) {
+                eprintln!("error: batch must be between 1 and 1024, not {batch}");
+                return std::process::ExitCode::from(2);
+            }
+            let cfg = ModelBenchConfig {
+                reps: reps.max(1),
+                run_time: Duration::from_millis(millis.max(10)),
+                batch,
+                ..ModelBenchConfig::full()
+            };
+            (vec![model_bench::run(&cfg)], json)
+        }
         Command::RingBench {
             reps,
             millis,
@@ -70,16 +111,28 @@ fn main() -> std::process::ExitCode {
                 queue_size,
                 ..RingBenchConfig::full()
             };
-            (ring_bench::run(&cfg), json)
+            (vec![ring_bench::run(&cfg).to_table()], json)
         }
     };
-    finish(&report, json)
+    finish(&tables, json)
 }
 
-fn finish(report: &Report, json: Option<PathBuf>) -> std::process::ExitCode {
-    print!("{}", report.table());
+fn finish(tables: &[Table], json: Option<PathBuf>) -> std::process::ExitCode {
+    for (i, t) in tables.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print!("{}", t.render());
+    }
     if let Some(path) = json {
-        if let Err(e) = report.write_json(&path) {
+        let text = match serde_json::to_string_pretty(tables) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: encoding figures: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = std::fs::write(&path, text + "\n") {
             eprintln!("error: writing {}: {e}", path.display());
             return std::process::ExitCode::FAILURE;
         }

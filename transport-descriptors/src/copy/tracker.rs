@@ -26,7 +26,7 @@
 //! device returned is never served from the cache.
 
 use hypervisor::GuestMemory;
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::Ordering;
 use virtio_core::DescSlot;
 use virtio_core::ring::layout::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use virtio_core::ring::split::SplitRingMemory;
@@ -91,24 +91,17 @@ fn cache_key(head: u16, slot: DescSlot) -> (usize, u32) {
     (way, u32::from(head) << 16 | u32::from(code))
 }
 
-/// Two bytes at `off` of a ring region; the regions are sized by the layout, so the
-/// read cannot fail, and 0 is a harmless value if it ever did.
+/// The `u16` at `off` of a ring region, one atomic load. The regions are sized and
+/// aligned by the layout, so the load cannot fail, and 0 is a harmless value if it
+/// ever did.
 #[inline]
-fn load_u16(r: &Region, off: u64) -> u16 {
-    let mut b = [0u8; 2];
-    match r.read(off, &mut b) {
-        Ok(()) => u16::from_le_bytes(b),
-        Err(_) => 0,
-    }
+fn load_u16(r: &Region, off: u64, order: Ordering) -> u16 {
+    r.load_u16(off, order).unwrap_or(0)
 }
 
 #[inline]
 fn load_u32(r: &Region, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    match r.read(off, &mut b) {
-        Ok(()) => u32::from_le_bytes(b),
-        Err(_) => u32::MAX,
-    }
+    r.load_u32(off, Ordering::Relaxed).unwrap_or(u32::MAX)
 }
 
 /// Ownership and membership state of one registered queue.
@@ -173,10 +166,9 @@ impl Tracker {
 
     /// Accounts new available-ring entries (virtio 1.2 §2.7.6).
     fn sync_avail(&mut self) {
-        let idx = load_u16(&self.ring.avail, 2);
-        // Pairs with the driver's Release store of avail.idx: the ring entries and the
-        // descriptors it published are visible to the loads below.
-        fence(Ordering::Acquire);
+        // Acquire pairs with the driver's Release store of avail.idx: the ring entries
+        // and the descriptors it published are visible to the loads below.
+        let idx = load_u16(&self.ring.avail, 2, Ordering::Acquire);
         let n = idx.wrapping_sub(self.avail_pos);
         if n == 0 {
             return;
@@ -193,7 +185,7 @@ impl Tracker {
         }
         for k in 0..n {
             let pos = self.avail_pos.wrapping_add(k);
-            let head = load_u16(&self.ring.avail, 4 + 2 * self.slot(pos));
+            let head = load_u16(&self.ring.avail, 4 + 2 * self.slot(pos), Ordering::Relaxed);
             if let Some(c) = self.owned.get_mut(usize::from(head)) {
                 *c = c.saturating_add(1);
             }
@@ -204,11 +196,10 @@ impl Tracker {
     /// Accounts new used-ring entries (virtio 1.2 §2.7.8); called at the start of
     /// every helper call.
     pub(super) fn refresh_used(&mut self) {
-        let idx = load_u16(&self.ring.used, 2);
-        // Pairs with the device's Release store of used.idx (its elements are visible).
-        // Loading used.idx before avail.idx (in `complete`) is what keeps completions
-        // after the availabilities they answer.
-        fence(Ordering::Acquire);
+        // Acquire pairs with the device's Release store of used.idx (its elements are
+        // visible). Loading used.idx before avail.idx (in `complete`) is what keeps
+        // completions after the availabilities they answer.
+        let idx = load_u16(&self.ring.used, 2, Ordering::Acquire);
         let n = idx.wrapping_sub(self.used_pos);
         if n == 0 {
             return;
