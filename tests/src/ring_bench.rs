@@ -65,6 +65,13 @@ pub fn run(cfg: &RingBenchConfig) -> Report {
 
     let mut ours = Vec::new();
     let mut peer = Vec::new();
+    // One unrecorded round of each first: page faults, caches, clock ramp-up.
+    let warm = RingBenchConfig {
+        single_thread_chains: cfg.single_thread_chains / 4,
+        ..*cfg
+    };
+    pop_add_used_ours(&warm, features);
+    pop_add_used_peer(&warm, features);
     for rep in 1..=cfg.reps {
         tracing::info!("device pop + add_used, one thread: repetition {rep}/{}", cfg.reps);
         ours.push(pop_add_used_ours(cfg, features));
