@@ -59,9 +59,9 @@ pub mod ring;
 pub mod share;
 pub mod shm;
 pub mod status;
-pub mod transport;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
+pub mod transport;
 
 pub use access::{AccessError, DescSlot, DeviceMemory, ReadOp, Segment, WriteOp};
 pub use model::{DeviceModel, DeviceQueue, DriverModel, DriverQueue, ModelError, QueueAddrs};
