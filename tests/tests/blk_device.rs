@@ -390,3 +390,97 @@ fn reset_with_requests_in_flight_writes_nothing_afterwards() {
     tokens.sort_unstable();
     assert_eq!(tokens, (0..32).collect::<Vec<u32>>());
 }
+
+#[test]
+fn driver_switches_the_cache_mode_with_config_wce() {
+    use virtio_core::lifecycle::ControlPlane;
+    let r = rig(models::direct(), "wce.img", BlkSettings::default(), false);
+    let at = std::mem::offset_of!(blk::BlkConfig, writeback);
+    let mut wb = [9u8];
+    r.transport.read_config(at, &mut wb);
+    assert_eq!(wb, [1], "writeback by default");
+    r.transport.write_config(at, &[0]);
+    assert_eq!(
+        r.transport.with_handler(|d| d.cache_mode()),
+        CacheMode::Writethrough
+    );
+    r.transport.read_config(at, &mut wb);
+    assert_eq!(wb, [0]);
+    // Other fields stay read-only.
+    r.transport.write_config(0, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    let mut cap = [0u8; 8];
+    r.transport.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), DISK_BYTES / 512);
+    r.transport.write_config(at, &[7]);
+    assert_eq!(
+        r.transport.with_handler(|d| d.cache_mode()),
+        CacheMode::Writethrough,
+        "bad value ignored"
+    );
+}
+
+#[test]
+fn two_queues_serve_concurrently() {
+    let Fixture {
+        guest,
+        driver,
+        device,
+    } = models::direct();
+    let disk = Disk::open(image("mq.img"), DiskOptions::default()).unwrap();
+    let settings = BlkSettings {
+        queues: 2,
+        ..BlkSettings::default()
+    };
+    let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
+    let transport = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
+    let wanted = BlkFeatures::all().bits() | Features::EVENT_IDX.bits();
+    let features = initialize(&transport, wanted, blk::BLK_DEPENDENCIES).unwrap();
+    assert_ne!(features & BlkFeatures::MQ.bits(), 0);
+    let mut rings = Vec::new();
+    for i in 0..2 {
+        let q = driver.create_queue(i, 32).unwrap();
+        transport.setup_queue(i, 32, q.addrs).unwrap();
+        rings.push(
+            SplitDriver::<_, u32>::new(32, q.ring, q.share, Features::from_bits_retain(features)).unwrap(),
+        );
+    }
+    driver_ok(&transport).unwrap();
+    let mem = guest.memory();
+    let buf = |bytes: &[u8]| {
+        let at = mem.alloc(bytes.len() as u64, 512).unwrap();
+        mem.write(at, bytes).unwrap();
+        GuestBuf::new(at, u32::try_from(bytes.len()).unwrap())
+    };
+    // Each queue writes its own sectors, in parallel batches.
+    let mut statuses = Vec::new();
+    for (qi, ring) in rings.iter_mut().enumerate() {
+        for k in 0..8u64 {
+            let sector = 1000 * qi as u64 + 8 * k;
+            let hdr = buf(BlkReqHeader::new(blk::VIRTIO_BLK_T_OUT, sector).as_bytes());
+            let data = buf(&pattern(qi as u8 * 16 + k as u8, 4096));
+            let st = buf(&[0xff]);
+            ring.add(&[hdr, data], &[st], k as u32).unwrap();
+            statuses.push(st);
+        }
+        transport.notify_queue(u16::try_from(qi).unwrap()).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (qi, ring) in rings.iter_mut().enumerate() {
+        let mut n = 0;
+        while n < 8 {
+            assert!(Instant::now() < deadline, "queue {qi} stalled");
+            match ring.pop_used().unwrap() {
+                Some(_) => n += 1,
+                None => {
+                    let irq = transport.interrupt(u16::try_from(qi).unwrap()).unwrap();
+                    let _ = irq.wait(Some(Duration::from_millis(50)));
+                }
+            }
+        }
+    }
+    for st in statuses {
+        let mut s = [0u8];
+        mem.read(st.addr, &mut s).unwrap();
+        assert_eq!(s[0], blk::VIRTIO_BLK_S_OK);
+    }
+}

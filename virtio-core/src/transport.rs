@@ -86,6 +86,15 @@ pub trait DeviceHandler: Send {
     /// The driver reset the device: stop serving and return only when no guest memory
     /// will be read or written any more.
     fn reset(&mut self);
+
+    /// The driver wrote `data` at `offset` of the configuration space. Return `true`
+    /// to accept it (the bytes are then stored and readable), `false` to ignore it.
+    /// The default accepts nothing: configuration space is read-only unless a device
+    /// type says otherwise.
+    fn write_config(&mut self, features: u64, offset: usize, data: &[u8]) -> bool {
+        let _ = (features, offset, data);
+        false
+    }
 }
 
 /// A transport that connects a driver to a [`DeviceHandler`] in the same process.
@@ -236,6 +245,19 @@ impl<H: DeviceHandler> ControlPlane for InProcessTransport<H> {
     fn read_config(&self, offset: usize, buf: &mut [u8]) {
         if self.lock().lifecycle.config().read(offset, buf).is_err() {
             buf.fill(0);
+        }
+    }
+
+    fn write_config(&self, offset: usize, data: &[u8]) {
+        let mut st = self.lock();
+        let features = st.lifecycle.driver_features();
+        if !st.handler.write_config(features, offset, data) {
+            tracing::debug!(offset, len = data.len(), "config write ignored");
+            return;
+        }
+        // The device accepted it; the bytes become what the driver reads back.
+        if let Err(error) = st.lifecycle.update_config(offset, data) {
+            tracing::warn!(%error, "accepted config write does not fit the config space");
         }
     }
 }

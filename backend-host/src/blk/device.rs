@@ -35,6 +35,7 @@ use zerocopy::IntoBytes;
 
 /// How writes reach stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
 pub enum CacheMode {
     /// Writes may sit in the host's volatile caches until a FLUSH, which runs
     /// `fdatasync` and completes after it (the device advertises a writeback cache).
@@ -126,7 +127,32 @@ pub struct BlkDevice<V: DeviceModel> {
     /// A failed flush, latched until reset (§5.2.6.3: a later flush must not
     /// succeed as if the lost writes were safe).
     flush_failed: Arc<AtomicBool>,
+    /// The cache mode in force; the driver may switch writeback and writethrough
+    /// with CONFIG_WCE while queues run.
+    cache: Arc<SharedCache>,
     running: Vec<Running>,
+}
+
+/// A [`CacheMode`] shared with the queue workers.
+#[derive(Debug)]
+struct SharedCache(std::sync::atomic::AtomicU8);
+
+impl SharedCache {
+    fn new(mode: CacheMode) -> SharedCache {
+        SharedCache(std::sync::atomic::AtomicU8::new(mode as u8))
+    }
+
+    fn get(&self) -> CacheMode {
+        match self.0.load(Ordering::Acquire) {
+            0 => CacheMode::Writeback,
+            1 => CacheMode::Writethrough,
+            _ => CacheMode::Unsafe,
+        }
+    }
+
+    fn set(&self, mode: CacheMode) {
+        self.0.store(mode as u8, Ordering::Release);
+    }
 }
 
 struct Running {
@@ -152,6 +178,7 @@ where
 {
     /// A device serving `disk` through `model`, with workers on `runtime`.
     pub fn new(disk: Disk, model: V, settings: BlkSettings, runtime: Runtime) -> BlkDevice<V> {
+        let settings_cache = settings.cache;
         let capacity_sectors = disk.size() / blk::SECTOR_SIZE;
         let facts = DiskFacts {
             capacity_sectors,
@@ -174,13 +201,23 @@ where
             runtime,
             facts,
             flush_failed: Arc::new(AtomicBool::new(false)),
+            cache: Arc::new(SharedCache::new(settings_cache)),
             running: Vec::new(),
         }
+    }
+
+    /// The cache mode in force (the driver can change it with CONFIG_WCE).
+    pub fn cache_mode(&self) -> CacheMode {
+        self.cache.get()
     }
 
     /// The block features this device offers.
     pub fn offered(&self) -> BlkFeatures {
         let mut f = BlkFeatures::FLUSH | BlkFeatures::BLK_SIZE | BlkFeatures::SEG_MAX;
+        if self.settings.cache != CacheMode::Unsafe {
+            // The unsafe mode is a host decision the guest must not switch off.
+            f |= BlkFeatures::CONFIG_WCE;
+        }
         f |= BlkFeatures::DISCARD | BlkFeatures::WRITE_ZEROES;
         if self.settings.queues > 1 {
             f |= BlkFeatures::MQ;
@@ -251,7 +288,7 @@ where
             ring,
             parser: Parser::new(blk_features, self.facts),
             engine: self.engine()?,
-            cache: self.settings.cache,
+            cache: self.cache.clone(),
             mem_align: self.disk.mem_align(),
             serial: blk::encode_device_id(self.settings.serial.as_bytes()),
             flush_failed: self.flush_failed.clone(),
@@ -321,6 +358,26 @@ where
     fn reset(&mut self) {
         self.stop_all();
         self.flush_failed.store(false, Ordering::Release);
+        self.cache.set(self.settings.cache);
+    }
+
+    /// CONFIG_WCE: the driver switches between writeback (1) and writethrough (0) by
+    /// writing `writeback` (§5.2.5.1). Switching to writethrough makes every later
+    /// write durable at completion; data written before still needs a flush, as the
+    /// spec leaves it to the driver.
+    fn write_config(&mut self, features: u64, offset: usize, data: &[u8]) -> bool {
+        let wce = BlkFeatures::from_bits_truncate(features).contains(BlkFeatures::CONFIG_WCE);
+        if !wce || offset != std::mem::offset_of!(BlkConfig, writeback) || data.len() != 1 {
+            return false;
+        }
+        let mode = match data[0] {
+            0 => CacheMode::Writethrough,
+            1 => CacheMode::Writeback,
+            _ => return false,
+        };
+        tracing::info!(?mode, "driver switched the cache mode");
+        self.cache.set(mode);
+        true
     }
 }
 
@@ -353,7 +410,7 @@ struct Worker<M> {
     ring: SplitDevice<M>,
     parser: Parser,
     engine: Box<dyn Engine>,
-    cache: CacheMode,
+    cache: Arc<SharedCache>,
     mem_align: usize,
     serial: [u8; blk::GET_ID_LEN],
     flush_failed: Arc<AtomicBool>,
@@ -484,7 +541,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
                 {
                     status = Status::IoErr;
                 } else {
-                    let dsync = self.cache == CacheMode::Writethrough;
+                    let dsync = self.cache.get() == CacheMode::Writethrough;
                     self.engine.submit(IoOp {
                         kind: IoKind::Write { dsync },
                         offset,
@@ -498,7 +555,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
             RequestKind::Flush => {
                 if self.flush_failed.load(Ordering::Acquire) {
                     status = Status::IoErr;
-                } else if self.cache != CacheMode::Unsafe {
+                } else if self.cache.get() != CacheMode::Unsafe {
                     self.engine.submit(IoOp {
                         kind: IoKind::Flush,
                         offset: 0,

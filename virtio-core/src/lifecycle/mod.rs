@@ -479,6 +479,10 @@ pub trait ControlPlane {
     fn config_generation(&self) -> u32;
     /// Reads config bytes; out-of-range reads fill `buf` with zeros.
     fn read_config(&self, offset: usize, buf: &mut [u8]);
+    /// Writes config bytes. Only fields the device declares writable take effect
+    /// (virtio-blk's `writeback` with CONFIG_WCE, for example); other writes are
+    /// ignored, as a device ignores writes to read-only registers.
+    fn write_config(&self, offset: usize, data: &[u8]);
 }
 
 fn locked(device: &Mutex<DeviceLifecycle>) -> MutexGuard<'_, DeviceLifecycle> {
@@ -518,6 +522,15 @@ impl ControlPlane for Mutex<DeviceLifecycle> {
             warn!(%error, "config read refused");
             buf.fill(0);
         }
+    }
+
+    fn write_config(&self, offset: usize, data: &[u8]) {
+        // A bare lifecycle has no device behind it to accept a write.
+        warn!(
+            offset,
+            len = data.len(),
+            "config write ignored: no writable fields"
+        );
     }
 }
 

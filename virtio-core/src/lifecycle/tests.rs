@@ -384,6 +384,7 @@ impl ControlPlane for Scripted {
     fn read_config(&self, _: usize, buf: &mut [u8]) {
         buf.fill(0);
     }
+    fn write_config(&self, _: usize, _: &[u8]) {}
 }
 
 #[test]
