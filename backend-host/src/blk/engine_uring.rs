@@ -172,9 +172,14 @@ impl UringEngine {
         let entries = config.entries.clamp(1, 4096);
         // SUBMIT_ALL (5.18): an SQE that fails early gets its own error CQE instead of
         // stopping the batch, so every pushed SQE is answered by exactly one CQE.
+        // COOP_TASKRUN (5.19): completions are not pushed into a busy worker with an
+        // interrupt; they run at its next kernel entry. TASKRUN_FLAG tells a polling
+        // worker when that is due (see `drain_cq`), so nothing waits.
         let ring = IoUring::builder()
             .setup_cqsize(entries.saturating_mul(2))
             .setup_submit_all()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(entries)
             .map_err(EngineUnavailable::from_setup)?;
         check_opcodes(&ring)?;
@@ -301,6 +306,12 @@ impl UringEngine {
 
     /// Handles every posted CQE: final results go to `ready`, retries to `pending`.
     fn drain_cq(&mut self) {
+        if self.ring.submission().taskrun() {
+            // Completions are waiting as task work: any kernel entry runs them.
+            if let Err(e) = self.ring.submit() {
+                tracing::debug!(error = %e, "io_uring_enter to run completions failed");
+            }
+        }
         // A reused scratch vector: the CQ borrows the ring, the handling needs it too.
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(self.ring.completion());

@@ -6,6 +6,7 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
+use vio::blk_bench::{self, BlkBenchConfig};
 use vio::model_bench::{self, ModelBenchConfig};
 use vio::report::Table;
 use vio::ring_bench::{self, RingBenchConfig};
@@ -37,6 +38,28 @@ enum Command {
         /// Queue size (a power of two up to 32768).
         #[arg(long, default_value_t = 256)]
         queue_size: u16,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Block benchmark: our virtio-blk path (model 2, io_uring, O_DIRECT) against fio on
+    /// the same file: 4k randread QD1/QD32, randwrite QD32, write + flush QD1.
+    BlkBench {
+        /// Image file (created and filled if missing); must not be on tmpfs.
+        #[arg(long, default_value = "target/vio-blk-bench.img")]
+        image: PathBuf,
+        /// Image size in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Repetitions (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Device adaptive-polling budget in microseconds (0 sleeps at once).
+        #[arg(long, default_value_t = 100)]
+        poll_us: u64,
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -77,6 +100,33 @@ fn main() -> std::process::ExitCode {
             ],
             json,
         ),
+        Command::BlkBench {
+            image,
+            size_mib,
+            secs,
+            reps,
+            poll_us,
+            json,
+        } => {
+            if !(0.1..=600.0).contains(&secs) || size_mib == 0 {
+                eprintln!("error: --secs must be between 0.1 and 600 and --size-mib positive");
+                return std::process::ExitCode::from(2);
+            }
+            let cfg = BlkBenchConfig {
+                image,
+                size: size_mib << 20,
+                run_time: Duration::from_secs_f64(secs),
+                reps: reps.max(1),
+                poll: Duration::from_micros(poll_us),
+            };
+            match blk_bench::run(&cfg) {
+                Ok(t) => (vec![t], json),
+                Err(e) => {
+                    eprintln!("error: block benchmark: {e} (is fio installed? apt-get install fio)");
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+        }
         Command::ModelBench {
             reps,
             millis,

@@ -1,0 +1,502 @@
+//! The driver: device initialization, the raw submit / poll API and blocking calls.
+
+use crate::bounce::Bounce;
+use crate::error::{BlkError, Broken};
+use crate::info::{BlkInfo, BlkOptions};
+use crate::queue::{Owner, Polled, Queue, QueueState, RequestId};
+use crate::request::{Completion, Request, SLOT_BYTES};
+use hypervisor::GuestMemory;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use virtio_core::blk::{BLK_DEPENDENCIES, BlkConfig, BlkFeatures, SECTOR_SIZE, check_offer};
+use virtio_core::features::Features;
+use virtio_core::lifecycle::{RESET_POLL_LIMIT, driver_ok, initialize};
+use virtio_core::notify::{EventFdNotifier, Wait};
+use virtio_core::ring::split::SplitDriver;
+use virtio_core::status::DeviceStatus;
+use virtio_core::transport::Transport;
+use virtio_core::{DriverModel, GuestBuf};
+use zerocopy::FromBytes;
+
+/// Longest a blocked thread sleeps on the interrupt before it re-checks the ring. An
+/// interrupt consumed elsewhere (another reader of the same eventfd) then costs
+/// latency, never a hang.
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// Smallest queue the driver uses: a request takes up to three descriptors.
+const MIN_QUEUE_SIZE: u16 = 4;
+
+/// A virtio-blk driver over transport `T` and sharing model `D`, with interrupt
+/// sources `W` (one per queue; an [`EventFdNotifier`] by default).
+///
+/// Methods take `&self`: each queue has its own lock, so threads (or tasks) may share
+/// the driver and use different queues without contention.
+pub struct BlkDriver<D: DriverModel, T: Transport, W: Wait = EventFdNotifier> {
+    pub(crate) transport: T,
+    model: D,
+    pub(crate) memory: Arc<GuestMemory>,
+    info: BlkInfo,
+    pub(crate) queues: Vec<Queue<D::Share, W>>,
+    timeout: Option<Duration>,
+}
+
+impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for BlkDriver<D, T, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkDriver")
+            .field("model", &self.model.name())
+            .field("info", &self.info)
+            .field("queues", &self.queues.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
+    /// Initializes the device behind `transport` (virtio 1.2 §3.1.1, §5.2.5):
+    /// negotiates features as `opts` allow, reads the configuration consistently,
+    /// creates `min(opts.queues, device queues)` queues through `model`, allocates the
+    /// request slots in `memory` (the guest's own memory) and sets DRIVER_OK.
+    /// `interrupts[i]` is queue `i`'s used-buffer notification.
+    ///
+    /// # Errors
+    /// Initialization, configuration, queue setup or allocation failures; the device
+    /// is then marked FAILED.
+    pub fn new(
+        transport: T,
+        model: D,
+        memory: Arc<GuestMemory>,
+        interrupts: Vec<W>,
+        opts: BlkOptions,
+    ) -> Result<Self, BlkError> {
+        let offered = BlkFeatures::from_bits_retain(transport.device_features());
+        if let Err(error) = check_offer(offered) {
+            tracing::warn!(%error, "device makes an offer the spec forbids");
+        }
+        let features = initialize(&transport, opts.wanted(), BLK_DEPENDENCIES)?;
+        let mut driver = BlkDriver {
+            transport,
+            model,
+            memory,
+            info: BlkInfo::new(features, &BlkConfig::default()),
+            queues: Vec::new(),
+            timeout: opts.timeout,
+        };
+        match driver.setup(features, interrupts, &opts) {
+            Ok(()) => Ok(driver),
+            Err(e) => {
+                let status = driver.transport.status();
+                driver.transport.set_status(status | DeviceStatus::FAILED.bits());
+                // Drop resets the device and frees what was allocated.
+                Err(e)
+            }
+        }
+    }
+
+    fn setup(&mut self, features: u64, interrupts: Vec<W>, opts: &BlkOptions) -> Result<(), BlkError> {
+        self.info = BlkInfo::new(features, &read_config(&self.transport)?);
+        let available = self.transport.num_queues().min(self.info.device_queues);
+        let nq = opts.queues.clamp(1, available.max(1));
+        if interrupts.len() < usize::from(nq) {
+            return Err(BlkError::MissingInterrupts {
+                given: interrupts.len(),
+                queues: nq,
+            });
+        }
+        let ring_features = Features::from_bits_retain(features);
+        for (index, irq) in (0..nq).zip(interrupts) {
+            let max = self.transport.queue_max_size(index).min(opts.queue_size);
+            if max < MIN_QUEUE_SIZE {
+                return Err(BlkError::NoQueue(index));
+            }
+            // Largest power of two not above `max` (§2.7: split queue sizes).
+            let size = 1u16 << (15 - max.leading_zeros());
+            let dq = self.model.create_queue(index, size)?;
+            let ring = SplitDriver::new(size, dq.ring, dq.share, ring_features)?;
+            let base = self.memory.alloc(SLOT_BYTES * u64::from(size), SLOT_BYTES)?;
+            // Pushed before the transport call so Drop frees the slots on failure.
+            self.queues.push(Queue {
+                index,
+                state: Mutex::new(QueueState::new(ring, base)),
+                cond: Condvar::new(),
+                irq,
+            });
+            self.transport.setup_queue(index, size, dq.addrs)?;
+        }
+        driver_ok(&self.transport)?;
+        Ok(())
+    }
+
+    /// What the device offers, as negotiated and configured.
+    pub fn info(&self) -> &BlkInfo {
+        &self.info
+    }
+
+    /// Number of queues in use.
+    pub fn num_queues(&self) -> u16 {
+        // At most `u16::MAX` queues were created (indices are u16).
+        u16::try_from(self.queues.len()).unwrap_or(u16::MAX)
+    }
+
+    /// Size of queue `queue` (the most requests it holds in flight).
+    pub fn queue_size(&self, queue: u16) -> Result<u16, BlkError> {
+        Ok(self.queue(queue)?.lock().ring.size())
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// The sharing model.
+    pub fn model(&self) -> &D {
+        &self.model
+    }
+
+    /// The guest memory requests and bounce buffers live in.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// Why queue `queue` stopped working, if it did.
+    pub fn broken(&self, queue: u16) -> Result<Option<Broken>, BlkError> {
+        Ok(self.queue(queue)?.lock().broken())
+    }
+
+    pub(crate) fn queue(&self, queue: u16) -> Result<&Queue<D::Share, W>, BlkError> {
+        self.queues
+            .get(usize::from(queue))
+            .ok_or(BlkError::NoSuchQueue(queue))
+    }
+
+    // ---- raw API: submit, kick, poll, wait ----
+
+    /// Submits `req` on `queue` without notifying the device: call [`Self::kick`] once
+    /// per batch. The result comes back through [`Self::poll`].
+    ///
+    /// # Errors
+    /// Local checks ([`BlkError::ReadOnly`], [`BlkError::OutOfRange`],
+    /// [`BlkError::BadLength`], [`BlkError::Unsupported`]), [`BlkError::QueueFull`],
+    /// [`BlkError::DeviceBroken`], a refused buffer.
+    pub fn submit(&self, queue: u16, req: Request) -> Result<RequestId, BlkError> {
+        req.check(&self.info)?;
+        let q = self.queue(queue)?;
+        let mut st = q.lock();
+        st.submit(&self.memory, queue, &req, Owner::Poller, &mut None)
+    }
+
+    /// Publishes the requests submitted since the last kick and notifies the device
+    /// if it asked for it (virtio 1.2 §2.7.13).
+    pub fn kick(&self, queue: u16) -> Result<(), BlkError> {
+        let q = self.queue(queue)?;
+        let notify = q.lock().ring.kick_prepare();
+        if notify {
+            self.transport.notify_queue(q.index)?;
+        }
+        Ok(())
+    }
+
+    /// Takes up to `budget` completed requests of [`Self::submit`], in completion
+    /// order (not submission order). NAPI-style: used-buffer notifications are off
+    /// while the ring is drained and turned back on, with a re-check, once it is
+    /// empty; if the budget runs out first they stay off and the caller polls again.
+    pub fn poll(&self, queue: u16, budget: usize) -> Result<Vec<Polled>, BlkError> {
+        let mut out = Vec::new();
+        self.poll_into(queue, budget, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::poll`] into a caller's vector (no allocation once it has capacity);
+    /// returns how many results were appended.
+    pub fn poll_into(&self, queue: u16, budget: usize, out: &mut Vec<Polled>) -> Result<usize, BlkError> {
+        let q = self.queue(queue)?;
+        let mut st = q.lock();
+        let mut woke = false;
+        st.ring.disable_notifications();
+        loop {
+            woke |= st.reap(&self.memory);
+            if st.ready_len() >= budget || st.broken().is_some() {
+                break;
+            }
+            // Empty: ask for notifications again; if used buffers slipped in
+            // meanwhile, keep draining (§2.7.10 race-free re-check).
+            if !st.ring.enable_notifications() {
+                break;
+            }
+            st.ring.disable_notifications();
+        }
+        // Someone sleeping on the interrupt relies on notifications being on.
+        if st.leader || st.runner {
+            let _ = st.ring.enable_notifications();
+        }
+        let n = st.take_ready(&self.memory, queue, budget, out);
+        drop(st);
+        if woke {
+            q.cond.notify_all();
+        }
+        Ok(n)
+    }
+
+    /// Blocks until [`Self::poll`] has results for `queue` or `timeout` passes
+    /// (`None`: forever). Returns whether results are ready.
+    ///
+    /// # Errors
+    /// [`BlkError::DeviceBroken`] once the queue is broken and nothing is left to
+    /// poll; a failing interrupt source.
+    pub fn wait(&self, queue: u16, timeout: Option<Duration>) -> Result<bool, BlkError> {
+        let q = self.queue(queue)?;
+        let deadline = deadline(timeout);
+        let (st, ok) = self.block_until(q, deadline, |st| st.ready_len() > 0 || st.broken().is_some())?;
+        match st.broken() {
+            Some(b) if st.ready_len() == 0 => Err(BlkError::DeviceBroken(b)),
+            _ => Ok(ok),
+        }
+    }
+
+    /// Sleeps until `done(state)` holds or `deadline` passes, reaping on the way.
+    /// One thread at a time waits on the interrupt (the leader); the others, and all
+    /// threads while an async runner owns the interrupt, wait on the condition
+    /// variable, which every reap that completes a waiter's request signals.
+    pub(crate) fn block_until<'q>(
+        &self,
+        q: &'q Queue<D::Share, W>,
+        deadline: Option<Instant>,
+        done: impl Fn(&QueueState<D::Share>) -> bool,
+    ) -> Result<(Held<'q, D::Share>, bool), BlkError> {
+        let mut st = q.lock();
+        loop {
+            if done(&st) {
+                return Ok((st, true));
+            }
+            let remaining = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(r) if !r.is_zero() => Some(r),
+                    _ => return Ok((st, false)),
+                },
+                None => None,
+            };
+            if st.leader || st.runner {
+                let slice = remaining.map_or(WAIT_SLICE, |r| r.min(WAIT_SLICE));
+                st = q
+                    .cond
+                    .wait_timeout(st, slice)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+            if st.reap(&self.memory) {
+                q.cond.notify_all();
+            }
+            if done(&st) {
+                continue;
+            }
+            if st.ring.enable_notifications() {
+                continue; // Used buffers arrived: reap them instead of sleeping.
+            }
+            st.leader = true;
+            drop(st);
+            let slice = remaining.map_or(WAIT_SLICE, |r| r.min(WAIT_SLICE));
+            let waited = q.irq.wait(Some(slice));
+            st = q.lock();
+            st.leader = false;
+            st.reap(&self.memory);
+            // Always: a follower may now have its result, or must take the lead.
+            q.cond.notify_all();
+            waited?;
+        }
+    }
+
+    // ---- blocking calls ----
+
+    /// Submits `req` as a waited-for request, kicks, and blocks until it completes.
+    /// Returns the bounce buffer the request carried, if any.
+    pub(crate) fn call_blocking(
+        &self,
+        queue: u16,
+        req: Request,
+        mut bounce: Option<Bounce>,
+    ) -> (Result<Completion, BlkError>, Option<Bounce>) {
+        let r = (|| {
+            req.check(&self.info)?;
+            let q = self.queue(queue)?;
+            let deadline = deadline(self.timeout);
+            // Submit, waiting for room if the queue is full.
+            let id = loop {
+                let mut st = q.lock();
+                match st.submit(&self.memory, queue, &req, Owner::Waiter, &mut bounce) {
+                    Err(BlkError::QueueFull) => {
+                        drop(st);
+                        let (st, ok) =
+                            self.block_until(q, deadline, |st| st.has_space() || st.broken().is_some())?;
+                        drop(st);
+                        if !ok {
+                            return Err(BlkError::TimedOut);
+                        }
+                    }
+                    other => break other?,
+                }
+            };
+            self.kick(queue)?;
+            let (mut st, ok) = self.block_until(q, deadline, |st| st.is_done(id))?;
+            if !ok {
+                st.abandon(&self.memory, id);
+                return Err(BlkError::TimedOut);
+            }
+            match st.take_done(id) {
+                Some((r, b)) => {
+                    bounce = b;
+                    r
+                }
+                None => Err(BlkError::DeviceBroken(Broken::Earlier)),
+            }
+        })();
+        (r, bounce)
+    }
+
+    fn blocking(&self, queue: u16, req: Request) -> Result<Completion, BlkError> {
+        self.call_blocking(queue, req, None).0
+    }
+
+    /// Reads `buf.len` bytes at `sector` into the guest buffer `buf` (zero copy).
+    pub fn read_blocking(&self, queue: u16, sector: u64, buf: GuestBuf) -> Result<(), BlkError> {
+        self.blocking(queue, Request::Read { sector, buf }).map(drop)
+    }
+
+    /// Writes the guest buffer `buf` at `sector` (zero copy).
+    pub fn write_blocking(&self, queue: u16, sector: u64, buf: GuestBuf) -> Result<(), BlkError> {
+        self.blocking(queue, Request::Write { sector, buf }).map(drop)
+    }
+
+    /// Makes every completed write durable. Without FLUSH the device is writethrough
+    /// and this returns at once (virtio 1.2 §5.2.5.2, HOSTILE rule 24).
+    pub fn flush_blocking(&self, queue: u16) -> Result<(), BlkError> {
+        if !self.info.flush {
+            self.queue(queue)?;
+            return Ok(());
+        }
+        self.blocking(queue, Request::Flush).map(drop)
+    }
+
+    /// Discards `sectors` sectors at `sector`.
+    pub fn discard_blocking(&self, queue: u16, sector: u64, sectors: u32) -> Result<(), BlkError> {
+        self.blocking(queue, Request::Discard { sector, sectors })
+            .map(drop)
+    }
+
+    /// Makes `sectors` sectors at `sector` read as zeroes; `unmap` lets the device
+    /// deallocate them.
+    pub fn write_zeroes_blocking(
+        &self,
+        queue: u16,
+        sector: u64,
+        sectors: u32,
+        unmap: bool,
+    ) -> Result<(), BlkError> {
+        self.blocking(
+            queue,
+            Request::WriteZeroes {
+                sector,
+                sectors,
+                unmap,
+            },
+        )
+        .map(drop)
+    }
+
+    /// The device ID string, up to its first NUL.
+    pub fn get_id_blocking(&self, queue: u16) -> Result<String, BlkError> {
+        match self.blocking(queue, Request::GetId)? {
+            Completion::Id(id) => Ok(id.to_string_lossy()),
+            _ => Err(BlkError::DeviceBroken(Broken::Earlier)),
+        }
+    }
+
+    /// Reads `dst.len()` bytes at `sector` into `dst`, through a driver-owned guest
+    /// bounce buffer (one copy).
+    pub fn read_bytes_blocking(&self, queue: u16, sector: u64, dst: &mut [u8]) -> Result<(), BlkError> {
+        let (len, b) = self.bounce_for(queue, dst.len())?;
+        let buf = GuestBuf::new(b.gpa, len);
+        let (r, b) = self.call_blocking(queue, Request::Read { sector, buf }, Some(b));
+        let r = r.and_then(|_| Ok(self.memory.read(buf.addr, dst)?));
+        self.give_bounce(queue, b);
+        r
+    }
+
+    /// Writes `src` at `sector` through a driver-owned guest bounce buffer (one copy).
+    pub fn write_bytes_blocking(&self, queue: u16, sector: u64, src: &[u8]) -> Result<(), BlkError> {
+        let (len, b) = self.bounce_for(queue, src.len())?;
+        let buf = GuestBuf::new(b.gpa, len);
+        if let Err(e) = self.memory.write(buf.addr, src) {
+            self.give_bounce(queue, Some(b));
+            return Err(e.into());
+        }
+        let (r, b) = self.call_blocking(queue, Request::Write { sector, buf }, Some(b));
+        self.give_bounce(queue, b);
+        r.map(drop)
+    }
+
+    /// A bounce buffer for `len` bytes, after the checks that need no device.
+    pub(crate) fn bounce_for(&self, queue: u16, len: usize) -> Result<(u32, Bounce), BlkError> {
+        let len32 = u32::try_from(len).map_err(|_| BlkError::BadLength(len as u64))?;
+        if len32 == 0 || u64::from(len32) % SECTOR_SIZE != 0 {
+            return Err(BlkError::BadLength(len as u64));
+        }
+        let q = self.queue(queue)?;
+        let b = q.lock().bounce.take(&self.memory, len32)?;
+        Ok((len32, b))
+    }
+
+    pub(crate) fn give_bounce(&self, queue: u16, b: Option<Bounce>) {
+        if let (Some(b), Ok(q)) = (b, self.queue(queue)) {
+            q.lock().bounce.give(&self.memory, b);
+        }
+    }
+}
+
+impl<D: DriverModel, T: Transport, W: Wait> Drop for BlkDriver<D, T, W> {
+    /// Resets the device and, once it reports status 0 (it no longer touches guest
+    /// memory, §2.4), takes every request back and frees the slots and bounce
+    /// buffers. If the device never acknowledges the reset, the memory is leaked
+    /// rather than handed back while the device may still write it.
+    fn drop(&mut self) {
+        self.transport.set_status(0);
+        let mut status = self.transport.status();
+        for _ in 0..RESET_POLL_LIMIT {
+            if status == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            status = self.transport.status();
+        }
+        if status != 0 {
+            tracing::error!(status, "device did not reset; leaking its request memory");
+            return;
+        }
+        for q in &self.queues {
+            q.lock().teardown(&self.memory);
+        }
+    }
+}
+
+/// A queue's state, locked.
+type Held<'q, S> = MutexGuard<'q, QueueState<S>>;
+
+fn deadline(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
+
+/// Reads the whole configuration space under one generation (§2.5.1), in naturally
+/// aligned pieces so that a shorter config space (an older device without the
+/// secure-erase fields) reads as zeroes past its end instead of failing whole.
+fn read_config(t: &impl Transport) -> Result<BlkConfig, BlkError> {
+    let mut raw = [0u8; BlkConfig::SIZE];
+    virtio_core::config::read_consistent(
+        || t.config_generation(),
+        |buf| {
+            t.read_config(0, &mut buf[..8]);
+            for off in (8..BlkConfig::SIZE).step_by(4) {
+                t.read_config(off, &mut buf[off..off + 4]);
+            }
+        },
+        &mut raw,
+    )?;
+    Ok(BlkConfig::read_from_bytes(&raw).unwrap_or_default())
+}
