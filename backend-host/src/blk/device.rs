@@ -705,11 +705,15 @@ impl<M: DeviceMemory + Send> Worker<M> {
         };
         let kind = f.req.kind().clone();
         let ok = match (&kind, &c.result) {
-            (RequestKind::Read { len, .. }, Ok(n)) if *n == u64::from(*len) => f
-                .req
-                .data()
-                .write(&f.chain, self.ring.memory(), c.buf.as_slice())
-                .is_ok(),
+            // A transfer is complete or it failed: a short count after the engine's
+            // retries is an error, never a partial success.
+            (RequestKind::Read { len, .. }, Ok(n)) => {
+                *n == u64::from(*len)
+                    && f.req
+                        .data()
+                        .write(&f.chain, self.ring.memory(), c.buf.as_slice())
+                        .is_ok()
+            }
             (RequestKind::Write { len, .. }, Ok(n)) => *n == u64::from(*len),
             (RequestKind::Flush, Ok(_)) => true,
             (RequestKind::Flush, Err(e)) => {
