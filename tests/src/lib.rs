@@ -6,3 +6,4 @@ pub mod models;
 pub mod peer;
 pub mod report;
 pub mod ring_bench;
+pub mod vd_peer;
