@@ -228,41 +228,21 @@ pub fn run(cfg: &ModelBenchConfig) -> Table {
         });
         for way in [Way::ToDevice, Way::FromDevice] {
             let label = way.label();
-            tracing::info!("model 1 shared-page, {size} B, {label}");
-            let f = models::shared_page();
-            rows.push(row(
-                "1 shared-page",
-                size,
-                way,
-                measure(&f, &guest_alloc(&f), size, way, cfg),
-            ));
-
-            tracing::info!("model 2 direct, {size} B, {label}");
-            let f = models::direct();
-            rows.push(row(
-                "2 direct",
-                size,
-                way,
-                measure(&f, &guest_alloc(&f), size, way, cfg),
-            ));
-
-            tracing::info!("model 3 hypervisor-copy, {size} B, {label}");
-            let f = models::hypervisor_copy();
-            rows.push(row(
-                "3 hypervisor-copy",
-                size,
-                way,
-                measure(&f, &guest_alloc(&f), size, way, cfg),
-            ));
-
-            tracing::info!("model 4 grant, one-shot grants, {size} B, {label}");
-            let f = models::grant();
-            rows.push(row(
-                "4 grant (one-shot)",
-                size,
-                way,
-                measure(&f, &guest_alloc(&f), size, way, cfg),
-            ));
+            // Each model on a fresh guest, with buffers from the guest's allocator.
+            let mut plain = |model: &str, rate: &dyn Fn() -> f64| {
+                tracing::info!("model {model}, {size} B, {label}");
+                rows.push(row(model, size, way, rate()));
+            };
+            plain("1 shared-page", &|| {
+                on_fresh(models::shared_page(), size, way, cfg)
+            });
+            plain("2 direct", &|| on_fresh(models::direct(), size, way, cfg));
+            plain("3 hypervisor-copy", &|| {
+                on_fresh(models::hypervisor_copy(), size, way, cfg)
+            });
+            plain("4 grant (one-shot)", &|| {
+                on_fresh(models::grant(), size, way, cfg)
+            });
 
             tracing::info!("model 4 grant, persistent pool, {size} B, {label}");
             let f = models::grant();
@@ -296,6 +276,16 @@ pub fn run(cfg: &ModelBenchConfig) -> Table {
             "memcpy: the same buffers copied between two private arrays, same run".into(),
         ],
     )
+}
+
+/// Measures one model on its own fixture, with buffers from the guest's allocator.
+fn on_fresh<D: DriverModel, V: DeviceModel>(
+    f: Fixture<D, V>,
+    size: u32,
+    way: Way,
+    cfg: &ModelBenchConfig,
+) -> f64 {
+    measure(&f, &guest_alloc(&f), size, way, cfg)
 }
 
 /// Buffers from the guest's general allocator.

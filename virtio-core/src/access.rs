@@ -190,47 +190,34 @@ pub trait DeviceMemory {
     }
 }
 
-impl<M: DeviceMemory + ?Sized> DeviceMemory for &M {
-    fn check(&self, seg: &Segment) -> Result<(), AccessError> {
-        (**self).check(seg)
-    }
-    fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
-        (**self).read(seg, offset, dst)
-    }
-    fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
-        (**self).write(seg, offset, src)
-    }
-    fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Result<(), AccessError> {
-        (**self).read_batch(ops)
-    }
-    fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<(), AccessError> {
-        (**self).write_batch(ops)
-    }
-    fn direct(&self, seg: &Segment) -> Option<Region> {
-        (**self).direct(seg)
-    }
+/// Forwards every method through a pointer type, so `&M` and `Arc<M>` are memories
+/// too (one device memory shared by queue workers, or borrowed by a parser).
+macro_rules! forward_device_memory {
+    ($($ptr:ty),*) => {$(
+        impl<M: DeviceMemory + ?Sized> DeviceMemory for $ptr {
+            fn check(&self, seg: &Segment) -> Result<(), AccessError> {
+                (**self).check(seg)
+            }
+            fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
+                (**self).read(seg, offset, dst)
+            }
+            fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
+                (**self).write(seg, offset, src)
+            }
+            fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Result<(), AccessError> {
+                (**self).read_batch(ops)
+            }
+            fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<(), AccessError> {
+                (**self).write_batch(ops)
+            }
+            fn direct(&self, seg: &Segment) -> Option<Region> {
+                (**self).direct(seg)
+            }
+        }
+    )*};
 }
 
-impl<M: DeviceMemory + ?Sized> DeviceMemory for std::sync::Arc<M> {
-    fn check(&self, seg: &Segment) -> Result<(), AccessError> {
-        (**self).check(seg)
-    }
-    fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
-        (**self).read(seg, offset, dst)
-    }
-    fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
-        (**self).write(seg, offset, src)
-    }
-    fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Result<(), AccessError> {
-        (**self).read_batch(ops)
-    }
-    fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<(), AccessError> {
-        (**self).write_batch(ops)
-    }
-    fn direct(&self, seg: &Segment) -> Option<Region> {
-        (**self).direct(seg)
-    }
-}
+forward_device_memory!(&M, std::sync::Arc<M>);
 
 /// Checks that `offset + len` stays inside `seg`; shared by every model.
 pub fn check_within(seg: &Segment, offset: u32, len: usize) -> Result<(), AccessError> {
