@@ -2,5 +2,8 @@
 //!
 //! - [`blk`]: virtio-blk: request parsing that enforces the spec, and execution through
 //!   io_uring (or a thread-pool fallback) with O_DIRECT and flushes that are honoured.
+//! - [`net`]: virtio-net: a device per guest port and a learning L2 switch between
+//!   ports, with per-source backlogs and drops counted per reason.
 
 pub mod blk;
+pub mod net;

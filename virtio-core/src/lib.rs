@@ -10,6 +10,8 @@
 //! - [`features`], [`status`], [`config`], [`lifecycle`]: negotiation, the device
 //!   status state machine, configuration space and driver initialisation.
 //! - [`notify`]: notifications (eventfd and in-process) and the event-index rule.
+//! - [`transport`]: the driver's view of a device and an in-process transport.
+//! - [`blk`], [`net`]: the virtio-blk and virtio-net wire formats.
 //!
 //! # Example
 //!
@@ -54,6 +56,7 @@ pub mod config;
 pub mod features;
 pub mod lifecycle;
 pub mod model;
+pub mod net;
 pub mod notify;
 pub mod ring;
 pub mod share;
