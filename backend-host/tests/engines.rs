@@ -465,6 +465,78 @@ fn ready_fd_fires_and_reap_never_blocks() {
     });
 }
 
+/// Sleeps in `poll(2)` on the engine's `ready_fd` for up to ten seconds; false if it
+/// never became readable (a lost wake-up).
+fn sleep_on_ready_fd(engine: &dyn Engine) -> bool {
+    let fd = engine.ready_fd();
+    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    let timeout = rustix::event::Timespec {
+        tv_sec: 10,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut fds, Some(&timeout)).unwrap() == 1
+}
+
+/// The queue worker's pattern, many times over: reap without blocking, and when
+/// nothing is ready but ops are in flight, sleep on `ready_fd`. Every completion
+/// must wake the sleeper however the kernel posts it: inline during submission,
+/// while the thread is busy in user space (io_uring's cooperative task work, which
+/// is not pushed into a running thread), or while it sleeps outside the ring.
+#[test]
+fn ready_fd_wakes_a_sleeping_reaper_for_every_batch() {
+    each_engine("wakeups", MIB, |disk, engine| {
+        const BATCH: u64 = 4;
+        let mut out = Vec::new();
+        for round in 0..64u64 {
+            let write_round = round % 2 == 0;
+            for k in 0..BATCH {
+                let block = (round / 2 * BATCH + k) % (MIB / 4096);
+                let user = round * BATCH + k;
+                engine.submit(if write_round {
+                    write(disk, block * 4096, 4096, user, user)
+                } else {
+                    read(disk, block * 4096, 4096, user)
+                });
+            }
+            engine.commit().unwrap();
+            // Busy for a moment, as a polling worker is, so completions may arrive
+            // while the thread runs in user space.
+            let spin = Instant::now();
+            while spin.elapsed() < Duration::from_micros(20 * (round % 4)) {
+                std::hint::spin_loop();
+            }
+            let mut got = 0;
+            loop {
+                got += engine.reap(&mut out);
+                if engine.in_flight() == 0 {
+                    break;
+                }
+                assert!(
+                    sleep_on_ready_fd(engine),
+                    "{}: round {round}: {} ops in flight and no wake-up",
+                    engine.name(),
+                    engine.in_flight()
+                );
+                engine.ack_ready();
+            }
+            assert_eq!(got as u64, BATCH, "{}: round {round}", engine.name());
+            for c in out.drain(..) {
+                assert_eq!(c.result.unwrap(), 4096, "{}: op {}", engine.name(), c.user);
+                if !write_round {
+                    // Read back what the previous round wrote there.
+                    let expect = buf(disk, 4096, pattern(c.user - BATCH));
+                    assert!(
+                        c.buf.as_slice() == expect.as_slice(),
+                        "{}: op {}",
+                        engine.name(),
+                        c.user
+                    );
+                }
+            }
+        }
+    });
+}
+
 #[test]
 fn dropping_an_engine_with_ops_in_flight_waits_for_them() {
     each_engine("drop", 8 * MIB, |disk, engine| {
@@ -715,80 +787,177 @@ proptest! {
     }
 }
 
-/// 4 KiB random reads at QD1 and QD32 per engine; prints IOPS (a measurement, not a
-/// test: run with `cargo test --release --test engines -- --ignored --nocapture`).
+/// IOPS of `fio` doing what [`bench_randread_4k`] does (io_uring, `O_DIRECT`, 4 KiB
+/// random reads) on the same file, or `None` if fio is missing or fails.
+fn fio_randread(path: &std::path::Path, size: u64, qd: usize, secs: f64) -> Option<f64> {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--bs=4k",
+            "--rw=randread",
+        ])
+        .args(["--time_based", "--output-format=terse", "--terse-version=3"])
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--size={size}"))
+        .arg(format!("--iodepth={qd}"))
+        .arg(format!("--runtime={}ms", (secs * 1000.0) as u64))
+        .output()
+        .ok()?;
+    // Terse v3: the eighth field is the read IOPS.
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success().then_some(())?;
+    text.lines().last()?.split(';').nth(7)?.parse().ok()
+}
+
+/// How the benchmark loop hands resubmissions to the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// One commit per round of reaped completions (one `io_uring_enter` for all).
+    PerRound,
+    /// One commit per op, as fio does by default (`iodepth_batch_submit=1`): the
+    /// disk starts on the first resubmission while the rest are prepared.
+    PerOp,
+}
+
+/// One engine's 4 KiB random-read IOPS at queue depth `qd` for `duration`, in the
+/// closed loop fio runs: wait for completions, resubmit each.
+fn engine_randread(
+    disk: &Disk,
+    engine: &mut dyn Engine,
+    qd: usize,
+    commit: Commit,
+    duration: Duration,
+) -> f64 {
+    let blocks = disk.size() / 4096;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % blocks) * 4096
+    };
+    let mut issue = |engine: &mut dyn Engine, buf: AlignedBuf| {
+        engine.submit(IoOp {
+            kind: IoKind::Read,
+            offset: next(),
+            len: 0,
+            buf,
+            user: 0,
+        });
+    };
+    for _ in 0..qd {
+        issue(engine, AlignedBuf::new(4096, disk.mem_align()));
+    }
+    engine.commit().unwrap();
+    let mut out = Vec::new();
+    let mut ops = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        engine.wait().unwrap();
+        engine.reap(&mut out);
+        for c in out.drain(..) {
+            assert!(c.result.is_ok());
+            ops += 1;
+            issue(engine, c.buf);
+            if commit == Commit::PerOp {
+                engine.commit().unwrap();
+            }
+        }
+        engine.commit().unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    while engine.in_flight() > 0 {
+        engine.wait().unwrap();
+        engine.reap(&mut out);
+        out.clear();
+    }
+    ops as f64 / secs
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// 4 KiB random reads at QD1 and QD32 per engine, committing per round of
+/// completions and per op, alternated with fio on the same file (the disk is shared
+/// and noisy: only same-run ratios mean much); prints the medians. A measurement, not a test: run with
+/// `cargo test --release --test engines -- --ignored --nocapture bench`.
+///
+/// `VIO_BENCH_IMAGE` names an existing image to use (say, the one `vio blk-bench`
+/// made) instead of writing a fresh 256 MiB one; `VIO_BENCH_REPS` sets the
+/// repetitions (default 3), `VIO_BENCH_SECS` their length (default 2) and
+/// `VIO_BENCH_ENGINE` picks one engine by name ("io_uring", "sync"), `VIO_BENCH_QD`
+/// one queue depth, and `VIO_BENCH_FIO=0` skips fio.
 #[test]
 #[ignore = "benchmark"]
 fn bench_randread_4k() {
-    let size = 256 * MIB;
-    let path = image_path("bench");
-    {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&path);
+    let env = |name: &str| std::env::var(name).ok();
+    let reps: usize = env("VIO_BENCH_REPS").map_or(3, |r| r.parse().unwrap());
+    let secs: f64 = env("VIO_BENCH_SECS").map_or(2.0, |r| r.parse().unwrap());
+    let (path, fresh) = match env("VIO_BENCH_IMAGE") {
+        Some(p) => (PathBuf::from(p), false),
+        None => (image_path("bench"), true),
+    };
+    if fresh {
+        let mut file = std::fs::File::create(&path).unwrap();
         let chunk = vec![0x5au8; MIB as usize];
-        let mut file = file.unwrap();
-        for _ in 0..size / MIB {
+        for _ in 0..256 {
             std::io::Write::write_all(&mut file, &chunk).unwrap();
         }
         file.sync_all().unwrap();
     }
     let disk = Disk::open(&path, DiskOptions::default()).unwrap();
-    let blocks = size / 4096;
-    for qd in [1usize, 32] {
-        for mut engine in engines(&disk) {
-            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-            let mut next = move || {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                (rng % blocks) * 4096
+    let only = env("VIO_BENCH_ENGINE");
+    let chosen = |disk: &Disk| {
+        let mut all = engines(disk);
+        all.retain(|e| only.as_deref().is_none_or(|n| n == e.name()));
+        all
+    };
+    let runs: Vec<(&str, Commit)> = chosen(&disk)
+        .iter()
+        .flat_map(|e| [(e.name(), Commit::PerRound), (e.name(), Commit::PerOp)])
+        .collect();
+    let depths = match env("VIO_BENCH_QD") {
+        Some(qd) => vec![qd.parse().unwrap()],
+        None => vec![1usize, 32],
+    };
+    let with_fio = env("VIO_BENCH_FIO").is_none_or(|f| f != "0");
+    for qd in depths {
+        let mut fio = Vec::new();
+        let mut ours = vec![Vec::new(); runs.len()];
+        for _ in 0..reps {
+            if with_fio {
+                fio.extend(fio_randread(&path, disk.size(), qd, secs));
+            }
+            for (k, &(_, commit)) in runs.iter().enumerate() {
+                let mut engine = chosen(&disk).swap_remove(k / 2);
+                let duration = Duration::from_secs_f64(secs);
+                ours[k].push(engine_randread(&disk, engine.as_mut(), qd, commit, duration));
+            }
+        }
+        let fio = (!fio.is_empty()).then(|| median(&mut fio));
+        match fio {
+            Some(f) => eprintln!("     fio QD{qd:<2} 4k randread: {f:>7.0} IOPS"),
+            None => eprintln!("     fio QD{qd:<2} 4k randread: fio unavailable"),
+        }
+        for (&(name, commit), iops) in runs.iter().zip(&mut ours) {
+            let iops = median(iops);
+            let ratio = fio.map_or(String::new(), |f| format!(", {:.2}x fio", iops / f));
+            let how = match commit {
+                Commit::PerRound => "commit per round",
+                Commit::PerOp => "commit per op",
             };
-            let mut bufs: Vec<AlignedBuf> =
-                (0..qd).map(|_| AlignedBuf::new(4096, disk.mem_align())).collect();
-            let mut out = Vec::new();
-            let duration = Duration::from_secs(3);
-            let start = Instant::now();
-            let mut ops = 0u64;
-            let mut issue = |engine: &mut dyn Engine, buf: AlignedBuf| {
-                engine.submit(IoOp {
-                    kind: IoKind::Read,
-                    offset: next(),
-                    len: 0,
-                    buf,
-                    user: 0,
-                });
-            };
-            for b in bufs.drain(..) {
-                issue(engine.as_mut(), b);
-            }
-            engine.commit().unwrap();
-            while start.elapsed() < duration {
-                engine.wait().unwrap();
-                engine.reap(&mut out);
-                for c in out.drain(..) {
-                    assert!(c.result.is_ok());
-                    ops += 1;
-                    issue(engine.as_mut(), c.buf);
-                }
-                engine.commit().unwrap();
-            }
-            while engine.in_flight() > 0 {
-                engine.wait().unwrap();
-                engine.reap(&mut out);
-                out.clear();
-            }
-            let secs = start.elapsed().as_secs_f64();
             eprintln!(
-                "{:>8} QD{qd:<2} 4k randread: {:>7.0} IOPS (mean latency {:.1} us)",
-                engine.name(),
-                ops as f64 / secs,
-                secs * 1e6 / ops as f64 * qd as f64
+                "{name:>8} QD{qd:<2} 4k randread, {how:<16}: {iops:>7.0} IOPS (mean latency {:.1} us{ratio})",
+                1e6 / iops * qd as f64
             );
         }
     }
     drop(disk);
-    std::fs::remove_file(path).unwrap();
+    if fresh {
+        std::fs::remove_file(path).unwrap();
+    }
 }

