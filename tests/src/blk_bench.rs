@@ -180,8 +180,9 @@ struct Slot {
     status: GuestBuf,
 }
 
-/// IOPS of our stack for one run.
-fn ours_iops(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> f64 {
+/// IOPS of our stack for one run, and (for write + flush) each flush's latency in
+/// microseconds, from submission to the driver seeing it used.
+fn ours_iops(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> (f64, Vec<f64>) {
     let mut o = ours(cfg, u16::try_from(depth).unwrap_or(256));
     let mem = o.guest.memory().clone();
     let slots: Vec<Slot> = (0..depth)
@@ -222,7 +223,8 @@ fn ours_iops(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> f64 {
     };
     // Warm up, then measure.
     let mut done = 0u64;
-    let mut flushing = vec![false; depth as usize];
+    let mut flushing: Vec<Option<Instant>> = vec![None; depth as usize];
+    let mut flush_us = Vec::new();
     for slot in 0..depth {
         submit(&mut o, slot, ty, next_block() * 8);
     }
@@ -240,18 +242,23 @@ fn ours_iops(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> f64 {
             .expect("status");
         assert_eq!(st[0], blk::VIRTIO_BLK_S_OK, "request failed");
         let elapsed = start.elapsed();
-        if w == Workload::WriteFlush && !flushing[slot as usize] {
-            // The write is done; its flush follows before the slot counts.
-            flushing[slot as usize] = true;
-            submit(&mut o, slot, blk::VIRTIO_BLK_T_FLUSH, 0);
-            kick(&mut o);
-            continue;
+        if w == Workload::WriteFlush {
+            match flushing[slot as usize].take() {
+                // The write is done; its flush follows before the slot counts.
+                None => {
+                    flushing[slot as usize] = Some(Instant::now());
+                    submit(&mut o, slot, blk::VIRTIO_BLK_T_FLUSH, 0);
+                    kick(&mut o);
+                    continue;
+                }
+                Some(t) if measured_from.is_some() => flush_us.push(t.elapsed().as_secs_f64() * 1e6),
+                Some(_) => {}
+            }
         }
-        flushing[slot as usize] = false;
         match measured_from {
             None if elapsed >= Duration::from_millis(200) => measured_from = Some((Instant::now(), done)),
             Some((t0, d0)) if t0.elapsed() >= cfg.run_time => {
-                return (done - d0) as f64 / t0.elapsed().as_secs_f64();
+                return ((done - d0) as f64 / t0.elapsed().as_secs_f64(), flush_us);
             }
             _ => {}
         }
@@ -261,10 +268,40 @@ fn ours_iops(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> f64 {
     }
 }
 
+/// Latencies in microseconds of raw `fdatasync` calls, each after a 4 KiB O_DIRECT
+/// write at a random block of the image: the floor our FLUSH is measured against.
+pub fn raw_fdatasync_us(cfg: &BlkBenchConfig) -> std::io::Result<Vec<f64>> {
+    use backend_host::blk::engine::AlignedBuf;
+    use std::os::unix::fs::OpenOptionsExt;
+    let direct = i32::try_from(rustix::fs::OFlags::DIRECT.bits()).map_err(std::io::Error::other)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(direct)
+        .open(&cfg.image)?;
+    let mut buf = AlignedBuf::new(4096, 4096);
+    buf.as_mut_slice().fill(0x77);
+    let blocks = cfg.size / 4096;
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < cfg.run_time * u32::try_from(cfg.reps).unwrap_or(1) {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rustix::io::pwrite(&file, buf.as_slice(), (rng % blocks) * 4096)?;
+        let t = Instant::now();
+        rustix::fs::fdatasync(&file)?;
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(out)
+}
+
 /// Runs every workload on both stacks and returns the table.
 pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
     prepare_image(&cfg.image, cfg.size)?;
     let mut rows = Vec::new();
+    let mut flush_us = Vec::new();
     for (w, depth) in [
         (Workload::RandRead, 1),
         (Workload::RandRead, 32),
@@ -276,17 +313,29 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
         for rep in 1..=cfg.reps {
             tracing::info!("{} QD{depth}: repetition {rep}/{}", w.label(), cfg.reps);
             fio.push(fio_iops(cfg, w, depth)?);
-            ours.push(ours_iops(cfg, w, depth));
+            let (iops, flushes) = ours_iops(cfg, w, depth);
+            ours.push(iops);
+            flush_us.extend(flushes);
         }
         let (fio, ours) = (median(&mut fio), median(&mut ours));
         rows.push(vec![
-            Cell::Text(w.label().into()),
+            Cell::Text(format!("{}, IOPS (peer: fio)", w.label())),
             Cell::Int(u64::from(depth)),
             Cell::Num(ours),
             Cell::Num(fio),
             Cell::Text(format!("{:.2}x", ours / fio)),
         ]);
     }
+    tracing::info!("flush latency: raw fdatasync on the image");
+    let mut raw_us = raw_fdatasync_us(cfg)?;
+    let (ours_p50, raw_p50) = (median(&mut flush_us), median(&mut raw_us));
+    rows.push(vec![
+        Cell::Text("flush after a 4k write, p50 us (peer: raw fdatasync)".into()),
+        Cell::Int(1),
+        Cell::Num(ours_p50),
+        Cell::Num(raw_p50),
+        Cell::Text(format!("{:+.1} us", ours_p50 - raw_p50)),
+    ]);
     Ok(Table {
         title: format!(
             "virtio-blk over model 2 vs fio (io_uring, O_DIRECT), {} image, {} s runs, medians of {}",
@@ -294,7 +343,7 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
             cfg.run_time.as_secs_f64(),
             cfg.reps
         ),
-        columns: ["workload", "QD", "ours IOPS", "fio IOPS", "ours/fio"]
+        columns: ["workload", "QD", "ours", "peer", "ours vs peer"]
             .map(String::from)
             .to_vec(),
         rows,
