@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use virtio_core::blk::{BLK_DEPENDENCIES, BlkConfig, BlkFeatures, SECTOR_SIZE, check_offer};
 use virtio_core::features::Features;
-use virtio_core::lifecycle::{RESET_POLL_LIMIT, driver_ok, initialize};
+use virtio_core::lifecycle::{driver_ok, initialize, reset};
 use virtio_core::notify::{EventFdNotifier, Wait};
 use virtio_core::ring::split::SplitDriver;
 use virtio_core::status::DeviceStatus;
@@ -457,17 +457,8 @@ impl<D: DriverModel, T: Transport, W: Wait> Drop for BlkDriver<D, T, W> {
     /// buffers. If the device never acknowledges the reset, the memory is leaked
     /// rather than handed back while the device may still write it.
     fn drop(&mut self) {
-        self.transport.set_status(0);
-        let mut status = self.transport.status();
-        for _ in 0..RESET_POLL_LIMIT {
-            if status == 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-            status = self.transport.status();
-        }
-        if status != 0 {
-            tracing::error!(status, "device did not reset; leaking its request memory");
+        if let Err(error) = reset(&self.transport) {
+            tracing::error!(%error, "device did not reset; leaking its request memory");
             return;
         }
         for q in &self.queues {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use virtio_core::DriverModel;
 use virtio_core::features::Features;
-use virtio_core::lifecycle::{RESET_POLL_LIMIT, driver_ok, initialize};
+use virtio_core::lifecycle::{driver_ok, initialize, reset};
 use virtio_core::net::{ETH_HDR_LEN, NET_DEPENDENCIES, NetConfig, VIRTIO_NET_S_LINK_UP, VirtioNetHdr};
 use virtio_core::notify::{EventFdNotifier, Wait};
 use virtio_core::ring::split::SplitDriver;
@@ -401,17 +401,8 @@ impl<D: DriverModel, T: Transport, W: Wait> Drop for NetDriver<D, T, W> {
     /// acknowledges the reset, the memory is leaked rather than handed back while
     /// the device may still write it.
     fn drop(&mut self) {
-        self.transport.set_status(0);
-        let mut status = self.transport.status();
-        for _ in 0..RESET_POLL_LIMIT {
-            if status == 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-            status = self.transport.status();
-        }
-        if status != 0 {
-            tracing::error!(status, "device did not reset; leaking its buffer memory");
+        if let Err(error) = reset(&self.transport) {
+            tracing::error!(%error, "device did not reset; leaking its buffer memory");
             return;
         }
         let mut rx = lock(&self.rx);

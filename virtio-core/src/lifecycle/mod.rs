@@ -594,6 +594,30 @@ fn set_bit(
     Ok(confirmed | bit)
 }
 
+/// Driver side: resets the device (writes 0, §2.4) and waits, polling every
+/// millisecond up to [`RESET_POLL_LIMIT`] times, until it reads back 0. Only then
+/// has the device stopped touching guest memory, so only then may a driver take its
+/// buffers back.
+///
+/// # Errors
+/// [`InitError::ResetTimeout`] with the last status read.
+pub fn reset(ctrl: &impl ControlPlane) -> Result<(), InitError> {
+    ctrl.set_status(0);
+    let mut status = ctrl.status();
+    for _ in 0..RESET_POLL_LIMIT {
+        if status == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        status = ctrl.status();
+    }
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(InitError::ResetTimeout { status })
+    }
+}
+
 /// Driver side: §3.1.1 steps 1-6. Resets the device, sets ACKNOWLEDGE and DRIVER,
 /// accepts [`features::select`]`(offered, wanted, deps)`, sets FEATURES_OK and
 /// checks that the device kept it. Returns the negotiated features. On failure
@@ -604,18 +628,7 @@ fn set_bit(
 /// # Errors
 /// See [`InitError`].
 pub fn initialize(ctrl: &impl ControlPlane, wanted: u64, deps: &[Dependency]) -> Result<u64, InitError> {
-    ctrl.set_status(0);
-    let mut status = ctrl.status();
-    for _ in 0..RESET_POLL_LIMIT {
-        if status == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-        status = ctrl.status();
-    }
-    if status != 0 {
-        return Err(InitError::ResetTimeout { status });
-    }
+    reset(ctrl)?;
     let mut confirmed = DeviceStatus::empty();
     let result = negotiate_features(ctrl, &mut confirmed, wanted, deps);
     if result.is_err() {
