@@ -336,22 +336,6 @@ where
         self.running.push(Running { stop, done, thread });
         Ok(())
     }
-
-    fn stop_all(&mut self) {
-        for r in &self.running {
-            if let Err(e) = r.stop.notify() {
-                tracing::error!(error = %e, "cannot signal a queue worker to stop");
-            }
-        }
-        for mut r in self.running.drain(..) {
-            // The worker reports once it has reaped every op; only then may the reset
-            // become visible. A worker that died also closes the channel.
-            let _ = r.done.recv();
-            if let Some(t) = r.thread.take() {
-                let _ = t.join();
-            }
-        }
-    }
 }
 
 impl<V> DeviceHandler for BlkDevice<V>
@@ -399,17 +383,28 @@ where
     }
 }
 
-impl<V: DeviceModel> Drop for BlkDevice<V> {
-    fn drop(&mut self) {
+impl<V: DeviceModel> BlkDevice<V> {
+    /// Stops every queue worker and returns once each has reaped its ops.
+    fn stop_all(&mut self) {
         for r in &self.running {
-            let _ = r.stop.notify();
+            if let Err(e) = r.stop.notify() {
+                tracing::error!(error = %e, "cannot signal a queue worker to stop");
+            }
         }
         for mut r in self.running.drain(..) {
+            // The worker reports once it has reaped every op; only then may the reset
+            // become visible. A worker that died also closes the channel.
             let _ = r.done.recv();
             if let Some(t) = r.thread.take() {
                 let _ = t.join();
             }
         }
+    }
+}
+
+impl<V: DeviceModel> Drop for BlkDevice<V> {
+    fn drop(&mut self) {
+        self.stop_all();
     }
 }
 
@@ -573,8 +568,8 @@ impl<M: DeviceMemory + Send> Worker<M> {
         let user = slot as u64;
         let mut ops: u32 = 0;
         let mut status = Status::Ok;
-        match req.kind().clone() {
-            RequestKind::Read { offset, len, .. } => {
+        match req.kind() {
+            &RequestKind::Read { offset, len, .. } => {
                 let buf = self.buffer(len as usize);
                 self.engine.submit(IoOp {
                     kind: IoKind::Read,
@@ -585,7 +580,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
                 });
                 ops = 1;
             }
-            RequestKind::Write { offset, len, .. } => {
+            &RequestKind::Write { offset, len, .. } => {
                 let mut buf = self.buffer(len as usize);
                 if req
                     .data()
@@ -636,7 +631,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
                     RequestKind::Discard(_) => IoKind::Discard,
                     _ => IoKind::WriteZeroes,
                 };
-                for r in ranges {
+                for r in ranges.iter() {
                     self.engine.submit(IoOp {
                         kind,
                         offset: r.offset,
@@ -744,8 +739,8 @@ impl<M: DeviceMemory + Send> Worker<M> {
             tracing::error!(queue = self.index, user = c.user, "completion for no request");
             return;
         };
-        let kind = f.req.kind().clone();
-        let ok = match (&kind, &c.result) {
+        let kind = f.req.kind();
+        let ok = match (kind, &c.result) {
             // A transfer is complete or it failed: a short count after the engine's
             // retries is an error, never a partial success.
             (RequestKind::Read { len, .. }, Ok(n)) => {
