@@ -512,6 +512,27 @@ fn direction_readonly(direction: BufferDirection) -> bool {
     direction == BufferDirection::DriverToDevice
 }
 
+/// Copies a buffer the device cannot reach into fresh guest memory (device-writable
+/// ones are zeroed instead) and returns its guest address; the caller frees it with
+/// `buffer.len().max(1)` bytes.
+fn stage_in_guest(memory: &GuestMemory, buffer: &[u8], direction: BufferDirection) -> Option<u64> {
+    let len = buffer.len() as u64;
+    // 16: indirect tables need it (virtio 1.2 §2.7.5.3); harmless for data.
+    let gpa = memory.alloc(len.max(1), 16).ok()?;
+    let filled = if direction_readonly(direction) {
+        memory.write(gpa, buffer)
+    } else {
+        // The device may write less than it was given: never show it, or hand back,
+        // what an earlier user of these bytes left.
+        memory.region(gpa, len).and_then(|r| Ok(r.zero(0, len)?))
+    };
+    if filled.is_err() {
+        let _ = memory.free(gpa, len.max(1));
+        return None;
+    }
+    Some(gpa)
+}
+
 // ---------------------------------------------------------------------------------
 // Model 2: guest addresses
 // ---------------------------------------------------------------------------------
@@ -574,20 +595,7 @@ impl DmaBacking for DirectBacking {
                 bounced: false,
             });
         }
-        let len = buffer.len() as u64;
-        // 16: indirect tables need it (virtio 1.2 §2.7.5.3); harmless for data.
-        let gpa = self.memory.alloc(len.max(1), 16).ok()?;
-        let filled = if direction_readonly(direction) {
-            self.memory.write(gpa, buffer)
-        } else {
-            // The device may write less than it was given: never show it, or hand
-            // back, what an earlier user of these bytes left.
-            self.memory.region(gpa, len).and_then(|r| Ok(r.zero(0, len)?))
-        };
-        if filled.is_err() {
-            let _ = self.memory.free(gpa, len.max(1));
-            return None;
-        }
+        let gpa = stage_in_guest(&self.memory, buffer, direction)?;
         Some(Shared {
             addr: gpa,
             bounced: true,
@@ -889,16 +897,7 @@ impl DmaBacking for GrantBacking {
 
     fn share(&mut self, buffer: &[u8], direction: BufferDirection) -> Option<Shared> {
         let len = buffer.len() as u64;
-        let gpa = self.memory.alloc(len.max(1), 16).ok()?;
-        let filled = if direction_readonly(direction) {
-            self.memory.write(gpa, buffer)
-        } else {
-            self.memory.region(gpa, len).and_then(|r| Ok(r.zero(0, len)?))
-        };
-        if filled.is_err() {
-            let _ = self.memory.free(gpa, len.max(1));
-            return None;
-        }
+        let gpa = stage_in_guest(&self.memory, buffer, direction)?;
         let addr = self.grant(gpa, len, direction_readonly(direction))?;
         Some(Shared { addr, bounced: true })
     }
