@@ -4,7 +4,7 @@ use serde::Serialize;
 use std::fmt::Write as _;
 
 /// One measured figure, optionally beside the same figure for a peer from the same run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Figure {
     /// What was measured.
     pub name: String,
@@ -18,8 +18,6 @@ pub struct Figure {
     pub peer_name: Option<String>,
     /// How many repetitions the medians come from.
     pub reps: usize,
-    /// Whether a larger value is better (throughput) or worse (time).
-    pub higher_is_better: bool,
 }
 
 impl Figure {
@@ -31,7 +29,7 @@ impl Figure {
 }
 
 /// A titled set of figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Report {
     /// Title of the run.
     pub title: String,
@@ -52,7 +50,7 @@ impl Report {
     }
 
     /// Adds the median of `xs` (and the median of the peer measured in the same run)
-    /// as a figure. Units ending in `/s` are throughputs, others costs.
+    /// as a figure.
     pub fn add_median(&mut self, name: &str, unit: &str, xs: &mut [f64], peer: Option<(f64, &str)>) {
         self.figures.push(Figure {
             name: name.into(),
@@ -61,7 +59,6 @@ impl Report {
             peer: peer.map(|p| p.0),
             peer_name: peer.map(|p| p.1.to_string()),
             reps: xs.len(),
-            higher_is_better: unit.ends_with("/s"),
         });
     }
 
@@ -95,12 +92,6 @@ impl Report {
     /// Renders the report as an aligned text table.
     pub fn table(&self) -> String {
         self.to_table().render()
-    }
-
-    /// Writes the report as pretty JSON.
-    pub fn write_json(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(path, text + "\n")
     }
 }
 
@@ -283,7 +274,6 @@ mod tests {
             peer: Some(48.0),
             peer_name: Some("peer".into()),
             reps: 3,
-            higher_is_better: false,
         });
         r.figures.push(Figure {
             name: "longer name".into(),
@@ -292,7 +282,6 @@ mod tests {
             peer: None,
             peer_name: None,
             reps: 3,
-            higher_is_better: true,
         });
         let t = r.table();
         let lines: Vec<&str> = t.lines().collect();
