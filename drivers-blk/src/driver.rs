@@ -71,7 +71,12 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
         if let Err(error) = check_offer(offered) {
             tracing::warn!(%error, "device makes an offer the spec forbids");
         }
-        let features = initialize(&transport, opts.wanted(), BLK_DEPENDENCIES)?;
+        let features = initialize(
+            &transport,
+            virtio_core::blk::DEVICE_ID,
+            opts.wanted(),
+            BLK_DEPENDENCIES,
+        )?;
         let mut driver = BlkDriver {
             transport,
             model,

@@ -90,7 +90,12 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         let (Some(rx_irq), Some(tx_irq)) = (irqs.next(), irqs.next()) else {
             return Err(NetError::MissingInterrupts(given));
         };
-        let features = initialize(&transport, opts.wanted, NET_DEPENDENCIES)?;
+        let features = initialize(
+            &transport,
+            virtio_core::net::DEVICE_ID,
+            opts.wanted,
+            NET_DEPENDENCIES,
+        )?;
         let fail = |t: &T| {
             let status = t.status();
             t.set_status(status | DeviceStatus::FAILED.bits());

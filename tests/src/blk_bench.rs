@@ -160,7 +160,8 @@ fn ours(cfg: &BlkBenchConfig, depth: u16) -> Ours {
     let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
     let transport = InProcessTransport::new(dev.lifecycle(), dev).expect("transport");
     let wanted = BlkFeatures::all().bits() | Features::EVENT_IDX.bits();
-    let features = initialize(&transport, wanted, blk::BLK_DEPENDENCIES).expect("negotiation");
+    let features =
+        initialize(&transport, blk::DEVICE_ID, wanted, blk::BLK_DEPENDENCIES).expect("negotiation");
     let size = depth.max(2).next_power_of_two().max(64) * 2;
     let q = driver.create_queue(0, size).expect("queue");
     transport.setup_queue(0, size, q.addrs).expect("queue registers");

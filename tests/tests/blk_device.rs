@@ -71,7 +71,7 @@ where
     let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
     let transport = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
     let wanted = (BlkFeatures::all()).bits() | (Features::EVENT_IDX | Features::INDIRECT_DESC).bits();
-    let features = initialize(&transport, wanted, blk::BLK_DEPENDENCIES).unwrap();
+    let features = initialize(&transport, blk::DEVICE_ID, wanted, blk::BLK_DEPENDENCIES).unwrap();
     let q = driver.create_queue(0, 64).unwrap();
     transport.setup_queue(0, 64, q.addrs).unwrap();
     driver_ok(&transport).unwrap();
@@ -434,7 +434,7 @@ fn two_queues_serve_concurrently() {
     let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
     let transport = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
     let wanted = BlkFeatures::all().bits() | Features::EVENT_IDX.bits();
-    let features = initialize(&transport, wanted, blk::BLK_DEPENDENCIES).unwrap();
+    let features = initialize(&transport, blk::DEVICE_ID, wanted, blk::BLK_DEPENDENCIES).unwrap();
     assert_ne!(features & BlkFeatures::MQ.bits(), 0);
     let mut rings = Vec::new();
     for i in 0..2 {
@@ -539,7 +539,13 @@ fn device_runs_on_the_callers_runtime() {
         Runtime::Handle(rt.handle().clone()),
     );
     let transport = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
-    let features = initialize(&transport, BlkFeatures::FLUSH.bits(), blk::BLK_DEPENDENCIES).unwrap();
+    let features = initialize(
+        &transport,
+        blk::DEVICE_ID,
+        BlkFeatures::FLUSH.bits(),
+        blk::BLK_DEPENDENCIES,
+    )
+    .unwrap();
     let q = driver.create_queue(0, 16).unwrap();
     transport.setup_queue(0, 16, q.addrs).unwrap();
     driver_ok(&transport).unwrap();

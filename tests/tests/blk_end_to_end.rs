@@ -140,3 +140,38 @@ fn async_requests_on_two_queues() {
         }
     });
 }
+
+#[test]
+fn block_driver_refuses_a_network_device() {
+    use backend_host::net::{NetDevice, NetSettings, Switch, SwitchConfig};
+    use virtio_core::lifecycle::InitError;
+    let Fixture {
+        guest,
+        driver,
+        device,
+    } = models::direct();
+    let switch = Switch::new(SwitchConfig::default());
+    let dev = NetDevice::new(device, &switch, NetSettings::default()).unwrap();
+    let transport = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
+    let interrupts = (0..2)
+        .map(|i| transport.interrupt(i).unwrap().try_clone().unwrap())
+        .collect();
+    let err = BlkDriver::new(
+        transport,
+        driver,
+        guest.memory().clone(),
+        interrupts,
+        BlkOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BlkError::Init(InitError::WrongDevice {
+                expected: 2,
+                found: 1
+            })
+        ),
+        "{err:?}"
+    );
+}

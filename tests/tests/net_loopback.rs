@@ -545,7 +545,13 @@ fn hostile_receive_buffers() {
         let port = dev.port();
         let t = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
         let wanted = if mrg { NetFeatures::MRG_RXBUF.bits() } else { 0 };
-        let features = initialize(&t, wanted | Features::EVENT_IDX.bits(), NET_DEPENDENCIES).unwrap();
+        let features = initialize(
+            &t,
+            virtio_core::net::DEVICE_ID,
+            wanted | Features::EVENT_IDX.bits(),
+            NET_DEPENDENCIES,
+        )
+        .unwrap();
         assert_eq!(features & NetFeatures::MRG_RXBUF.bits() != 0, mrg);
         let rxq = driver.create_queue(0, 8).unwrap();
         let txq = driver.create_queue(1, 8).unwrap();

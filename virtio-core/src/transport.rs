@@ -204,6 +204,14 @@ impl<H: DeviceHandler> InProcessTransport<H> {
 }
 
 impl<H: DeviceHandler> ControlPlane for InProcessTransport<H> {
+    fn device_id(&self) -> u32 {
+        self.lock().lifecycle.device_id()
+    }
+
+    fn config_len(&self) -> usize {
+        self.lock().lifecycle.config().len()
+    }
+
     fn device_features(&self) -> u64 {
         self.lock().lifecycle.device_features()
     }
@@ -356,7 +364,7 @@ mod tests {
     #[test]
     fn driver_ok_activates_enabled_queues_and_reset_stops_first() {
         let (t, events) = transport(false);
-        let f = initialize(&t, Features::EVENT_IDX.bits(), &[]).unwrap();
+        let f = initialize(&t, 2, Features::EVENT_IDX.bits(), &[]).unwrap();
         assert_eq!(t.num_queues(), 2);
         assert_eq!(t.queue_max_size(1), 16);
         assert_eq!(t.queue_max_size(9), 0);
@@ -382,7 +390,7 @@ mod tests {
     #[test]
     fn failed_activation_sets_needs_reset() {
         let (t, _) = transport(true);
-        initialize(&t, 0, &[]).unwrap();
+        initialize(&t, 2, 0, &[]).unwrap();
         t.setup_queue(0, 8, ADDRS).unwrap();
         let _ = driver_ok(&t);
         assert_ne!(t.status() & DeviceStatus::DEVICE_NEEDS_RESET.bits(), 0);
@@ -391,7 +399,7 @@ mod tests {
     #[test]
     fn bad_queue_registers_are_refused() {
         let (t, _) = transport(false);
-        initialize(&t, 0, &[]).unwrap();
+        initialize(&t, 2, 0, &[]).unwrap();
         assert!(matches!(
             t.setup_queue(0, 3, ADDRS),
             Err(TransportError::QueueRefused { .. })

@@ -467,6 +467,13 @@ fn check_size(size: u16, max: u16, packed: bool) -> Result<(), QueueError> {
 /// report nothing: as with real hardware, a device that refuses a write shows it in
 /// what the driver reads back (usually the status).
 pub trait ControlPlane {
+    /// The virtio device id (§5: 1 network, 2 block, ...). A driver checks it before
+    /// it touches anything else.
+    fn device_id(&self) -> u32;
+    /// The length of the device-specific configuration space in bytes. Reads past
+    /// it return zeros (see [`ControlPlane::read_config`]), so a driver that must
+    /// tell "absent" from "zero" compares against this.
+    fn config_len(&self) -> usize;
     /// The device's offered features.
     fn device_features(&self) -> u64;
     /// Writes the driver's accepted features.
@@ -493,6 +500,14 @@ fn locked(device: &Mutex<DeviceLifecycle>) -> MutexGuard<'_, DeviceLifecycle> {
 
 /// An in-process transport. Refused writes are logged and otherwise ignored.
 impl ControlPlane for Mutex<DeviceLifecycle> {
+    fn device_id(&self) -> u32 {
+        locked(self).device_id()
+    }
+
+    fn config_len(&self) -> usize {
+        locked(self).config().len()
+    }
+
     fn device_features(&self) -> u64 {
         locked(self).device_features()
     }
@@ -550,6 +565,14 @@ pub enum InitError {
         bit: DeviceStatus,
         /// The status read back.
         status: u8,
+    },
+    /// The transport leads to another kind of device than the driver drives.
+    #[error("Device id {found} is not the expected {expected}")]
+    WrongDevice {
+        /// The device id the driver drives.
+        expected: u32,
+        /// The device id the transport reports.
+        found: u32,
     },
     /// The device does not offer VERSION_1; legacy devices are not supported.
     #[error("Device does not offer VERSION_1")]
@@ -618,7 +641,9 @@ pub fn reset(ctrl: &impl ControlPlane) -> Result<(), InitError> {
     }
 }
 
-/// Driver side: §3.1.1 steps 1-6. Resets the device, sets ACKNOWLEDGE and DRIVER,
+/// Driver side: §3.1.1 steps 1-6. Checks that the device is a `device_id` device
+/// (before writing anything: a driver does not reset a device it does not drive),
+/// resets it, sets ACKNOWLEDGE and DRIVER,
 /// accepts [`features::select`]`(offered, wanted, deps)`, sets FEATURES_OK and
 /// checks that the device kept it. Returns the negotiated features. On failure
 /// after the reset, FAILED is written (§3.1.1 step 8).
@@ -627,7 +652,19 @@ pub fn reset(ctrl: &impl ControlPlane) -> Result<(), InitError> {
 ///
 /// # Errors
 /// See [`InitError`].
-pub fn initialize(ctrl: &impl ControlPlane, wanted: u64, deps: &[Dependency]) -> Result<u64, InitError> {
+pub fn initialize(
+    ctrl: &impl ControlPlane,
+    device_id: u32,
+    wanted: u64,
+    deps: &[Dependency],
+) -> Result<u64, InitError> {
+    let found = ctrl.device_id();
+    if found != device_id {
+        return Err(InitError::WrongDevice {
+            expected: device_id,
+            found,
+        });
+    }
     reset(ctrl)?;
     let mut confirmed = DeviceStatus::empty();
     let result = negotiate_features(ctrl, &mut confirmed, wanted, deps);

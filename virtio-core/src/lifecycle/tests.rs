@@ -17,8 +17,11 @@ const DRIVER_OK: u8 = DeviceStatus::DRIVER_OK.bits();
 const FAILED: u8 = DeviceStatus::FAILED.bits();
 const NEEDS_RESET: u8 = DeviceStatus::DEVICE_NEEDS_RESET.bits();
 
+/// The device id every device in these tests has.
+const ID: u32 = 1;
+
 fn device(offered: u64) -> DeviceLifecycle {
-    DeviceLifecycle::new(1, offered, DEPS, ConfigSpace::new(vec![1, 2, 3, 4]), &[256, 100])
+    DeviceLifecycle::new(ID, offered, DEPS, ConfigSpace::new(vec![1, 2, 3, 4]), &[256, 100])
 }
 
 /// A device with FEATURES_OK set, ready for queue setup.
@@ -45,7 +48,7 @@ fn set_layout(dev: &mut DeviceLifecycle, desc: u64, avail: u64, used: u64) {
 #[test]
 fn happy_path_over_the_in_process_transport() {
     let ctrl = Mutex::new(device(GUEST_CSUM | GUEST_TSO4 | EVENT_IDX));
-    let features = initialize(&ctrl, GUEST_CSUM | GUEST_TSO4 | (1 << 20), DEPS);
+    let features = initialize(&ctrl, ID, GUEST_CSUM | GUEST_TSO4 | (1 << 20), DEPS);
     assert_eq!(features, Ok(V1 | GUEST_CSUM | GUEST_TSO4));
     assert_eq!(ctrl.status(), ACK | DRIVER | FEATURES_OK);
     {
@@ -70,7 +73,7 @@ fn happy_path_over_the_in_process_transport() {
 #[test]
 fn initialize_drops_features_with_missing_dependencies() {
     let ctrl = Mutex::new(device(GUEST_TSO4));
-    assert_eq!(initialize(&ctrl, GUEST_CSUM | GUEST_TSO4, DEPS), Ok(V1));
+    assert_eq!(initialize(&ctrl, ID, GUEST_CSUM | GUEST_TSO4, DEPS), Ok(V1));
 }
 
 #[test]
@@ -80,7 +83,7 @@ fn initialize_resets_a_live_device() {
     assert!(dev.enable_queue(0).is_ok());
     let ctrl = Mutex::new(dev);
     assert_eq!(driver_ok(&ctrl), Ok(()));
-    assert_eq!(initialize(&ctrl, EVENT_IDX, &[]), Ok(V1 | EVENT_IDX));
+    assert_eq!(initialize(&ctrl, ID, EVENT_IDX, &[]), Ok(V1 | EVENT_IDX));
     assert_eq!(locked(&ctrl).queue(0).map(|q| q.enabled), Some(false));
 }
 
@@ -88,7 +91,7 @@ fn initialize_resets_a_live_device() {
 fn device_refuses_features_that_break_its_dependencies() {
     // The driver ignores the device's table, so it accepts TSO4 without CSUM.
     let ctrl = Mutex::new(device(GUEST_CSUM | GUEST_TSO4));
-    let err = initialize(&ctrl, GUEST_TSO4, &[]);
+    let err = initialize(&ctrl, ID, GUEST_TSO4, &[]);
     assert_eq!(
         err,
         Err(InitError::FeaturesRefused {
@@ -324,7 +327,7 @@ fn needs_reset_bumps_generation_and_asks_for_a_notification() {
     // The driver cannot clear it; only a reset does.
     ctrl.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK);
     assert_eq!(ctrl.status() & NEEDS_RESET, NEEDS_RESET);
-    assert_eq!(initialize(&ctrl, 0, &[]), Ok(V1));
+    assert_eq!(initialize(&ctrl, ID, 0, &[]), Ok(V1));
 }
 
 #[test]
@@ -367,6 +370,12 @@ struct Scripted {
 }
 
 impl ControlPlane for Scripted {
+    fn device_id(&self) -> u32 {
+        ID
+    }
+    fn config_len(&self) -> usize {
+        0
+    }
     fn device_features(&self) -> u64 {
         self.offered
     }
@@ -395,7 +404,7 @@ fn legacy_device_is_refused_and_failed() {
         stuck_status: None,
         writes: Cell::new(0),
     };
-    assert_eq!(initialize(&ctrl, GUEST_CSUM, &[]), Err(InitError::NotModern));
+    assert_eq!(initialize(&ctrl, ID, GUEST_CSUM, &[]), Err(InitError::NotModern));
     assert_eq!(ctrl.status(), ACK | DRIVER | FAILED);
 }
 
@@ -408,8 +417,34 @@ fn reset_that_never_completes_times_out() {
         writes: Cell::new(0),
     };
     assert_eq!(
-        initialize(&ctrl, 0, &[]),
+        initialize(&ctrl, ID, 0, &[]),
         Err(InitError::ResetTimeout { status: ACK })
     );
     assert_eq!(ctrl.writes.get(), 1, "nothing but the reset is written");
+}
+
+#[test]
+fn another_kind_of_device_is_refused_before_anything_is_written() {
+    let ctrl = Scripted {
+        offered: V1,
+        status: Cell::new(ACK | DRIVER | FEATURES_OK | DRIVER_OK),
+        stuck_status: None,
+        writes: Cell::new(0),
+    };
+    assert_eq!(
+        initialize(&ctrl, ID + 1, 0, &[]),
+        Err(InitError::WrongDevice {
+            expected: ID + 1,
+            found: ID
+        })
+    );
+    assert_eq!(ctrl.writes.get(), 0, "another driver's device is not reset");
+    assert_eq!(ctrl.status(), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+}
+
+#[test]
+fn control_plane_reports_id_and_config_length() {
+    let ctrl = Mutex::new(device(0));
+    assert_eq!(ctrl.device_id(), ID);
+    assert_eq!(ctrl.config_len(), 4);
 }
