@@ -63,6 +63,15 @@ where
         },
     )
     .unwrap();
+    rig_on(f, disk, settings)
+}
+
+fn rig_on<D, V>(f: Fixture<D, V>, disk: Disk, settings: BlkSettings) -> Rig<D, V>
+where
+    D: DriverModel,
+    V: DeviceModel + Send + Sync + 'static,
+    V::Memory: Send + 'static,
+{
     let Fixture {
         guest,
         driver,
@@ -558,4 +567,112 @@ fn device_runs_on_the_callers_runtime() {
     assert_eq!(r.write(0, &[3; 512]), blk::VIRTIO_BLK_S_OK);
     assert_eq!(r.read(0, 512), (blk::VIRTIO_BLK_S_OK, vec![3; 512]));
     assert_eq!(r.flush(), blk::VIRTIO_BLK_S_OK);
+}
+
+/// A block device whose direct-I/O alignment is above a sector: a loop device with
+/// 4096-byte logical sectors over an image on the target directory's filesystem.
+/// Detached on drop.
+struct LoopDisk {
+    dev: String,
+}
+
+impl LoopDisk {
+    /// `None`, with the reason printed, where loop devices cannot be set up (not
+    /// root, no loop driver).
+    fn new(name: &str) -> Option<LoopDisk> {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--sector-size", "4096"])
+            .arg(image(name))
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(LoopDisk {
+                dev: String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            }),
+            Ok(o) => {
+                eprintln!(
+                    "skipped: losetup failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: cannot run losetup: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+/// Sector-aligned requests that direct I/O cannot take (offset or length not a
+/// multiple of the disk's 4096-byte alignment) are served through the buffered
+/// fallback, coherently with the direct path, and made durable by a flush.
+fn misaligned_requests_on_a_4k_disk(engine: EngineChoice, name: &str) {
+    let Some(lo) = LoopDisk::new(name) else { return };
+    let disk = Disk::open(&lo.dev, DiskOptions::default()).unwrap();
+    assert!(disk.direct());
+    assert_eq!(disk.offset_align(), 4096, "a 4096-byte-sector loop device");
+    let settings = BlkSettings {
+        engine,
+        ..BlkSettings::default()
+    };
+    let mut r = rig_on(models::direct(), disk, settings);
+    let mut cfg = blk::BlkConfig::default();
+    virtio_core::lifecycle::ControlPlane::read_config(&r.transport, 0, cfg.as_mut_bytes());
+    assert_eq!(cfg.blk_size.get(), 4096, "blk_size advertises the alignment");
+
+    let ok = blk::VIRTIO_BLK_S_OK;
+    // Direct: a whole aligned block.
+    let block = pattern(1, 4096);
+    assert_eq!(r.write(0, &block), ok);
+    // Misaligned offset, then misaligned length, then a 100 + 412 split at odd
+    // guest addresses: each over the fallback.
+    let one = pattern(2, 512);
+    assert_eq!(r.write(1, &one), ok, "512 bytes at sector 1");
+    let three = pattern(3, 1536);
+    assert_eq!(r.write(8, &three), ok, "1536 bytes at an aligned sector");
+    let hdr = r.buf(blk::BlkReqHeader::new(blk::VIRTIO_BLK_T_OUT, 5).as_bytes());
+    let split = pattern(4, 512);
+    let (a, b) = (r.buf(&split[..100]), r.buf(&split[100..]));
+    let status = r.buf(&[0xff]);
+    let (_, back) = r.raw(&[hdr, a, b], &[status]);
+    assert_eq!(back[0][0], ok, "100 + 412 bytes at sector 5");
+    assert_eq!(r.flush(), ok);
+
+    // What the guest reads, over the direct path (whole blocks) and the fallback.
+    let mut expect = vec![0u8; 8192];
+    expect[..4096].copy_from_slice(&block);
+    expect[512..1024].copy_from_slice(&one);
+    expect[2560..3072].copy_from_slice(&split);
+    expect[4096..5632].copy_from_slice(&three);
+    let (st, whole) = r.read(0, 8192);
+    assert_eq!((st, whole == expect), (ok, true), "aligned read sees every write");
+    let (st, part) = r.read(5, 512);
+    assert_eq!((st, part == split), (ok, true), "misaligned read");
+
+    // The bytes reached the device, not only a cache of this process's making.
+    let mut disk_bytes = vec![0u8; 8192];
+    let f = std::fs::File::open(&lo.dev).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut disk_bytes, 0).unwrap();
+    assert!(
+        disk_bytes == expect,
+        "the block device holds what was acknowledged"
+    );
+}
+
+#[test]
+fn misaligned_requests_on_a_4k_disk_with_io_uring() {
+    misaligned_requests_on_a_4k_disk(EngineChoice::Uring, "4k-uring.img");
+}
+
+#[test]
+fn misaligned_requests_on_a_4k_disk_with_the_thread_pool() {
+    misaligned_requests_on_a_4k_disk(EngineChoice::Sync, "4k-sync.img");
 }

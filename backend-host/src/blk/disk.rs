@@ -5,6 +5,12 @@
 //! is the only volatile cache, as `VIRTIO_BLK_F_FLUSH` promises (virtio 1.2 §5.2.6).
 //! Direct I/O has alignment rules; [`Disk::mem_align`] and [`Disk::offset_align`] report
 //! them so the device can bounce through [`AlignedBuf`]s that satisfy them.
+//!
+//! Sectors are 512 bytes, but direct I/O may need more (a 4Kn drive, a loop device
+//! with 4096-byte sectors). The device advertises a block size at least the offset
+//! alignment, so a well-behaved guest stays aligned; a transfer that does not is
+//! still served, through a second, buffered descriptor ([`DiskFds`]), never failed
+//! with `EINVAL`.
 
 // Opening, statx and probing reads are all wrapped by rustix and std.
 #![forbid(unsafe_code)]
@@ -110,6 +116,9 @@ pub enum DiskError {
 #[derive(Debug)]
 pub struct Disk {
     fd: OwnedFd,
+    /// The same file without `O_DIRECT`, for transfers direct I/O cannot align
+    /// (only when the offset alignment is above a sector).
+    fallback: Option<OwnedFd>,
     path: PathBuf,
     size: u64,
     read_only: bool,
@@ -188,11 +197,22 @@ impl Disk {
             let align = probe_alignment(fd.as_fd(), size, &path)?;
             (align, align)
         };
+        // Sector-aligned transfers that direct I/O refuses need a buffered path.
+        let fallback = if direct && u64::try_from(offset_align).map_or(true, |a| a > SECTOR_SIZE) {
+            Some(open(flags).map_err(|source| DiskError::Open {
+                path: path.clone(),
+                source,
+            })?)
+        } else {
+            None
+        };
         tracing::debug!(
-            path = %path.display(), size, direct, mem_align, offset_align, "disk opened"
+            path = %path.display(), size, direct, mem_align, offset_align,
+            buffered_fallback = fallback.is_some(), "disk opened"
         );
         Ok(Disk {
             fd,
+            fallback,
             path,
             size,
             read_only: options.read_only,
@@ -266,6 +286,48 @@ impl Disk {
     pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
         self.fd.try_clone()
     }
+
+    /// Descriptors of their own for an engine: the disk's, and the buffered fallback
+    /// if the disk has one.
+    pub fn fds(&self) -> io::Result<DiskFds> {
+        Ok(DiskFds {
+            main: self.fd.try_clone()?,
+            fallback: self.fallback.as_ref().map(OwnedFd::try_clone).transpose()?,
+            align: u64::try_from(self.offset_align).unwrap_or(u64::MAX).max(1),
+        })
+    }
+}
+
+/// The descriptors an engine does I/O through, and the rule choosing between them.
+///
+/// A transfer whose offset or length is not a multiple of the direct-I/O offset
+/// alignment goes through `fallback`, a buffered descriptor of the same file, when
+/// there is one. Both reach the same inode, so the kernel keeps them coherent (a
+/// direct transfer first writes back, and afterwards invalidates, the page-cache
+/// range it covers) and one `fdatasync` on either makes both durable: flushes stay
+/// honoured. Everything else (flush, discard, write-zeroes) uses `main`.
+#[derive(Debug)]
+pub struct DiskFds {
+    /// The disk's own descriptor (direct I/O when the disk has it).
+    pub main: OwnedFd,
+    /// The buffered descriptor for misaligned transfers, if direct I/O needs one.
+    pub fallback: Option<OwnedFd>,
+    align: u64,
+}
+
+impl DiskFds {
+    /// Whether a transfer of `len` bytes at `offset` must take the fallback.
+    pub fn misaligned(&self, offset: u64, len: u64) -> bool {
+        self.fallback.is_some() && (offset % self.align != 0 || len % self.align != 0)
+    }
+
+    /// The descriptor for a transfer of `len` bytes at `offset`.
+    pub fn for_transfer(&self, offset: u64, len: u64) -> BorrowedFd<'_> {
+        match &self.fallback {
+            Some(fd) if self.misaligned(offset, len) => fd.as_fd(),
+            _ => self.main.as_fd(),
+        }
+    }
 }
 
 impl AsFd for Disk {
@@ -274,10 +336,15 @@ impl AsFd for Disk {
     }
 }
 
-/// Whether `fd` is on a filesystem that lives in the page cache (where `O_DIRECT` is
-/// accepted but bypasses nothing).
+/// Whether `fd` is a file on a filesystem that lives in the page cache (where
+/// `O_DIRECT` is accepted but bypasses nothing). A block device node is not: its
+/// node sits on devtmpfs, its data on the device.
 fn in_memory_fs(fd: &OwnedFd) -> bool {
-    rustix::fs::fstatfs(fd).is_ok_and(|s| u64::try_from(s.f_type).is_ok_and(|t| MEMORY_FS_MAGIC.contains(&t)))
+    let block_device =
+        rustix::fs::fstat(fd).is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::BlockDevice);
+    !block_device
+        && rustix::fs::fstatfs(fd)
+            .is_ok_and(|s| u64::try_from(s.f_type).is_ok_and(|t| MEMORY_FS_MAGIC.contains(&t)))
 }
 
 /// The decision when direct I/O is impossible: an error under [`DirectMode::Require`],

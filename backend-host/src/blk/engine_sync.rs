@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
@@ -18,7 +18,7 @@ use rustix::fs::FallocateFlags;
 use rustix::io::{Errno, ReadWriteFlags};
 use virtio_core::notify::{EventFdNotifier, Notify, Wait};
 
-use super::disk::Disk;
+use super::disk::{Disk, DiskFds};
 use super::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
 
 /// How many times an op is retried after `EINTR`/`EAGAIN` or a transfer of zero bytes
@@ -34,7 +34,7 @@ pub const DEFAULT_WORKERS: usize = 2;
 /// State shared between the engine and its workers.
 #[derive(Debug)]
 struct Shared {
-    disk: OwnedFd,
+    disk: DiskFds,
     mem_align: usize,
     jobs: Mutex<Jobs>,
     jobs_ready: Condvar,
@@ -69,7 +69,7 @@ impl SyncEngine {
     pub fn new(disk: &Disk, workers: usize) -> io::Result<SyncEngine> {
         let notifier = EventFdNotifier::new().map_err(io::Error::other)?;
         let shared = Arc::new(Shared {
-            disk: disk.try_clone_fd()?,
+            disk: disk.fds()?,
             mem_align: disk.mem_align(),
             jobs: Mutex::new(Jobs::default()),
             jobs_ready: Condvar::new(),
@@ -186,7 +186,7 @@ fn worker(shared: &Shared) {
             }
         };
         let mut op = op;
-        let result = execute(shared.disk.as_fd(), &mut op, &mut zeros, shared.mem_align);
+        let result = execute(&shared.disk, &mut op, &mut zeros, shared.mem_align);
         let completion = Completion {
             user: op.user,
             result,
@@ -212,23 +212,27 @@ fn worker(shared: &Shared) {
 
 /// Runs one op to its final result.
 fn execute(
-    fd: BorrowedFd<'_>,
+    fds: &DiskFds,
     op: &mut IoOp,
     zeros: &mut Option<AlignedBuf>,
     mem_align: usize,
 ) -> io::Result<u64> {
     let offset = op.offset;
+    let fd = fds.main.as_fd();
     match op.kind {
         IoKind::Read => {
-            check_range(offset, len_u64(op.buf.len())?)?;
+            let len = len_u64(op.buf.len())?;
+            check_range(offset, len)?;
+            let fd = fds.for_transfer(offset, len);
             let buf = op.buf.as_mut_slice();
             transfer(buf.len(), |done| {
                 rustix::io::pread(fd, &mut buf[done..], offset + len_u64(done)?)
             })
         }
         IoKind::Write { dsync } => {
-            check_range(offset, len_u64(op.buf.len())?)?;
-            write_all(fd, op.buf.as_slice(), offset, dsync)
+            let len = len_u64(op.buf.len())?;
+            check_range(offset, len)?;
+            write_all(fds.for_transfer(offset, len), op.buf.as_slice(), offset, dsync)
         }
         IoKind::Flush => retry(|| rustix::fs::fdatasync(fd)).map(|()| 0),
         IoKind::Discard => {
@@ -242,7 +246,7 @@ fn execute(
             match retry(|| rustix::fs::fallocate(fd, mode, offset, op.len)) {
                 Err(e) if e.raw_os_error() == Some(Errno::OPNOTSUPP.raw_os_error()) => {
                     let zeros = zeros.get_or_insert_with(|| AlignedBuf::new(ZERO_CHUNK, mem_align));
-                    write_zeros(fd, zeros.as_slice(), offset, op.len)
+                    write_zeros(fds.for_transfer(offset, op.len), zeros.as_slice(), offset, op.len)
                 }
                 other => other.map(|()| op.len),
             }

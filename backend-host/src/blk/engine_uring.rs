@@ -13,14 +13,14 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 use rustix::fs::FallocateFlags;
 use rustix::io::{Errno, ReadWriteFlags};
 use virtio_core::notify::{EventFdNotifier, Notify, Wait};
 
-use super::disk::Disk;
+use super::disk::{Disk, DiskFds};
 use super::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
 use super::engine_sync::{DEFAULT_WORKERS, SyncEngine};
 
@@ -36,6 +36,10 @@ const ZERO_CHUNK: usize = 256 * 1024;
 
 /// The fixed-file index of the disk.
 const DISK: types::Fixed = types::Fixed(0);
+
+/// The fixed-file index of the disk's buffered fallback, registered only when the
+/// disk has one (see [`DiskFds`]).
+const FALLBACK: types::Fixed = types::Fixed(1);
 
 /// The opcodes this engine issues, checked by [`UringEngine::probe`].
 const OPCODES: [(u8, &str); 4] = [
@@ -129,8 +133,9 @@ enum Next {
 /// An [`Engine`] on one io_uring instance.
 pub struct UringEngine {
     ring: IoUring,
-    /// Keeps the registered file open for as long as the ring may use it.
-    _disk: OwnedFd,
+    /// Keeps the registered files open for as long as the ring may use them, and
+    /// decides which one a transfer uses.
+    fds: DiskFds,
     notifier: EventFdNotifier,
     mem_align: usize,
     slots: Vec<Option<Slot>>,
@@ -192,9 +197,13 @@ impl UringEngine {
             .build(entries)
             .map_err(EngineUnavailable::from_setup)?;
         check_opcodes(&ring)?;
-        let fd = disk.try_clone_fd().map_err(setup("dup"))?;
+        let fds = disk.fds().map_err(setup("dup"))?;
+        let files: Vec<_> = std::iter::once(&fds.main)
+            .chain(&fds.fallback)
+            .map(AsRawFd::as_raw_fd)
+            .collect();
         ring.submitter()
-            .register_files(&[fd.as_raw_fd()])
+            .register_files(&files)
             .map_err(setup("register_files"))?;
         let notifier = EventFdNotifier::new().map_err(|e| EngineUnavailable::Setup {
             step: "eventfd",
@@ -207,7 +216,7 @@ impl UringEngine {
         let cq_capacity = ring.completion().capacity();
         Ok(UringEngine {
             ring,
-            _disk: fd,
+            fds,
             notifier,
             mem_align: disk.mem_align(),
             slots: Vec::new(),
@@ -247,17 +256,25 @@ impl UringEngine {
         let at = op.offset + done;
         let user_data = idx as u64;
         let rest = |len: usize| u32::try_from(len).unwrap_or(u32::MAX);
+        let fds = &self.fds;
+        let file = |at: u64, len: usize| {
+            if fds.misaligned(at, u64_of(len)) {
+                FALLBACK
+            } else {
+                DISK
+            }
+        };
         let entry = match op.kind {
             IoKind::Read => {
                 let buf = &mut op.buf.as_mut_slice()[usize_of(done)..];
-                opcode::Read::new(DISK, buf.as_mut_ptr(), rest(buf.len()))
+                opcode::Read::new(file(at, buf.len()), buf.as_mut_ptr(), rest(buf.len()))
                     .offset(at)
                     .build()
             }
             IoKind::Write { dsync } => {
                 let buf = &op.buf.as_slice()[usize_of(done)..];
                 let flags = if dsync { ReadWriteFlags::DSYNC.bits() } else { 0 };
-                opcode::Write::new(DISK, buf.as_ptr(), rest(buf.len()))
+                opcode::Write::new(file(at, buf.len()), buf.as_ptr(), rest(buf.len()))
                     .offset(at)
                     .rw_flags(i32::try_from(flags).unwrap_or(0))
                     .build()
@@ -271,7 +288,7 @@ impl UringEngine {
             }
             IoKind::WriteZeroes if slot.zero_fill => {
                 let chunk = usize::try_from(op.len - done).map_or(zeros_len, |r| r.min(zeros_len));
-                opcode::Write::new(DISK, zeros_ptr, rest(chunk))
+                opcode::Write::new(file(at, chunk), zeros_ptr, rest(chunk))
                     .offset(at)
                     .build()
             }
@@ -308,8 +325,8 @@ impl UringEngine {
         // out, replaces its buffer or touches its bytes before then (moving the `Slot`
         // when `slots` grows does not move the buffer's heap storage). `self.zeros` is
         // never replaced once created, and `Drop` waits for every CQE before the
-        // buffers are freed. The fd is the registered fixed file 0, kept open by
-        // `self._disk`.
+        // buffers are freed. The fds are registered fixed files 0 and 1, kept open by
+        // `self.fds`.
         unsafe { self.ring.submission().push(entry).is_ok() }
     }
 
