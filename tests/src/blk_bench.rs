@@ -234,7 +234,8 @@ fn ours_iops(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> (f64, Vec<f64>) {
     let mut measured_from = None;
     loop {
         let Some(u) = o.ring.pop_used().expect("sane device") else {
-            std::hint::spin_loop();
+            // A polite poller: the device worker may share this core.
+            std::thread::yield_now();
             continue;
         };
         let slot = u.token;

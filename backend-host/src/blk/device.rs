@@ -20,6 +20,7 @@ use crate::blk::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
 use crate::blk::engine_sync::SyncEngine;
 use crate::blk::engine_uring::{UringConfig, UringEngine, best_engine};
 use crate::blk::request::{DiskFacts, Parser, Reject, Request, RequestKind};
+use crate::poll::Poller;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -94,7 +95,10 @@ pub struct BlkSettings {
     /// and the engine for this long before sleeping on its eventfds (kicks are
     /// suppressed meanwhile). Zero sleeps at once. Polling trades a core for the
     /// cross-core wake-up latency (tens of microseconds, PERF.md); keep it zero when
-    /// workers share a runtime with other tasks.
+    /// workers share a runtime with other tasks. A poll that finds nothing yields
+    /// the CPU, and a worker that finds its core shared stops polling for a while
+    /// (backing off, see `backend_host::poll`), so it never starves the guest
+    /// driver it waits for on a machine with fewer cores than busy threads.
     pub poll: std::time::Duration,
 }
 
@@ -308,7 +312,7 @@ where
             mem_align: self.disk.mem_align(),
             serial: blk::encode_device_id(self.settings.serial.as_bytes()),
             flush_failed: self.flush_failed.clone(),
-            poll: self.settings.poll,
+            poller: Poller::new(self.settings.poll),
             slots: Vec::new(),
             free: Vec::new(),
             completions: Vec::new(),
@@ -427,7 +431,7 @@ struct Worker<M> {
     mem_align: usize,
     serial: [u8; blk::GET_ID_LEN],
     flush_failed: Arc<AtomicBool>,
-    poll: std::time::Duration,
+    poller: Poller,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     completions: Vec<Completion>,
@@ -456,6 +460,11 @@ impl<M: DeviceMemory + Send> Worker<M> {
             tracing::error!(queue = self.index, error = %e, "block queue worker failed");
         }
         self.quiesce();
+        tracing::debug!(
+            queue = self.index,
+            contended_polls = self.poller.contended_sessions(),
+            "block queue worker stopped"
+        );
         let _ = done.send(());
     }
 
@@ -494,13 +503,13 @@ impl<M: DeviceMemory + Send> Worker<M> {
     }
 
     /// Adaptive polling: serves whatever arrives without sleeping until nothing has
-    /// for [`BlkSettings::poll`], with kicks suppressed meanwhile.
+    /// for [`BlkSettings::poll`], with kicks suppressed meanwhile; backs off while the
+    /// core is shared (see [`Poller`]).
     fn poll_for_more(&mut self, interrupt: &EventFdNotifier) {
-        if self.poll.is_zero() {
+        let Some(mut session) = self.poller.start() else {
             return;
-        }
+        };
         self.ring.disable_notifications();
-        let mut last_work = std::time::Instant::now();
         let mut got = std::mem::take(&mut self.completions);
         loop {
             let mut work = self.start_each();
@@ -510,12 +519,12 @@ impl<M: DeviceMemory + Send> Worker<M> {
             }
             if work {
                 self.signal(interrupt);
-                last_work = std::time::Instant::now();
-            } else if last_work.elapsed() >= self.poll {
+            }
+            if !self.poller.keep_polling(&mut session, work) {
                 break;
             }
-            std::hint::spin_loop();
         }
+        self.poller.end(session);
         self.completions = got;
         // Re-arm kicks; work that raced in is served before sleeping.
         if self.ring.enable_notifications() {

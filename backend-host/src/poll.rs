@@ -1,0 +1,184 @@
+//! Adaptive polling for device workers, with a back-off when the CPU is shared.
+//!
+//! A worker that has just served something keeps polling its rings (and its I/O
+//! engine) for a while instead of sleeping on its eventfds: a sleep and a wake-up
+//! across cores cost tens of microseconds (PERF.md), more than a disk read of the
+//! page cache or a frame hand-off. That only pays while the poller has a core to
+//! itself. When it shares one (more busy threads than cores: the guest driver it
+//! waits for, other work on the machine), every microsecond it spins is taken from
+//! the thread it is waiting for, and the pair collapses to a fraction of what
+//! sleeping would give.
+//!
+//! So a poll that finds nothing yields the CPU, and the yield tells whether the core
+//! is shared: if it returns only after [`STOLEN`] or more, another thread ran here
+//! meanwhile. The session then ends, and polling is off for a back-off period that
+//! doubles while contention persists (from [`BACKOFF_MIN`] to [`BACKOFF_MAX`]) and is
+//! forgotten after a session without contention. While backing off the worker sleeps
+//! on its eventfds, as with polling disabled.
+
+use std::time::{Duration, Instant};
+
+/// A yield that returns after this long means another thread had the core.
+pub(crate) const STOLEN: Duration = Duration::from_micros(200);
+/// First back-off after a contended session.
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(1);
+/// Longest back-off.
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Adaptive-polling state of one worker.
+#[derive(Debug)]
+pub(crate) struct Poller {
+    budget: Duration,
+    backoff: Duration,
+    off_until: Option<Instant>,
+    contended_sessions: u64,
+}
+
+/// One polling session, from [`Poller::start`] to [`Poller::end`].
+#[derive(Debug)]
+pub(crate) struct Session {
+    last_work: Instant,
+    contended: bool,
+}
+
+impl Poller {
+    /// Polls for `budget` after the last work found; zero never polls.
+    pub(crate) fn new(budget: Duration) -> Poller {
+        Poller {
+            budget,
+            backoff: Duration::ZERO,
+            off_until: None,
+            contended_sessions: 0,
+        }
+    }
+
+    /// A session, unless polling is disabled or backing off.
+    pub(crate) fn start(&mut self) -> Option<Session> {
+        if self.budget.is_zero() {
+            return None;
+        }
+        let now = Instant::now();
+        if self.off_until.is_some_and(|t| now < t) {
+            return None;
+        }
+        self.off_until = None;
+        Some(Session {
+            last_work: now,
+            contended: false,
+        })
+    }
+
+    /// One poll round found `work` (or not): whether to keep polling. A round that
+    /// found nothing yields the CPU before it returns.
+    pub(crate) fn keep_polling(&self, s: &mut Session, work: bool) -> bool {
+        if work {
+            s.last_work = Instant::now();
+            return true;
+        }
+        let before = Instant::now();
+        if before.duration_since(s.last_work) >= self.budget {
+            return false;
+        }
+        std::thread::yield_now();
+        if before.elapsed() >= STOLEN {
+            s.contended = true;
+            return false;
+        }
+        true
+    }
+
+    /// Ends a session: backs off if it met contention, forgets the back-off if not.
+    pub(crate) fn end(&mut self, s: Session) {
+        if s.contended {
+            self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+            self.off_until = Some(Instant::now() + self.backoff);
+            self.contended_sessions += 1;
+            tracing::trace!(
+                backoff_us = self.backoff.as_micros(),
+                "core shared; polling backs off"
+            );
+        } else {
+            self.backoff = Duration::ZERO;
+        }
+    }
+
+    /// Sessions that ended because the core was shared.
+    pub(crate) fn contended_sessions(&self) -> u64 {
+        self.contended_sessions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_budget_never_polls() {
+        assert!(Poller::new(Duration::ZERO).start().is_none());
+    }
+
+    #[test]
+    fn polls_while_work_comes_and_stops_after_the_budget() {
+        let mut p = Poller::new(Duration::from_millis(2));
+        let mut s = p.start().unwrap();
+        assert!(p.keep_polling(&mut s, true));
+        let t = Instant::now();
+        while p.keep_polling(&mut s, false) {
+            assert!(t.elapsed() < Duration::from_secs(5), "the budget ends polling");
+        }
+        // Either the budget ran out or the test thread lost its core meanwhile.
+        assert!(t.elapsed() >= Duration::from_millis(2) || s.contended);
+        p.end(s);
+    }
+
+    #[test]
+    fn contention_backs_off_doubling_and_a_clean_session_forgets_it() {
+        let mut p = Poller::new(Duration::from_millis(1));
+        let contended = || Session {
+            last_work: Instant::now(),
+            contended: true,
+        };
+        p.end(contended());
+        assert_eq!(p.backoff, BACKOFF_MIN);
+        assert!(p.start().is_none(), "backing off");
+        p.end(contended());
+        assert_eq!(p.backoff, BACKOFF_MIN * 2);
+        for _ in 0..20 {
+            p.end(contended());
+        }
+        assert_eq!(p.backoff, BACKOFF_MAX);
+        assert_eq!(p.contended_sessions(), 22);
+        // Once the back-off has passed, polling resumes; a clean session resets it.
+        p.off_until = Some(Instant::now());
+        let s = p.start().expect("back-off over");
+        p.end(s);
+        assert_eq!(p.backoff, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_yield_that_returns_late_means_contention() {
+        // A thread that keeps this one's core busy: on a machine with more cores
+        // than runnable threads the yield returns at once, so pin both to one core.
+        let Some(core) = core_affinity::get_core_ids().and_then(|c| c.first().copied()) else {
+            return;
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hog = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                core_affinity::set_for_current(core);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        assert!(core_affinity::set_for_current(core));
+        let mut p = Poller::new(Duration::from_secs(10));
+        let mut s = p.start().expect("polling on");
+        let t = Instant::now();
+        while p.keep_polling(&mut s, false) && t.elapsed() < Duration::from_secs(5) {}
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        hog.join().unwrap();
+        assert!(s.contended, "a spinning thread on the same core is noticed");
+    }
+}
