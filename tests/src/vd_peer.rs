@@ -18,7 +18,9 @@
 //!     indirect tables) is bounced through a guest allocation, as swiotlb would.
 //!   - [`SharedPageBacking`] (model 1): "physical" = offset into the shared region.
 //!     Rings go into queue 0's ring slot, buffers are bounced through queue 0's bounce
-//!     area with the model's own buddy allocator.
+//!     area with the model's own buddy allocator. A multi-queue device whose queues
+//!     each carry one direction of buffers (virtio-net) is placed by a
+//!     [`QueueRouting`] instead, since the `Hal` is never told the queue.
 //!   - [`GrantBacking`] (model 4): "physical" = grant address (reference and offset).
 //!     Ring pages are granted for the queue's life (descriptor table and available
 //!     ring read-only), each buffer is bounced into guest memory and granted for one
@@ -122,7 +124,7 @@ impl<H> std::fmt::Debug for VdTransport<H> {
 impl<H: DeviceHandler> VdTransport<H> {
     /// Wraps `inner`; fails if its device id is unknown to virtio-drivers.
     pub fn new(inner: Arc<InProcessTransport<H>>) -> Result<Self, VdError> {
-        let (id, config_len) = inner.with_lifecycle(|l| (l.device_id(), l.config().len()));
+        let (id, config_len) = (inner.device_id(), inner.config_len());
         let device_type = DeviceType::try_from(id).map_err(|_| VdError::DeviceType(id))?;
         Ok(VdTransport {
             inner,
@@ -669,54 +671,154 @@ impl Drop for GuestBuffer {
 // Model 1: offsets into the shared region
 // ---------------------------------------------------------------------------------
 
-/// Model 1: "physical" addresses are offsets into the shared region (see the module
-/// docs). Serves queue 0 only: `Hal::share` is not told which queue a buffer is for,
-/// and the model confines each queue's descriptors to that queue's bounce area.
-pub struct SharedPageBacking {
-    /// Keeps the region's driver side (and its view) alive.
-    _driver: SharedPageDriver,
-    shared: Region,
-    /// Queue 0's ring slot, in pages of virtio-drivers' size.
+/// Which model-1 queue each ring and each buffer of virtio-drivers belongs to.
+///
+/// The model confines every queue's rings to that queue's ring slot and its
+/// descriptors to that queue's bounce area, but `Hal::dma_alloc` and `Hal::share`
+/// are told only a direction, never a queue. A device whose queues each carry one
+/// direction of buffers can still be expressed: virtio-net's receive queue holds only
+/// device-writable buffers, its transmit queue only device-readable ones (frames, and
+/// the indirect tables virtio-drivers builds for header plus frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRouting {
+    /// The queues in the order the driver creates them. virtio-drivers' modern queue
+    /// layout allocates, per queue, a device-readable area (descriptor table and
+    /// available ring) and then a device-writable one (used ring); each device-readable
+    /// ring allocation starts the next queue of this list, cyclically, so a second
+    /// driver session on the same backing lands in the same slots.
+    pub ring_order: Vec<u16>,
+    /// The queue whose bounce area takes device-readable buffers.
+    pub readable: u16,
+    /// The queue whose bounce area takes device-writable buffers.
+    pub writable: u16,
+}
+
+impl QueueRouting {
+    /// Everything on queue 0: a single-queue device such as `VirtIOBlk`.
+    pub fn single() -> QueueRouting {
+        QueueRouting {
+            ring_order: vec![0],
+            readable: 0,
+            writable: 0,
+        }
+    }
+
+    /// virtio-drivers' `VirtIONet` / `VirtIONetRaw`: it creates the transmit queue (1)
+    /// before the receive queue (0); frames it sends are device-readable, receive
+    /// buffers device-writable.
+    pub fn net() -> QueueRouting {
+        QueueRouting {
+            ring_order: vec![1, 0],
+            readable: 1,
+            writable: 0,
+        }
+    }
+
+    fn queues(&self) -> Vec<u16> {
+        let mut q: Vec<u16> = self.ring_order.clone();
+        q.extend([self.readable, self.writable]);
+        q.sort_unstable();
+        q.dedup();
+        q
+    }
+}
+
+/// One queue's share of the region, as this backing hands it out.
+struct QueueSpace {
+    queue: u16,
+    /// The queue's ring slot (model addresses).
     ring_slot: Range<u64>,
+    /// Which pages of the slot (virtio-drivers' page size) are handed out.
     ring_used: Vec<bool>,
     bounce: Range<u64>,
     alloc: BounceAlloc,
 }
 
+/// Model 1: "physical" addresses are offsets into the shared region (see the module
+/// docs). [`SharedPageBacking::new`] serves queue 0 only, which fits a single-queue
+/// device; [`SharedPageBacking::with_routing`] serves several queues where a
+/// [`QueueRouting`] can tell them apart.
+pub struct SharedPageBacking {
+    /// Keeps the region's driver side (and its view) alive.
+    _driver: SharedPageDriver,
+    shared: Region,
+    routing: QueueRouting,
+    queues: Vec<QueueSpace>,
+    /// Device-readable ring allocations so far: which queue of the routing's ring
+    /// order the current one is.
+    rings_started: usize,
+}
+
 impl std::fmt::Debug for SharedPageBacking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let slots: Vec<_> = self
+            .queues
+            .iter()
+            .map(|q| (q.queue, q.ring_slot.clone(), q.bounce.clone()))
+            .collect();
         f.debug_struct("SharedPageBacking")
-            .field("ring_slot", &self.ring_slot)
-            .field("bounce", &self.bounce)
-            .field("alloc", &self.alloc)
+            .field("routing", &self.routing)
+            .field("queues", &slots)
             .finish_non_exhaustive()
     }
 }
 
 impl SharedPageBacking {
-    /// A backing over the guest side of a model-1 region. The driver model's own
-    /// `create_queue` must not be used alongside: this backing owns queue 0's ring
-    /// slot and bounce area.
+    /// A backing over the guest side of a model-1 region, serving queue 0 only
+    /// ([`QueueRouting::single`]). The driver model's own `create_queue` must not be
+    /// used alongside: this backing owns the queue's ring slot and bounce area.
     pub fn new(driver: SharedPageDriver) -> Result<SharedPageBacking, VdError> {
-        let layout = *driver.layout();
-        let ring_slot = layout.ring_slot(0).ok_or(VdError::SharedRegion("no queue 0"))?;
-        let bounce = layout.bounce(0).ok_or(VdError::SharedRegion("no queue 0"))?;
-        if ring_slot.start % VD_PAGE != 0 {
-            return Err(VdError::SharedRegion("ring slot not 4 KiB aligned"));
+        Self::with_routing(driver, QueueRouting::single())
+    }
+
+    /// A backing over the guest side of a model-1 region, placing rings and buffers
+    /// by `routing`. It owns the ring slots and bounce areas of every queue named.
+    pub fn with_routing(
+        driver: SharedPageDriver,
+        routing: QueueRouting,
+    ) -> Result<SharedPageBacking, VdError> {
+        if routing.ring_order.is_empty() {
+            return Err(VdError::SharedRegion("no queue to place rings for"));
         }
-        let pages = usize::try_from((ring_slot.end - ring_slot.start) / VD_PAGE)
-            .map_err(|_| VdError::SharedRegion("ring slot too large"))?;
+        let layout = *driver.layout();
+        let queues = routing
+            .queues()
+            .into_iter()
+            .map(|queue| {
+                let missing = || VdError::SharedRegion("routing names a queue the region lacks");
+                let ring_slot = layout.ring_slot(queue).ok_or_else(missing)?;
+                let bounce = layout.bounce(queue).ok_or_else(missing)?;
+                if ring_slot.start % VD_PAGE != 0 {
+                    return Err(VdError::SharedRegion("ring slot not 4 KiB aligned"));
+                }
+                let pages = usize::try_from((ring_slot.end - ring_slot.start) / VD_PAGE)
+                    .map_err(|_| VdError::SharedRegion("ring slot too large"))?;
+                Ok(QueueSpace {
+                    queue,
+                    ring_slot,
+                    ring_used: vec![false; pages],
+                    alloc: BounceAlloc::new(bounce.end - bounce.start),
+                    bounce,
+                })
+            })
+            .collect::<Result<Vec<_>, VdError>>()?;
         let shared = driver.shared_region().clone();
         Ok(SharedPageBacking {
             _driver: driver,
             shared,
-            ring_slot,
-            ring_used: vec![false; pages],
-            alloc: BounceAlloc::new(bounce.end - bounce.start),
-            bounce,
+            routing,
+            queues,
+            rings_started: 0,
         })
     }
+}
 
+/// The space of `queue`; a free function so the shared region stays borrowable.
+fn space_of(queues: &mut [QueueSpace], queue: u16) -> Option<&mut QueueSpace> {
+    queues.iter_mut().find(|q| q.queue == queue)
+}
+
+impl QueueSpace {
     /// The bounce-area block of a buffer of `len` bytes at model address `paddr`
     /// (the allocator's order is a function of the length; it refuses a wrong one).
     fn block(&self, paddr: u64, len: usize) -> Option<Block> {
@@ -732,32 +834,44 @@ impl DmaBacking for SharedPageBacking {
         "shared-page"
     }
 
-    fn alloc(&mut self, pages: usize, _direction: BufferDirection) -> Option<(PhysAddr, NonNull<u8>)> {
-        // Offset 0 is never handed out: virtio-drivers takes physical address 0 for an
-        // allocation failure (`Dma::new` returns `DmaError`). The ring slot of queue 0
-        // starts at offset 0, so its first page stays unused (a slot sized for 256
+    fn alloc(&mut self, pages: usize, direction: BufferDirection) -> Option<(PhysAddr, NonNull<u8>)> {
+        let order = &self.routing.ring_order;
+        let nth = if direction == BufferDirection::DeviceToDriver {
+            // The used ring joins the queue whose descriptor area came just before.
+            self.rings_started.saturating_sub(1)
+        } else {
+            self.rings_started += 1;
+            self.rings_started - 1
+        };
+        let queue = order[nth % order.len()];
+        let space = space_of(&mut self.queues, queue)?;
+        // Model address 0 is never handed out: virtio-drivers takes physical address 0
+        // for an allocation failure (`Dma::new` returns `DmaError`). Queue 0's ring
+        // slot starts at offset 0, so its first page stays unused (a slot sized for 256
         // entries has three pages; virtio-drivers' rings need two for up to 128).
-        let first = (1..self.ring_used.len()).find(|&i| {
-            self.ring_used
-                .get(i..i.saturating_add(pages))
-                .is_some_and(|s| s.iter().all(|u| !u))
+        let first = (0..space.ring_used.len()).find(|&i| {
+            space.ring_slot.start + i as u64 * VD_PAGE != 0
+                && space
+                    .ring_used
+                    .get(i..i.saturating_add(pages))
+                    .is_some_and(|s| s.iter().all(|u| !u))
         })?;
-        let off = self.ring_slot.start + first as u64 * VD_PAGE;
+        let off = space.ring_slot.start + first as u64 * VD_PAGE;
         let len = pages as u64 * VD_PAGE;
         let view = self.shared.sub(off, len).ok()?;
         view.zero(0, len).ok()?;
-        self.ring_used[first..first + pages].fill(true);
+        space.ring_used[first..first + pages].fill(true);
         Some((off, host_ptr(&view)?))
     }
 
     fn dealloc(&mut self, paddr: PhysAddr, pages: usize) -> bool {
-        let Some(first) = paddr
-            .checked_sub(self.ring_slot.start)
-            .and_then(|o| usize::try_from(o / VD_PAGE).ok())
-        else {
+        let Some(space) = self.queues.iter_mut().find(|q| q.ring_slot.contains(&paddr)) else {
             return false;
         };
-        match self.ring_used.get_mut(first..first.saturating_add(pages)) {
+        let Ok(first) = usize::try_from((paddr - space.ring_slot.start) / VD_PAGE) else {
+            return false;
+        };
+        match space.ring_used.get_mut(first..first.saturating_add(pages)) {
             Some(s) => {
                 s.fill(false);
                 true
@@ -768,22 +882,32 @@ impl DmaBacking for SharedPageBacking {
 
     fn share(&mut self, buffer: &[u8], direction: BufferDirection) -> Option<Shared> {
         let len = u32::try_from(buffer.len()).ok()?;
-        let block = self.alloc.alloc(len)?;
-        let addr = self.bounce.start + u64::from(block.offset);
+        let queue = if direction_readonly(direction) {
+            self.routing.readable
+        } else {
+            self.routing.writable
+        };
+        let space = space_of(&mut self.queues, queue)?;
+        let block = space.alloc.alloc(len)?;
+        let addr = space.bounce.start + u64::from(block.offset);
         let filled = if direction_readonly(direction) {
             self.shared.write(addr, buffer)
         } else {
             self.shared.zero(addr, u64::from(len))
         };
         if filled.is_err() {
-            self.alloc.free(block);
+            space.alloc.free(block);
             return None;
         }
         Some(Shared { addr, bounced: true })
     }
 
     fn unshare(&mut self, paddr: PhysAddr, buffer: Unshare<'_>) {
-        let Some(block) = self.block(paddr, buffer.len()) else {
+        let Some(space) = self.queues.iter_mut().find(|q| q.bounce.contains(&paddr)) else {
+            tracing::error!(paddr, "unshare of an address outside the bounce areas");
+            return;
+        };
+        let Some(block) = space.block(paddr, buffer.len()) else {
             tracing::error!(paddr, "unshare of an address outside the bounce area");
             return;
         };
@@ -792,7 +916,7 @@ impl DmaBacking for SharedPageBacking {
         {
             tracing::error!(%error, paddr, "copying a bounce block back failed");
         }
-        if !self.alloc.free(block) {
+        if !space.alloc.free(block) {
             tracing::error!(paddr, ?block, "bounce block was not live");
         }
     }

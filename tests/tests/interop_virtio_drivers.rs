@@ -16,9 +16,10 @@
 //!   on one page and the used ring on the next, fits the slot's rules), `share`
 //!   bounces every buffer through queue 0's bounce area. The slot's first page (model
 //!   address 0) stays unused: virtio-drivers reads physical address 0 as a failed
-//!   allocation. Multi-queue devices cannot be expressed: `Hal::share` is not told
-//!   which queue a buffer is for, and the model confines each queue's descriptors to
-//!   that queue's own bounce area.
+//!   allocation. `Hal::share` is not told which queue a buffer is for, and the model
+//!   confines each queue's descriptors to that queue's own bounce area, so a
+//!   multi-queue device works only where each queue carries one direction of buffers
+//!   (virtio-net: see `QueueRouting` and `interop_virtio_drivers_net.rs`).
 //! - **Model 3 (hypervisor copy)**: cannot be expressed. The copy helper serves only
 //!   ring addresses the guest published through `CopyDriver::create_queue`, which
 //!   also *places* the rings (descriptor table, available ring and used ring each on
