@@ -77,11 +77,18 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
             opts.wanted(),
             BLK_DEPENDENCIES,
         )?;
+        let info = match read_config(&transport) {
+            Ok(cfg) => BlkInfo::new(features, &cfg),
+            Err(e) => {
+                transport.set_status(transport.status() | DeviceStatus::FAILED.bits());
+                return Err(e);
+            }
+        };
         let mut driver = BlkDriver {
             transport,
             model,
             memory,
-            info: BlkInfo::new(features, &BlkConfig::default()),
+            info,
             queues: Vec::new(),
             timeout: opts.timeout,
         };
@@ -97,7 +104,6 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
     }
 
     fn setup(&mut self, features: u64, interrupts: Vec<W>, opts: &BlkOptions) -> Result<(), BlkError> {
-        self.info = BlkInfo::new(features, &read_config(&self.transport)?);
         let available = self.transport.num_queues().min(self.info.device_queues);
         let nq = opts.queues.clamp(1, available.max(1));
         if interrupts.len() < usize::from(nq) {
