@@ -3,6 +3,7 @@ pub mod blk_bench;
 pub mod conformance;
 pub mod model_bench;
 pub mod models;
+pub mod net_bench;
 pub mod peer;
 pub mod report;
 pub mod ring_bench;

@@ -24,3 +24,44 @@ fn model_bench_produces_every_row() {
     }
     assert!(table.render().lines().count() > table.rows.len());
 }
+
+#[test]
+fn net_bench_produces_every_row() {
+    use vio::net_bench::{self, MTU_FRAME, Model, NetBenchConfig, NetBenchError, SMALL_FRAME};
+    let cfg = NetBenchConfig {
+        reps: 1,
+        run_time: Duration::from_millis(30),
+        models: vec!["2".parse::<Model>().unwrap()],
+        frames: vec![SMALL_FRAME, MTU_FRAME],
+        veth: false,
+        ..NetBenchConfig::full()
+    };
+    let table = net_bench::run(&cfg).unwrap();
+    assert_eq!(table.rows.len(), 2);
+    for (row, len) in table.rows.iter().zip(["60", "1,514"]) {
+        assert!(matches!(&row[0], Cell::Text(m) if m == "2 direct"), "{row:?}");
+        assert!(matches!(&row[1], Cell::Text(l) if l == len), "{row:?}");
+        // Frames per second and Gbit/s of the stream that arrived.
+        for cell in &row[2..4] {
+            assert!(matches!(cell, Cell::Num(v) if *v > 0.0), "{row:?}");
+        }
+        // The peer was not measured: its cells say so.
+        assert!(matches!(&row[6], Cell::Text(t) if t == "-"), "{row:?}");
+    }
+    assert!(
+        table
+            .notes
+            .iter()
+            .any(|n| n.starts_with("veth peer: not measured"))
+    );
+    assert!(table.render().lines().count() > table.rows.len() + 2);
+
+    let bad = NetBenchConfig {
+        frames: vec![SMALL_FRAME - 1],
+        ..cfg
+    };
+    assert!(matches!(
+        net_bench::run(&bad),
+        Err(NetBenchError::FrameLength(59))
+    ));
+}

@@ -1,13 +1,15 @@
 //! `vio`: the demo and benchmark tool.
 //!
 //! `vio demo` runs a short version of every benchmark on built-in defaults;
-//! `vio ring-bench` runs the full split-ring benchmark.
+//! `vio ring-bench` runs the full split-ring benchmark, `vio net-loopback` the
+//! guest-to-guest network benchmark against a veth pair.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 use vio::blk_bench::{self, BlkBenchConfig};
 use vio::model_bench::{self, ModelBenchConfig};
+use vio::net_bench::{self, Model, NetBenchConfig};
 use vio::report::Table;
 use vio::ring_bench::{self, RingBenchConfig};
 
@@ -80,6 +82,41 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Guest-to-guest network benchmark: a one-way stream of 60, 1514 and 65549-byte
+    /// frames from guest A to guest B through our drivers, devices and switch over
+    /// each sharing model, against UDP over a veth pair between two network
+    /// namespaces (needs root) in the same run.
+    NetLoopback {
+        /// Repetitions (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 1.0)]
+        secs: f64,
+        /// Sharing models, comma-separated: direct, shared_page, hypervisor_copy,
+        /// grant (or 1-4).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "shared_page,direct,hypervisor_copy,grant"
+        )]
+        models: Vec<Model>,
+        /// Frame lengths in bytes (Ethernet header included, no FCS), 60 to 65549.
+        #[arg(long, value_delimiter = ',', default_value = "60,1514,65549")]
+        frames: Vec<usize>,
+        /// Queue size of every queue.
+        #[arg(long, default_value_t = 256)]
+        queue_size: u16,
+        /// Bytes per receive buffer (mergeable buffers; default: the driver's 2048).
+        #[arg(long)]
+        rx_buf_len: Option<u32>,
+        /// Skip the veth peer.
+        #[arg(long)]
+        no_veth: bool,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,13 +130,52 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let (tables, json) = match cli.command {
-        Command::Demo { json } => (
-            vec![
+        Command::Demo { json } => {
+            let mut tables = vec![
                 ring_bench::run(&RingBenchConfig::quick()).to_table(),
                 model_bench::run(&ModelBenchConfig::quick()),
-            ],
+            ];
+            match net_bench::run(&NetBenchConfig::quick()) {
+                Ok(t) => tables.push(t),
+                Err(e) => {
+                    eprintln!("error: network benchmark: {}", error_chain(&e));
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+            (tables, json)
+        }
+        Command::NetLoopback {
+            reps,
+            secs,
+            models,
+            frames,
+            queue_size,
+            rx_buf_len,
+            no_veth,
             json,
-        ),
+        } => {
+            if !(0.01..=600.0).contains(&secs) || virtio_core::ring::SplitLayout::new(queue_size).is_none() {
+                eprintln!("error: --secs must be between 0.01 and 600, --queue-size a power of two");
+                return std::process::ExitCode::from(2);
+            }
+            let cfg = NetBenchConfig {
+                reps: reps.max(1),
+                run_time: Duration::from_secs_f64(secs),
+                models,
+                frames,
+                queue_size,
+                rx_buf_len,
+                veth: !no_veth,
+                ..NetBenchConfig::full()
+            };
+            match net_bench::run(&cfg) {
+                Ok(t) => (vec![t], json),
+                Err(e) => {
+                    eprintln!("error: network benchmark: {}", error_chain(&e));
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+        }
         Command::BlkBench {
             image,
             size_mib,
@@ -165,6 +241,17 @@ fn main() -> std::process::ExitCode {
         }
     };
     finish(&tables, json)
+}
+
+/// An error and its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s = format!("{s}: {c}");
+        cause = c.source();
+    }
+    s
 }
 
 fn finish(tables: &[Table], json: Option<PathBuf>) -> std::process::ExitCode {
