@@ -93,6 +93,9 @@ pub struct BlkBenchConfig {
     pub reps: usize,
     /// The device's adaptive-polling budget.
     pub poll: Duration,
+    /// Install fio when it is missing ([`ensure_fio`]); if false, a missing fio
+    /// leaves the peer columns empty.
+    pub install_fio: bool,
 }
 
 impl BlkBenchConfig {
@@ -104,8 +107,30 @@ impl BlkBenchConfig {
             run_time: Duration::from_secs(3),
             reps: 3,
             poll: Duration::from_micros(100),
+            install_fio: true,
         }
     }
+
+    /// The short version for `vio demo`: a 64 MiB image, 0.3 s runs, one
+    /// repetition, fio only if it is already installed.
+    pub fn quick() -> Self {
+        BlkBenchConfig {
+            image: PathBuf::from("target/vio-blk-demo.img"),
+            size: 64 << 20,
+            run_time: Duration::from_millis(300),
+            reps: 1,
+            install_fio: false,
+            ..BlkBenchConfig::full()
+        }
+    }
+}
+
+/// Whether fio runs here.
+pub fn fio_present() -> bool {
+    Command::new("fio")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// What one run measured.
@@ -168,7 +193,7 @@ pub fn ensure_fio() -> std::io::Result<()> {
             "fio is missing and apt-get could not install it (not root?): run `sudo apt-get install fio`",
         ));
     }
-    if present() {
+    if fio_present() {
         Ok(())
     } else {
         Err(std::io::Error::other(
@@ -415,7 +440,12 @@ pub fn raw_fdatasync_us(cfg: &BlkBenchConfig) -> std::io::Result<Vec<f64>> {
 
 /// Runs every workload on both stacks and returns the table.
 pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
-    ensure_fio()?;
+    let with_fio = if cfg.install_fio {
+        ensure_fio()?;
+        true
+    } else {
+        fio_present()
+    };
     prepare_image(&cfg.image, cfg.size)?;
     let mut rows = Vec::new();
     let mut flush_us = Vec::new();
@@ -424,7 +454,9 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
         let (mut fio, mut ours) = (Vec::new(), Vec::new());
         for rep in 1..=cfg.reps {
             tracing::info!("{} QD{depth}: repetition {rep}/{}", w.label(), cfg.reps);
-            fio.push(fio_run(cfg, w, depth)?);
+            if with_fio {
+                fio.push(fio_run(cfg, w, depth)?);
+            }
             ours.push(ours_run(cfg, w, depth));
         }
         if w == Workload::WriteFlush {
@@ -432,28 +464,34 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
         }
         let med =
             |rs: &[RunResult], f: fn(&RunResult) -> f64| median(&mut rs.iter().map(f).collect::<Vec<_>>());
-        let (o, f) = (
-            [
-                med(&ours, |r| r.iops),
-                med(&ours, |r| r.mean_us),
-                med(&ours, |r| r.p99_us),
-            ],
-            [
-                med(&fio, |r| r.iops),
-                med(&fio, |r| r.mean_us),
-                med(&fio, |r| r.p99_us),
-            ],
-        );
+        let o = [
+            med(&ours, |r| r.iops),
+            med(&ours, |r| r.mean_us),
+            med(&ours, |r| r.p99_us),
+        ];
+        // Without fio, its cells read "-".
+        let peer = |f: fn(&RunResult) -> f64| {
+            if fio.is_empty() {
+                Cell::Text("-".into())
+            } else {
+                Cell::Num(med(&fio, f))
+            }
+        };
+        let ratio = if fio.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.2}x", o[0] / med(&fio, |r| r.iops))
+        };
         rows.push(vec![
             Cell::Text(w.label().into()),
             Cell::Int(u64::from(depth)),
             Cell::Num(o[0]),
-            Cell::Num(f[0]),
-            Cell::Text(format!("{:.2}x", o[0] / f[0])),
+            peer(|r| r.iops),
+            Cell::Text(ratio),
             Cell::Num(o[1]),
-            Cell::Num(f[1]),
+            peer(|r| r.mean_us),
             Cell::Num(o[2]),
-            Cell::Num(f[2]),
+            peer(|r| r.p99_us),
         ]);
     }
     tracing::info!("flush latency: raw fdatasync on the image");
@@ -484,19 +522,23 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
         .map(String::from)
         .to_vec(),
         rows,
-        notes: vec![
-            format!(
+        notes: [
+            (!with_fio).then(|| "fio is not installed: no peer figures (`vio blk-bench` installs it)".to_string()),
+            Some(format!(
                 "image {}; write + flush: IOPS count write+flush pairs (fio --fdatasync=1), latency is the flush's (fio: its fdatasync)",
                 cfg.image.display()
-            ),
-            format!(
+            )),
+            Some(format!(
                 "ours: drivers-blk polling, device adaptive polling {} us; our flush p50 {:.1} us vs raw fdatasync p50 {:.1} us ({:+.1} us; raw p99 {:.1} us)",
                 cfg.poll.as_micros(),
                 ours_flush,
                 raw_p50,
                 ours_flush - raw_p50,
                 raw_p99
-            ),
-        ],
+            )),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     })
 }

@@ -135,6 +135,13 @@ fn main() -> std::process::ExitCode {
                 ring_bench::run(&RingBenchConfig::quick()).to_table(),
                 model_bench::run(&ModelBenchConfig::quick()),
             ];
+            match blk_bench::run(&BlkBenchConfig::quick()) {
+                Ok(t) => tables.push(t),
+                Err(e) => {
+                    eprintln!("error: block benchmark: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
             match net_bench::run(&NetBenchConfig::quick()) {
                 Ok(t) => tables.push(t),
                 Err(e) => {
@@ -194,11 +201,12 @@ fn main() -> std::process::ExitCode {
                 run_time: Duration::from_secs_f64(secs),
                 reps: reps.max(1),
                 poll: Duration::from_micros(poll_us),
+                install_fio: true,
             };
             match blk_bench::run(&cfg) {
                 Ok(t) => (vec![t], json),
                 Err(e) => {
-                    eprintln!("error: block benchmark: {e} (is fio installed? apt-get install fio)");
+                    eprintln!("error: block benchmark: {e}");
                     return std::process::ExitCode::FAILURE;
                 }
             }
