@@ -1,25 +1,31 @@
-//! The driver: device initialization, sending, NAPI-style receiving, waiting.
+//! The driver: device initialization, queue pairs, the control queue, sending,
+//! NAPI-style receiving, waiting.
 
+use crate::ctrl::{Answer, CTRL_QUEUE_SIZE, CtrlQueue, MAX_DATA, SLOT_LEN};
 use crate::error::{Broken, NetError};
 use crate::info::{NetInfo, NetOptions};
 use crate::rx::{RxMode, RxQueue, RxStats};
 use crate::tx::TxQueue;
 use hypervisor::GuestMemory;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use virtio_core::DriverModel;
 use virtio_core::features::Features;
 use virtio_core::lifecycle::{driver_ok, initialize, reset};
-use virtio_core::net::{ETH_HDR_LEN, NET_DEPENDENCIES, NetConfig, VIRTIO_NET_S_LINK_UP, VirtioNetHdr};
+use virtio_core::net::{
+    CtrlCommand, ETH_HDR_LEN, NET_DEPENDENCIES, NetConfig, NetFeatures, VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
+    VirtioNetCtrlHdr, VirtioNetHdr,
+};
 use virtio_core::notify::{EventFdNotifier, Wait};
 use virtio_core::ring::split::SplitDriver;
 use virtio_core::status::DeviceStatus;
 use virtio_core::transport::Transport;
 use zerocopy::{FromBytes, IntoBytes};
 
-/// Receive queue index of the first (only) queue pair (§5.1.2).
+/// Receive queue index of the first queue pair (§5.1.2).
 pub const RX_QUEUE: u16 = 0;
-/// Transmit queue index of the first (only) queue pair (§5.1.2).
+/// Transmit queue index of the first queue pair (§5.1.2).
 pub const TX_QUEUE: u16 = 1;
 
 /// Smallest queue the driver uses.
@@ -29,20 +35,48 @@ const MIN_QUEUE_SIZE: u16 = 2;
 /// consumed elsewhere costs latency, never a hang.
 const WAIT_SLICE: Duration = Duration::from_millis(50);
 
+/// One receive/transmit queue pair and its interrupt sources.
+struct Pair<S: virtio_core::DriverShare, W> {
+    rx: Mutex<RxQueue<S>>,
+    tx: Mutex<TxQueue<S>>,
+    rx_irq: W,
+    tx_irq: W,
+}
+
+/// The control queue, its index and its interrupt source.
+struct Ctrl<S: virtio_core::DriverShare, W> {
+    queue: Mutex<CtrlQueue<S>>,
+    index: u16,
+    irq: W,
+}
+
 /// A virtio-net driver over transport `T` and sharing model `D`, with interrupt
 /// sources `W` (an [`EventFdNotifier`] by default).
 ///
-/// Methods take `&self`: receive and transmit have a lock each, so one thread may
-/// send while another receives.
+/// Methods take `&self`: every queue has its own lock, so threads may send and
+/// receive on different pairs (or on both sides of one) at once.
+///
+/// # Queue pairs
+/// Pair `k` is receive queue `2k` and transmit queue `2k + 1` (§5.1.2).
+/// [`Self::send`], [`Self::poll_recv`] and [`Self::wait_rx`] use pair 0, which
+/// is always in use: with one pair (every driver without MQ) that is the whole
+/// device, and existing single-queue callers keep working unchanged when MQ is
+/// negotiated. With more pairs in use the device steers each flow to one receive
+/// queue; callers then receive with [`Self::poll_recv_on`] on every pair of
+/// [`Self::queue_pairs`] (one thread per pair, or in turn) and may transmit on
+/// any of them with [`Self::send_on`].
 pub struct NetDriver<D: DriverModel, T: Transport, W: Wait = EventFdNotifier> {
     transport: T,
     model: D,
     memory: Arc<GuestMemory>,
     info: NetInfo,
-    rx: Mutex<RxQueue<D::Share>>,
-    tx: Mutex<TxQueue<D::Share>>,
-    rx_irq: W,
-    tx_irq: W,
+    pairs: Vec<Pair<D::Share, W>>,
+    ctrl: Option<Ctrl<D::Share, W>>,
+    /// Pairs in use (VQ_PAIRS_SET), 1..=pairs.len().
+    active: AtomicU16,
+    /// The MAC address in use: the device's, or the last one set.
+    mac: Mutex<Option<[u8; 6]>>,
+    control_timeout: Duration,
 }
 
 impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for NetDriver<D, T, W> {
@@ -50,6 +84,7 @@ impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for NetDriver<D, T, 
         f.debug_struct("NetDriver")
             .field("model", &self.model.name())
             .field("info", &self.info)
+            .field("pairs", &self.pairs.len())
             .finish_non_exhaustive()
     }
 }
@@ -68,16 +103,32 @@ fn queue_size(transport: &impl Transport, index: u16, wanted: u16) -> Result<u16
     Ok(1u16 << (15 - max.leading_zeros()))
 }
 
+/// A queue index as a `u16` (checked against the control queue's, which fits).
+fn index(i: usize) -> u16 {
+    u16::try_from(i).unwrap_or(u16::MAX)
+}
+
 impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
     /// Initializes the device behind `transport` (virtio 1.2 §3.1.1, §5.1.5):
-    /// negotiates what `opts` wants, reads MAC, status and MTU, creates receive
-    /// queue 0 and transmit queue 1 through `model`, allocates their buffers in
-    /// `memory` (the guest's own), fills the receive queue and sets DRIVER_OK.
-    /// `interrupts` are the used-buffer notifications of queue 0 and queue 1.
+    /// negotiates what `opts` wants, reads MAC, status, queue pairs and MTU,
+    /// creates the queues of the pairs to use (see [`NetOptions::queue_pairs`])
+    /// and the control queue (CTRL_VQ) through `model`, allocates their buffers in
+    /// `memory` (the guest's own), fills the receive queues and sets DRIVER_OK;
+    /// then it makes [`NetOptions::active_pairs`] (default: all) active with
+    /// VQ_PAIRS_SET unless that is 1.
+    ///
+    /// `interrupts[i]` is the used-buffer notification of queue `i`, in queue
+    /// order: receive 0, transmit 0, receive 1, transmit 1, ..., then the control
+    /// queue at index `2 * max_virtqueue_pairs` with MQ (2 without). Give one per
+    /// queue the device has (`transport.num_queues()`) and the driver takes those
+    /// it uses; the fewest accepted is the highest used index plus one: 2 for one
+    /// pair without control queue.
     ///
     /// # Errors
-    /// Initialization, configuration, queue setup or allocation failures; the device
-    /// is then marked FAILED and everything allocated is freed.
+    /// Initialization, configuration, queue setup or allocation failures,
+    /// [`NetError::MissingInterrupts`], and the control errors of
+    /// [`Self::set_queue_pairs`]; the device is then marked FAILED (or reset) and
+    /// everything allocated is freed.
     pub fn new(
         transport: T,
         model: D,
@@ -85,11 +136,6 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         interrupts: Vec<W>,
         opts: NetOptions,
     ) -> Result<Self, NetError> {
-        let given = interrupts.len();
-        let mut irqs = interrupts.into_iter();
-        let (Some(rx_irq), Some(tx_irq)) = (irqs.next(), irqs.next()) else {
-            return Err(NetError::MissingInterrupts(given));
-        };
         let features = initialize(
             &transport,
             virtio_core::net::DEVICE_ID,
@@ -101,34 +147,52 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
             t.set_status(status | DeviceStatus::FAILED.bits());
         };
         let queues = NetInfo::new(features, &read_config(&transport)?, &opts)
-            .and_then(|info| setup(&transport, &model, &memory, features, info, &opts));
-        let (info, rx, tx) = match queues {
+            .and_then(|info| setup(&transport, &model, &memory, features, info, &opts, interrupts));
+        let (info, pairs, ctrl) = match queues {
             Ok(q) => q,
             Err(e) => {
                 fail(&transport);
                 return Err(e);
             }
         };
+        let wanted_pairs = opts.active_pairs.unwrap_or(index(pairs.len()));
         let driver = NetDriver {
             transport,
             model,
             memory,
+            mac: Mutex::new(info.mac),
             info,
-            rx: Mutex::new(rx),
-            tx: Mutex::new(tx),
-            rx_irq,
-            tx_irq,
+            pairs,
+            ctrl,
+            active: AtomicU16::new(1),
+            control_timeout: opts.control_timeout,
         };
         // Buffers are posted before DRIVER_OK (§5.1.5 step 3) and announced after
         // it: a driver must not notify before DRIVER_OK (§3.1.1).
-        let notify = lock(&driver.rx).refill();
-        let started = notify.and_then(|n| {
-            driver_ok(&driver.transport)?;
-            if n {
-                driver.transport.notify_queue(RX_QUEUE)?;
+        let mut notify = Vec::new();
+        for p in &driver.pairs {
+            match lock(&p.rx).refill() {
+                Ok(n) => notify.push(n),
+                Err(e) => {
+                    fail(&driver.transport);
+                    return Err(e);
+                }
             }
-            Ok(())
-        });
+        }
+        let started = driver_ok(&driver.transport)
+            .map_err(NetError::from)
+            .and_then(|()| {
+                for (k, n) in notify.into_iter().enumerate() {
+                    if n {
+                        driver.transport.notify_queue(index(2 * k))?;
+                    }
+                }
+                // §5.1.5 step 4: only pair 0 is used until VQ_PAIRS_SET.
+                if wanted_pairs != 1 {
+                    driver.set_queue_pairs(wanted_pairs)?;
+                }
+                Ok(())
+            });
         match started {
             Ok(()) => Ok(driver),
             Err(e) => {
@@ -159,6 +223,23 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         &self.memory
     }
 
+    /// Queue pairs in use: 1 until a VQ_PAIRS_SET succeeded.
+    pub fn queue_pairs(&self) -> u16 {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Queue pairs set up (at most [`NetInfo::max_queue_pairs`]): how many
+    /// [`Self::set_queue_pairs`] may make active.
+    pub fn configured_pairs(&self) -> u16 {
+        index(self.pairs.len())
+    }
+
+    /// The MAC address in use: the device's (MAC negotiated), or the last one
+    /// [`Self::set_mac`] set.
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        *lock(&self.mac)
+    }
+
     /// Whether the link is up: the configuration's status (STATUS negotiated, read
     /// now), else always.
     pub fn link_up(&self) -> bool {
@@ -173,39 +254,201 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         }
     }
 
-    /// Why a queue stopped working, if one did (receive first).
+    /// Why a queue stopped working, if one did (receive queues first, then
+    /// transmit queues, then the control queue).
     pub fn broken(&self) -> Option<Broken> {
-        lock(&self.rx).broken().or(lock(&self.tx).broken())
+        let rx = self.pairs.iter().find_map(|p| lock(&p.rx).broken());
+        let tx = || self.pairs.iter().find_map(|p| lock(&p.tx).broken());
+        let ctrl = || self.ctrl.as_ref().and_then(|c| lock(&c.queue).broken());
+        rx.or_else(tx).or_else(ctrl)
     }
 
-    /// Receive counters.
+    /// Receive counters, summed over every pair.
     pub fn rx_stats(&self) -> RxStats {
-        lock(&self.rx).stats
+        let mut sum = RxStats::default();
+        for p in &self.pairs {
+            sum.add(&lock(&p.rx).stats);
+        }
+        sum
     }
 
-    /// Frames the device has taken back from the transmit queue so far (reclaimed).
+    /// Frames the device has taken back from the transmit queues so far
+    /// (reclaimed), summed over every pair.
     pub fn tx_completed(&self) -> u64 {
-        lock(&self.tx).completed
+        self.pairs.iter().map(|p| lock(&p.tx).completed).sum()
+    }
+
+    // ---- control queue ----
+
+    /// Makes pairs `0..n` the ones in use (VQ_PAIRS_SET, §5.1.6.5.5) and waits for
+    /// the device's answer. Shrinking takes effect for [`Self::send_on`] before
+    /// the command is sent (the driver "MUST NOT queue packets on transmit queues
+    /// greater than virtqueue_pairs" from then on); receive queues past `n` keep
+    /// what they already hold and can still be polled.
+    ///
+    /// # Errors
+    /// [`NetError::NotNegotiated`] without MQ; [`NetError::QueuePairs`] for 0 or
+    /// more than [`Self::configured_pairs`] (checked here: the driver MUST NOT
+    /// ask for them); the errors of [`Self::control`].
+    pub fn set_queue_pairs(&self, n: u16) -> Result<(), NetError> {
+        if !NetFeatures::from_bits_retain(self.info.features).contains(NetFeatures::MQ) {
+            return Err(NetError::NotNegotiated(NetFeatures::MQ));
+        }
+        let max = self.configured_pairs();
+        if n == 0 || n > max {
+            return Err(NetError::QueuePairs { wanted: n, max });
+        }
+        let before = self.active.fetch_min(n, Ordering::AcqRel);
+        match self.command(CtrlCommand::VqPairs(n)) {
+            Ok(()) => {
+                self.active.store(n, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                // Refused: the device keeps the old count. (After a timeout the
+                // device may still apply it; the smaller count is safe either way.)
+                if !matches!(e, NetError::ControlTimeout) {
+                    self.active.store(before, Ordering::Release);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Turns promiscuous receive on or off (CTRL_RX, §5.1.6.5.1).
+    ///
+    /// # Errors
+    /// [`NetError::NotNegotiated`] without CTRL_RX; the errors of [`Self::control`].
+    pub fn set_promisc(&self, on: bool) -> Result<(), NetError> {
+        self.need(NetFeatures::CTRL_RX)?;
+        self.command(CtrlCommand::Promisc(on))
+    }
+
+    /// Turns all-multicast receive on or off (CTRL_RX, §5.1.6.5.1).
+    ///
+    /// # Errors
+    /// [`NetError::NotNegotiated`] without CTRL_RX; the errors of [`Self::control`].
+    pub fn set_allmulti(&self, on: bool) -> Result<(), NetError> {
+        self.need(NetFeatures::CTRL_RX)?;
+        self.command(CtrlCommand::AllMulti(on))
+    }
+
+    /// Sets the device's default MAC address (CTRL_MAC_ADDR, §5.1.6.5.2); on
+    /// success [`Self::mac`] reports it and the caller sends from it.
+    ///
+    /// # Errors
+    /// [`NetError::NotNegotiated`] without CTRL_MAC_ADDR; the errors of
+    /// [`Self::control`].
+    pub fn set_mac(&self, mac: [u8; 6]) -> Result<(), NetError> {
+        self.need(NetFeatures::CTRL_MAC_ADDR)?;
+        self.command(CtrlCommand::MacAddr(mac))?;
+        *lock(&self.mac) = Some(mac);
+        Ok(())
+    }
+
+    /// Sends any control command, `class` and `command` followed by `data`, and
+    /// waits for the answer; nothing is checked but that it fits a command slot.
+    /// For commands this driver has no method for, and for testing how a device
+    /// copes with what a driver must not send.
+    ///
+    /// # Errors
+    /// [`NetError::NotNegotiated`] without CTRL_VQ; [`NetError::ControlTooLong`];
+    /// [`NetError::CommandRefused`] if the device answered anything but
+    /// VIRTIO_NET_OK or nothing; [`NetError::ControlTimeout`];
+    /// [`NetError::QueueFull`] while every slot is held by a command that timed
+    /// out; [`NetError::DeviceBroken`].
+    pub fn control(&self, class: u8, command: u8, data: &[u8]) -> Result<(), NetError> {
+        let Some(ctrl) = &self.ctrl else {
+            return Err(NetError::NotNegotiated(NetFeatures::CTRL_VQ));
+        };
+        if data.len() > MAX_DATA {
+            return Err(NetError::ControlTooLong(data.len()));
+        }
+        let hdr = VirtioNetCtrlHdr { class, command };
+        let mut bytes = Vec::with_capacity(2 + data.len());
+        bytes.extend_from_slice(hdr.as_bytes());
+        bytes.extend_from_slice(data);
+        // Held until the answer: commands take effect in the order issued.
+        let mut q = lock(&ctrl.queue);
+        let (slot, notify) = q.send(&self.memory, &bytes)?;
+        if notify {
+            self.transport.notify_queue(ctrl.index)?;
+        }
+        let deadline = Instant::now() + self.control_timeout;
+        let answer = loop {
+            if let Some(a) = q.answer(&self.memory, slot)? {
+                break a;
+            }
+            let Some(left) = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+            else {
+                tracing::warn!(class, command, "control command timed out");
+                return Err(NetError::ControlTimeout);
+            };
+            // Sleep only with notifications on and the ring re-checked empty.
+            if !q.ring.enable_notifications() {
+                ctrl.irq.wait(Some(left.min(WAIT_SLICE)))?;
+            }
+            q.ring.disable_notifications();
+        };
+        match answer {
+            Answer::Ack(VIRTIO_NET_OK) => Ok(()),
+            Answer::Ack(ack) => Err(NetError::CommandRefused {
+                class,
+                command,
+                ack: Some(ack),
+            }),
+            Answer::NoAck => Err(NetError::CommandRefused {
+                class,
+                command,
+                ack: None,
+            }),
+        }
+    }
+
+    fn command(&self, cmd: CtrlCommand<'_>) -> Result<(), NetError> {
+        let mut data = Vec::new();
+        cmd.encode_data(&mut data);
+        let hdr = cmd.header();
+        self.control(hdr.class, hdr.command, &data)
+    }
+
+    fn need(&self, f: NetFeatures) -> Result<(), NetError> {
+        if NetFeatures::from_bits_retain(self.info.features).contains(f) {
+            Ok(())
+        } else {
+            Err(NetError::NotNegotiated(f))
+        }
     }
 
     // ---- transmit ----
 
-    /// Sends one Ethernet frame (destination MAC first) with an empty header: the
-    /// frame is copied into a transmit slot, so `frame` is free on return. Completed
-    /// slots are reclaimed first.
+    /// Sends one Ethernet frame (destination MAC first) on pair 0 with an empty
+    /// header: the frame is copied into a transmit slot, so `frame` is free on
+    /// return. Completed slots are reclaimed first.
     ///
     /// # Errors
     /// [`NetError::FrameTooShort`], [`NetError::FrameTooLong`] (checked here),
     /// [`NetError::QueueFull`] (retry later, or use [`Self::send_blocking`]),
     /// [`NetError::DeviceBroken`].
     pub fn send(&self, frame: &[u8]) -> Result<(), NetError> {
-        self.check_len(frame)?;
-        self.transmit(&[VirtioNetHdr::default().as_bytes(), frame])
+        self.send_on(0, frame)
     }
 
-    /// Sends a frame whose checksum the device completes (CSUM, §5.1.6.2): the
-    /// 16-bit field at `csum_start + csum_offset` must hold the pseudo-header sum
-    /// ([`virtio_core::net::ipv4_pseudo_header_sum`]).
+    /// [`Self::send`] on the transmit queue of `pair`.
+    ///
+    /// # Errors
+    /// As [`Self::send`]; [`NetError::NoPair`] unless `pair` is below
+    /// [`Self::queue_pairs`].
+    pub fn send_on(&self, pair: u16, frame: &[u8]) -> Result<(), NetError> {
+        self.check_len(frame)?;
+        self.transmit(pair, &[VirtioNetHdr::default().as_bytes(), frame])
+    }
+
+    /// Sends a frame on pair 0 whose checksum the device completes (CSUM,
+    /// §5.1.6.2): the 16-bit field at `csum_start + csum_offset` must hold the
+    /// pseudo-header sum ([`virtio_core::net::ipv4_pseudo_header_sum`]).
     ///
     /// # Errors
     /// As [`Self::send`], and [`NetError::BadChecksumRequest`] without CSUM or with
@@ -213,16 +456,16 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
     pub fn send_partial_csum(&self, frame: &[u8], csum_start: u16, csum_offset: u16) -> Result<(), NetError> {
         self.check_len(frame)?;
         let hdr = VirtioNetHdr::partial_csum(csum_start, csum_offset);
-        let features = virtio_core::net::NetFeatures::from_bits_retain(self.info.features);
+        let features = NetFeatures::from_bits_retain(self.info.features);
         match virtio_core::net::check_tx_header(&hdr, frame.len(), features) {
-            Ok(Some(_)) => self.transmit(&[hdr.as_bytes(), frame]),
+            Ok(Some(_)) => self.transmit(0, &[hdr.as_bytes(), frame]),
             _ => Err(NetError::BadChecksumRequest),
         }
     }
 
-    /// Sends `bytes` as the whole transmit buffer, header included, without any
-    /// check but that it fits a slot: for testing how a device copes with what a
-    /// hostile guest sends (HOSTILE rule 28).
+    /// Sends `bytes` on pair 0 as the whole transmit buffer, header included,
+    /// without any check but that it fits a slot: for testing how a device copes
+    /// with what a hostile guest sends (HOSTILE rule 28).
     ///
     /// # Errors
     /// [`NetError::FrameTooLong`] past the slot, and as [`Self::send`].
@@ -234,7 +477,7 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
                 max,
             });
         }
-        self.transmit(&[bytes])
+        self.transmit(0, &[bytes])
     }
 
     /// [`Self::send`], waiting up to `timeout` (`None`: forever) for a free slot.
@@ -242,9 +485,22 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
     /// # Errors
     /// As [`Self::send`]; [`NetError::QueueFull`] when the time is up.
     pub fn send_blocking(&self, frame: &[u8], timeout: Option<Duration>) -> Result<(), NetError> {
+        self.send_blocking_on(0, frame, timeout)
+    }
+
+    /// [`Self::send_blocking`] on the transmit queue of `pair`.
+    ///
+    /// # Errors
+    /// As [`Self::send_on`]; [`NetError::QueueFull`] when the time is up.
+    pub fn send_blocking_on(
+        &self,
+        pair: u16,
+        frame: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<(), NetError> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
-            match self.send(frame) {
+            match self.send_on(pair, frame) {
                 Err(NetError::QueueFull) => {}
                 other => return other,
             }
@@ -255,31 +511,43 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
                 },
                 None => WAIT_SLICE,
             };
-            self.wait_tx(slice)?;
+            self.wait_tx(pair, slice)?;
         }
     }
 
-    /// Takes back the transmit slots the device is done with.
+    /// Takes back the transmit slots the device is done with, on every pair.
     ///
     /// # Errors
     /// [`NetError::DeviceBroken`].
     pub fn reclaim_tx(&self) -> Result<(), NetError> {
-        lock(&self.tx).reclaim()
+        self.pairs.iter().try_for_each(|p| lock(&p.tx).reclaim())
     }
 
-    /// Waits up to `timeout` for the device to finish a transmit buffer.
-    fn wait_tx(&self, timeout: Duration) -> Result<(), NetError> {
+    /// Waits up to `timeout` for the device to finish a transmit buffer of `pair`.
+    fn wait_tx(&self, pair: u16, timeout: Duration) -> Result<(), NetError> {
+        let p = self.tx_pair(pair)?;
         {
-            let mut tx = lock(&self.tx);
+            let mut tx = lock(&p.tx);
             tx.reclaim()?;
             if tx.free_slots() > 0 || tx.arm() {
                 tx.disarm();
                 return Ok(());
             }
         }
-        self.tx_irq.wait(Some(timeout))?;
-        lock(&self.tx).disarm();
+        p.tx_irq.wait(Some(timeout))?;
+        lock(&p.tx).disarm();
         Ok(())
+    }
+
+    fn tx_pair(&self, pair: u16) -> Result<&Pair<D::Share, W>, NetError> {
+        if pair >= self.queue_pairs() {
+            return Err(NetError::NoPair(pair));
+        }
+        self.pairs.get(usize::from(pair)).ok_or(NetError::NoPair(pair))
+    }
+
+    fn rx_pair(&self, pair: u16) -> Result<&Pair<D::Share, W>, NetError> {
+        self.pairs.get(usize::from(pair)).ok_or(NetError::NoPair(pair))
     }
 
     fn check_len(&self, frame: &[u8]) -> Result<(), NetError> {
@@ -296,51 +564,77 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         Ok(())
     }
 
-    fn transmit(&self, parts: &[&[u8]]) -> Result<(), NetError> {
-        let notify = lock(&self.tx).send(&self.memory, parts)?;
+    fn transmit(&self, pair: u16, parts: &[&[u8]]) -> Result<(), NetError> {
+        let p = self.tx_pair(pair)?;
+        let notify = lock(&p.tx).send(&self.memory, parts)?;
         if notify {
-            self.transport.notify_queue(TX_QUEUE)?;
+            self.transport.notify_queue(2 * pair + 1)?;
         }
         Ok(())
     }
 
     // ---- receive ----
 
-    /// Hands up to `budget` received frames (Ethernet header first, virtio header
-    /// stripped, checksum completed) to `f`, then re-posts the buffers. NAPI-style:
-    /// used-buffer notifications are off while the ring is drained and back on,
-    /// with a re-check, once it is empty; if the budget runs out first they stay
-    /// off and the caller polls again. Returns the frames handled (frames the
-    /// device's header made unusable are dropped, counted in [`Self::rx_stats`],
-    /// and count against the budget).
+    /// Hands up to `budget` frames received on pair 0 (Ethernet header first,
+    /// virtio header stripped, checksum completed) to `f`, then re-posts the
+    /// buffers. NAPI-style: used-buffer notifications are off while the ring is
+    /// drained and back on, with a re-check, once it is empty; if the budget runs
+    /// out first they stay off and the caller polls again. Returns the frames
+    /// handled (frames the device's header made unusable are dropped, counted in
+    /// [`Self::rx_stats`], and count against the budget).
     ///
     /// # Errors
     /// [`NetError::DeviceBroken`] if the device broke the queue (HOSTILE rule 31).
-    pub fn poll_recv(&self, budget: usize, mut f: impl FnMut(&[u8])) -> Result<usize, NetError> {
+    pub fn poll_recv(&self, budget: usize, f: impl FnMut(&[u8])) -> Result<usize, NetError> {
+        self.poll_recv_on(0, budget, f)
+    }
+
+    /// [`Self::poll_recv`] on the receive queue of `pair`.
+    ///
+    /// # Errors
+    /// As [`Self::poll_recv`]; [`NetError::NoPair`] unless `pair` is below
+    /// [`Self::configured_pairs`].
+    pub fn poll_recv_on(
+        &self,
+        pair: u16,
+        budget: usize,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<usize, NetError> {
+        let p = self.rx_pair(pair)?;
         let mode = RxMode {
             mrg_rxbuf: self.info.mrg_rxbuf,
             guest_csum: self.info.guest_csum,
             max_frame: self.info.max_frame(),
         };
-        let mut rx = lock(&self.rx);
+        let mut rx = lock(&p.rx);
         let handled = rx.poll(&self.memory, mode, budget, &mut f)?;
         let notify = rx.refill()?;
         drop(rx);
         if notify {
-            self.transport.notify_queue(RX_QUEUE)?;
+            self.transport.notify_queue(2 * pair)?;
         }
         Ok(handled)
     }
 
-    /// Blocks until received frames may be waiting or `timeout` passes (`None`:
-    /// forever). Returns `true` if woken by the device (or frames were already
-    /// there), `false` on timeout; poll in either case.
+    /// Blocks until frames received on pair 0 may be waiting or `timeout` passes
+    /// (`None`: forever). Returns `true` if woken by the device (or frames were
+    /// already there), `false` on timeout; poll in either case.
     ///
     /// # Errors
     /// [`NetError::DeviceBroken`]; a failing interrupt source.
     pub fn wait_rx(&self, timeout: Option<Duration>) -> Result<bool, NetError> {
+        self.wait_rx_on(0, timeout)
+    }
+
+    /// [`Self::wait_rx`] on the receive queue of `pair`.
+    ///
+    /// # Errors
+    /// As [`Self::wait_rx`]; [`NetError::NoPair`] unless `pair` is below
+    /// [`Self::configured_pairs`].
+    pub fn wait_rx_on(&self, pair: u16, timeout: Option<Duration>) -> Result<bool, NetError> {
+        let p = self.rx_pair(pair)?;
         {
-            let mut rx = lock(&self.rx);
+            let mut rx = lock(&p.rx);
             if let Some(b) = rx.broken() {
                 return Err(NetError::DeviceBroken(b));
             }
@@ -350,72 +644,150 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
                 return Ok(true);
             }
         }
-        Ok(self.rx_irq.wait(timeout)? > 0)
+        Ok(p.rx_irq.wait(timeout)? > 0)
     }
 }
 
 /// What [`setup`] makes.
-type Queues<S> = (NetInfo, RxQueue<S>, TxQueue<S>);
+type Queues<S, W> = (NetInfo, Vec<Pair<S, W>>, Option<Ctrl<S, W>>);
 
-/// Creates both queues and their buffers; on failure frees what it allocated (the
-/// device never saw DRIVER_OK, so it touched nothing).
-fn setup<D: DriverModel>(
+/// Guest allocations made during setup, freed together if setup fails (the device
+/// never saw DRIVER_OK, so it touched nothing).
+struct Allocs<'a> {
+    memory: &'a GuestMemory,
+    made: Vec<(u64, u64)>,
+}
+
+impl Allocs<'_> {
+    fn alloc(&mut self, bytes: u64) -> Result<u64, NetError> {
+        let base = self.memory.alloc(bytes, 64)?;
+        self.made.push((base, bytes));
+        Ok(base)
+    }
+
+    fn free_all(&mut self) {
+        for (base, bytes) in self.made.drain(..) {
+            let _ = self.memory.free(base, bytes);
+        }
+    }
+}
+
+/// Creates the queues of every pair to use and the control queue, with their
+/// buffers, and takes their interrupt sources; on failure frees what it allocated.
+fn setup<D: DriverModel, W>(
     transport: &impl Transport,
     model: &D,
     memory: &GuestMemory,
     features: u64,
     info: NetInfo,
     opts: &NetOptions,
-) -> Result<Queues<D::Share>, NetError> {
+    interrupts: Vec<W>,
+) -> Result<Queues<D::Share, W>, NetError> {
+    if opts.queue_pairs == 0 {
+        return Err(NetError::QueuePairs {
+            wanted: 0,
+            max: info.max_queue_pairs,
+        });
+    }
+    let n_pairs = usize::from(opts.queue_pairs.min(info.max_queue_pairs));
+    let ctrl_index = match (info.ctrl_vq, info.ctrl_queue()) {
+        (true, None) => return Err(NetError::BadQueuePairs(info.max_queue_pairs)),
+        (_, c) => c,
+    };
+    let needed = ctrl_index.map_or(2 * n_pairs, |c| usize::from(c) + 1);
+    if interrupts.len() < needed {
+        return Err(NetError::MissingInterrupts {
+            given: interrupts.len(),
+            needed,
+        });
+    }
+    // Checked above; a missing one would be this error again, never a panic.
+    let missing = || NetError::MissingInterrupts {
+        given: needed,
+        needed,
+    };
+    let mut irqs: Vec<Option<W>> = interrupts.into_iter().map(Some).collect();
+    let mut take = |i: u16| irqs.get_mut(usize::from(i)).and_then(Option::take);
     let ring_features = Features::from_bits_retain(features);
-    let make = |index: u16| -> Result<(u16, SplitDriver<D::Share, u16>, _), NetError> {
-        let size = queue_size(transport, index, opts.queue_size)?;
+    let make = |index: u16, wanted: u16| -> Result<(u16, SplitDriver<D::Share, u16>, _), NetError> {
+        let size = queue_size(transport, index, wanted)?;
         let dq = model.create_queue(index, size)?;
         let ring = SplitDriver::new(size, dq.ring, dq.share, ring_features)?;
         Ok((size, ring, dq.addrs))
     };
-    let (rx_size, rx_ring, rx_addrs) = make(RX_QUEUE)?;
-    let (tx_size, tx_ring, tx_addrs) = make(TX_QUEUE)?;
-    let rx_bytes = u64::from(info.rx_buf_len) * u64::from(rx_size);
-    let slot_len = info.tx_slot_len();
-    let tx_bytes = u64::from(slot_len) * u64::from(tx_size);
-    let rx_base = memory.alloc(rx_bytes, 64)?;
-    let tx_base = match memory.alloc(tx_bytes, 64) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = memory.free(rx_base, rx_bytes);
-            return Err(e.into());
-        }
+    let mut allocs = Allocs {
+        memory,
+        made: Vec::new(),
     };
-    let rx = RxQueue::new(rx_ring, rx_base, info.rx_buf_len, info.max_frame());
-    let tx = TxQueue::new(tx_ring, tx_base, slot_len);
-    let registered = transport
-        .setup_queue(RX_QUEUE, rx_size, rx_addrs)
-        .and_then(|()| transport.setup_queue(TX_QUEUE, tx_size, tx_addrs));
-    if let Err(e) = registered {
-        let _ = memory.free(rx_base, rx_bytes);
-        let _ = memory.free(tx_base, tx_bytes);
-        return Err(e.into());
+    let mut build = || -> Result<Queues<D::Share, W>, NetError> {
+        let mut pairs = Vec::with_capacity(n_pairs);
+        for k in 0..n_pairs {
+            let (rxi, txi) = (index(2 * k), index(2 * k + 1));
+            let (rx_size, rx_ring, rx_addrs) = make(rxi, opts.queue_size)?;
+            let (tx_size, tx_ring, tx_addrs) = make(txi, opts.queue_size)?;
+            let rx_base = allocs.alloc(u64::from(info.rx_buf_len) * u64::from(rx_size))?;
+            let slot_len = info.tx_slot_len();
+            let tx_base = allocs.alloc(u64::from(slot_len) * u64::from(tx_size))?;
+            transport.setup_queue(rxi, rx_size, rx_addrs)?;
+            transport.setup_queue(txi, tx_size, tx_addrs)?;
+            let (Some(rx_irq), Some(tx_irq)) = (take(rxi), take(txi)) else {
+                return Err(missing());
+            };
+            pairs.push(Pair {
+                rx: Mutex::new(RxQueue::new(rx_ring, rx_base, info.rx_buf_len, info.max_frame())),
+                tx: Mutex::new(TxQueue::new(tx_ring, tx_base, slot_len)),
+                rx_irq,
+                tx_irq,
+            });
+        }
+        let ctrl = match ctrl_index {
+            Some(index) => {
+                let (size, ring, addrs) = make(index, CTRL_QUEUE_SIZE)?;
+                let base = allocs.alloc(u64::from(SLOT_LEN) * u64::from(size))?;
+                transport.setup_queue(index, size, addrs)?;
+                let Some(irq) = take(index) else {
+                    return Err(missing());
+                };
+                Some(Ctrl {
+                    queue: Mutex::new(CtrlQueue::new(ring, base)),
+                    index,
+                    irq,
+                })
+            }
+            None => None,
+        };
+        Ok((info.clone(), pairs, ctrl))
+    };
+    let built = build();
+    if built.is_err() {
+        allocs.free_all();
     }
-    Ok((info, rx, tx))
+    built
 }
 
 impl<D: DriverModel, T: Transport, W: Wait> Drop for NetDriver<D, T, W> {
     /// Resets the device and, once it reports status 0 (it no longer touches guest
     /// memory, §2.4), takes every buffer back and frees them. If the device never
-    /// acknowledges the reset, the memory is leaked rather than handed back while
+    /// acknowledged the reset, the memory is leaked rather than handed back while
     /// the device may still write it.
     fn drop(&mut self) {
         if let Err(error) = reset(&self.transport) {
             tracing::error!(%error, "device did not reset; leaking its buffer memory");
             return;
         }
-        let mut rx = lock(&self.rx);
-        rx.teardown();
-        free(&self.memory, rx.base(), rx.bytes());
-        let mut tx = lock(&self.tx);
-        tx.teardown();
-        free(&self.memory, tx.base(), tx.bytes());
+        for p in &self.pairs {
+            let mut rx = lock(&p.rx);
+            rx.teardown();
+            free(&self.memory, rx.base(), rx.bytes());
+            let mut tx = lock(&p.tx);
+            tx.teardown();
+            free(&self.memory, tx.base(), tx.bytes());
+        }
+        if let Some(c) = &self.ctrl {
+            let mut q = lock(&c.queue);
+            q.teardown();
+            free(&self.memory, q.base(), q.bytes());
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 use virtio_core::config::ConfigError;
 use virtio_core::lifecycle::InitError;
+use virtio_core::net::NetFeatures;
 use virtio_core::notify::NotifyError;
 use virtio_core::ring::split::{DriverQueueError, RingSetupError};
 use virtio_core::transport::TransportError;
@@ -42,8 +43,9 @@ pub enum NetError {
         /// Largest frame: Ethernet header plus MTU.
         max: usize,
     },
-    /// Every transmit slot is in flight; retry after the device used some.
-    #[error("transmit queue is full")]
+    /// Every slot of the queue (transmit, or control: commands that timed out
+    /// and were not returned yet) is in flight; retry after the device used some.
+    #[error("queue is full")]
     QueueFull,
     /// A partial checksum asked for without CSUM negotiated, or a checksum field
     /// outside the frame (checked before sending).
@@ -58,9 +60,53 @@ pub enum NetError {
     /// The device offers a receive or transmit queue too small to use.
     #[error("device offers no usable queue {0}")]
     NoQueue(u16),
-    /// Fewer than two interrupt sources (receive, transmit).
-    #[error("{0} interrupt sources for 2 queues")]
-    MissingInterrupts(usize),
+    /// Fewer interrupt sources than the queues in use need: one per queue index
+    /// up to the highest used (`2 * pairs` without a control queue, else up to
+    /// and including the control queue's index).
+    #[error("{given} interrupt sources, {needed} needed")]
+    MissingInterrupts {
+        /// Sources passed to [`NetDriver::new`](crate::NetDriver::new).
+        given: usize,
+        /// Sources needed.
+        needed: usize,
+    },
+    /// The device reports a `max_virtqueue_pairs` outside 1..0x8000 (MQ).
+    #[error("device reports {0} queue pairs")]
+    BadQueuePairs(u16),
+    /// A queue-pair count outside what the driver set up (1..=`max`), or 0 asked
+    /// for in [`NetOptions::queue_pairs`](crate::NetOptions::queue_pairs).
+    #[error("{wanted} queue pairs outside 1..={max}")]
+    QueuePairs {
+        /// Pairs asked for.
+        wanted: u16,
+        /// Pairs set up.
+        max: u16,
+    },
+    /// A queue pair that is not in use (transmit: not active; receive: not set
+    /// up).
+    #[error("queue pair {0} not in use")]
+    NoPair(u16),
+    /// A control command that needs a feature that was not negotiated.
+    #[error("{0:?} not negotiated")]
+    NotNegotiated(NetFeatures),
+    /// Control-command data longer than a command slot holds.
+    #[error("{0} bytes of control data exceed a command slot")]
+    ControlTooLong(usize),
+    /// The device answered a control command with VIRTIO_NET_ERR (or another
+    /// value than VIRTIO_NET_OK), or returned it without an answer (`ack` None).
+    #[error("device refused control command {class}/{command}")]
+    CommandRefused {
+        /// Class.
+        class: u8,
+        /// Command.
+        command: u8,
+        /// The ack byte, `None` if the device wrote none.
+        ack: Option<u8>,
+    },
+    /// The device did not answer a control command within
+    /// [`NetOptions::control_timeout`](crate::NetOptions::control_timeout).
+    #[error("device did not answer a control command in time")]
+    ControlTimeout,
     /// Device initialization failed.
     #[error("device initialization failed")]
     Init(#[from] InitError),

@@ -1,8 +1,11 @@
 //! What the driver asks for and what the device turned out to offer.
 
 use crate::error::NetError;
+use std::time::Duration;
 use virtio_core::features::Features;
-use virtio_core::net::{ETH_HDR_LEN, MIN_MTU, MIN_RX_BUF, NetConfig, NetFeatures, VirtioNetHdr};
+use virtio_core::net::{
+    ETH_HDR_LEN, MIN_MTU, MIN_RX_BUF, MQ_VQ_PAIRS_MAX, NetConfig, NetFeatures, VirtioNetHdr,
+};
 
 /// The header's size as a descriptor length.
 pub(crate) const HDR_LEN: u32 = 12;
@@ -22,15 +25,26 @@ pub const DEFAULT_MRG_BUF: u32 = 2048;
 pub struct NetOptions {
     /// Largest queue size to use (rounded down to a power of two).
     pub queue_size: u16,
-    /// Feature bits to accept if offered; the default is every feature this driver
-    /// implements: MAC, STATUS, MTU, MRG_RXBUF, CSUM, GUEST_CSUM, EVENT_IDX,
-    /// INDIRECT_DESC.
+    /// Feature bits to accept if offered; the default is every data-path feature
+    /// this driver implements ([`Self::SUPPORTED`]: MAC, STATUS, MTU, MRG_RXBUF,
+    /// CSUM, GUEST_CSUM, EVENT_IDX, INDIRECT_DESC). Add [`Self::CONTROL`] for the
+    /// control queue and multiqueue ([`Self::multiqueue`] does).
     pub wanted: u64,
     /// Bytes per receive buffer. Default: [`DEFAULT_MRG_BUF`] with MRG_RXBUF, else
     /// header plus the largest frame (at least [`MIN_RX_BUF`], §5.1.6.3.1). A smaller
     /// value breaks that rule on purpose (tests of a device's handling of small
     /// buffers); with MRG_RXBUF it is raised to the header size, the spec's minimum.
     pub rx_buf_len: Option<u32>,
+    /// Queue pairs wanted (at least 1). With MQ negotiated the driver sets up
+    /// `min(queue_pairs, max_virtqueue_pairs)` pairs and makes them all active
+    /// with VQ_PAIRS_SET; without MQ it uses one.
+    pub queue_pairs: u16,
+    /// Pairs to make active once the device runs; `None`: every pair set up.
+    /// `Some(1)` sends no VQ_PAIRS_SET, so the device uses pair 0 only (§5.1.5)
+    /// until [`NetDriver::set_queue_pairs`](crate::NetDriver::set_queue_pairs).
+    pub active_pairs: Option<u16>,
+    /// How long a control command may take before [`NetError::ControlTimeout`].
+    pub control_timeout: Duration,
 }
 
 impl NetOptions {
@@ -43,6 +57,24 @@ impl NetOptions {
         | NetFeatures::GUEST_CSUM.bits()
         | Features::EVENT_IDX.bits()
         | Features::INDIRECT_DESC.bits();
+
+    /// The control-queue features the driver implements: CTRL_VQ, CTRL_RX
+    /// (promiscuous and all-multicast modes), CTRL_MAC_ADDR and MQ. Not in the
+    /// default [`Self::wanted`]: a control queue needs one more interrupt source
+    /// (see [`NetDriver::new`](crate::NetDriver::new)).
+    pub const CONTROL: u64 = NetFeatures::CTRL_VQ.bits()
+        | NetFeatures::CTRL_RX.bits()
+        | NetFeatures::CTRL_MAC_ADDR.bits()
+        | NetFeatures::MQ.bits();
+
+    /// The defaults plus the control queue, wanting `pairs` queue pairs.
+    pub fn multiqueue(pairs: u16) -> Self {
+        NetOptions {
+            wanted: Self::SUPPORTED | Self::CONTROL,
+            queue_pairs: pairs,
+            ..NetOptions::default()
+        }
+    }
 }
 
 impl Default for NetOptions {
@@ -51,6 +83,9 @@ impl Default for NetOptions {
             queue_size: 256,
             wanted: NetOptions::SUPPORTED,
             rx_buf_len: None,
+            queue_pairs: 1,
+            active_pairs: None,
+            control_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -75,6 +110,14 @@ pub struct NetInfo {
     pub status: bool,
     /// Bytes per receive buffer.
     pub rx_buf_len: u32,
+    /// A control queue exists (CTRL_VQ).
+    pub ctrl_vq: bool,
+    /// Promiscuous and all-multicast modes can be set (CTRL_RX).
+    pub ctrl_rx: bool,
+    /// The MAC address can be set (CTRL_MAC_ADDR).
+    pub ctrl_mac_addr: bool,
+    /// The device's `max_virtqueue_pairs` with MQ negotiated, else 1.
+    pub max_queue_pairs: u16,
 }
 
 impl NetInfo {
@@ -97,6 +140,17 @@ impl NetInfo {
             (false, Some(len)) => len.max(1),
             (false, None) => (hdr + max_frame).max(MIN_RX_BUF),
         };
+        let max_queue_pairs = if f.contains(NetFeatures::MQ) {
+            // §5.1.4.1: 1..=0x8000. 0x8000 pairs put the control queue at index
+            // 0x10000, which no transport can name: refused as well.
+            let n = cfg.max_virtqueue_pairs.get();
+            if n == 0 || n >= MQ_VQ_PAIRS_MAX {
+                return Err(NetError::BadQueuePairs(n));
+            }
+            n
+        } else {
+            1
+        };
         Ok(NetInfo {
             features,
             mac: f.contains(NetFeatures::MAC).then_some(cfg.mac),
@@ -106,12 +160,24 @@ impl NetInfo {
             guest_csum: f.contains(NetFeatures::GUEST_CSUM),
             status: f.contains(NetFeatures::STATUS),
             rx_buf_len,
+            ctrl_vq: f.contains(NetFeatures::CTRL_VQ),
+            ctrl_rx: f.contains(NetFeatures::CTRL_RX),
+            ctrl_mac_addr: f.contains(NetFeatures::CTRL_MAC_ADDR),
+            max_queue_pairs,
         })
     }
 
     /// Largest frame (Ethernet header plus MTU) the driver sends or accepts.
     pub fn max_frame(&self) -> usize {
         ETH_HDR_LEN + usize::from(self.mtu)
+    }
+
+    /// Queue index of the control queue (§5.1.2): after `max_virtqueue_pairs`
+    /// pairs with MQ, after one pair without.
+    pub fn ctrl_queue(&self) -> Option<u16> {
+        self.ctrl_vq
+            .then(|| u16::try_from(virtio_core::net::ctrl_queue(self.max_queue_pairs)).ok())
+            .flatten()
     }
 
     /// Bytes of a transmit slot: header plus the largest frame.

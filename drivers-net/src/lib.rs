@@ -1,8 +1,8 @@
 //! A virtio-net driver (virtio 1.2 §5.1), written once for every sharing model.
 //!
 //! [`NetDriver`] initializes a network device over any [`Transport`] and
-//! [`DriverModel`] and moves Ethernet frames through one queue pair (receive queue
-//! 0, transmit queue 1):
+//! [`DriverModel`] and moves Ethernet frames through its queue pairs (pair `k`:
+//! receive queue `2k`, transmit queue `2k + 1`; one pair unless MQ is negotiated):
 //!
 //! - **Transmit**: [`NetDriver::send`] copies a frame behind a zeroed
 //!   `virtio_net_hdr` into a preallocated transmit slot and kicks if the device asks;
@@ -15,8 +15,25 @@
 //!   are assembled; partial checksums (GUEST_CSUM) are completed before the frame is
 //!   handed up.
 //!
-//! Receive buffers and transmit slots are carved from one guest allocation per queue
-//! at setup: the data path allocates nothing.
+//! - **Control queue** (CTRL_VQ, opt-in with [`NetOptions::CONTROL`]):
+//!   [`NetDriver::set_promisc`], [`NetDriver::set_allmulti`] (CTRL_RX),
+//!   [`NetDriver::set_mac`] (CTRL_MAC_ADDR), [`NetDriver::set_queue_pairs`] (MQ)
+//!   and the raw [`NetDriver::control`] send one command and block until the
+//!   device's ack or [`NetOptions::control_timeout`]; ERR, no answer and timeout
+//!   are typed errors.
+//! - **Multiqueue** (MQ): with [`NetOptions::queue_pairs`] above 1 the driver sets
+//!   up that many pairs (at most `max_virtqueue_pairs`) and activates them with
+//!   VQ_PAIRS_SET; [`NetDriver::send_on`], [`NetDriver::poll_recv_on`] and
+//!   [`NetDriver::wait_rx_on`] name a pair, the plain calls use pair 0.
+//!
+//! Receive buffers, transmit slots and command slots are carved from one guest
+//! allocation per queue at setup: the data path allocates nothing.
+//!
+//! With the `smoltcp` feature, `NetPhy` (`phy.rs`) makes the driver a
+//! `smoltcp::phy::Device`, so the smoltcp TCP/IP stack runs over it: a full transmit
+//! queue holds the frame back instead of losing it, a broken device drops frames
+//! and is reported, never panics, and `NetPhy::wait` sleeps until a frame or a
+//! smoltcp timer is due.
 //!
 //! # What it guarantees
 //! - The device is not trusted (HOSTILE rule 31): the ring checks used ids, lengths
@@ -28,9 +45,10 @@
 //! - Buffer memory is freed only after the device acknowledged a reset.
 //!
 //! # Not done
-//! Control queue (CTRL_VQ) and with it MQ, RX mode, VLAN filtering and MAC setting;
-//! segmentation offloads (TSO/UFO, either direction); more than one queue pair;
-//! async calls.
+//! MAC filter tables (MAC_TABLE_SET: only through [`NetDriver::control`]), VLAN
+//! filtering, gratuitous announcements, RSS and hash reporting, the extra RX modes
+//! (CTRL_RX_EXTRA), guest offload control; segmentation offloads (TSO/UFO, either
+//! direction); a receive call over all pairs at once (poll each pair); async calls.
 //!
 //! # Example
 //!
@@ -63,6 +81,7 @@
 
 #![forbid(unsafe_code)]
 
+mod ctrl;
 mod driver;
 mod error;
 mod info;
@@ -73,3 +92,8 @@ pub use driver::{NetDriver, RX_QUEUE, TX_QUEUE};
 pub use error::{Broken, NetError};
 pub use info::{DEFAULT_MRG_BUF, DEFAULT_MTU, NetInfo, NetOptions};
 pub use rx::RxStats;
+
+#[cfg(feature = "smoltcp")]
+mod phy;
+#[cfg(feature = "smoltcp")]
+pub use phy::{NetPhy, NetRxToken, NetTxToken};

@@ -17,7 +17,7 @@ use virtio_core::ring::split::{AddError, SplitDriver, Used};
 use virtio_core::{DriverShare, GuestBuf};
 use zerocopy::FromBytes;
 
-/// Receive counters of one driver.
+/// Receive counters of one receive queue, or summed over a driver's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RxStats {
     /// Frames handed to the caller.
@@ -30,6 +30,16 @@ pub struct RxStats {
     pub bad_header: u64,
     /// Mergeable frames dropped because they were longer than the largest frame.
     pub oversized: u64,
+}
+
+impl RxStats {
+    /// Adds `other`'s counts to these.
+    pub(crate) fn add(&mut self, other: &RxStats) {
+        self.frames += other.frames;
+        self.unused_buffers += other.unused_buffers;
+        self.bad_header += other.bad_header;
+        self.oversized += other.oversized;
+    }
 }
 
 /// A mergeable frame waiting for more buffers.

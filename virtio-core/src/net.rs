@@ -1,10 +1,12 @@
 //! The virtio-net wire format (virtio 1.2 §5.1), shared by our driver and our device.
 //!
 //! Plain data and pure checks: feature bits and their dependencies, the 12-byte
-//! `virtio_net_hdr` of a modern device, the configuration space, queue indices and
-//! the control-queue command format (§5.1.6.5), the checks a device applies to a
-//! transmitted header ([`check_tx_header`]) and the Internet checksum that completes
-//! a partially checksummed packet (§5.1.6.2: the driver leaves the pseudo-header sum
+//! `virtio_net_hdr` of a modern device, the configuration space, queue indices, the
+//! control-queue commands (§5.1.6.5: [`CtrlCommand`] validates what a device reads
+//! and encodes what a driver sends), the symmetric [`flow_hash`] for automatic
+//! receive steering (§5.1.6.5.5), the checks a device applies to a transmitted
+//! header ([`check_tx_header`]) and the Internet checksum that completes a
+//! partially checksummed packet (§5.1.6.2: the driver leaves the pseudo-header sum
 //! in the checksum field and the device finishes the job).
 //! All multi-byte fields are little-endian (VERSION_1 only: no legacy layouts).
 
@@ -427,6 +429,277 @@ pub struct VirtioNetCtrlMq {
     pub virtqueue_pairs: U16,
 }
 
+/// Longest `command-specific-data` of a control command a device needs to read:
+/// a MAC_TABLE_SET with [`MAC_TABLE_WIRE_MAX`] addresses. Anything longer is
+/// refused before it is read, so a hostile length never sizes an allocation.
+pub const CTRL_DATA_MAX: usize = 8 + 6 * MAC_TABLE_WIRE_MAX;
+
+/// Most addresses a MAC_TABLE_SET may carry (both tables together). A device keeps
+/// fewer and falls back to accepting the whole class (§5.1.6.5.2, footnote: it "can
+/// ... silently switch to allmulti or promiscuous mode if it is given too many
+/// addresses"); this bound only caps what it reads.
+pub const MAC_TABLE_WIRE_MAX: usize = 1024;
+
+/// A list of 6-byte MAC addresses inside a MAC_TABLE_SET command, checked to be a
+/// whole number of addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacList<'a>(&'a [u8]);
+
+impl<'a> MacList<'a> {
+    /// A list over `bytes`, `None` unless it is a whole number of addresses.
+    pub fn new(bytes: &'a [u8]) -> Option<Self> {
+        (bytes.len() % 6 == 0).then_some(MacList(bytes))
+    }
+
+    /// Number of addresses.
+    pub fn len(&self) -> usize {
+        self.0.len() / 6
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The addresses, in order.
+    pub fn iter(&self) -> impl Iterator<Item = [u8; 6]> + 'a {
+        self.0
+            .chunks_exact(6)
+            .map(|c| <[u8; 6]>::try_from(c).unwrap_or_default())
+    }
+}
+
+/// A control-queue command with its data validated (§5.1.6.5): what a device acts
+/// on, and what a driver encodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtrlCommand<'a> {
+    /// VIRTIO_NET_CTRL_RX_PROMISC: receive every frame (CTRL_RX).
+    Promisc(bool),
+    /// VIRTIO_NET_CTRL_RX_ALLMULTI: receive every multicast frame (CTRL_RX).
+    AllMulti(bool),
+    /// VIRTIO_NET_CTRL_MAC_TABLE_SET: extra unicast and multicast addresses to
+    /// accept (CTRL_RX).
+    MacTable {
+        /// Unicast addresses.
+        unicast: MacList<'a>,
+        /// Multicast addresses.
+        multicast: MacList<'a>,
+    },
+    /// VIRTIO_NET_CTRL_MAC_ADDR_SET: the default MAC address (CTRL_MAC_ADDR).
+    MacAddr([u8; 6]),
+    /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: queue pairs to use (MQ), already checked
+    /// to lie in [`MQ_VQ_PAIRS_MIN`]..=[`MQ_VQ_PAIRS_MAX`]; the device checks its
+    /// own `max_virtqueue_pairs`.
+    VqPairs(u16),
+}
+
+/// Why a control command is refused (the device answers VIRTIO_NET_ERR).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CtrlError {
+    /// A class this crate does not implement (VLAN, ANNOUNCE, GUEST_OFFLOADS, ...).
+    #[error("unknown control class {0}")]
+    UnknownClass(u8),
+    /// A command its class does not have, or one this crate does not implement.
+    #[error("unknown command {command} of control class {class}")]
+    UnknownCommand {
+        /// Class.
+        class: u8,
+        /// Command.
+        command: u8,
+    },
+    /// The feature the command belongs to was not negotiated.
+    #[error("command {command} of control class {class} needs a feature not negotiated")]
+    NotNegotiated {
+        /// Class.
+        class: u8,
+        /// Command.
+        command: u8,
+    },
+    /// `command-specific-data` of the wrong length.
+    #[error("command {command} of control class {class} with {len} bytes of data")]
+    BadLength {
+        /// Class.
+        class: u8,
+        /// Command.
+        command: u8,
+        /// Data bytes received.
+        len: usize,
+    },
+    /// VQ_PAIRS_SET outside 1..=0x8000 (§5.1.6.5.5).
+    #[error("{0} queue pairs requested")]
+    QueuePairs(u16),
+}
+
+impl<'a> CtrlCommand<'a> {
+    /// Validates command `hdr` with its `data` (everything device-readable after
+    /// the 2-byte header) against the negotiated `features`: the class's feature
+    /// must be negotiated and the data must have exactly the command's length.
+    ///
+    /// The 1-byte on/off of PROMISC and ALLMULTI counts any nonzero value as on,
+    /// as Linux's `virtio_net.h` defines it ("zero = disable, non-zero = enable").
+    ///
+    /// # Errors
+    /// See [`CtrlError`].
+    pub fn parse(hdr: VirtioNetCtrlHdr, data: &'a [u8], features: NetFeatures) -> Result<Self, CtrlError> {
+        let (class, command) = (hdr.class, hdr.command);
+        let need = |f: NetFeatures| {
+            if features.contains(f) {
+                Ok(())
+            } else {
+                Err(CtrlError::NotNegotiated { class, command })
+            }
+        };
+        let bad_len = CtrlError::BadLength {
+            class,
+            command,
+            len: data.len(),
+        };
+        let unknown = CtrlError::UnknownCommand { class, command };
+        match class {
+            VIRTIO_NET_CTRL_RX => {
+                need(NetFeatures::CTRL_RX)?;
+                let [on] = data else { return Err(bad_len) };
+                match command {
+                    VIRTIO_NET_CTRL_RX_PROMISC => Ok(CtrlCommand::Promisc(*on != 0)),
+                    VIRTIO_NET_CTRL_RX_ALLMULTI => Ok(CtrlCommand::AllMulti(*on != 0)),
+                    _ => Err(unknown),
+                }
+            }
+            VIRTIO_NET_CTRL_MAC => match command {
+                VIRTIO_NET_CTRL_MAC_TABLE_SET => {
+                    need(NetFeatures::CTRL_RX)?;
+                    let (unicast, rest) = mac_list(data).ok_or(bad_len)?;
+                    let (multicast, rest) = mac_list(rest).ok_or(bad_len)?;
+                    if !rest.is_empty() {
+                        return Err(bad_len);
+                    }
+                    Ok(CtrlCommand::MacTable { unicast, multicast })
+                }
+                VIRTIO_NET_CTRL_MAC_ADDR_SET => {
+                    need(NetFeatures::CTRL_MAC_ADDR)?;
+                    let mac = <[u8; 6]>::try_from(data).map_err(|_| bad_len)?;
+                    Ok(CtrlCommand::MacAddr(mac))
+                }
+                _ => Err(unknown),
+            },
+            VIRTIO_NET_CTRL_MQ => {
+                need(NetFeatures::MQ)?;
+                if command != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET {
+                    return Err(unknown);
+                }
+                let mq = VirtioNetCtrlMq::read_from_bytes(data).map_err(|_| bad_len)?;
+                let n = mq.virtqueue_pairs.get();
+                if !(MQ_VQ_PAIRS_MIN..=MQ_VQ_PAIRS_MAX).contains(&n) {
+                    return Err(CtrlError::QueuePairs(n));
+                }
+                Ok(CtrlCommand::VqPairs(n))
+            }
+            _ => Err(CtrlError::UnknownClass(class)),
+        }
+    }
+
+    /// The command's class and command bytes.
+    pub fn header(&self) -> VirtioNetCtrlHdr {
+        let (class, command) = match self {
+            CtrlCommand::Promisc(_) => (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC),
+            CtrlCommand::AllMulti(_) => (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI),
+            CtrlCommand::MacTable { .. } => (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET),
+            CtrlCommand::MacAddr(_) => (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET),
+            CtrlCommand::VqPairs(_) => (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET),
+        };
+        VirtioNetCtrlHdr { class, command }
+    }
+
+    /// Appends the command's `command-specific-data` to `out`.
+    pub fn encode_data(&self, out: &mut Vec<u8>) {
+        match self {
+            CtrlCommand::Promisc(on) | CtrlCommand::AllMulti(on) => out.push(u8::from(*on)),
+            CtrlCommand::MacTable { unicast, multicast } => {
+                for list in [unicast, multicast] {
+                    // At most the length of a slice divided by 6.
+                    let n = u32::try_from(list.len()).unwrap_or(u32::MAX);
+                    out.extend_from_slice(&n.to_le_bytes());
+                    out.extend_from_slice(list.0);
+                }
+            }
+            CtrlCommand::MacAddr(mac) => out.extend_from_slice(mac),
+            CtrlCommand::VqPairs(n) => out.extend_from_slice(&n.to_le_bytes()),
+        }
+    }
+}
+
+/// Splits one `le32 entries; u8 macs[entries][6]` table off the front of `data`
+/// (checked arithmetic: `entries` is untrusted).
+fn mac_list(data: &[u8]) -> Option<(MacList<'_>, &[u8])> {
+    let (n, rest) = data.split_first_chunk::<4>()?;
+    let bytes = usize::try_from(u32::from_le_bytes(*n)).ok()?.checked_mul(6)?;
+    (bytes <= rest.len()).then(|| (MacList(&rest[..bytes]), &rest[bytes..]))
+}
+
+/// A flow hash for automatic receive steering (§5.1.6.5.5), the same for both
+/// directions of a flow: over the IPv4 or IPv6 addresses and, for TCP and UDP,
+/// the ports, with the two endpoints put in order first. One 802.1Q or 802.1ad
+/// tag is looked through. Fragments (IPv4 MF or offset set) and IPv6 packets
+/// whose first next-header is not TCP or UDP hash the addresses only, so every
+/// packet of such a datagram lands on one queue. `None` for anything else (not IP,
+/// truncated headers): the caller steers it to a fixed queue.
+///
+/// Only an input to queue selection: not a keyed hash, so a sender can aim its
+/// flows at one queue, which costs that guest only its own spreading.
+pub fn flow_hash(frame: &[u8]) -> Option<u32> {
+    let be16 = |at: usize| frame.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let (mut ethertype, mut l3) = (be16(12)?, ETH_HDR_LEN);
+    if ethertype == 0x8100 || ethertype == 0x88a8 {
+        ethertype = be16(16)?;
+        l3 += 4;
+    }
+    let ip = frame.get(l3..)?;
+    let (a, b, proto, l4) = match ethertype {
+        0x0800 => {
+            if ip.len() < 20 || ip[0] >> 4 != 4 {
+                return None;
+            }
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            // MF and the fragment offset: any fragment hashes on addresses only.
+            let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+            let l4 = (ihl >= 20 && !fragment).then_some(ihl);
+            (&ip[12..16], &ip[16..20], ip[9], l4)
+        }
+        0x86dd => {
+            if ip.len() < 40 || ip[0] >> 4 != 6 {
+                return None;
+            }
+            (&ip[8..24], &ip[24..40], ip[6], Some(40))
+        }
+        _ => return None,
+    };
+    let ports = match (proto, l4) {
+        (6 | 17, Some(at)) => ip.get(at..at + 4),
+        _ => None,
+    };
+    let (pa, pb) = ports.map_or((0, 0), |p| {
+        (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]))
+    });
+    // Symmetric: the same order of endpoints whichever way the packet goes.
+    let ((a, pa), (b, pb)) = if (a, pa) <= (b, pb) {
+        ((a, pa), (b, pb))
+    } else {
+        ((b, pb), (a, pa))
+    };
+    // FNV-1a, then the murmur3 finalizer so low bits (used by `% pairs`) mix well.
+    let mut h: u32 = 0x811c_9dc5;
+    for bytes in [a, &pa.to_be_bytes(), b, &pb.to_be_bytes(), &[proto]] {
+        for &x in bytes {
+            h = (h ^ u32::from(x)).wrapping_mul(0x0100_0193);
+        }
+    }
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    Some(h ^ (h >> 16))
+}
+
 // The wire sizes and offsets of §5.1.4 and §5.1.6, checked at compile time.
 const _: () = {
     use core::mem::{offset_of, size_of};
@@ -706,6 +979,144 @@ mod tests {
         assert_eq!(f, [1; 4]);
     }
 
+    fn ctrl(class: u8, command: u8) -> VirtioNetCtrlHdr {
+        VirtioNetCtrlHdr { class, command }
+    }
+
+    #[test]
+    fn control_commands_parse_exactly_and_round_trip() {
+        let all = NetFeatures::CTRL_VQ | NetFeatures::CTRL_RX | NetFeatures::CTRL_MAC_ADDR | NetFeatures::MQ;
+        let rx = ctrl(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC);
+        assert_eq!(CtrlCommand::parse(rx, &[1], all), Ok(CtrlCommand::Promisc(true)));
+        assert_eq!(CtrlCommand::parse(rx, &[0], all), Ok(CtrlCommand::Promisc(false)));
+        assert!(matches!(
+            CtrlCommand::parse(rx, &[], all),
+            Err(CtrlError::BadLength { len: 0, .. })
+        ));
+        assert!(matches!(
+            CtrlCommand::parse(rx, &[1, 1], all),
+            Err(CtrlError::BadLength { len: 2, .. })
+        ));
+        assert!(matches!(
+            CtrlCommand::parse(rx, &[1], NetFeatures::CTRL_VQ),
+            Err(CtrlError::NotNegotiated { .. })
+        ));
+        let mq = ctrl(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET);
+        assert_eq!(CtrlCommand::parse(mq, &[4, 0], all), Ok(CtrlCommand::VqPairs(4)));
+        assert_eq!(
+            CtrlCommand::parse(mq, &[0, 0], all),
+            Err(CtrlError::QueuePairs(0))
+        );
+        assert_eq!(
+            CtrlCommand::parse(mq, &[1, 0x80], all),
+            Err(CtrlError::QueuePairs(0x8001))
+        );
+        assert!(matches!(
+            CtrlCommand::parse(mq, &[2], all),
+            Err(CtrlError::BadLength { .. })
+        ));
+        assert_eq!(
+            CtrlCommand::parse(ctrl(VIRTIO_NET_CTRL_MQ, 1), &[], all),
+            Err(CtrlError::UnknownCommand { class: 4, command: 1 })
+        );
+        assert_eq!(
+            CtrlCommand::parse(ctrl(VIRTIO_NET_CTRL_VLAN, 0), &[0, 0], all),
+            Err(CtrlError::UnknownClass(2))
+        );
+        let addr = ctrl(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET);
+        assert_eq!(
+            CtrlCommand::parse(addr, &[2, 0, 0, 0, 0, 9], all),
+            Ok(CtrlCommand::MacAddr([2, 0, 0, 0, 0, 9]))
+        );
+        assert!(CtrlCommand::parse(addr, &[2, 0, 0, 0, 0, 9], NetFeatures::CTRL_RX).is_err());
+
+        // MAC_TABLE_SET: two counted tables, exactly.
+        let uni = [2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+        let multi = [1, 0, 0x5e, 0, 0, 1];
+        let cmd = CtrlCommand::MacTable {
+            unicast: MacList::new(&uni).unwrap(),
+            multicast: MacList::new(&multi).unwrap(),
+        };
+        let mut data = Vec::new();
+        cmd.encode_data(&mut data);
+        assert_eq!(data.len(), 4 + 12 + 4 + 6);
+        let table = ctrl(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET);
+        assert_eq!(cmd.header(), table);
+        let parsed = CtrlCommand::parse(table, &data, all).unwrap();
+        assert_eq!(parsed, cmd);
+        let CtrlCommand::MacTable { unicast, .. } = parsed else {
+            unreachable!()
+        };
+        assert_eq!(unicast.iter().nth(1), Some([2, 0, 0, 0, 0, 2]));
+        for bad in [
+            &data[..data.len() - 1],
+            &[data.as_slice(), &[0]].concat()[..],
+            &[0xff; 8][..],
+        ] {
+            assert!(matches!(
+                CtrlCommand::parse(table, bad, all),
+                Err(CtrlError::BadLength { .. })
+            ));
+        }
+        for c in [
+            CtrlCommand::Promisc(true),
+            CtrlCommand::AllMulti(false),
+            CtrlCommand::MacAddr([2, 1, 2, 3, 4, 5]),
+            CtrlCommand::VqPairs(3),
+        ] {
+            let mut d = Vec::new();
+            c.encode_data(&mut d);
+            assert_eq!(CtrlCommand::parse(c.header(), &d, all), Ok(c));
+        }
+    }
+
+    /// An IPv4 (or IPv6) TCP/UDP frame between two endpoints.
+    fn ip_frame(v6: bool, proto: u8, src: (u8, u16), dst: (u8, u16), flags: u16) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+        if v6 {
+            f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 8, proto, 64]);
+            f.extend_from_slice(&[0xfd; 15]);
+            f.push(src.0);
+            f.extend_from_slice(&[0xfd; 15]);
+            f.push(dst.0);
+        } else {
+            f.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0, 28, 0, 0]);
+            f.extend_from_slice(&flags.to_be_bytes());
+            f.extend_from_slice(&[64, proto, 0, 0, 10, 0, 0, src.0, 10, 0, 0, dst.0]);
+        }
+        f.extend_from_slice(&src.1.to_be_bytes());
+        f.extend_from_slice(&dst.1.to_be_bytes());
+        f.extend_from_slice(&[0, 8, 0, 0]);
+        f
+    }
+
+    #[test]
+    fn flow_hash_is_symmetric_and_sees_ports() {
+        for v6 in [false, true] {
+            for proto in [6, 17] {
+                let ab = flow_hash(&ip_frame(v6, proto, (1, 1000), (2, 53), 0)).unwrap();
+                let ba = flow_hash(&ip_frame(v6, proto, (2, 53), (1, 1000), 0)).unwrap();
+                assert_eq!(ab, ba, "v6 {v6} proto {proto}");
+                let other = flow_hash(&ip_frame(v6, proto, (1, 1001), (2, 53), 0)).unwrap();
+                assert_ne!(ab, other, "ports are part of the flow");
+            }
+        }
+        // Other protocols and fragments: addresses only.
+        let icmp = |p| flow_hash(&ip_frame(false, 1, (1, p), (2, 0), 0));
+        assert_eq!(icmp(1), icmp(2));
+        let frag = |p| flow_hash(&ip_frame(false, 17, (1, p), (2, 53), 0x2000));
+        assert_eq!(frag(1), frag(2));
+        assert_eq!(flow_hash(&[0u8; 60]), None, "not IP");
+        assert_eq!(flow_hash(&ip_frame(false, 17, (1, 1), (2, 2), 0)[..30]), None);
+        // Many flows spread over 4 queues.
+        let mut used = [0u32; 4];
+        for port in 0..400u16 {
+            let h = flow_hash(&ip_frame(false, 17, (1, 1024 + port), (2, 7), 0)).unwrap();
+            used[(h % 4) as usize] += 1;
+        }
+        assert!(used.iter().all(|&n| n > 50), "{used:?}");
+    }
+
     proptest::proptest! {
         /// Any header and length: no panic, and an accepted checksum field lies
         /// inside the frame.
@@ -715,6 +1126,32 @@ mod tests {
             if let Ok(Some(at)) = check_tx_header(&hdr, len, NetFeatures::CSUM) {
                 proptest::prop_assert!(at.start + at.offset + 2 <= len);
             }
+        }
+
+        /// Any header and data: parsing never panics, and an accepted command
+        /// encodes back to the same data.
+        #[test]
+        fn control_parse_is_total(
+            class in 0u8..8,
+            command in 0u8..4,
+            data in proptest::collection::vec(0u8.., 0..40),
+        ) {
+            let hdr = VirtioNetCtrlHdr { class, command };
+            let all = NetFeatures::CTRL_RX | NetFeatures::CTRL_MAC_ADDR | NetFeatures::MQ;
+            if let Ok(cmd) = CtrlCommand::parse(hdr, &data, all) {
+                let mut again = Vec::new();
+                cmd.encode_data(&mut again);
+                proptest::prop_assert_eq!(cmd.header(), hdr);
+                if !matches!(cmd, CtrlCommand::Promisc(_) | CtrlCommand::AllMulti(_)) {
+                    proptest::prop_assert_eq!(again, data);
+                }
+            }
+        }
+
+        /// Any bytes: the flow hash never panics.
+        #[test]
+        fn flow_hash_is_total(data in proptest::collection::vec(0u8.., 0..80)) {
+            let _ = flow_hash(&data);
         }
 
         /// A completed checksum verifies: the pseudo-header sum plus the sum from

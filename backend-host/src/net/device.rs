@@ -1,31 +1,83 @@
-//! The virtio-net device: features, configuration space, and the port worker that
-//! moves frames between its guest's queues and the [`Switch`].
+//! The virtio-net device: features, configuration space, the control queue, and the
+//! port worker that moves frames between its guest's queues and the [`Switch`].
 //!
-//! One worker thread per device serves both queues, so each ring has one writer:
-//! a scheduling round takes up to [`SwitchConfig::budget`](super::SwitchConfig)
-//! transmitted chains (checked, then forwarded through the switch) and delivers up
-//! to as many frames from the port's inbox into receive buffers. When a round finds
-//! nothing to do the worker re-enables notifications with a re-check and sleeps on
-//! its eventfds (transmit kick, receive kick, inbox, stop).
+//! One worker thread per device serves every queue it was given, so each ring has
+//! one writer and no lock is taken on the data path. A scheduling round serves the
+//! control queue, then up to [`SwitchConfig::budget`](super::SwitchConfig)
+//! transmitted chains from each active transmit queue (checked, then forwarded
+//! through the switch), then delivers up to as many frames from the port's inbox
+//! into receive buffers. When a round finds nothing to do the worker re-enables
+//! notifications with a re-check and sleeps on its eventfds (kicks of the active
+//! queues, inbox, stop). One thread rather than one per pair: this machine kind has
+//! two cores, and a single inbox per port would need a second level of queues to
+//! feed several threads; the hand-off per frame stays a plain function call.
 //!
+//! # Multiqueue (MQ, virtio 1.2 §5.1.6.5.5)
+//! With `queue_pairs` > 1 in [`NetSettings`] the device offers MQ with that many
+//! pairs (queue `2k` receives and `2k + 1` transmits for pair `k`; the control
+//! queue is `2N`, §5.1.2). After activation only pair 0 is used; a
+//! VIRTQUEUE_PAIRS_SET of `n` (1 up to the pairs the driver enabled, which is at
+//! most `max_virtqueue_pairs`) makes pairs `0..n` active. The worker then serves
+//! every active transmit queue and steers each received frame to the receive
+//! queue of pair [`flow_hash`]` % n`: a symmetric hash over IPv4/IPv6 addresses
+//! and TCP/UDP ports, so both directions of a flow, and every frame of it, use
+//! one queue; frames that are not IP go to pair 0. The spec's SHOULD, to steer a
+//! flow to the queue its last transmit used, is not followed: the hash already
+//! keeps a flow on one queue, and a driver that wants the two directions together
+//! can transmit on pair `flow_hash % n` itself. A frame whose receive queue has no
+//! buffers waits at the head of the inbox; the guest's other queues wait behind
+//! it, which costs only that guest (other ports have their own inboxes).
+//!
+//! # Control queue (CTRL_VQ, §5.1.6.5)
+//! Offered always. Each command is read once, whole, into a private buffer and
+//! validated by [`CtrlCommand::parse`]; its writable part must be exactly the
+//! 1-byte `ack`. Anything else is answered VIRTIO_NET_ERR (and changes nothing):
+//! an unknown class or command, a feature not negotiated, data of the wrong
+//! length, more than [`CTRL_DATA_MAX`] bytes, or a writable part longer than one
+//! byte. A chain without a writable byte cannot be answered and is returned with
+//! used length 0. What the commands change:
+//! - PROMISC / ALLMULTI (CTRL_RX): the receive filter. The switch delivers a port
+//!   the frames for its MAC, broadcast, multicast, and unicast it floods because
+//!   the destination is unknown. With promiscuous mode on (the state after reset,
+//!   as in QEMU, so drivers that never send these commands receive everything)
+//!   all of it reaches the guest; off, unicast reaches it only for its own
+//!   address or one in the MAC table, multicast only with all-multicast on or an
+//!   address in the table, broadcast always. Filtered frames are counted
+//!   ([`NetDevice::filtered_frames`]).
+//! - MAC_TABLE_SET (CTRL_RX): the filter's extra addresses, at most
+//!   [`MAC_TABLE_ENTRIES`] per kind; a longer list accepts that whole kind, as the
+//!   spec allows.
+//! - MAC_ADDR_SET (CTRL_MAC_ADDR): the address the filter accepts and
+//!   [`NetDevice::mac`] reports; a group address is refused. The switch learns
+//!   the new address from the guest's next frame. The configuration space's `mac`
+//!   is **not** updated: a [`DeviceHandler`] has no way to reach the transport's
+//!   configuration space (see the crate's open items); after a reset the device
+//!   goes back to its configured address.
+//! - VQ_PAIRS_SET (MQ): the active pairs, as above.
+//!
+//! # Frames
 //! Everything the guest transmits is checked before it is forwarded (HOSTILE rule
-//! 28): shorter than header plus Ethernet header, longer than the MTU allows (checked
-//! on the descriptor lengths, before anything is read or allocated), a GSO type (none
-//! is offered) or a checksum field past the end: dropped and counted on the port.
-//! On receive (rule 29) a frame is written only within the chain's writable bytes;
-//! when the guest's buffers cannot hold it, it is dropped and counted, and the
-//! buffer goes back with length 0. While the receive queue is empty, frames wait in
-//! the bounded inbox and the worker waits for a receive kick.
+//! 28): shorter than header plus Ethernet header, longer than the MTU allows
+//! (checked on the descriptor lengths, before anything is read or allocated), a GSO
+//! type (none is offered) or a checksum field past the end: dropped and counted on
+//! the port. On receive (rule 29) a frame is written only within the chain's
+//! writable bytes; when the guest's buffers cannot hold it, it is dropped and
+//! counted, and the buffer goes back with length 0. While a receive queue is empty,
+//! frames wait in the bounded inbox and the worker waits for a receive kick.
+//!
+//! [`flow_hash`]: virtio_core::net::flow_hash
+//! [`CtrlCommand::parse`]: virtio_core::net::CtrlCommand::parse
+//! [`CTRL_DATA_MAX`]: virtio_core::net::CTRL_DATA_MAX
 
 use super::switch::{DropReason, Frame, Port, PortId, PortStats, Switch};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use virtio_core::config::ConfigSpace;
 use virtio_core::features::Features;
 use virtio_core::lifecycle::DeviceLifecycle;
 use virtio_core::net::{
-    self, ETH_HDR_LEN, NET_DEPENDENCIES, NetConfig, NetFeatures, VIRTIO_NET_S_LINK_UP, VirtioNetHdr,
-    check_tx_header, complete_checksum,
+    self, ETH_HDR_LEN, MQ_VQ_PAIRS_MAX, NET_DEPENDENCIES, NetConfig, NetFeatures, VIRTIO_NET_S_LINK_UP,
+    VirtioNetHdr, check_tx_header, complete_checksum, flow_hash,
 };
 use virtio_core::notify::{EventFdNotifier, Notify, NotifyError, Wait};
 use virtio_core::ring::Chain;
@@ -33,6 +85,14 @@ use virtio_core::ring::split::DeviceQueueError;
 use virtio_core::transport::{ActiveQueue, DeviceHandler};
 use virtio_core::{DeviceMemory, DeviceModel, SplitDevice};
 use zerocopy::{FromBytes, IntoBytes};
+
+mod ctrl;
+use ctrl::RxFilter;
+
+/// Addresses of each kind (unicast, multicast) the receive filter holds from a
+/// MAC_TABLE_SET; beyond that the whole kind is accepted (§5.1.6.5.2 allows a
+/// device to "silently switch to allmulti or promiscuous mode").
+pub const MAC_TABLE_ENTRIES: usize = 64;
 
 /// Device settings.
 #[derive(Debug, Clone)]
@@ -45,6 +105,10 @@ pub struct NetSettings {
     pub queue_size: u16,
     /// Link status reported in the configuration space.
     pub link_up: bool,
+    /// Queue pairs offered, `max_virtqueue_pairs` (1..=0x8000); MQ is offered when
+    /// it is above 1. Each pair costs two queues (and, in process, two eventfd
+    /// pairs).
+    pub queue_pairs: u16,
 }
 
 impl Default for NetSettings {
@@ -54,6 +118,7 @@ impl Default for NetSettings {
             mtu: 1500,
             queue_size: 256,
             link_up: true,
+            queue_pairs: 1,
         }
     }
 }
@@ -61,12 +126,16 @@ impl Default for NetSettings {
 /// Why the device could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    /// The driver did not enable both queues of the pair.
+    /// The driver did not enable a queue it must use: both queues of pair 0, and
+    /// the control queue once CTRL_VQ is negotiated.
     #[error("queue {0} not enabled")]
     MissingQueue(u16),
     /// The MTU setting is below the spec's minimum of 68.
     #[error("MTU {0} below 68")]
     BadMtu(u16),
+    /// The queue-pairs setting is outside 1..=0x8000.
+    #[error("{0} queue pairs is outside 1..=32768")]
+    BadQueuePairs(u16),
     /// The sharing model refused a queue.
     #[error("sharing model refused a queue")]
     Model(#[from] virtio_core::ModelError),
@@ -87,6 +156,17 @@ struct Running {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What the worker changes and the owner reads.
+#[derive(Debug)]
+struct Shared {
+    /// The MAC address in use (configured, or set by MAC_ADDR_SET).
+    mac: Mutex<[u8; 6]>,
+    /// Active queue pairs; 0 while stopped.
+    active_pairs: AtomicU16,
+    /// Frames the receive filter dropped.
+    filtered: AtomicU64,
+}
+
 /// A virtio-net device serving a guest through sharing model `V`, plugged into a
 /// port of a [`Switch`].
 pub struct NetDevice<V: DeviceModel> {
@@ -95,6 +175,7 @@ pub struct NetDevice<V: DeviceModel> {
     port: Arc<Port>,
     mac: [u8; 6],
     settings: NetSettings,
+    shared: Arc<Shared>,
     running: Option<Running>,
 }
 
@@ -129,6 +210,11 @@ where
             port,
             mac,
             settings,
+            shared: Arc::new(Shared {
+                mac: Mutex::new(mac),
+                active_pairs: AtomicU16::new(0),
+                filtered: AtomicU64::new(0),
+            }),
             running: None,
         })
     }
@@ -138,9 +224,22 @@ where
         self.port.id
     }
 
-    /// The MAC address in the configuration space.
+    /// The MAC address in use: the configured one, or the one the driver set with
+    /// MAC_ADDR_SET since the last reset (a reset goes back to the configured one).
     pub fn mac(&self) -> [u8; 6] {
-        self.mac
+        *self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queue pairs in use: 1 after activation, what VQ_PAIRS_SET chose since; 0
+    /// while the device is stopped.
+    pub fn active_pairs(&self) -> u16 {
+        self.shared.active_pairs.load(Ordering::Relaxed)
+    }
+
+    /// Frames the receive filter kept from the guest (CTRL_RX with promiscuous
+    /// mode off).
+    pub fn filtered_frames(&self) -> u64 {
+        self.shared.filtered.load(Ordering::Relaxed)
     }
 
     /// The port's counters.
@@ -148,19 +247,29 @@ where
         self.switch.stats(self.port.id).unwrap_or_default()
     }
 
-    /// The network features this device offers: no control queue, no segmentation
-    /// offload.
+    /// The network features this device offers: the control queue with receive
+    /// modes and MAC setting, MQ when more than one pair is configured; no
+    /// segmentation offload.
     pub fn offered(&self) -> NetFeatures {
+        let mq = if self.settings.queue_pairs > 1 {
+            NetFeatures::MQ
+        } else {
+            NetFeatures::empty()
+        };
         NetFeatures::MAC
             | NetFeatures::STATUS
             | NetFeatures::MTU
             | NetFeatures::MRG_RXBUF
             | NetFeatures::CSUM
             | NetFeatures::GUEST_CSUM
+            | NetFeatures::CTRL_VQ
+            | NetFeatures::CTRL_RX
+            | NetFeatures::CTRL_MAC_ADDR
+            | mq
     }
 
     /// The control plane a transport serves: offered features, configuration space
-    /// and the two queue sizes.
+    /// and the queue sizes (`2 * queue_pairs` data queues and the control queue).
     pub fn lifecycle(&self) -> DeviceLifecycle {
         let features = self.offered().bits()
             | (Features::VERSION_1 | Features::INDIRECT_DESC | Features::EVENT_IDX).bits();
@@ -169,20 +278,23 @@ where
         } else {
             0
         };
+        // An out-of-range setting fails activation; the layout just stays sane.
+        let pairs = self.settings.queue_pairs.clamp(1, MQ_VQ_PAIRS_MAX);
         let cfg = NetConfig {
             mac: self.mac,
             status: status.into(),
-            max_virtqueue_pairs: 1.into(),
+            max_virtqueue_pairs: pairs.into(),
             mtu: self.settings.mtu.into(),
             ..NetConfig::default()
         };
         let q = self.settings.queue_size;
+        let sizes = vec![q; 2 * usize::from(pairs) + 1];
         DeviceLifecycle::new(
             net::DEVICE_ID,
             features,
             NET_DEPENDENCIES,
             ConfigSpace::new(cfg.as_bytes().to_vec()),
-            &[q, q],
+            &sizes,
         )
     }
 
@@ -190,45 +302,100 @@ where
         if self.settings.mtu < net::MIN_MTU {
             return Err(ActivateError::BadMtu(self.settings.mtu));
         }
-        let mut rx = None;
-        let mut tx = None;
+        let max_pairs = self.settings.queue_pairs;
+        if !(1..=MQ_VQ_PAIRS_MAX).contains(&max_pairs) {
+            return Err(ActivateError::BadQueuePairs(max_pairs));
+        }
+        let nf = NetFeatures::from_bits_truncate(features);
+        // §5.1.2: the control queue follows max_virtqueue_pairs pairs with MQ, one
+        // pair without.
+        let ctrl_index = if nf.contains(NetFeatures::MQ) {
+            u16::try_from(net::ctrl_queue(max_pairs)).ok()
+        } else {
+            Some(2)
+        };
+        let mut slots: Vec<Option<ActiveQueue>> = Vec::new();
+        let mut ctrl_q = None;
         for q in queues {
-            match q.index {
-                0 => rx = Some(q),
-                1 => tx = Some(q),
-                _ => {}
+            if nf.contains(NetFeatures::CTRL_VQ) && Some(q.index) == ctrl_index {
+                ctrl_q = Some(q);
+                continue;
+            }
+            let i = usize::from(q.index);
+            // Data queues beyond the offered pairs (or a control queue that was
+            // not negotiated) are not served.
+            let data_queues = if nf.contains(NetFeatures::MQ) {
+                2 * usize::from(max_pairs)
+            } else {
+                2
+            };
+            if i < data_queues {
+                if slots.len() <= i {
+                    slots.resize_with(i + 1, || None);
+                }
+                slots[i] = Some(q);
             }
         }
-        let rx = rx.ok_or(ActivateError::MissingQueue(0))?;
-        let tx = tx.ok_or(ActivateError::MissingQueue(1))?;
+        if nf.contains(NetFeatures::CTRL_VQ) && ctrl_q.is_none() {
+            return Err(ActivateError::MissingQueue(ctrl_index.unwrap_or(u16::MAX)));
+        }
         let f = Features::from_bits_retain(features);
         let open = |q: &ActiveQueue| -> Result<SplitDevice<V::Memory>, ActivateError> {
             let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
             Ok(SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?)
         };
-        let (rx_ring, tx_ring) = (open(&rx)?, open(&tx)?);
+        // The pairs the driver enabled: the longest run from pair 0 with both
+        // queues (§5.1.5: "up to N of each kind").
+        let mut pairs = Vec::new();
+        let mut slots = slots.into_iter();
+        while let (Some(Some(rx)), Some(Some(tx))) = (slots.next(), slots.next()) {
+            pairs.push(Pair {
+                rx: open(&rx)?,
+                tx: open(&tx)?,
+                rx_kick: rx.kick,
+                tx_kick: tx.kick,
+                rx_irq: rx.interrupt,
+                tx_irq: tx.interrupt,
+                held: Vec::new(),
+                held_writable: 0,
+                rx_broken: false,
+                tx_broken: false,
+            });
+        }
+        if pairs.is_empty() {
+            return Err(ActivateError::MissingQueue(0));
+        }
+        let ctrl = match ctrl_q {
+            Some(q) => Some(CtrlQueue {
+                ring: open(&q)?,
+                kick: q.kick,
+                irq: q.interrupt,
+                broken: false,
+            }),
+            None => None,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let stop_fd = Arc::new(EventFdNotifier::new()?);
+        *self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner) = self.mac;
+        self.shared.active_pairs.store(1, Ordering::Relaxed);
         let worker = Worker {
-            rx: rx_ring,
-            tx: tx_ring,
-            rx_kick: rx.kick,
-            tx_kick: tx.kick,
-            rx_irq: rx.interrupt,
-            tx_irq: tx.interrupt,
+            pairs,
+            active: 1,
+            ctrl,
+            filter: RxFilter::new(self.mac, nf.contains(NetFeatures::CTRL_RX)),
+            shared: self.shared.clone(),
+            ctx: Ctx {
+                port: self.port.clone(),
+                switch: self.switch.clone(),
+                features: nf,
+                max_frame: ETH_HDR_LEN + usize::from(self.settings.mtu),
+            },
+            budget: self.switch.config().budget.max(1),
             stop: stop.clone(),
             stop_fd: stop_fd.clone(),
-            port: self.port.clone(),
-            switch: self.switch.clone(),
-            features: NetFeatures::from_bits_truncate(features),
-            max_frame: ETH_HDR_LEN + usize::from(self.settings.mtu),
-            budget: self.switch.config().budget.max(1),
-            held: Vec::new(),
-            held_writable: 0,
             used: Vec::new(),
-            starved: false,
-            rx_broken: false,
-            tx_broken: false,
+            starved: None,
+            cmd: Vec::new(),
         };
         // A frame pushed while the port was stopping may have slipped in.
         self.port.clear(&self.switch);
@@ -238,6 +405,7 @@ where
             .spawn(move || worker.run())
             .map_err(|e| {
                 self.port.set_active(false);
+                self.shared.active_pairs.store(0, Ordering::Relaxed);
                 ActivateError::Thread(e)
             })?;
         self.running = Some(Running {
@@ -263,6 +431,9 @@ impl<V: DeviceModel> NetDevice<V> {
                 let _ = t.join();
             }
         }
+        // A reset undoes MAC_ADDR_SET: the configuration space never changed.
+        *self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner) = self.mac;
+        self.shared.active_pairs.store(0, Ordering::Relaxed);
         self.port.clear(&self.switch);
     }
 }
@@ -292,7 +463,7 @@ impl<V: DeviceModel> Drop for NetDevice<V> {
     }
 }
 
-/// What became of a frame offered to the receive queue.
+/// What became of a frame offered to a receive queue.
 enum Delivery {
     /// Written, or dropped and counted; either way it is gone.
     Done,
@@ -306,64 +477,104 @@ const SLEEP: rustix::event::Timespec = rustix::event::Timespec {
     tv_nsec: 100_000_000,
 };
 
-/// The state of one port's worker thread.
-struct Worker<M> {
+/// What the queues of a worker share.
+struct Ctx {
+    port: Arc<Port>,
+    switch: Arc<Switch>,
+    features: NetFeatures,
+    max_frame: usize,
+}
+
+/// One receive/transmit queue pair.
+struct Pair<M> {
     rx: SplitDevice<M>,
     tx: SplitDevice<M>,
     rx_kick: EventFdNotifier,
     tx_kick: EventFdNotifier,
     rx_irq: EventFdNotifier,
     tx_irq: EventFdNotifier,
-    stop: Arc<AtomicBool>,
-    stop_fd: Arc<EventFdNotifier>,
-    port: Arc<Port>,
-    switch: Arc<Switch>,
-    features: NetFeatures,
-    max_frame: usize,
-    budget: usize,
     /// Receive chains gathered for a mergeable frame (MRG_RXBUF).
     held: Vec<Chain>,
     held_writable: u64,
-    /// Used elements to publish at once.
-    used: Vec<(u16, u32)>,
-    /// Waiting for receive buffers (receive kicks enabled).
-    starved: bool,
     rx_broken: bool,
     tx_broken: bool,
+}
+
+/// The control queue.
+struct CtrlQueue<M> {
+    ring: SplitDevice<M>,
+    kick: EventFdNotifier,
+    irq: EventFdNotifier,
+    broken: bool,
+}
+
+/// The state of one port's worker thread.
+struct Worker<M> {
+    /// The pairs the driver enabled, in order.
+    pairs: Vec<Pair<M>>,
+    /// Pairs in use (VQ_PAIRS_SET), 1..=pairs.len().
+    active: usize,
+    ctrl: Option<CtrlQueue<M>>,
+    filter: RxFilter,
+    shared: Arc<Shared>,
+    ctx: Ctx,
+    budget: usize,
+    stop: Arc<AtomicBool>,
+    stop_fd: Arc<EventFdNotifier>,
+    /// Used elements to publish at once.
+    used: Vec<(u16, u32)>,
+    /// The pair whose receive queue ran out of buffers (its kicks enabled).
+    starved: Option<usize>,
+    /// A control command's readable bytes, copied once.
+    cmd: Vec<u8>,
 }
 
 impl<M: DeviceMemory> Worker<M> {
     fn run(mut self) {
         // Receive kicks are wanted only while waiting for buffers.
-        self.rx.disable_notifications();
+        for p in &mut self.pairs {
+            p.rx.disable_notifications();
+        }
         while !self.stop.load(Ordering::Acquire) {
-            let tx_more = self.tx_round();
+            let ctrl_more = self.ctrl_round();
+            let mut tx_more = false;
+            for p in &mut self.pairs[..self.active] {
+                tx_more |= p.tx_round(&self.ctx, self.budget, &mut self.used);
+            }
             let rx_more = self.rx_round();
-            if !tx_more && !rx_more {
+            if !ctrl_more && !tx_more && !rx_more {
                 self.sleep();
             }
         }
         // Chains held for a mergeable frame go back unused.
-        for c in self.held.drain(..) {
-            let _ = self.rx.add_used(c.head(), 0);
+        for p in &mut self.pairs {
+            p.return_held(&mut self.used);
         }
     }
 
-    /// Sleeps until a kick, a frame for this port, or stop.
+    /// Sleeps until a kick of an active queue, a frame for this port, or stop.
     fn sleep(&mut self) {
-        if self.starved && !self.rx_broken && self.rx.enable_notifications() {
-            // Buffers arrived while we were deciding to wait.
-            self.rx.disable_notifications();
-            self.starved = false;
-            return;
+        if let Some(s) = self.starved {
+            let p = &mut self.pairs[s];
+            if !p.rx_broken && p.rx.enable_notifications() {
+                // Buffers arrived while we were deciding to wait.
+                p.rx.disable_notifications();
+                self.starved = None;
+                return;
+            }
         }
         use rustix::event::{PollFd, PollFlags, poll};
-        let mut fds = [
-            PollFd::new(&*self.stop_fd, PollFlags::IN),
-            PollFd::new(&self.tx_kick, PollFlags::IN),
-            PollFd::new(&self.rx_kick, PollFlags::IN),
-            PollFd::new(&self.port.wake, PollFlags::IN),
-        ];
+        let active = &self.pairs[..self.active];
+        let mut fds = Vec::with_capacity(3 + 2 * active.len());
+        fds.push(PollFd::new(&*self.stop_fd, PollFlags::IN));
+        fds.push(PollFd::new(&self.ctx.port.wake, PollFlags::IN));
+        if let Some(c) = &self.ctrl {
+            fds.push(PollFd::new(&c.kick, PollFlags::IN));
+        }
+        for p in active {
+            fds.push(PollFd::new(&p.tx_kick, PollFlags::IN));
+            fds.push(PollFd::new(&p.rx_kick, PollFlags::IN));
+        }
         if let Err(error) = poll(&mut fds, Some(&SLEEP)) {
             if error != rustix::io::Errno::INTR {
                 tracing::error!(%error, "net worker poll failed");
@@ -371,48 +582,120 @@ impl<M: DeviceMemory> Worker<M> {
             return;
         }
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
-        if ready[1] {
-            let _ = self.tx_kick.take();
+        drop(fds);
+        let mut ready = ready.into_iter().skip(1);
+        if ready.next() == Some(true) {
+            let _ = self.ctx.port.wake.take();
         }
-        if ready[2] {
-            let _ = self.rx_kick.take();
-            self.rx.disable_notifications();
-            self.starved = false;
+        if let Some(c) = &self.ctrl
+            && ready.next() == Some(true)
+        {
+            let _ = c.kick.take();
         }
-        if ready[3] {
-            let _ = self.port.wake.take();
+        for (i, p) in self.pairs[..self.active].iter_mut().enumerate() {
+            if ready.next() == Some(true) {
+                let _ = p.tx_kick.take();
+            }
+            if ready.next() == Some(true) {
+                let _ = p.rx_kick.take();
+                if self.starved == Some(i) {
+                    p.rx.disable_notifications();
+                    self.starved = None;
+                }
+            }
         }
     }
 
-    /// Serves up to a budget of transmitted chains; returns whether more may wait.
-    fn tx_round(&mut self) -> bool {
+    /// Makes pairs `0..n` the active ones. Nothing is queued on a receive queue
+    /// past `n` from now on (§5.1.6.5.5): chains gathered there go back unused and
+    /// a frame waiting for one is steered again.
+    fn set_active(&mut self, n: usize) {
+        for p in &mut self.pairs[n..] {
+            p.return_held(&mut self.used);
+        }
+        if self.starved.is_some_and(|s| s >= n) {
+            self.starved = None;
+        }
+        self.active = n;
+        self.shared
+            .active_pairs
+            .store(u16::try_from(n).unwrap_or(u16::MAX), Ordering::Relaxed);
+    }
+
+    /// The pair whose receive queue takes `frame`.
+    fn steer(&self, frame: &[u8]) -> usize {
+        if self.active == 1 {
+            return 0;
+        }
+        flow_hash(frame).map_or(0, |h| h as usize % self.active)
+    }
+
+    /// Delivers up to a budget of inbox frames; returns whether more may wait.
+    fn rx_round(&mut self) -> bool {
+        if self.starved.is_some() {
+            return false;
+        }
+        let mut n = 0;
+        while n < self.budget {
+            let Some(frame) = self.ctx.port.pop() else { break };
+            n += 1;
+            if !self.filter.accepts(&frame.data[..6]) {
+                self.shared.filtered.fetch_add(1, Ordering::Relaxed);
+                self.ctx.switch.recycle(frame.data);
+                continue;
+            }
+            let s = self.steer(&frame.data);
+            match self.pairs[s].deliver(frame, &self.ctx, &mut self.used) {
+                Delivery::Done => {}
+                Delivery::Wait(frame) => {
+                    self.ctx.port.unpop(frame);
+                    self.starved = Some(s);
+                    n -= 1;
+                    break;
+                }
+            }
+        }
+        if n > 0 {
+            for p in &mut self.pairs[..self.active] {
+                if p.rx.needs_notification() {
+                    let _ = p.rx_irq.notify();
+                }
+            }
+        }
+        n >= self.budget
+    }
+}
+
+impl<M: DeviceMemory> Pair<M> {
+    /// Serves up to `budget` transmitted chains; returns whether more may wait.
+    fn tx_round(&mut self, ctx: &Ctx, budget: usize, used: &mut Vec<(u16, u32)>) -> bool {
         if self.tx_broken {
             return false;
         }
         self.tx.disable_notifications();
         let mut n = 0;
-        while n < self.budget {
+        while n < budget {
             match self.tx.pop() {
                 Ok(Some(chain)) => {
-                    self.transmit(&chain);
-                    self.used.push((chain.head(), 0));
+                    self.transmit(ctx, &chain);
+                    used.push((chain.head(), 0));
                     n += 1;
                 }
                 Ok(None) => break,
                 Err(DeviceQueueError::NeedsReset(fault)) => {
-                    tracing::warn!(port = %self.port.id, %fault, "transmit queue needs reset");
+                    tracing::warn!(port = %ctx.port.id, %fault, "transmit queue needs reset");
                     self.tx_broken = true;
                     break;
                 }
                 // The ring already returned the bad chain.
                 Err(error) => {
-                    tracing::debug!(port = %self.port.id, %error, "transmit chain rejected");
+                    tracing::debug!(port = %ctx.port.id, %error, "transmit chain rejected");
                     n += 1;
                 }
             }
         }
-        if !self.used.is_empty() {
-            if let Err(error) = self.tx.add_used_batch(self.used.drain(..)) {
+        if !used.is_empty() {
+            if let Err(error) = self.tx.add_used_batch(used.drain(..)) {
                 tracing::error!(%error, "returning transmit chains failed");
             }
             if self.tx.needs_notification() {
@@ -421,68 +704,45 @@ impl<M: DeviceMemory> Worker<M> {
         }
         // Budget spent: keep kicks off and come back next round. Otherwise turn
         // them on; chains that raced in are served without sleeping.
-        n >= self.budget || self.tx.enable_notifications()
+        n >= budget || self.tx.enable_notifications()
     }
 
     /// Checks one transmitted chain and forwards its frame, or drops and counts it.
-    fn transmit(&mut self, chain: &Chain) {
+    fn transmit(&mut self, ctx: &Ctx, chain: &Chain) {
         let len = chain.readable_len() as usize;
         let Some(frame_len) = len.checked_sub(VirtioNetHdr::SIZE).filter(|&l| l >= ETH_HDR_LEN) else {
-            return self.port.count_drop(DropReason::Short);
+            return ctx.port.count_drop(DropReason::Short);
         };
         // Checked on the descriptor lengths, before anything is read or allocated.
-        if frame_len > self.max_frame {
-            return self.port.count_drop(DropReason::OverMtu);
+        if frame_len > ctx.max_frame {
+            return ctx.port.count_drop(DropReason::OverMtu);
         }
         let mut r = chain.reader(self.tx.memory());
         let mut raw = [0u8; VirtioNetHdr::SIZE];
         if r.read_exact(&mut raw).is_err() {
-            return self.port.count_drop(DropReason::BadHeader);
+            return ctx.port.count_drop(DropReason::BadHeader);
         }
         let hdr = VirtioNetHdr::read_from_bytes(&raw).unwrap_or_default();
-        let csum = match check_tx_header(&hdr, frame_len, self.features) {
+        let csum = match check_tx_header(&hdr, frame_len, ctx.features) {
             Ok(c) => c,
             Err(error) => {
-                tracing::debug!(port = %self.port.id, %error, "transmit header refused");
-                return self.port.count_drop(DropReason::BadHeader);
+                tracing::debug!(port = %ctx.port.id, %error, "transmit header refused");
+                return ctx.port.count_drop(DropReason::BadHeader);
             }
         };
-        let mut data = self.switch.take_buf(frame_len);
+        let mut data = ctx.switch.take_buf(frame_len);
         if r.read_exact(&mut data).is_err() {
-            self.switch.recycle(data);
-            return self.port.count_drop(DropReason::BadHeader);
+            ctx.switch.recycle(data);
+            return ctx.port.count_drop(DropReason::BadHeader);
         }
-        let src = self.port.id.index();
-        self.switch.forward(&self.port, Frame { data, csum, src });
+        let src = ctx.port.id.index();
+        ctx.switch.forward(&ctx.port, Frame { data, csum, src });
         // Counted once forwarded: a peer's counters are final when this one is.
-        self.port.count_tx();
-    }
-
-    /// Delivers up to a budget of inbox frames; returns whether more may wait.
-    fn rx_round(&mut self) -> bool {
-        if self.starved {
-            return false;
-        }
-        let mut n = 0;
-        while n < self.budget {
-            let Some(frame) = self.port.pop() else { break };
-            match self.deliver(frame) {
-                Delivery::Done => n += 1,
-                Delivery::Wait(frame) => {
-                    self.port.unpop(frame);
-                    self.starved = true;
-                    break;
-                }
-            }
-        }
-        if n > 0 && self.rx.needs_notification() {
-            let _ = self.rx_irq.notify();
-        }
-        n >= self.budget
+        ctx.port.count_tx();
     }
 
     /// The next receive chain, `None` if the ring is empty or unusable.
-    fn next_rx(&mut self) -> Option<Chain> {
+    fn next_rx(&mut self, ctx: &Ctx) -> Option<Chain> {
         if self.rx_broken {
             return None;
         }
@@ -490,29 +750,29 @@ impl<M: DeviceMemory> Worker<M> {
             match self.rx.pop() {
                 Ok(c) => return c,
                 Err(DeviceQueueError::NeedsReset(fault)) => {
-                    tracing::warn!(port = %self.port.id, %fault, "receive queue needs reset");
+                    tracing::warn!(port = %ctx.port.id, %fault, "receive queue needs reset");
                     self.rx_broken = true;
                     return None;
                 }
-                Err(error) => tracing::debug!(port = %self.port.id, %error, "receive chain rejected"),
+                Err(error) => tracing::debug!(port = %ctx.port.id, %error, "receive chain rejected"),
             }
         }
     }
 
-    fn deliver(&mut self, mut frame: Frame) -> Delivery {
+    fn deliver(&mut self, mut frame: Frame, ctx: &Ctx, used: &mut Vec<(u16, u32)>) -> Delivery {
         if self.rx_broken {
-            self.port.count_drop(DropReason::NoRxBuffer);
-            self.switch.recycle(frame.data);
+            ctx.port.count_drop(DropReason::NoRxBuffer);
+            ctx.switch.recycle(frame.data);
             return Delivery::Done;
         }
         let need = (VirtioNetHdr::SIZE + frame.data.len()) as u64;
-        let mrg = self.features.contains(NetFeatures::MRG_RXBUF);
+        let mrg = ctx.features.contains(NetFeatures::MRG_RXBUF);
         // Gather chains until the frame fits: one without MRG_RXBUF, as many as it
         // takes with it (§5.1.6.4).
         while self.held.is_empty() || (mrg && self.held_writable < need) {
-            let Some(chain) = self.next_rx() else {
+            let Some(chain) = self.next_rx(ctx) else {
                 if self.rx_broken {
-                    return self.drop_held(frame);
+                    return self.drop_held(frame, ctx, used);
                 }
                 return Delivery::Wait(frame);
             };
@@ -520,15 +780,15 @@ impl<M: DeviceMemory> Worker<M> {
             self.held.push(chain);
             if mrg && self.held_writable < need && self.held.len() >= usize::from(self.rx.size()) {
                 // Every buffer of the queue would not hold it.
-                return self.drop_held(frame);
+                return self.drop_held(frame, ctx, used);
             }
         }
         if self.held_writable < need {
-            return self.drop_held(frame);
+            return self.drop_held(frame, ctx, used);
         }
         let mut hdr = VirtioNetHdr::rx(u16::try_from(self.held.len()).unwrap_or(u16::MAX));
         if let Some(at) = frame.csum {
-            if self.features.contains(NetFeatures::GUEST_CSUM) {
+            if ctx.features.contains(NetFeatures::GUEST_CSUM) {
                 // Both came from u16 header fields.
                 let start = u16::try_from(at.start).unwrap_or(u16::MAX);
                 let offset = u16::try_from(at.offset).unwrap_or(u16::MAX);
@@ -559,41 +819,46 @@ impl<M: DeviceMemory> Worker<M> {
                     Err(_) => failed = true,
                 }
             }
-            self.used.push((chain.head(), w.written()));
+            used.push((chain.head(), w.written()));
         }
         self.held.clear();
         self.held_writable = 0;
         if failed {
             // A half-written frame is no frame: every buffer goes back unused, so
             // the driver never assembles a truncated one.
-            for u in &mut self.used {
+            for u in used.iter_mut() {
                 u.1 = 0;
             }
         }
-        if let Err(error) = self.rx.add_used_batch(self.used.drain(..)) {
+        if let Err(error) = self.rx.add_used_batch(used.drain(..)) {
             tracing::error!(%error, "returning receive chains failed");
         }
         if failed {
-            self.port.count_drop(DropReason::NoRxBuffer);
+            ctx.port.count_drop(DropReason::NoRxBuffer);
         } else {
-            self.port.count_rx();
+            ctx.port.count_rx();
         }
-        self.switch.recycle(frame.data);
+        ctx.switch.recycle(frame.data);
         Delivery::Done
     }
 
     /// Drops `frame` (the guest's buffers cannot take it) and returns the gathered
     /// chains unused (length 0).
-    fn drop_held(&mut self, frame: Frame) -> Delivery {
-        self.port.count_drop(DropReason::NoRxBuffer);
-        self.switch.recycle(frame.data);
-        self.used.extend(self.held.drain(..).map(|c| (c.head(), 0)));
+    fn drop_held(&mut self, frame: Frame, ctx: &Ctx, used: &mut Vec<(u16, u32)>) -> Delivery {
+        ctx.port.count_drop(DropReason::NoRxBuffer);
+        ctx.switch.recycle(frame.data);
+        self.return_held(used);
+        Delivery::Done
+    }
+
+    /// Returns the chains gathered for a mergeable frame unused (length 0).
+    fn return_held(&mut self, used: &mut Vec<(u16, u32)>) {
+        used.extend(self.held.drain(..).map(|c| (c.head(), 0)));
         self.held_writable = 0;
-        if !self.used.is_empty()
-            && let Err(error) = self.rx.add_used_batch(self.used.drain(..))
+        if !used.is_empty()
+            && let Err(error) = self.rx.add_used_batch(used.drain(..))
         {
             tracing::error!(%error, "returning receive chains failed");
         }
-        Delivery::Done
     }
 }
