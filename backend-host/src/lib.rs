@@ -3,7 +3,8 @@
 //! - [`blk`]: virtio-blk: request parsing that enforces the spec, and execution through
 //!   io_uring (or a thread-pool fallback) with O_DIRECT and flushes that are honoured.
 //! - [`net`]: virtio-net: a device per guest port and a learning L2 switch between
-//!   ports, with per-source backlogs and drops counted per reason.
+//!   ports, with per-source backlogs and drops counted per reason, and a TAP port
+//!   for the host's own network stack.
 
 pub mod blk;
 pub mod net;

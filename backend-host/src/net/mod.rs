@@ -1,16 +1,23 @@
 //! virtio-net, device side (virtio 1.2 §5.1): a device per guest, each plugged into
-//! a port of a learning L2 switch, so guests on one host reach each other.
+//! a port of a learning L2 switch, so guests on one host reach each other, and TAP
+//! ports, so the host's own network stack reaches them too.
 //!
 //! - [`switch`]: the switch (MAC learning, flooding, per-source bounded backlogs
 //!   drained round robin, drop counters per reason).
 //! - [`device`]: [`NetDevice`], a [`DeviceHandler`](virtio_core::transport::DeviceHandler)
 //!   whose worker thread checks what its guest transmits and delivers what the
 //!   switch hands it into the guest's receive buffers.
+//! - [`tap`]: [`TapPort`], a TAP interface of the host (in any network namespace)
+//!   on a switch port, its frames moved both ways by a worker thread, bounded and
+//!   never blocking the switch.
 //!
-//! Not done yet: a control queue (CTRL_VQ, MQ), segmentation offloads, a TAP port.
+//! Not done yet: a control queue (CTRL_VQ, MQ), segmentation offloads (also on the
+//! TAP port: no `IFF_VNET_HDR`).
 
 pub mod device;
 pub mod switch;
+pub mod tap;
 
 pub use device::{ActivateError, NetDevice, NetSettings};
 pub use switch::{DropReason, Drops, PortId, PortStats, Switch, SwitchConfig};
+pub use tap::{TapConfig, TapError, TapPort, TapStats};

@@ -6,6 +6,8 @@
 //! (flooding broadcast, multicast and unknown destinations to every other port).
 //! Only the destination's own worker takes frames out of its inbox and writes
 //! them into its guest's receive queue, so a receive ring has exactly one writer.
+//! A [`TapPort`](super::tap::TapPort) owns a port the same way, with the host's
+//! network stack in place of a guest.
 //!
 //! Fairness: an inbox keeps one bounded queue per source port and is drained round
 //! robin, one frame per source per turn, and a worker serves at most
