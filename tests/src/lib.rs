@@ -1,4 +1,5 @@
 //! Shared pieces of the `vio` tool and the cross-crate tests.
+pub mod barrier;
 pub mod blk_bench;
 pub mod conformance;
 pub mod model_bench;

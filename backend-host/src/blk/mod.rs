@@ -6,4 +6,5 @@ pub mod engine;
 pub mod engine_sync;
 pub mod engine_uring;
 pub mod fault;
+pub mod record;
 pub mod request;

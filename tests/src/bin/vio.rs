@@ -2,11 +2,13 @@
 //!
 //! `vio demo` runs a short version of every benchmark on built-in defaults;
 //! `vio ring-bench` runs the full split-ring benchmark, `vio net-loopback` the
-//! guest-to-guest network benchmark against a veth pair.
+//! guest-to-guest network benchmark against a veth pair, `vio barrier-bench` the
+//! block barrier consistency benchmark (crash images, seeded bugs, flush cost).
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
+use vio::barrier::{self, BarrierConfig, BarrierReport, ThroughputConfig};
 use vio::blk_bench::{self, BlkBenchConfig};
 use vio::model_bench::{self, ModelBenchConfig};
 use vio::net_bench::{self, Model, NetBenchConfig};
@@ -62,6 +64,49 @@ enum Command {
         /// Device adaptive-polling budget in microseconds (0 sleeps at once).
         #[arg(long, default_value_t = 100)]
         poll_us: u64,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Block barrier consistency benchmark: a commit-record journal over our driver
+    /// and device, every crash image the durability rule allows checked, five seeded
+    /// bugs that must be caught; then transactions/s with barriers honoured, unsafe
+    /// and writethrough against fio's same flush pattern, and a writes-per-flush
+    /// sweep plotted as SVG.
+    BarrierBench {
+        /// Image file (recreated per run); must not be on tmpfs.
+        #[arg(long, default_value = "target/vio-barrier.img")]
+        image: PathBuf,
+        /// Transactions per real-backend consistency run.
+        #[arg(long, default_value_t = 600)]
+        txns: u64,
+        /// Transactions per mutant run.
+        #[arg(long, default_value_t = 40)]
+        mutant_txns: u64,
+        /// Seed of the sampled crash images.
+        #[arg(long, default_value_t = 0x5EED)]
+        seed: u64,
+        /// Repetitions of the throughput runs (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Seconds per throughput run.
+        #[arg(long, default_value_t = 2.0)]
+        secs: f64,
+        /// Seconds per point of the writes-per-flush sweep.
+        #[arg(long, default_value_t = 1.0)]
+        sweep_secs: f64,
+        /// Writes per flush of the sweep, comma-separated (empty: no sweep).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+        intervals: Vec<u32>,
+        /// Only the consistency part.
+        #[arg(long)]
+        no_throughput: bool,
+        /// Device adaptive-polling budget in microseconds (0 sleeps at once).
+        #[arg(long, default_value_t = 100)]
+        poll_us: u64,
+        /// Where to draw the throughput-vs-flush-interval plot (SVG).
+        #[arg(long, default_value = "target/vio-barrier-throughput.svg")]
+        plot: PathBuf,
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -149,6 +194,13 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::FAILURE;
                 }
             }
+            match barrier::run(&BarrierConfig::quick()) {
+                Ok(r) => tables.extend(r.tables()),
+                Err(e) => {
+                    eprintln!("error: barrier benchmark: {}", error_chain(&e));
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
             (tables, json)
         }
         Command::NetLoopback {
@@ -211,6 +263,60 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+        Command::BarrierBench {
+            image,
+            txns,
+            mutant_txns,
+            seed,
+            reps,
+            secs,
+            sweep_secs,
+            intervals,
+            no_throughput,
+            poll_us,
+            plot,
+            json,
+        } => {
+            if !(0.1..=600.0).contains(&secs)
+                || !(0.1..=600.0).contains(&sweep_secs)
+                || txns == 0
+                || intervals.iter().any(|&k| !(1..=1024).contains(&k))
+            {
+                eprintln!(
+                    "error: --secs and --sweep-secs must be between 0.1 and 600, --txns positive, intervals 1 to 1024"
+                );
+                return std::process::ExitCode::from(2);
+            }
+            let cfg = BarrierConfig {
+                image,
+                txns,
+                mutant_txns: mutant_txns.max(8),
+                seed,
+                throughput: (!no_throughput).then(|| ThroughputConfig {
+                    run_time: Duration::from_secs_f64(secs),
+                    reps: reps.max(1),
+                    intervals,
+                    sweep_time: Duration::from_secs_f64(sweep_secs),
+                }),
+                plot: Some(plot),
+                poll: Duration::from_micros(poll_us),
+                ..BarrierConfig::full()
+            };
+            let report = match barrier::run(&cfg) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: barrier benchmark: {}", error_chain(&e));
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            let code = finish(&report.tables(), json);
+            return if barrier_as_expected(&report) {
+                code
+            } else {
+                eprintln!("error: violations on the real backend, or a mutant not caught");
+                std::process::ExitCode::FAILURE
+            };
+        }
         Command::ModelBench {
             reps,
             millis,
@@ -249,6 +355,11 @@ fn main() -> std::process::ExitCode {
         }
     };
     finish(&tables, json)
+}
+
+/// Whether the real backend had no violation and every mutant was caught.
+fn barrier_as_expected(r: &BarrierReport) -> bool {
+    r.scenarios.iter().all(|s| s.as_expected())
 }
 
 /// An error and its causes, `: `-separated.

@@ -1,0 +1,201 @@
+//! Seeded bugs: engine wrappers that break the barrier contract in the ways real
+//! backends have, each of which the checker must catch.
+//!
+//! A mutant sits between the device and the [`RecordingEngine`], so the log shows
+//! what really reached the file while the device (and the guest) see the lie:
+//!
+//! | mutant | lie |
+//! |---|---|
+//! | [`MutantKind::FlushIgnored`] | FLUSH completes at once and never reaches the file |
+//! | [`MutantKind::EarlyFlush`] | FLUSH completes at once; the `fdatasync` runs later, its completion swallowed |
+//! | [`MutantKind::EarlyWriteAck`] | a write completes at once; a copy of its buffer is written later |
+//! | [`MutantKind::FsyncErrorSwallowed`] | a failed `fdatasync` is reported as success (with a [`FaultEngine`] below the recorder failing one) |
+//! | [`MutantKind::WritethroughNoDsync`] | writethrough writes lose `RWF_DSYNC` |
+//!
+//! Buffer ownership still holds (the [`Engine`] seam's rule): a buffer handed back
+//! early is the device's own; what stays in flight is the mutant's copy, freed only
+//! when its completion is reaped.
+//!
+//! [`RecordingEngine`]: backend_host::blk::record::RecordingEngine
+//! [`FaultEngine`]: backend_host::blk::fault::FaultEngine
+
+use backend_host::blk::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
+use rustix::io::Errno;
+use std::os::fd::BorrowedFd;
+
+/// Tag bit of ops whose completion the mutant swallows. Callers' tags must stay
+/// below it (the device's are request-slot indices).
+const SWALLOW: u64 = 1 << 63;
+/// Tag bit of flushes passed down, so their completions can be recognised.
+const FLUSH: u64 = 1 << 62;
+
+/// Which bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MutantKind {
+    /// FLUSH acknowledged without `fdatasync`.
+    FlushIgnored,
+    /// FLUSH acknowledged before its `fdatasync` completes.
+    EarlyFlush,
+    /// Writes acknowledged before they complete.
+    EarlyWriteAck,
+    /// A failed `fdatasync` reported as success.
+    FsyncErrorSwallowed,
+    /// Writethrough mode without `RWF_DSYNC`.
+    WritethroughNoDsync,
+}
+
+impl MutantKind {
+    /// Every mutant.
+    pub const ALL: [MutantKind; 5] = [
+        MutantKind::FlushIgnored,
+        MutantKind::EarlyFlush,
+        MutantKind::EarlyWriteAck,
+        MutantKind::FsyncErrorSwallowed,
+        MutantKind::WritethroughNoDsync,
+    ];
+
+    /// A short name for tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            MutantKind::FlushIgnored => "flush ignored",
+            MutantKind::EarlyFlush => "flush acked before fsync CQE",
+            MutantKind::EarlyWriteAck => "write acked before CQE",
+            MutantKind::FsyncErrorSwallowed => "fsync error swallowed",
+            MutantKind::WritethroughNoDsync => "writethrough without RWF_DSYNC",
+        }
+    }
+}
+
+/// An engine with a seeded bug.
+#[derive(Debug)]
+pub struct MutantEngine<E: Engine> {
+    inner: E,
+    kind: MutantKind,
+    /// Completions made without the inner engine.
+    ready: Vec<Completion>,
+    scratch: Vec<Completion>,
+    next_swallow: u64,
+    /// Lies told so far.
+    lies: u64,
+}
+
+impl<E: Engine> MutantEngine<E> {
+    /// Wraps `inner`; its `ready_fd` must be an eventfd (true of the real engines).
+    pub fn new(inner: E, kind: MutantKind) -> MutantEngine<E> {
+        MutantEngine {
+            inner,
+            kind,
+            ready: Vec::new(),
+            scratch: Vec::new(),
+            next_swallow: 0,
+            lies: 0,
+        }
+    }
+
+    /// Lies told so far.
+    pub fn lies(&self) -> u64 {
+        self.lies
+    }
+
+    fn complete_now(&mut self, user: u64, result: std::io::Result<u64>, buf: AlignedBuf) {
+        self.ready.push(Completion { user, result, buf });
+        self.lies += 1;
+        match rustix::io::write(self.inner.ready_fd(), &1u64.to_ne_bytes()) {
+            Ok(_) | Err(Errno::AGAIN) => {}
+            Err(e) => tracing::warn!(error = %e, "mutant could not raise the engine's eventfd"),
+        }
+    }
+
+    fn swallow_tag(&mut self) -> u64 {
+        self.next_swallow += 1;
+        SWALLOW | self.next_swallow
+    }
+}
+
+impl<E: Engine> Engine for MutantEngine<E> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn submit(&mut self, mut op: IoOp) {
+        match (self.kind, op.kind) {
+            (MutantKind::FlushIgnored, IoKind::Flush) => self.complete_now(op.user, Ok(0), op.buf),
+            (MutantKind::EarlyFlush, IoKind::Flush) => {
+                self.complete_now(op.user, Ok(0), AlignedBuf::default());
+                let user = self.swallow_tag();
+                self.inner.submit(IoOp { user, ..op });
+            }
+            (MutantKind::EarlyWriteAck, IoKind::Write { .. }) => {
+                // The device gets its buffer back now; the copy stays in flight.
+                let mut copy = AlignedBuf::new(op.buf.len(), 4096);
+                copy.as_mut_slice().copy_from_slice(op.buf.as_slice());
+                let IoOp { user, buf, .. } = op;
+                let len = buf.len() as u64;
+                self.complete_now(user, Ok(len), buf);
+                let tag = self.swallow_tag();
+                self.inner.submit(IoOp {
+                    buf: copy,
+                    user: tag,
+                    ..op
+                });
+            }
+            (MutantKind::FsyncErrorSwallowed, IoKind::Flush) => {
+                op.user |= FLUSH;
+                self.inner.submit(op);
+            }
+            (MutantKind::WritethroughNoDsync, IoKind::Write { dsync: true }) => {
+                op.kind = IoKind::Write { dsync: false };
+                self.lies += 1;
+                self.inner.submit(op);
+            }
+            _ => self.inner.submit(op),
+        }
+    }
+
+    fn commit(&mut self) -> std::io::Result<()> {
+        self.inner.commit()
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.inner.reap(&mut scratch);
+        for mut c in scratch.drain(..) {
+            if c.user & SWALLOW != 0 {
+                continue; // The device was told long ago; the copy is freed here.
+            }
+            if c.user & FLUSH != 0 {
+                c.user &= !FLUSH;
+                if let Err(e) = &c.result {
+                    tracing::debug!(error = %e, "mutant swallows a failed fdatasync");
+                    c.result = Ok(0);
+                    self.lies += 1;
+                }
+            }
+            self.ready.push(c);
+        }
+        self.scratch = scratch;
+        let n = self.ready.len();
+        out.append(&mut self.ready);
+        n
+    }
+
+    fn wait(&mut self) -> std::io::Result<()> {
+        if self.ready.is_empty() {
+            self.inner.wait()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn ready_fd(&self) -> BorrowedFd<'_> {
+        self.inner.ready_fd()
+    }
+
+    fn ack_ready(&mut self) {
+        self.inner.ack_ready();
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.ready.len()
+    }
+}
