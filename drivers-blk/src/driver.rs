@@ -218,13 +218,33 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
     /// [`Self::poll`] into a caller's vector (no allocation once it has capacity);
     /// returns how many results were appended.
     pub fn poll_into(&self, queue: u16, budget: usize, out: &mut Vec<Polled>) -> Result<usize, BlkError> {
+        self.poll_impl(queue, budget, out, true)
+    }
+
+    /// [`Self::poll_into`] for a caller that busy-polls: used-buffer notifications
+    /// stay off after the ring is drained, so the device signals no completion
+    /// nobody sleeps for (an eventfd write per batch, a system call on the device's
+    /// side). [`Self::wait`] and the blocking and async calls turn them back on
+    /// before they sleep; a caller that sleeps on the interrupt eventfd itself must
+    /// call [`Self::poll_into`] first.
+    pub fn poll_busy(&self, queue: u16, budget: usize, out: &mut Vec<Polled>) -> Result<usize, BlkError> {
+        self.poll_impl(queue, budget, out, false)
+    }
+
+    fn poll_impl(
+        &self,
+        queue: u16,
+        budget: usize,
+        out: &mut Vec<Polled>,
+        rearm: bool,
+    ) -> Result<usize, BlkError> {
         let q = self.queue(queue)?;
         let mut st = q.lock();
         let mut woke = false;
         st.ring.disable_notifications();
         loop {
             woke |= st.reap(&self.memory);
-            if st.ready_len() >= budget || st.broken().is_some() {
+            if st.ready_len() >= budget || st.broken().is_some() || !rearm {
                 break;
             }
             // Empty: ask for notifications again; if used buffers slipped in

@@ -181,6 +181,55 @@ fn poll_respects_its_budget() {
     }
 }
 
+/// Sends `n` GET_IDs one at a time, spinning on `poll` for each; returns the
+/// interrupts the device sent meanwhile.
+fn interrupts_while_spinning<D: virtio_core::DriverModel, M: common::Served>(
+    r: &common::Rig<D, M>,
+    n: usize,
+    busy: bool,
+) -> u64 {
+    let before = r
+        .shared
+        .stats
+        .interrupts
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        r.driver.submit(0, Request::GetId).unwrap();
+        r.driver.kick(0).unwrap();
+        let deadline = std::time::Instant::now() + LONG.unwrap();
+        out.clear();
+        while out.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no completion");
+            if busy {
+                r.driver.poll_busy(0, 1, &mut out).unwrap();
+            } else {
+                r.driver.poll_into(0, 1, &mut out).unwrap();
+            }
+            std::thread::yield_now();
+        }
+        assert!(matches!(out[0].1, Ok(Completion::Id(_))));
+    }
+    r.shared
+        .stats
+        .interrupts
+        .load(std::sync::atomic::Ordering::SeqCst)
+        - before
+}
+
+#[test]
+fn busy_polling_leaves_interrupts_off_and_plain_polling_rearms_them() {
+    let r = rig(Setup::default(), direct).unwrap();
+    let plain = interrupts_while_spinning(&r, 20, false);
+    let busy = interrupts_while_spinning(&r, 20, true);
+    assert!(plain >= 10, "poll_into re-arms notifications: {plain} interrupts");
+    assert!(busy <= 1, "poll_busy leaves them off: {busy} interrupts");
+    // A waiter turns them back on before it sleeps.
+    r.driver.submit(0, Request::GetId).unwrap();
+    r.driver.kick(0).unwrap();
+    assert!(r.driver.wait(0, LONG).unwrap(), "wait re-arms and wakes");
+}
+
 #[test]
 fn the_queue_reports_full_and_recovers() {
     let setup = Setup {

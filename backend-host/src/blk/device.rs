@@ -95,10 +95,10 @@ pub struct BlkSettings {
     /// and the engine for this long before sleeping on its eventfds (kicks are
     /// suppressed meanwhile). Zero sleeps at once. Polling trades a core for the
     /// cross-core wake-up latency (tens of microseconds, PERF.md); keep it zero when
-    /// workers share a runtime with other tasks. A poll that finds nothing yields
-    /// the CPU, and a worker that finds its core shared stops polling for a while
-    /// (backing off, see `backend_host::poll`), so it never starves the guest
-    /// driver it waits for on a machine with fewer cores than busy threads.
+    /// workers share a runtime with other tasks. A worker that finds its core
+    /// shared (it was preempted for a time slice while polling) stops polling for
+    /// a while, backing off (the crate's `poll` module), so it does not starve the
+    /// guest driver it waits for on a machine with fewer cores than busy threads.
     pub poll: std::time::Duration,
 }
 

@@ -47,6 +47,8 @@ pub struct Behaviour {
 pub struct Stats {
     pub requests: AtomicU64,
     pub flushes: AtomicU64,
+    /// Used-buffer notifications sent.
+    pub interrupts: AtomicU64,
 }
 
 pub struct Shared {
@@ -134,6 +136,7 @@ fn serve<M: DeviceMemory>(
             dev.add_used_batch(held.drain(..))
                 .expect("fake returns only chains it holds");
             if dev.needs_notification() {
+                shared.stats.interrupts.fetch_add(1, Ordering::SeqCst);
                 irq.notify().unwrap();
             }
         }
