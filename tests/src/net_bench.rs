@@ -151,6 +151,8 @@ pub struct NetBenchConfig {
     pub rx_buf_len: Option<u32>,
     /// Measure the veth peer (needs root).
     pub veth: bool,
+    /// The devices' adaptive-polling budget ([`backend_host::net::NetSettings::poll`]).
+    pub device_poll: Duration,
 }
 
 impl NetBenchConfig {
@@ -166,6 +168,7 @@ impl NetBenchConfig {
             poll_budget: 64,
             rx_buf_len: None,
             veth: true,
+            device_poll: Duration::from_micros(50),
         }
     }
 
@@ -522,12 +525,13 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
     drop(pair);
     let mut notes = vec![
         format!(
-            "ours: guest A -> switch -> guest B, both guests on the model; queues of {}, receive buffers of {} B (MRG_RXBUF), receive budget {}, switch backlog {} / budget {}",
+            "ours: guest A -> switch -> guest B, both guests on the model; queues of {}, receive buffers of {} B (MRG_RXBUF), receive budget {}, switch backlog {} / budget {}, device polling {} us",
             cfg.queue_size,
             cfg.rx_buf_len.unwrap_or(drivers_net::DEFAULT_MRG_BUF),
             cfg.poll_budget,
             SwitchConfig::default().backlog,
-            SwitchConfig::default().budget
+            SwitchConfig::default().budget,
+            cfg.device_poll.as_micros()
         ),
         format!(
             "frames are the bytes a driver sends (no FCS); device MTU 1500, or frame - 14 above 1514 (65535 for {JUMBO_FRAME} B)"

@@ -69,7 +69,9 @@
 //! [`CtrlCommand::parse`]: virtio_core::net::CtrlCommand::parse
 //! [`CTRL_DATA_MAX`]: virtio_core::net::CTRL_DATA_MAX
 
-use super::switch::{DropReason, Frame, Port, PortId, PortStats, Switch};
+use super::switch::{Batch, DropReason, Frame, LocalPool, Port, PortId, PortStats, Switch};
+use crate::poll::Poller;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use virtio_core::config::ConfigSpace;
@@ -109,6 +111,12 @@ pub struct NetSettings {
     /// it is above 1. Each pair costs two queues (and, in process, two eventfd
     /// pairs).
     pub queue_pairs: u16,
+    /// Adaptive polling: after a round that found work, the worker keeps polling
+    /// its queues and inbox (transmit kicks off) for this long before it sleeps.
+    /// Zero sleeps at once. It saves the guest a kick and the worker a wake-up per
+    /// burst, at the price of a core while it polls; the worker backs off while
+    /// its core is shared (see the blk device's `poll` setting).
+    pub poll: std::time::Duration,
 }
 
 impl Default for NetSettings {
@@ -119,6 +127,7 @@ impl Default for NetSettings {
             queue_size: 256,
             link_up: true,
             queue_pairs: 1,
+            poll: std::time::Duration::ZERO,
         }
     }
 }
@@ -396,6 +405,10 @@ where
             used: Vec::new(),
             starved: None,
             cmd: Vec::new(),
+            batch: Batch::default(),
+            pool: LocalPool::default(),
+            inbox: VecDeque::new(),
+            poller: Poller::new(self.settings.poll),
         };
         // A frame pushed while the port was stopping may have slipped in.
         self.port.clear(&self.switch);
@@ -527,6 +540,15 @@ struct Worker<M> {
     starved: Option<usize>,
     /// A control command's readable bytes, copied once.
     cmd: Vec<u8>,
+    /// Frames of the current transmit round, forwarded together.
+    batch: Batch,
+    /// Frame buffers, taken from and given back to the switch in batches.
+    pool: LocalPool,
+    /// Frames taken from the port's inbox (one lock per batch) and not yet
+    /// delivered; at most a budget's worth.
+    inbox: VecDeque<Frame>,
+    /// Adaptive polling ([`NetSettings::poll`]).
+    poller: Poller,
 }
 
 impl<M: DeviceMemory> Worker<M> {
@@ -535,21 +557,70 @@ impl<M: DeviceMemory> Worker<M> {
         for p in &mut self.pairs {
             p.rx.disable_notifications();
         }
+        // Whether the last poll session found nothing: then sleep.
+        let mut polled = false;
         while !self.stop.load(Ordering::Acquire) {
-            let ctrl_more = self.ctrl_round();
-            let mut tx_more = false;
-            for p in &mut self.pairs[..self.active] {
-                tx_more |= p.tx_round(&self.ctx, self.budget, &mut self.used);
-            }
-            let rx_more = self.rx_round();
-            if !ctrl_more && !tx_more && !rx_more {
+            let (_, more) = self.round(true);
+            if more {
+                polled = false;
+            } else if !polled {
+                polled = !self.poll();
+            } else {
+                polled = false;
                 self.sleep();
             }
         }
-        // Chains held for a mergeable frame go back unused.
+        // Chains held for a mergeable frame go back unused; frames taken from the
+        // inbox and buffers go back to the switch.
         for p in &mut self.pairs {
             p.return_held(&mut self.used);
         }
+        for f in self.inbox.drain(..) {
+            self.pool.give(&self.ctx.switch, f.data);
+        }
+        self.pool.flush(&self.ctx.switch);
+    }
+
+    /// One scheduling round over every queue: returns whether it did anything, and
+    /// whether more may wait. With `rearm`, transmit queues that ran dry ask for
+    /// kicks again (with a re-check); without, kicks stay off, for polling.
+    fn round(&mut self, rearm: bool) -> (bool, bool) {
+        let mut more = self.ctrl_round();
+        let mut did = more;
+        for p in &mut self.pairs[..self.active] {
+            let (d, m) = p.tx_round(
+                &self.ctx,
+                self.budget,
+                &mut self.used,
+                &mut self.batch,
+                &mut self.pool,
+                rearm,
+            );
+            did |= d;
+            more |= m;
+        }
+        let (d, m) = self.rx_round();
+        (did || d, more || m)
+    }
+
+    /// Adaptive polling: runs rounds without kicks until one finds work (returns
+    /// true) or the poll budget passes without any (false; kicks are re-armed by
+    /// the next `round(true)` before the worker sleeps). Backs off while the core
+    /// is shared ([`Poller`]).
+    fn poll(&mut self) -> bool {
+        let Some(mut session) = self.poller.start() else {
+            return false;
+        };
+        let mut found = false;
+        loop {
+            let (did, _) = self.round(false);
+            found |= did;
+            if did || !self.poller.keep_polling(&mut session, false) {
+                break;
+            }
+        }
+        self.poller.end(session);
+        found
     }
 
     /// Sleeps until a kick of an active queue, a frame for this port, or stop.
@@ -630,25 +701,34 @@ impl<M: DeviceMemory> Worker<M> {
         flow_hash(frame).map_or(0, |h| h as usize % self.active)
     }
 
-    /// Delivers up to a budget of inbox frames; returns whether more may wait.
-    fn rx_round(&mut self) -> bool {
+    /// Delivers up to a budget of inbox frames; returns whether it delivered any and
+    /// whether more may wait.
+    fn rx_round(&mut self) -> (bool, bool) {
         if self.starved.is_some() {
-            return false;
+            return (false, false);
         }
         let mut n = 0;
         while n < self.budget {
-            let Some(frame) = self.ctx.port.pop() else { break };
+            if self.inbox.is_empty() {
+                // Only once the port's inbox is empty too is there nothing left:
+                // its wake-up fired when it last went from empty to non-empty.
+                self.ctx.port.pop_batch(&mut self.inbox, self.budget - n);
+            }
+            let Some(frame) = self.inbox.pop_front() else {
+                break;
+            };
             n += 1;
             if !self.filter.accepts(&frame.data[..6]) {
                 self.shared.filtered.fetch_add(1, Ordering::Relaxed);
-                self.ctx.switch.recycle(frame.data);
+                self.pool.give(&self.ctx.switch, frame.data);
                 continue;
             }
             let s = self.steer(&frame.data);
-            match self.pairs[s].deliver(frame, &self.ctx, &mut self.used) {
+            match self.pairs[s].deliver(frame, &self.ctx, &mut self.used, &mut self.pool) {
                 Delivery::Done => {}
                 Delivery::Wait(frame) => {
-                    self.ctx.port.unpop(frame);
+                    // First in line once the guest posts buffers.
+                    self.inbox.push_front(frame);
                     self.starved = Some(s);
                     n -= 1;
                     break;
@@ -662,22 +742,32 @@ impl<M: DeviceMemory> Worker<M> {
                 }
             }
         }
-        n >= self.budget
+        (n > 0, n >= self.budget)
     }
 }
 
 impl<M: DeviceMemory> Pair<M> {
     /// Serves up to `budget` transmitted chains; returns whether more may wait.
-    fn tx_round(&mut self, ctx: &Ctx, budget: usize, used: &mut Vec<(u16, u32)>) -> bool {
+    fn tx_round(
+        &mut self,
+        ctx: &Ctx,
+        budget: usize,
+        used: &mut Vec<(u16, u32)>,
+        batch: &mut Batch,
+        pool: &mut LocalPool,
+        rearm: bool,
+    ) -> (bool, bool) {
         if self.tx_broken {
-            return false;
+            return (false, false);
         }
         self.tx.disable_notifications();
         let mut n = 0;
         while n < budget {
             match self.tx.pop() {
                 Ok(Some(chain)) => {
-                    self.transmit(ctx, &chain);
+                    if let Some(frame) = self.transmit(ctx, &chain, pool) {
+                        batch.push(frame);
+                    }
                     used.push((chain.head(), 0));
                     n += 1;
                 }
@@ -694,6 +784,10 @@ impl<M: DeviceMemory> Pair<M> {
                 }
             }
         }
+        let forwarded = batch.len();
+        ctx.switch.forward_batch(&ctx.port, batch);
+        // Counted once forwarded: a peer's counters are final when this one is.
+        ctx.port.count_tx_by(forwarded as u64);
         if !used.is_empty() {
             if let Err(error) = self.tx.add_used_batch(used.drain(..)) {
                 tracing::error!(%error, "returning transmit chains failed");
@@ -703,42 +797,47 @@ impl<M: DeviceMemory> Pair<M> {
             }
         }
         // Budget spent: keep kicks off and come back next round. Otherwise turn
-        // them on; chains that raced in are served without sleeping.
-        n >= budget || self.tx.enable_notifications()
+        // them on (unless polling); chains that raced in are served without sleeping.
+        (n > 0, n >= budget || (rearm && self.tx.enable_notifications()))
     }
 
-    /// Checks one transmitted chain and forwards its frame, or drops and counts it.
-    fn transmit(&mut self, ctx: &Ctx, chain: &Chain) {
+    /// Checks one transmitted chain and returns its frame for the switch, or drops
+    /// and counts it.
+    fn transmit(&mut self, ctx: &Ctx, chain: &Chain, pool: &mut LocalPool) -> Option<Frame> {
         let len = chain.readable_len() as usize;
         let Some(frame_len) = len.checked_sub(VirtioNetHdr::SIZE).filter(|&l| l >= ETH_HDR_LEN) else {
-            return ctx.port.count_drop(DropReason::Short);
+            ctx.port.count_drop(DropReason::Short);
+            return None;
         };
         // Checked on the descriptor lengths, before anything is read or allocated.
         if frame_len > ctx.max_frame {
-            return ctx.port.count_drop(DropReason::OverMtu);
+            ctx.port.count_drop(DropReason::OverMtu);
+            return None;
         }
         let mut r = chain.reader(self.tx.memory());
         let mut raw = [0u8; VirtioNetHdr::SIZE];
         if r.read_exact(&mut raw).is_err() {
-            return ctx.port.count_drop(DropReason::BadHeader);
+            ctx.port.count_drop(DropReason::BadHeader);
+            return None;
         }
         let hdr = VirtioNetHdr::read_from_bytes(&raw).unwrap_or_default();
         let csum = match check_tx_header(&hdr, frame_len, ctx.features) {
             Ok(c) => c,
             Err(error) => {
                 tracing::debug!(port = %ctx.port.id, %error, "transmit header refused");
-                return ctx.port.count_drop(DropReason::BadHeader);
+                ctx.port.count_drop(DropReason::BadHeader);
+                return None;
             }
         };
-        let mut data = ctx.switch.take_buf(frame_len);
+        // Every byte of `data` is overwritten by the read, or it goes back unread.
+        let mut data = pool.take(&ctx.switch, frame_len);
         if r.read_exact(&mut data).is_err() {
-            ctx.switch.recycle(data);
-            return ctx.port.count_drop(DropReason::BadHeader);
+            pool.give(&ctx.switch, data);
+            ctx.port.count_drop(DropReason::BadHeader);
+            return None;
         }
         let src = ctx.port.id.index();
-        ctx.switch.forward(&ctx.port, Frame { data, csum, src });
-        // Counted once forwarded: a peer's counters are final when this one is.
-        ctx.port.count_tx();
+        Some(Frame { data, csum, src })
     }
 
     /// The next receive chain, `None` if the ring is empty or unusable.
@@ -759,10 +858,16 @@ impl<M: DeviceMemory> Pair<M> {
         }
     }
 
-    fn deliver(&mut self, mut frame: Frame, ctx: &Ctx, used: &mut Vec<(u16, u32)>) -> Delivery {
+    fn deliver(
+        &mut self,
+        mut frame: Frame,
+        ctx: &Ctx,
+        used: &mut Vec<(u16, u32)>,
+        pool: &mut LocalPool,
+    ) -> Delivery {
         if self.rx_broken {
             ctx.port.count_drop(DropReason::NoRxBuffer);
-            ctx.switch.recycle(frame.data);
+            pool.give(&ctx.switch, frame.data);
             return Delivery::Done;
         }
         let need = (VirtioNetHdr::SIZE + frame.data.len()) as u64;
@@ -772,7 +877,7 @@ impl<M: DeviceMemory> Pair<M> {
         while self.held.is_empty() || (mrg && self.held_writable < need) {
             let Some(chain) = self.next_rx(ctx) else {
                 if self.rx_broken {
-                    return self.drop_held(frame, ctx, used);
+                    return self.drop_held(frame, ctx, used, pool);
                 }
                 return Delivery::Wait(frame);
             };
@@ -780,11 +885,11 @@ impl<M: DeviceMemory> Pair<M> {
             self.held.push(chain);
             if mrg && self.held_writable < need && self.held.len() >= usize::from(self.rx.size()) {
                 // Every buffer of the queue would not hold it.
-                return self.drop_held(frame, ctx, used);
+                return self.drop_held(frame, ctx, used, pool);
             }
         }
         if self.held_writable < need {
-            return self.drop_held(frame, ctx, used);
+            return self.drop_held(frame, ctx, used, pool);
         }
         let mut hdr = VirtioNetHdr::rx(u16::try_from(self.held.len()).unwrap_or(u16::MAX));
         if let Some(at) = frame.csum {
@@ -838,15 +943,21 @@ impl<M: DeviceMemory> Pair<M> {
         } else {
             ctx.port.count_rx();
         }
-        ctx.switch.recycle(frame.data);
+        pool.give(&ctx.switch, frame.data);
         Delivery::Done
     }
 
     /// Drops `frame` (the guest's buffers cannot take it) and returns the gathered
     /// chains unused (length 0).
-    fn drop_held(&mut self, frame: Frame, ctx: &Ctx, used: &mut Vec<(u16, u32)>) -> Delivery {
+    fn drop_held(
+        &mut self,
+        frame: Frame,
+        ctx: &Ctx,
+        used: &mut Vec<(u16, u32)>,
+        pool: &mut LocalPool,
+    ) -> Delivery {
         ctx.port.count_drop(DropReason::NoRxBuffer);
-        ctx.switch.recycle(frame.data);
+        pool.give(&ctx.switch, frame.data);
         self.return_held(used);
         Delivery::Done
     }

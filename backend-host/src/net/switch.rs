@@ -167,16 +167,6 @@ impl Inbox {
         }
         None
     }
-
-    /// Puts back a frame that could not be delivered yet, keeping its turn.
-    fn unpop(&mut self, f: Frame) {
-        let src = f.src;
-        if let Some(q) = self.per_source.get_mut(src) {
-            q.push_front(f);
-            self.len += 1;
-            self.next = src;
-        }
-    }
 }
 
 /// One port: its counters, its inbox and the eventfd that wakes its worker.
@@ -202,7 +192,11 @@ impl Port {
     }
 
     pub(crate) fn count_tx(&self) {
-        self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+        self.count_tx_by(1);
+    }
+
+    pub(crate) fn count_tx_by(&self, n: u64) {
+        self.counters.tx_frames.fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn count_rx(&self) {
@@ -218,9 +212,15 @@ impl Port {
         lock(&self.inbox).pop()
     }
 
-    /// Gives back a frame [`Self::pop`] returned, to be delivered first next time.
-    pub(crate) fn unpop(&self, f: Frame) {
-        lock(&self.inbox).unpop(f);
+    /// Moves up to `n` frames, round robin over sources, into `out` under one lock.
+    pub(crate) fn pop_batch(&self, out: &mut VecDeque<Frame>, n: usize) {
+        let mut inbox = lock(&self.inbox);
+        for _ in 0..n {
+            match inbox.pop() {
+                Some(f) => out.push_back(f),
+                None => break,
+            }
+        }
     }
 
     /// Empties the inbox (the device was reset), returning the buffers.
@@ -316,11 +316,11 @@ impl Switch {
         port.clear(self);
     }
 
-    /// A buffer for a frame of `len` bytes (reused when possible).
+    /// A buffer of `len` bytes for a frame (reused when possible). Its bytes are
+    /// stale: the caller overwrites all of them or recycles the buffer unread.
     pub(crate) fn take_buf(&self, len: usize) -> Vec<u8> {
         let mut v = lock(&self.pool).pop().unwrap_or_default();
-        v.clear();
-        v.resize(len, 0);
+        fit(&mut v, len);
         v
     }
 
@@ -332,89 +332,240 @@ impl Switch {
         }
     }
 
+    /// Moves up to `n` pooled buffers into `into` under one lock.
+    fn take_bufs(&self, into: &mut Vec<Vec<u8>>, n: usize) {
+        let mut pool = lock(&self.pool);
+        let k = pool.len().saturating_sub(n);
+        into.extend(pool.drain(k..));
+    }
+
+    /// Returns the buffers of `from` for reuse under one lock.
+    fn recycle_all(&self, from: &mut Vec<Vec<u8>>) {
+        let mut pool = lock(&self.pool);
+        let room = POOL_MAX.saturating_sub(pool.len()).min(from.len());
+        pool.extend(from.drain(..room));
+        from.clear();
+    }
+
     /// Switches a frame that `src`'s guest transmitted (at least an Ethernet header,
     /// checked by the caller).
     pub(crate) fn forward(&self, src: &Port, frame: Frame) {
-        let dst_mac: [u8; 6] = frame.data[0..6].try_into().unwrap_or([0xff; 6]);
-        let src_mac: [u8; 6] = frame.data[6..12].try_into().unwrap_or([0xff; 6]);
-        let dst = {
+        let mut batch = Batch::default();
+        batch.push(frame);
+        self.forward_batch(src, &mut batch);
+    }
+
+    /// Switches every frame of `batch` (in order), leaving it empty: the MAC table
+    /// is locked once for the batch, and a run of frames to one port is queued
+    /// under one inbox lock with at most one wake-up.
+    pub(crate) fn forward_batch(&self, src: &Port, batch: &mut Batch) {
+        if batch.frames.is_empty() {
+            return;
+        }
+        batch.dsts.clear();
+        {
             let mut table = lock(&self.table);
-            // Learn only unicast sources: a group address is never a station.
-            if src_mac[0] & 1 == 0 {
-                table.insert(src_mac, src.id.0);
+            let mut learnt = None;
+            for f in &batch.frames {
+                let dst_mac: [u8; 6] = f.data[0..6].try_into().unwrap_or([0xff; 6]);
+                let src_mac: [u8; 6] = f.data[6..12].try_into().unwrap_or([0xff; 6]);
+                // Learn only unicast sources: a group address is never a station.
+                if src_mac[0] & 1 == 0 && learnt != Some(src_mac) {
+                    table.insert(src_mac, src.id.0);
+                    learnt = Some(src_mac);
+                }
+                let dst = if dst_mac[0] & 1 == 0 {
+                    table.get(&dst_mac).copied()
+                } else {
+                    None
+                };
+                batch.dsts.push(dst);
             }
-            if dst_mac[0] & 1 == 0 {
-                table.get(&dst_mac).copied()
-            } else {
-                None
-            }
-        };
+        }
         let ports = self.ports.read().unwrap_or_else(PoisonError::into_inner);
-        match dst {
-            Some(d) if d == src.id.0 => self.recycle(frame.data),
-            Some(d) => {
-                self.unicast.fetch_add(1, Ordering::Relaxed);
-                match ports.get(d).and_then(Option::as_ref) {
-                    Some(p) => self.push(p, frame),
-                    None => self.recycle(frame.data),
-                }
-            }
-            None => {
-                self.flooded.fetch_add(1, Ordering::Relaxed);
-                // Every other port gets a copy but the last, which gets the frame.
-                let others = || ports.iter().flatten().filter(|p| p.id != src.id);
-                let n = others().count();
-                let mut frame = Some(frame);
-                for (k, p) in others().enumerate() {
-                    let Some(f) = frame.as_ref() else { break };
-                    if k + 1 == n {
-                        if let Some(f) = frame.take() {
-                            self.push(p, f);
+        let mut frames = batch.frames.drain(..).zip(batch.dsts.drain(..)).peekable();
+        while let Some((frame, dst)) = frames.next() {
+            match dst {
+                Some(d) if d == src.id.0 => self.recycle(frame.data),
+                Some(d) => {
+                    // This frame and the ones right after it for the same port. Each
+                    // is counted before it is queued: once a receiver has a frame,
+                    // the counters include it.
+                    let target = ports.get(d).and_then(Option::as_ref);
+                    let mut inbox = target.map(|p| (p, Run::start(p)));
+                    let mut queue = |f: Frame| {
+                        self.unicast.fetch_add(1, Ordering::Relaxed);
+                        match &mut inbox {
+                            Some((p, r)) => r.push(self, p, f),
+                            None => self.recycle(f.data),
                         }
-                        break;
+                    };
+                    queue(frame);
+                    while let Some((f, _)) = frames.next_if(|(_, next)| *next == Some(d)) {
+                        queue(f);
                     }
-                    let mut copy = self.take_buf(f.data.len());
-                    copy.copy_from_slice(&f.data);
-                    let (csum, src) = (f.csum, f.src);
-                    self.push(
-                        p,
-                        Frame {
-                            data: copy,
-                            csum,
-                            src,
-                        },
-                    );
+                    if let Some((p, r)) = inbox {
+                        r.finish(p);
+                    }
                 }
-                if let Some(f) = frame {
-                    self.recycle(f.data);
-                }
+                None => self.flood(&ports, src, frame),
             }
+        }
+    }
+
+    /// Sends a copy of `frame` to every port but `src` (the last gets the frame).
+    fn flood(&self, ports: &[Option<Arc<Port>>], src: &Port, frame: Frame) {
+        self.flooded.fetch_add(1, Ordering::Relaxed);
+        let others = || ports.iter().flatten().filter(|p| p.id != src.id);
+        let n = others().count();
+        let mut frame = Some(frame);
+        for (k, p) in others().enumerate() {
+            let Some(f) = frame.as_ref() else { break };
+            if k + 1 == n {
+                if let Some(f) = frame.take() {
+                    self.push(p, f);
+                }
+                break;
+            }
+            let mut copy = self.take_buf(f.data.len());
+            copy.copy_from_slice(&f.data);
+            let (csum, src) = (f.csum, f.src);
+            self.push(
+                p,
+                Frame {
+                    data: copy,
+                    csum,
+                    src,
+                },
+            );
+        }
+        if let Some(f) = frame {
+            self.recycle(f.data);
         }
     }
 
     /// Queues `frame` for `dst`'s worker, or drops it.
     fn push(&self, dst: &Port, frame: Frame) {
+        let mut run = Run::start(dst);
+        run.push(self, dst, frame);
+        run.finish(dst);
+    }
+}
+
+/// Frames a worker collected in one round, for [`Switch::forward_batch`].
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    frames: Vec<Frame>,
+    dsts: Vec<Option<usize>>,
+}
+
+impl Batch {
+    /// Adds a frame.
+    pub(crate) fn push(&mut self, frame: Frame) {
+        self.frames.push(frame);
+    }
+
+    /// Frames in the batch.
+    pub(crate) fn len(&self) -> usize {
+        self.frames.len()
+    }
+}
+
+/// Frames queued into one port's inbox under one lock.
+struct Run<'a> {
+    inbox: Option<MutexGuard<'a, Inbox>>,
+    was_empty: bool,
+}
+
+impl<'a> Run<'a> {
+    /// Locks `dst`'s inbox, unless the port is stopped (its frames are dropped).
+    fn start(dst: &'a Port) -> Run<'a> {
         if !dst.active.load(Ordering::Acquire) {
-            dst.count_drop(DropReason::NoRxBuffer);
-            return self.recycle(frame.data);
+            return Run {
+                inbox: None,
+                was_empty: false,
+            };
         }
-        let mut inbox = lock(&dst.inbox);
+        let inbox = lock(&dst.inbox);
+        let was_empty = inbox.len == 0;
+        Run {
+            inbox: Some(inbox),
+            was_empty,
+        }
+    }
+
+    fn push(&mut self, switch: &Switch, dst: &Port, frame: Frame) {
+        let Some(inbox) = self.inbox.as_mut() else {
+            dst.count_drop(DropReason::NoRxBuffer);
+            return switch.recycle(frame.data);
+        };
         if inbox.per_source.len() <= frame.src {
             inbox.per_source.resize_with(frame.src + 1, VecDeque::new);
         }
         let q = &mut inbox.per_source[frame.src];
-        if q.len() >= self.cfg.backlog {
-            drop(inbox);
+        if q.len() >= switch.cfg.backlog {
             dst.count_drop(DropReason::BacklogFull);
-            return self.recycle(frame.data);
+            return switch.recycle(frame.data);
         }
         q.push_back(frame);
         inbox.len += 1;
-        let was_empty = inbox.len == 1;
+    }
+
+    /// Unlocks, and wakes the port's worker if its inbox was empty and is not.
+    fn finish(self, dst: &Port) {
+        let Some(inbox) = self.inbox else { return };
+        let wake = self.was_empty && inbox.len > 0;
         drop(inbox);
-        if was_empty && let Err(error) = dst.wake.notify() {
+        if wake && let Err(error) = dst.wake.notify() {
             tracing::error!(%error, port = %dst.id, "cannot wake a switch port");
         }
+    }
+}
+
+/// A worker's own stock of frame buffers, refilled from and returned to the
+/// switch's pool in batches, so the pool's lock is taken once per batch rather
+/// than per frame.
+#[derive(Debug, Default)]
+pub(crate) struct LocalPool {
+    bufs: Vec<Vec<u8>>,
+}
+
+/// Buffers a [`LocalPool`] moves per refill, and keeps before it returns some.
+const LOCAL_BATCH: usize = 32;
+
+impl LocalPool {
+    /// A buffer of `len` bytes, stale like [`Switch::take_buf`]'s.
+    pub(crate) fn take(&mut self, switch: &Switch, len: usize) -> Vec<u8> {
+        if self.bufs.is_empty() {
+            switch.take_bufs(&mut self.bufs, LOCAL_BATCH);
+        }
+        let mut v = self.bufs.pop().unwrap_or_default();
+        fit(&mut v, len);
+        v
+    }
+
+    /// Keeps a buffer for reuse.
+    pub(crate) fn give(&mut self, switch: &Switch, v: Vec<u8>) {
+        self.bufs.push(v);
+        if self.bufs.len() >= 2 * LOCAL_BATCH {
+            let mut extra = self.bufs.split_off(LOCAL_BATCH);
+            switch.recycle_all(&mut extra);
+        }
+    }
+
+    /// Returns every buffer to the switch.
+    pub(crate) fn flush(&mut self, switch: &Switch) {
+        switch.recycle_all(&mut self.bufs);
+    }
+}
+
+/// Makes `v` exactly `len` bytes long, zero-filling only bytes it never had: the
+/// rest are stale frame bytes, which every user overwrites before reading.
+fn fit(v: &mut Vec<u8>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0);
+    } else {
+        v.truncate(len);
     }
 }
 

@@ -158,6 +158,9 @@ enum Command {
         /// Skip the veth peer.
         #[arg(long)]
         no_veth: bool,
+        /// Device adaptive-polling budget in microseconds (0 sleeps at once).
+        #[arg(long, default_value_t = 50)]
+        poll_us: u64,
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -211,6 +214,7 @@ fn main() -> std::process::ExitCode {
             queue_size,
             rx_buf_len,
             no_veth,
+            poll_us,
             json,
         } => {
             if !(0.01..=600.0).contains(&secs) || virtio_core::ring::SplitLayout::new(queue_size).is_none() {
@@ -225,6 +229,7 @@ fn main() -> std::process::ExitCode {
                 queue_size,
                 rx_buf_len,
                 veth: !no_veth,
+                device_poll: Duration::from_micros(poll_us),
                 ..NetBenchConfig::full()
             };
             match net_bench::run(&cfg) {

@@ -142,6 +142,7 @@ where
     let settings = NetSettings {
         mtu: mtu_for(len),
         queue_size: cfg.queue_size,
+        poll: cfg.device_poll,
         ..NetSettings::default()
     };
     let opts = NetOptions {
