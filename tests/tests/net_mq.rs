@@ -446,6 +446,11 @@ fn receive_modes_and_mac_address() {
     b.nic.set_mac(new).unwrap();
     assert_eq!(b.nic.mac(), Some(new));
     assert_eq!(b.t.with_handler(|d| d.mac()), new);
+    assert_eq!(
+        config_mac(&*b.t),
+        new,
+        "the configuration space follows (§5.1.6.5.2)"
+    );
     a.nic.send(&frame(b.mac, 5)).unwrap();
     a.nic.send(&frame(new, 6)).unwrap();
     assert_eq!(b.recv(1)[0].1, frame(new, 6));
@@ -634,6 +639,7 @@ fn reset_with_all_queues_active_then_new_session() {
     let (t, domain, port) = sender;
     assert_eq!(t.with_handler(|d| d.active_pairs()), 0);
     assert_eq!(t.with_handler(|d| d.mac()), original, "MAC_ADDR_SET undone");
+    assert_eq!(config_mac(&*t), original, "in the configuration space too");
     let written = sw.stats(port).unwrap().rx_frames;
     for i in 0..20 {
         a.nic.send(&udp(BROADCAST, a.mac, i, i.into(), false)).unwrap();
@@ -782,4 +788,16 @@ fn driver_types_control_failures() {
     ));
     device.join().unwrap();
     assert_eq!(nic.broken(), None);
+}
+
+/// The `mac` field of a device's configuration space, read as a driver does.
+fn config_mac(t: &impl virtio_core::lifecycle::ControlPlane) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    virtio_core::lifecycle::read_config(
+        t,
+        std::mem::offset_of!(virtio_core::net::NetConfig, mac),
+        &mut mac,
+    )
+    .unwrap();
+    mac
 }

@@ -95,6 +95,16 @@ pub trait DeviceHandler: Send {
         let _ = (features, offset, data);
         false
     }
+
+    /// Reports the configuration-space changes the device made on its own since it
+    /// was last asked (virtio-net's MAC after MAC_ADDR_SET, for example), one
+    /// `update(offset, bytes)` call each. The transport asks before every driver
+    /// read of the configuration space, so a change the device recorded before it
+    /// acknowledged a command is visible to a driver that saw the acknowledgement
+    /// (§5.1.6.5.2). The default reports nothing.
+    fn config_changes(&mut self, update: &mut dyn FnMut(usize, &[u8])) {
+        let _ = update;
+    }
 }
 
 /// A transport that connects a driver to a [`DeviceHandler`] in the same process.
@@ -158,6 +168,23 @@ impl<H: DeviceHandler> InProcessTransport<H> {
     fn lock(&self) -> MutexGuard<'_, State<H>> {
         // Every path leaves the state consistent before anything could panic.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The state, with the configuration changes the device made on its own
+    /// applied (each bumps the generation).
+    fn config_synced(&self) -> MutexGuard<'_, State<H>>
+    where
+        H: DeviceHandler,
+    {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let lifecycle = &mut st.lifecycle;
+        st.handler.config_changes(&mut |offset, bytes| {
+            if let Err(error) = lifecycle.update_config(offset, bytes) {
+                tracing::warn!(%error, offset, "device config change does not fit the config space");
+            }
+        });
+        guard
     }
 
     fn activate(&self, st: &mut State<H>) {
@@ -247,11 +274,11 @@ impl<H: DeviceHandler> ControlPlane for InProcessTransport<H> {
     }
 
     fn config_generation(&self) -> u32 {
-        self.lock().lifecycle.config().generation()
+        self.config_synced().lifecycle.config().generation()
     }
 
     fn read_config(&self, offset: usize, buf: &mut [u8]) {
-        if self.lock().lifecycle.config().read(offset, buf).is_err() {
+        if self.config_synced().lifecycle.config().read(offset, buf).is_err() {
             buf.fill(0);
         }
     }

@@ -50,9 +50,10 @@
 //! - MAC_ADDR_SET (CTRL_MAC_ADDR): the address the filter accepts and
 //!   [`NetDevice::mac`] reports; a group address is refused. The switch learns
 //!   the new address from the guest's next frame. The configuration space's `mac`
-//!   is **not** updated: a [`DeviceHandler`] has no way to reach the transport's
-//!   configuration space (see the crate's open items); after a reset the device
-//!   goes back to its configured address.
+//!   follows (§5.1.6.5.2): the transport applies the change, through
+//!   [`DeviceHandler::config_changes`], before the driver's next configuration
+//!   read. After a reset the device goes back to its configured address, in the
+//!   configuration space too.
 //! - VQ_PAIRS_SET (MQ): the active pairs, as above.
 //!
 //! # Frames
@@ -183,6 +184,8 @@ pub struct NetDevice<V: DeviceModel> {
     switch: Arc<Switch>,
     port: Arc<Port>,
     mac: [u8; 6],
+    /// The MAC the configuration space holds (the transport applied it).
+    config_mac: [u8; 6],
     settings: NetSettings,
     shared: Arc<Shared>,
     running: Option<Running>,
@@ -218,6 +221,7 @@ where
             switch: switch.clone(),
             port,
             mac,
+            config_mac: mac,
             settings,
             shared: Arc::new(Shared {
                 mac: Mutex::new(mac),
@@ -466,6 +470,14 @@ where
 
     fn reset(&mut self) {
         self.stop();
+    }
+
+    fn config_changes(&mut self, update: &mut dyn FnMut(usize, &[u8])) {
+        let mac = self.mac();
+        if mac != self.config_mac {
+            update(std::mem::offset_of!(NetConfig, mac), &mac);
+            self.config_mac = mac;
+        }
     }
 }
 

@@ -11,9 +11,7 @@
 //!   on a switch port, its frames moved both ways by a worker thread, bounded and
 //!   never blocking the switch.
 //!
-//! Not done yet: segmentation offloads (also on the TAP port: no `IFF_VNET_HDR`);
-//! MAC_ADDR_SET is acknowledged and used for filtering but not yet written back to
-//! the configuration space (the transport has no device-side config update yet).
+//! Not done yet: segmentation offloads (also on the TAP port: no `IFF_VNET_HDR`).
 
 pub mod device;
 pub mod switch;
