@@ -498,12 +498,15 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         frame: &[u8],
         timeout: Option<Duration>,
     ) -> Result<(), NetError> {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        // The clock is read only once the queue is found full: most sends find room.
+        let mut deadline = None;
         loop {
             match self.send_on(pair, frame) {
                 Err(NetError::QueueFull) => {}
                 other => return other,
             }
+            let deadline =
+                *deadline.get_or_insert_with(|| timeout.and_then(|t| Instant::now().checked_add(t)));
             let slice = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {
                     Some(r) if !r.is_zero() => r.min(WAIT_SLICE),

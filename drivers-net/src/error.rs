@@ -44,7 +44,9 @@ pub enum NetError {
         max: usize,
     },
     /// Every slot of the queue (transmit, or control: commands that timed out
-    /// and were not returned yet) is in flight; retry after the device used some.
+    /// and were not returned yet) is in flight, or the sharing model's room for
+    /// buffers (a bounce area, grant entries) is taken by frames in flight; retry
+    /// after the device used some.
     #[error("queue is full")]
     QueueFull,
     /// A partial checksum asked for without CSUM negotiated, or a checksum field

@@ -10,7 +10,7 @@
 use crate::error::{Broken, NetError};
 use hypervisor::GuestMemory;
 use virtio_core::ring::split::{AddError, SplitDriver};
-use virtio_core::{DriverShare, GuestBuf};
+use virtio_core::{DriverShare, GuestBuf, ShareError};
 
 pub(crate) struct TxQueue<S: DriverShare> {
     pub(crate) ring: SplitDriver<S, u16>,
@@ -96,7 +96,11 @@ impl<S: DriverShare> TxQueue<S> {
         // `off` is at most `slot_len` (checked by the caller), a u32.
         let len = u32::try_from(off).unwrap_or(self.slot_len);
         if let Err(r) = self.ring.add(&[GuestBuf::new(at, len)], &[], slot) {
+            let in_flight = self.free.len() < usize::from(self.ring.size());
             return Err(match r.error {
+                // The model's room (a bounce area, grant entries) comes back with
+                // the frames in flight: a full queue by another name.
+                AddError::Share(ShareError::Exhausted(_)) if in_flight => NetError::QueueFull,
                 AddError::Share(e) => NetError::Share(e),
                 AddError::NoSpace { .. } => NetError::QueueFull,
                 _ => self.fail(Broken::Earlier),

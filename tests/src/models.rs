@@ -17,9 +17,16 @@ fn guest(hv: &Arc<Hypervisor>, name: &str) -> Arc<Domain> {
 /// Model 1: rings and a bounce area in one shared region.
 pub fn shared_page()
 -> Fixture<transport_shared_page::SharedPageDriver, transport_shared_page::SharedPageDevice> {
+    shared_page_with(SharedPageConfig::default())
+}
+
+/// Model 1 with a region laid out by `cfg` (queue count, bounce space).
+pub fn shared_page_with(
+    cfg: SharedPageConfig,
+) -> Fixture<transport_shared_page::SharedPageDriver, transport_shared_page::SharedPageDevice> {
     let hv = Hypervisor::new();
     let guest = guest(&hv, "shared-page");
-    let (driver, device) = transport_shared_page::pair(&guest, SharedPageConfig::default()).expect("model 1");
+    let (driver, device) = transport_shared_page::pair(&guest, cfg).expect("model 1");
     Fixture {
         guest,
         driver,

@@ -240,6 +240,35 @@ fn loopback_between_hypervisor_copy_and_direct() {
     pair(models::hypervisor_copy(), models::direct());
 }
 
+/// A model-1 guest whose bounce area holds fewer frames than its transmit queue:
+/// a blocking send waits for the room to come back, as for a full queue, instead
+/// of failing.
+#[test]
+fn a_full_bounce_area_is_waited_out_like_a_full_queue() {
+    let sw = Switch::new(SwitchConfig::default());
+    let small = transport_shared_page::SharedPageConfig {
+        bounce_bytes_per_queue: 128 << 10,
+        ..transport_shared_page::SharedPageConfig::default()
+    };
+    // 256 receive buffers of 256 bytes fill half of A's receive bounce area.
+    let opts = NetOptions {
+        rx_buf_len: Some(256),
+        ..NetOptions::default()
+    };
+    let a = plug(models::shared_page_with(small), &sw, NetSettings::default(), opts);
+    let b = plug_default(models::direct(), &sw);
+    b.send(&frame(BROADCAST, b.mac, 0, 60));
+    a.recv(1);
+    // 300 MTU frames: about 64 fit in A's transmit bounce area at once, against 256
+    // transmit slots; B's 256 receive buffers and backlog of 256 hold them all.
+    let sent: Vec<Vec<u8>> = (0..300).map(|i| frame(b.mac, a.mac, i, 1514)).collect();
+    for f in &sent {
+        a.send(f);
+    }
+    assert!(b.recv(300) == sent);
+    assert_eq!(b.stats().drops.total(), 0);
+}
+
 /// The same exchange with both devices polling adaptively (kicks off while they
 /// poll, re-armed before they sleep), with and without EVENT_IDX (without it,
 /// "kicks off" is a flag the device must clear again): nothing is lost or stranded,
