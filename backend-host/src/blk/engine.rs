@@ -129,3 +129,70 @@ pub trait Engine: Send {
     /// Ops submitted and not yet reaped.
     fn in_flight(&self) -> usize;
 }
+
+/// What an engine wrapper remembers per op it passed down, under the tag it gave
+/// the inner engine: a slab whose freed tags are reused, so tags stay small and the
+/// table does not grow past the ops in flight.
+#[derive(Debug)]
+pub struct Tags<T> {
+    entries: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Default for Tags<T> {
+    fn default() -> Self {
+        Tags {
+            entries: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T> Tags<T> {
+    /// Stores `t`; returns its tag.
+    pub fn insert(&mut self, t: T) -> u64 {
+        let idx = match self.free.pop() {
+            Some(idx) => {
+                self.entries[idx] = Some(t);
+                idx
+            }
+            None => {
+                self.entries.push(Some(t));
+                self.entries.len() - 1
+            }
+        };
+        idx as u64
+    }
+
+    /// The entry under `tag`, if there is one.
+    pub fn get_mut(&mut self, tag: u64) -> Option<&mut T> {
+        let idx = usize::try_from(tag).ok()?;
+        self.entries.get_mut(idx)?.as_mut()
+    }
+
+    /// Takes the entry under `tag` out, freeing the tag.
+    pub fn take(&mut self, tag: u64) -> Option<T> {
+        let idx = usize::try_from(tag).ok()?;
+        let t = self.entries.get_mut(idx)?.take()?;
+        self.free.push(idx);
+        Some(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tags;
+
+    #[test]
+    fn tags_are_reused_and_unknown_tags_are_none() {
+        let mut t = Tags::default();
+        let (a, b) = (t.insert('a'), t.insert('b'));
+        assert_ne!(a, b);
+        assert_eq!(t.take(a), Some('a'));
+        assert_eq!(t.take(a), None, "taken once");
+        assert_eq!(t.insert('c'), a, "a freed tag is reused");
+        assert_eq!(t.get_mut(b), Some(&mut 'b'));
+        assert_eq!(t.get_mut(99), None);
+        assert_eq!(t.take(u64::MAX), None);
+    }
+}

@@ -33,7 +33,7 @@ use std::os::fd::BorrowedFd;
 
 use rustix::io::Errno;
 
-use super::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
+use super::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp, Tags};
 
 /// Resubmissions after an injected `EAGAIN` (the bound real engines use).
 pub const MAX_RETRIES: u32 = 8;
@@ -183,9 +183,8 @@ pub struct FaultEngine<E: Engine> {
     plan: FaultPlan,
     /// Ops of each [`OpClass`] submitted so far.
     counts: [u64; 5],
-    /// Indexed by the tag given to the inner engine.
-    tracked: Vec<Option<Tracked>>,
-    free: Vec<usize>,
+    /// Under the tag given to the inner engine.
+    tracked: Tags<Tracked>,
     /// Completions made without the inner engine.
     ready: Vec<Completion>,
     scratch: Vec<Completion>,
@@ -200,8 +199,7 @@ impl<E: Engine> FaultEngine<E> {
             inner,
             plan,
             counts: [0; 5],
-            tracked: Vec::new(),
-            free: Vec::new(),
+            tracked: Tags::default(),
             ready: Vec::new(),
             scratch: Vec::new(),
             stats: FaultStats::default(),
@@ -233,28 +231,17 @@ impl<E: Engine> FaultEngine<E> {
     }
 
     fn track(&mut self, t: Tracked) -> u64 {
-        let idx = match self.free.pop() {
-            Some(idx) => {
-                self.tracked[idx] = Some(t);
-                idx
-            }
-            None => {
-                self.tracked.push(Some(t));
-                self.tracked.len() - 1
-            }
-        };
-        idx as u64
+        self.tracked.insert(t)
     }
 
     /// Turns an inner completion into the caller's, or resubmits it (`Err` hands the
     /// op back for resubmission).
     fn finish(&mut self, c: Completion) -> Result<Completion, IoOp> {
-        let Some(idx) = usize::try_from(c.user).ok().filter(|&i| i < self.tracked.len()) else {
-            tracing::error!(user = c.user, "completion for an op the fault wrapper never sent");
-            return Ok(c);
-        };
-        let Some(t) = self.tracked[idx].as_mut() else {
-            tracing::error!(user = c.user, "second completion for one op");
+        let Some(t) = self.tracked.get_mut(c.user) else {
+            tracing::error!(
+                user = c.user,
+                "completion for no op the fault wrapper has in flight"
+            );
             return Ok(c);
         };
         if let Some(Fault::Eagain { times }) = t.fault {
@@ -273,10 +260,9 @@ impl<E: Engine> FaultEngine<E> {
                 }
             }
         }
-        let Some(t) = self.tracked[idx].take() else {
+        let Some(t) = self.tracked.take(c.user) else {
             return Ok(c);
         };
-        self.free.push(idx);
         let Completion { result, mut buf, .. } = c;
         let result = match t.fault {
             None | Some(Fault::Fail(_)) => result,

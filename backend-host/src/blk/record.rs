@@ -34,7 +34,7 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::engine::{Completion, Engine, IoKind, IoOp};
+use super::engine::{Completion, Engine, IoKind, IoOp, Tags};
 
 /// An op as it was submitted to the disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,8 +188,7 @@ pub struct RecordingEngine<E: Engine> {
     inner: E,
     recorder: Arc<Recorder>,
     /// Indexed by the tag given to the inner engine.
-    tracked: Vec<Option<Tracked>>,
-    free: Vec<usize>,
+    tracked: Tags<Tracked>,
     scratch: Vec<Completion>,
 }
 
@@ -199,8 +198,7 @@ impl<E: Engine> RecordingEngine<E> {
         RecordingEngine {
             inner,
             recorder,
-            tracked: Vec::new(),
-            free: Vec::new(),
+            tracked: Tags::default(),
             scratch: Vec::new(),
         }
     }
@@ -216,17 +214,7 @@ impl<E: Engine> RecordingEngine<E> {
     }
 
     fn track(&mut self, t: Tracked) -> u64 {
-        let idx = match self.free.pop() {
-            Some(idx) => {
-                self.tracked[idx] = Some(t);
-                idx
-            }
-            None => {
-                self.tracked.push(Some(t));
-                self.tracked.len() - 1
-            }
-        };
-        idx as u64
+        self.tracked.insert(t)
     }
 }
 
@@ -270,14 +258,10 @@ impl<E: Engine> Engine for RecordingEngine<E> {
         self.inner.reap(&mut scratch);
         let mut n = 0;
         for c in scratch.drain(..) {
-            let idx = usize::try_from(c.user).ok().filter(|&i| i < self.tracked.len());
-            let Some(t) = idx.and_then(|i| self.tracked[i].take()) else {
+            let Some(t) = self.tracked.take(c.user) else {
                 tracing::error!(user = c.user, "completion for an op the recorder never sent");
                 continue;
             };
-            if let Some(i) = idx {
-                self.free.push(i);
-            }
             if let Some(op) = t.op {
                 self.recorder.completed(op, &c.result);
             }

@@ -7,8 +7,8 @@
 //! | mutant | lie |
 //! |---|---|
 //! | [`MutantKind::FlushIgnored`] | FLUSH completes at once and never reaches the file |
-//! | [`MutantKind::EarlyFlush`] | FLUSH completes at once; the `fdatasync` runs later, its completion swallowed |
-//! | [`MutantKind::EarlyWriteAck`] | a write completes at once; a copy of its buffer is written later |
+//! | [`MutantKind::EarlyFlush`] | FLUSH completes at once; the `fdatasync` is passed down with the next op, its completion swallowed |
+//! | [`MutantKind::EarlyWriteAck`] | a write completes at once; a copy of its buffer is passed down with the next op |
 //! | [`MutantKind::FsyncErrorSwallowed`] | a failed `fdatasync` is reported as success (with a [`FaultEngine`] below the recorder failing one) |
 //! | [`MutantKind::WritethroughNoDsync`] | writethrough writes lose `RWF_DSYNC` |
 //!
@@ -77,6 +77,11 @@ pub struct MutantEngine<E: Engine> {
     next_swallow: u64,
     /// Lies told so far.
     lies: u64,
+    /// The real op behind an early acknowledgement, passed down with the next op
+    /// the device submits: so the lie is always visible in the log (the guest has
+    /// its ack, and acts on it, before the op even reaches the file), whatever the
+    /// timing of the machine.
+    held: Option<IoOp>,
 }
 
 impl<E: Engine> MutantEngine<E> {
@@ -89,6 +94,7 @@ impl<E: Engine> MutantEngine<E> {
             scratch: Vec::new(),
             next_swallow: 0,
             lies: 0,
+            held: None,
         }
     }
 
@@ -118,12 +124,15 @@ impl<E: Engine> Engine for MutantEngine<E> {
     }
 
     fn submit(&mut self, mut op: IoOp) {
+        if let Some(held) = self.held.take() {
+            self.inner.submit(held);
+        }
         match (self.kind, op.kind) {
             (MutantKind::FlushIgnored, IoKind::Flush) => self.complete_now(op.user, Ok(0), op.buf),
             (MutantKind::EarlyFlush, IoKind::Flush) => {
                 self.complete_now(op.user, Ok(0), AlignedBuf::default());
                 let user = self.swallow_tag();
-                self.inner.submit(IoOp { user, ..op });
+                self.held = Some(IoOp { user, ..op });
             }
             (MutantKind::EarlyWriteAck, IoKind::Write { .. }) => {
                 // The device gets its buffer back now; the copy stays in flight.
@@ -133,7 +142,7 @@ impl<E: Engine> Engine for MutantEngine<E> {
                 let len = buf.len() as u64;
                 self.complete_now(user, Ok(len), buf);
                 let tag = self.swallow_tag();
-                self.inner.submit(IoOp {
+                self.held = Some(IoOp {
                     buf: copy,
                     user: tag,
                     ..op
