@@ -8,4 +8,5 @@ pub mod net_bench;
 pub mod peer;
 pub mod report;
 pub mod ring_bench;
+pub mod smol;
 pub mod vd_peer;

@@ -34,9 +34,10 @@
 //! [`Switch`]: backend_host::net::Switch
 
 mod ours;
+mod tcp;
 mod veth;
 
-pub use ours::stream_ours;
+pub use ours::{stream_ours, stream_tcp};
 pub use veth::{VethError, VethPair, stream_veth};
 
 use crate::report::{Cell, Table, median};
@@ -114,10 +115,9 @@ pub enum Workload {
     /// A one-way stream of Ethernet frames of this many bytes (UDP datagrams of the
     /// same frame length on the peer).
     Frames(usize),
-    /// TCP bulk transfer over smoltcp on our drivers (Gbit/s of payload), against
-    /// TCP over the veth pair. The row kind exists so the table takes it once the
-    /// smoltcp `phy::Device` of `drivers-net` (feature `smoltcp`) is measured;
-    /// [`run`] does not produce it yet.
+    /// A bulk TCP stream between two smoltcp guests over our drivers (Gbit/s of
+    /// payload; frames/s counts what the receiver's port took). No peer: the veth
+    /// pair moves UDP.
     TcpOverSmoltcp,
 }
 
@@ -153,6 +153,8 @@ pub struct NetBenchConfig {
     pub veth: bool,
     /// The devices' adaptive-polling budget ([`backend_host::net::NetSettings::poll`]).
     pub device_poll: Duration,
+    /// Also measure a TCP stream over smoltcp per model.
+    pub tcp: bool,
 }
 
 impl NetBenchConfig {
@@ -169,6 +171,7 @@ impl NetBenchConfig {
             rx_buf_len: None,
             veth: true,
             device_poll: Duration::from_micros(50),
+            tcp: true,
         }
     }
 
@@ -523,6 +526,25 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
         }
     }
     drop(pair);
+    if cfg.tcp {
+        for &model in &cfg.models {
+            let mut ours = Vec::new();
+            for rep in 1..=cfg.reps {
+                tracing::info!(
+                    "{}, TCP over smoltcp: repetition {rep}/{}",
+                    model.label(),
+                    cfg.reps
+                );
+                ours.push(stream_tcp(model, cfg)?);
+            }
+            rows.push(Row {
+                model,
+                workload: Workload::TcpOverSmoltcp,
+                ours,
+                peer: Err("no peer for TCP".into()),
+            });
+        }
+    }
     let mut notes = vec![
         format!(
             "ours: guest A -> switch -> guest B, both guests on the model; queues of {}, receive buffers of {} B (MRG_RXBUF), receive budget {}, switch backlog {} / budget {}, device polling {} us",

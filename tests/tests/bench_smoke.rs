@@ -37,8 +37,8 @@ fn net_bench_produces_every_row() {
         ..NetBenchConfig::full()
     };
     let table = net_bench::run(&cfg).unwrap();
-    assert_eq!(table.rows.len(), 2);
-    for (row, len) in table.rows.iter().zip(["60", "1,514"]) {
+    assert_eq!(table.rows.len(), 3);
+    for (row, len) in table.rows.iter().zip(["60", "1,514", "TCP over smoltcp"]) {
         assert!(matches!(&row[0], Cell::Text(m) if m == "2 direct"), "{row:?}");
         assert!(matches!(&row[1], Cell::Text(l) if l == len), "{row:?}");
         // Frames per second and Gbit/s of the stream that arrived.

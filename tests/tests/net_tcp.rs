@@ -1,6 +1,7 @@
 //! A real TCP/IP stack between two guests: each guest runs its own smoltcp
-//! [`Interface`] (10.0.0.1/24 and 10.0.0.2/24) over our virtio-net driver
-//! ([`NetPhy`]), and both devices are plugged into one learning switch. Over every
+//! interface (10.0.0.1/24 and 10.0.0.2/24) over our virtio-net driver
+//! (`drivers_net::NetPhy`, set up by `vio::smol`), and both devices are plugged
+//! into one learning switch. Over every
 //! sharing model and a mixed pair (direct <-> grant):
 //!
 //! - ARP resolution and ICMP echo: the first request waits for ARP (a broadcast the
@@ -12,31 +13,25 @@
 //! - no frame dropped anywhere (switch counters) and no driver error.
 //!
 //! Each guest runs its smoltcp loop on its own thread, sleeping in
-//! [`NetPhy::wait`] when it has nothing to do (one thread driving both guests would
+//! `NetPhy::wait` when it has nothing to do (one thread driving both guests would
 //! have to poll one of them). The bulk transfer is 64 MiB over every pair: the file
 //! takes 6-9 s in a debug build on 2 cores with other work running (12-15 s with
 //! two busy loops beside it), since smoltcp is optimized even in debug builds (root
 //! `Cargo.toml`).
 
-use backend_host::net::{NetDevice, NetSettings, PortId, Switch, SwitchConfig};
-use drivers_net::{NetDriver, NetOptions, NetPhy};
-use hypervisor::Domain;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use backend_host::net::{NetSettings, Switch, SwitchConfig};
+use smoltcp::iface::SocketSet;
 use smoltcp::socket::{icmp, tcp};
-use smoltcp::time::Instant as SmolInstant;
-use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpAddress, Ipv4Address};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vio::conformance::Fixture;
 use vio::models;
-use virtio_core::transport::InProcessTransport;
-use virtio_core::{DeviceModel, DriverModel, DriverShare};
+use vio::smol::{self, Dev, Drv, SmolGuest, both};
 
 /// Longest any phase may take.
 const TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest a loop sleeps without looking at its deadline and stop flag.
-const SLICE: Duration = Duration::from_millis(10);
 
 const IP_A: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
 const IP_B: Ipv4Address = Ipv4Address::new(10, 0, 0, 2);
@@ -58,101 +53,36 @@ const BULK_BYTES: u64 = 64 << 20;
 /// Request/response exchanges.
 const EXCHANGES: u32 = 10_000;
 
-/// A driver side a guest thread can own.
-trait Drv: DriverModel<Share: DriverShare<Token: Send> + Send> + Send {}
-impl<D: DriverModel<Share: DriverShare<Token: Send> + Send> + Send> Drv for D {}
-
-/// A device side that can serve from a worker thread.
-trait Dev: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static {}
-impl<V: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static> Dev for V {}
-
-/// One guest: its smoltcp interface and sockets over its driver, and its port.
-struct Host<D: Drv, V: Dev> {
-    phy: NetPhy<D, InProcessTransport<NetDevice<V>>>,
-    iface: Interface,
-    sockets: SocketSet<'static>,
-    port: PortId,
-    _domain: Arc<Domain>,
-}
+/// The test's guest: a [`SmolGuest`] whose steps fail the test after [`TIMEOUT`].
+type Host<D, V> = SmolGuest<D, V>;
 
 fn plug<D: Drv, V: Dev>(f: Fixture<D, V>, switch: &Arc<Switch>, ip: Ipv4Address) -> Host<D, V> {
-    let Fixture {
-        guest,
-        driver,
-        device,
-    } = f;
-    let dev = NetDevice::new(device, switch, NetSettings::default()).unwrap();
-    let port = dev.port();
-    let t = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
-    let irqs = (0..2)
-        .map(|i| t.interrupt(i).unwrap().try_clone().unwrap())
-        .collect();
-    let nic = NetDriver::new(t, driver, guest.memory().clone(), irqs, NetOptions::default()).unwrap();
-    let mut phy = NetPhy::new(nic);
-    let config = Config::new(phy.hardware_addr().expect("the device has a MAC"));
-    let mut iface = Interface::new(config, &mut phy, SmolInstant::now());
-    iface.update_ip_addrs(|a| a.push(IpCidr::new(IpAddress::Ipv4(ip), 24)).unwrap());
-    Host {
-        phy,
-        iface,
-        sockets: SocketSet::new(Vec::new()),
-        port,
-        _domain: guest,
-    }
+    smol::plug(f, switch, ip, NetSettings::default()).unwrap()
 }
 
-impl<D: Drv, V: Dev> Host<D, V> {
-    /// Polls the interface and calls `step` with the sockets until it returns
-    /// `true`, sleeping in [`NetPhy::wait`] between rounds; fails after
-    /// [`TIMEOUT`].
-    fn run(&mut self, what: &str, mut step: impl FnMut(&mut SocketSet<'static>) -> bool) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            self.iface
-                .poll(SmolInstant::now(), &mut self.phy, &mut self.sockets);
-            if step(&mut self.sockets) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{what}: timed out");
-            if let Err(e) = self.phy.wait(&mut self.iface, &self.sockets, Some(SLICE)) {
-                panic!("{what}: {e}");
-            }
+/// What the tests do with a guest beyond [`SmolGuest`]'s own calls.
+trait TestHost {
+    /// [`SmolGuest::run`] that fails the test when the step does not finish.
+    fn go(&mut self, what: &str, step: impl FnMut(&mut SocketSet<'static>) -> bool);
+    /// Keeps the interface running (answering ARP and pings, acknowledging) until
+    /// `stop` is set.
+    fn serve(&mut self, stop: &AtomicBool);
+    /// Asserts the clean-case invariants: no frame dropped on the switch, no
+    /// driver error.
+    fn assert_clean(&self, switch: &Switch);
+}
+
+impl<D: Drv, V: Dev> TestHost for Host<D, V> {
+    fn go(&mut self, what: &str, step: impl FnMut(&mut SocketSet<'static>) -> bool) {
+        if let Err(e) = self.run(what, TIMEOUT, step) {
+            panic!("{e}");
         }
     }
 
-    /// Keeps the interface running (answering ARP and pings, acknowledging) until
-    /// `stop` is set.
     fn serve(&mut self, stop: &AtomicBool) {
-        self.run("serving", |_| stop.load(Ordering::Acquire));
+        self.go("serving", |_| stop.load(Ordering::Acquire));
     }
 
-    fn tcp_socket(&mut self) -> SocketHandle {
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; TCP_BUF]),
-            tcp::SocketBuffer::new(vec![0; TCP_BUF]),
-        );
-        s.set_nagle_enabled(false);
-        self.sockets.add(s)
-    }
-
-    fn listen(&mut self, port: u16) -> SocketHandle {
-        let h = self.tcp_socket();
-        self.sockets.get_mut::<tcp::Socket>(h).listen(port).unwrap();
-        h
-    }
-
-    fn connect(&mut self, to: Ipv4Address, port: u16) -> SocketHandle {
-        let h = self.tcp_socket();
-        let cx = self.iface.context();
-        self.sockets
-            .get_mut::<tcp::Socket>(h)
-            .connect(cx, (IpAddress::Ipv4(to), port), 49152 + port)
-            .unwrap();
-        h
-    }
-
-    /// Asserts the clean-case invariants: no frame dropped on the switch, no
-    /// driver error.
     fn assert_clean(&self, switch: &Switch) {
         let st = switch.stats(self.port).unwrap();
         assert_eq!(st.drops.total(), 0, "{st:?}");
@@ -161,15 +91,6 @@ impl<D: Drv, V: Dev> Host<D, V> {
         let rx = self.phy.driver().rx_stats();
         assert_eq!(rx.bad_header + rx.oversized + rx.unused_buffers, 0, "{rx:?}");
     }
-}
-
-/// Runs `a` on this thread and `b` on another one; each returns when done.
-fn both<A: Send, B: Send>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
-    std::thread::scope(|s| {
-        let b = s.spawn(b);
-        let a = a();
-        (a, b.join().unwrap())
-    })
 }
 
 // ---- payload and checksum ----
@@ -289,7 +210,7 @@ where
         || {
             let (mut seq, mut sent) = (0u16, false);
             let csum = smoltcp::phy::ChecksumCapabilities::default();
-            a.run("ping", |sockets| {
+            a.go("ping", |sockets| {
                 let s = sockets.get_mut::<icmp::Socket>(h);
                 let payload = |seq: u16| seq.to_be_bytes().repeat(16);
                 if let Ok((bytes, from)) = s.recv() {
@@ -337,12 +258,12 @@ where
     D2: Drv,
     V2: Dev,
 {
-    let server = b.listen(BULK_PORT);
-    let client = a.connect(IP_B, BULK_PORT);
+    let server = b.listen(BULK_PORT, TCP_BUF).unwrap();
+    let client = a.connect(IP_B, BULK_PORT, TCP_BUF).unwrap();
     let ((sent, sent_hash), (got, got_hash)) = both(
         || {
             let (mut stream, mut hash, mut sent) = (Stream::new(0x5eed), Fnv::new(), 0u64);
-            a.run("bulk send", |sockets| {
+            a.go("bulk send", |sockets| {
                 let s = sockets.get_mut::<tcp::Socket>(client);
                 while sent < bytes && s.can_send() {
                     let n = s
@@ -367,7 +288,7 @@ where
         },
         || {
             let (mut hash, mut got) = (Fnv::new(), 0u64);
-            b.run("bulk receive", |sockets| {
+            b.go("bulk receive", |sockets| {
                 let s = sockets.get_mut::<tcp::Socket>(server);
                 while s.can_recv() {
                     got += s
@@ -405,14 +326,14 @@ where
     fn reply(x: u64) -> u64 {
         x.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17)
     }
-    let server = b.listen(RPC_PORT);
-    let client = a.connect(IP_B, RPC_PORT);
+    let server = b.listen(RPC_PORT, TCP_BUF).unwrap();
+    let client = a.connect(IP_B, RPC_PORT, TCP_BUF).unwrap();
     let done = AtomicBool::new(false);
     let (answered, served) = both(
         || {
             let (mut i, mut waiting) = (0u32, false);
             let mut buf = Vec::with_capacity(8);
-            a.run("requests", |sockets| {
+            a.go("requests", |sockets| {
                 let s = sockets.get_mut::<tcp::Socket>(client);
                 if waiting && s.can_recv() {
                     s.recv(|d| {
@@ -443,7 +364,7 @@ where
         },
         || {
             let (mut req, mut served) = (Vec::with_capacity(8), 0u32);
-            b.run("replies", |sockets| {
+            b.go("replies", |sockets| {
                 let s = sockets.get_mut::<tcp::Socket>(server);
                 while s.can_recv() {
                     s.recv(|d| {

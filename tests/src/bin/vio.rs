@@ -158,6 +158,9 @@ enum Command {
         /// Skip the veth peer.
         #[arg(long)]
         no_veth: bool,
+        /// Skip the TCP-over-smoltcp rows.
+        #[arg(long)]
+        no_tcp: bool,
         /// Device adaptive-polling budget in microseconds (0 sleeps at once).
         #[arg(long, default_value_t = 50)]
         poll_us: u64,
@@ -214,6 +217,7 @@ fn main() -> std::process::ExitCode {
             queue_size,
             rx_buf_len,
             no_veth,
+            no_tcp,
             poll_us,
             json,
         } => {
@@ -229,6 +233,7 @@ fn main() -> std::process::ExitCode {
                 queue_size,
                 rx_buf_len,
                 veth: !no_veth,
+                tcp: !no_tcp,
                 device_poll: Duration::from_micros(poll_us),
                 ..NetBenchConfig::full()
             };

@@ -2,8 +2,8 @@
 //! switch.
 
 use super::{
-    Counted, JUMBO_FRAME, Model, NetBenchConfig, NetBenchError, SMALL_FRAME, STOP_CHECK, Stream, Tid, tasks,
-    window, worker_tid,
+    Counted, JUMBO_FRAME, MTU_FRAME, Model, NetBenchConfig, NetBenchError, SMALL_FRAME, STOP_CHECK, Stream,
+    Tid, tasks, window, worker_tid,
 };
 use crate::conformance::Fixture;
 use crate::models;
@@ -122,6 +122,21 @@ pub fn stream_ours(model: Model, len: usize, cfg: &NetBenchConfig) -> Result<Str
         Model::Direct => stream_over(models::direct(), models::direct(), len, cfg),
         Model::HypervisorCopy => stream_over(models::hypervisor_copy(), models::hypervisor_copy(), len, cfg),
         Model::Grant => stream_over(models::grant(), models::grant(), len, cfg),
+    }
+}
+
+/// One run of the TCP row over `model`: a bulk TCP stream between two smoltcp
+/// guests.
+pub fn stream_tcp(model: Model, cfg: &NetBenchConfig) -> Result<Stream, NetBenchError> {
+    match model {
+        Model::SharedPage => {
+            super::tcp::stream_tcp(shared_page(MTU_FRAME, cfg)?, shared_page(MTU_FRAME, cfg)?, cfg)
+        }
+        Model::Direct => super::tcp::stream_tcp(models::direct(), models::direct(), cfg),
+        Model::HypervisorCopy => {
+            super::tcp::stream_tcp(models::hypervisor_copy(), models::hypervisor_copy(), cfg)
+        }
+        Model::Grant => super::tcp::stream_tcp(models::grant(), models::grant(), cfg),
     }
 }
 
