@@ -371,6 +371,7 @@ where
                 tx_irq: tx.interrupt,
                 held: Vec::new(),
                 held_writable: 0,
+                rx_used: Vec::new(),
                 rx_broken: false,
                 tx_broken: false,
             });
@@ -521,6 +522,9 @@ struct Pair<M> {
     /// Receive chains gathered for a mergeable frame (MRG_RXBUF).
     held: Vec<Chain>,
     held_writable: u64,
+    /// Receive chains filled this round, published together at its end (one
+    /// used-index store the guest sees per round, not per frame).
+    rx_used: Vec<(u16, u32)>,
     rx_broken: bool,
     tx_broken: bool,
 }
@@ -585,7 +589,7 @@ impl<M: DeviceMemory> Worker<M> {
         // Chains held for a mergeable frame go back unused; frames taken from the
         // inbox and buffers go back to the switch.
         for p in &mut self.pairs {
-            p.return_held(&mut self.used);
+            p.return_held();
         }
         for f in self.inbox.drain(..) {
             self.pool.give(&self.ctx.switch, f.data);
@@ -694,7 +698,7 @@ impl<M: DeviceMemory> Worker<M> {
     /// a frame waiting for one is steered again.
     fn set_active(&mut self, n: usize) {
         for p in &mut self.pairs[n..] {
-            p.return_held(&mut self.used);
+            p.return_held();
         }
         if self.starved.is_some_and(|s| s >= n) {
             self.starved = None;
@@ -736,7 +740,7 @@ impl<M: DeviceMemory> Worker<M> {
                 continue;
             }
             let s = self.steer(&frame.data);
-            match self.pairs[s].deliver(frame, &self.ctx, &mut self.used, &mut self.pool) {
+            match self.pairs[s].deliver(frame, &self.ctx, &mut self.pool) {
                 Delivery::Done => {}
                 Delivery::Wait(frame) => {
                     // First in line once the guest posts buffers.
@@ -749,6 +753,7 @@ impl<M: DeviceMemory> Worker<M> {
         }
         if n > 0 {
             for p in &mut self.pairs[..self.active] {
+                p.publish_rx();
                 if p.rx.needs_notification() {
                     let _ = p.rx_irq.notify();
                 }
@@ -870,13 +875,7 @@ impl<M: DeviceMemory> Pair<M> {
         }
     }
 
-    fn deliver(
-        &mut self,
-        mut frame: Frame,
-        ctx: &Ctx,
-        used: &mut Vec<(u16, u32)>,
-        pool: &mut LocalPool,
-    ) -> Delivery {
+    fn deliver(&mut self, mut frame: Frame, ctx: &Ctx, pool: &mut LocalPool) -> Delivery {
         if self.rx_broken {
             ctx.port.count_drop(DropReason::NoRxBuffer);
             pool.give(&ctx.switch, frame.data);
@@ -889,7 +888,7 @@ impl<M: DeviceMemory> Pair<M> {
         while self.held.is_empty() || (mrg && self.held_writable < need) {
             let Some(chain) = self.next_rx(ctx) else {
                 if self.rx_broken {
-                    return self.drop_held(frame, ctx, used, pool);
+                    return self.drop_held(frame, ctx, pool);
                 }
                 return Delivery::Wait(frame);
             };
@@ -897,11 +896,11 @@ impl<M: DeviceMemory> Pair<M> {
             self.held.push(chain);
             if mrg && self.held_writable < need && self.held.len() >= usize::from(self.rx.size()) {
                 // Every buffer of the queue would not hold it.
-                return self.drop_held(frame, ctx, used, pool);
+                return self.drop_held(frame, ctx, pool);
             }
         }
         if self.held_writable < need {
-            return self.drop_held(frame, ctx, used, pool);
+            return self.drop_held(frame, ctx, pool);
         }
         let mut hdr = VirtioNetHdr::rx(u16::try_from(self.held.len()).unwrap_or(u16::MAX));
         if let Some(at) = frame.csum {
@@ -918,6 +917,7 @@ impl<M: DeviceMemory> Pair<M> {
             }
         }
         let parts: [&[u8]; 2] = [hdr.as_bytes(), &frame.data];
+        let first = self.rx_used.len();
         let (mut part, mut off) = (0, 0);
         let mut failed = false;
         for chain in &self.held {
@@ -936,19 +936,16 @@ impl<M: DeviceMemory> Pair<M> {
                     Err(_) => failed = true,
                 }
             }
-            used.push((chain.head(), w.written()));
+            self.rx_used.push((chain.head(), w.written()));
         }
         self.held.clear();
         self.held_writable = 0;
         if failed {
             // A half-written frame is no frame: every buffer goes back unused, so
             // the driver never assembles a truncated one.
-            for u in used.iter_mut() {
+            for u in &mut self.rx_used[first..] {
                 u.1 = 0;
             }
-        }
-        if let Err(error) = self.rx.add_used_batch(used.drain(..)) {
-            tracing::error!(%error, "returning receive chains failed");
         }
         if failed {
             ctx.port.count_drop(DropReason::NoRxBuffer);
@@ -961,25 +958,25 @@ impl<M: DeviceMemory> Pair<M> {
 
     /// Drops `frame` (the guest's buffers cannot take it) and returns the gathered
     /// chains unused (length 0).
-    fn drop_held(
-        &mut self,
-        frame: Frame,
-        ctx: &Ctx,
-        used: &mut Vec<(u16, u32)>,
-        pool: &mut LocalPool,
-    ) -> Delivery {
+    fn drop_held(&mut self, frame: Frame, ctx: &Ctx, pool: &mut LocalPool) -> Delivery {
         ctx.port.count_drop(DropReason::NoRxBuffer);
         pool.give(&ctx.switch, frame.data);
-        self.return_held(used);
+        self.return_held();
         Delivery::Done
     }
 
-    /// Returns the chains gathered for a mergeable frame unused (length 0).
-    fn return_held(&mut self, used: &mut Vec<(u16, u32)>) {
-        used.extend(self.held.drain(..).map(|c| (c.head(), 0)));
+    /// Returns the chains gathered for a mergeable frame unused (length 0), and
+    /// publishes every chain of the round so far.
+    fn return_held(&mut self) {
+        self.rx_used.extend(self.held.drain(..).map(|c| (c.head(), 0)));
         self.held_writable = 0;
-        if !used.is_empty()
-            && let Err(error) = self.rx.add_used_batch(used.drain(..))
+        self.publish_rx();
+    }
+
+    /// Puts the receive chains of the round in the used ring.
+    fn publish_rx(&mut self) {
+        if !self.rx_used.is_empty()
+            && let Err(error) = self.rx.add_used_batch(self.rx_used.drain(..))
         {
             tracing::error!(%error, "returning receive chains failed");
         }
