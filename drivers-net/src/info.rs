@@ -17,8 +17,15 @@ const _: () = assert!(HDR_LEN as usize == VirtioNetHdr::SIZE && ETH_LEN as usize
 pub const DEFAULT_MTU: u16 = 1500;
 
 /// Receive buffer size with MRG_RXBUF unless [`NetOptions::rx_buf_len`] says
-/// otherwise: a frame of the default MTU fits in one buffer.
+/// otherwise: a frame of the default MTU fits in one buffer. With a larger MTU the
+/// buffers grow with it (header plus largest frame, in whole KiB), up to
+/// [`MAX_MRG_BUF`]: a 64 KiB frame then takes 5 buffers, not 33, and a queue of
+/// 256 holds 51 such frames rather than 7.
 pub const DEFAULT_MRG_BUF: u32 = 2048;
+
+/// Largest receive buffer chosen by default with MRG_RXBUF (see
+/// [`DEFAULT_MRG_BUF`]): 256 of them are 4 MiB of guest memory per queue.
+pub const MAX_MRG_BUF: u32 = 16 << 10;
 
 /// How the driver sets the device up.
 #[derive(Debug, Clone)]
@@ -136,7 +143,10 @@ impl NetInfo {
         let hdr = HDR_LEN;
         let max_frame = ETH_LEN + u32::from(mtu);
         let rx_buf_len = match (mrg_rxbuf, opts.rx_buf_len) {
-            (true, len) => len.unwrap_or(DEFAULT_MRG_BUF).max(hdr),
+            (true, Some(len)) => len.max(hdr),
+            (true, None) => (hdr + max_frame)
+                .next_multiple_of(1024)
+                .clamp(DEFAULT_MRG_BUF, MAX_MRG_BUF),
             (false, Some(len)) => len.max(1),
             (false, None) => (hdr + max_frame).max(MIN_RX_BUF),
         };
@@ -203,6 +213,17 @@ mod tests {
         assert_eq!((no_mtu.mtu, no_mtu.rx_buf_len), (1500, 1526));
         let mrg = NetInfo::new(NetFeatures::MRG_RXBUF.bits(), &cfg, &opts).unwrap();
         assert_eq!(mrg.rx_buf_len, DEFAULT_MRG_BUF);
+        // Mergeable buffers grow with the MTU, in whole KiB, up to MAX_MRG_BUF.
+        let mrg_mtu = (NetFeatures::MRG_RXBUF | NetFeatures::MTU).bits();
+        assert_eq!(NetInfo::new(mrg_mtu, &cfg, &opts).unwrap().rx_buf_len, 9 << 10);
+        let jumbo = NetConfig {
+            mtu: 65535.into(),
+            ..NetConfig::default()
+        };
+        assert_eq!(
+            NetInfo::new(mrg_mtu, &jumbo, &opts).unwrap().rx_buf_len,
+            MAX_MRG_BUF
+        );
         let tiny = NetOptions {
             rx_buf_len: Some(4),
             ..NetOptions::default()

@@ -90,7 +90,7 @@ mod tx;
 
 pub use driver::{NetDriver, RX_QUEUE, TX_QUEUE};
 pub use error::{Broken, NetError};
-pub use info::{DEFAULT_MRG_BUF, DEFAULT_MTU, NetInfo, NetOptions};
+pub use info::{DEFAULT_MRG_BUF, DEFAULT_MTU, MAX_MRG_BUF, NetInfo, NetOptions};
 pub use rx::RxStats;
 
 #[cfg(feature = "smoltcp")]

@@ -147,7 +147,8 @@ pub struct NetBenchConfig {
     /// Frames the receiver takes per `poll_recv` call.
     pub poll_budget: usize,
     /// Bytes per receive buffer (MRG_RXBUF); `None`: the driver's default
-    /// ([`drivers_net::DEFAULT_MRG_BUF`]), so a 65549-byte frame takes 33 buffers.
+    /// ([`drivers_net::DEFAULT_MRG_BUF`], growing with the MTU up to
+    /// [`drivers_net::MAX_MRG_BUF`]: a 65549-byte frame takes 5 buffers).
     pub rx_buf_len: Option<u32>,
     /// Measure the veth peer (needs root).
     pub veth: bool,
@@ -547,9 +548,16 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
     }
     let mut notes = vec![
         format!(
-            "ours: guest A -> switch -> guest B, both guests on the model; queues of {}, receive buffers of {} B (MRG_RXBUF), receive budget {}, switch backlog {} / budget {}, device polling {} us",
+            "ours: guest A -> switch -> guest B, both guests on the model; queues of {}, receive buffers of {} (MRG_RXBUF), receive budget {}, switch backlog {} / budget {}, device polling {} us",
             cfg.queue_size,
-            cfg.rx_buf_len.unwrap_or(drivers_net::DEFAULT_MRG_BUF),
+            cfg.rx_buf_len.map_or_else(
+                || format!(
+                    "the driver's default ({} B, up to {} B for larger MTUs)",
+                    drivers_net::DEFAULT_MRG_BUF,
+                    drivers_net::MAX_MRG_BUF
+                ),
+                |l| format!("{l} B")
+            ),
             cfg.poll_budget,
             SwitchConfig::default().backlog,
             SwitchConfig::default().budget,
