@@ -5,6 +5,7 @@ pub mod conformance;
 pub mod model_bench;
 pub mod models;
 pub mod net_bench;
+pub mod net_rig;
 pub mod peer;
 pub mod report;
 pub mod ring_bench;

@@ -46,7 +46,6 @@ use drivers_net::NetError;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use virtio_core::notify::NotifyError;
 
 /// Bytes of Ethernet, IPv4 and UDP headers in front of a UDP payload.
 pub const UDP_OVERHEAD: usize = 14 + 20 + 8;
@@ -197,18 +196,12 @@ pub enum NetBenchError {
     /// A frame length outside what both sides can carry.
     #[error("frame length {0} outside {SMALL_FRAME}..={JUMBO_FRAME}")]
     FrameLength(usize),
-    /// A device or its transport could not be made.
-    #[error("creating a device")]
-    Device(#[from] NotifyError),
     /// The driver failed to start or broke.
     #[error("network driver")]
     Driver(#[from] NetError),
     /// A guest's memory or sharing model could not be set up.
     #[error("setting up a guest")]
     Guest(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The transport has no interrupt for a queue.
-    #[error("no interrupt for queue {0}")]
-    NoInterrupt(u16),
     /// A thread could not be started.
     #[error("starting a thread")]
     Thread(#[source] std::io::Error),

@@ -7,8 +7,10 @@
 //! [`NetPhy::wait`] between rounds.
 
 use crate::conformance::Fixture;
+pub use crate::net_rig::Dev;
+use crate::net_rig::{self, NetGuest, RigError};
 use backend_host::net::{NetDevice, NetSettings, PortId, Switch};
-use drivers_net::{NetDriver, NetError, NetOptions, NetPhy};
+use drivers_net::{NetError, NetOptions, NetPhy};
 use hypervisor::Domain;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
@@ -16,9 +18,8 @@ use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{IpAddress, IpCidr, Ipv4Address};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use virtio_core::notify::NotifyError;
 use virtio_core::transport::InProcessTransport;
-use virtio_core::{DeviceModel, DriverModel, DriverShare};
+use virtio_core::{DriverModel, DriverShare};
 
 /// Longest a [`SmolGuest::run`] round sleeps before it looks at its deadline.
 const SLICE: Duration = Duration::from_millis(10);
@@ -27,20 +28,13 @@ const SLICE: Duration = Duration::from_millis(10);
 pub trait Drv: DriverModel<Share: DriverShare<Token: Send> + Send> + Send {}
 impl<D: DriverModel<Share: DriverShare<Token: Send> + Send> + Send> Drv for D {}
 
-/// A device side that can serve from a worker thread.
-pub trait Dev: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static {}
-impl<V: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static> Dev for V {}
-
 /// Why a smoltcp guest could not be set up or did not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum SmolError {
-    /// The device's eventfds could not be made.
-    #[error("Device setup failed")]
-    Device(#[source] NotifyError),
-    /// The transport has no interrupt for a queue the driver needs.
-    #[error("Transport has no interrupt for queue {0}")]
-    NoInterrupt(u16),
-    /// The driver failed (setup, or the device broke it).
+    /// The guest could not be plugged in.
+    #[error("Guest setup failed")]
+    Rig(#[from] RigError),
+    /// The driver broke.
     #[error("Driver failed")]
     Driver(#[from] NetError),
     /// The device has no MAC address.
@@ -86,21 +80,9 @@ pub fn plug<D: Drv, V: Dev>(
     ip: Ipv4Address,
     settings: NetSettings,
 ) -> Result<SmolGuest<D, V>, SmolError> {
-    let Fixture {
-        guest,
-        driver,
-        device,
-    } = f;
-    let dev = NetDevice::new(device, switch, settings).map_err(SmolError::Device)?;
-    let port = dev.port();
-    let t = InProcessTransport::new(dev.lifecycle(), dev).map_err(SmolError::Device)?;
-    let irqs = (0..2)
-        .map(|i| {
-            let irq = t.interrupt(i).ok_or(SmolError::NoInterrupt(i))?;
-            irq.try_clone().map_err(SmolError::Device)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let nic = NetDriver::new(t, driver, guest.memory().clone(), irqs, NetOptions::default())?;
+    let NetGuest {
+        nic, port, domain, ..
+    } = net_rig::plug(f, switch, settings, NetOptions::default())?;
     let mut phy = NetPhy::new(nic);
     let config = Config::new(phy.hardware_addr().ok_or(SmolError::NoMac)?);
     let mut iface = Interface::new(config, &mut phy, SmolInstant::now());
@@ -113,7 +95,7 @@ pub fn plug<D: Drv, V: Dev>(
         iface,
         sockets: SocketSet::new(Vec::new()),
         port,
-        _domain: guest,
+        _domain: domain,
     })
 }
 

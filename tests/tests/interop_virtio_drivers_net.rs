@@ -67,20 +67,21 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use backend_host::net::{NetDevice, NetSettings, PortId, PortStats, Switch, SwitchConfig};
-use drivers_net::{NetDriver, NetOptions};
-use hypervisor::{Domain, Hypervisor};
+use drivers_net::NetOptions;
+use hypervisor::Hypervisor;
 use transport_grant::GrantService;
 use vio::conformance::Fixture;
 use vio::models;
+use vio::net_rig::{self, Dev, NetGuest};
 use vio::vd_peer::{
     self, DirectBacking, DmaBacking, GrantBacking, QueueRouting, SharedPageBacking, VdHal, VdTransport,
 };
+use virtio_core::DriverModel;
 use virtio_core::features::Features;
 use virtio_core::lifecycle::ControlPlane;
 use virtio_core::net::NetFeatures;
 use virtio_core::status::DeviceStatus;
 use virtio_core::transport::InProcessTransport;
-use virtio_core::{DeviceModel, DriverModel};
 use virtio_drivers::device::net::{TxBuffer, VirtIONet};
 
 /// Frames per direction.
@@ -94,10 +95,6 @@ const MAX_FRAME: usize = 1514;
 const TIMEOUT: Duration = Duration::from_secs(10);
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 const BROADCAST: [u8; 6] = [0xff; 6];
-
-/// A device side that can serve from a worker thread.
-trait Dev: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static {}
-impl<V: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static> Dev for V {}
 
 type NetTransport<V> = Arc<InProcessTransport<NetDevice<V>>>;
 type VdNet<V, const Q: usize> = VirtIONet<VdHal, VdTransport<NetDevice<V>>, Q>;
@@ -159,72 +156,35 @@ fn seq_of(f: &[u8]) -> u32 {
     u32::from_be_bytes(f[14..18].try_into().unwrap())
 }
 
-/// Guest B: our driver on our device.
-struct Ours<D: DriverModel, V: Dev> {
-    nic: NetDriver<D, InProcessTransport<NetDevice<V>>>,
-    port: PortId,
-    mac: [u8; 6],
-    _domain: Arc<Domain>,
+/// Guest B: our driver on our device, whose calls fail the test when they fail.
+struct Ours<D: DriverModel, V: Dev>(NetGuest<D, V>);
+
+impl<D: DriverModel, V: Dev> std::ops::Deref for Ours<D, V> {
+    type Target = NetGuest<D, V>;
+    fn deref(&self) -> &NetGuest<D, V> {
+        &self.0
+    }
 }
 
 fn plug<D: DriverModel, V: Dev>(f: Fixture<D, V>, switch: &Arc<Switch>) -> Ours<D, V> {
-    let Fixture {
-        guest,
-        driver,
-        device,
-    } = f;
-    let dev = NetDevice::new(device, switch, NetSettings::default()).unwrap();
-    let (port, mac) = (dev.port(), dev.mac());
-    let t = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
-    let irqs = (0..2)
-        .map(|i| t.interrupt(i).unwrap().try_clone().unwrap())
-        .collect();
-    let nic = NetDriver::new(t, driver, guest.memory().clone(), irqs, NetOptions::default()).unwrap();
-    assert_eq!(nic.info().mac, Some(mac));
-    Ours {
-        nic,
-        port,
-        mac,
-        _domain: guest,
-    }
+    let g = net_rig::plug(f, switch, NetSettings::default(), NetOptions::default()).unwrap();
+    assert_eq!(g.nic.info().mac, Some(g.mac));
+    Ours(g)
 }
 
 impl<D: DriverModel, V: Dev> Ours<D, V> {
     fn send(&self, frame: &[u8]) {
-        self.nic.send_blocking(frame, Some(TIMEOUT)).unwrap();
+        self.0.send(frame, TIMEOUT).unwrap();
     }
 
     /// Receives exactly `n` frames (fails after [`TIMEOUT`]).
     fn recv(&self, n: usize) -> Vec<Vec<u8>> {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut got = Vec::new();
-        while got.len() < n {
-            assert!(
-                Instant::now() < deadline,
-                "B received {} of {n} frames",
-                got.len()
-            );
-            self.nic
-                .poll_recv(n - got.len(), |f| got.push(f.to_vec()))
-                .unwrap();
-            if got.len() < n {
-                self.nic.wait_rx(Some(Duration::from_millis(20))).unwrap();
-            }
-        }
-        got
+        self.0.recv(n, TIMEOUT).unwrap()
     }
 
     /// Asserts that nothing arrives within `wait`.
     fn recv_nothing(&self, wait: Duration) {
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            let n = self
-                .nic
-                .poll_recv(16, |f| panic!("B got an unexpected frame {:x?}", &f[..18]))
-                .unwrap();
-            assert_eq!(n, 0);
-            self.nic.wait_rx(Some(Duration::from_millis(10))).unwrap();
-        }
+        self.0.recv_nothing(wait).unwrap();
     }
 }
 

@@ -6,36 +6,33 @@
 // Test patterns come from small counters by deliberate truncation.
 #![allow(clippy::cast_possible_truncation)]
 
-use backend_host::net::{NetDevice, NetSettings, PortId, PortStats, Switch, SwitchConfig};
-use drivers_net::{NetDriver, NetError, NetOptions};
-use hypervisor::Domain;
+use backend_host::net::{NetDevice, NetSettings, Switch, SwitchConfig};
+use drivers_net::{NetError, NetOptions};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vio::conformance::Fixture;
 use vio::models;
+use vio::net_rig::{self, Dev, NetGuest};
+use virtio_core::DriverModel;
 use virtio_core::net::{
     NetFeatures, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_GSO_TCPV4, VirtioNetHdr, csum_add, csum_fold,
     ipv4_pseudo_header_sum,
 };
 use virtio_core::transport::InProcessTransport;
-use virtio_core::{DeviceModel, DriverModel};
 use zerocopy::IntoBytes;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 const BROADCAST: [u8; 6] = [0xff; 6];
 
-/// A device side that can serve from a worker thread.
-trait Dev: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static {}
-impl<V: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static> Dev for V {}
+/// The test's guest: a [`NetGuest`] whose calls fail the test when they fail.
+struct Guest<D: DriverModel, V: Dev>(NetGuest<D, V>);
 
-/// One guest: its driver, its port and its MAC.
-struct Guest<D: DriverModel, V: Dev> {
-    nic: NetDriver<D, InProcessTransport<NetDevice<V>>>,
-    port: PortId,
-    mac: [u8; 6],
-    switch: Arc<Switch>,
-    _domain: Arc<Domain>,
+impl<D: DriverModel, V: Dev> std::ops::Deref for Guest<D, V> {
+    type Target = NetGuest<D, V>;
+    fn deref(&self) -> &NetGuest<D, V> {
+        &self.0
+    }
 }
 
 fn plug<D, V>(f: Fixture<D, V>, switch: &Arc<Switch>, settings: NetSettings, opts: NetOptions) -> Guest<D, V>
@@ -43,27 +40,10 @@ where
     D: DriverModel,
     V: Dev,
 {
-    let Fixture {
-        guest,
-        driver,
-        device,
-    } = f;
-    let dev = NetDevice::new(device, switch, settings).unwrap();
-    let (port, mac) = (dev.port(), dev.mac());
-    let t = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
-    let irqs = (0..2)
-        .map(|i| t.interrupt(i).unwrap().try_clone().unwrap())
-        .collect();
-    let nic = NetDriver::new(t, driver, guest.memory().clone(), irqs, opts).unwrap();
-    assert_eq!(nic.info().mac, Some(mac));
-    assert!(nic.link_up());
-    Guest {
-        nic,
-        port,
-        mac,
-        switch: switch.clone(),
-        _domain: guest,
-    }
+    let g = net_rig::plug(f, switch, settings, opts).unwrap();
+    assert_eq!(g.nic.info().mac, Some(g.mac));
+    assert!(g.nic.link_up());
+    Guest(g)
 }
 
 fn plug_default<D, V>(f: Fixture<D, V>, switch: &Arc<Switch>) -> Guest<D, V>
@@ -75,41 +55,18 @@ where
 }
 
 impl<D: DriverModel, V: Dev> Guest<D, V> {
-    fn stats(&self) -> PortStats {
-        self.switch.stats(self.port).unwrap()
-    }
-
     fn send(&self, frame: &[u8]) {
-        self.nic.send_blocking(frame, Some(TIMEOUT)).unwrap();
+        self.0.send(frame, TIMEOUT).unwrap();
     }
 
     /// Receives exactly `n` frames (fails after [`TIMEOUT`]).
     fn recv(&self, n: usize) -> Vec<Vec<u8>> {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut got = Vec::new();
-        while got.len() < n {
-            assert!(Instant::now() < deadline, "received {} of {n} frames", got.len());
-            self.nic
-                .poll_recv(n - got.len(), |f| got.push(f.to_vec()))
-                .unwrap();
-            if got.len() < n {
-                self.nic.wait_rx(Some(Duration::from_millis(20))).unwrap();
-            }
-        }
-        got
+        self.0.recv(n, TIMEOUT).unwrap()
     }
 
     /// Asserts that nothing arrives within `wait`.
     fn recv_nothing(&self, wait: Duration) {
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            let n = self
-                .nic
-                .poll_recv(16, |f| panic!("unexpected frame {:x?}", &f[..14]))
-                .unwrap();
-            assert_eq!(n, 0);
-            self.nic.wait_rx(Some(Duration::from_millis(10))).unwrap();
-        }
+        self.0.recv_nothing(wait).unwrap();
     }
 }
 

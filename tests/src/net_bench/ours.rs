@@ -7,28 +7,29 @@ use super::{
 };
 use crate::conformance::Fixture;
 use crate::models;
-use backend_host::net::{NetDevice, NetSettings, PortId, Switch, SwitchConfig};
+use crate::net_rig::{self, Dev, NetGuest};
+use backend_host::net::{NetDevice, NetSettings, Switch, SwitchConfig};
 use drivers_net::{NetDriver, NetError, NetOptions};
-use hypervisor::{Domain, Hypervisor};
+use hypervisor::Hypervisor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use transport_shared_page::SharedPageConfig;
 use virtio_core::transport::InProcessTransport;
-use virtio_core::{DeviceModel, DriverModel, DriverShare};
+use virtio_core::{DriverModel, DriverShare};
 
-/// A device side that can serve from a worker thread.
-trait Dev: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static {}
-impl<V: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static> Dev for V {}
-
-/// One guest plugged into the switch.
+/// One guest plugged into the switch, and its device's worker thread if it could
+/// be told apart.
 struct Guest<D: DriverModel, V: Dev> {
-    nic: NetDriver<D, InProcessTransport<NetDevice<V>>>,
-    port: PortId,
-    mac: [u8; 6],
-    /// The device's worker thread, if it could be told apart.
+    g: NetGuest<D, V>,
     worker: Option<i32>,
-    _domain: Arc<Domain>,
+}
+
+impl<D: DriverModel, V: Dev> std::ops::Deref for Guest<D, V> {
+    type Target = NetGuest<D, V>;
+    fn deref(&self) -> &NetGuest<D, V> {
+        &self.g
+    }
 }
 
 fn plug<D: DriverModel, V: Dev>(
@@ -37,29 +38,11 @@ fn plug<D: DriverModel, V: Dev>(
     settings: NetSettings,
     opts: NetOptions,
 ) -> Result<Guest<D, V>, NetBenchError> {
-    let Fixture {
-        guest,
-        driver,
-        device,
-    } = f;
-    let dev = NetDevice::new(device, switch, settings)?;
-    let (port, mac) = (dev.port(), dev.mac());
-    let t = InProcessTransport::new(dev.lifecycle(), dev)?;
-    let mut irqs = Vec::new();
-    for i in 0..2 {
-        let irq = t.interrupt(i).ok_or(NetBenchError::NoInterrupt(i))?;
-        irqs.push(irq.try_clone()?);
-    }
     let before = tasks();
-    // The worker starts at DRIVER_OK, inside `new`.
-    let nic = NetDriver::new(t, driver, guest.memory().clone(), irqs, opts)?;
-    Ok(Guest {
-        nic,
-        port,
-        mac,
-        worker: worker_tid(port, &before),
-        _domain: guest,
-    })
+    // The worker starts at DRIVER_OK, inside the driver's set-up.
+    let g = net_rig::plug(f, switch, settings, opts).map_err(|e| NetBenchError::Guest(Box::new(e)))?;
+    let worker = worker_tid(g.port, &before);
+    Ok(Guest { g, worker })
 }
 
 /// An Ethernet frame of `len` bytes from `src` to `dst` (local experimental
