@@ -38,6 +38,8 @@ pub struct BlkDriver<D: DriverModel, T: Transport, W: Wait = EventFdNotifier> {
     info: BlkInfo,
     pub(crate) queues: Vec<Queue<D::Share, W>>,
     timeout: Option<Duration>,
+    /// [`BlkOptions::spin`].
+    spin: Duration,
 }
 
 impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for BlkDriver<D, T, W> {
@@ -91,6 +93,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
             info,
             queues: Vec::new(),
             timeout: opts.timeout,
+            spin: opts.spin,
         };
         match driver.setup(features, interrupts, &opts) {
             Ok(()) => Ok(driver),
@@ -293,9 +296,33 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
         done: impl Fn(&QueueState<D::Share>) -> bool,
     ) -> Result<(Held<'q, D::Share>, bool), BlkError> {
         let mut st = q.lock();
+        // Spin first, once, for up to `self.spin`: a completion that comes within
+        // it is taken without a sleep and a wake-up.
+        let mut spin_until = (!self.spin.is_zero()).then(|| Instant::now() + self.spin);
+        if spin_until.is_some() && !(st.leader || st.runner) {
+            // Nobody sleeps on the interrupt meanwhile; the sleep path below
+            // turns notifications back on (with a re-check) before it waits.
+            st.ring.disable_notifications();
+        }
         loop {
             if done(&st) {
                 return Ok((st, true));
+            }
+            if let Some(until) = spin_until {
+                if st.reap(&self.memory) {
+                    q.cond.notify_all();
+                }
+                if done(&st) {
+                    continue;
+                }
+                if Instant::now() < until && deadline.is_none_or(|d| Instant::now() < d) {
+                    // Let other threads at the queue between polls.
+                    drop(st);
+                    std::hint::spin_loop();
+                    st = q.lock();
+                    continue;
+                }
+                spin_until = None;
             }
             let remaining = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {

@@ -31,6 +31,13 @@ pub struct BlkOptions {
     pub multiqueue: bool,
     /// How long blocking calls wait for a completion; `None` waits forever.
     pub timeout: Option<Duration>,
+    /// How long a blocking call polls the used ring for its completion before it
+    /// sleeps on the interrupt (zero, the default: sleeps at once). A wake-up
+    /// from an eventfd costs tens of microseconds (PERF.md); spinning trades a
+    /// core for it, so use it only with cores to spare: on a machine with fewer
+    /// cores than busy threads a spinning guest starves the threads that finish
+    /// its I/O (io_uring's workers run `fdatasync` and `RWF_DSYNC` writes).
+    pub spin: Duration,
 }
 
 impl Default for BlkOptions {
@@ -45,6 +52,7 @@ impl Default for BlkOptions {
             write_zeroes: true,
             multiqueue: true,
             timeout: None,
+            spin: Duration::ZERO,
         }
     }
 }

@@ -230,6 +230,43 @@ fn busy_polling_leaves_interrupts_off_and_plain_polling_rearms_them() {
     assert!(r.driver.wait(0, LONG).unwrap(), "wait re-arms and wakes");
 }
 
+/// Blocking calls that spin first take completions without interrupts; without
+/// spinning every call sleeps on one.
+#[test]
+fn blocking_calls_that_spin_take_completions_without_interrupts() {
+    let interrupts = |spin: Duration| {
+        let setup = Setup {
+            opts: BlkOptions {
+                spin,
+                timeout: LONG,
+                ..BlkOptions::default()
+            },
+            ..Setup::default()
+        };
+        let r = rig(setup, direct).unwrap();
+        let before = r
+            .shared
+            .stats
+            .interrupts
+            .load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..20 {
+            assert_eq!(r.driver.get_id_blocking(0).unwrap(), "fake-disk-01");
+        }
+        r.shared
+            .stats
+            .interrupts
+            .load(std::sync::atomic::Ordering::SeqCst)
+            - before
+    };
+    let sleeping = interrupts(Duration::ZERO);
+    let spinning = interrupts(Duration::from_secs(1));
+    assert!(
+        sleeping >= 10,
+        "a sleeping caller is woken by interrupts: {sleeping}"
+    );
+    assert!(spinning <= 1, "a spinning caller needs none: {spinning}");
+}
+
 #[test]
 fn the_queue_reports_full_and_recovers() {
     let setup = Setup {
