@@ -130,6 +130,60 @@ pub trait Engine: Send {
     fn in_flight(&self) -> usize;
 }
 
+/// Completions an engine wrapper makes itself, without its inner engine (an
+/// injected failure, an early acknowledgement), and the rules they follow: held
+/// until the next [`Engine::reap`], counted in flight, and announced on the inner
+/// engine's readiness eventfd so an event loop waiting on [`Engine::ready_fd`]
+/// notices. The wrapper's `reap`, `wait` and `in_flight` go through it.
+#[derive(Debug, Default)]
+pub struct MadeHere {
+    ready: Vec<Completion>,
+}
+
+impl MadeHere {
+    /// Holds `c` for the next reap and raises `ready_fd` (the inner engine's).
+    pub fn complete(&mut self, ready_fd: BorrowedFd<'_>, c: Completion) {
+        self.ready.push(c);
+        match rustix::io::write(ready_fd, &1u64.to_ne_bytes()) {
+            // EAGAIN: the counter is saturated, a wake-up is pending anyway.
+            Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
+            Err(e) => tracing::warn!(error = %e, "could not raise the engine's eventfd"),
+        }
+    }
+
+    /// Holds `c`, reaped from the inner engine, for the caller.
+    pub fn pass(&mut self, c: Completion) {
+        self.ready.push(c);
+    }
+
+    /// Moves every held completion into `out`; returns how many.
+    pub fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        let n = self.ready.len();
+        out.append(&mut self.ready);
+        n
+    }
+
+    /// [`Engine::wait`] for a wrapper of `inner`: returns at once while completions
+    /// are held.
+    pub fn wait(&self, inner: &mut impl Engine) -> std::io::Result<()> {
+        if self.ready.is_empty() {
+            inner.wait()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Completions held.
+    pub fn len(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.ready.is_empty()
+    }
+}
+
 /// What an engine wrapper remembers per op it passed down, under the tag it gave
 /// the inner engine: a slab whose freed tags are reused, so tags stay small and the
 /// table does not grow past the ops in flight.

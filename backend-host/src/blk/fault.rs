@@ -33,7 +33,7 @@ use std::os::fd::BorrowedFd;
 
 use rustix::io::Errno;
 
-use super::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp, Tags};
+use super::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp, MadeHere, Tags};
 
 /// Resubmissions after an injected `EAGAIN` (the bound real engines use).
 pub const MAX_RETRIES: u32 = 8;
@@ -186,7 +186,7 @@ pub struct FaultEngine<E: Engine> {
     /// Under the tag given to the inner engine.
     tracked: Tags<Tracked>,
     /// Completions made without the inner engine.
-    ready: Vec<Completion>,
+    ready: MadeHere,
     scratch: Vec<Completion>,
     stats: FaultStats,
 }
@@ -200,7 +200,7 @@ impl<E: Engine> FaultEngine<E> {
             plan,
             counts: [0; 5],
             tracked: Tags::default(),
-            ready: Vec::new(),
+            ready: MadeHere::default(),
             scratch: Vec::new(),
             stats: FaultStats::default(),
         }
@@ -219,15 +219,6 @@ impl<E: Engine> FaultEngine<E> {
     /// Unwraps the engine.
     pub fn into_inner(self) -> E {
         self.inner
-    }
-
-    fn signal_ready(&self) {
-        let fd = self.inner.ready_fd();
-        match rustix::io::write(fd, &1u64.to_ne_bytes()) {
-            // EAGAIN: the counter is saturated, a wake-up is pending anyway.
-            Ok(_) | Err(Errno::AGAIN) => {}
-            Err(e) => tracing::warn!(error = %e, "could not raise the engine's eventfd"),
-        }
     }
 
     fn track(&mut self, t: Tracked) -> u64 {
@@ -304,12 +295,12 @@ impl<E: Engine> Engine for FaultEngine<E> {
             self.stats.injected += 1;
         }
         if let Some(Fault::Fail(errno)) = fault {
-            self.ready.push(Completion {
+            let c = Completion {
                 user: op.user,
                 result: Err(errno.into()),
                 buf: op.buf,
-            });
-            self.signal_ready();
+            };
+            self.ready.complete(self.inner.ready_fd(), c);
             return;
         }
         let user = self.track(Tracked {
@@ -333,7 +324,7 @@ impl<E: Engine> Engine for FaultEngine<E> {
         let mut resubmitted = false;
         for c in scratch.drain(..) {
             match self.finish(c) {
-                Ok(c) => self.ready.push(c),
+                Ok(c) => self.ready.pass(c),
                 Err(op) => {
                     self.inner.submit(op);
                     resubmitted = true;
@@ -346,17 +337,11 @@ impl<E: Engine> Engine for FaultEngine<E> {
                 tracing::warn!(error = %e, "fault wrapper could not resubmit; retrying later");
             }
         }
-        let n = self.ready.len();
-        out.append(&mut self.ready);
-        n
+        self.ready.reap(out)
     }
 
     fn wait(&mut self) -> io::Result<()> {
-        if self.ready.is_empty() {
-            self.inner.wait()
-        } else {
-            Ok(())
-        }
+        self.ready.wait(&mut self.inner)
     }
 
     fn ready_fd(&self) -> BorrowedFd<'_> {

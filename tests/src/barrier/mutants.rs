@@ -19,8 +19,7 @@
 //! [`RecordingEngine`]: backend_host::blk::record::RecordingEngine
 //! [`FaultEngine`]: backend_host::blk::fault::FaultEngine
 
-use backend_host::blk::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
-use rustix::io::Errno;
+use backend_host::blk::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp, MadeHere};
 use std::os::fd::BorrowedFd;
 
 /// Tag bit of ops whose completion the mutant swallows. Callers' tags must stay
@@ -72,7 +71,7 @@ pub struct MutantEngine<E: Engine> {
     inner: E,
     kind: MutantKind,
     /// Completions made without the inner engine.
-    ready: Vec<Completion>,
+    ready: MadeHere,
     scratch: Vec<Completion>,
     next_swallow: u64,
     /// Lies told so far.
@@ -90,7 +89,7 @@ impl<E: Engine> MutantEngine<E> {
         MutantEngine {
             inner,
             kind,
-            ready: Vec::new(),
+            ready: MadeHere::default(),
             scratch: Vec::new(),
             next_swallow: 0,
             lies: 0,
@@ -104,12 +103,9 @@ impl<E: Engine> MutantEngine<E> {
     }
 
     fn complete_now(&mut self, user: u64, result: std::io::Result<u64>, buf: AlignedBuf) {
-        self.ready.push(Completion { user, result, buf });
+        self.ready
+            .complete(self.inner.ready_fd(), Completion { user, result, buf });
         self.lies += 1;
-        match rustix::io::write(self.inner.ready_fd(), &1u64.to_ne_bytes()) {
-            Ok(_) | Err(Errno::AGAIN) => {}
-            Err(e) => tracing::warn!(error = %e, "mutant could not raise the engine's eventfd"),
-        }
     }
 
     fn swallow_tag(&mut self) -> u64 {
@@ -180,20 +176,14 @@ impl<E: Engine> Engine for MutantEngine<E> {
                     self.lies += 1;
                 }
             }
-            self.ready.push(c);
+            self.ready.pass(c);
         }
         self.scratch = scratch;
-        let n = self.ready.len();
-        out.append(&mut self.ready);
-        n
+        self.ready.reap(out)
     }
 
     fn wait(&mut self) -> std::io::Result<()> {
-        if self.ready.is_empty() {
-            self.inner.wait()
-        } else {
-            Ok(())
-        }
+        self.ready.wait(&mut self.inner)
     }
 
     fn ready_fd(&self) -> BorrowedFd<'_> {
