@@ -73,7 +73,7 @@ impl GuestMemory {
     /// `base` (page aligned, non-zero).
     pub fn new(name: &str, base: u64, size: u64) -> Result<Arc<GuestMemory>, MemoryError> {
         let page = rustix::param::page_size() as u64;
-        if base == 0 || base % page != 0 {
+        if base == 0 || !base.is_multiple_of(page) {
             return Err(MemoryError::Unaligned { gpa: base, len: size });
         }
         let size = size.max(1).div_ceil(page) * page;
@@ -148,7 +148,7 @@ impl GuestMemory {
     /// else. This is the hypervisor's privilege; sharing models call it to build the
     /// capability they hand a device side.
     pub fn map_pages(&self, gpa: u64, len: u64, writable: bool) -> Result<Region, MemoryError> {
-        if gpa % self.page != 0 || len == 0 || len % self.page != 0 {
+        if !gpa.is_multiple_of(self.page) || len == 0 || !len.is_multiple_of(self.page) {
             return Err(MemoryError::Unaligned { gpa, len });
         }
         let off = self.offset(gpa, len)?;

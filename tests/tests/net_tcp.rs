@@ -39,13 +39,9 @@ const BULK_PORT: u16 = 5001;
 const RPC_PORT: u16 = 5002;
 /// TCP buffers per direction: the largest window without window scaling, about 45
 /// full-size segments. That keeps the link busy (the round trip is tens of
-/// microseconds) and is what smoltcp 0.12 handles safely: with a scaled window the
-/// advertised right edge can move back by the rounding, and when a slow receiver
-/// lets the sender fill the window, smoltcp 0.12 panics on a sequence-number
-/// underflow (smoltcp issue 1048; 0.13 rejects such bytes, smoltcp PR 1079, but
-/// needs Rust 1.91, newer than the workspace's). It also keeps spurious retransmissions of a receiver stalled past
-/// smoltcp's 10 ms minimum RTO well within the switch backlog, so the clean case
-/// drops nothing even on a loaded machine.
+/// microseconds), and it keeps the retransmissions of a receiver stalled past
+/// smoltcp's 10 ms minimum RTO within the switch backlog, so the clean case drops
+/// nothing even on a loaded machine.
 const TCP_BUF: usize = 65535;
 
 /// Bytes of the bulk transfer.

@@ -145,7 +145,7 @@ fn check_layout(
     own_pages: bool,
 ) -> Result<CheckedRings, AddrError> {
     let area = |area, gpa: u64, bytes, align| {
-        if gpa % align != 0 {
+        if !gpa.is_multiple_of(align) {
             return Err(AddrError::Misaligned { area, align });
         }
         mem.offset(gpa, bytes).ok_or(AddrError::Outside(area))?;

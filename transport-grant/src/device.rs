@@ -258,10 +258,10 @@ impl GrantMemory {
             if *range.get_or_insert(m.range_first()) != m.range_first() || (write && !m.is_writable()) {
                 return None;
             }
-            if len > 0 {
-                if let Err(e) = op(m, in_page, n.min(len - at), at) {
-                    return Some(Err(e));
-                }
+            if len > 0
+                && let Err(e) = op(m, in_page, n.min(len - at), at)
+            {
+                return Some(Err(e));
             }
         }
         Some(Ok(()))

@@ -349,7 +349,7 @@ impl GrantService {
         page_gpa: u64,
         readonly: bool,
     ) -> Result<GrantRef, GrantError> {
-        if page_gpa % PAGE_SIZE != 0 {
+        if !page_gpa.is_multiple_of(PAGE_SIZE) {
             return Err(GrantError::Unaligned(page_gpa));
         }
         let len = u32::try_from(PAGE_SIZE).unwrap_or(4096);
@@ -402,7 +402,7 @@ impl GrantService {
         from: DomainId,
         page_gpa: u64,
     ) -> Result<GrantRef, GrantError> {
-        if page_gpa % PAGE_SIZE != 0 {
+        if !page_gpa.is_multiple_of(PAGE_SIZE) {
             return Err(GrantError::Unaligned(page_gpa));
         }
         let t = self.table(recipient)?;
@@ -497,7 +497,7 @@ impl GrantService {
         to: DomainId,
         gref: GrantRef,
     ) -> Result<(), GrantError> {
-        if page_gpa % PAGE_SIZE != 0 {
+        if !page_gpa.is_multiple_of(PAGE_SIZE) {
             return Err(GrantError::Unaligned(page_gpa));
         }
         let src = self.table(from)?;

@@ -448,7 +448,7 @@ pub struct MacList<'a>(&'a [u8]);
 impl<'a> MacList<'a> {
     /// A list over `bytes`, `None` unless it is a whole number of addresses.
     pub fn new(bytes: &'a [u8]) -> Option<Self> {
-        (bytes.len() % 6 == 0).then_some(MacList(bytes))
+        bytes.len().is_multiple_of(6).then_some(MacList(bytes))
     }
 
     /// Number of addresses.

@@ -376,7 +376,7 @@ impl Mapping {
     ) -> std::io::Result<Arc<Mapping>> {
         use rustix::mm::{MapFlags, ProtFlags, mmap};
         let page = rustix::param::page_size();
-        if len == 0 || len % page != 0 || offset % page as u64 != 0 {
+        if len == 0 || !len.is_multiple_of(page) || !offset.is_multiple_of(page as u64) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "file mappings must be whole, page-aligned pages",

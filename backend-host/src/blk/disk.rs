@@ -318,7 +318,7 @@ pub struct DiskFds {
 impl DiskFds {
     /// Whether a transfer of `len` bytes at `offset` must take the fallback.
     pub fn misaligned(&self, offset: u64, len: u64) -> bool {
-        self.fallback.is_some() && (offset % self.align != 0 || len % self.align != 0)
+        self.fallback.is_some() && (!offset.is_multiple_of(self.align) || !len.is_multiple_of(self.align))
     }
 
     /// The descriptor for a transfer of `len` bytes at `offset`.

@@ -202,10 +202,8 @@ fn worker(shared: &Shared) {
         // One eventfd write per batch the reader has not yet drained: with the
         // ack-then-reap order of the Engine contract, a push onto a non-empty list is
         // covered by the notification of the push that made it non-empty.
-        if was_empty {
-            if let Err(e) = shared.notifier.notify() {
-                tracing::warn!(error = %e, "could not signal sync engine completion");
-            }
+        if was_empty && let Err(e) = shared.notifier.notify() {
+            tracing::warn!(error = %e, "could not signal sync engine completion");
         }
     }
 }

@@ -235,20 +235,20 @@ impl<E: Engine> FaultEngine<E> {
             );
             return Ok(c);
         };
-        if let Some(Fault::Eagain { times }) = t.fault {
-            if t.eagains < times {
-                t.eagains += 1;
-                if t.eagains <= MAX_RETRIES {
-                    self.stats.retries += 1;
-                    let op = IoOp {
-                        kind: t.kind,
-                        offset: t.offset,
-                        len: t.len,
-                        buf: c.buf,
-                        user: c.user,
-                    };
-                    return Err(op);
-                }
+        if let Some(Fault::Eagain { times }) = t.fault
+            && t.eagains < times
+        {
+            t.eagains += 1;
+            if t.eagains <= MAX_RETRIES {
+                self.stats.retries += 1;
+                let op = IoOp {
+                    kind: t.kind,
+                    offset: t.offset,
+                    len: t.len,
+                    buf: c.buf,
+                    user: c.user,
+                };
+                return Err(op);
             }
         }
         let Some(t) = self.tracked.take(c.user) else {
@@ -332,10 +332,8 @@ impl<E: Engine> Engine for FaultEngine<E> {
             }
         }
         self.scratch = scratch;
-        if resubmitted {
-            if let Err(e) = self.inner.commit() {
-                tracing::warn!(error = %e, "fault wrapper could not resubmit; retrying later");
-            }
+        if resubmitted && let Err(e) = self.inner.commit() {
+            tracing::warn!(error = %e, "fault wrapper could not resubmit; retrying later");
         }
         self.ready.reap(out)
     }

@@ -796,7 +796,7 @@ impl Parser {
     fn io_range(&self, sector: u64, len: u32) -> Result<(u64, u32), RejectReason> {
         // §5.2.6.1: "The length of data MUST be a multiple of 512 bytes for
         // VIRTIO_BLK_T_IN and VIRTIO_BLK_T_OUT requests."
-        if len % SECTOR != 0 {
+        if !len.is_multiple_of(SECTOR) {
             return Err(RejectReason::NotSectorMultiple { len });
         }
         // §5.2.6.1: "A driver MUST NOT submit a request which would cause a read or
@@ -826,7 +826,7 @@ impl Parser {
             _ => (d.max_secure_erase_seg, d.max_secure_erase_sectors),
         };
         // §5.2.6.1: a multiple of the segment size, "one or more segments".
-        if data.len == 0 || data.len % RANGE_LEN != 0 {
+        if data.len == 0 || !data.len.is_multiple_of(RANGE_LEN) {
             return Err(RejectReason::RangeListLength(data.len));
         }
         let count = data.len / RANGE_LEN;

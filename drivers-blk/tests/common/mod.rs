@@ -183,7 +183,7 @@ fn execute<M: DeviceMemory>(
     let range = |sector: u64, bytes: u64| -> Option<std::ops::Range<usize>> {
         let start = sector.checked_mul(SECTOR_SIZE)?;
         let end = start.checked_add(bytes)?;
-        let ok = bytes % SECTOR_SIZE == 0 && end <= capacity * SECTOR_SIZE;
+        let ok = bytes.is_multiple_of(SECTOR_SIZE) && end <= capacity * SECTOR_SIZE;
         ok.then_some(usize::try_from(start).ok()?..usize::try_from(end).ok()?)
     };
     let hits_bad = |r: &std::ops::Range<usize>| {
@@ -229,7 +229,7 @@ fn execute<M: DeviceMemory>(
                 return VIRTIO_BLK_S_IOERR;
             }
             let n = reader.remaining();
-            if n == 0 || n % 16 != 0 || data_in != 0 {
+            if n == 0 || !n.is_multiple_of(16) || data_in != 0 {
                 return VIRTIO_BLK_S_UNSUPP;
             }
             for _ in 0..n / 16 {

@@ -311,7 +311,7 @@ impl Tracker {
 
     /// Walks the indirect table `table` from entry 0 (at most its length in steps).
     fn walk_indirect(&mut self, mem: &GuestMemory, head: u16, table: Desc, want: DescSlot) -> Option<Desc> {
-        if table.len == 0 || table.len % 16 != 0 || table.len / 16 > u32::from(self.size) {
+        if table.len == 0 || !table.len.is_multiple_of(16) || table.len / 16 > u32::from(self.size) {
             return None;
         }
         // At most `size` (<= 32768) entries.

@@ -400,7 +400,7 @@ impl Builder<'_> {
         mem: &M,
         scratch: &mut Vec<u8>,
     ) -> Result<(), ChainError> {
-        if len == 0 || len % 16 != 0 {
+        if len == 0 || !len.is_multiple_of(16) {
             return Err(ChainError::IndirectLength(len));
         }
         let entries = len / 16;

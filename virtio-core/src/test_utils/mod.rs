@@ -51,7 +51,7 @@ impl std::fmt::Debug for Arena {
 impl Arena {
     /// Maps `size` bytes (rounded up to pages) at guest address `base`.
     pub fn new(base: u64, size: usize) -> Result<Arc<Arena>, ArenaError> {
-        if base == 0 || base % 4096 != 0 {
+        if base == 0 || !base.is_multiple_of(4096) {
             return Err(ArenaError::BadBase(base));
         }
         let mem = Mapping::anonymous(size).map_err(ArenaError::Map)?;
