@@ -619,6 +619,7 @@ fn reset_with_all_queues_active_then_new_session() {
     b.nic.set_mac([2, 0, 0, 0, 0x55, 0x55]).unwrap();
 
     // Frames arrive on every queue; nobody polls; reset mid-stream.
+    let a_sent = a.stats().tx_frames;
     let sender = std::thread::scope(|s| {
         let h = s.spawn(|| {
             for i in 0..300u32 {
@@ -641,11 +642,15 @@ fn reset_with_all_queues_active_then_new_session() {
     assert_eq!(t.with_handler(|d| d.mac()), original, "MAC_ADDR_SET undone");
     assert_eq!(config_mac(&*t), original, "in the configuration space too");
     let written = sw.stats(port).unwrap().rx_frames;
+    let dropped = sw.stats(port).unwrap().drops.no_rx_buffer;
     for i in 0..20 {
         a.nic.send(&udp(BROADCAST, a.mac, i, i.into(), false)).unwrap();
     }
+    // Every frame A sent is forwarded (and B's dropped) before the new session
+    // starts, or a late one would reach its receive queues.
+    eventually("A's frames forwarded", || a.stats().tx_frames == a_sent + 320);
     eventually("frames to the stopped port dropped", || {
-        sw.stats(port).unwrap().drops.no_rx_buffer >= 20
+        sw.stats(port).unwrap().drops.no_rx_buffer >= dropped + 20
     });
     assert_eq!(
         sw.stats(port).unwrap().rx_frames,
