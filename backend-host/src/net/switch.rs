@@ -197,10 +197,6 @@ impl Port {
         self.counters.drops[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn count_tx(&self) {
-        self.count_tx_by(1);
-    }
-
     pub(crate) fn count_tx_by(&self, n: u64) {
         self.counters.tx_frames.fetch_add(n, Ordering::Relaxed);
     }
@@ -345,20 +341,15 @@ impl Switch {
         into.extend(pool.drain(k..));
     }
 
-    /// Returns the buffers of `from` for reuse under one lock.
-    fn recycle_all(&self, from: &mut Vec<Vec<u8>>) {
+    /// Returns the buffers of `from` past the first `keep` for reuse, under one
+    /// lock and without a temporary vector.
+    fn recycle_from(&self, from: &mut Vec<Vec<u8>>, keep: usize) {
+        let keep = keep.min(from.len());
         let mut pool = lock(&self.pool);
-        let room = POOL_MAX.saturating_sub(pool.len()).min(from.len());
-        pool.extend(from.drain(..room));
-        from.clear();
-    }
-
-    /// Switches a frame that `src`'s guest transmitted (at least an Ethernet header,
-    /// checked by the caller).
-    pub(crate) fn forward(&self, src: &Port, frame: Frame) {
-        let mut batch = Batch::default();
-        batch.push(frame);
-        self.forward_batch(src, &mut batch);
+        let room = POOL_MAX.saturating_sub(pool.len()).min(from.len() - keep);
+        pool.extend(from.drain(keep..keep + room));
+        drop(pool);
+        from.truncate(keep);
     }
 
     /// Switches every frame of `batch` (in order), leaving it empty: the MAC table
@@ -554,14 +545,13 @@ impl LocalPool {
     pub(crate) fn give(&mut self, switch: &Switch, v: Vec<u8>) {
         self.bufs.push(v);
         if self.bufs.len() >= 2 * LOCAL_BATCH {
-            let mut extra = self.bufs.split_off(LOCAL_BATCH);
-            switch.recycle_all(&mut extra);
+            switch.recycle_from(&mut self.bufs, LOCAL_BATCH);
         }
     }
 
     /// Returns every buffer to the switch.
     pub(crate) fn flush(&mut self, switch: &Switch) {
-        switch.recycle_all(&mut self.bufs);
+        switch.recycle_from(&mut self.bufs, 0);
     }
 }
 
@@ -579,6 +569,15 @@ fn fit(v: &mut Vec<u8>, len: usize) {
 mod tests {
     use super::*;
     use virtio_core::notify::Wait;
+
+    impl Switch {
+        /// One frame through [`Switch::forward_batch`].
+        fn forward(&self, src: &Port, frame: Frame) {
+            let mut batch = Batch::default();
+            batch.push(frame);
+            self.forward_batch(src, &mut batch);
+        }
+    }
 
     fn frame(dst: [u8; 6], src: [u8; 6], src_port: &Port) -> Frame {
         let mut data = dst.to_vec();

@@ -36,7 +36,7 @@
 //! dropped (the last fd closes). Addresses, MTU and link state are left to the
 //! host's tools (`ip addr`, `ip link set up`), like for any interface.
 
-use super::switch::{DropReason, Frame, Port, PortId, PortStats, Switch};
+use super::switch::{Batch, DropReason, Frame, LocalPool, Port, PortId, PortStats, Switch};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;
 use std::path::{Path, PathBuf};
@@ -300,6 +300,8 @@ impl TapPort {
             max_frame: ETH_HDR_LEN + usize::from(cfg.mtu),
             budget: switch.config().budget.max(1),
             dead: false,
+            batch: Batch::default(),
+            pool: LocalPool::default(),
         };
         port.set_active(true);
         let thread = std::thread::Builder::new()
@@ -388,6 +390,10 @@ struct Worker {
     budget: usize,
     /// The tap failed for good (the interface was deleted): only wait for stop.
     dead: bool,
+    /// Frames of the current read round, forwarded together.
+    batch: Batch,
+    /// Frame buffers, taken from and given back to the switch in batches.
+    pool: LocalPool,
 }
 
 impl Worker {
@@ -399,6 +405,7 @@ impl Worker {
                 self.sleep();
             }
         }
+        self.pool.flush(&self.switch);
     }
 
     /// Sleeps until the host sends a frame, a frame waits in the inbox, or stop.
@@ -431,43 +438,48 @@ impl Worker {
         self.port.clear(&self.switch);
     }
 
-    /// Hands up to a budget of the host's frames to the switch; returns whether
-    /// more may wait.
+    /// Hands up to a budget of the host's frames to the switch, as one batch (like
+    /// a device's transmit round); returns whether more may wait.
     fn read_round(&mut self) -> bool {
         if self.dead {
             return false;
         }
+        let more = self.read_batch();
+        let forwarded = self.batch.len() as u64;
+        self.switch.forward_batch(&self.port, &mut self.batch);
+        // Counted once forwarded: a peer's counters are final when this one is.
+        self.port.count_tx_by(forwarded);
+        more
+    }
+
+    /// Reads up to a budget of frames into the batch; returns whether more may
+    /// wait.
+    fn read_batch(&mut self) -> bool {
         for _ in 0..self.budget {
             // One byte more than the largest frame: a read that fills it was
             // longer (a tap read returns the frame's full length even when the
             // buffer truncates it; this catches either behaviour).
-            let mut data = self.switch.take_buf(self.max_frame + 1);
+            let mut data = self.pool.take(&self.switch, self.max_frame + 1);
             match rustix::io::read(&self.tap, &mut data) {
                 Ok(n) if n > self.max_frame => {
-                    self.switch.recycle(data);
+                    self.pool.give(&self.switch, data);
                     self.port.count_drop(DropReason::OverMtu);
                 }
                 Ok(n) if n < ETH_HDR_LEN => {
-                    self.switch.recycle(data);
+                    self.pool.give(&self.switch, data);
                     self.port.count_drop(DropReason::Short);
                 }
                 Ok(n) => {
                     data.truncate(n);
                     let src = self.port.id.index();
-                    self.switch.forward(
-                        &self.port,
-                        Frame {
-                            data,
-                            csum: None,
-                            src,
-                        },
-                    );
-                    // Counted once forwarded: a peer's counters are final when
-                    // this one is.
-                    self.port.count_tx();
+                    self.batch.push(Frame {
+                        data,
+                        csum: None,
+                        src,
+                    });
                 }
                 Err(e) => {
-                    self.switch.recycle(data);
+                    self.pool.give(&self.switch, data);
                     match e {
                         Errno::AGAIN => return false,
                         Errno::INTR => {}
@@ -502,7 +514,7 @@ impl Worker {
                     r => break r,
                 }
             };
-            self.switch.recycle(frame.data);
+            self.pool.give(&self.switch, frame.data);
             match result {
                 Ok(_) => self.port.count_rx(),
                 Err(e) => {
