@@ -224,6 +224,16 @@ impl<T> Tags<T> {
         self.entries.get_mut(idx)?.as_mut()
     }
 
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.entries.len() - self.free.len()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Takes the entry under `tag` out, freeing the tag.
     pub fn take(&mut self, tag: u64) -> Option<T> {
         let idx = usize::try_from(tag).ok()?;
@@ -247,6 +257,7 @@ mod tests {
         assert_eq!(t.insert('c'), a, "a freed tag is reused");
         assert_eq!(t.get_mut(b), Some(&mut 'b'));
         assert_eq!(t.get_mut(99), None);
+        assert_eq!(t.len(), 2);
         assert_eq!(t.take(u64::MAX), None);
     }
 }

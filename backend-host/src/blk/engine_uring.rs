@@ -1,7 +1,7 @@
 //! The io_uring engine: one ring per queue, one `io_uring_enter` per batch.
 //!
 //! Each op lives in a slot of the in-flight table from [`Engine::submit`] until its
-//! final completion is reaped; the slot index is the SQE's `user_data`. The op's buffer
+//! final completion is reaped; the slot's tag ([`Tags`]) is the SQE's `user_data`. The op's buffer
 //! is what the kernel reads or writes, so the slot — not the caller — owns it the whole
 //! time (this is the one invariant the `unsafe` SQE push relies on, see
 //! `UringEngine::push_sqe`). Short transfers and `-EAGAIN` are resubmitted from where
@@ -21,7 +21,7 @@ use rustix::io::{Errno, ReadWriteFlags};
 use virtio_core::notify::{EventFdNotifier, Notify, Wait};
 
 use super::disk::{Disk, DiskFds};
-use super::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
+use super::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp, Tags};
 use super::engine_sync::{DEFAULT_WORKERS, SyncEngine};
 
 /// Resubmissions allowed per op (short transfers and `-EAGAIN` together) before its
@@ -138,10 +138,9 @@ pub struct UringEngine {
     fds: DiskFds,
     notifier: EventFdNotifier,
     mem_align: usize,
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
+    slots: Tags<Slot>,
     /// Slots waiting for SQ space or a commit, in order.
-    pending: VecDeque<usize>,
+    pending: VecDeque<u64>,
     /// Final completions not yet handed out.
     ready: Vec<Completion>,
     /// SQEs pushed whose CQE has not been reaped; kept at most the CQ size so the CQ
@@ -219,8 +218,7 @@ impl UringEngine {
             fds,
             notifier,
             mem_align: disk.mem_align(),
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Tags::default(),
             pending: VecDeque::new(),
             ready: Vec::new(),
             in_kernel: 0,
@@ -244,17 +242,17 @@ impl UringEngine {
     }
 
     /// Builds the SQE for the next step of slot `idx` (`None` if the slot is empty).
-    fn sqe_for(&mut self, idx: usize) -> Option<squeue::Entry> {
+    fn sqe_for(&mut self, idx: u64) -> Option<squeue::Entry> {
         let zeros_ptr = match &self.zeros {
             Some(z) => z.as_slice().as_ptr(),
             None => std::ptr::null(),
         };
         let zeros_len = self.zeros.as_ref().map_or(0, AlignedBuf::len);
-        let slot = self.slots.get_mut(idx)?.as_mut()?;
+        let slot = self.slots.get_mut(idx)?;
         let done = slot.done;
         let op = &mut slot.op;
         let at = op.offset + done;
-        let user_data = idx as u64;
+        let user_data = idx;
         let rest = |len: usize| u32::try_from(len).unwrap_or(u32::MAX);
         let fds = &self.fds;
         let file = |at: u64, len: usize| {
@@ -320,7 +318,7 @@ impl UringEngine {
     /// Pushes one SQE; false if the SQ is full.
     fn push_sqe(&mut self, entry: &squeue::Entry) -> bool {
         // SAFETY: every SQE built by `sqe_for` points either into the buffer of the op
-        // in `self.slots[user_data]` or into `self.zeros`. That slot is owned by the
+        // in the slot of `self.slots` under `user_data`, or into `self.zeros`. That slot is owned by the
         // in-flight table until `drain_cq` reaps this SQE's CQE: nothing takes the op
         // out, replaces its buffer or touches its bytes before then (moving the `Slot`
         // when `slots` grows does not move the buffer's heap storage). `self.zeros` is
@@ -343,13 +341,10 @@ impl UringEngine {
         cqes.extend(self.ring.completion());
         for cqe in cqes.drain(..) {
             self.in_kernel = self.in_kernel.saturating_sub(1);
-            let Ok(idx) = usize::try_from(cqe.user_data()) else {
-                continue;
-            };
+            let idx = cqe.user_data();
             match self.after_cqe(idx, cqe.result()) {
                 Some(Next::Finish(result)) => {
-                    if let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) {
-                        self.free.push(idx);
+                    if let Some(slot) = self.slots.take(idx) {
                         let op = slot.op;
                         self.ready.push(Completion {
                             user: op.user,
@@ -366,8 +361,8 @@ impl UringEngine {
     }
 
     /// Decides the fate of slot `idx` given its CQE result.
-    fn after_cqe(&mut self, idx: usize, res: i32) -> Option<Next> {
-        let slot = self.slots.get_mut(idx)?.as_mut()?;
+    fn after_cqe(&mut self, idx: u64, res: i32) -> Option<Next> {
+        let slot = self.slots.get_mut(idx)?;
         let op = &slot.op;
         let total = match op.kind {
             IoKind::Read | IoKind::Write { .. } => u64_of(op.buf.len()),
@@ -475,16 +470,7 @@ impl Engine for UringEngine {
             retries: 0,
             zero_fill: false,
         };
-        let idx = match self.free.pop() {
-            Some(idx) => {
-                self.slots[idx] = Some(slot);
-                idx
-            }
-            None => {
-                self.slots.push(Some(slot));
-                self.slots.len() - 1
-            }
-        };
+        let idx = self.slots.insert(slot);
         self.pending.push_back(idx);
     }
 
@@ -530,7 +516,7 @@ impl Engine for UringEngine {
     }
 
     fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len() + self.ready.len()
+        self.slots.len() + self.ready.len()
     }
 }
 
