@@ -5,7 +5,10 @@
 //! - [`net`]: virtio-net: a device per guest port and a learning L2 switch between
 //!   ports, with per-source backlogs and drops counted per reason, and a TAP port
 //!   for the host's own network stack.
+//! - [`vhost_user`]: these devices served to a VMM in another process over
+//!   vhost-user (the `vio-host` binary).
 
 pub mod blk;
 pub mod net;
 mod poll;
+pub mod vhost_user;

@@ -60,6 +60,10 @@ pub struct ActiveQueue {
     pub kick: EventFdNotifier,
     /// Notify it to send the driver a used-buffer notification.
     pub interrupt: EventFdNotifier,
+    /// The available-ring position to start at: 0 for a freshly set-up queue; where
+    /// an earlier device instance stopped for a queue that changes hands (vhost-user's
+    /// SET_VRING_BASE). See [`crate::SplitDevice::starting_at`].
+    pub next_avail: u16,
 }
 
 impl ActiveQueue {
@@ -211,6 +215,7 @@ impl<H: DeviceHandler> InProcessTransport<H> {
                     layout,
                     kick,
                     interrupt,
+                    next_avail: 0,
                 }),
                 Err(error) => {
                     tracing::error!(%error, index, "cannot duplicate queue eventfds");

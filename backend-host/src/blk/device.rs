@@ -176,8 +176,13 @@ impl SharedCache {
 }
 
 struct Running {
+    index: u16,
     stop: Arc<EventFdNotifier>,
-    done: std::sync::mpsc::Receiver<()>,
+    /// Set before `stop` is signalled: finish the requests in flight and return
+    /// them to the driver, rather than dropping them as a reset does.
+    drain: Arc<AtomicBool>,
+    /// The worker's last word: where its ring stopped.
+    done: std::sync::mpsc::Receiver<u16>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -301,7 +306,7 @@ where
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
         let f = Features::from_bits_retain(features);
-        let ring = SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?;
+        let ring = SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?.starting_at(q.next_avail);
         let blk_features = BlkFeatures::from_bits_truncate(features);
         let worker = Worker {
             index: q.index,
@@ -319,8 +324,9 @@ where
             buffers: Vec::new(),
         };
         let stop = Arc::new(EventFdNotifier::new()?);
+        let drain = Arc::new(AtomicBool::new(false));
         let (done_tx, done) = std::sync::mpsc::channel();
-        let fut = worker.run(q.kick, q.interrupt, stop.clone(), done_tx);
+        let fut = worker.run(q.kick, q.interrupt, stop.clone(), drain.clone(), done_tx);
         let thread = match &self.runtime {
             Runtime::Handle(h) => {
                 h.spawn(fut);
@@ -337,7 +343,13 @@ where
                 )
             }
         };
-        self.running.push(Running { stop, done, thread });
+        self.running.push(Running {
+            index: q.index,
+            stop,
+            drain,
+            done,
+            thread,
+        });
         Ok(())
     }
 }
@@ -354,7 +366,7 @@ where
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         for q in queues {
             if let Err(e) = self.start_queue(features, q) {
-                self.stop_all();
+                self.stop_all(false);
                 return Err(e);
             }
         }
@@ -362,7 +374,7 @@ where
     }
 
     fn reset(&mut self) {
-        self.stop_all();
+        self.stop_all(false);
         self.flush_failed.store(false, Ordering::Release);
         self.cache.set(self.settings.cache);
     }
@@ -388,27 +400,44 @@ where
 }
 
 impl<V: DeviceModel> BlkDevice<V> {
-    /// Stops every queue worker and returns once each has reaped its ops.
-    fn stop_all(&mut self) {
+    /// Stops every queue worker once it has finished the requests in flight and
+    /// returned them to the driver, keeping the device's state (the cache mode, a
+    /// latched flush failure): how vhost-user stops rings and starts them again
+    /// (GET_VRING_BASE), unlike a reset. Returns where each queue stopped, as
+    /// `(queue index, next available-ring position)`, for
+    /// [`ActiveQueue::next_avail`] when the queue starts again.
+    pub fn stop_queues(&mut self) -> Vec<(u16, u16)> {
+        self.stop_all(true)
+    }
+
+    /// Stops every queue worker and returns once each has reaped its ops; with
+    /// `drain`, the requests in flight are completed and returned first.
+    fn stop_all(&mut self, drain: bool) -> Vec<(u16, u16)> {
         for r in &self.running {
+            r.drain.store(drain, Ordering::Release);
             if let Err(e) = r.stop.notify() {
                 tracing::error!(error = %e, "cannot signal a queue worker to stop");
             }
         }
+        let mut stopped = Vec::with_capacity(self.running.len());
         for mut r in self.running.drain(..) {
             // The worker reports once it has reaped every op; only then may the reset
             // become visible. A worker that died also closes the channel.
-            let _ = r.done.recv();
+            match r.done.recv() {
+                Ok(next_avail) => stopped.push((r.index, next_avail)),
+                Err(_) => tracing::error!(queue = r.index, "block queue worker died"),
+            }
             if let Some(t) = r.thread.take() {
                 let _ = t.join();
             }
         }
+        stopped
     }
 }
 
 impl<V: DeviceModel> Drop for BlkDevice<V> {
     fn drop(&mut self) {
-        self.stop_all();
+        self.stop_all(false);
     }
 }
 
@@ -454,18 +483,23 @@ impl<M: DeviceMemory + Send> Worker<M> {
         kick: EventFdNotifier,
         interrupt: EventFdNotifier,
         stop: Arc<EventFdNotifier>,
-        done: std::sync::mpsc::Sender<()>,
+        drain: Arc<AtomicBool>,
+        done: std::sync::mpsc::Sender<u16>,
     ) {
         if let Err(e) = self.serve(&kick, &interrupt, &stop).await {
             tracing::error!(queue = self.index, error = %e, "block queue worker failed");
+        }
+        if drain.load(Ordering::Acquire) {
+            self.drain(&interrupt);
         }
         self.quiesce();
         tracing::debug!(
             queue = self.index,
             contended_polls = self.poller.contended_sessions(),
+            next_avail = self.ring.next_avail(),
             "block queue worker stopped"
         );
-        let _ = done.send(());
+        let _ = done.send(self.ring.next_avail());
     }
 
     async fn serve(
@@ -838,6 +872,25 @@ impl<M: DeviceMemory + Send> Worker<M> {
 
     /// Waits for every op in flight and drops the results: after a reset nothing
     /// may be written to guest memory (§2.4), and buffers stay owned until reaped.
+    /// Completes every op in flight and returns its request to the driver, then
+    /// signals it: the queue stops with nothing in flight, so another device
+    /// instance can resume it at [`SplitDevice::next_avail`].
+    fn drain(&mut self, interrupt: &EventFdNotifier) {
+        let mut got = std::mem::take(&mut self.completions);
+        while self.engine.in_flight() > 0 {
+            if let Err(e) = self.engine.wait() {
+                tracing::error!(queue = self.index, error = %e, "waiting for block I/O while stopping");
+                break;
+            }
+            self.engine.reap(&mut got);
+            for c in got.drain(..) {
+                self.complete_op(c);
+            }
+        }
+        self.completions = got;
+        self.signal(interrupt);
+    }
+
     fn quiesce(&mut self) {
         let mut got = Vec::new();
         while self.engine.in_flight() > 0 {

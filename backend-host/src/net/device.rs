@@ -359,7 +359,7 @@ where
         let f = Features::from_bits_retain(features);
         let open = |q: &ActiveQueue| -> Result<SplitDevice<V::Memory>, ActivateError> {
             let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
-            Ok(SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?)
+            Ok(SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?.starting_at(q.next_avail))
         };
         // The pairs the driver enabled: the longest run from pair 0 with both
         // queues (§5.1.5: "up to N of each kind").

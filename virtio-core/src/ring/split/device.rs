@@ -129,6 +129,28 @@ impl<M: DeviceMemory> SplitDevice<M> {
         })
     }
 
+    /// Starts the queue at available-ring position `next_avail` instead of 0: for a
+    /// queue taken over from an earlier device instance (vhost-user's
+    /// SET_VRING_BASE, a backend restarted under a running driver). Call it right
+    /// after [`Self::new`]. The used index starts there too, because a queue changes
+    /// hands only with nothing in flight; the used index in shared memory is not
+    /// read back to find out (HOSTILE rule 10).
+    #[must_use]
+    pub fn starting_at(mut self, next_avail: u16) -> Self {
+        self.last_avail = next_avail;
+        self.avail_seen = next_avail;
+        self.used_idx = next_avail;
+        self.signalled_used = next_avail;
+        self
+    }
+
+    /// The next available-ring position the device will take: where another device
+    /// instance resumes once this one has returned every chain it took
+    /// ([`Self::in_flight`] is 0).
+    pub fn next_avail(&self) -> u16 {
+        self.last_avail
+    }
+
     /// Queue size.
     pub fn size(&self) -> u16 {
         self.size

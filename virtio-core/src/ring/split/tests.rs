@@ -117,6 +117,43 @@ fn out_of_order_completion() {
 }
 
 #[test]
+fn a_second_device_instance_resumes_where_the_first_stopped() {
+    let features = PLAIN | Features::EVENT_IDX;
+    let arena = Arena::new(0x4000_0000, 4 << 20).unwrap();
+    let (_, ring) = arena.alloc_split_ring(8).unwrap();
+    let share = IdentityShare::new(arena.clone(), 8);
+    let mut driver: SplitDriver<IdentityShare, u32> =
+        SplitDriver::new(8, ring.clone(), share, features).unwrap();
+    for t in 0..3 {
+        driver.add(&[], &bufs(&arena, &[16]), t).unwrap();
+    }
+    // The first instance serves two requests and stops with nothing in flight.
+    let mut first = SplitDevice::new(8, &ring, arena.clone(), features).unwrap();
+    for len in 1..=2 {
+        let c = first.pop().unwrap().unwrap();
+        first.add_used(c.head(), len).unwrap();
+    }
+    let at = first.next_avail();
+    assert_eq!(at, 2);
+    drop(first);
+    // The second takes over there: it sees only the third request, and its used
+    // entry follows the first instance's.
+    let mut second = SplitDevice::new(8, &ring, arena.clone(), features)
+        .unwrap()
+        .starting_at(at);
+    let c = second.pop().unwrap().unwrap();
+    assert!(second.pop().unwrap().is_none());
+    second.add_used(c.head(), 3).unwrap();
+    let got: Vec<_> = std::iter::from_fn(|| driver.pop_used().unwrap()).collect();
+    let want: Vec<_> = (0..3).map(|i| Used { token: i, len: i + 1 }).collect();
+    assert_eq!(got, want);
+    // Without `starting_at`, a new instance would serve the first request again.
+    let mut wrong = SplitDevice::new(8, &ring, arena.clone(), features).unwrap();
+    driver.add(&[], &bufs(&arena, &[16]), 3).unwrap();
+    assert_eq!(wrong.pop().unwrap().unwrap().head(), 0);
+}
+
+#[test]
 fn device_side_misuse_is_refused() {
     let mut p = pair(8, PLAIN);
     let ins = bufs(&p.arena, &[10]);

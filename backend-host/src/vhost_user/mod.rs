@@ -1,0 +1,180 @@
+//! vhost-user backends: our devices served to a VMM in another process.
+//!
+//! A VMM (QEMU, Cloud Hypervisor, crosvm, or our own `transport-vhost-user`)
+//! connects to a Unix socket, shares its guest memory as file descriptors, and
+//! hands over each virtqueue with a kick and a call eventfd; the device then serves
+//! the guest's rings directly, the way it serves a guest of sharing model 2 in
+//! process. The pieces:
+//!
+//! - [`memory`]: the frontend's memory table, mapped and checked, and
+//!   [`VhostMemory`], the sharing model our devices open their queues through;
+//! - [`server`]: the [`Session`] that turns vhost-user messages into device
+//!   activation, ring positions and configuration accesses, over the rust-vmm
+//!   `vhost` crate's message layer; [`VhostUserDevice`] is what a device provides;
+//! - [`Daemon`]: the accept loop, one frontend at a time; when a frontend goes
+//!   away the device finishes what is in flight, is reset, and waits for the next.
+//!
+//! The `vio-host` binary serves a block image this way.
+//!
+//! ```no_run
+//! use backend_host::blk::device::{BlkDevice, BlkSettings, Runtime};
+//! use backend_host::blk::disk::{Disk, DiskOptions};
+//! use backend_host::vhost_user::{Daemon, VhostMemory};
+//!
+//! let disk = Disk::open("disk.img", DiskOptions::default())?;
+//! let memory = VhostMemory::new();
+//! let device = BlkDevice::new(disk, memory.clone(), BlkSettings::default(), Runtime::OwnThreads);
+//! let daemon = Daemon::bind("/tmp/vio-blk.sock", device, memory)?;
+//! daemon.run()?; // serves frontends until the process ends
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod memory;
+pub mod server;
+
+pub use memory::{MemoryTable, VhostMemory};
+pub use server::{Session, SessionError, VhostUserDevice};
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+
+/// Serves one device to vhost-user frontends on a Unix socket, one at a time.
+pub struct Daemon<D: VhostUserDevice> {
+    listener: UnixListener,
+    path: PathBuf,
+    session: Arc<Mutex<Session<D>>>,
+    stop: Arc<AtomicBool>,
+    current: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl<D: VhostUserDevice> std::fmt::Debug for Daemon<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stops a [`Daemon`] running on another thread.
+#[derive(Debug, Clone)]
+pub struct StopHandle {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    current: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl StopHandle {
+    /// Makes [`Daemon::run`] return: the current frontend is disconnected (its
+    /// session ends as on any disconnect) and the accept loop is woken.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(s) = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        // Wakes a blocked accept(2); the loop sees the flag and returns.
+        let _ = UnixStream::connect(&self.path);
+    }
+}
+
+impl<D: VhostUserDevice> Daemon<D> {
+    /// Listens on `path` (a stale socket file there is replaced) for frontends of
+    /// `device`, which opens its queues through `memory`.
+    ///
+    /// # Errors
+    /// The socket could not be bound.
+    pub fn bind(path: impl AsRef<Path>, device: D, memory: VhostMemory) -> std::io::Result<Daemon<D>> {
+        let path = path.as_ref().to_path_buf();
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&path)?;
+        Ok(Daemon {
+            listener,
+            path,
+            session: Arc::new(Mutex::new(Session::new(device, memory))),
+            stop: Arc::new(AtomicBool::new(false)),
+            current: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// A handle that stops [`Self::run`] from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            path: self.path.clone(),
+            stop: self.stop.clone(),
+            current: self.current.clone(),
+        }
+    }
+
+    /// Runs `f` on the device (for counters and tests).
+    pub fn with_device<R>(&self, f: impl FnOnce(&D) -> R) -> R {
+        f(self
+            .session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .device())
+    }
+
+    /// Serves frontends until [`StopHandle::stop`]: each connection until it ends,
+    /// then the next.
+    ///
+    /// # Errors
+    /// accept(2) failed for a reason other than a signal.
+    pub fn run(&self) -> std::io::Result<()> {
+        tracing::info!(socket = %self.path.display(), "waiting for a vhost-user frontend");
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            self.serve(stream);
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Serves one frontend until it disconnects or breaks the protocol, then ends
+    /// its session: the device finishes what is in flight and is reset.
+    fn serve(&self, stream: UnixStream) {
+        tracing::info!("vhost-user frontend connected");
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = stream.try_clone().ok();
+        let mut handler = BackendReqHandler::from_stream(stream, self.session.clone());
+        loop {
+            match handler.handle_request() {
+                Ok(()) => {}
+                Err(VuError::Disconnected | VuError::PartialMessage) => {
+                    tracing::info!("vhost-user frontend disconnected");
+                    break;
+                }
+                Err(error) => {
+                    // The stream may be out of step with the message boundaries now:
+                    // the only safe way on is a new connection.
+                    tracing::warn!(%error, "vhost-user request failed; closing the connection");
+                    break;
+                }
+            }
+        }
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.session.lock().unwrap_or_else(PoisonError::into_inner).end();
+    }
+}
+
+impl<D: VhostUserDevice> Drop for Daemon<D> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

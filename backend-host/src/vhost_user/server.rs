@@ -1,0 +1,637 @@
+//! The vhost-user control plane: a frontend's messages turned into what our devices
+//! already understand.
+//!
+//! vhost-user has no status register and no DRIVER_OK: the frontend (QEMU, another
+//! VMM, or our own `transport-vhost-user`) negotiates with the guest itself, then
+//! tells the backend the features, the memory, and each ring's size, addresses,
+//! starting position and eventfds, and starts and stops rings one by one. Our
+//! devices ([`VhostUserDevice`]) are started with a set of queues and stopped as a
+//! whole, so the session keeps each ring's state and restarts the device with the
+//! rings that are ready whenever that set changes. A restart drains: requests in
+//! flight finish and are returned to the guest before the rings stop, and each ring
+//! resumes where it stopped, so nothing acknowledged or submitted is lost.
+//!
+//! A ring is ready when it has a size, addresses, a kick eventfd and is enabled
+//! (with `VHOST_USER_F_PROTOCOL_FEATURES` rings start disabled until
+//! SET_VRING_ENABLE; without it, a kick eventfd enables them). GET_VRING_BASE stops
+//! the ring and returns where it stopped (vhost-user spec, "Starting and stopping
+//! rings").
+//!
+//! Everything the frontend sends is checked: ring indices and sizes, features
+//! against those offered, addresses against the memory table, configuration
+//! offsets; a refused message gets an error reply (or ends the connection, for
+//! requests whose reply cannot carry an error), never a panic.
+
+use crate::vhost_user::memory::{MemoryError, MemoryTable, RegionSpec, VhostMemory};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use vhost::VhostUserMemoryRegionBase;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
+use virtio_core::QueueAddrs;
+use virtio_core::features::Features;
+use virtio_core::lifecycle::DeviceLifecycle;
+use virtio_core::notify::EventFdNotifier;
+use virtio_core::ring::SplitLayout;
+use virtio_core::transport::{ActiveQueue, DeviceHandler};
+
+/// A device a vhost-user daemon can serve: a [`DeviceHandler`] that also describes
+/// itself and can stop its queues without a reset.
+pub trait VhostUserDevice: DeviceHandler {
+    /// Offered features, configuration space and queue maximum sizes.
+    fn lifecycle(&self) -> DeviceLifecycle;
+
+    /// Stops every queue after finishing and returning the requests in flight,
+    /// keeping the device's own state; returns `(queue index, next available-ring
+    /// position)` for each queue that was running.
+    fn stop_queues(&mut self) -> Vec<(u16, u16)>;
+}
+
+impl<V> VhostUserDevice for crate::blk::device::BlkDevice<V>
+where
+    V: virtio_core::DeviceModel + Send + Sync + 'static,
+    V::Memory: Send + 'static,
+{
+    fn lifecycle(&self) -> DeviceLifecycle {
+        crate::blk::device::BlkDevice::lifecycle(self)
+    }
+
+    fn stop_queues(&mut self) -> Vec<(u16, u16)> {
+        crate::blk::device::BlkDevice::stop_queues(self)
+    }
+}
+
+/// Why the session refused a message.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// A ring index the device does not have.
+    #[error("the device has no ring {0}")]
+    NoSuchRing(u32),
+    /// A ring size that is not a power of two up to the ring's maximum.
+    #[error("ring {index} cannot have {size} entries (at most {max}, a power of two)")]
+    BadRingSize {
+        /// The ring.
+        index: u32,
+        /// The size asked for.
+        size: u32,
+        /// The ring's maximum.
+        max: u16,
+    },
+    /// A ring position that does not fit a split ring's 16-bit index.
+    #[error("ring {index} cannot start at {base}")]
+    BadBase {
+        /// The ring.
+        index: u32,
+        /// The position asked for.
+        base: u32,
+    },
+    /// Ring state changed while the ring runs.
+    #[error("ring {0} is running; stop it first")]
+    RingRunning(u32),
+    /// Features that were not offered.
+    #[error("features {0:#x} were not offered")]
+    Unoffered(u64),
+    /// Protocol features that were not offered.
+    #[error("protocol features {0:#x} were not offered")]
+    UnofferedProtocol(u64),
+    /// The memory table was refused.
+    #[error("memory table refused")]
+    Memory(#[from] MemoryError),
+    /// A configuration-space access outside the space, or a write the device refuses.
+    #[error("configuration access {offset}+{len} refused")]
+    Config {
+        /// Offset.
+        offset: u32,
+        /// Length.
+        len: usize,
+    },
+    /// An eventfd could not be duplicated or made.
+    #[error("eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A request this backend does not implement.
+    #[error("{0} is not supported")]
+    Unsupported(&'static str),
+}
+
+impl From<SessionError> for VuError {
+    fn from(e: SessionError) -> VuError {
+        tracing::warn!(error = %e, "vhost-user request refused");
+        VuError::ReqHandlerError(std::io::Error::other(e))
+    }
+}
+
+/// The frontend's addresses of a ring's three areas.
+#[derive(Debug, Clone, Copy)]
+struct FrontendAddrs {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+/// What the session knows of one ring.
+#[derive(Debug, Default)]
+struct Ring {
+    size: Option<u16>,
+    addrs: Option<FrontendAddrs>,
+    next_avail: u16,
+    kick: Option<EventFdNotifier>,
+    call: Option<EventFdNotifier>,
+    enabled: bool,
+    /// Served by the device right now.
+    running: bool,
+}
+
+impl Ring {
+    fn ready(&self) -> bool {
+        self.size.is_some() && self.addrs.is_some() && self.kick.is_some() && self.enabled
+    }
+}
+
+/// One frontend's session with a device: the state vhost-user messages build up.
+pub struct Session<D: VhostUserDevice> {
+    device: D,
+    memory: VhostMemory,
+    lifecycle: DeviceLifecycle,
+    offered: u64,
+    acked: u64,
+    /// The frontend acknowledged `VHOST_USER_F_PROTOCOL_FEATURES`: rings then start
+    /// disabled.
+    protocol_acked: bool,
+    protocol: VhostUserProtocolFeatures,
+    rings: Vec<Ring>,
+    /// The device is serving the rings marked `running`.
+    active: bool,
+}
+
+impl<D: VhostUserDevice> std::fmt::Debug for Session<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("acked", &format_args!("{:#x}", self.acked))
+            .field("rings", &self.rings)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The protocol features we implement (REPLY_ACK is added by the `vhost` crate).
+fn protocol_offered() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+impl<D: VhostUserDevice> Session<D> {
+    /// A session for `device`, which must open its queues through `memory`.
+    pub fn new(device: D, memory: VhostMemory) -> Session<D> {
+        let lifecycle = device.lifecycle();
+        let offered = lifecycle.device_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let rings = (0..lifecycle.num_queues()).map(|_| Ring::default()).collect();
+        Session {
+            device,
+            memory,
+            lifecycle,
+            offered,
+            acked: 0,
+            protocol_acked: false,
+            protocol: VhostUserProtocolFeatures::empty(),
+            rings,
+            active: false,
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// Forgets the frontend: stops the device (finishing what is in flight), resets
+    /// it, and drops the memory table. The next frontend starts from scratch.
+    pub fn end(&mut self) {
+        self.stop_device();
+        self.device.reset();
+        self.memory.set(None);
+        self.lifecycle = self.device.lifecycle();
+        self.acked = 0;
+        self.protocol_acked = false;
+        self.protocol = VhostUserProtocolFeatures::empty();
+        self.rings.iter_mut().for_each(|r| *r = Ring::default());
+    }
+
+    fn ring(&mut self, index: u32) -> Result<&mut Ring, SessionError> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.rings.get_mut(i))
+            .ok_or(SessionError::NoSuchRing(index))
+    }
+
+    fn idle_ring(&mut self, index: u32) -> Result<&mut Ring, SessionError> {
+        let ring = self.ring(index)?;
+        if ring.running {
+            return Err(SessionError::RingRunning(index));
+        }
+        Ok(ring)
+    }
+
+    /// Stops the device if it runs, recording where each ring stopped.
+    fn stop_device(&mut self) {
+        if !self.active {
+            return;
+        }
+        for (index, next_avail) in self.device.stop_queues() {
+            if let Some(r) = self.rings.get_mut(usize::from(index)) {
+                r.next_avail = next_avail;
+            }
+        }
+        self.rings.iter_mut().for_each(|r| r.running = false);
+        self.active = false;
+    }
+
+    /// Restarts the device with the rings that are ready and can start now, if that
+    /// set differs from the running one (or `force`: a running ring's eventfd or
+    /// the features changed).
+    fn restart(&mut self, force: bool) {
+        let table = self.memory.table();
+        let startable: Vec<bool> = self
+            .rings
+            .iter()
+            .map(|r| r.ready() && check_ring(r, table.as_deref()).is_ok())
+            .collect();
+        let same = self.rings.iter().zip(&startable).all(|(r, &s)| r.running == s);
+        if same && !force {
+            return;
+        }
+        self.stop_device();
+        let mut queues = Vec::new();
+        for (i, r) in self.rings.iter().enumerate() {
+            if !r.ready() {
+                continue;
+            }
+            match active_queue(i, r, table.as_deref()) {
+                Ok(q) => queues.push(q),
+                Err(error) => tracing::warn!(ring = i, %error, "ring cannot start"),
+            }
+        }
+        if queues.is_empty() {
+            return;
+        }
+        let started: Vec<u16> = queues.iter().map(|q| q.index).collect();
+        match self.device.activate(self.acked, queues) {
+            Ok(()) => {
+                for i in started {
+                    self.rings[usize::from(i)].running = true;
+                }
+                self.active = true;
+                tracing::debug!(rings = ?started_rings(&self.rings), "device started");
+            }
+            Err(error) => tracing::error!(%error, "device refused to start"),
+        }
+    }
+}
+
+fn started_rings(rings: &[Ring]) -> Vec<usize> {
+    rings
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.running)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Why a ready ring could not be handed to the device.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("no memory table")]
+    NoMemory,
+    #[error("size, addresses or kick eventfd missing")]
+    NotReady,
+    #[error("ring address {0:#x} is in no memory region")]
+    Unmapped(u64),
+    #[error("eventfd")]
+    EventFd(#[source] virtio_core::notify::NotifyError),
+}
+
+/// The ring's size and guest-physical addresses, if it has all it needs to start.
+fn check_ring(r: &Ring, table: Option<&MemoryTable>) -> Result<(u16, QueueAddrs), StartError> {
+    let table = table.ok_or(StartError::NoMemory)?;
+    let (Some(size), Some(a), true) = (r.size, r.addrs, r.kick.is_some()) else {
+        return Err(StartError::NotReady);
+    };
+    let gpa = |va: u64| table.frontend_to_guest(va).ok_or(StartError::Unmapped(va));
+    let addrs = QueueAddrs {
+        desc: gpa(a.desc)?,
+        avail: gpa(a.avail)?,
+        used: gpa(a.used)?,
+    };
+    Ok((size, addrs))
+}
+
+fn active_queue(i: usize, r: &Ring, table: Option<&MemoryTable>) -> Result<ActiveQueue, StartError> {
+    let (size, addrs) = check_ring(r, table)?;
+    let kick = r.kick.as_ref().ok_or(StartError::NotReady)?;
+    let kick = kick.try_clone().map_err(StartError::EventFd)?;
+    // A ring without a call eventfd is polled by the frontend: signal an eventfd
+    // nobody reads.
+    let interrupt = match &r.call {
+        Some(c) => c.try_clone(),
+        None => EventFdNotifier::new(),
+    }
+    .map_err(StartError::EventFd)?;
+    let layout = virtio_core::lifecycle::QueueLayout {
+        size,
+        desc: addrs.desc,
+        avail: addrs.avail,
+        used: addrs.used,
+    };
+    Ok(ActiveQueue {
+        index: u16::try_from(i).unwrap_or(u16::MAX),
+        layout,
+        kick,
+        interrupt,
+        next_avail: r.next_avail,
+    })
+}
+
+fn eventfd(fd: Option<File>) -> Result<Option<EventFdNotifier>, SessionError> {
+    fd.map(|f| EventFdNotifier::from_owned_fd(OwnedFd::from(f)))
+        .transpose()
+        .map_err(|e| SessionError::EventFd(std::io::Error::other(e)))
+}
+
+impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.end();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.end();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.offered)
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        let extra = features & !self.offered;
+        if extra != 0 {
+            return Err(SessionError::Unoffered(extra).into());
+        }
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.protocol_acked = features & protocol_bit != 0;
+        let acked = features & !protocol_bit;
+        if !Features::from_bits_retain(acked).contains(Features::VERSION_1) {
+            // Our rings and devices are virtio 1.x only (little-endian, no legacy
+            // layouts).
+            return Err(SessionError::Unoffered(Features::VERSION_1.bits()).into());
+        }
+        if acked != self.acked {
+            self.acked = acked;
+            if self.active {
+                self.restart(true);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let specs: Vec<RegionSpec> = ctx
+            .iter()
+            .map(|r| RegionSpec {
+                guest_phys_addr: r.guest_phys_addr,
+                memory_size: r.memory_size,
+                user_addr: r.user_addr,
+                mmap_offset: r.mmap_offset,
+            })
+            .collect();
+        let table = MemoryTable::map(&specs, files).map_err(SessionError::from)?;
+        tracing::debug!(regions = specs.len(), bytes = table.bytes(), "memory table");
+        // Rings must not run on a table that is about to go away.
+        let was_active = self.active;
+        self.stop_device();
+        self.memory.set(Some(table));
+        // Running rings restart on the new table; ready ones may start now.
+        self.restart(was_active);
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let max = self
+            .lifecycle
+            .queue(u16::try_from(index).unwrap_or(u16::MAX))
+            .map(|q| q.max_size);
+        let ring = self.idle_ring(index)?;
+        let max = max.unwrap_or(0);
+        let size = u16::try_from(num)
+            .ok()
+            .filter(|&s| SplitLayout::new(s).is_some() && s <= max);
+        ring.size = Some(size.ok_or(SessionError::BadRingSize {
+            index,
+            size: num,
+            max,
+        })?);
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        // Addresses are checked against the memory table when the ring starts: the
+        // table may arrive, or change, after them.
+        self.idle_ring(index)?.addrs = Some(FrontendAddrs {
+            desc: descriptor,
+            avail: available,
+            used,
+        });
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let ring = self.idle_ring(index)?;
+        ring.next_avail = u16::try_from(base).map_err(|_| SessionError::BadBase { index, base })?;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.ring(index)?;
+        // Stop the device (which drains every ring), then restart the others.
+        self.stop_device();
+        let ring = self.ring(index)?;
+        ring.kick = None;
+        ring.enabled = false;
+        let next = ring.next_avail;
+        self.restart(false);
+        Ok(VhostUserVringState::new(index, u32::from(next)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let kick = eventfd(fd)?;
+        let starts_enabled = !self.protocol_acked;
+        let ring = self.ring(u32::from(index))?;
+        ring.kick = kick;
+        // Without VHOST_USER_F_PROTOCOL_FEATURES a ring starts enabled.
+        if starts_enabled {
+            ring.enabled = ring.kick.is_some();
+        }
+        // A running ring waits on the new eventfd only after a restart.
+        let running = ring.running;
+        self.restart(running);
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let call = eventfd(fd)?;
+        let ring = self.ring(u32::from(index))?;
+        ring.call = call;
+        let running = ring.running;
+        // A running ring signals the new eventfd only after a restart.
+        if running {
+            self.restart(true);
+        }
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        // Ring errors show in the device's logs and as a stopped ring; nothing is
+        // signalled on this eventfd.
+        self.ring(u32::from(index))?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(protocol_offered())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        let allowed = protocol_offered() | VhostUserProtocolFeatures::REPLY_ACK;
+        let extra = features & !allowed.bits();
+        if extra != 0 {
+            return Err(SessionError::UnofferedProtocol(extra).into());
+        }
+        self.protocol = VhostUserProtocolFeatures::from_bits_truncate(features);
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(self.rings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        self.ring(index)?.enabled = enable;
+        self.restart(false);
+        Ok(())
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        let lifecycle = &mut self.lifecycle;
+        self.device.config_changes(&mut |off, bytes| {
+            if let Err(error) = lifecycle.update_config(off, bytes) {
+                tracing::warn!(%error, off, "device config change does not fit the config space");
+            }
+        });
+        let refused = SessionError::Config {
+            offset,
+            len: size as usize,
+        };
+        let mut buf = vec![0; size as usize];
+        self.lifecycle
+            .config()
+            .read(offset as usize, &mut buf)
+            .map_err(|_| refused)?;
+        Ok(buf)
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        let refused = || SessionError::Config {
+            offset,
+            len: buf.len(),
+        };
+        if !self.device.write_config(self.acked, offset as usize, buf) {
+            return Err(refused().into());
+        }
+        // The driver made this change itself: no configuration-change
+        // notification is due for it.
+        let _ = self
+            .lifecycle
+            .update_config(offset as usize, buf)
+            .map_err(|_| refused())?;
+        Ok(())
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(SessionError::Unsupported("GPU_SET_SOCKET").into())
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(SessionError::Unsupported("GET_SHARED_OBJECT").into())
+    }
+
+    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        Err(SessionError::Unsupported("GET_INFLIGHT_FD").into())
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
+        Err(SessionError::Unsupported("SET_INFLIGHT_FD").into())
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Err(SessionError::Unsupported("GET_MAX_MEM_SLOTS").into())
+    }
+
+    fn add_mem_region(
+        &mut self,
+        _region: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        Err(SessionError::Unsupported("ADD_MEM_REG").into())
+    }
+
+    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        Err(SessionError::Unsupported("REM_MEM_REG").into())
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(SessionError::Unsupported("SET_DEVICE_STATE_FD").into())
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(SessionError::Unsupported("CHECK_DEVICE_STATE").into())
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(SessionError::Unsupported("GET_SHMEM_CONFIG").into())
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(SessionError::Unsupported("SET_LOG_BASE").into())
+    }
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
