@@ -1,0 +1,446 @@
+//! The front-end's end of the vhost-user socket: one request at a time, each reply
+//! read under a deadline and checked before its body is used.
+//!
+//! Nothing here waits without a limit: sends and reads both stop at the channel's
+//! timeout with [`VhostUserError::TimedOut`], a closed socket is
+//! [`VhostUserError::Disconnected`], and a reply body's size is bounded by
+//! [`MAX_REPLY_BODY`] before anything is allocated from it.
+
+use crate::error::VhostUserError;
+use crate::protocol::{FLAG_NEED_REPLY, FLAG_REPLY, Header, MAX_REPLY_BODY, Request, VERSION, VERSION_MASK};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use std::io::{self, IoSlice, Read};
+use std::mem::MaybeUninit;
+use std::os::fd::BorrowedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Most file descriptors one message carries (the protocol's limit for
+/// SET_MEM_TABLE; every other request carries at most one).
+const MAX_FDS: usize = 8;
+
+/// A connected vhost-user socket.
+#[derive(Debug)]
+pub(crate) struct Channel {
+    sock: UnixStream,
+    timeout: Duration,
+    /// REPLY_ACK was negotiated: requests without a reply ask for an ack.
+    reply_ack: bool,
+}
+
+impl Channel {
+    /// Connects to the back-end listening at `path`; every later request must
+    /// complete within `timeout`.
+    pub(crate) fn connect(path: &Path, timeout: Duration) -> Result<Self, VhostUserError> {
+        let sock = UnixStream::connect(path).map_err(|source| VhostUserError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // Sends are small and finish at once unless the back-end stopped reading;
+        // the kernel's timeout bounds each one, the deadline below the sum.
+        sock.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))
+            .map_err(VhostUserError::Socket)?;
+        Ok(Channel {
+            sock,
+            timeout,
+            reply_ack: false,
+        })
+    }
+
+    /// From now on, requests without a reply of their own ask for a REPLY_ACK, so
+    /// their failures come back to the caller instead of being lost.
+    pub(crate) fn set_reply_ack(&mut self, on: bool) {
+        self.reply_ack = on;
+    }
+
+    /// Sends `request` (one without a reply of its own) with `body` and `fds`, and
+    /// waits for its acknowledgement if REPLY_ACK was negotiated.
+    pub(crate) fn send(
+        &mut self,
+        request: Request,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), VhostUserError> {
+        debug_assert!(!request.has_reply());
+        let deadline = self.deadline();
+        let flags = if self.reply_ack { FLAG_NEED_REPLY } else { 0 };
+        self.write(request, flags, body, fds, deadline)?;
+        if !self.reply_ack {
+            return Ok(());
+        }
+        let code = self.read_u64(request, deadline)?;
+        if code != 0 {
+            return Err(VhostUserError::Refused { request, code });
+        }
+        Ok(())
+    }
+
+    /// Sends `request` (one with a reply) with `body` and returns the reply body,
+    /// at most [`MAX_REPLY_BODY`] bytes.
+    pub(crate) fn call(&mut self, request: Request, body: &[u8]) -> Result<Vec<u8>, VhostUserError> {
+        debug_assert!(request.has_reply());
+        let deadline = self.deadline();
+        self.write(request, 0, body, &[], deadline)?;
+        self.read_reply(request, deadline)
+    }
+
+    /// [`Self::call`] for the requests whose reply is one u64.
+    pub(crate) fn call_u64(&mut self, request: Request) -> Result<u64, VhostUserError> {
+        let deadline = self.deadline();
+        self.write(request, 0, &[], &[], deadline)?;
+        self.read_u64(request, deadline)
+    }
+
+    /// Checks, without waiting, that the back-end is still connected and quiet.
+    /// Between requests it has nothing to say: readable means it hung up (or broke
+    /// the protocol).
+    pub(crate) fn probe(&self) -> Result<(), VhostUserError> {
+        let mut fds = [PollFd::new(&self.sock, PollFlags::IN | PollFlags::RDHUP)];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match poll(&mut fds, Some(&zero)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Ok(_) => {
+                let hung_up = PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR;
+                if fds[0].revents().intersects(hung_up) {
+                    return Err(VhostUserError::Disconnected { request: None });
+                }
+                let mut byte = [0u8; 1];
+                match rustix::net::recv(&self.sock, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+                    Ok((_, 0)) => Err(VhostUserError::Disconnected { request: None }),
+                    Ok(_) => Err(VhostUserError::Unsolicited),
+                    Err(_) => Ok(()),
+                }
+            }
+            Err(e) => Err(VhostUserError::Socket(e.into())),
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
+    }
+
+    fn timed_out(&self, request: Request) -> VhostUserError {
+        VhostUserError::TimedOut {
+            request,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Writes one message; the descriptors ride on its first byte.
+    fn write(
+        &mut self,
+        request: Request,
+        flags: u32,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Instant,
+    ) -> Result<(), VhostUserError> {
+        let size = u32::try_from(body.len()).map_err(|_| VhostUserError::Send {
+            request,
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?;
+        if fds.len() > MAX_FDS {
+            return Err(VhostUserError::Send {
+                request,
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            });
+        }
+        let header = Header {
+            request: request.code(),
+            flags: VERSION | flags,
+            size,
+        };
+        let mut msg = Vec::with_capacity(Header::SIZE + body.len());
+        msg.extend_from_slice(header.as_bytes());
+        msg.extend_from_slice(body);
+
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut sent = 0;
+        let mut first = true;
+        while sent < msg.len() {
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if first && !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+                return Err(VhostUserError::Send {
+                    request,
+                    source: io::Error::from(io::ErrorKind::InvalidInput),
+                });
+            }
+            let iov = [IoSlice::new(&msg[sent..])];
+            // NOSIGNAL: a back-end that went away is an EPIPE error, not a SIGPIPE
+            // that kills a process which did not ignore it.
+            match rustix::net::sendmsg(&self.sock, &iov, &mut control, SendFlags::NOSIGNAL) {
+                Ok(0) => {
+                    return Err(VhostUserError::Disconnected {
+                        request: Some(request),
+                    });
+                }
+                Ok(n) => {
+                    sent += n;
+                    first = false;
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {}
+                Err(rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET) => {
+                    return Err(VhostUserError::Disconnected {
+                        request: Some(request),
+                    });
+                }
+                Err(e) => {
+                    return Err(VhostUserError::Send {
+                        request,
+                        source: e.into(),
+                    });
+                }
+            }
+            if sent < msg.len() && Instant::now() >= deadline {
+                return Err(self.timed_out(request));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a reply to `request` and returns its body.
+    fn read_reply(&mut self, request: Request, deadline: Instant) -> Result<Vec<u8>, VhostUserError> {
+        let mut raw = [0u8; Header::SIZE];
+        self.read_exact(request, &mut raw, deadline)?;
+        let header = Header::read_from_bytes(&raw).unwrap_or_default();
+        let bad = |reason| VhostUserError::BadReply { request, reason };
+        if header.request != request.code() {
+            return Err(bad("it answers another request"));
+        }
+        if header.flags & VERSION_MASK != VERSION {
+            return Err(bad("unknown protocol version"));
+        }
+        if header.flags & FLAG_REPLY == 0 {
+            return Err(bad("reply flag not set"));
+        }
+        let size = usize::try_from(header.size).unwrap_or(usize::MAX);
+        if size > MAX_REPLY_BODY {
+            return Err(bad("body too large"));
+        }
+        let mut body = vec![0u8; size];
+        self.read_exact(request, &mut body, deadline)?;
+        Ok(body)
+    }
+
+    fn read_u64(&mut self, request: Request, deadline: Instant) -> Result<u64, VhostUserError> {
+        let body = self.read_reply(request, deadline)?;
+        let bytes: [u8; 8] = body.as_slice().try_into().map_err(|_| VhostUserError::BadReply {
+            request,
+            reason: "body is not one u64",
+        })?;
+        Ok(u64::from_ne_bytes(bytes))
+    }
+
+    /// Fills `buf` from the socket, polling with what is left of the deadline
+    /// before every read so a silent back-end cannot hold the caller.
+    fn read_exact(
+        &mut self,
+        request: Request,
+        buf: &mut [u8],
+        deadline: Instant,
+    ) -> Result<(), VhostUserError> {
+        let mut got = 0;
+        while got < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.timed_out(request));
+            }
+            let limit = Timespec::try_from(left).unwrap_or(Timespec {
+                tv_sec: i64::MAX,
+                tv_nsec: 0,
+            });
+            let mut fds = [PollFd::new(&self.sock, PollFlags::IN)];
+            match poll(&mut fds, Some(&limit)) {
+                Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(VhostUserError::Recv {
+                        request,
+                        source: e.into(),
+                    });
+                }
+            }
+            match self.sock.read(&mut buf[got..]) {
+                Ok(0) => {
+                    return Err(VhostUserError::Disconnected {
+                        request: Some(request),
+                    });
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(VhostUserError::Disconnected {
+                        request: Some(request),
+                    });
+                }
+                Err(source) => return Err(VhostUserError::Recv { request, source }),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+
+    fn pair(timeout: Duration) -> (Channel, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_write_timeout(Some(timeout)).unwrap();
+        (
+            Channel {
+                sock: a,
+                timeout,
+                reply_ack: false,
+            },
+            b,
+        )
+    }
+
+    fn reply(peer: &mut UnixStream, request: Request, flags: u32, body: &[u8]) {
+        let h = Header {
+            request: request.code(),
+            flags,
+            size: u32::try_from(body.len()).unwrap(),
+        };
+        peer.write_all(h.as_bytes()).unwrap();
+        peer.write_all(body).unwrap();
+    }
+
+    #[test]
+    fn a_silent_back_end_times_out() {
+        let (mut ch, _peer) = pair(Duration::from_millis(50));
+        let t = Instant::now();
+        assert!(matches!(
+            ch.call_u64(Request::GetFeatures),
+            Err(VhostUserError::TimedOut {
+                request: Request::GetFeatures,
+                ..
+            })
+        ));
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_closed_socket_is_disconnected() {
+        let (mut ch, peer) = pair(Duration::from_secs(5));
+        drop(peer);
+        assert!(matches!(
+            ch.call_u64(Request::GetFeatures),
+            Err(VhostUserError::Disconnected { .. })
+        ));
+        assert!(matches!(
+            ch.probe(),
+            Err(VhostUserError::Disconnected { request: None })
+        ));
+    }
+
+    #[test]
+    fn replies_are_checked() {
+        let (mut ch, mut peer) = pair(Duration::from_secs(5));
+        reply(
+            &mut peer,
+            Request::GetFeatures,
+            VERSION | FLAG_REPLY,
+            &7u64.to_ne_bytes(),
+        );
+        assert_eq!(ch.call_u64(Request::GetFeatures).unwrap(), 7);
+        for (code, flags, body, what) in [
+            (
+                Request::GetQueueNum,
+                VERSION | FLAG_REPLY,
+                &[0u8; 8][..],
+                "another request",
+            ),
+            (Request::GetFeatures, VERSION, &[0u8; 8][..], "reply flag"),
+            (Request::GetFeatures, 2 | FLAG_REPLY, &[0u8; 8][..], "version"),
+            (Request::GetFeatures, VERSION | FLAG_REPLY, &[0u8; 4][..], "u64"),
+        ] {
+            // A bad reply leaves the stream unusable: a fresh socket for each.
+            let (mut ch, mut peer) = pair(Duration::from_secs(5));
+            reply(&mut peer, code, flags, body);
+            match ch.call_u64(Request::GetFeatures) {
+                Err(VhostUserError::BadReply { reason, .. }) => assert!(reason.contains(what), "{reason}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // A huge size is refused before any allocation.
+        let h = Header {
+            request: Request::GetConfig.code(),
+            flags: VERSION | FLAG_REPLY,
+            size: u32::MAX,
+        };
+        peer.write_all(h.as_bytes()).unwrap();
+        assert!(matches!(
+            ch.call(Request::GetConfig, &[]),
+            Err(VhostUserError::BadReply {
+                reason: "body too large",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn acks_are_awaited_and_failures_reported() {
+        let (mut ch, mut peer) = pair(Duration::from_secs(5));
+        ch.set_reply_ack(true);
+        reply(
+            &mut peer,
+            Request::SetOwner,
+            VERSION | FLAG_REPLY,
+            &0u64.to_ne_bytes(),
+        );
+        ch.send(Request::SetOwner, &[], &[]).unwrap();
+        reply(
+            &mut peer,
+            Request::SetOwner,
+            VERSION | FLAG_REPLY,
+            &1u64.to_ne_bytes(),
+        );
+        assert!(matches!(
+            ch.send(Request::SetOwner, &[], &[]),
+            Err(VhostUserError::Refused { code: 1, .. })
+        ));
+        let mut sent = [0u8; 2 * Header::SIZE];
+        peer.read_exact(&mut sent).unwrap();
+        let h = Header::read_from_bytes(&sent[..Header::SIZE]).unwrap();
+        assert_eq!(h.flags, VERSION | FLAG_NEED_REPLY);
+    }
+
+    #[test]
+    fn descriptors_ride_with_the_message() {
+        let dir = std::env::temp_dir().join(format!("vu-chan-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let listener = UnixListener::bind(&dir).unwrap();
+        let mut ch = Channel::connect(&dir, Duration::from_secs(5)).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        let _ = std::fs::remove_file(&dir);
+        let efd = virtio_core::notify::EventFdNotifier::new().unwrap();
+        use std::os::fd::AsFd;
+        ch.send(Request::SetVringKick, &0u64.to_ne_bytes(), &[efd.as_fd()])
+            .unwrap();
+        let mut buf = [0u8; 20];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let got = rustix::net::recvmsg(&peer, &mut iov, &mut control, RecvFlags::empty()).unwrap();
+        assert_eq!(got.bytes, 20);
+        let n: usize = control
+            .drain()
+            .map(|m| match m {
+                rustix::net::RecvAncillaryMessage::ScmRights(fds) => fds.count(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(n, 1, "the eventfd travels with SET_VRING_KICK");
+    }
+}

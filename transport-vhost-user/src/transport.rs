@@ -1,0 +1,635 @@
+//! [`VhostUserTransport`]: the virtio [`Transport`] of a driver whose device is a
+//! vhost-user back-end in another process.
+//!
+//! vhost-user has no device status register, so the front-end keeps the status
+//! itself (a [`StatusMachine`], as a device would) and turns its transitions into
+//! messages, the way QEMU's vhost-user devices do:
+//!
+//! | driver action            | messages                                                     |
+//! |--------------------------|--------------------------------------------------------------|
+//! | connect                  | GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER, GET_CONFIG |
+//! | FEATURES_OK              | SET_FEATURES, SET_MEM_TABLE (the guest memfd)                |
+//! | `setup_queue`            | SET_VRING_NUM, SET_VRING_BASE(0), SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL |
+//! | DRIVER_OK                | SET_VRING_ENABLE(1) per set-up queue                         |
+//! | reset (status 0)         | GET_VRING_BASE per started queue (it stops the ring)         |
+//! | config generation / read | GET_CONFIG of the whole space, served from a cache           |
+//! | config write             | SET_CONFIG, only for fields the options declare writable     |
+//!
+//! Any socket error, timeout or malformed reply breaks the connection for good: the
+//! first error is kept ([`VhostUserTransport::broken`]), the status reads
+//! DEVICE_NEEDS_RESET, and a reset that cannot confirm (GET_VRING_BASE) that the
+//! back-end stopped a ring leaves the status non-zero, so a driver keeps its ring
+//! memory rather than reuse what the back-end may still write.
+
+use crate::channel::Channel;
+use crate::error::VhostUserError;
+use crate::protocol::{
+    CONFIG_TYPE_FRONTEND, ConfigHeader, F_PROTOCOL_FEATURES, MAX_CONFIG_SIZE, MemoryHeader, MemoryRegion,
+    ProtocolFeatures, Request, VHOST_FEATURES, VringAddr, VringState,
+};
+use hypervisor::GuestMemory;
+use std::ops::Range;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use virtio_core::QueueAddrs;
+use virtio_core::lifecycle::{ControlPlane, QueueError, RingArea};
+use virtio_core::notify::{EventFdNotifier, Notify, NotifyError, Wait};
+use virtio_core::status::{DeviceStatus, FeaturesVerdict, StatusChange, StatusMachine};
+use virtio_core::transport::{Transport, TransportError};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Most queues a back-end may report; each costs two eventfds here.
+pub const MAX_QUEUES: u16 = 256;
+
+/// What the front-end needs to know that vhost-user does not say: which device is
+/// behind the socket, and how its configuration space looks.
+#[derive(Debug, Clone)]
+pub struct VhostUserOptions {
+    /// The virtio device id (§5), reported to the driver as is.
+    pub device_id: u32,
+    /// Bytes of configuration space to read with GET_CONFIG (at most 256).
+    pub config_len: usize,
+    /// Configuration ranges the device type lets the driver write. Writes elsewhere
+    /// are ignored here: some back-ends (libvhost-user's) drop the connection on a
+    /// SET_CONFIG they refuse.
+    pub writable_config: Vec<Range<usize>>,
+    /// The largest queue the driver may ask for. vhost-user has no way to ask the
+    /// back-end; QEMU's vhost-user-blk uses 128 by default and libvhost-user takes
+    /// up to 1024.
+    pub queue_max_size: u16,
+    /// Limit on each request's round trip.
+    pub timeout: Duration,
+}
+
+impl VhostUserOptions {
+    /// A virtio-blk back-end: the 72-byte configuration space of virtio 1.2 §5.2.4,
+    /// with `writeback` (offset 32, CONFIG_WCE) writable.
+    #[allow(clippy::single_range_in_vec_init, reason = "a list of one writable field")]
+    pub fn blk() -> Self {
+        const WRITEBACK: usize = 32;
+        VhostUserOptions {
+            device_id: virtio_core::blk::DEVICE_ID,
+            config_len: virtio_core::blk::BlkConfig::SIZE,
+            writable_config: vec![WRITEBACK..WRITEBACK + 1],
+            queue_max_size: 256,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the back-end offered when the front-end connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// GET_FEATURES as sent, with [`F_PROTOCOL_FEATURES`].
+    pub features: u64,
+    /// GET_PROTOCOL_FEATURES.
+    pub protocol_features: ProtocolFeatures,
+    /// The protocol features this front-end accepted (MQ, CONFIG and REPLY_ACK
+    /// where offered).
+    pub acked_protocol_features: ProtocolFeatures,
+    /// GET_QUEUE_NUM (1 without MQ).
+    pub queues: u16,
+}
+
+/// A virtio transport whose device is a vhost-user back-end. The driver's memory is
+/// one [`GuestMemory`] memfd, handed to the back-end in SET_MEM_TABLE.
+pub struct VhostUserTransport {
+    inner: Mutex<Inner>,
+    memory: Arc<GuestMemory>,
+    backend: BackendInfo,
+    opts: VhostUserOptions,
+    /// Written by [`Transport::notify_queue`]; the back-end waits on it.
+    kicks: Vec<EventFdNotifier>,
+    /// Written by the back-end; the driver waits on it.
+    calls: Vec<EventFdNotifier>,
+}
+
+struct Inner {
+    channel: Channel,
+    machine: StatusMachine,
+    driver_features: u64,
+    queues: Vec<QueueSlot>,
+    config: Vec<u8>,
+    generation: u32,
+    broken: Option<Arc<VhostUserError>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueSlot {
+    /// Size and addresses were sent.
+    set_up: bool,
+    /// SET_VRING_KICK was sent (libvhost-user starts the ring then): a reset must
+    /// stop it with GET_VRING_BASE.
+    started: bool,
+}
+
+impl std::fmt::Debug for VhostUserTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserTransport")
+            .field("backend", &self.backend)
+            .field("device_id", &self.opts.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostUserTransport {
+    /// Connects to the back-end listening at `path` and learns what it offers. The
+    /// driver's rings and buffers must live in `memory`.
+    ///
+    /// # Errors
+    /// The socket, a request or its reply failed; the back-end lacks
+    /// PROTOCOL_FEATURES or the CONFIG protocol feature (there is no other way to
+    /// read the configuration space); a queue count of 0 or above [`MAX_QUEUES`].
+    pub fn connect(
+        path: &Path,
+        memory: Arc<GuestMemory>,
+        opts: VhostUserOptions,
+    ) -> Result<Self, VhostUserError> {
+        if opts.config_len > MAX_CONFIG_SIZE {
+            return Err(VhostUserError::ConfigTooLarge(opts.config_len));
+        }
+        let mut channel = Channel::connect(path, opts.timeout)?;
+        let features = channel.call_u64(Request::GetFeatures)?;
+        if features & F_PROTOCOL_FEATURES == 0 {
+            return Err(VhostUserError::Missing("VHOST_USER_F_PROTOCOL_FEATURES"));
+        }
+        let offered = ProtocolFeatures::from_bits_retain(channel.call_u64(Request::GetProtocolFeatures)?);
+        if !offered.contains(ProtocolFeatures::CONFIG) {
+            return Err(VhostUserError::Missing("the CONFIG protocol feature"));
+        }
+        let wanted = ProtocolFeatures::MQ | ProtocolFeatures::CONFIG | ProtocolFeatures::REPLY_ACK;
+        let acked = offered & wanted;
+        channel.send(Request::SetProtocolFeatures, acked.bits().as_bytes(), &[])?;
+        channel.set_reply_ack(acked.contains(ProtocolFeatures::REPLY_ACK));
+        let queues = if acked.contains(ProtocolFeatures::MQ) {
+            let n = channel.call_u64(Request::GetQueueNum)?;
+            match u16::try_from(n) {
+                Ok(q @ 1..=MAX_QUEUES) => q,
+                _ => return Err(VhostUserError::BadQueueCount(n)),
+            }
+        } else {
+            1
+        };
+        channel.send(Request::SetOwner, &[], &[])?;
+        let config = get_config(&mut channel, opts.config_len)?;
+        let kicks = (0..queues)
+            .map(|_| EventFdNotifier::new())
+            .collect::<Result<Vec<_>, _>>()?;
+        let calls = (0..queues)
+            .map(|_| EventFdNotifier::new())
+            .collect::<Result<Vec<_>, _>>()?;
+        let backend = BackendInfo {
+            features,
+            protocol_features: offered,
+            acked_protocol_features: acked,
+            queues,
+        };
+        tracing::debug!(?backend, "vhost-user back-end connected");
+        Ok(VhostUserTransport {
+            inner: Mutex::new(Inner {
+                channel,
+                machine: StatusMachine::new(),
+                driver_features: 0,
+                queues: vec![QueueSlot::default(); usize::from(queues)],
+                config,
+                generation: 0,
+                broken: None,
+            }),
+            memory,
+            backend,
+            opts,
+            kicks,
+            calls,
+        })
+    }
+
+    /// What the back-end offered.
+    pub fn backend(&self) -> &BackendInfo {
+        &self.backend
+    }
+
+    /// The guest memory shared with the back-end.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// Queue `index`'s used-buffer notification (the eventfd sent in
+    /// SET_VRING_CALL), for the driver to wait on.
+    pub fn interrupt(&self, index: u16) -> Option<&EventFdNotifier> {
+        self.calls.get(usize::from(index))
+    }
+
+    /// A handle on every queue's used-buffer notification, in queue order: the
+    /// `interrupts` argument of a driver's constructor.
+    ///
+    /// # Errors
+    /// Duplicating an eventfd failed.
+    pub fn interrupts(&self) -> Result<Vec<EventFdNotifier>, NotifyError> {
+        self.calls.iter().map(EventFdNotifier::try_clone).collect()
+    }
+
+    /// The error that broke the connection, if one did.
+    pub fn broken(&self) -> Option<Arc<VhostUserError>> {
+        self.lock().broken.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every path leaves the state consistent before anything could panic.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// FEATURES_OK: the back-end learns the features and the memory. Refused
+    /// without a message if the driver accepted features that were not offered.
+    fn features_ok(&self, channel: &mut Channel, features: u64) -> Result<FeaturesVerdict, VhostUserError> {
+        if features & !self.device_features() != 0 {
+            tracing::warn!(features, "driver accepted features the back-end does not offer");
+            return Ok(FeaturesVerdict::Refuse);
+        }
+        // Rings start disabled with PROTOCOL_FEATURES; DRIVER_OK enables them.
+        let with_protocol = features | F_PROTOCOL_FEATURES;
+        channel.send(Request::SetFeatures, with_protocol.as_bytes(), &[])?;
+        let mem = &self.memory;
+        // One region, the whole memfd. The protocol wants each region in two
+        // numberings: guest physical addresses (what descriptors hold) and the
+        // front-end's "user addresses" (what SET_VRING_ADDR holds). A driver here
+        // has only guest addresses, so both numberings are the guest addresses and
+        // SET_VRING_ADDR carries the rings' guest addresses.
+        let region = MemoryRegion {
+            guest_phys_addr: mem.base(),
+            memory_size: mem.size(),
+            userspace_addr: mem.base(),
+            mmap_offset: 0,
+        };
+        let mut body = MemoryHeader {
+            regions: 1,
+            padding: 0,
+        }
+        .as_bytes()
+        .to_vec();
+        body.extend_from_slice(region.as_bytes());
+        channel.send(Request::SetMemTable, &body, &[mem.fd()])?;
+        Ok(FeaturesVerdict::Accept)
+    }
+
+    /// Sends one queue's registers and eventfds, in QEMU's order.
+    fn start_queue(
+        &self,
+        channel: &mut Channel,
+        slot: &mut QueueSlot,
+        index: u16,
+        size: u16,
+        addrs: QueueAddrs,
+    ) -> Result<(), VhostUserError> {
+        let ring = u32::from(index);
+        let state = |num| VringState { index: ring, num };
+        channel.send(Request::SetVringNum, state(u32::from(size)).as_bytes(), &[])?;
+        channel.send(Request::SetVringBase, state(0).as_bytes(), &[])?;
+        let addr = VringAddr {
+            index: ring,
+            flags: 0,
+            desc: addrs.desc,
+            used: addrs.used,
+            avail: addrs.avail,
+            log: 0,
+        };
+        channel.send(Request::SetVringAddr, addr.as_bytes(), &[])?;
+        slot.set_up = true;
+        slot.started = true;
+        let i = usize::from(index);
+        channel.send(
+            Request::SetVringKick,
+            u64::from(index).as_bytes(),
+            &[self.kicks[i].as_fd()],
+        )?;
+        channel.send(
+            Request::SetVringCall,
+            u64::from(index).as_bytes(),
+            &[self.calls[i].as_fd()],
+        )?;
+        Ok(())
+    }
+
+    /// Status 0: stop every started ring, then forget the session. If a ring cannot
+    /// be confirmed stopped the status stays as it is, with DEVICE_NEEDS_RESET.
+    fn reset(&self, st: &mut Inner) {
+        let Inner {
+            channel,
+            queues,
+            broken,
+            machine,
+            driver_features,
+            ..
+        } = st;
+        for (i, slot) in queues.iter_mut().enumerate() {
+            if !slot.started {
+                continue;
+            }
+            if broken.is_some() {
+                break;
+            }
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            match stop_ring(channel, index) {
+                Ok(next) => {
+                    tracing::debug!(index, next, "ring stopped");
+                    slot.started = false;
+                }
+                Err(e) => latch(broken, e),
+            }
+        }
+        if let Some(error) = broken.as_deref()
+            && queues.iter().any(|q| q.started)
+        {
+            tracing::error!(%error, "cannot confirm the back-end stopped its rings; reset refused");
+            machine.set_needs_reset();
+            return;
+        }
+        queues.fill(QueueSlot::default());
+        // Stale notifications of the old session must not wake the next one.
+        for fd in self.kicks.iter().chain(&self.calls) {
+            let _ = fd.take();
+        }
+        *driver_features = 0;
+        let _ = machine.write(0, || FeaturesVerdict::Refuse);
+    }
+}
+
+/// Keeps the first error that broke the connection.
+fn latch(broken: &mut Option<Arc<VhostUserError>>, error: VhostUserError) {
+    if broken.is_none() {
+        tracing::error!(%error, "vhost-user connection broken");
+        *broken = Some(Arc::new(error));
+    }
+}
+
+/// GET_VRING_BASE: stops ring `index` and returns the next available index it
+/// would have read.
+fn stop_ring(channel: &mut Channel, index: u32) -> Result<u32, VhostUserError> {
+    let body = channel.call(Request::GetVringBase, VringState { index, num: 0 }.as_bytes())?;
+    let reply = VringState::read_from_bytes(&body).map_err(|_| VhostUserError::BadReply {
+        request: Request::GetVringBase,
+        reason: "body is not a vring state",
+    })?;
+    if reply.index != index {
+        return Err(VhostUserError::BadReply {
+            request: Request::GetVringBase,
+            reason: "it names another ring",
+        });
+    }
+    Ok(reply.num)
+}
+
+/// GET_CONFIG of the first `len` bytes. Always from offset 0: qemu-storage-daemon
+/// (like QEMU's own front-end) ignores the offset and copies from the start.
+fn get_config(channel: &mut Channel, len: usize) -> Result<Vec<u8>, VhostUserError> {
+    let request = Request::GetConfig;
+    let size = u32::try_from(len).map_err(|_| VhostUserError::ConfigTooLarge(len))?;
+    let header = ConfigHeader {
+        offset: 0,
+        size,
+        flags: CONFIG_TYPE_FRONTEND,
+    };
+    let mut body = header.as_bytes().to_vec();
+    body.resize(ConfigHeader::SIZE + len, 0);
+    let reply = channel.call(request, &body)?;
+    if reply.is_empty() {
+        // libvhost-user's way of saying the device could not produce it.
+        return Err(VhostUserError::Refused { request, code: 0 });
+    }
+    let bad = |reason| VhostUserError::BadReply { request, reason };
+    let (head, data) = reply
+        .split_at_checked(ConfigHeader::SIZE)
+        .ok_or(bad("shorter than its header"))?;
+    let head = ConfigHeader::read_from_bytes(head).map_err(|_| bad("shorter than its header"))?;
+    if head.offset != 0 || head.size != size || data.len() != len {
+        return Err(bad("it describes another range"));
+    }
+    Ok(data.to_vec())
+}
+
+impl ControlPlane for VhostUserTransport {
+    fn device_id(&self) -> u32 {
+        self.opts.device_id
+    }
+
+    fn config_len(&self) -> usize {
+        self.opts.config_len
+    }
+
+    fn device_features(&self) -> u64 {
+        // Bits 26 and 30 are vhost's, not the device's.
+        self.backend.features & !VHOST_FEATURES
+    }
+
+    fn set_driver_features(&self, features: u64) {
+        let mut st = self.lock();
+        let status = st.machine.status();
+        if !status.contains(DeviceStatus::DRIVER) || status.contains(DeviceStatus::FEATURES_OK) {
+            tracing::warn!(features, status = status.bits(), "driver features write refused");
+            return;
+        }
+        st.driver_features = features;
+    }
+
+    fn status(&self) -> u8 {
+        let mut st = self.lock();
+        if st.broken.is_none()
+            && let Err(e) = st.channel.probe()
+        {
+            latch(&mut st.broken, e);
+        }
+        // A reset completed before the break leaves 0; anything after it needs one.
+        if st.broken.is_some() && st.machine.read() != 0 {
+            st.machine.set_needs_reset();
+        }
+        st.machine.read()
+    }
+
+    fn set_status(&self, status: u8) {
+        let mut guard = self.lock();
+        if status == 0 {
+            self.reset(&mut guard);
+            return;
+        }
+        let st = &mut *guard;
+        let mut error = None;
+        let verdict = || {
+            if st.broken.is_some() {
+                return FeaturesVerdict::Refuse;
+            }
+            self.features_ok(&mut st.channel, st.driver_features)
+                .unwrap_or_else(|e| {
+                    error = Some(e);
+                    FeaturesVerdict::Refuse
+                })
+        };
+        let change = st.machine.write(status, verdict);
+        if let Some(e) = error {
+            latch(&mut st.broken, e);
+        }
+        match change {
+            Ok(StatusChange::Added(added)) if added.contains(DeviceStatus::DRIVER_OK) => {
+                for (index, slot) in (0u32..).zip(&st.queues) {
+                    if !slot.set_up || st.broken.is_some() {
+                        continue;
+                    }
+                    let on = VringState { index, num: 1 };
+                    if let Err(e) = st.channel.send(Request::SetVringEnable, on.as_bytes(), &[]) {
+                        latch(&mut st.broken, e);
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, status, "status write refused"),
+        }
+        if st.broken.is_some() {
+            st.machine.set_needs_reset();
+        }
+    }
+
+    fn config_generation(&self) -> u32 {
+        // vhost-user has no generation counter: fetch the whole space and count a
+        // generation whenever it differs from the last fetch, so a read between
+        // two generation reads is consistent (§2.5.1).
+        let mut st = self.lock();
+        if st.broken.is_none() {
+            match get_config(&mut st.channel, self.opts.config_len) {
+                Ok(config) if config != st.config => {
+                    st.config = config;
+                    st.generation = st.generation.wrapping_add(1);
+                }
+                Ok(_) => {}
+                Err(e) => latch(&mut st.broken, e),
+            }
+        }
+        st.generation
+    }
+
+    fn read_config(&self, offset: usize, buf: &mut [u8]) {
+        let st = self.lock();
+        match offset
+            .checked_add(buf.len())
+            .and_then(|end| st.config.get(offset..end))
+        {
+            Some(bytes) => buf.copy_from_slice(bytes),
+            None => buf.fill(0),
+        }
+    }
+
+    fn write_config(&self, offset: usize, data: &[u8]) {
+        let end = offset.checked_add(data.len());
+        let writable = self
+            .opts
+            .writable_config
+            .iter()
+            .any(|r| offset >= r.start && end.is_some_and(|e| e <= r.end));
+        if !writable || data.is_empty() {
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "config write ignored: not a writable field"
+            );
+            return;
+        }
+        let mut st = self.lock();
+        if st.broken.is_some() {
+            return;
+        }
+        // The protocol carries u32 offsets; a field declared past that is not sent.
+        let (Ok(off), Ok(size)) = (u32::try_from(offset), u32::try_from(data.len())) else {
+            return;
+        };
+        let header = ConfigHeader {
+            offset: off,
+            size,
+            flags: CONFIG_TYPE_FRONTEND,
+        };
+        let mut body = header.as_bytes().to_vec();
+        body.extend_from_slice(data);
+        let result = st
+            .channel
+            .send(Request::SetConfig, &body, &[])
+            .and_then(|()| get_config(&mut st.channel, self.opts.config_len));
+        match result {
+            Ok(config) => {
+                if config != st.config {
+                    st.config = config;
+                    st.generation = st.generation.wrapping_add(1);
+                }
+            }
+            Err(e) => latch(&mut st.broken, e),
+        }
+    }
+}
+
+impl Transport for VhostUserTransport {
+    fn num_queues(&self) -> u16 {
+        self.backend.queues
+    }
+
+    fn queue_max_size(&self, index: u16) -> u16 {
+        if index < self.backend.queues {
+            self.opts.queue_max_size
+        } else {
+            0
+        }
+    }
+
+    fn setup_queue(&self, index: u16, size: u16, addrs: QueueAddrs) -> Result<(), TransportError> {
+        if index >= self.backend.queues {
+            return Err(TransportError::NoSuchQueue(index));
+        }
+        let refused = |source| TransportError::QueueRefused { index, source };
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let status = st.machine.status();
+        let closed = DeviceStatus::DRIVER_OK | DeviceStatus::FAILED | DeviceStatus::DEVICE_NEEDS_RESET;
+        if !status.contains(DeviceStatus::FEATURES_OK) || status.intersects(closed) || st.broken.is_some() {
+            return Err(refused(QueueError::NotConfigurable {
+                status: status.bits(),
+            }));
+        }
+        let slot = &mut st.queues[usize::from(index)];
+        if slot.set_up {
+            return Err(refused(QueueError::Enabled { index }));
+        }
+        let max = self.opts.queue_max_size;
+        if size == 0 || size > max || !size.is_power_of_two() {
+            return Err(refused(QueueError::InvalidSize { size, max }));
+        }
+        // The back-end drops the connection on a ring outside the memory table;
+        // catch that here with a reason.
+        let n = u64::from(size);
+        for (area, addr, len, align) in [
+            (RingArea::Descriptor, addrs.desc, 16 * n, 16),
+            (RingArea::Driver, addrs.avail, 6 + 2 * n, 2),
+            (RingArea::Device, addrs.used, 6 + 8 * n, 4),
+        ] {
+            if addr % align != 0 {
+                return Err(refused(QueueError::Misaligned { area, addr, align }));
+            }
+            if self.memory.offset_of(addr, len).is_none() {
+                return Err(refused(QueueError::Overflow { area, addr, len }));
+            }
+        }
+        if let Err(e) = self.start_queue(&mut st.channel, slot, index, size, addrs) {
+            latch(&mut st.broken, e);
+            st.machine.set_needs_reset();
+            // The transport error has no place for the cause: it is in `broken()`
+            // and the log; the status tells the driver the device needs a reset.
+            return Err(refused(QueueError::NotConfigurable {
+                status: st.machine.read(),
+            }));
+        }
+        Ok(())
+    }
+
+    fn notify_queue(&self, index: u16) -> Result<(), TransportError> {
+        let kick = self
+            .kicks
+            .get(usize::from(index))
+            .ok_or(TransportError::NoSuchQueue(index))?;
+        Ok(kick.notify()?)
+    }
+}
