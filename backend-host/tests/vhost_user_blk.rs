@@ -1,0 +1,299 @@
+//! The `vio-host` daemon end to end: drivers-blk, as a vhost-user frontend
+//! (`transport-vhost-user`), drives our block device in another process through a
+//! memfd and eventfds, as QEMU would.
+//!
+//! Images live under cargo's per-crate scratch directory (`CARGO_TARGET_TMPDIR`), on
+//! the build's file system (ext4 here), so O_DIRECT is real.
+
+// Test patterns come from small counters by deliberate truncation.
+#![allow(clippy::cast_possible_truncation)]
+
+use drivers_blk::{BlkDriver, BlkOptions};
+use hypervisor::{Domain, Hypervisor};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use transport_descriptors::direct::{self, DirectDriver};
+use transport_vhost_user::{VhostUserOptions, VhostUserTransport};
+use virtio_core::blk::BlkFeatures;
+
+const IMAGE_BYTES: u64 = 16 << 20;
+const GUEST_BYTES: u64 = 32 << 20;
+const SEED_SECTOR: u64 = 64;
+
+fn pattern(len: usize, salt: u8) -> Vec<u8> {
+    (0..len).map(|k| (k * 7 + usize::from(salt) * 13) as u8).collect()
+}
+
+/// A `vio-host blk` child serving an image; killed on drop, its log printed when
+/// the test failed.
+struct Host {
+    child: Option<Child>,
+    image: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Host {
+    fn start(name: &str, args: &[&str]) -> Host {
+        let tag = format!("vu-{name}-{}", std::process::id());
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vhost-user");
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join(format!("{tag}.img"));
+        let file = File::create(&image).unwrap();
+        file.set_len(IMAGE_BYTES).unwrap();
+        file.write_all_at(&pattern(4096, 1), SEED_SECTOR * 512).unwrap();
+        file.sync_all().unwrap();
+        // Socket paths are short (108 bytes): keep them in the temp dir.
+        let socket = std::env::temp_dir().join(format!("{tag}.sock"));
+        let log = dir.join(format!("{tag}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_vio-host"))
+            .args(["blk", "--socket"])
+            .arg(&socket)
+            .arg("--image")
+            .arg(&image)
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let host = Host {
+            child: Some(child),
+            image,
+            socket,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&host.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "vio-host did not listen:\n{}",
+                host.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // That probe connection was a frontend that left at once: the daemon
+        // must take the next one.
+        host
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn image_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        File::open(&self.image)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
+        buf
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- vio-host log ---\n{}", self.log_text());
+        }
+        let _ = std::fs::remove_file(&self.image);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+type Driver = BlkDriver<DirectDriver, VhostUserTransport>;
+
+/// A fresh guest whose driver connects to `socket` with `queues` queues.
+fn connect(socket: &Path, queues: u16) -> (Arc<Domain>, Driver) {
+    let guest = Hypervisor::new().create_domain("vu-guest", GUEST_BYTES).unwrap();
+    let (model, _device_half) = direct::pair(&guest).unwrap();
+    let transport =
+        VhostUserTransport::connect(socket, guest.memory().clone(), VhostUserOptions::blk()).unwrap();
+    let interrupts = transport.interrupts().unwrap();
+    let opts = BlkOptions {
+        queues,
+        timeout: Some(Duration::from_secs(10)),
+        ..BlkOptions::default()
+    };
+    let driver = BlkDriver::new(transport, model, guest.memory().clone(), interrupts, opts).unwrap();
+    (guest, driver)
+}
+
+#[test]
+fn read_write_flush_discard_and_get_id_on_two_queues() {
+    let host = Host::start("rw", &["--queues", "2", "--serial", "vu-test-disk"]);
+    let (_guest, d) = connect(&host.socket, 2);
+    assert_eq!(d.num_queues(), 2);
+    assert_eq!(d.info().capacity, IMAGE_BYTES / 512);
+    let f = BlkFeatures::from_bits_retain(d.info().features);
+    assert!(
+        f.contains(BlkFeatures::FLUSH | BlkFeatures::MQ | BlkFeatures::DISCARD | BlkFeatures::WRITE_ZEROES)
+    );
+    for q in 0..2 {
+        let mut back = vec![0; 4096];
+        d.read_bytes_blocking(q, SEED_SECTOR, &mut back).unwrap();
+        assert!(back == pattern(4096, 1), "queue {q} reads the host's bytes");
+    }
+    for (i, len) in [512usize, 4096, 65536, 256 << 10].into_iter().enumerate() {
+        let data = pattern(len, i as u8 + 2);
+        let sector = 1024 + 1024 * i as u64;
+        let (wq, rq) = (i as u16 % 2, (i as u16 + 1) % 2);
+        d.write_bytes_blocking(wq, sector, &data).unwrap();
+        let mut back = vec![0; len];
+        d.read_bytes_blocking(rq, sector, &mut back).unwrap();
+        assert!(back == data, "{len} bytes written on queue {wq}, read on {rq}");
+        d.flush_blocking(wq).unwrap();
+        assert!(
+            host.image_bytes(sector * 512, len) == data,
+            "{len} bytes reached the image"
+        );
+    }
+    assert_eq!(d.get_id_blocking(1).unwrap(), "vu-test-disk");
+    let at = 8192;
+    d.write_bytes_blocking(0, at, &pattern(8192, 9)).unwrap();
+    d.write_zeroes_blocking(1, at, 16, false).unwrap();
+    let mut back = vec![1; 8192];
+    d.read_bytes_blocking(0, at, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0), "write-zeroes zeroed");
+    d.discard_blocking(1, at, 16).unwrap();
+    // Both queues busy at once.
+    std::thread::scope(|s| {
+        for q in 0..2u16 {
+            let d = &d;
+            s.spawn(move || {
+                for k in 0..32u64 {
+                    let data = pattern(4096, (q * 32 + k as u16) as u8);
+                    let sector = 16384 + u64::from(q) * 4096 + k * 8;
+                    d.write_bytes_blocking(q, sector, &data).unwrap();
+                    let mut back = vec![0; 4096];
+                    d.read_bytes_blocking(q, sector, &mut back).unwrap();
+                    assert!(back == data);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_read_only_image_refuses_writes_but_serves_reads() {
+    let host = Host::start("ro", &["--readonly"]);
+    let (_guest, d) = connect(&host.socket, 1);
+    assert!(BlkFeatures::from_bits_retain(d.info().features).contains(BlkFeatures::RO));
+    let mut back = vec![0; 4096];
+    d.read_bytes_blocking(0, SEED_SECTOR, &mut back).unwrap();
+    assert!(back == pattern(4096, 1));
+    assert!(d.write_bytes_blocking(0, 0, &[7; 512]).is_err());
+}
+
+#[test]
+fn the_daemon_serves_the_next_frontend_after_one_leaves_or_misbehaves() {
+    let mut host = Host::start("next", &["--queues", "2"]);
+    {
+        let (_guest, d) = connect(&host.socket, 2);
+        d.write_bytes_blocking(0, 100, &pattern(4096, 5)).unwrap();
+        d.flush_blocking(0).unwrap();
+    }
+    // A frontend that sends garbage is disconnected; the daemon stays up.
+    {
+        let mut junk = UnixStream::connect(&host.socket).unwrap();
+        junk.write_all(&[0xff; 64]).unwrap();
+        let _ = junk.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut junk, &mut rest);
+    }
+    assert!(host.alive(), "vio-host died:\n{}", host.log_text());
+    let (_guest, d) = connect(&host.socket, 2);
+    let mut back = vec![0; 4096];
+    d.read_bytes_blocking(1, 100, &mut back).unwrap();
+    assert!(
+        back == pattern(4096, 5),
+        "the next frontend reads what the first wrote"
+    );
+}
+
+/// The frontend process is killed while it writes; every write it saw
+/// acknowledged, and flushed, must be on the image, and the daemon must serve the
+/// next frontend.
+#[test]
+fn a_killed_frontend_loses_no_acknowledged_write() {
+    if std::env::var_os("VIO_VU_CHILD").is_some() {
+        return; // This is the child's own run of the test list.
+    }
+    let mut host = Host::start("kill", &["--queues", "1"]);
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "frontend_child", "--nocapture", "--test-threads", "1"])
+        .env("VIO_VU_CHILD", &host.socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut acked = Vec::new();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines {
+        let line = line.unwrap();
+        if let Some(k) = line.strip_prefix("ACKED ") {
+            acked.push(k.parse::<u64>().unwrap());
+            if acked.len() == 40 {
+                // Mid-stream: the child is writing its next block.
+                child.kill().unwrap();
+                break;
+            }
+        }
+    }
+    let _ = child.wait();
+    assert_eq!(
+        acked.len(),
+        40,
+        "the child frontend did not get going:\n{}",
+        host.log_text()
+    );
+    assert!(
+        host.alive(),
+        "vio-host died with its frontend:\n{}",
+        host.log_text()
+    );
+    let (_guest, d) = connect(&host.socket, 1);
+    for &k in &acked {
+        let mut back = vec![0; 4096];
+        d.read_bytes_blocking(0, 2048 + k * 8, &mut back).unwrap();
+        assert!(
+            back == pattern(4096, k as u8),
+            "acknowledged block {k} is there after the frontend died"
+        );
+        assert!(host.image_bytes((2048 + k * 8) * 512, 4096) == back);
+    }
+}
+
+/// The child half of [`a_killed_frontend_loses_no_acknowledged_write`]: writes and
+/// flushes block after block, printing each one acknowledged, until killed.
+#[test]
+fn frontend_child() {
+    let Some(socket) = std::env::var_os("VIO_VU_CHILD") else {
+        return;
+    };
+    let (_guest, d) = connect(Path::new(&socket), 1);
+    for k in 0..1000u64 {
+        d.write_bytes_blocking(0, 2048 + k * 8, &pattern(4096, k as u8))
+            .unwrap();
+        d.flush_blocking(0).unwrap();
+        println!("ACKED {k}");
+        std::io::stdout().flush().unwrap();
+    }
+}
