@@ -1,6 +1,6 @@
 //! A guest's memory: a memfd at guest addresses `[base, base + size)`.
 
-use rustix::fs::{MemfdFlags, ftruncate, memfd_create};
+use rustix::fs::{MemfdFlags, SealFlags, ftruncate, memfd_create};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -81,8 +81,13 @@ impl GuestMemory {
             return Err(MemoryError::OutOfRange { gpa: base, len: size });
         }
         let sys = |e: rustix::io::Errno| MemoryError::Sys(e.into());
-        let fd = memfd_create(name, MemfdFlags::CLOEXEC).map_err(sys)?;
+        let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).map_err(sys)?;
         ftruncate(&fd, size).map_err(sys)?;
+        // The size is fixed from now on: whoever the file is shared with (a device
+        // in another process, a vhost-user backend) may map it whole without
+        // fearing SIGBUS from a file shrunk under the mapping, and may check so.
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+            .map_err(sys)?;
         let len = usize::try_from(size).map_err(|_| MemoryError::OutOfRange { gpa: base, len: size })?;
         let full = Mapping::of_fd(fd.as_fd(), 0, len, true)
             .map_err(MemoryError::Sys)?
@@ -249,6 +254,18 @@ mod tests {
         assert!(m.read(u64::MAX, &mut [0; 2]).is_err());
         assert!(GuestMemory::new("t", 0, 4096).is_err());
         assert!(GuestMemory::new("t", BASE + 1, 4096).is_err());
+    }
+
+    #[test]
+    fn the_memory_file_cannot_change_size() {
+        let m = GuestMemory::new("t", BASE, 8192).unwrap();
+        assert!(
+            ftruncate(m.fd(), 4096).is_err(),
+            "shrinking would SIGBUS every mapping"
+        );
+        assert!(ftruncate(m.fd(), 16384).is_err());
+        let seals = rustix::fs::fcntl_get_seals(m.fd()).unwrap();
+        assert!(seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL));
     }
 
     #[test]
