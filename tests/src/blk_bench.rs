@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use transport_descriptors::direct::{DirectDevice, DirectDriver};
-use virtio_core::GuestBuf;
-use virtio_core::notify::EventFdNotifier;
-use virtio_core::transport::InProcessTransport;
+use virtio_core::notify::{EventFdNotifier, Wait};
+use virtio_core::transport::{InProcessTransport, Transport};
+use virtio_core::{DriverModel, GuestBuf};
 
 /// One workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +41,8 @@ pub enum Workload {
 }
 
 impl Workload {
-    fn label(self) -> &'static str {
+    /// The row label.
+    pub fn label(self) -> &'static str {
         match self {
             Workload::RandRead => "4k randread",
             Workload::RandWrite => "4k randwrite",
@@ -305,7 +306,24 @@ struct Slot {
 
 /// One run of our stack.
 fn ours_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> RunResult {
-    let d = ours(cfg);
+    closed_loop(&ours(cfg), cfg.size, cfg.run_time, w, depth)
+}
+
+/// Keeps `depth` requests of workload `w` in flight on queue 0 of `d` for
+/// `run_time` (after a 200 ms warm-up) over the first `size` bytes of the disk,
+/// and measures them: the load generator of every block benchmark, whatever the
+/// transport behind the driver.
+///
+/// # Panics
+/// When the device fails a request or breaks: a benchmark of a broken device has
+/// no figures to give.
+pub fn closed_loop<D: DriverModel, T: Transport, W: Wait>(
+    d: &BlkDriver<D, T, W>,
+    size: u64,
+    run_time: Duration,
+    w: Workload,
+    depth: u32,
+) -> RunResult {
     let mem = d.memory().clone();
     let block = w.block();
     let mut slots: Vec<Slot> = (0..depth)
@@ -319,7 +337,7 @@ fn ours_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> RunResult {
             since: Instant::now(),
         })
         .collect();
-    let blocks = cfg.size / block;
+    let blocks = size / block;
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let mut seq = 0u64;
     let mut next_sector = move || {
@@ -414,7 +432,7 @@ fn ours_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> RunResult {
             None if start.elapsed() >= Duration::from_millis(200) => {
                 measured_from = Some((Instant::now(), done))
             }
-            Some((t0, d0)) if t0.elapsed() >= cfg.run_time => {
+            Some((t0, d0)) if t0.elapsed() >= run_time => {
                 let iops = (done - d0) as f64 / t0.elapsed().as_secs_f64();
                 let mean_us = lat_us.iter().sum::<f64>() / lat_us.len().max(1) as f64;
                 return RunResult {

@@ -11,3 +11,4 @@ pub mod report;
 pub mod ring_bench;
 pub mod smol;
 pub mod vd_peer;
+pub mod vhost_bench;

@@ -65,3 +65,30 @@ fn net_bench_produces_every_row() {
         Err(NetBenchError::FrameLength(59))
     ));
 }
+
+#[test]
+fn vhost_bench_runs_both_daemons_on_every_row() {
+    use vio::vhost_bench::{self, QSD, ROWS, VhostBenchConfig};
+    if !std::path::Path::new(QSD).exists() {
+        eprintln!("SKIPPED vhost_bench_runs_both_daemons_on_every_row: {QSD} is not installed");
+        return;
+    }
+    let image = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vhost-bench-smoke.img");
+    let cfg = VhostBenchConfig {
+        image: image.clone(),
+        size: 16 << 20,
+        run_time: Duration::from_millis(50),
+        reps: 1,
+        poll: Duration::from_micros(20),
+        program: env!("CARGO_BIN_EXE_vio").into(),
+    };
+    let table = vhost_bench::run(&cfg).expect("vhost-user benchmark");
+    assert_eq!(table.rows.len(), ROWS.len());
+    for row in &table.rows {
+        // Both daemons completed requests on every row.
+        for cell in &row[2..4] {
+            assert!(matches!(cell, Cell::Num(v) if *v > 0.0), "{row:?}");
+        }
+    }
+    let _ = std::fs::remove_file(image);
+}

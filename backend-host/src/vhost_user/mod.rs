@@ -14,7 +14,7 @@
 //! - [`Daemon`]: the accept loop, one frontend at a time; when a frontend goes
 //!   away the device finishes what is in flight, is reset, and waits for the next.
 //!
-//! The `vio-host` binary serves a block image this way.
+//! The `vio-host` binary serves a block image this way ([`serve_blk`]); by hand:
 //!
 //! ```no_run
 //! use backend_host::blk::device::{BlkDevice, BlkSettings, Runtime};
@@ -30,11 +30,14 @@
 //! ```
 
 pub mod memory;
+mod net;
 pub mod server;
 
 pub use memory::{MemoryTable, VhostMemory};
 pub use server::{Session, SessionError, VhostUserDevice};
 
+use crate::blk::device::{BlkDevice, BlkSettings, Runtime};
+use crate::blk::disk::{Disk, DiskOptions};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -171,6 +174,40 @@ impl<D: VhostUserDevice> Daemon<D> {
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.session.lock().unwrap_or_else(PoisonError::into_inner).end();
     }
+}
+
+/// What [`serve_blk`] serves: an image as a vhost-user-blk device.
+#[derive(Debug, Clone)]
+pub struct BlkServe {
+    /// The socket to listen on.
+    pub socket: PathBuf,
+    /// The image file or block device.
+    pub image: PathBuf,
+    /// How to open it.
+    pub disk: DiskOptions,
+    /// The device's settings.
+    pub settings: BlkSettings,
+}
+
+/// Serves `opts.image` to vhost-user frontends on `opts.socket` until the process
+/// ends: the `vio-host blk` daemon.
+///
+/// # Errors
+/// The image cannot be opened or the socket cannot be bound or accepted on.
+pub fn serve_blk(opts: BlkServe) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let disk = Disk::open(&opts.image, opts.disk)?;
+    tracing::info!(
+        image = %opts.image.display(),
+        bytes = disk.size(),
+        direct = disk.direct(),
+        block_size = disk.block_size(),
+        "image opened"
+    );
+    let memory = VhostMemory::new();
+    let device = BlkDevice::new(disk, memory.clone(), opts.settings, Runtime::OwnThreads);
+    let daemon = Daemon::bind(&opts.socket, device, memory)?;
+    daemon.run()?;
+    Ok(())
 }
 
 impl<D: VhostUserDevice> Drop for Daemon<D> {

@@ -3,8 +3,12 @@
 //! `vio demo` runs a short version of every benchmark on built-in defaults;
 //! `vio ring-bench` runs the full split-ring benchmark, `vio net-loopback` the
 //! guest-to-guest network benchmark against a veth pair, `vio barrier-bench` the
-//! block barrier consistency benchmark (crash images, seeded bugs, flush cost).
+//! block barrier consistency benchmark (crash images, seeded bugs, flush cost),
+//! `vio vhost-bench` our vhost-user-blk daemon against qemu-storage-daemon.
 
+use backend_host::blk::device::BlkSettings;
+use backend_host::blk::disk::DiskOptions;
+use backend_host::vhost_user::BlkServe;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +18,7 @@ use vio::model_bench::{self, ModelBenchConfig};
 use vio::net_bench::{self, Model, NetBenchConfig};
 use vio::report::Table;
 use vio::ring_bench::{self, RingBenchConfig};
+use vio::vhost_bench::{self, VhostBenchConfig};
 
 #[derive(Parser)]
 #[command(version, about = "virtio rings, drivers and devices: demo and benchmarks")]
@@ -110,6 +115,43 @@ enum Command {
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// vhost-user block benchmark: our vhost-user-blk daemon against
+    /// qemu-storage-daemon on the same image, each in its own process, driven by our
+    /// driver as a vhost-user frontend: 4k randread QD1/QD32, randwrite QD32, write +
+    /// flush QD1.
+    VhostBench {
+        /// Image file (created and filled if missing); must not be on tmpfs.
+        #[arg(long, default_value = "target/vio-vhost-bench.img")]
+        image: PathBuf,
+        /// Image size in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 2.0)]
+        secs: f64,
+        /// Repetitions (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Our daemon's adaptive-polling window in microseconds (0 sleeps at once).
+        #[arg(long, default_value_t = 50)]
+        poll_us: u64,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Our vhost-user-blk daemon (what `vio-host blk` runs), for `vhost-bench`.
+    #[command(hide = true)]
+    VhostServe {
+        /// Socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Image to serve.
+        #[arg(long)]
+        image: PathBuf,
+        /// Adaptive-polling window in microseconds.
+        #[arg(long, default_value_t = 0)]
+        poll_us: u64,
     },
     /// Sharing-model benchmark: 64 B, 1514 B and 64 KiB buffers moved each way over
     /// each of the four models, with memcpy measured in the same run.
@@ -241,6 +283,62 @@ fn main() -> std::process::ExitCode {
                 Ok(t) => (vec![t], json),
                 Err(e) => {
                     eprintln!("error: network benchmark: {}", error_chain(&e));
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+        }
+        Command::VhostServe {
+            socket,
+            image,
+            poll_us,
+        } => {
+            let opts = BlkServe {
+                socket,
+                image,
+                disk: DiskOptions::default(),
+                settings: BlkSettings {
+                    poll: Duration::from_micros(poll_us),
+                    ..BlkSettings::default()
+                },
+            };
+            return match backend_host::vhost_user::serve_blk(opts) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: vhost-user daemon: {}", error_chain(e.as_ref()));
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Command::VhostBench {
+            image,
+            size_mib,
+            secs,
+            reps,
+            poll_us,
+            json,
+        } => {
+            if !(0.1..=600.0).contains(&secs) || size_mib == 0 {
+                eprintln!("error: --secs must be between 0.1 and 600 and --size-mib positive");
+                return std::process::ExitCode::from(2);
+            }
+            let cfg = match VhostBenchConfig::full() {
+                Ok(c) => VhostBenchConfig {
+                    image,
+                    size: size_mib << 20,
+                    run_time: Duration::from_secs_f64(secs),
+                    reps: reps.max(1),
+                    poll: Duration::from_micros(poll_us),
+                    ..c
+                },
+                Err(e) => {
+                    eprintln!("error: cannot find the vio binary: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            match vhost_bench::run(&cfg) {
+                Ok(t) => (vec![t], json),
+                Err(e) => {
+                    eprintln!("error: vhost-user benchmark: {}", error_chain(&e));
                     return std::process::ExitCode::FAILURE;
                 }
             }
