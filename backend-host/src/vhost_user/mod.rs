@@ -30,7 +30,6 @@
 //! ```
 
 pub mod memory;
-mod net;
 pub mod server;
 
 pub use memory::{MemoryTable, VhostMemory};
