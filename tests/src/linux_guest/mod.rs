@@ -1,0 +1,66 @@
+//! A real Linux guest under QEMU TCG as a test peer: the guest kernel's own virtio
+//! drivers against vhost-user backends (ours, or qemu-storage-daemon as a reference).
+//!
+//! - [`prepare`]: installs QEMU if missing, fetches a Debian cloud kernel and busybox,
+//!   builds the base initramfs; cached on disk ([`prepare::cache_dir`]).
+//! - [`initramfs`]: busybox, the virtio modules and an `/init` that loads them and
+//!   runs the test's script.
+//! - [`boot`]: [`LinuxGuest::boot`] runs one [`GuestSpec`] (q35 or microvm, memfd
+//!   memory, vhost-user-blk disks, a vhost-user-net port, a script) under a deadline
+//!   and reads back the script's `VIO-RESULT key=value` lines.
+//! - [`backend`]: a vhost-user backend process ([`Backend`]) and the
+//!   qemu-storage-daemon command ([`backend::qsd_blk`]).
+//! - [`apt`], [`process`]: Debian packages, and child processes under a deadline.
+//!
+//! ```no_run
+//! use vio::linux_guest::{GuestSpec, LinuxGuest, Machine};
+//! let Some(guest) = vio::linux_guest::for_test("example") else { return };
+//! let spec = GuestSpec::new(Machine::Microvm, "echo VIO-RESULT cpus=$(nproc)");
+//! let run = guest.boot(&spec).expect("boot");
+//! assert_eq!(run.result("cpus"), Some("2"));
+//! ```
+
+pub mod apt;
+pub mod backend;
+pub mod boot;
+pub mod initramfs;
+pub mod prepare;
+pub mod process;
+
+pub use backend::{Backend, BackendError};
+pub use boot::{BlkDisk, GuestError, GuestRun, GuestSpec, LinuxGuest, Machine, NetPort};
+pub use prepare::{Kit, PrepareError};
+
+use std::io::Write;
+
+/// The kit for the test `name`, prepared on first use. `None` (after saying why on
+/// standard error) when this machine cannot install the prerequisites; under CI
+/// (`CI` set), where they must be installable, that is a failure instead.
+///
+/// # Panics
+/// When preparation fails for any other reason, or is impossible under CI.
+pub fn for_test(name: &str) -> Option<LinuxGuest> {
+    match prepare::prepare() {
+        Ok(kit) => Some(LinuxGuest::new(kit)),
+        Err(PrepareError::Unavailable(why)) if std::env::var_os("CI").is_none() => {
+            // Straight to the stream, past the test harness's capture: a skip must show.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {name}: Linux guest unavailable: {why}"
+            );
+            None
+        }
+        Err(e) => panic!("Linux-guest kit for {name}: {}", report(&e)),
+    }
+}
+
+/// `e` and its chain of causes, one per line.
+pub fn report(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!("\n  caused by: {c}"));
+        cause = c.source();
+    }
+    text
+}
