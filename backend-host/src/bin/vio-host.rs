@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! vio-host blk --socket /tmp/vio-blk.sock --image disk.img [--queues 2] [--cache writeback]
+//! vio-host net --socket /tmp/vio-net0.sock [--socket /tmp/vio-net1.sock ...] [--mtu 1500]
 //! ```
 //!
 //! QEMU then attaches it with `-chardev socket,id=c0,path=/tmp/vio-blk.sock
@@ -9,10 +10,17 @@
 //! `-object memory-backend-memfd,id=mem,size=512M,share=on -machine
 //! ...,memory-backend=mem`). The daemon serves one frontend at a time and waits for
 //! the next when it goes away. Logs go to stderr (`RUST_LOG` filters them).
+//!
+//! `net` plugs one port per socket into one learning switch, so the VMs on its
+//! sockets share an Ethernet segment; QEMU attaches a port with `-chardev
+//! socket,id=c1,path=/tmp/vio-net0.sock -netdev vhost-user,id=n0,chardev=c1
+//! -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56`.
 
 use backend_host::blk::device::{BlkSettings, CacheMode, EngineChoice};
 use backend_host::blk::disk::{DirectMode, DiskOptions};
+use backend_host::net::{NetDevice, NetSettings, Switch, SwitchConfig};
 use backend_host::vhost_user::BlkServe;
+use backend_host::vhost_user::{Daemon, VhostMemory};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +36,30 @@ struct Cli {
 enum Command {
     /// A virtio-blk device over an image file (io_uring, O_DIRECT, honoured flushes).
     Blk(BlkArgs),
+    /// A learning switch with a virtio-net port on each socket.
+    Net(NetArgs),
+}
+
+#[derive(clap::Args)]
+struct NetArgs {
+    /// Unix socket to listen on, one per port (a stale socket file there is
+    /// replaced); repeat it for more ports on the same switch.
+    #[arg(long = "socket", required = true)]
+    sockets: Vec<PathBuf>,
+    /// The MTU enforced on transmit (QEMU tells the guest its own `host_mtu`).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(68..))]
+    mtu: u16,
+    /// Queue pairs each port offers (MQ above 1; QEMU's `queues=` on the netdev).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32768))]
+    queue_pairs: u16,
+    /// Largest ring size accepted (a power of two up to 32768). The frontend picks
+    /// the size: QEMU up to 1024, which virtio-mmio always offers the guest.
+    #[arg(long, default_value_t = 1024, value_parser = queue_size)]
+    queue_size: u16,
+    /// Adaptive polling window in microseconds after each burst of work (0: sleep at
+    /// once).
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
 }
 
 #[derive(clap::Args)]
@@ -44,8 +76,9 @@ struct BlkArgs {
     /// Number of request queues.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     queues: u16,
-    /// Largest queue size offered (a power of two up to 32768).
-    #[arg(long, default_value_t = 256, value_parser = queue_size)]
+    /// Largest ring size accepted (a power of two up to 32768). The frontend picks
+    /// the size: QEMU up to 1024, which virtio-mmio always offers the guest.
+    #[arg(long, default_value_t = 1024, value_parser = queue_size)]
     queue_size: u16,
     /// How writes reach stable storage.
     #[arg(long, value_enum, default_value_t = Cache::Writeback)]
@@ -96,6 +129,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Blk(args) => serve_blk(args),
+        Command::Net(args) => serve_net(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -140,6 +174,43 @@ fn serve_blk(args: BlkArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
             },
             poll: Duration::from_micros(args.poll_us),
         },
+    })
+}
+
+fn serve_net(args: NetArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let switch = Switch::new(SwitchConfig::default());
+    let settings = NetSettings {
+        mtu: args.mtu,
+        queue_size: args.queue_size,
+        queue_pairs: args.queue_pairs,
+        poll: Duration::from_micros(args.poll_us),
+        ..NetSettings::default()
+    };
+    // Every socket is bound before any is served, so a bad one fails the start.
+    let mut daemons = Vec::with_capacity(args.sockets.len());
+    for socket in &args.sockets {
+        let memory = VhostMemory::new();
+        let device = NetDevice::new(memory.clone(), &switch, settings.clone())?;
+        tracing::info!(socket = %socket.display(), port = %device.port(), "switch port");
+        daemons.push(Daemon::bind(socket, device, memory)?);
+    }
+    std::thread::scope(|s| {
+        let served = daemons
+            .iter()
+            .map(|d| {
+                std::thread::Builder::new()
+                    .name("vio-host-net".into())
+                    .spawn_scoped(s, || d.run())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // The daemons serve until the process ends; the first that fails ends it.
+        for t in served {
+            match t.join() {
+                Ok(result) => result?,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(())
     })
 }
 

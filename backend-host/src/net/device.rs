@@ -167,7 +167,25 @@ pub enum ActivateError {
 struct Running {
     stop: Arc<AtomicBool>,
     stop_fd: Arc<EventFdNotifier>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<Stopped>>,
+}
+
+/// What a worker leaves when it stops.
+struct Stopped {
+    /// `(queue index, next available-ring position)` of each queue it served.
+    positions: Vec<(u16, u16)>,
+    parked: Parked,
+}
+
+/// The device state the worker holds, kept across [`NetDevice::stop_queues`] for
+/// the next start (a reset drops it).
+#[derive(Debug)]
+struct Parked {
+    filter: RxFilter,
+    /// Active pairs (VQ_PAIRS_SET).
+    active: usize,
+    /// Frames taken from the port's inbox and not yet delivered.
+    inbox: VecDeque<Frame>,
 }
 
 /// What the worker changes and the owner reads.
@@ -193,6 +211,8 @@ pub struct NetDevice<V: DeviceModel> {
     settings: NetSettings,
     shared: Arc<Shared>,
     running: Option<Running>,
+    /// State of a worker stopped by [`Self::stop_queues`], for the next start.
+    parked: Option<Parked>,
 }
 
 impl<V: DeviceModel> std::fmt::Debug for NetDevice<V> {
@@ -233,6 +253,7 @@ where
                 filtered: AtomicU64::new(0),
             }),
             running: None,
+            parked: None,
         })
     }
 
@@ -386,6 +407,7 @@ where
         let ctrl = match ctrl_q {
             Some(q) => Some(CtrlQueue {
                 ring: open(&q)?,
+                index: q.index,
                 kick: q.kick,
                 irq: q.interrupt,
                 broken: false,
@@ -394,13 +416,43 @@ where
         };
         let stop = Arc::new(AtomicBool::new(false));
         let stop_fd = Arc::new(EventFdNotifier::new()?);
-        *self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner) = self.mac;
-        self.shared.active_pairs.store(1, Ordering::Relaxed);
+        let filtering = ctrl.is_some() && nf.contains(NetFeatures::CTRL_RX);
+        // Nothing fails from here on but the thread's start: the parked state is
+        // taken only now, so a start refused for its queues leaves it for the next.
+        let resumed = self.parked.is_some();
+        let Parked {
+            mut filter,
+            active,
+            inbox,
+        } = match self.parked.take() {
+            Some(p) => p,
+            None => {
+                *self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner) = self.mac;
+                Parked {
+                    filter: RxFilter::new(self.mac, filtering),
+                    active: 1,
+                    inbox: VecDeque::new(),
+                }
+            }
+        };
+        filter.set_enabled(filtering);
+        // With a control queue the driver chooses the active pairs (VQ_PAIRS_SET).
+        // Without one, a vhost-user frontend that serves the control queue itself
+        // (QEMU does for vhost-user-net) enables exactly the rings of the pairs in
+        // use (SET_VRING_ENABLE), so every pair it started is active.
+        let active = if ctrl.is_some() {
+            active.clamp(1, pairs.len())
+        } else {
+            pairs.len()
+        };
+        self.shared
+            .active_pairs
+            .store(u16::try_from(active).unwrap_or(u16::MAX), Ordering::Relaxed);
         let worker = Worker {
             pairs,
-            active: 1,
+            active,
             ctrl,
-            filter: RxFilter::new(self.mac, nf.contains(NetFeatures::CTRL_RX)),
+            filter,
             shared: self.shared.clone(),
             ctx: Ctx {
                 port: self.port.clone(),
@@ -416,11 +468,13 @@ where
             cmd: Vec::new(),
             batch: Batch::default(),
             pool: LocalPool::default(),
-            inbox: VecDeque::new(),
+            inbox,
             poller: Poller::new(self.settings.poll),
         };
-        // A frame pushed while the port was stopping may have slipped in.
-        self.port.clear(&self.switch);
+        if !resumed {
+            // A frame pushed while the port was stopping may have slipped in.
+            self.port.clear(&self.switch);
+        }
         self.port.set_active(true);
         let thread = std::thread::Builder::new()
             .name(format!("vio-net-{}", self.port.id.index()))
@@ -440,17 +494,53 @@ where
 }
 
 impl<V: DeviceModel> NetDevice<V> {
-    /// Stops the worker and returns only when it no longer touches guest memory.
+    /// Stops every queue, keeping the device's state, and returns where each
+    /// stopped: how vhost-user stops rings and starts them again (GET_VRING_BASE,
+    /// or a restart because the set of rings or an eventfd changed), unlike a
+    /// reset. Chains the worker holds go back first (receive chains gathered for a
+    /// frame that did not fit yet are returned unused, length 0, as at a reset),
+    /// so nothing is in flight. Returns `(queue index, next available-ring
+    /// position)` of each queue that was running, for [`ActiveQueue::next_avail`]
+    /// when the queues start again.
+    ///
+    /// What stays until the next start: the port on the switch (so the switch
+    /// keeps the addresses it learnt there) and active, frames for it queued in
+    /// its bounded inbox; the receive filter, the address MAC_ADDR_SET chose and
+    /// the active pairs. A reset ([`DeviceHandler::reset`]) drops all of it.
+    pub fn stop_queues(&mut self) -> Vec<(u16, u16)> {
+        let Some(stopped) = self.halt() else {
+            return Vec::new();
+        };
+        self.shared.active_pairs.store(0, Ordering::Relaxed);
+        self.parked = Some(stopped.parked);
+        stopped.positions
+    }
+
+    /// Stops the worker, if one runs, and returns what it left only when it no
+    /// longer touches guest memory.
+    fn halt(&mut self) -> Option<Stopped> {
+        let mut r = self.running.take()?;
+        r.stop.store(true, Ordering::Release);
+        if let Err(error) = r.stop_fd.notify() {
+            tracing::error!(%error, "cannot signal a net worker to stop");
+        }
+        match r.thread.take()?.join() {
+            Ok(stopped) => Some(stopped),
+            Err(_) => {
+                tracing::error!(port = %self.port.id, "net worker panicked");
+                None
+            }
+        }
+    }
+
+    /// Stops the worker and forgets the device state (a reset).
     fn stop(&mut self) {
         // Frames for this port are dropped from now on.
         self.port.set_active(false);
-        if let Some(mut r) = self.running.take() {
-            r.stop.store(true, Ordering::Release);
-            if let Err(error) = r.stop_fd.notify() {
-                tracing::error!(%error, "cannot signal a net worker to stop");
-            }
-            if let Some(t) = r.thread.take() {
-                let _ = t.join();
+        let stopped = self.halt().map(|s| s.parked);
+        for parked in stopped.into_iter().chain(self.parked.take()) {
+            for f in parked.inbox {
+                self.switch.recycle(f.data);
             }
         }
         // A reset undoes MAC_ADDR_SET: the configuration space never changed.
@@ -536,6 +626,8 @@ struct Pair<M> {
 /// The control queue.
 struct CtrlQueue<M> {
     ring: SplitDevice<M>,
+    /// Its queue index (§5.1.2: after the data queues).
+    index: u16,
     kick: EventFdNotifier,
     irq: EventFdNotifier,
     broken: bool,
@@ -572,7 +664,7 @@ struct Worker<M> {
 }
 
 impl<M: DeviceMemory> Worker<M> {
-    fn run(mut self) {
+    fn run(mut self) -> Stopped {
         // Receive kicks are wanted only while waiting for buffers.
         for p in &mut self.pairs {
             p.rx.disable_notifications();
@@ -590,15 +682,37 @@ impl<M: DeviceMemory> Worker<M> {
                 self.sleep();
             }
         }
-        // Chains held for a mergeable frame go back unused; frames taken from the
-        // inbox and buffers go back to the switch.
+        // Chains held for a mergeable frame go back unused, so nothing is in
+        // flight; buffers go back to the switch; frames taken from the inbox wait
+        // for the next start (or the reset).
         for p in &mut self.pairs {
             p.return_held();
         }
-        for f in self.inbox.drain(..) {
-            self.pool.give(&self.ctx.switch, f.data);
-        }
         self.pool.flush(&self.ctx.switch);
+        let mut positions = Vec::with_capacity(2 * self.pairs.len() + 1);
+        for (i, p) in self.pairs.iter().enumerate() {
+            // Pair i is queues 2i and 2i + 1 (§5.1.2); at most 0x8000 pairs.
+            let (rx, tx) = (u16::try_from(2 * i), u16::try_from(2 * i + 1));
+            if let (Ok(rx), Ok(tx)) = (rx, tx) {
+                positions.push((rx, p.rx.next_avail()));
+                positions.push((tx, p.tx.next_avail()));
+            }
+            let held = p.rx.in_flight() + p.tx.in_flight();
+            if held != 0 {
+                tracing::error!(port = %self.ctx.port.id, pair = i, held, "chains in flight at stop");
+            }
+        }
+        if let Some(c) = &self.ctrl {
+            positions.push((c.index, c.ring.next_avail()));
+        }
+        Stopped {
+            positions,
+            parked: Parked {
+                filter: self.filter,
+                active: self.active,
+                inbox: self.inbox,
+            },
+        }
     }
 
     /// One scheduling round over every queue: returns whether it did anything, and

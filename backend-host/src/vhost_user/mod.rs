@@ -29,7 +29,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod early_enable;
 pub mod memory;
+mod net;
 pub mod server;
 
 pub use memory::{MemoryTable, VhostMemory};
@@ -154,8 +156,23 @@ impl<D: VhostUserDevice> Daemon<D> {
     fn serve(&self, stream: UnixStream) {
         tracing::info!("vhost-user frontend connected");
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = stream.try_clone().ok();
+        let mut peer = match stream.try_clone() {
+            Ok(p) => p,
+            Err(error) => {
+                tracing::error!(%error, "cannot duplicate the frontend's socket");
+                return;
+            }
+        };
         let mut handler = BackendReqHandler::from_stream(stream, self.session.clone());
         loop {
+            match early_enable::serve(&mut peer, &self.session) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "vhost-user frontend connection failed");
+                    break;
+                }
+            }
             match handler.handle_request() {
                 Ok(()) => {}
                 Err(VuError::Disconnected | VuError::PartialMessage) => {

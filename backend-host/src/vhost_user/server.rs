@@ -49,6 +49,14 @@ pub trait VhostUserDevice: DeviceHandler {
     /// keeping the device's own state; returns `(queue index, next available-ring
     /// position)` for each queue that was running.
     fn stop_queues(&mut self) -> Vec<(u16, u16)>;
+
+    /// The vhost-user protocol features the device is served with (the session
+    /// implements MQ, CONFIG and RESET_DEVICE; REPLY_ACK comes with any). An empty
+    /// set leaves `VHOST_USER_F_PROTOCOL_FEATURES` unoffered: rings then start when
+    /// their kick eventfd arrives and the frontend sends no SET_VRING_ENABLE.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        implemented_protocol()
+    }
 }
 
 impl<V> VhostUserDevice for crate::blk::device::BlkDevice<V>
@@ -157,6 +165,8 @@ pub struct Session<D: VhostUserDevice> {
     memory: VhostMemory,
     lifecycle: DeviceLifecycle,
     offered: u64,
+    /// What the device asked for of [`implemented_protocol`].
+    protocol_offered: VhostUserProtocolFeatures,
     acked: u64,
     /// The frontend acknowledged `VHOST_USER_F_PROTOCOL_FEATURES`: rings then start
     /// disabled.
@@ -177,8 +187,9 @@ impl<D: VhostUserDevice> std::fmt::Debug for Session<D> {
     }
 }
 
-/// The protocol features we implement (REPLY_ACK is added by the `vhost` crate).
-fn protocol_offered() -> VhostUserProtocolFeatures {
+/// The protocol features the session implements (REPLY_ACK is added by the
+/// `vhost` crate).
+pub fn implemented_protocol() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::RESET_DEVICE
@@ -188,13 +199,20 @@ impl<D: VhostUserDevice> Session<D> {
     /// A session for `device`, which must open its queues through `memory`.
     pub fn new(device: D, memory: VhostMemory) -> Session<D> {
         let lifecycle = device.lifecycle();
-        let offered = lifecycle.device_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let protocol_offered = device.protocol_features() & implemented_protocol();
+        let protocol_bit = if protocol_offered.is_empty() {
+            0
+        } else {
+            VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        };
+        let offered = lifecycle.device_features() | protocol_bit;
         let rings = (0..lifecycle.num_queues()).map(|_| Ring::default()).collect();
         Session {
             device,
             memory,
             lifecycle,
             offered,
+            protocol_offered,
             acked: 0,
             protocol_acked: false,
             protocol: VhostUserProtocolFeatures::empty(),
@@ -208,16 +226,31 @@ impl<D: VhostUserDevice> Session<D> {
         &self.device
     }
 
+    /// Whether the frontend asked for REPLY_ACK (every request with NEED_REPLY
+    /// then gets an acknowledgement).
+    pub fn reply_ack(&self) -> bool {
+        self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK)
+    }
+
     /// Forgets the frontend: stops the device (finishing what is in flight), resets
-    /// it, and drops the memory table. The next frontend starts from scratch.
+    /// it, and drops the memory table and the protocol features. The next frontend
+    /// starts from scratch.
     pub fn end(&mut self) {
+        self.reset_device_state();
+        self.memory.set(None);
+        self.protocol = VhostUserProtocolFeatures::empty();
+    }
+
+    /// RESET_OWNER / RESET_DEVICE: every ring stopped (what was in flight finished
+    /// first), the device reset, features and ring state forgotten. The connection's
+    /// own state stays: the protocol features (the `vhost` crate keeps them too, and
+    /// frontends do not send them again) and the memory table.
+    fn reset_device_state(&mut self) {
         self.stop_device();
         self.device.reset();
-        self.memory.set(None);
         self.lifecycle = self.device.lifecycle();
         self.acked = 0;
         self.protocol_acked = false;
-        self.protocol = VhostUserProtocolFeatures::empty();
         self.rings.iter_mut().for_each(|r| *r = Ring::default());
     }
 
@@ -287,7 +320,9 @@ impl<D: VhostUserDevice> Session<D> {
                 self.active = true;
                 tracing::debug!(rings = ?started_rings(&self.rings), "device started");
             }
-            Err(error) => tracing::error!(%error, "device refused to start"),
+            // Not an error yet: a device may need rings that are still being set
+            // up (a net queue pair's second ring); it is tried again as they come.
+            Err(error) => tracing::info!(%error, "device not started with the rings ready so far"),
         }
     }
 }
@@ -367,12 +402,12 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn reset_owner(&mut self) -> VuResult<()> {
-        self.end();
+        self.reset_device_state();
         Ok(())
     }
 
     fn reset_device(&mut self) -> VuResult<()> {
-        self.end();
+        self.reset_device_state();
         Ok(())
     }
 
@@ -518,11 +553,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(protocol_offered())
+        Ok(self.protocol_offered)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        let allowed = protocol_offered() | VhostUserProtocolFeatures::REPLY_ACK;
+        let allowed = self.protocol_offered | VhostUserProtocolFeatures::REPLY_ACK;
         let extra = features & !allowed.bits();
         if extra != 0 {
             return Err(SessionError::UnofferedProtocol(extra).into());
@@ -634,4 +669,4 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
 #[cfg(test)]
 #[path = "server_tests.rs"]
-mod tests;
+pub(crate) mod tests;

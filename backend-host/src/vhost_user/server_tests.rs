@@ -8,15 +8,15 @@ use virtio_core::config::ConfigSpace;
 
 /// What the fake device saw: each activation's `(queue, next_avail)` pairs.
 #[derive(Default, Debug)]
-struct Log {
-    activations: Vec<Vec<(u16, u16)>>,
+pub(crate) struct Log {
+    pub(crate) activations: Vec<Vec<(u16, u16)>>,
     stops: usize,
     resets: usize,
     config_writes: Vec<(usize, Vec<u8>)>,
 }
 
 /// Serves nothing; every stop reports each running queue 3 positions further on.
-struct Fake {
+pub(crate) struct Fake {
     log: Arc<Mutex<Log>>,
     running: Vec<(u16, u16)>,
 }
@@ -64,7 +64,7 @@ impl VhostUserDevice for Fake {
 
 const PF: u64 = 1 << 30;
 
-fn session() -> (Session<Fake>, Arc<Mutex<Log>>) {
+pub(crate) fn session() -> (Session<Fake>, Arc<Mutex<Log>>) {
     let log = Arc::new(Mutex::new(Log::default()));
     let fake = Fake {
         log: log.clone(),
@@ -121,7 +121,7 @@ fn features_must_be_offered_and_include_version_1() {
         s.set_protocol_features(1 << 12).is_err(),
         "INFLIGHT_SHMFD is not offered"
     );
-    s.set_protocol_features((protocol_offered() | VhostUserProtocolFeatures::REPLY_ACK).bits())
+    s.set_protocol_features((implemented_protocol() | VhostUserProtocolFeatures::REPLY_ACK).bits())
         .unwrap();
     assert_eq!(s.get_queue_num().unwrap(), 2);
 }

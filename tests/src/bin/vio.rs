@@ -152,6 +152,12 @@ enum Command {
         /// Adaptive-polling window in microseconds.
         #[arg(long, default_value_t = 0)]
         poll_us: u64,
+        /// Request queues.
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        /// Largest ring size accepted (QEMU's virtio-mmio offers guests 1024).
+        #[arg(long, default_value_t = 1024)]
+        queue_size: u16,
     },
     /// Sharing-model benchmark: 64 B, 1514 B and 64 KiB buffers moved each way over
     /// each of the four models, with memcpy measured in the same run.
@@ -291,6 +297,8 @@ fn main() -> std::process::ExitCode {
             socket,
             image,
             poll_us,
+            queues,
+            queue_size,
         } => {
             let opts = BlkServe {
                 socket,
@@ -298,6 +306,8 @@ fn main() -> std::process::ExitCode {
                 disk: DiskOptions::default(),
                 settings: BlkSettings {
                     poll: Duration::from_micros(poll_us),
+                    queues,
+                    queue_size,
                     ..BlkSettings::default()
                 },
             };

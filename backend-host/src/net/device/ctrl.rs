@@ -39,6 +39,12 @@ impl RxFilter {
         }
     }
 
+    /// Turns filtering on (CTRL_RX negotiated with a control queue) or off (every
+    /// frame passes), keeping the modes and tables for when it is on.
+    pub(super) fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
     /// Whether a frame to `dst` reaches the guest.
     pub(super) fn accepts(&self, dst: &[u8]) -> bool {
         if !self.enabled || self.promisc {
