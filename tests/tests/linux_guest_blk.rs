@@ -3,7 +3,9 @@
 //! proves the kit itself, qemu-storage-daemon. The daemon serves a host-seeded
 //! image; the guest kernel reads it, writes a new pattern with O_DIRECT and a flush,
 //! and reads it back; the host checks the guest's checksums and then the image
-//! itself. Over virtio-pci (q35) and virtio-mmio (microvm), with 2 queues.
+//! itself. Over virtio-pci (q35) and virtio-mmio (microvm), with 2 queues. And a
+//! QEMU killed after its guest synced a write: the next QEMU on the same daemon
+//! reads it back.
 //!
 //! The last two tests prove the kit's own failure paths: a hung guest is killed at its
 //! deadline with its console in the error, and a failing script fails the boot.
@@ -254,4 +256,73 @@ fn a_failing_script_fails_the_boot_with_its_status() {
         }
         other => panic!("expected the script's failure, got {other:?}"),
     }
+}
+
+/// The frontend dies, not the daemon: QEMU is killed while its guest sleeps after
+/// an O_DIRECT write and an fsync. A second QEMU, on the same daemon process,
+/// reads the synced bytes back; the host finds them in the image too.
+#[test]
+fn a_killed_qemu_loses_no_synced_write_and_our_daemon_serves_the_next_one() {
+    let name = "killed-qemu";
+    let Some(guest) = vio::linux_guest::for_test(name) else {
+        return;
+    };
+    let images = guest.kit().dir.join("images");
+    std::fs::create_dir_all(&images).expect("images directory");
+    let image = unique(&images, name, "img");
+    let socket = unique(&std::env::temp_dir(), &format!("vio-{name}"), "sock");
+    let _cleanup = Cleanup(vec![image.clone()]);
+    std::fs::write(&image, pattern(seed(), IMAGE_BYTES)).expect("seed the image");
+    let token = format!("vio-{name}-{:016x}", seed());
+    let (backend_name, cmd) = blk_backend(Daemon::Ours, &image, &socket);
+    let backend = Backend::spawn(backend_name, cmd, &socket).unwrap_or_else(|e| panic!("{}", report(&e)));
+
+    // One MiB of the token at 1 MiB, written with O_DIRECT and synced; then the
+    // guest idles until QEMU is killed at the deadline.
+    let write = format!(
+        "set -e\n(yes \"{token}\" || true) | head -c 1048576 > /chunk\n\
+         dd if=/chunk of=/dev/vda bs=1M seek=1 oflag=direct conv=fsync,notrunc 2>/dev/null\n\
+         echo VIO-RESULT synced=1\nsleep 600\n"
+    );
+    let mut spec = GuestSpec::new(Machine::Microvm, write);
+    spec.disks.push(BlkDisk {
+        socket: socket.clone(),
+        num_queues: QUEUES,
+    });
+    spec.timeout = Duration::from_secs(30);
+    match guest.boot(&spec) {
+        Err(GuestError::Timeout { console, .. }) => assert!(
+            console.contains("VIO-RESULT synced=1"),
+            "the guest synced before QEMU was killed:\n{console}\n{}",
+            backend.log_tail()
+        ),
+        other => panic!("expected QEMU to be killed at the deadline, got {other:?}"),
+    }
+
+    let read = "echo \"VIO-RESULT chunk=$(dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)\"\n";
+    let mut spec = GuestSpec::new(Machine::Microvm, read);
+    spec.disks.push(BlkDisk {
+        socket: socket.clone(),
+        num_queues: QUEUES,
+    });
+    spec.timeout = Duration::from_secs(90);
+    let run = guest
+        .boot(&spec)
+        .unwrap_or_else(|e| panic!("{}\n{}", report(&e), backend.log_tail()));
+    let log = backend.stop().unwrap_or_else(|e| panic!("{}", report(&e)));
+    let chunk = images.join(format!("{name}-{}-chunk.bin", std::process::id()));
+    let _chunk_cleanup = Cleanup(vec![chunk.clone()]);
+    std::fs::write(&chunk, yes_output(&token, 1 << 20)).expect("write the expected chunk");
+    let want = guest.sha256(&chunk).expect("hash the expected chunk");
+    assert_eq!(
+        run.result("chunk"),
+        Some(want.as_str()),
+        "the second guest reads the synced MiB\n{log}"
+    );
+    let image_now = std::fs::read(&image).expect("read the image back");
+    assert!(
+        image_now[1 << 20..2 << 20] == yes_output(&token, 1 << 20)[..],
+        "the synced MiB is in the image"
+    );
+    // One daemon process, spawned once above, served both QEMUs.
 }
