@@ -7,7 +7,7 @@
 //! QEMU killed after its guest synced a write: the next QEMU on the same daemon
 //! reads it back.
 //!
-//! The last two tests prove the kit's own failure paths: a hung guest is killed at its
+//! Two tests prove the kit's own failure paths: a hung guest is killed at its
 //! deadline with its console in the error, and a failing script fails the boot.
 //!
 //! Skipped, saying so, only where the kit's prerequisites cannot be installed (not
