@@ -473,6 +473,41 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever table a frontend sends, mapping it never panics; a table that is
+        /// accepted resolves every address inside a region to that region only, and
+        /// refuses every range that leaves it.
+        #[test]
+        fn any_table_is_refused_or_resolves_only_inside_its_regions(
+            raw in proptest::collection::vec((0u64..16, 1u64..4, 0u64..16, 0u64..4), 1..5),
+            probes in proptest::collection::vec((0u64..20 * 4096, 1u32..3 * 4096), 1..32),
+        ) {
+            let page = 4096;
+            let specs: Vec<RegionSpec> = raw
+                .iter()
+                .map(|&(gpa, pages, user, off)| spec(gpa * page, pages * page, (user + 100) * page, off * page))
+                .collect();
+            let file = memfd(8 * page);
+            let files = specs.iter().map(|_| file.try_clone().unwrap()).collect();
+            let Ok(table) = MemoryTable::map(&specs, files) else {
+                return Ok(());
+            };
+            let mem = TableMemory { table: Arc::new(table) };
+            for (addr, len) in probes {
+                let inside = specs.iter().any(|r| {
+                    addr >= r.guest_phys_addr && addr + u64::from(len) <= r.guest_phys_addr + r.memory_size
+                });
+                let s = seg(addr, len, true);
+                proptest::prop_assert_eq!(mem.check(&s).is_ok(), inside, "{:#x}+{}", addr, len);
+                let mut buf = vec![0u8; len as usize];
+                proptest::prop_assert_eq!(mem.read(&s, 0, &mut buf).is_ok(), inside);
+                proptest::prop_assert_eq!(mem.direct(&s).is_some(), inside);
+            }
+        }
+    }
+
     #[test]
     fn queues_open_only_on_mapped_aligned_rings() {
         let model = VhostMemory::new();
