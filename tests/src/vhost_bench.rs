@@ -217,12 +217,19 @@ pub fn run(cfg: &VhostBenchConfig) -> std::io::Result<Table> {
         let med =
             |rs: &[RunResult], f: fn(&RunResult) -> f64| median(&mut rs.iter().map(f).collect::<Vec<_>>());
         let iops = (med(&a, |r| r.iops), med(&b, |r| r.iops));
+        // Each repetition ran both daemons back to back: the spread of their ratios
+        // shows how much of the median's ratio is noise.
+        let ratios: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x.iops / y.iops).collect();
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
         rows.push(vec![
             Cell::Text(w.label().into()),
             Cell::Int(u64::from(depth)),
             Cell::Num(iops.0),
             Cell::Num(iops.1),
             Cell::Text(format!("{:.2}x", iops.0 / iops.1)),
+            Cell::Text(format!("{lo:.2}-{hi:.2}x")),
             Cell::Num(med(&a, |r| r.mean_us)),
             Cell::Num(med(&b, |r| r.mean_us)),
             Cell::Num(med(&a, |r| r.p99_us)),
@@ -242,6 +249,7 @@ pub fn run(cfg: &VhostBenchConfig) -> std::io::Result<Table> {
             "IOPS ours",
             "IOPS qsd",
             "ours/qsd",
+            "per-rep range",
             "mean us ours",
             "mean us qsd",
             "p99 us ours",
