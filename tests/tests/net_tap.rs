@@ -587,8 +587,11 @@ fn counters_oversize_and_checksums() {
             &f[42..50]
         );
     }
+    // The port counts forwarded frames just after forwarding them: wait for both.
     eventually("oversize drops", || {
-        lab.tap.stats().port.drops.over_mtu - base.drops.over_mtu == BIG as u64
+        let port = lab.tap.stats().port;
+        port.drops.over_mtu - base.drops.over_mtu == BIG as u64
+            && port.tx_frames - base.tx_frames == SMALL as u64
     });
     let st = lab.tap.stats();
     assert_eq!(st.port.tx_frames - base.tx_frames, SMALL as u64, "{st:?}");
