@@ -123,7 +123,7 @@ type Driver = BlkDriver<DirectDriver, VhostUserTransport>;
 /// A fresh guest whose driver connects to `socket` with `queues` queues.
 fn connect(socket: &Path, queues: u16) -> (Arc<Domain>, Driver) {
     let guest = Hypervisor::new().create_domain("vu-guest", GUEST_BYTES).unwrap();
-    let (model, _device_half) = direct::pair(&guest).unwrap();
+    let model = direct::driver(&guest);
     let transport =
         VhostUserTransport::connect(socket, guest.memory().clone(), VhostUserOptions::blk()).unwrap();
     let interrupts = transport.interrupts().unwrap();

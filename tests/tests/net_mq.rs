@@ -659,7 +659,7 @@ fn reset_with_all_queues_active_then_new_session() {
     );
 
     // A new session (a new driver side of model 2 over the same guest memory).
-    let (driver, _) = transport_descriptors::direct::pair(&domain).unwrap();
+    let driver = transport_descriptors::direct::driver(&domain);
     let nic = session(&t, driver, &domain, NetOptions::multiqueue(4)).unwrap();
     assert_eq!(nic.mac(), Some(original), "the configured address again");
     let b = Guest {

@@ -33,12 +33,16 @@ pub fn pair(guest: &Arc<Domain>) -> Result<(DirectDriver, DirectDevice), ModelEr
         size: mem.size(),
         page: mem.page_size(),
     };
-    Ok((
-        DirectDriver {
-            rings: GuestRings::new(guest.clone()),
-        },
-        DirectDevice { mapping, bounds },
-    ))
+    Ok((driver(guest), DirectDevice { mapping, bounds }))
+}
+
+/// The driver side of model 2 alone, for a guest whose device lives elsewhere (a
+/// vhost-user backend in another process, which maps the guest's memory itself):
+/// no device mapping is made.
+pub fn driver(guest: &Arc<Domain>) -> DirectDriver {
+    DirectDriver {
+        rings: GuestRings::new(guest.clone()),
+    }
 }
 
 /// Driver side of model 2: rings in guest memory, buffers exposed by address.

@@ -44,7 +44,7 @@
 //!
 //! let guest = Hypervisor::new().create_domain("guest", 64 << 20)?;
 //! // Model 2's driver half; the device half is the back-end's business.
-//! let (model, _) = transport_descriptors::direct::pair(&guest)?;
+//! let model = transport_descriptors::direct::driver(&guest);
 //! let memory = guest.memory().clone();
 //! let transport = VhostUserTransport::connect(
 //!     "/run/vhost-user-blk.sock".as_ref(),
