@@ -233,12 +233,16 @@ fn the_daemon_serves_the_next_frontend_after_one_leaves_or_misbehaves() {
 /// next frontend.
 #[test]
 fn a_killed_frontend_loses_no_acknowledged_write() {
-    if std::env::var_os("VIO_VU_CHILD").is_some() {
-        return; // This is the child's own run of the test list.
-    }
     let mut host = Host::start("kill", &["--queues", "1"]);
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "frontend_child", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "frontend_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env("VIO_VU_CHILD", &host.socket)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -282,12 +286,12 @@ fn a_killed_frontend_loses_no_acknowledged_write() {
 }
 
 /// The child half of [`a_killed_frontend_loses_no_acknowledged_write`]: writes and
-/// flushes block after block, printing each one acknowledged, until killed.
+/// flushes block after block, printing each one acknowledged, until killed. Run only
+/// as that test's child process (ignored otherwise, not passed vacuously).
 #[test]
+#[ignore = "the child process of a_killed_frontend_loses_no_acknowledged_write"]
 fn frontend_child() {
-    let Some(socket) = std::env::var_os("VIO_VU_CHILD") else {
-        return;
-    };
+    let socket = std::env::var_os("VIO_VU_CHILD").expect("VIO_VU_CHILD names the daemon's socket");
     let (_guest, d) = connect(Path::new(&socket), 1);
     for k in 0..1000u64 {
         d.write_bytes_blocking(0, 2048 + k * 8, &pattern(4096, k as u8))
