@@ -8,8 +8,9 @@
 //!
 //! - ours: `vio vhost-serve` (the `vio-host blk` daemon's code: [`BlkDevice`] behind
 //!   [`Daemon`]), adaptive polling as configured;
-//! - qemu-storage-daemon: `cache.direct=on,aio=io_uring`, the export in an
-//!   iothread (which polls adaptively, QEMU's default `poll-max-ns`).
+//! - qemu-storage-daemon as [`backend::qsd_blk`] runs it: `cache.direct=on,
+//!   aio=io_uring`, the export in an iothread (which polls adaptively, QEMU's
+//!   default `poll-max-ns`).
 //!
 //! Rows: 4 KiB random reads at QD1 and QD32, 4 KiB random writes at QD32, a 4 KiB
 //! write followed by a flush at QD1. The two daemons alternate within each row, so
@@ -19,20 +20,16 @@
 //! [`Daemon`]: backend_host::vhost_user::Daemon
 
 use crate::blk_bench::{self, RunResult, Workload};
+use crate::linux_guest::{Backend, backend};
 use crate::report::{Cell, Table, median};
 use drivers_blk::{BlkDriver, BlkOptions};
 use hypervisor::Hypervisor;
-use std::fs::File;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use transport_descriptors::direct;
 use transport_vhost_user::{VhostUserOptions, VhostUserTransport};
 
-/// Where qemu-storage-daemon lives on Debian (package qemu-utils or
-/// qemu-system-common).
-pub const QSD: &str = "/usr/bin/qemu-storage-daemon";
+pub use crate::linux_guest::backend::QSD;
 
 /// The rows: workload and queue depth.
 pub const ROWS: [(Workload, u32); 4] = [
@@ -75,51 +72,6 @@ impl VhostBenchConfig {
     }
 }
 
-/// A daemon process serving the image on a socket; killed on drop.
-struct DaemonProcess {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl DaemonProcess {
-    fn spawn(mut cmd: Command, socket: PathBuf, log: PathBuf) -> std::io::Result<DaemonProcess> {
-        let _ = std::fs::remove_file(&socket);
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log)?)
-            .spawn()?;
-        let mut d = DaemonProcess { child, socket, log };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // The socket file appears at bind(2); waiting for it (rather than
-        // connecting) leaves the daemon's first frontend to the benchmark.
-        while !d.socket.exists() {
-            if let Some(status) = d.child.try_wait()? {
-                return Err(std::io::Error::other(format!(
-                    "daemon exited with {status}: {}",
-                    std::fs::read_to_string(&d.log).unwrap_or_default()
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(std::io::Error::other(
-                    "daemon did not create its socket within 10 s",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(d)
-    }
-}
-
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
 /// Which daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Peer {
@@ -127,37 +79,19 @@ enum Peer {
     Qsd,
 }
 
-fn start(cfg: &VhostBenchConfig, peer: Peer, dir: &Path) -> std::io::Result<DaemonProcess> {
+/// Starts `peer` on the image with one queue; returns it once it listens, and its
+/// socket.
+fn start(cfg: &VhostBenchConfig, peer: Peer) -> std::io::Result<(Backend, PathBuf)> {
     let socket = std::env::temp_dir().join(format!("vio-vhost-bench-{}-{peer:?}.sock", std::process::id()));
-    let log = dir.join(format!("vio-vhost-bench-{peer:?}.log"));
-    let cmd = match peer {
-        Peer::Ours => {
-            let mut c = Command::new(&cfg.program);
-            c.arg("vhost-serve")
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--image")
-                .arg(&cfg.image)
-                .arg("--poll-us")
-                .arg(cfg.poll.as_micros().to_string());
-            c
-        }
-        Peer::Qsd => {
-            let mut c = Command::new(QSD);
-            c.args(["--object", "iothread,id=io0", "--blockdev"])
-                .arg(format!(
-                    "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring",
-                    cfg.image.display()
-                ))
-                .args(["--blockdev", "driver=raw,node-name=disk0,file=file0", "--export"])
-                .arg(format!(
-                    "type=vhost-user-blk,id=exp0,node-name=disk0,iothread=io0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-                    socket.display()
-                ));
-            c
-        }
+    let (name, cmd) = match peer {
+        Peer::Ours => (
+            "vio vhost-serve",
+            backend::vio_blk(&cfg.program, &cfg.image, &socket, 1, cfg.poll),
+        ),
+        Peer::Qsd => ("qemu-storage-daemon", backend::qsd_blk(&cfg.image, &socket, 1)),
     };
-    DaemonProcess::spawn(cmd, socket, log)
+    let daemon = Backend::spawn(name, cmd, &socket).map_err(std::io::Error::other)?;
+    Ok((daemon, socket))
 }
 
 /// One run against a daemon: a fresh guest and connection, the closed loop, and a
@@ -169,7 +103,7 @@ fn run_once(cfg: &VhostBenchConfig, socket: &Path, w: Workload, depth: u32) -> s
     let guest = Hypervisor::new()
         .create_domain("vhost-bench", 64 << 20)
         .map_err(err)?;
-    let (model, _device_half) = direct::pair(&guest).map_err(err)?;
+    let model = direct::driver(&guest);
     let transport =
         VhostUserTransport::connect(socket, guest.memory().clone(), VhostUserOptions::blk()).map_err(err)?;
     let interrupts = transport.interrupts().map_err(err)?;
@@ -196,23 +130,16 @@ pub fn run(cfg: &VhostBenchConfig) -> std::io::Result<Table> {
         )));
     }
     blk_bench::prepare_image(&cfg.image, cfg.size)?;
-    let dir = cfg
-        .image
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let ours = start(cfg, Peer::Ours, &dir)?;
-    let qsd = start(cfg, Peer::Qsd, &dir)?;
     // Both daemons stay up for the whole run; each run is a new frontend.
-    let probe = |s: &Path| UnixStream::connect(s).map(drop);
-    probe(&ours.socket)?;
-    probe(&qsd.socket)?;
+    let (_ours, ours) = start(cfg, Peer::Ours)?;
+    let (_qsd, qsd) = start(cfg, Peer::Qsd)?;
     let mut rows = Vec::new();
     for (w, depth) in ROWS {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for rep in 1..=cfg.reps {
             tracing::info!("{} QD{depth}: repetition {rep}/{}", w.label(), cfg.reps);
-            b.push(run_once(cfg, &qsd.socket, w, depth)?);
-            a.push(run_once(cfg, &ours.socket, w, depth)?);
+            b.push(run_once(cfg, &qsd, w, depth)?);
+            a.push(run_once(cfg, &ours, w, depth)?);
         }
         let med =
             |rs: &[RunResult], f: fn(&RunResult) -> f64| median(&mut rs.iter().map(f).collect::<Vec<_>>());

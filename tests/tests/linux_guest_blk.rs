@@ -36,14 +36,9 @@ enum Daemon {
 fn blk_backend(daemon: Daemon, image: &Path, socket: &Path) -> (&'static str, Command) {
     match daemon {
         Daemon::Ours => {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_vio"));
-            cmd.arg("vhost-serve")
-                .arg("--socket")
-                .arg(socket)
-                .arg("--image")
-                .arg(image)
-                .args(["--queues", &QUEUES.to_string()])
-                .env("RUST_LOG", "debug");
+            let program = Path::new(env!("CARGO_BIN_EXE_vio"));
+            let mut cmd = backend::vio_blk(program, image, socket, QUEUES, Duration::ZERO);
+            cmd.env("RUST_LOG", "debug");
             ("vio vhost-serve", cmd)
         }
         Daemon::Qsd => ("qemu-storage-daemon", backend::qsd_blk(image, socket, QUEUES)),
@@ -155,24 +150,19 @@ fn round_trip(daemon: Daemon, machine: Machine, name: &str) {
     backend.stop().unwrap_or_else(|e| panic!("{}", report(&e)));
     eprintln!("{name}: guest booted and ran in {:.1?}", run.elapsed);
 
-    let expect = |key: &str| {
-        run.result(key)
-            .unwrap_or_else(|| panic!("no {key} result; console:\n{}", run.console))
-    };
-    assert_eq!(expect("queues"), QUEUES.to_string(), "blk-mq hardware queues");
-    assert_eq!(expect("bytes"), IMAGE_BYTES.to_string(), "capacity");
-    let transport = if machine == Machine::Q35 {
-        "virtio-pci"
-    } else {
-        "virtio-mmio"
-    };
     assert_eq!(
-        expect("transport"),
-        transport,
+        run.required("queues"),
+        QUEUES.to_string(),
+        "blk-mq hardware queues"
+    );
+    assert_eq!(run.required("bytes"), IMAGE_BYTES.to_string(), "capacity");
+    assert_eq!(
+        run.required("transport"),
+        machine.transport_driver(),
         "the driver of the disk's transport"
     );
     assert_eq!(
-        expect("seeded"),
+        run.required("seeded"),
         host_seeded,
         "what the guest read of the seeded image"
     );
@@ -181,9 +171,13 @@ fn round_trip(daemon: Daemon, machine: Machine, name: &str) {
     wanted[IMAGE_BYTES / 2..].copy_from_slice(&yes_output(&token, IMAGE_BYTES / 2));
     std::fs::write(&written, &wanted[IMAGE_BYTES / 2..]).expect("write the expected half");
     let host_written = guest.sha256(&written).expect("hash the expected half");
-    assert_eq!(expect("written"), host_written, "the pattern the guest generated");
     assert_eq!(
-        expect("readback"),
+        run.required("written"),
+        host_written,
+        "the pattern the guest generated"
+    );
+    assert_eq!(
+        run.required("readback"),
         host_written,
         "what the guest read back of its write"
     );
@@ -194,7 +188,7 @@ fn round_trip(daemon: Daemon, machine: Machine, name: &str) {
         "the image on the host holds the seed and then the guest's pattern"
     );
     assert_eq!(
-        expect("final"),
+        run.required("final"),
         guest.sha256(&image).expect("hash the final image"),
         "the guest's view"
     );

@@ -171,20 +171,11 @@ fn ping_and_talk(machine: Machine, name: &str) {
         .expect("the vhost-user port stays attached");
     let smol_stats: PortStats = switch.stats(smol_port).expect("smoltcp port");
 
-    let expect = |key: &str| {
-        run.result(key)
-            .unwrap_or_else(|| panic!("no {key} result; console:\n{}", run.console))
-    };
-    assert_eq!(expect("mac"), "52:54:00:76:69:6f", "the guest's MAC");
-    assert_eq!(expect("driver"), "virtio_net");
-    let transport = if machine == Machine::Q35 {
-        "virtio-pci"
-    } else {
-        "virtio-mmio"
-    };
+    assert_eq!(run.required("mac"), "52:54:00:76:69:6f", "the guest's MAC");
+    assert_eq!(run.required("driver"), "virtio_net");
     assert_eq!(
-        expect("transport"),
-        transport,
+        run.required("transport"),
+        machine.transport_driver(),
         "the driver of the interface's transport"
     );
     assert_eq!(
@@ -194,7 +185,7 @@ fn ping_and_talk(machine: Machine, name: &str) {
         run.console
     );
     assert_eq!(
-        expect("ping_received"),
+        run.required("ping_received"),
         PINGS.to_string(),
         "echo replies; console:\n{}",
         run.console
@@ -222,7 +213,11 @@ fn ping_and_talk(machine: Machine, name: &str) {
         "nc failed; console:\n{}",
         run.console
     );
-    assert_eq!(expect("tcp_reply"), wanted.trim_end(), "what Linux received");
+    assert_eq!(
+        run.required("tcp_reply"),
+        wanted.trim_end(),
+        "what Linux received"
+    );
 
     assert_eq!(
         switch.lookup(LINUX_MAC),

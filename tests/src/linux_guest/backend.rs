@@ -72,16 +72,36 @@ pub struct Backend {
 }
 
 /// The command serving `image` as a vhost-user-blk export with `queues` queues on
-/// `socket`, from qemu-storage-daemon (O_DIRECT on the image, writable).
+/// `socket`, from qemu-storage-daemon, as one would run it for speed: O_DIRECT and
+/// io_uring on the image, writable, the export in an iothread (which polls
+/// adaptively, QEMU's default `poll-max-ns`).
 pub fn qsd_blk(image: &Path, socket: &Path, queues: u16) -> Command {
     let mut cmd = Command::new(QSD);
-    cmd.arg("--blockdev")
-        .arg(format!("driver=file,node-name=file0,filename={},cache.direct=on", image.display()))
+    cmd.args(["--object", "iothread,id=io0", "--blockdev"])
+        .arg(format!(
+            "driver=file,node-name=file0,filename={},cache.direct=on,aio=io_uring",
+            image.display()
+        ))
         .args(["--blockdev", "driver=raw,node-name=disk0,file=file0", "--export"])
         .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+            "type=vhost-user-blk,id=exp0,node-name=disk0,iothread=io0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
             socket.display()
         ));
+    cmd
+}
+
+/// The command serving `image` with our vhost-user-blk daemon (the code of
+/// `vio-host blk`) on `socket`: `vio vhost-serve`, run by `vio`, the program at
+/// `program`, with `queues` queues and adaptive polling for `poll`.
+pub fn vio_blk(program: &Path, image: &Path, socket: &Path, queues: u16, poll: Duration) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.arg("vhost-serve")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--image")
+        .arg(image)
+        .args(["--queues", &queues.to_string()])
+        .args(["--poll-us", &poll.as_micros().to_string()]);
     cmd
 }
 

@@ -59,6 +59,16 @@ pub enum Machine {
     Microvm,
 }
 
+impl Machine {
+    /// The Linux driver of the guest's virtio transport on this machine.
+    pub fn transport_driver(self) -> &'static str {
+        match self {
+            Machine::Q35 => "virtio-pci",
+            Machine::Microvm => "virtio-mmio",
+        }
+    }
+}
+
 /// A vhost-user-blk disk; the guest sees the first as `/dev/vda`.
 #[derive(Debug, Clone)]
 pub struct BlkDisk {
@@ -127,6 +137,15 @@ impl GuestRun {
     /// The value the script reported for `key`.
     pub fn result(&self, key: &str) -> Option<&str> {
         self.results.get(key).map(String::as_str)
+    }
+
+    /// The value the script must have reported for `key`.
+    ///
+    /// # Panics
+    /// When it did not, quoting the console: for tests.
+    pub fn required(&self, key: &str) -> &str {
+        self.result(key)
+            .unwrap_or_else(|| panic!("no {key} result; console:\n{}", self.console))
     }
 }
 
