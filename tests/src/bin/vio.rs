@@ -236,24 +236,15 @@ fn main() -> std::process::ExitCode {
             ];
             match blk_bench::run(&BlkBenchConfig::quick()) {
                 Ok(t) => tables.push(t),
-                Err(e) => {
-                    eprintln!("error: block benchmark: {e}");
-                    return std::process::ExitCode::FAILURE;
-                }
+                Err(e) => return failed("block benchmark", &e),
             }
             match net_bench::run(&NetBenchConfig::quick()) {
                 Ok(t) => tables.push(t),
-                Err(e) => {
-                    eprintln!("error: network benchmark: {}", error_chain(&e));
-                    return std::process::ExitCode::FAILURE;
-                }
+                Err(e) => return failed("network benchmark", &e),
             }
             match barrier::run(&BarrierConfig::quick()) {
                 Ok(r) => tables.extend(r.tables()),
-                Err(e) => {
-                    eprintln!("error: barrier benchmark: {}", error_chain(&e));
-                    return std::process::ExitCode::FAILURE;
-                }
+                Err(e) => return failed("barrier benchmark", &e),
             }
             (tables, json)
         }
@@ -287,10 +278,7 @@ fn main() -> std::process::ExitCode {
             };
             match net_bench::run(&cfg) {
                 Ok(t) => (vec![t], json),
-                Err(e) => {
-                    eprintln!("error: network benchmark: {}", error_chain(&e));
-                    return std::process::ExitCode::FAILURE;
-                }
+                Err(e) => return failed("network benchmark", &e),
             }
         }
         Command::VhostServe {
@@ -313,10 +301,7 @@ fn main() -> std::process::ExitCode {
             };
             return match backend_host::vhost_user::serve_blk(opts) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: vhost-user daemon: {}", error_chain(e.as_ref()));
-                    std::process::ExitCode::FAILURE
-                }
+                Err(e) => failed("vhost-user daemon", e.as_ref()),
             };
         }
         Command::VhostBench {
@@ -340,17 +325,11 @@ fn main() -> std::process::ExitCode {
                     poll: Duration::from_micros(poll_us),
                     ..c
                 },
-                Err(e) => {
-                    eprintln!("error: cannot find the vio binary: {e}");
-                    return std::process::ExitCode::FAILURE;
-                }
+                Err(e) => return failed("cannot find the vio binary", &e),
             };
             match vhost_bench::run(&cfg) {
                 Ok(t) => (vec![t], json),
-                Err(e) => {
-                    eprintln!("error: vhost-user benchmark: {}", error_chain(&e));
-                    return std::process::ExitCode::FAILURE;
-                }
+                Err(e) => return failed("vhost-user benchmark", &e),
             }
         }
         Command::BlkBench {
@@ -375,10 +354,7 @@ fn main() -> std::process::ExitCode {
             };
             match blk_bench::run(&cfg) {
                 Ok(t) => (vec![t], json),
-                Err(e) => {
-                    eprintln!("error: block benchmark: {e}");
-                    return std::process::ExitCode::FAILURE;
-                }
+                Err(e) => return failed("block benchmark", &e),
             }
         }
         Command::BarrierBench {
@@ -422,10 +398,7 @@ fn main() -> std::process::ExitCode {
             };
             let report = match barrier::run(&cfg) {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: barrier benchmark: {}", error_chain(&e));
-                    return std::process::ExitCode::FAILURE;
-                }
+                Err(e) => return failed("barrier benchmark", &e),
             };
             let code = finish(&report.tables(), json);
             return if barrier_as_expected(&report) {
@@ -480,6 +453,12 @@ fn barrier_as_expected(r: &BarrierReport) -> bool {
     r.scenarios.iter().all(|s| s.as_expected())
 }
 
+/// Says that `what` failed with `e` (and its causes); the exit code for it.
+fn failed(what: &str, e: &dyn std::error::Error) -> std::process::ExitCode {
+    eprintln!("error: {what}: {}", error_chain(e));
+    std::process::ExitCode::FAILURE
+}
+
 /// An error and its causes, `: `-separated.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -501,14 +480,10 @@ fn finish(tables: &[Table], json: Option<PathBuf>) -> std::process::ExitCode {
     if let Some(path) = json {
         let text = match serde_json::to_string_pretty(tables) {
             Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: encoding figures: {e}");
-                return std::process::ExitCode::FAILURE;
-            }
+            Err(e) => return failed("encoding figures", &e),
         };
         if let Err(e) = std::fs::write(&path, text + "\n") {
-            eprintln!("error: writing {}: {e}", path.display());
-            return std::process::ExitCode::FAILURE;
+            return failed(&format!("writing {}", path.display()), &e);
         }
         eprintln!("figures written to {}", path.display());
     }
