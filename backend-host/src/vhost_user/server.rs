@@ -153,12 +153,6 @@ struct Ring {
     running: bool,
 }
 
-impl Ring {
-    fn ready(&self) -> bool {
-        self.size.is_some() && self.addrs.is_some() && self.kick.is_some() && self.enabled
-    }
-}
-
 /// One frontend's session with a device: the state vhost-user messages build up.
 pub struct Session<D: VhostUserDevice> {
     device: D,
@@ -288,23 +282,25 @@ impl<D: VhostUserDevice> Session<D> {
     /// the features changed).
     fn restart(&mut self, force: bool) {
         let table = self.memory.table();
-        let startable: Vec<bool> = self
+        let startable: Vec<_> = self
             .rings
             .iter()
-            .map(|r| r.ready() && check_ring(r, table.as_deref()).is_ok())
+            .map(|r| check_ring(r, table.as_deref()))
             .collect();
-        let same = self.rings.iter().zip(&startable).all(|(r, &s)| r.running == s);
+        let same = self
+            .rings
+            .iter()
+            .zip(&startable)
+            .all(|(r, s)| r.running == s.is_ok());
         if same && !force {
             return;
         }
         self.stop_device();
         let mut queues = Vec::new();
-        for (i, r) in self.rings.iter().enumerate() {
-            if !r.ready() {
-                continue;
-            }
-            match active_queue(i, r, table.as_deref()) {
+        for (i, (r, s)) in self.rings.iter().zip(startable).enumerate() {
+            match s.and_then(|(size, addrs)| active_queue(i, r, size, addrs)) {
                 Ok(q) => queues.push(q),
+                Err(StartError::NotReady) => {}
                 Err(error) => tracing::warn!(ring = i, %error, "ring cannot start"),
             }
         }
@@ -341,7 +337,7 @@ fn started_rings(rings: &[Ring]) -> Vec<usize> {
 enum StartError {
     #[error("no memory table")]
     NoMemory,
-    #[error("size, addresses or kick eventfd missing")]
+    #[error("size, addresses, kick eventfd or enable missing")]
     NotReady,
     #[error("ring address {0:#x} is in no memory region")]
     Unmapped(u64),
@@ -349,12 +345,13 @@ enum StartError {
     EventFd(#[source] virtio_core::notify::NotifyError),
 }
 
-/// The ring's size and guest-physical addresses, if it has all it needs to start.
+/// The ring's size and guest-physical addresses, if it has all it needs to start: a
+/// size, addresses inside the memory table, a kick eventfd, and the enable.
 fn check_ring(r: &Ring, table: Option<&MemoryTable>) -> Result<(u16, QueueAddrs), StartError> {
-    let table = table.ok_or(StartError::NoMemory)?;
-    let (Some(size), Some(a), true) = (r.size, r.addrs, r.kick.is_some()) else {
+    let (Some(size), Some(a), true, true) = (r.size, r.addrs, r.kick.is_some(), r.enabled) else {
         return Err(StartError::NotReady);
     };
+    let table = table.ok_or(StartError::NoMemory)?;
     let gpa = |va: u64| table.frontend_to_guest(va).ok_or(StartError::Unmapped(va));
     let addrs = QueueAddrs {
         desc: gpa(a.desc)?,
@@ -364,8 +361,8 @@ fn check_ring(r: &Ring, table: Option<&MemoryTable>) -> Result<(u16, QueueAddrs)
     Ok((size, addrs))
 }
 
-fn active_queue(i: usize, r: &Ring, table: Option<&MemoryTable>) -> Result<ActiveQueue, StartError> {
-    let (size, addrs) = check_ring(r, table)?;
+/// Ring `i`, checked to have `size` and `addrs`, with its own copies of the eventfds.
+fn active_queue(i: usize, r: &Ring, size: u16, addrs: QueueAddrs) -> Result<ActiveQueue, StartError> {
     let kick = r.kick.as_ref().ok_or(StartError::NotReady)?;
     let kick = kick.try_clone().map_err(StartError::EventFd)?;
     // A ring without a call eventfd is polled by the frontend: signal an eventfd
