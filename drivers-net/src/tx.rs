@@ -110,10 +110,12 @@ impl<S: DriverShare> TxQueue<S> {
         Ok(self.ring.kick_prepare())
     }
 
-    /// Turns used-buffer notifications on for a sender waiting for room; returns
-    /// `true` if slots were used meanwhile (reclaim instead of sleeping).
+    /// Turns used-buffer notifications on for a sender waiting for room, delayed
+    /// until three quarters of the frames in flight are sent (one wake-up per
+    /// stretch of frames rather than per frame); returns `true` if that many were
+    /// sent meanwhile (reclaim instead of sleeping).
     pub(crate) fn arm(&mut self) -> bool {
-        self.ring.enable_notifications()
+        self.ring.enable_notifications_delayed()
     }
 
     /// Turns them off again once the sender has room.

@@ -494,6 +494,26 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
         self.views.used_idx() != self.last_used
     }
 
+    /// [`Self::enable_notifications`], but with EVENT_IDX asks to be notified only
+    /// once three quarters of the chains outstanding now are used (Linux's
+    /// `virtqueue_enable_cb_delayed`): a sender waiting for room then wakes once
+    /// with room for many chains, not once per chain. Returns `true` if that many
+    /// are already used (poll instead of sleeping). Without EVENT_IDX there is no
+    /// way to delay, and it is [`Self::enable_notifications`].
+    pub fn enable_notifications_delayed(&mut self) -> bool {
+        if !self.event_idx {
+            return self.enable_notifications();
+        }
+        self.callbacks = true;
+        // The last of the first `wait + 1` chains to come back moves used.idx past
+        // used_event.
+        let wait = u16::try_from(u32::from(self.outstanding) * 3 / 4).unwrap_or(0);
+        self.views.set_used_event(self.last_used.wrapping_add(wait));
+        // As in `enable_notifications`.
+        fence(Ordering::SeqCst);
+        self.views.used_idx().wrapping_sub(self.last_used) > wait
+    }
+
     /// Takes back every outstanding request after a device reset, retiring its buffers
     /// with nothing written, and returns the ring to its initial state.
     ///

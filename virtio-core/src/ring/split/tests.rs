@@ -246,6 +246,46 @@ fn used_notification_suppression() {
 }
 
 #[test]
+fn delayed_notification_waits_for_three_quarters_of_the_outstanding_chains() {
+    let mut p = pair(8, PLAIN | Features::EVENT_IDX);
+    let b = bufs(&p.arena, &[8]);
+    for t in 0..8 {
+        p.driver.add(&b, &[], t).unwrap();
+    }
+    let chains: Vec<Chain> = std::iter::from_fn(|| p.device.pop().unwrap()).collect();
+    assert_eq!(chains.len(), 8);
+    assert!(!p.driver.enable_notifications_delayed(), "nothing used yet");
+    // Three quarters of 8 is 6: the sixth chain back is still quiet, the seventh
+    // notifies.
+    for (k, c) in chains.iter().enumerate() {
+        p.device.add_used(c.head(), 0).unwrap();
+        assert_eq!(p.device.needs_notification(), k == 6, "after chain {k}");
+    }
+    // Once that many are back already, the caller is told not to sleep.
+    for t in 0..8 {
+        assert_eq!(p.driver.pop_used().unwrap().unwrap().token, t);
+    }
+    for t in 0..4 {
+        p.driver.add(&b, &[], t).unwrap();
+    }
+    for _ in 0..4 {
+        let c = p.device.pop().unwrap().unwrap();
+        p.device.add_used(c.head(), 0).unwrap();
+    }
+    assert!(p.driver.enable_notifications_delayed());
+
+    // Without EVENT_IDX there is nothing to delay: the first chain back notifies.
+    let mut p = pair(8, PLAIN);
+    for t in 0..4 {
+        p.driver.add(&b, &[], t).unwrap();
+    }
+    assert!(!p.driver.enable_notifications_delayed());
+    let c = p.device.pop().unwrap().unwrap();
+    p.device.add_used(c.head(), 0).unwrap();
+    assert!(p.device.needs_notification());
+}
+
+#[test]
 fn reset_returns_every_token_and_retires_every_buffer() {
     let mut p = pair(8, PLAIN | Features::INDIRECT_DESC);
     for t in 0..5 {
