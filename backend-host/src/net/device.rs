@@ -6,7 +6,7 @@
 //! control queue, then up to [`SwitchConfig::budget`](super::SwitchConfig)
 //! transmitted chains from each active transmit queue (checked, then forwarded
 //! through the switch as one batch), then delivers up to as many frames from the
-//! port's inbox (taken in one batch) into receive buffers, whose used entries are
+//! port's inbox (taken whole, in one short lock) into receive buffers, whose used entries are
 //! published together. When a round finds nothing to do the worker polls for a
 //! while if [`NetSettings::poll`] asks it to (transmit kicks off, backing off while
 //! its core is shared), then re-enables notifications with a re-check and sleeps on
@@ -74,9 +74,8 @@
 //! [`CtrlCommand::parse`]: virtio_core::net::CtrlCommand::parse
 //! [`CTRL_DATA_MAX`]: virtio_core::net::CTRL_DATA_MAX
 
-use super::switch::{Batch, DropReason, Frame, LocalPool, Port, PortId, PortStats, Switch};
+use super::switch::{Batch, DropReason, Frame, Inbox, LocalPool, Port, PortId, PortStats, Switch};
 use crate::poll::Poller;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use virtio_core::config::ConfigSpace;
@@ -187,7 +186,7 @@ struct Parked {
     /// Active pairs (VQ_PAIRS_SET).
     active: usize,
     /// Frames taken from the port's inbox and not yet delivered.
-    inbox: VecDeque<Frame>,
+    inbox: Inbox,
 }
 
 /// What the worker changes and the owner reads.
@@ -433,7 +432,7 @@ where
                 Parked {
                     filter: RxFilter::new(self.mac, filtering),
                     active: 1,
-                    inbox: VecDeque::new(),
+                    inbox: Inbox::default(),
                 }
             }
         };
@@ -541,7 +540,8 @@ impl<V: DeviceModel> NetDevice<V> {
         self.port.set_active(false);
         let stopped = self.halt().map(|s| s.parked);
         for parked in stopped.into_iter().chain(self.parked.take()) {
-            for f in parked.inbox {
+            let mut inbox = parked.inbox;
+            while let Some(f) = inbox.pop() {
                 self.switch.recycle(f.data);
             }
         }

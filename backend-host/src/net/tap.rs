@@ -19,7 +19,8 @@
 //! - a frame for the host that the tap does not take at once (`EAGAIN`) or at all
 //!   is dropped and counted ([`DropReason::NoRxBuffer`] on the port, and
 //!   [`TapStats::queue_full`] or [`TapStats::write_errors`]);
-//! - frames wait only in the switch's bounded inbox.
+//! - frames wait only in the switch's bounded inbox (and, once taken from it, in
+//!   the worker's hands until its next writes).
 //!
 //! No offloads: without `IFF_VNET_HDR` the host's stack segments and checksums
 //! every frame before the tap sees it, and a frame a guest sent with a partial
@@ -36,7 +37,7 @@
 //! dropped (the last fd closes). Addresses, MTU and link state are left to the
 //! host's tools (`ip addr`, `ip link set up`), like for any interface.
 
-use super::switch::{Batch, DropReason, Frame, LocalPool, Port, PortId, PortStats, Switch};
+use super::switch::{Batch, DropReason, Frame, Inbox, LocalPool, Port, PortId, PortStats, Switch};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;
 use std::path::{Path, PathBuf};
@@ -302,6 +303,7 @@ impl TapPort {
             dead: false,
             batch: Batch::default(),
             pool: LocalPool::default(),
+            inbox: Inbox::default(),
         };
         port.set_active(true);
         let thread = std::thread::Builder::new()
@@ -394,6 +396,8 @@ struct Worker {
     batch: Batch,
     /// Frame buffers, taken from and given back to the switch in batches.
     pool: LocalPool,
+    /// Frames taken from the port's inbox and not yet written.
+    inbox: Inbox,
 }
 
 impl Worker {
@@ -405,11 +409,15 @@ impl Worker {
                 self.sleep();
             }
         }
+        self.drop_inbox();
         self.pool.flush(&self.switch);
     }
 
     /// Sleeps until the host sends a frame, a frame waits in the inbox, or stop.
     fn sleep(&mut self) {
+        if !self.port.arm_wake() {
+            return;
+        }
         use rustix::event::{PollFd, PollFlags, poll};
         let mut fds = [
             PollFd::new(&*self.stop_fd, PollFlags::IN),
@@ -418,7 +426,9 @@ impl Worker {
         ];
         // A dead tap would report an error forever: leave it out.
         let n = if self.dead { 1 } else { fds.len() };
-        if let Err(error) = poll(&mut fds[..n], Some(&SLEEP)) {
+        let slept = poll(&mut fds[..n], Some(&SLEEP));
+        self.port.disarm_wake();
+        if let Err(error) = slept {
             if error != Errno::INTR {
                 tracing::error!(%error, "TAP worker poll failed");
             }
@@ -436,6 +446,14 @@ impl Worker {
         self.dead = true;
         self.port.set_active(false);
         self.port.clear(&self.switch);
+        self.drop_inbox();
+    }
+
+    /// Returns the buffers of the frames taken from the inbox and not written.
+    fn drop_inbox(&mut self) {
+        while let Some(f) = self.inbox.pop() {
+            self.pool.give(&self.switch, f.data);
+        }
     }
 
     /// Hands up to a budget of the host's frames to the switch, as one batch (like
@@ -499,7 +517,10 @@ impl Worker {
     fn write_round(&mut self) -> bool {
         let mut n = 0;
         while n < self.budget && !self.dead {
-            let Some(mut frame) = self.port.pop() else {
+            if self.inbox.is_empty() {
+                self.port.take_inbox(&mut self.inbox);
+            }
+            let Some(mut frame) = self.inbox.pop() else {
                 return false;
             };
             n += 1;

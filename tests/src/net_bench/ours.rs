@@ -206,6 +206,11 @@ where
         }
         outcome.map(|()| stream.unwrap_or_default())
     });
+    for p in [a.port, b.port] {
+        if let Some(stats) = switch.stats(p) {
+            tracing::debug!(port = %p, ?stats.drops, tx = stats.tx_frames, rx = stats.rx_frames, "port counters");
+        }
+    }
     // B first: its driver resets its device, so A's last frames meet a stopped port.
     drop(b);
     drop(a);

@@ -76,9 +76,9 @@ pub(super) struct Worker<M> {
     pub(super) batch: Batch,
     /// Frame buffers, taken from and given back to the switch in batches.
     pub(super) pool: LocalPool,
-    /// Frames taken from the port's inbox (one lock per batch) and not yet
-    /// delivered; at most a budget's worth.
-    pub(super) inbox: VecDeque<Frame>,
+    /// Frames taken from the port's inbox (every frame waiting there, in one short
+    /// lock) and not yet delivered.
+    pub(super) inbox: Inbox,
     /// Adaptive polling ([`NetSettings::poll`]).
     pub(super) poller: Poller,
 }
@@ -188,6 +188,10 @@ impl<M: DeviceMemory> Worker<M> {
                 return;
             }
         }
+        // Starved, the worker waits for buffers (the receive kick), not frames.
+        if self.starved.is_none() && !self.ctx.port.arm_wake() {
+            return;
+        }
         use rustix::event::{PollFd, PollFlags, poll};
         let active = &self.pairs[..self.active];
         let mut fds = Vec::with_capacity(3 + 2 * active.len());
@@ -200,7 +204,9 @@ impl<M: DeviceMemory> Worker<M> {
             fds.push(PollFd::new(&p.tx_kick, PollFlags::IN));
             fds.push(PollFd::new(&p.rx_kick, PollFlags::IN));
         }
-        if let Err(error) = poll(&mut fds, Some(&SLEEP)) {
+        let slept = poll(&mut fds, Some(&SLEEP));
+        self.ctx.port.disarm_wake();
+        if let Err(error) = slept {
             if error != rustix::io::Errno::INTR {
                 tracing::error!(%error, "net worker poll failed");
             }
@@ -264,11 +270,10 @@ impl<M: DeviceMemory> Worker<M> {
         let mut n = 0;
         while n < self.budget {
             if self.inbox.is_empty() {
-                // Only once the port's inbox is empty too is there nothing left:
-                // its wake-up fired when it last went from empty to non-empty.
-                self.ctx.port.pop_batch(&mut self.inbox, self.budget - n);
+                // Only once the port's inbox is empty too is there nothing left.
+                self.ctx.port.take_inbox(&mut self.inbox);
             }
-            let Some(frame) = self.inbox.pop_front() else {
+            let Some(frame) = self.inbox.pop() else {
                 break;
             };
             n += 1;
