@@ -11,4 +11,5 @@
 pub mod blk;
 pub mod net;
 mod poll;
+mod prefetch;
 pub mod vhost_user;

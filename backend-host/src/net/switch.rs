@@ -169,6 +169,10 @@ pub(crate) struct Inbox {
     len: usize,
 }
 
+/// How far ahead of the frame being delivered the next frame's bytes are fetched
+/// into the cache: they were written on another core.
+const PREFETCH_AHEAD: usize = 4;
+
 impl Inbox {
     /// The next frame, round robin over sources.
     pub(crate) fn pop(&mut self) -> Option<Frame> {
@@ -179,6 +183,9 @@ impl Inbox {
         for k in 0..n {
             let i = (self.next + k) % n;
             if let Some(f) = self.per_source[i].pop_front() {
+                if let Some(ahead) = self.per_source[i].get(PREFETCH_AHEAD) {
+                    crate::prefetch::read(&ahead.data);
+                }
                 self.next = (i + 1) % n;
                 self.len -= 1;
                 return Some(f);
@@ -219,6 +226,9 @@ impl Inbox {
         }
         for (mine, theirs) in self.per_source.iter_mut().zip(&mut from.per_source) {
             std::mem::swap(mine, theirs);
+            for f in mine.iter().take(PREFETCH_AHEAD) {
+                crate::prefetch::read(&f.data);
+            }
         }
         self.len = std::mem::take(&mut from.len);
     }
