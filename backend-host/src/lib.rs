@@ -11,5 +11,4 @@
 pub mod blk;
 pub mod net;
 mod poll;
-mod prefetch;
 pub mod vhost_user;

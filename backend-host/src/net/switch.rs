@@ -184,7 +184,7 @@ impl Inbox {
             let i = (self.next + k) % n;
             if let Some(f) = self.per_source[i].pop_front() {
                 if let Some(ahead) = self.per_source[i].get(PREFETCH_AHEAD) {
-                    crate::prefetch::read(&ahead.data);
+                    virtio_core::shm::prefetch(ahead.data.as_ptr());
                 }
                 self.next = (i + 1) % n;
                 self.len -= 1;
@@ -227,7 +227,7 @@ impl Inbox {
         for (mine, theirs) in self.per_source.iter_mut().zip(&mut from.per_source) {
             std::mem::swap(mine, theirs);
             for f in mine.iter().take(PREFETCH_AHEAD) {
-                crate::prefetch::read(&f.data);
+                virtio_core::shm::prefetch(f.data.as_ptr());
             }
         }
         self.len = std::mem::take(&mut from.len);
