@@ -600,6 +600,11 @@ impl LocalPool {
             switch.take_bufs(&mut self.bufs, LOCAL_BATCH);
         }
         let mut v = self.bufs.pop().unwrap_or_default();
+        // The next one was last used on the receiving worker's core: ask for it
+        // now, so the copy into it does not wait for the line.
+        if let Some(next) = self.bufs.last() {
+            virtio_core::shm::prefetch(next.as_ptr());
+        }
         fit(&mut v, len);
         v
     }
