@@ -16,7 +16,7 @@
 //! longer critical sections of per-frame queueing put the workers to sleep on the
 //! lock tens of thousands of times a second. A receiving worker is woken (an
 //! eventfd write) only when it has said it is about to sleep
-//! ([`Port::arm_wake`]); while it runs or polls, frames are queued without a
+//! (`Port::arm_wake`); while it runs or polls, frames are queued without a
 //! system call. Frame buffers circulate through per-worker pools refilled from
 //! and returned to the switch's pool in batches, and are never zero-filled before
 //! they are overwritten.
