@@ -457,7 +457,11 @@ impl Switch {
         batch.dsts.clear();
         {
             let mut table = lock(&self.table);
+            // A stream repeats its addresses: the last source learnt and the last
+            // destination looked up are remembered (the lookup until the table
+            // changes), so a run costs one hash, not one per frame.
             let mut learnt = None;
+            let mut looked_up: Option<([u8; 6], Option<usize>)> = None;
             for f in &batch.frames {
                 let dst_mac: [u8; 6] = f.data[0..6].try_into().unwrap_or([0xff; 6]);
                 let src_mac: [u8; 6] = f.data[6..12].try_into().unwrap_or([0xff; 6]);
@@ -465,11 +469,16 @@ impl Switch {
                 if src_mac[0] & 1 == 0 && learnt != Some(src_mac) {
                     table.insert(src_mac, src.id.0);
                     learnt = Some(src_mac);
+                    looked_up = None;
                 }
-                let dst = if dst_mac[0] & 1 == 0 {
-                    table.get(&dst_mac).copied()
-                } else {
-                    None
+                let dst = match looked_up {
+                    _ if dst_mac[0] & 1 != 0 => None,
+                    Some((mac, port)) if mac == dst_mac => port,
+                    _ => {
+                        let port = table.get(&dst_mac).copied();
+                        looked_up = Some((dst_mac, port));
+                        port
+                    }
                 };
                 batch.dsts.push(dst);
             }
@@ -689,6 +698,26 @@ mod tests {
         sw.detach(&ports[0]);
         assert_eq!(sw.lookup(A), None);
         assert!(sw.stats(PortId(0)).is_none());
+    }
+
+    #[test]
+    fn a_batch_sees_what_its_own_earlier_frames_taught_the_table() {
+        let sw = Switch::new(SwitchConfig::default());
+        let ports: Vec<_> = (0..2).map(|_| sw.attach().unwrap()).collect();
+        for p in &ports {
+            p.set_active(true);
+        }
+        let x = [2, 0, 0, 0, 0, 0x77];
+        let mut batch = Batch::default();
+        // To X (unknown: flooded), then from X to X: X is on port 0 from that
+        // frame on, the sender's own port, so it is not sent anywhere.
+        batch.push(frame(x, A, &ports[0]));
+        batch.push(frame(x, x, &ports[0]));
+        sw.forward_batch(&ports[0], &mut batch);
+        assert_eq!(sw.lookup(x), Some(ports[0].id));
+        assert_eq!(sw.flooded_frames(), 1, "only the first frame is flooded");
+        let got: Vec<Frame> = std::iter::from_fn(|| ports[1].pop()).collect();
+        assert_eq!(got.len(), 1, "the second frame is not flooded to port 1");
     }
 
     #[test]
