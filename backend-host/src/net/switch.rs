@@ -234,12 +234,14 @@ impl Inbox {
     }
 
     /// Appends as much of `run` (frames of one source) as the source's queue has
-    /// room for under `backlog`; what is left in `run` did not fit.
-    fn append(&mut self, src: usize, run: &mut Vec<Frame>, backlog: usize) {
+    /// room for under `backlog`, and returns how many; what is left in `run` did
+    /// not fit.
+    fn append(&mut self, src: usize, run: &mut Vec<Frame>, backlog: usize) -> usize {
         let q = self.queue(src);
         let room = backlog.saturating_sub(q.len()).min(run.len());
         q.extend(run.drain(..room));
         self.len += room;
+        room
     }
 }
 
@@ -546,17 +548,17 @@ impl Switch {
         if run.is_empty() {
             return;
         }
-        let why = if dst.active.load(Ordering::Acquire) {
-            lock(&dst.inbox).append(src, run, self.cfg.backlog);
-            DropReason::BacklogFull
+        let (queued, why) = if dst.active.load(Ordering::Acquire) {
+            let n = lock(&dst.inbox).append(src, run, self.cfg.backlog);
+            (n, DropReason::BacklogFull)
         } else {
-            DropReason::NoRxBuffer
+            (0, DropReason::NoRxBuffer)
         };
         if !run.is_empty() {
             dst.count_drops(why, run.len() as u64);
             self.recycle_all(run.drain(..).map(|f| f.data));
         }
-        let wake = dst.armed.load(Ordering::SeqCst) && dst.armed.swap(false, Ordering::SeqCst);
+        let wake = queued > 0 && dst.armed.load(Ordering::SeqCst) && dst.armed.swap(false, Ordering::SeqCst);
         if wake && let Err(error) = dst.wake.notify() {
             tracing::error!(%error, port = %dst.id, "cannot wake a switch port");
         }
@@ -807,8 +809,10 @@ mod tests {
         let a = sw.attach().unwrap();
         let b = sw.attach().unwrap();
         a.set_active(true);
+        assert!(b.arm_wake());
         sw.forward(&a, frame([0xff; 6], A, &a));
         assert_eq!(sw.stats(b.id).unwrap().drops.no_rx_buffer, 1);
         assert_eq!(sw.stats(b.id).unwrap().drops.total(), 1);
+        assert_eq!(b.wake.take().unwrap(), 0, "nothing was queued: no wake-up");
     }
 }
