@@ -526,13 +526,17 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         self.pairs.iter().try_for_each(|p| lock(&p.tx).reclaim())
     }
 
-    /// Waits up to `timeout` for the device to finish a transmit buffer of `pair`.
+    /// Waits up to `timeout` for the device to finish transmit buffers of `pair`,
+    /// after a send found no room: no free slot, or (with a bounce area or grant
+    /// entries) no room in the sharing model, which also comes back only with
+    /// finished buffers. Returns at once if some were finished since.
     fn wait_tx(&self, pair: u16, timeout: Duration) -> Result<(), NetError> {
         let p = self.tx_pair(pair)?;
         {
             let mut tx = lock(&p.tx);
+            let before = tx.completed;
             tx.reclaim()?;
-            if tx.free_slots() > 0 || tx.arm() {
+            if tx.completed != before || tx.arm() {
                 tx.disarm();
                 return Ok(());
             }

@@ -49,11 +49,6 @@ impl<S: DriverShare> TxQueue<S> {
         self.base
     }
 
-    /// Slots free for sending.
-    pub(crate) fn free_slots(&self) -> usize {
-        self.free.len()
-    }
-
     fn fail(&mut self, why: Broken) -> NetError {
         tracing::warn!(error = %why, "virtio-net transmit queue broken");
         self.broken = Some(why);
