@@ -125,10 +125,6 @@ const MAX_RANGE_SEGS: u32 = 16;
 const RESTART_EVERY: usize = 8;
 /// Data buffers a queue worker keeps for reuse.
 const POOL_BUFFERS: usize = 64;
-/// Data buffers start on a page boundary, whatever smaller alignment the disk
-/// accepts: a 4 KiB buffer that starts mid-page spans two pages, so each request
-/// pins one page more and reaches the disk as one more segment.
-const IO_BUF_ALIGN: usize = 4096;
 /// Largest data buffer kept for reuse (larger ones are rare and costly to hoard).
 const POOL_BUFFER_MAX: usize = 64 * 1024;
 
@@ -834,7 +830,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
         {
             return buf;
         }
-        AlignedBuf::new(len, self.mem_align.max(IO_BUF_ALIGN))
+        AlignedBuf::for_io(len, self.mem_align)
     }
 
     /// Keeps a finished op's buffer for reuse, within [`POOL_BUFFERS`] buffers of at

@@ -39,7 +39,20 @@ pub struct AlignedBuf {
     len: usize,
 }
 
+/// The alignment of buffers for disk transfers ([`AlignedBuf::for_io`]): a page.
+pub const IO_BUF_ALIGN: usize = 4096;
+
 impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes for a disk transfer: it starts on a page
+    /// boundary, or at `disk_align` if the disk needs more. The kernel accepts
+    /// less for direct I/O (ext4 reports 512 bytes or fewer), but a 4 KiB buffer
+    /// that starts mid-page spans two pages, so each request pins one page more
+    /// and reaches the disk as one more segment: measured with `vio vhost-bench`,
+    /// a quarter fewer 4 KiB random reads per second at QD32.
+    pub fn for_io(len: usize, disk_align: usize) -> AlignedBuf {
+        AlignedBuf::new(len, disk_align.max(IO_BUF_ALIGN))
+    }
+
     /// A zeroed buffer of `len` bytes starting at a multiple of `align` (a power of two).
     pub fn new(len: usize, align: usize) -> AlignedBuf {
         let align = align.max(1);

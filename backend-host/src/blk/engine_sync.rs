@@ -243,7 +243,7 @@ fn execute(
             let mode = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
             match retry(|| rustix::fs::fallocate(fd, mode, offset, op.len)) {
                 Err(e) if e.raw_os_error() == Some(Errno::OPNOTSUPP.raw_os_error()) => {
-                    let zeros = zeros.get_or_insert_with(|| AlignedBuf::new(ZERO_CHUNK, mem_align));
+                    let zeros = zeros.get_or_insert_with(|| AlignedBuf::for_io(ZERO_CHUNK, mem_align));
                     write_zeros(fds.for_transfer(offset, op.len), zeros.as_slice(), offset, op.len)
                 }
                 other => other.map(|()| op.len),

@@ -384,7 +384,7 @@ impl UringEngine {
             (IoKind::WriteZeroes, r) if r == -Errno::OPNOTSUPP.raw_os_error() && !slot.zero_fill => {
                 slot.zero_fill = true;
                 if self.zeros.is_none() {
-                    self.zeros = Some(AlignedBuf::new(ZERO_CHUNK, self.mem_align));
+                    self.zeros = Some(AlignedBuf::for_io(ZERO_CHUNK, self.mem_align));
                 }
                 Next::Resubmit
             }
