@@ -425,10 +425,7 @@ impl Switch {
 
     /// Returns a frame buffer for reuse.
     pub(crate) fn recycle(&self, v: Vec<u8>) {
-        let mut pool = lock(&self.pool);
-        if pool.len() < POOL_MAX {
-            pool.push(v);
-        }
+        self.recycle_all(std::iter::once(v));
     }
 
     /// Moves up to `n` pooled buffers into `into` under one lock.
@@ -436,17 +433,6 @@ impl Switch {
         let mut pool = lock(&self.pool);
         let k = pool.len().saturating_sub(n);
         into.extend(pool.drain(k..));
-    }
-
-    /// Returns the buffers of `from` past the first `keep` for reuse, under one
-    /// lock and without a temporary vector.
-    fn recycle_from(&self, from: &mut Vec<Vec<u8>>, keep: usize) {
-        let keep = keep.min(from.len());
-        let mut pool = lock(&self.pool);
-        let room = POOL_MAX.saturating_sub(pool.len()).min(from.len() - keep);
-        pool.extend(from.drain(keep..keep + room));
-        drop(pool);
-        from.truncate(keep);
     }
 
     /// Switches every frame of `batch` (in order), leaving it empty: the MAC table
@@ -564,11 +550,12 @@ impl Switch {
         }
     }
 
-    /// Returns frame buffers for reuse, under one lock.
-    fn recycle_all(&self, bufs: impl Iterator<Item = Vec<u8>>) {
+    /// Returns frame buffers for reuse, under one lock; those past the pool's
+    /// room are freed after it is released.
+    fn recycle_all(&self, mut bufs: impl Iterator<Item = Vec<u8>>) {
         let mut pool = lock(&self.pool);
         let room = POOL_MAX.saturating_sub(pool.len());
-        pool.extend(bufs.take(room));
+        pool.extend(bufs.by_ref().take(room));
     }
 }
 
@@ -624,13 +611,13 @@ impl LocalPool {
     pub(crate) fn give(&mut self, switch: &Switch, v: Vec<u8>) {
         self.bufs.push(v);
         if self.bufs.len() >= 2 * LOCAL_BATCH {
-            switch.recycle_from(&mut self.bufs, LOCAL_BATCH);
+            switch.recycle_all(self.bufs.drain(LOCAL_BATCH..));
         }
     }
 
     /// Returns every buffer to the switch.
     pub(crate) fn flush(&mut self, switch: &Switch) {
-        switch.recycle_from(&mut self.bufs, 0);
+        switch.recycle_all(self.bufs.drain(..));
     }
 }
 
