@@ -481,17 +481,7 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
     /// Asks for used-buffer notifications again; returns `true` if used buffers are
     /// already waiting, in which case the caller should poll instead of sleeping.
     pub fn enable_notifications(&mut self) -> bool {
-        self.callbacks = true;
-        if self.event_idx {
-            self.views.set_used_event(self.last_used);
-        } else {
-            self.views.set_avail_flags(0);
-        }
-        // Pairs with the device's fence in `SplitDevice::needs_notification` (between
-        // its used.idx store and its used_event / flags load): either it sees our
-        // request, or we see its new used.idx below.
-        fence(Ordering::SeqCst);
-        self.views.used_idx() != self.last_used
+        self.enable_after(0)
     }
 
     /// [`Self::enable_notifications`], but with EVENT_IDX asks to be notified only
@@ -501,15 +491,29 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
     /// are already used (poll instead of sleeping). Without EVENT_IDX there is no
     /// way to delay, and it is [`Self::enable_notifications`].
     pub fn enable_notifications_delayed(&mut self) -> bool {
-        if !self.event_idx {
-            return self.enable_notifications();
-        }
+        let wait = if self.event_idx {
+            u16::try_from(u32::from(self.outstanding) * 3 / 4).unwrap_or(0)
+        } else {
+            0
+        };
+        self.enable_after(wait)
+    }
+
+    /// Asks for a notification once more than `wait` chains past the last one
+    /// taken are used (`wait` is 0 without EVENT_IDX); returns whether that many
+    /// already are.
+    fn enable_after(&mut self, wait: u16) -> bool {
         self.callbacks = true;
-        // The last of the first `wait + 1` chains to come back moves used.idx past
-        // used_event.
-        let wait = u16::try_from(u32::from(self.outstanding) * 3 / 4).unwrap_or(0);
-        self.views.set_used_event(self.last_used.wrapping_add(wait));
-        // As in `enable_notifications`.
+        if self.event_idx {
+            // The last of the first `wait + 1` chains to come back moves used.idx
+            // past used_event.
+            self.views.set_used_event(self.last_used.wrapping_add(wait));
+        } else {
+            self.views.set_avail_flags(0);
+        }
+        // Pairs with the device's fence in `SplitDevice::needs_notification` (between
+        // its used.idx store and its used_event / flags load): either it sees our
+        // request, or we see its new used.idx below.
         fence(Ordering::SeqCst);
         self.views.used_idx().wrapping_sub(self.last_used) > wait
     }
