@@ -16,7 +16,7 @@ use vio::conformance::Fixture;
 use vio::models;
 use virtio_core::blk::{self, BlkFeatures, BlkReqHeader};
 use virtio_core::features::Features;
-use virtio_core::lifecycle::{driver_ok, initialize};
+use virtio_core::lifecycle::{ControlPlane, driver_ok, initialize};
 use virtio_core::notify::Wait;
 use virtio_core::transport::{InProcessTransport, Transport};
 use virtio_core::{DeviceModel, DriverModel, GuestBuf, SplitDriver};
@@ -578,14 +578,16 @@ fn short_transfers_are_errors_and_transient_eagain_is_absorbed() {
     let data = pattern(4, 4096);
     assert_eq!(r.write(0, &data), blk::VIRTIO_BLK_S_OK, "write 1");
     // The engine gave up with a short count: the guest sees IOERR, never a
-    // partial success, and the poisoned tail of the read buffer stays private.
+    // partial success, and the poisoned tail of the read buffer stays private: a
+    // failed request gets its status byte and nothing else (HOSTILE 34), so the
+    // guest's buffer keeps the 0xee it was filled with.
     assert_eq!(r.write(8, &data), blk::VIRTIO_BLK_S_IOERR, "short write");
     assert!(r.read(0, 4096) == (blk::VIRTIO_BLK_S_OK, data.clone()), "read 1");
     let (st, back) = r.read(0, 4096);
     assert_eq!(st, blk::VIRTIO_BLK_S_IOERR, "short read");
     assert!(
-        back.iter().all(|&b| b == 0),
-        "short read: zeros, not poison or stale bytes"
+        back.iter().all(|&b| b == 0xee),
+        "short read: the guest's own bytes, not poison or stale host bytes"
     );
     // Three EAGAINs are retried inside the engine: the guest sees success.
     assert_eq!(r.write(16, &data), blk::VIRTIO_BLK_S_OK, "write after EAGAIN");
@@ -742,4 +744,125 @@ fn misaligned_requests_on_a_4k_disk_with_io_uring() {
 #[test]
 fn misaligned_requests_on_a_4k_disk_with_the_thread_pool() {
     misaligned_requests_on_a_4k_disk(EngineChoice::Sync, "4k-sync.img");
+}
+
+/// An engine that counts the bytes of data buffers it holds (submitted, not yet
+/// reaped): the peak, and the largest single buffer.
+struct BytesCheck<E> {
+    inner: E,
+    now: usize,
+    stats: Arc<std::sync::Mutex<(usize, usize)>>,
+}
+
+impl<E: Engine> Engine for BytesCheck<E> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn submit(&mut self, op: backend_host::blk::engine::IoOp) {
+        self.now += op.buf.len();
+        let mut s = self.stats.lock().unwrap();
+        s.0 = s.0.max(self.now);
+        s.1 = s.1.max(op.buf.len());
+        drop(s);
+        self.inner.submit(op);
+    }
+    fn commit(&mut self) -> std::io::Result<()> {
+        self.inner.commit()
+    }
+    fn reap(&mut self, out: &mut Vec<backend_host::blk::engine::Completion>) -> usize {
+        let from = out.len();
+        let n = self.inner.reap(out);
+        for c in &out[from..] {
+            self.now -= c.buf.len();
+        }
+        n
+    }
+    fn wait(&mut self) -> std::io::Result<()> {
+        self.inner.wait()
+    }
+    fn ready_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.ready_fd()
+    }
+    fn ack_ready(&mut self) {
+        self.inner.ack_ready();
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+}
+
+/// `(peak bytes held, largest buffer)` of a [`BytesCheck`] engine, and the engine.
+fn counted() -> (Arc<std::sync::Mutex<(usize, usize)>>, EngineChoice) {
+    let stats = Arc::new(std::sync::Mutex::new((0, 0)));
+    let s = stats.clone();
+    let engine = EngineChoice::Custom(Arc::new(move |disk: &Disk| {
+        let inner = UringEngine::new(disk, Default::default()).map_err(std::io::Error::other)?;
+        Ok(Box::new(BytesCheck {
+            inner,
+            now: 0,
+            stats: s.clone(),
+        }) as Box<dyn Engine>)
+    }));
+    (stats, engine)
+}
+
+/// HOSTILE 32: descriptors may overlap, so 60 descriptors over one 1 MiB guest
+/// buffer (the `size_max` this driver negotiated) make a 60 MiB read. The device serves it (the data is the guest's to
+/// ask for) but holds at most its budget of buffers, never the request's length.
+#[test]
+fn overlapping_descriptors_cannot_make_the_device_allocate_more_than_its_budget() {
+    let budget = 4 << 20;
+    let (stats, engine) = counted();
+    let settings = BlkSettings {
+        engine,
+        max_bytes_in_flight: budget,
+        ..BlkSettings::default()
+    };
+    let path = image("budget.img");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(1 << 30).unwrap();
+    drop(file);
+    let mut r = rig_on(
+        models::direct(),
+        Disk::open(&path, DiskOptions::default()).unwrap(),
+        settings,
+    );
+    // A legitimate request larger than the budget completes, with the right data:
+    // six 1 MiB segments out, then six in.
+    let data = pattern(3, 6 << 20);
+    let hdr = r.buf(BlkReqHeader::new(blk::VIRTIO_BLK_T_OUT, 2048).as_bytes());
+    let mut outs = vec![hdr];
+    outs.extend(data.chunks(1 << 20).map(|c| r.buf(c)));
+    let status = r.buf(&[0xff]);
+    let (_, back) = r.raw(&outs, &[status]);
+    assert_eq!(back[0][0], blk::VIRTIO_BLK_S_OK, "6 MiB write");
+    let hdr = r.buf(BlkReqHeader::new(blk::VIRTIO_BLK_T_IN, 2048).as_bytes());
+    let mut ins: Vec<GuestBuf> = (0..6).map(|_| r.buf(&vec![0u8; 1 << 20])).collect();
+    ins.push(r.buf(&[0xff]));
+    let (_, back) = r.raw(&[hdr], &ins);
+    assert_eq!(back[6][0], blk::VIRTIO_BLK_S_OK, "6 MiB read");
+    assert!(back[..6].concat() == data, "6 MiB read back");
+
+    let big = r.buf(&vec![0u8; 1 << 20]);
+    let hdr = r.buf(BlkReqHeader::new(blk::VIRTIO_BLK_T_IN, 0).as_bytes());
+    let status = r.buf(&[0xff]);
+    let mut ins = vec![big; 60];
+    ins.push(status);
+    let (used, back) = r.raw(&[hdr], &ins);
+    assert_eq!(back.last().unwrap()[0], blk::VIRTIO_BLK_S_OK);
+    assert_eq!(used, 60 * (1 << 20) + 1);
+    let (peak, largest) = *stats.lock().unwrap();
+    assert!(
+        peak <= budget,
+        "the device held {peak} bytes of buffers, over its budget of {budget}"
+    );
+    assert!(
+        largest <= backend_host::blk::device::CHUNK as usize,
+        "one op buffer of {largest} bytes"
+    );
+    // SIZE_MAX is offered with the chunk size.
+    let mut size_max = [0u8; 4];
+    r.transport
+        .read_config(std::mem::offset_of!(blk::BlkConfig, size_max), &mut size_max);
+    assert_eq!(u32::from_le_bytes(size_max), backend_host::blk::device::CHUNK);
 }

@@ -96,6 +96,10 @@ struct BlkArgs {
     /// Serial number returned by GET_ID (at most 20 bytes are sent).
     #[arg(long, default_value = "vio-blk")]
     serial: String,
+    /// Most MiB of data buffers each queue holds for requests in flight, whatever
+    /// the guest sends (at least 1); more requests wait in the ring.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_inflight_mib: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -173,6 +177,7 @@ fn serve_blk(args: BlkArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
                 Engine::Sync => EngineChoice::Sync,
             },
             poll: Duration::from_micros(args.poll_us),
+            max_bytes_in_flight: (args.max_inflight_mib as usize) << 20,
         },
     })
 }

@@ -28,6 +28,10 @@ pub enum IoKind {
     WriteZeroes,
 }
 
+/// The lowest tag bit the device never uses: bits from here up are for engines
+/// that wrap another (fault injectors, seeded-bug engines) to mark their own ops.
+pub const TAG_RESERVED: u64 = 1 << 56;
+
 /// A heap buffer whose start is aligned for direct I/O.
 ///
 /// Over-allocates by the alignment and starts at the first aligned byte, which keeps
@@ -99,7 +103,8 @@ pub struct IoOp {
     pub len: u64,
     /// The data buffer (empty for `Flush`, `Discard`, `WriteZeroes`).
     pub buf: AlignedBuf,
-    /// The caller's tag, returned in the completion.
+    /// The caller's tag, returned in the completion. The device's tags stay below
+    /// [`TAG_RESERVED`]; engines that wrap another may mark ops with the bits above.
     pub user: u64,
 }
 

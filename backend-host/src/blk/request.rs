@@ -183,6 +183,20 @@ impl SegmentSpan {
         self.len == 0
     }
 
+    /// The `len` bytes of this span from its byte `from`, or `None` if they do not
+    /// lie inside it.
+    pub fn sub(&self, from: u32, len: u32) -> Option<SegmentSpan> {
+        let end = from.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        Some(SegmentSpan {
+            part: self.part,
+            offset: self.offset.checked_add(from)?,
+            len,
+        })
+    }
+
     /// The byte range inside its part.
     pub fn range(&self) -> Range<u64> {
         let start = u64::from(self.offset);

@@ -22,8 +22,8 @@
 use backend_host::blk::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp, MadeHere};
 use std::os::fd::BorrowedFd;
 
-/// Tag bit of ops whose completion the mutant swallows. Callers' tags must stay
-/// below it (the device's are request-slot indices).
+/// Tag bit of ops whose completion the mutant swallows: above the device's tags
+/// ([`backend_host::blk::engine::TAG_RESERVED`]).
 const SWALLOW: u64 = 1 << 63;
 /// Tag bit of flushes passed down, so their completions can be recognised.
 const FLUSH: u64 = 1 << 62;
