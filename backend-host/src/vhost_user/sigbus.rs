@@ -108,8 +108,8 @@ unsafe impl Sync for Previous {}
 // SAFETY: as for `Sync`.
 unsafe impl Send for Previous {}
 
-/// An eventfd a contained SIGBUS is reported on: one per [`VhostMemory`]
-/// (crate::vhost_user::VhostMemory) that lets unsealed files in.
+/// An eventfd a contained SIGBUS is reported on: one per `VhostMemory` that lets
+/// unsealed files in.
 #[derive(Debug, Clone)]
 pub struct FaultSignal {
     fd: Arc<OwnedFd>,
