@@ -64,7 +64,11 @@ impl Frontend {
         // What QEMU passes on: ring and frame features, never CTRL_VQ, MAC or STATUS.
         let features = Features::VERSION_1.bits() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         session.set_features(features).unwrap();
-        let fd = rustix::fs::memfd_create("vhost-user-net-test", MemfdFlags::CLOEXEC).unwrap();
+        let fd = rustix::fs::memfd_create(
+            "vhost-user-net-test",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .unwrap();
         rustix::fs::ftruncate(&fd, MEM).unwrap();
         let mem = File::from(fd);
         let region = VhostUserMemoryRegion::new(0, MEM, FRONTEND_VA, 0);

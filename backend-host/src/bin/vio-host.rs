@@ -5,6 +5,10 @@
 //! vio-host net --socket /tmp/vio-net0.sock [--socket /tmp/vio-net1.sock ...] [--mtu 1500]
 //! ```
 //!
+//! Guest memory must come as regular files sealed against shrinking (QEMU's
+//! memory-backend-memfd does this); `--allow-unsealed-memory` lets others in at
+//! the risk its help describes (HOSTILE 35).
+//!
 //! QEMU then attaches it with `-chardev socket,id=c0,path=/tmp/vio-blk.sock
 //! -device vhost-user-blk-pci,chardev=c0,num-queues=2` (guest memory must be shared:
 //! `-object memory-backend-memfd,id=mem,size=512M,share=on -machine
@@ -20,7 +24,7 @@ use backend_host::blk::device::{BlkSettings, CacheMode, EngineChoice};
 use backend_host::blk::disk::{DirectMode, DiskOptions};
 use backend_host::net::{NetDevice, NetSettings, Switch, SwitchConfig};
 use backend_host::vhost_user::BlkServe;
-use backend_host::vhost_user::{Daemon, VhostMemory};
+use backend_host::vhost_user::{Daemon, MemoryPolicy, VhostMemory};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,6 +64,15 @@ struct NetArgs {
     /// once).
     #[arg(long, default_value_t = 0)]
     poll_us: u64,
+    /// Accept guest memory files that cannot be sealed against shrinking, or that
+    /// are not regular files (memory-backend-file on /dev/shm or hugetlbfs, DAX
+    /// devices). RISK: such a frontend can shrink its file under the daemon; the
+    /// SIGBUS that follows is contained (its session is ended, the device may
+    /// serve zeros until then), but the guard is a process-wide signal handler.
+    /// Without the flag these files are refused; QEMU's memory-backend-memfd
+    /// seals its files and needs no flag.
+    #[arg(long)]
+    allow_unsealed_memory: bool,
 }
 
 #[derive(clap::Args)]
@@ -100,6 +113,15 @@ struct BlkArgs {
     /// the guest sends (at least 1); more requests wait in the ring.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_inflight_mib: u32,
+    /// Accept guest memory files that cannot be sealed against shrinking, or that
+    /// are not regular files (memory-backend-file on /dev/shm or hugetlbfs, DAX
+    /// devices). RISK: such a frontend can shrink its file under the daemon; the
+    /// SIGBUS that follows is contained (its session is ended, the device may
+    /// serve zeros until then), but the guard is a process-wide signal handler.
+    /// Without the flag these files are refused; QEMU's memory-backend-memfd
+    /// seals its files and needs no flag.
+    #[arg(long)]
+    allow_unsealed_memory: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -151,35 +173,41 @@ fn main() -> std::process::ExitCode {
 }
 
 fn serve_blk(args: BlkArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    backend_host::vhost_user::serve_blk(BlkServe {
-        socket: args.socket,
-        image: args.image,
-        disk: DiskOptions {
-            read_only: args.readonly,
-            direct: if args.buffered {
-                DirectMode::Off
-            } else {
-                DirectMode::Require
+    let memory = MemoryPolicy {
+        allow_unsealed: args.allow_unsealed_memory,
+    };
+    backend_host::vhost_user::serve_blk_with(
+        BlkServe {
+            socket: args.socket,
+            image: args.image,
+            disk: DiskOptions {
+                read_only: args.readonly,
+                direct: if args.buffered {
+                    DirectMode::Off
+                } else {
+                    DirectMode::Require
+                },
+            },
+            settings: BlkSettings {
+                cache: match args.cache {
+                    Cache::Writeback => CacheMode::Writeback,
+                    Cache::Writethrough => CacheMode::Writethrough,
+                    Cache::Unsafe => CacheMode::Unsafe,
+                },
+                queues: args.queues,
+                queue_size: args.queue_size,
+                serial: args.serial,
+                engine: match args.engine {
+                    Engine::Auto => EngineChoice::Auto,
+                    Engine::Uring => EngineChoice::Uring,
+                    Engine::Sync => EngineChoice::Sync,
+                },
+                poll: Duration::from_micros(args.poll_us),
+                max_bytes_in_flight: (args.max_inflight_mib as usize) << 20,
             },
         },
-        settings: BlkSettings {
-            cache: match args.cache {
-                Cache::Writeback => CacheMode::Writeback,
-                Cache::Writethrough => CacheMode::Writethrough,
-                Cache::Unsafe => CacheMode::Unsafe,
-            },
-            queues: args.queues,
-            queue_size: args.queue_size,
-            serial: args.serial,
-            engine: match args.engine {
-                Engine::Auto => EngineChoice::Auto,
-                Engine::Uring => EngineChoice::Uring,
-                Engine::Sync => EngineChoice::Sync,
-            },
-            poll: Duration::from_micros(args.poll_us),
-            max_bytes_in_flight: (args.max_inflight_mib as usize) << 20,
-        },
-    })
+        memory,
+    )
 }
 
 fn serve_net(args: NetArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -193,8 +221,11 @@ fn serve_net(args: NetArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
     };
     // Every socket is bound before any is served, so a bad one fails the start.
     let mut daemons = Vec::with_capacity(args.sockets.len());
+    let policy = MemoryPolicy {
+        allow_unsealed: args.allow_unsealed_memory,
+    };
     for socket in &args.sockets {
-        let memory = VhostMemory::new();
+        let memory = VhostMemory::with_policy(policy)?;
         let device = NetDevice::new(memory.clone(), &switch, settings.clone())?;
         tracing::info!(socket = %socket.display(), port = %device.port(), "switch port");
         daemons.push(Daemon::bind(socket, device, memory)?);

@@ -33,8 +33,9 @@ mod early_enable;
 pub mod memory;
 mod net;
 pub mod server;
+mod sigbus;
 
-pub use memory::{MemoryTable, VhostMemory};
+pub use memory::{MemoryPolicy, MemoryTable, VhostMemory};
 pub use server::{Session, SessionError, VhostUserDevice};
 
 use crate::blk::device::{BlkDevice, BlkSettings, Runtime};
@@ -50,6 +51,8 @@ pub struct Daemon<D: VhostUserDevice> {
     listener: UnixListener,
     path: PathBuf,
     session: Arc<Mutex<Session<D>>>,
+    /// The session's memory, whose contained SIGBUS ends the session.
+    memory: VhostMemory,
     stop: Arc<AtomicBool>,
     current: Arc<Mutex<Option<UnixStream>>>,
 }
@@ -104,7 +107,8 @@ impl<D: VhostUserDevice> Daemon<D> {
         Ok(Daemon {
             listener,
             path,
-            session: Arc::new(Mutex::new(Session::new(device, memory))),
+            session: Arc::new(Mutex::new(Session::new(device, memory.clone()))),
+            memory,
             stop: Arc::new(AtomicBool::new(false)),
             current: Arc::new(Mutex::new(None)),
         })
@@ -164,7 +168,28 @@ impl<D: VhostUserDevice> Daemon<D> {
             }
         };
         let mut handler = BackendReqHandler::from_stream(stream, self.session.clone());
+        // A fault of the previous session's memory is no reason to end this one.
+        if let Some(faults) = self.memory.faults() {
+            faults.take();
+        }
         loop {
+            match self.wait_for_request(&peer) {
+                Ok(true) => {}
+                Ok(false) => {
+                    // HOSTILE 35: the frontend shrank a memory file it was allowed
+                    // not to seal; the mapping now reads as zeros. End this session
+                    // only: the daemon's other sessions never saw it.
+                    tracing::error!(
+                        "guest memory of this frontend vanished under the device (its file was \
+                         shrunk); ending the session"
+                    );
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "vhost-user frontend connection failed");
+                    break;
+                }
+            }
             match early_enable::serve(&mut peer, &self.session) {
                 Ok(true) => continue,
                 Ok(false) => {}
@@ -179,9 +204,24 @@ impl<D: VhostUserDevice> Daemon<D> {
                     tracing::info!("vhost-user frontend disconnected");
                     break;
                 }
+                // HOSTILE 38: the session refused a request the `vhost` crate read
+                // whole and answered (a failure ack under REPLY_ACK, an empty
+                // GET_CONFIG) or that wants no answer: the stream is in step and
+                // the frontend is not waiting, so the session goes on.
+                Err(VuError::ReqHandlerError(error))
+                    if !self
+                        .session
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take_unanswered() =>
+                {
+                    tracing::debug!(%error, "vhost-user request refused; the session goes on");
+                }
                 Err(error) => {
-                    // The stream may be out of step with the message boundaries now:
-                    // the only safe way on is a new connection.
+                    // A message the crate could not parse, or a refusal whose reply
+                    // could not say so: the stream may be out of step with the
+                    // message boundaries, or the frontend waits for ever. The only
+                    // safe way on is a new connection.
                     tracing::warn!(%error, "vhost-user request failed; closing the connection");
                     break;
                 }
@@ -189,6 +229,36 @@ impl<D: VhostUserDevice> Daemon<D> {
         }
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.session.lock().unwrap_or_else(PoisonError::into_inner).end();
+    }
+}
+
+impl<D: VhostUserDevice> Daemon<D> {
+    /// Waits until the frontend has sent something (`true`) or a contained SIGBUS
+    /// hit this session's memory (`false`). Without unsealed memory allowed, there
+    /// is nothing to wait for but the frontend: the request read blocks instead.
+    fn wait_for_request(&self, peer: &UnixStream) -> std::io::Result<bool> {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let Some(faults) = self.memory.faults() else {
+            return Ok(true);
+        };
+        let signal = faults.fd();
+        loop {
+            let mut fds = [
+                PollFd::new(peer, PollFlags::IN),
+                PollFd::new(&signal, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if faults.take() {
+                return Ok(false);
+            }
+            if !fds[0].revents().is_empty() {
+                return Ok(true);
+            }
+        }
     }
 }
 
@@ -206,11 +276,23 @@ pub struct BlkServe {
 }
 
 /// Serves `opts.image` to vhost-user frontends on `opts.socket` until the process
-/// ends: the `vio-host blk` daemon.
+/// ends, accepting only sealed memory files: see [`serve_blk_with`].
 ///
 /// # Errors
 /// The image cannot be opened or the socket cannot be bound or accepted on.
 pub fn serve_blk(opts: BlkServe) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    serve_blk_with(opts, MemoryPolicy::default())
+}
+
+/// Serves `opts.image` to vhost-user frontends on `opts.socket` until the process
+/// ends, with memory files checked under `memory`: the `vio-host blk` daemon.
+///
+/// # Errors
+/// The image cannot be opened or the socket cannot be bound or accepted on.
+pub fn serve_blk_with(
+    opts: BlkServe,
+    memory: MemoryPolicy,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let disk = Disk::open(&opts.image, opts.disk)?;
     tracing::info!(
         image = %opts.image.display(),
@@ -219,7 +301,7 @@ pub fn serve_blk(opts: BlkServe) -> Result<(), Box<dyn std::error::Error + Send 
         block_size = disk.block_size(),
         "image opened"
     );
-    let memory = VhostMemory::new();
+    let memory = VhostMemory::with_policy(memory)?;
     let device = BlkDevice::new(disk, memory.clone(), opts.settings, Runtime::OwnThreads);
     let daemon = Daemon::bind(&opts.socket, device, memory)?;
     daemon.run()?;
@@ -231,3 +313,7 @@ impl<D: VhostUserDevice> Drop for Daemon<D> {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+#[cfg(test)]
+#[path = "daemon_tests.rs"]
+mod daemon_tests;

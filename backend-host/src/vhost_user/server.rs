@@ -19,8 +19,10 @@
 //!
 //! Everything the frontend sends is checked: ring indices and sizes, features
 //! against those offered, addresses against the memory table, configuration
-//! offsets; a refused message gets an error reply (or ends the connection, for
-//! requests whose reply cannot carry an error), never a panic.
+//! offsets; a refused message gets an error reply where the protocol has one
+//! (REPLY_ACK, an empty GET_CONFIG reply) and the session goes on (HOSTILE 38);
+//! only a refused request whose reply cannot say so (GET_VRING_BASE) or a message
+//! the `vhost` crate cannot parse ends the connection. Never a panic.
 
 use crate::vhost_user::memory::{MemoryError, MemoryTable, RegionSpec, VhostMemory};
 use std::fs::File;
@@ -120,6 +122,9 @@ pub enum SessionError {
     /// An eventfd could not be duplicated or made.
     #[error("eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A kick, call or error descriptor that is not an eventfd (HOSTILE 38).
+    #[error("ring {0}'s descriptor is not an eventfd")]
+    NotEventFd(u8),
     /// A request this backend does not implement.
     #[error("{0} is not supported")]
     Unsupported(&'static str),
@@ -169,6 +174,9 @@ pub struct Session<D: VhostUserDevice> {
     rings: Vec<Ring>,
     /// The device is serving the rings marked `running`.
     active: bool,
+    /// The last request was refused and its reply, which has no way to say so,
+    /// was not sent: the frontend waits for it, so the connection must end.
+    unanswered: bool,
 }
 
 impl<D: VhostUserDevice> std::fmt::Debug for Session<D> {
@@ -212,7 +220,15 @@ impl<D: VhostUserDevice> Session<D> {
             protocol: VhostUserProtocolFeatures::empty(),
             rings,
             active: false,
+            unanswered: false,
         }
+    }
+
+    /// Whether the request just refused left the frontend waiting for a reply the
+    /// protocol gives no way to refuse (GET_VRING_BASE of a ring that does not
+    /// exist): the connection cannot go on then. Clears the mark.
+    pub(crate) fn take_unanswered(&mut self) -> bool {
+        std::mem::take(&mut self.unanswered)
     }
 
     /// The device.
@@ -387,10 +403,27 @@ fn active_queue(i: usize, r: &Ring, size: u16, addrs: QueueAddrs) -> Result<Acti
     })
 }
 
-fn eventfd(fd: Option<File>) -> Result<Option<EventFdNotifier>, SessionError> {
-    fd.map(|f| EventFdNotifier::from_owned_fd(OwnedFd::from(f)))
-        .transpose()
+/// Adopts ring `index`'s kick, call or error descriptor, which must be an eventfd
+/// (HOSTILE 38): anything else breaks the workers that wait on it (a pipe whose
+/// writer closed polls readable for ever, and a worker would spin on it).
+fn eventfd(index: u8, fd: Option<File>) -> Result<Option<EventFdNotifier>, SessionError> {
+    let Some(fd) = fd else {
+        return Ok(None);
+    };
+    if !is_eventfd(&fd) {
+        return Err(SessionError::NotEventFd(index));
+    }
+    EventFdNotifier::from_owned_fd(OwnedFd::from(fd))
+        .map(Some)
         .map_err(|e| SessionError::EventFd(std::io::Error::other(e)))
+}
+
+/// Whether `fd` is an eventfd: the kernel names its anonymous inode
+/// `anon_inode:[eventfd]` (fs/eventfd.c), which /proc shows as the link target.
+fn is_eventfd(fd: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
 }
 
 impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
@@ -449,7 +482,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
                 mmap_offset: r.mmap_offset,
             })
             .collect();
-        let table = MemoryTable::map(&specs, files).map_err(SessionError::from)?;
+        let table = self.memory.map(&specs, files).map_err(SessionError::from)?;
         tracing::debug!(regions = specs.len(), bytes = table.bytes(), "memory table");
         // Rings must not run on a table that is about to go away.
         let was_active = self.active;
@@ -504,7 +537,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
-        self.ring(index)?;
+        if let Err(e) = self.ring(index) {
+            // The reply is a ring state, with no room for a refusal.
+            self.unanswered = true;
+            return Err(e.into());
+        }
         // Stop the device (which drains every ring), then restart the others.
         self.stop_device();
         let ring = self.ring(index)?;
@@ -516,7 +553,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let kick = eventfd(fd)?;
+        let kick = eventfd(index, fd)?;
         let starts_enabled = !self.protocol_acked;
         let ring = self.ring(u32::from(index))?;
         ring.kick = kick;
@@ -531,7 +568,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let call = eventfd(fd)?;
+        let call = eventfd(index, fd)?;
         let ring = self.ring(u32::from(index))?;
         ring.call = call;
         let running = ring.running;
@@ -542,9 +579,10 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
         Ok(())
     }
 
-    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         // Ring errors show in the device's logs and as a stopped ring; nothing is
-        // signalled on this eventfd.
+        // signalled on this eventfd, but it must be one all the same.
+        eventfd(index, fd)?;
         self.ring(u32::from(index))?;
         Ok(())
     }

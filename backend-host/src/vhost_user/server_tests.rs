@@ -65,12 +65,19 @@ impl VhostUserDevice for Fake {
 const PF: u64 = 1 << 30;
 
 pub(crate) fn session() -> (Session<Fake>, Arc<Mutex<Log>>) {
+    let (fake, log) = fake();
+    (Session::new(fake, VhostMemory::new()), log)
+}
+
+/// A device that serves nothing; config space `[1, 2, 3, 4]`, of which it lets
+/// only byte 1 be written; two rings.
+pub(crate) fn fake() -> (Fake, Arc<Mutex<Log>>) {
     let log = Arc::new(Mutex::new(Log::default()));
     let fake = Fake {
         log: log.clone(),
         running: Vec::new(),
     };
-    (Session::new(fake, VhostMemory::new()), log)
+    (fake, log)
 }
 
 fn memfd(len: u64) -> File {
@@ -274,4 +281,25 @@ fn the_end_of_a_session_stops_resets_and_forgets() {
     with_memory(&mut s);
     configure(&mut s, 0);
     assert_eq!(log.lock().unwrap().activations.last().unwrap(), &vec![(0, 0)]);
+}
+
+/// HOSTILE 38: a kick, call or error descriptor that is not an eventfd (a pipe
+/// whose writer closed reads as ready for ever) is refused.
+#[test]
+fn ring_descriptors_must_be_eventfds() {
+    let (mut s, _) = session();
+    let pipe = || {
+        let (r, _w) = std::io::pipe().unwrap();
+        Some(File::from(OwnedFd::from(r)))
+    };
+    assert!(s.set_vring_kick(0, pipe()).is_err(), "a pipe as kick");
+    assert!(
+        s.set_vring_call(0, Some(memfd(0x1000))).is_err(),
+        "a memfd as call"
+    );
+    assert!(s.set_vring_err(0, pipe()).is_err(), "a pipe as err");
+    s.set_vring_kick(0, eventfd_file()).unwrap();
+    s.set_vring_call(0, eventfd_file()).unwrap();
+    s.set_vring_err(0, eventfd_file()).unwrap();
+    s.set_vring_call(0, None).unwrap();
 }
