@@ -344,8 +344,7 @@ impl<M: DeviceMemory> Pair<M> {
                 }
             }
         }
-        let forwarded = batch.len();
-        ctx.switch.forward_batch(&ctx.port, batch);
+        let forwarded = ctx.switch.forward_batch(&ctx.port, batch);
         // Counted once forwarded: a peer's counters are final when this one is.
         ctx.port.count_tx_by(forwarded as u64);
         if !used.is_empty() {
