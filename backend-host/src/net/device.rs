@@ -77,6 +77,15 @@
 //! frames it transmits from any other source address are dropped and counted
 //! ([`DropReason::SpoofedSource`]), and no other port can take its address.
 //!
+//! # Budget (HOSTILE 34)
+//! A scheduling round takes at most [`SwitchConfig::budget`](super::SwitchConfig)
+//! chains from the control queue, from each transmit queue and from the receive
+//! queues together, counting chains the ring rejected at once and chains dropped
+//! unread, so a driver that keeps re-publishing chains that fail or
+//! finish at once cannot hold the worker in one queue: when a budget is spent, the
+//! worker runs its next round at once (without waiting for a kick), serving its
+//! other queues and looking at its stop flag in between.
+//!
 //! [`flow_hash`]: virtio_core::net::flow_hash
 //! [`CtrlCommand::parse`]: virtio_core::net::CtrlCommand::parse
 //! [`CTRL_DATA_MAX`]: virtio_core::net::CTRL_DATA_MAX
