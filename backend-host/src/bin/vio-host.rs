@@ -270,3 +270,36 @@ fn queue_size(s: &str) -> Result<u16, String> {
         Err(format!("{n} is not a power of two up to 32768"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_addresses_parse_and_group_addresses_are_refused() {
+        assert_eq!(
+            parse_mac("52:54:00:12:34:5f").unwrap().0,
+            [0x52, 0x54, 0, 0x12, 0x34, 0x5f]
+        );
+        assert_eq!(parse_mac("02-00-00-00-00-01").unwrap().0, [2, 0, 0, 0, 0, 1]);
+        assert!(parse_mac("01:00:5e:00:00:01").is_err(), "multicast");
+        assert!(parse_mac("52:54:00:12:34").is_err(), "five bytes");
+        assert!(parse_mac("52:54:00:12:34:5g").is_err(), "not hex");
+        let cli = Cli::try_parse_from([
+            "vio-host",
+            "net",
+            "--socket",
+            "/tmp/a",
+            "--socket",
+            "/tmp/b",
+            "--mac",
+            "52:54:00:12:34:56",
+        ])
+        .unwrap();
+        let Command::Net(args) = cli.command else {
+            panic!("not net");
+        };
+        assert_eq!(args.macs.len(), 1);
+        assert!(!args.allow_any_source_mac);
+    }
+}
