@@ -451,6 +451,7 @@ fn receive_queue_full_while_peer_floods() {
     let sw = Switch::new(SwitchConfig {
         backlog: BACKLOG,
         budget: 8,
+        ..SwitchConfig::default()
     });
     let small = NetOptions {
         queue_size: QUEUE as u16,
@@ -499,6 +500,7 @@ fn a_flooding_guest_does_not_starve_others() {
     let sw = Switch::new(SwitchConfig {
         backlog: 16,
         budget: 8,
+        ..SwitchConfig::default()
     });
     let small = NetOptions {
         queue_size: 16,
@@ -617,6 +619,69 @@ fn hostile_receive_buffers() {
         assert_eq!(b.recv(1), vec![f]);
         drop(t);
     }
+}
+
+/// HOSTILE 33 through the device: a guest created with a MAC address is bound to
+/// it. Frames it sends from another source (a victim's bound address, or a
+/// made-up one) are dropped and counted, MAC_ADDR_SET to the victim's address is
+/// refused, and the victim's traffic keeps reaching the victim only. With
+/// `allow_any_source_mac` a guest's sources are learnt as before.
+#[test]
+fn a_guest_cannot_claim_a_bound_address() {
+    const VICTIM: [u8; 6] = [2, 0, 0, 0, 0x33, 1];
+    const ATTACKER: [u8; 6] = [2, 0, 0, 0, 0x33, 2];
+    let sw = Switch::new(SwitchConfig::default());
+    let with_mac = |mac| NetSettings {
+        mac: Some(mac),
+        ..NetSettings::default()
+    };
+    let victim = plug(models::direct(), &sw, with_mac(VICTIM), NetOptions::default());
+    let attacker = plug(
+        models::grant(),
+        &sw,
+        with_mac(ATTACKER),
+        NetOptions::multiqueue(1),
+    );
+    let peer = plug_default(models::shared_page(), &sw);
+    attacker.send(&frame(BROADCAST, VICTIM, 0, 60));
+    attacker.send(&frame(BROADCAST, [2, 0, 0, 0, 0x33, 3], 1, 60));
+    eventually("the spoofed frames dropped", || {
+        attacker.stats().drops.spoofed_source == 2
+    });
+    assert_eq!(attacker.stats().tx_frames, 0);
+    assert_eq!(attacker.stats().drops.total(), 2);
+    assert_eq!(sw.lookup(VICTIM), Some(victim.port));
+    assert_eq!(sw.lookup([2, 0, 0, 0, 0x33, 3]), None);
+    assert!(
+        matches!(attacker.nic.set_mac(VICTIM), Err(NetError::CommandRefused { .. })),
+        "a bound guest cannot change its address"
+    );
+    // The victim's traffic reaches the victim, and nobody else.
+    let to_victim = frame(VICTIM, peer.mac, 2, 60);
+    peer.send(&to_victim);
+    assert_eq!(victim.recv(1), vec![to_victim]);
+    assert_eq!(sw.flooded_frames(), 0, "nothing was flooded");
+    attacker.recv_nothing(Duration::from_millis(20));
+    // From its own address the attacker is an ordinary guest.
+    let own = frame(peer.mac, ATTACKER, 3, 60);
+    attacker.send(&own);
+    assert_eq!(peer.recv(1), vec![own]);
+    assert_eq!(attacker.stats().tx_frames, 1);
+    // Opting out: a guest with a MAC that may use any source is learnt anywhere.
+    let free = plug(
+        models::direct(),
+        &sw,
+        NetSettings {
+            allow_any_source_mac: true,
+            ..with_mac([2, 0, 0, 0, 0x33, 4])
+        },
+        NetOptions::default(),
+    );
+    let elsewhere = [2, 0, 0, 0, 0x33, 5];
+    free.send(&frame(peer.mac, elsewhere, 4, 60));
+    peer.recv(1);
+    assert_eq!(sw.lookup(elsewhere), Some(free.port));
+    assert_eq!(free.stats().drops.total(), 0);
 }
 
 /// A guest that goes away takes its port and its learnt addresses with it; the

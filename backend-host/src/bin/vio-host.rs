@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! vio-host blk --socket /tmp/vio-blk.sock --image disk.img [--queues 2] [--cache writeback]
-//! vio-host net --socket /tmp/vio-net0.sock [--socket /tmp/vio-net1.sock ...] [--mtu 1500]
+//! vio-host net --socket /tmp/vio-net0.sock [--mac 52:54:00:12:34:56] [--socket ...] [--mtu 1500]
 //! ```
 //!
 //! Guest memory must come as regular files sealed against shrinking (QEMU's
@@ -19,6 +19,14 @@
 //! sockets share an Ethernet segment; QEMU attaches a port with `-chardev
 //! socket,id=c1,path=/tmp/vio-net0.sock -netdev vhost-user,id=n0,chardev=c1
 //! -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56`.
+//!
+//! QEMU keeps a vhost-user-net device's configuration space (and so its MAC
+//! address) to itself, so the daemon learns the guest's address only from `--mac`,
+//! given once per socket in the order of the `--socket`s: the same address as the
+//! device's `mac=`. A port with a `--mac` is bound to it (HOSTILE 33): the guest
+//! may send only from that address and no other port can take it over;
+//! `--allow-any-source-mac` turns that off. A port without one learns any source
+//! address, bounded and aged like every learnt entry.
 
 use backend_host::blk::device::{BlkSettings, CacheMode, EngineChoice};
 use backend_host::blk::disk::{DirectMode, DiskOptions};
@@ -50,6 +58,15 @@ struct NetArgs {
     /// replaced); repeat it for more ports on the same switch.
     #[arg(long = "socket", required = true)]
     sockets: Vec<PathBuf>,
+    /// The guest's MAC address on each socket, in order (QEMU's `mac=` on the
+    /// device, e.g. 52:54:00:12:34:56): the port is bound to it and drops frames
+    /// from any other source address. Sockets past the last `--mac` are unbound.
+    #[arg(long = "mac", value_parser = parse_mac)]
+    macs: Vec<Mac>,
+    /// Do not bind the ports given a `--mac`: their guests may send from any
+    /// source address, which the switch learns.
+    #[arg(long)]
+    allow_any_source_mac: bool,
     /// The MTU enforced on transmit (QEMU tells the guest its own `host_mtu`).
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(68..))]
     mtu: u16,
@@ -211,12 +228,16 @@ fn serve_blk(args: BlkArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
 }
 
 fn serve_net(args: NetArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if args.macs.len() > args.sockets.len() {
+        return Err(format!("{} --mac for {} --socket", args.macs.len(), args.sockets.len()).into());
+    }
     let switch = Switch::new(SwitchConfig::default());
     let settings = NetSettings {
         mtu: args.mtu,
         queue_size: args.queue_size,
         queue_pairs: args.queue_pairs,
         poll: Duration::from_micros(args.poll_us),
+        allow_any_source_mac: args.allow_any_source_mac,
         ..NetSettings::default()
     };
     // Every socket is bound before any is served, so a bad one fails the start.
@@ -224,10 +245,16 @@ fn serve_net(args: NetArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
     let policy = MemoryPolicy {
         allow_unsealed: args.allow_unsealed_memory,
     };
-    for socket in &args.sockets {
+    for (i, socket) in args.sockets.iter().enumerate() {
         let memory = VhostMemory::with_policy(policy)?;
-        let device = NetDevice::new(memory.clone(), &switch, settings.clone())?;
-        tracing::info!(socket = %socket.display(), port = %device.port(), "switch port");
+        let mac = args.macs.get(i).map(|m| m.0);
+        let settings = NetSettings {
+            mac,
+            ..settings.clone()
+        };
+        let device = NetDevice::new(memory.clone(), &switch, settings)?;
+        let bound = mac.is_some() && !args.allow_any_source_mac;
+        tracing::info!(socket = %socket.display(), port = %device.port(), ?mac, bound, "switch port");
         daemons.push(Daemon::bind(socket, device, memory)?);
     }
     std::thread::scope(|s| {
@@ -250,11 +277,65 @@ fn serve_net(args: NetArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
     })
 }
 
+/// A unicast MAC address from the command line.
+#[derive(Debug, Clone, Copy)]
+struct Mac([u8; 6]);
+
+/// Parses `52:54:00:12:34:56` (or with `-`); a group address is refused, as no
+/// station sends from one.
+fn parse_mac(s: &str) -> Result<Mac, String> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("{s} is not six hex bytes"));
+    }
+    for (b, p) in mac.iter_mut().zip(&parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|e| format!("{s}: {e}"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{s} is a group address"));
+    }
+    Ok(Mac(mac))
+}
+
 fn queue_size(s: &str) -> Result<u16, String> {
     let n: u16 = s.parse().map_err(|e| format!("{e}"))?;
     if n.is_power_of_two() && n <= 32768 {
         Ok(n)
     } else {
         Err(format!("{n} is not a power of two up to 32768"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_addresses_parse_and_group_addresses_are_refused() {
+        assert_eq!(
+            parse_mac("52:54:00:12:34:5f").unwrap().0,
+            [0x52, 0x54, 0, 0x12, 0x34, 0x5f]
+        );
+        assert_eq!(parse_mac("02-00-00-00-00-01").unwrap().0, [2, 0, 0, 0, 0, 1]);
+        assert!(parse_mac("01:00:5e:00:00:01").is_err(), "multicast");
+        assert!(parse_mac("52:54:00:12:34").is_err(), "five bytes");
+        assert!(parse_mac("52:54:00:12:34:5g").is_err(), "not hex");
+        let cli = Cli::try_parse_from([
+            "vio-host",
+            "net",
+            "--socket",
+            "/tmp/a",
+            "--socket",
+            "/tmp/b",
+            "--mac",
+            "52:54:00:12:34:56",
+        ])
+        .unwrap();
+        let Command::Net(args) = cli.command else {
+            panic!("not net");
+        };
+        assert_eq!(args.macs.len(), 1);
+        assert!(!args.allow_any_source_mac);
     }
 }

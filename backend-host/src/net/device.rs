@@ -53,7 +53,9 @@
 //!   spec allows.
 //! - MAC_ADDR_SET (CTRL_MAC_ADDR): the address the filter accepts and
 //!   [`NetDevice::mac`] reports; a group address is refused. The switch learns
-//!   the new address from the guest's next frame. The configuration space's `mac`
+//!   the new address from the guest's next frame. A port bound to its configured
+//!   address ([`NetSettings::allow_any_source_mac`]) refuses any other (HOSTILE
+//!   33): its frames from it would be dropped. The configuration space's `mac`
 //!   follows (§5.1.6.5.2): the transport applies the change, through
 //!   [`DeviceHandler::config_changes`], before the driver's next configuration
 //!   read. After a reset the device goes back to its configured address, in the
@@ -69,6 +71,20 @@
 //! writable bytes; when the guest's buffers cannot hold it, it is dropped and
 //! counted, and the buffer goes back with length 0. While a receive queue is empty,
 //! frames wait in the bounded inbox and the worker waits for a receive kick.
+//!
+//! A device created with a MAC address ([`NetSettings::mac`]) is bound to it on
+//! the switch unless [`NetSettings::allow_any_source_mac`] is set (HOSTILE 33):
+//! frames it transmits from any other source address are dropped and counted
+//! ([`DropReason::SpoofedSource`]), and no other port can take its address.
+//!
+//! # Budget (HOSTILE 34)
+//! A scheduling round takes at most [`SwitchConfig::budget`](super::SwitchConfig)
+//! chains from the control queue, from each transmit queue and from the receive
+//! queues together, counting chains the ring rejected at once and chains dropped
+//! unread, so a driver that keeps re-publishing chains that fail or
+//! finish at once cannot hold the worker in one queue: when a budget is spent, the
+//! worker runs its next round at once (without waiting for a kick), serving its
+//! other queues and looking at its stop flag in between.
 //!
 //! [`flow_hash`]: virtio_core::net::flow_hash
 //! [`CtrlCommand::parse`]: virtio_core::net::CtrlCommand::parse
@@ -106,7 +122,15 @@ pub const MAC_TABLE_ENTRIES: usize = 64;
 #[derive(Debug, Clone)]
 pub struct NetSettings {
     /// The MAC address; default `02:00:00:00:00:<port>` (locally administered).
+    /// A configured address binds the port to it (see
+    /// [`NetSettings::allow_any_source_mac`]).
     pub mac: Option<[u8; 6]>,
+    /// Lets a device created with a [`NetSettings::mac`] send from any source
+    /// address, as a device without one does: the switch then learns whatever
+    /// sources it uses. Off by default: the port is bound to its address (HOSTILE
+    /// 33), so the guest can neither send from another address nor take over
+    /// another port's, and MAC_ADDR_SET to another address is refused.
+    pub allow_any_source_mac: bool,
     /// The MTU offered (MTU feature) and enforced on transmit.
     pub mtu: u16,
     /// Largest queue size offered.
@@ -129,6 +153,7 @@ impl Default for NetSettings {
     fn default() -> Self {
         NetSettings {
             mac: None,
+            allow_any_source_mac: false,
             mtu: 1500,
             queue_size: 256,
             link_up: true,
@@ -232,12 +257,15 @@ where
     V: DeviceModel + Send + Sync + 'static,
     V::Memory: Send + 'static,
 {
-    /// A device serving a guest through `model`, on a new port of `switch`.
+    /// A device serving a guest through `model`, on a new port of `switch`, bound
+    /// to [`NetSettings::mac`] when one is given (unless
+    /// [`NetSettings::allow_any_source_mac`]).
     ///
     /// # Errors
     /// The port's eventfd could not be made.
     pub fn new(model: V, switch: &Arc<Switch>, settings: NetSettings) -> Result<NetDevice<V>, NotifyError> {
-        let port = switch.attach()?;
+        let bound = settings.mac.filter(|_| !settings.allow_any_source_mac);
+        let port = switch.attach(bound)?;
         // The low bytes of the port number; a default for tests and tools.
         let low = port.id.index().to_le_bytes();
         let mac = settings.mac.unwrap_or([2, 0, 0, 0, low[1], low[0]]);

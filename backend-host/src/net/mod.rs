@@ -2,8 +2,9 @@
 //! a port of a learning L2 switch, so guests on one host reach each other, and TAP
 //! ports, so the host's own network stack reaches them too.
 //!
-//! - [`switch`]: the switch (MAC learning, flooding, per-source bounded backlogs
-//!   drained round robin, drop counters per reason).
+//! - [`switch`]: the switch (MAC learning in a bounded, aged table with ports
+//!   bound to their address, flooding, per-source bounded backlogs drained round
+//!   robin, drop counters per reason).
 //! - [`device`]: [`NetDevice`], a [`DeviceHandler`](virtio_core::transport::DeviceHandler)
 //!   whose worker thread checks what its guest transmits and delivers what the
 //!   switch hands it into the guest's receive buffers.
@@ -18,5 +19,7 @@ pub mod switch;
 pub mod tap;
 
 pub use device::{ActivateError, NetDevice, NetSettings};
-pub use switch::{DropReason, Drops, PortId, PortStats, Switch, SwitchConfig};
+pub use switch::{
+    Clock, DropReason, Drops, ManualClock, MonotonicClock, PortId, PortStats, Switch, SwitchConfig,
+};
 pub use tap::{TapConfig, TapError, TapPort, TapStats};

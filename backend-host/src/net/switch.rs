@@ -28,10 +28,23 @@
 //! as [`DropReason::BacklogFull`]); the others' frames keep their room and their
 //! turn. A source has at most [`SwitchConfig::backlog`] frames in the port's inbox
 //! and as many again in its worker's hands (taken, not yet delivered).
+//!
+//! MAC table (HOSTILE 33): every source a guest writes is hostile, so the table is
+//! bounded per port ([`SwitchConfig::table_per_port`]) and in total
+//! ([`SwitchConfig::table_max`]): once full, an unknown source is not learnt (its
+//! frames are still switched, and frames to it flood). Learnt entries age out
+//! after [`SwitchConfig::mac_age`] without a frame from them (300 s, as a Linux
+//! bridge's `ageing_time`), on a monotonic [`Clock`]. A port may be *bound* to
+//! its MAC address: its address is then a static entry (never aged, never
+//! moved, never counted against a cap), it may send only from that address
+//! (other frames are dropped and counted as [`DropReason::SpoofedSource`]), and
+//! no other port may send from it (same drop), so a guest cannot claim a bound
+//! victim's address to receive its traffic.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 use virtio_core::net::PartialCsum;
 use virtio_core::notify::{EventFdNotifier, Notify, NotifyError};
 
@@ -68,6 +81,10 @@ pub enum DropReason {
     NoRxBuffer,
     /// The receiving port's queue for this source was full.
     BacklogFull,
+    /// Transmitted from a source address the port may not use: a port bound to
+    /// its MAC sent from another one, or a port sent from an address bound to
+    /// another port (HOSTILE 33).
+    SpoofedSource,
 }
 
 /// Drop counters, one per [`DropReason`].
@@ -83,12 +100,19 @@ pub struct Drops {
     pub no_rx_buffer: u64,
     /// [`DropReason::BacklogFull`].
     pub backlog_full: u64,
+    /// [`DropReason::SpoofedSource`].
+    pub spoofed_source: u64,
 }
 
 impl Drops {
     /// All drops.
     pub fn total(&self) -> u64 {
-        self.short + self.bad_header + self.over_mtu + self.no_rx_buffer + self.backlog_full
+        self.short
+            + self.bad_header
+            + self.over_mtu
+            + self.no_rx_buffer
+            + self.backlog_full
+            + self.spoofed_source
     }
 }
 
@@ -108,7 +132,7 @@ pub struct PortStats {
 struct Counters {
     tx_frames: AtomicU64,
     rx_frames: AtomicU64,
-    drops: [AtomicU64; 5],
+    drops: [AtomicU64; 6],
 }
 
 impl Counters {
@@ -123,6 +147,7 @@ impl Counters {
                 over_mtu: d(DropReason::OverMtu),
                 no_rx_buffer: d(DropReason::NoRxBuffer),
                 backlog_full: d(DropReason::BacklogFull),
+                spoofed_source: d(DropReason::SpoofedSource),
             },
         }
     }
@@ -136,6 +161,13 @@ pub struct SwitchConfig {
     pub backlog: usize,
     /// Frames a port's worker moves per direction per scheduling round.
     pub budget: usize,
+    /// Most addresses the MAC table learns on one port; past it, new sources on
+    /// that port are not learnt (HOSTILE 33). Static entries do not count.
+    pub table_per_port: usize,
+    /// Most learnt addresses in the whole MAC table (HOSTILE 33).
+    pub table_max: usize,
+    /// How long a learnt address stays in the MAC table without a frame from it.
+    pub mac_age: Duration,
 }
 
 impl Default for SwitchConfig {
@@ -143,7 +175,70 @@ impl Default for SwitchConfig {
         SwitchConfig {
             backlog: 256,
             budget: 64,
+            // A guest has one or a few addresses; a TAP port bridging a host
+            // network may have many behind it.
+            table_per_port: 1024,
+            table_max: 8192,
+            // A Linux bridge's default ageing_time.
+            mac_age: Duration::from_secs(300),
         }
+    }
+}
+
+/// The monotonic time the MAC table ages entries by. Injectable, so ageing can be
+/// tested without sleeping ([`ManualClock`]).
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Time since a fixed start; never goes back.
+    fn now(&self) -> Duration;
+}
+
+/// The system's monotonic clock ([`Instant`]), the default.
+#[derive(Debug)]
+pub struct MonotonicClock(Instant);
+
+impl MonotonicClock {
+    /// A clock starting now.
+    pub fn new() -> MonotonicClock {
+        MonotonicClock(Instant::now())
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        MonotonicClock::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// A clock that moves only when told to ([`ManualClock::advance`]), for tests and
+/// simulations.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    /// A clock at zero.
+    pub fn new() -> ManualClock {
+        ManualClock::default()
+    }
+
+    /// Moves the clock forward by `by` (saturating at about 584 years).
+    pub fn advance(&self, by: Duration) {
+        let ns = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        // `fetch_update` keeps it monotonic even with several callers.
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+            Some(t.saturating_add(ns))
+        });
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
     }
 }
 
@@ -259,6 +354,9 @@ pub(crate) struct Port {
     armed: AtomicBool,
     /// Whether the port's device is running (frames to a stopped port are dropped).
     active: AtomicBool,
+    /// The only source address the port may send from, when it is bound to its
+    /// MAC (HOSTILE 33); also a static entry of the MAC table while attached.
+    bound: Option<[u8; 6]>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -285,6 +383,11 @@ impl Port {
 
     pub(crate) fn set_active(&self, active: bool) {
         self.active.store(active, Ordering::Release);
+    }
+
+    /// The address the port is bound to, if it is (see [`Switch::attach`]).
+    pub(crate) fn bound(&self) -> Option<[u8; 6]> {
+        self.bound
     }
 
     /// Asks for [`Port::wake`] on the next frame, before the worker sleeps; false
@@ -330,12 +433,167 @@ impl Port {
     }
 }
 
+/// A MAC table entry.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// The port's index.
+    port: usize,
+    /// When a frame from the address was last seen (learnt entries).
+    seen: Duration,
+    /// A bound port's own address: never aged, moved or counted against a cap.
+    fixed: bool,
+}
+
+/// The MAC table: bounded, aged, with static entries for bound ports (HOSTILE 33).
+#[derive(Debug, Default)]
+struct Table {
+    map: HashMap<[u8; 6], Entry>,
+    /// Learnt (not static) entries per port index.
+    per_port: Vec<usize>,
+    /// Learnt entries in all.
+    learnt: usize,
+    /// When expired entries are next removed.
+    next_sweep: Duration,
+}
+
+/// Where a frame of a batch goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dst {
+    /// Every other port (group or unknown destination).
+    Flood,
+    /// One port, by index.
+    Port(usize),
+    /// Nowhere: its source address is not the sender's to use (HOSTILE 33).
+    Spoofed,
+}
+
+impl Table {
+    /// Whether `e` still holds at `now`.
+    fn live(e: &Entry, now: Duration, age: Duration) -> bool {
+        e.fixed || now.saturating_sub(e.seen) < age
+    }
+
+    /// The port `mac` is on, if known and not aged out.
+    fn get(&self, mac: &[u8; 6], now: Duration, age: Duration) -> Option<usize> {
+        self.map
+            .get(mac)
+            .filter(|e| Table::live(e, now, age))
+            .map(|e| e.port)
+    }
+
+    fn count(&mut self, port: usize) -> &mut usize {
+        if self.per_port.len() <= port {
+            self.per_port.resize(port + 1, 0);
+        }
+        &mut self.per_port[port]
+    }
+
+    /// Forgets a learnt entry's place in the counts.
+    fn uncount(&mut self, e: &Entry) {
+        if !e.fixed {
+            let n = self.count(e.port);
+            *n = n.saturating_sub(1);
+            self.learnt = self.learnt.saturating_sub(1);
+        }
+    }
+
+    /// Learns that `mac` sent from `port` at `now`; returns false when the address
+    /// is bound to another port, so the frame must be dropped.
+    ///
+    /// A static entry never moves. A learnt one is refreshed, or moves with its
+    /// station; a new one is learnt only while `port` and the table are under
+    /// their caps, and otherwise is not (its frames still flood).
+    fn learn(&mut self, mac: [u8; 6], port: usize, now: Duration, cfg: &SwitchConfig) -> bool {
+        match self.map.get_mut(&mac) {
+            Some(e) if e.fixed => return e.port == port,
+            Some(e) if e.port == port => {
+                e.seen = now;
+                return true;
+            }
+            Some(_) => {
+                // The station moved (or an unbound port claims it): it is no
+                // longer where the entry says.
+                if let Some(old) = self.map.remove(&mac) {
+                    self.uncount(&old);
+                }
+            }
+            None => {}
+        }
+        if *self.count(port) >= cfg.table_per_port || self.learnt >= cfg.table_max {
+            return true;
+        }
+        *self.count(port) += 1;
+        self.learnt += 1;
+        self.map.insert(
+            mac,
+            Entry {
+                port,
+                seen: now,
+                fixed: false,
+            },
+        );
+        true
+    }
+
+    /// Makes `mac` a static entry of `port`, replacing a learnt one; false (and
+    /// nothing changed) when it is already bound to another port.
+    fn bind(&mut self, mac: [u8; 6], port: usize) -> bool {
+        if let Some(e) = self.map.get(&mac).copied() {
+            if e.fixed {
+                return e.port == port;
+            }
+            self.uncount(&e);
+        }
+        self.map.insert(
+            mac,
+            Entry {
+                port,
+                seen: Duration::ZERO,
+                fixed: true,
+            },
+        );
+        true
+    }
+
+    /// Removes every entry of `port`, static ones too.
+    fn forget_port(&mut self, port: usize) {
+        self.map.retain(|_, e| e.port != port);
+        let n = std::mem::take(self.count(port));
+        self.learnt = self.learnt.saturating_sub(n);
+    }
+
+    /// Removes aged-out entries, at most every quarter of the age: a lookup already
+    /// ignores them, this gives their room back.
+    fn sweep(&mut self, now: Duration, age: Duration) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + age / 4;
+        let before = self.map.len();
+        let (per_port, learnt) = (&mut self.per_port, &mut self.learnt);
+        self.map.retain(|_, e| {
+            let keep = Table::live(e, now, age);
+            if !keep {
+                if let Some(n) = per_port.get_mut(e.port) {
+                    *n = n.saturating_sub(1);
+                }
+                *learnt = learnt.saturating_sub(1);
+            }
+            keep
+        });
+        if self.map.len() != before {
+            tracing::trace!(removed = before - self.map.len(), "MAC table entries aged out");
+        }
+    }
+}
+
 /// A learning L2 switch. Shared (`Arc`) by the devices plugged into it.
 #[derive(Debug)]
 pub struct Switch {
     cfg: SwitchConfig,
     ports: RwLock<Vec<Option<Arc<Port>>>>,
-    table: Mutex<HashMap<[u8; 6], usize>>,
+    table: Mutex<Table>,
+    clock: Arc<dyn Clock>,
     unicast: AtomicU64,
     flooded: AtomicU64,
     /// Frame buffers for reuse, so forwarding does not allocate once warm.
@@ -346,12 +604,18 @@ pub struct Switch {
 const POOL_MAX: usize = 4096;
 
 impl Switch {
-    /// An empty switch.
+    /// An empty switch, ageing its MAC table on the system's monotonic clock.
     pub fn new(cfg: SwitchConfig) -> Arc<Switch> {
+        Switch::with_clock(cfg, Arc::new(MonotonicClock::new()))
+    }
+
+    /// An empty switch ageing its MAC table on `clock`.
+    pub fn with_clock(cfg: SwitchConfig, clock: Arc<dyn Clock>) -> Arc<Switch> {
         Arc::new(Switch {
             cfg,
             ports: RwLock::new(Vec::new()),
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
+            clock,
             unicast: AtomicU64::new(0),
             flooded: AtomicU64::new(0),
             pool: Mutex::new(Vec::new()),
@@ -379,13 +643,25 @@ impl Switch {
         self.flooded.load(Ordering::Relaxed)
     }
 
-    /// The port `mac` was last seen on.
+    /// The port `mac` was last seen on (within [`SwitchConfig::mac_age`]), or is
+    /// bound to.
     pub fn lookup(&self, mac: [u8; 6]) -> Option<PortId> {
-        lock(&self.table).get(&mac).copied().map(PortId)
+        let now = self.clock.now();
+        lock(&self.table).get(&mac, now, self.cfg.mac_age).map(PortId)
     }
 
-    /// Plugs in a new port.
-    pub(crate) fn attach(&self) -> Result<Arc<Port>, NotifyError> {
+    /// Entries the MAC table holds: learnt ones (at most
+    /// [`SwitchConfig::table_max`]; aged-out ones until they are swept, at most a
+    /// quarter of the age later) and one per bound port.
+    pub fn mac_table_len(&self) -> usize {
+        lock(&self.table).map.len()
+    }
+
+    /// Plugs in a new port; with `bound`, the port may send only from that address,
+    /// which becomes its static entry in the MAC table (HOSTILE 33). An address
+    /// already bound to another port stays there: the new port's frames from it
+    /// are then dropped as [`DropReason::SpoofedSource`] (and an error is logged).
+    pub(crate) fn attach(&self, bound: Option<[u8; 6]>) -> Result<Arc<Port>, NotifyError> {
         let mut ports = self.ports.write().unwrap_or_else(PoisonError::into_inner);
         let id = ports.iter().position(Option::is_none).unwrap_or(ports.len());
         let port = Arc::new(Port {
@@ -395,7 +671,13 @@ impl Switch {
             wake: EventFdNotifier::new()?,
             armed: AtomicBool::new(false),
             active: AtomicBool::new(false),
+            bound,
         });
+        if let Some(mac) = bound
+            && !lock(&self.table).bind(mac, id)
+        {
+            tracing::error!(port = %port.id, ?mac, "MAC address already bound to another port");
+        }
         if id == ports.len() {
             ports.push(Some(port.clone()));
         } else {
@@ -410,8 +692,10 @@ impl Switch {
         if let Some(slot) = ports.get_mut(port.id.0) {
             *slot = None;
         }
+        // Under the ports' lock: a port attached next at this index must not lose
+        // the static entry it adds.
+        lock(&self.table).forget_port(port.id.0);
         drop(ports);
-        lock(&self.table).retain(|_, p| *p != port.id.0);
         port.clear(self);
     }
 
@@ -435,53 +719,80 @@ impl Switch {
         into.extend(pool.drain(k..));
     }
 
-    /// Switches every frame of `batch` (in order), leaving it empty: the MAC table
-    /// is locked once for the batch, and a run of frames to one port is queued
-    /// under one inbox lock with at most one wake-up.
-    pub(crate) fn forward_batch(&self, src: &Port, batch: &mut Batch) {
+    /// Switches every frame of `batch` (in order), leaving it empty, and returns
+    /// how many it forwarded (the others were dropped as
+    /// [`DropReason::SpoofedSource`] and counted on `src`). The MAC table is
+    /// locked once for the batch, and a run of frames to one port is queued under
+    /// one inbox lock with at most one wake-up.
+    pub(crate) fn forward_batch(&self, src: &Port, batch: &mut Batch) -> usize {
         if batch.frames.is_empty() {
-            return;
+            return 0;
         }
         batch.dsts.clear();
+        let now = self.clock.now();
+        let age = self.cfg.mac_age;
         {
             let mut table = lock(&self.table);
-            // A stream repeats its addresses: the last source learnt and the last
-            // destination looked up are remembered (the lookup until the table
-            // changes), so a run costs one hash, not one per frame.
-            let mut learnt = None;
+            table.sweep(now, age);
+            // A stream repeats its addresses: the last source learnt (and whether
+            // the port may use it) and the last destination looked up are
+            // remembered (the lookup until the table changes), so a run costs one
+            // hash, not one per frame.
+            let mut learnt: Option<([u8; 6], bool)> = None;
             let mut looked_up: Option<([u8; 6], Option<usize>)> = None;
             for f in &batch.frames {
                 let dst_mac: [u8; 6] = f.data[0..6].try_into().unwrap_or([0xff; 6]);
                 let src_mac: [u8; 6] = f.data[6..12].try_into().unwrap_or([0xff; 6]);
+                // A bound port sends from its own address only (HOSTILE 33).
+                if src.bound.is_some_and(|b| b != src_mac) {
+                    batch.dsts.push(Dst::Spoofed);
+                    continue;
+                }
                 // Learn only unicast sources: a group address is never a station.
-                if src_mac[0] & 1 == 0 && learnt != Some(src_mac) {
-                    table.insert(src_mac, src.id.0);
-                    learnt = Some(src_mac);
-                    looked_up = None;
+                let allowed = match learnt {
+                    _ if src_mac[0] & 1 != 0 => true,
+                    Some((mac, ok)) if mac == src_mac => ok,
+                    _ => {
+                        let ok = table.learn(src_mac, src.id.0, now, &self.cfg);
+                        learnt = Some((src_mac, ok));
+                        looked_up = None;
+                        ok
+                    }
+                };
+                if !allowed {
+                    // Another port's bound address (HOSTILE 33).
+                    batch.dsts.push(Dst::Spoofed);
+                    continue;
                 }
                 let dst = match looked_up {
                     _ if dst_mac[0] & 1 != 0 => None,
                     Some((mac, port)) if mac == dst_mac => port,
                     _ => {
-                        let port = table.get(&dst_mac).copied();
+                        let port = table.get(&dst_mac, now, age);
                         looked_up = Some((dst_mac, port));
                         port
                     }
                 };
-                batch.dsts.push(dst);
+                batch.dsts.push(dst.map_or(Dst::Flood, Dst::Port));
             }
         }
         let ports = self.ports.read().unwrap_or_else(PoisonError::into_inner);
         let run = &mut batch.run;
+        let total = batch.frames.len();
+        let mut spoofed = 0;
         let mut frames = batch.frames.drain(..).zip(batch.dsts.drain(..)).peekable();
         while let Some((frame, dst)) = frames.next() {
             match dst {
-                Some(d) if d == src.id.0 => self.recycle(frame.data),
-                Some(d) => {
+                Dst::Spoofed => {
+                    spoofed += 1;
+                    self.recycle(frame.data);
+                }
+                Dst::Port(d) if d == src.id.0 => self.recycle(frame.data),
+                Dst::Port(d) => {
                     // This frame and the ones right after it for the same port,
                     // queued under one lock.
                     run.push(frame);
-                    while let Some((f, _)) = frames.next_if(|(_, next)| *next == Some(d)) {
+                    while let Some((f, _)) = frames.next_if(|(_, next)| *next == Dst::Port(d)) {
                         run.push(f);
                     }
                     self.unicast.fetch_add(run.len() as u64, Ordering::Relaxed);
@@ -490,9 +801,14 @@ impl Switch {
                         None => self.recycle_all(run.drain(..).map(|f| f.data)),
                     }
                 }
-                None => self.flood(&ports, src, frame, run),
+                Dst::Flood => self.flood(&ports, src, frame, run),
             }
         }
+        if spoofed > 0 {
+            tracing::debug!(port = %src.id, spoofed, "frames from a source address the port may not use");
+            src.count_drops(DropReason::SpoofedSource, spoofed as u64);
+        }
+        total - spoofed
     }
 
     /// Sends a copy of `frame` to every port but `src` (the last gets the frame);
@@ -563,7 +879,7 @@ impl Switch {
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     frames: Vec<Frame>,
-    dsts: Vec<Option<usize>>,
+    dsts: Vec<Dst>,
     /// Frames for one port, queued together.
     run: Vec<Frame>,
 }
@@ -572,11 +888,6 @@ impl Batch {
     /// Adds a frame.
     pub(crate) fn push(&mut self, frame: Frame) {
         self.frames.push(frame);
-    }
-
-    /// Frames in the batch.
-    pub(crate) fn len(&self) -> usize {
-        self.frames.len()
     }
 }
 
@@ -662,7 +973,7 @@ mod tests {
     #[test]
     fn learns_floods_unknown_and_forwards_known() {
         let sw = Switch::new(SwitchConfig::default());
-        let ports: Vec<_> = (0..3).map(|_| sw.attach().unwrap()).collect();
+        let ports: Vec<_> = (0..3).map(|_| sw.attach(None).unwrap()).collect();
         for p in &ports {
             p.set_active(true);
         }
@@ -692,7 +1003,7 @@ mod tests {
     #[test]
     fn a_batch_sees_what_its_own_earlier_frames_taught_the_table() {
         let sw = Switch::new(SwitchConfig::default());
-        let ports: Vec<_> = (0..2).map(|_| sw.attach().unwrap()).collect();
+        let ports: Vec<_> = (0..2).map(|_| sw.attach(None).unwrap()).collect();
         for p in &ports {
             p.set_active(true);
         }
@@ -714,8 +1025,9 @@ mod tests {
         let sw = Switch::new(SwitchConfig {
             backlog: 4,
             budget: 4,
+            ..SwitchConfig::default()
         });
-        let ports: Vec<_> = (0..3).map(|_| sw.attach().unwrap()).collect();
+        let ports: Vec<_> = (0..3).map(|_| sw.attach(None).unwrap()).collect();
         for p in &ports {
             p.set_active(true);
         }
@@ -742,8 +1054,8 @@ mod tests {
         const BURSTS: usize = 2000;
         const BURST: usize = 3;
         let sw = Switch::new(SwitchConfig::default());
-        let a = sw.attach().unwrap();
-        let b = sw.attach().unwrap();
+        let a = sw.attach(None).unwrap();
+        let b = sw.attach(None).unwrap();
         a.set_active(true);
         b.set_active(true);
         sw.forward(&b, frame(A, B, &b));
@@ -793,13 +1105,157 @@ mod tests {
     #[test]
     fn frames_to_a_stopped_port_are_dropped_and_counted() {
         let sw = Switch::new(SwitchConfig::default());
-        let a = sw.attach().unwrap();
-        let b = sw.attach().unwrap();
+        let a = sw.attach(None).unwrap();
+        let b = sw.attach(None).unwrap();
         a.set_active(true);
         assert!(b.arm_wake());
         sw.forward(&a, frame([0xff; 6], A, &a));
         assert_eq!(sw.stats(b.id).unwrap().drops.no_rx_buffer, 1);
         assert_eq!(sw.stats(b.id).unwrap().drops.total(), 1);
         assert_eq!(b.wake.take().unwrap(), 0, "nothing was queued: no wake-up");
+    }
+
+    /// A xorshift stream of locally administered unicast addresses.
+    fn random_macs(seed: u64) -> impl Iterator<Item = [u8; 6]> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        std::iter::from_fn(move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x.to_le_bytes();
+            Some([(b[0] & 0xfe) | 2, b[1], b[2], b[3], b[4], b[5]])
+        })
+    }
+
+    /// HOSTILE 33: a port sending from 100,000 random source addresses leaves the
+    /// table at its per-port cap; more ports stop at the total cap; frames from
+    /// sources not learnt are still switched (flooded to the others).
+    #[test]
+    fn the_mac_table_is_bounded_per_port_and_in_total() {
+        let cfg = SwitchConfig::default();
+        let sw = Switch::new(cfg);
+        let ports: Vec<_> = (0..10).map(|_| sw.attach(None).unwrap()).collect();
+        ports[1].set_active(true);
+        let mut batch = Batch::default();
+        for (i, src) in random_macs(7).take(100_000).enumerate() {
+            batch.push(frame([0xff; 6], src, &ports[0]));
+            if i % 64 == 63 {
+                sw.forward_batch(&ports[0], &mut batch);
+                ports[1].clear(&sw);
+            }
+        }
+        sw.forward_batch(&ports[0], &mut batch);
+        assert_eq!(sw.mac_table_len(), cfg.table_per_port);
+        assert_eq!(sw.flooded_frames(), 100_000, "every frame was still switched");
+        assert_eq!(sw.stats(ports[1].id).unwrap().drops.total(), 0);
+        // Nine more ports of random sources: the total cap holds.
+        for (k, p) in ports.iter().enumerate().skip(1) {
+            for src in random_macs(1000 + k as u64).take(2 * cfg.table_per_port) {
+                batch.push(frame([0xff; 6], src, p));
+                if batch.frames.len() == 64 {
+                    sw.forward_batch(p, &mut batch);
+                }
+            }
+            sw.forward_batch(p, &mut batch);
+        }
+        assert_eq!(sw.mac_table_len(), cfg.table_max);
+        // A bound port's static entry is added even now, and a station on a full
+        // port is simply not learnt.
+        let bound = sw.attach(Some(A)).unwrap();
+        assert_eq!(sw.mac_table_len(), cfg.table_max + 1);
+        assert_eq!(sw.lookup(A), Some(bound.id));
+        let newcomer = sw.attach(None).unwrap();
+        sw.forward(&newcomer, frame([0xff; 6], B, &newcomer));
+        assert_eq!(sw.lookup(B), None, "the table is full: not learnt");
+        assert_eq!(sw.mac_table_len(), cfg.table_max + 1);
+        // Detaching a port gives its room back.
+        sw.detach(&ports[0]);
+        assert_eq!(sw.mac_table_len(), cfg.table_max + 1 - cfg.table_per_port);
+        sw.forward(&newcomer, frame([0xff; 6], B, &newcomer));
+        assert_eq!(sw.lookup(B), Some(newcomer.id));
+    }
+
+    /// HOSTILE 33: a learnt address not seen for the age is forgotten (and its room
+    /// given back); one refreshed in time stays; a bound port's address never ages.
+    #[test]
+    fn learnt_addresses_age_out_on_the_injected_clock() {
+        let clock = Arc::new(ManualClock::new());
+        let cfg = SwitchConfig::default();
+        let sw = Switch::with_clock(cfg, clock.clone());
+        let a = sw.attach(None).unwrap();
+        let b = sw.attach(None).unwrap();
+        let bound_mac = [2, 0, 0, 0, 0, 0xcc];
+        let c = sw.attach(Some(bound_mac)).unwrap();
+        sw.forward(&a, frame([0xff; 6], A, &a));
+        sw.forward(&b, frame([0xff; 6], B, &b));
+        assert_eq!(sw.mac_table_len(), 3);
+        clock.advance(cfg.mac_age / 2);
+        sw.forward(&b, frame([0xff; 6], B, &b));
+        clock.advance(cfg.mac_age / 2);
+        assert_eq!(sw.lookup(A), None, "A aged out");
+        assert_eq!(sw.lookup(B), Some(b.id), "B was refreshed");
+        assert_eq!(sw.lookup(bound_mac), Some(c.id), "a bound address never ages");
+        // The next batch sweeps A's entry out.
+        sw.forward(&b, frame([0xff; 6], B, &b));
+        assert_eq!(sw.mac_table_len(), 2);
+        clock.advance(cfg.mac_age * 10);
+        sw.forward(&c, frame([0xff; 6], bound_mac, &c));
+        assert_eq!(sw.lookup(B), None);
+        assert_eq!(sw.mac_table_len(), 1, "only the static entry is left");
+    }
+
+    /// HOSTILE 33: a port bound to its address cannot send from another (dropped,
+    /// counted); no port can take a bound address, so its traffic keeps going to
+    /// its port only; an unbound port still learns as before.
+    #[test]
+    fn a_bound_address_cannot_be_claimed() {
+        const V: [u8; 6] = [2, 0, 0, 0, 0, 0x77];
+        let sw = Switch::new(SwitchConfig::default());
+        let victim = sw.attach(Some(V)).unwrap();
+        let bound_attacker = sw.attach(Some(A)).unwrap();
+        let unbound_attacker = sw.attach(None).unwrap();
+        let peer = sw.attach(None).unwrap();
+        for p in [&victim, &bound_attacker, &unbound_attacker, &peer] {
+            p.set_active(true);
+        }
+        // Both attackers send from the victim's address.
+        sw.forward(&bound_attacker, frame([0xff; 6], V, &bound_attacker));
+        sw.forward(&unbound_attacker, frame([0xff; 6], V, &unbound_attacker));
+        assert_eq!(sw.flooded_frames(), 0, "neither frame was sent anywhere");
+        for p in [&bound_attacker, &unbound_attacker] {
+            let st = sw.stats(p.id).unwrap();
+            assert_eq!(st.drops.spoofed_source, 1);
+            assert_eq!(st.drops.total(), 1);
+        }
+        assert_eq!(sw.lookup(V), Some(victim.id));
+        // Traffic to the victim reaches only the victim.
+        sw.forward(&peer, frame(V, B, &peer));
+        assert!(victim.pop().is_some());
+        assert!(bound_attacker.pop().is_none() && unbound_attacker.pop().is_none());
+        // The bound attacker cannot send from a fresh address either, but from its
+        // own it can.
+        sw.forward(&bound_attacker, frame(B, [2, 0, 0, 0, 0, 0x99], &bound_attacker));
+        assert_eq!(sw.stats(bound_attacker.id).unwrap().drops.spoofed_source, 2);
+        assert_eq!(sw.lookup([2, 0, 0, 0, 0, 0x99]), None);
+        let mut batch = Batch::default();
+        batch.push(frame(B, A, &bound_attacker));
+        assert_eq!(sw.forward_batch(&bound_attacker, &mut batch), 1);
+        assert!(peer.pop().is_some());
+        // An unbound port learns any unicast source, and the address follows its
+        // station to another unbound port.
+        let x = [2, 0, 0, 0, 0, 0x55];
+        sw.forward(&unbound_attacker, frame(B, x, &unbound_attacker));
+        assert_eq!(sw.lookup(x), Some(unbound_attacker.id));
+        sw.forward(&peer, frame([0xff; 6], x, &peer));
+        assert_eq!(sw.lookup(x), Some(peer.id));
+        assert_eq!(sw.stats(peer.id).unwrap().drops.total(), 0);
+        // A second port bound to the same address does not take it.
+        let twin = sw.attach(Some(V)).unwrap();
+        assert_eq!(sw.lookup(V), Some(victim.id));
+        sw.forward(&twin, frame([0xff; 6], V, &twin));
+        assert_eq!(sw.stats(twin.id).unwrap().drops.spoofed_source, 1);
+        // Detaching the victim releases its address.
+        sw.detach(&victim);
+        assert_eq!(sw.lookup(V), None);
     }
 }

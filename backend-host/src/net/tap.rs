@@ -281,7 +281,7 @@ impl TapPort {
     }
 
     fn start(fd: OwnedFd, name: String, switch: &Arc<Switch>, cfg: TapConfig) -> Result<TapPort, TapError> {
-        let port = switch.attach()?;
+        let port = switch.attach(None)?;
         let counters = Arc::new(TapCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let stop_fd = match EventFdNotifier::new() {
@@ -463,10 +463,9 @@ impl Worker {
             return false;
         }
         let more = self.read_batch();
-        let forwarded = self.batch.len() as u64;
-        self.switch.forward_batch(&self.port, &mut self.batch);
+        let forwarded = self.switch.forward_batch(&self.port, &mut self.batch);
         // Counted once forwarded: a peer's counters are final when this one is.
-        self.port.count_tx_by(forwarded);
+        self.port.count_tx_by(forwarded as u64);
         more
     }
 

@@ -179,6 +179,11 @@ impl<M: DeviceMemory> Worker<M> {
                 if mac[0] & 1 != 0 {
                     return VIRTIO_NET_ERR;
                 }
+                // A bound port keeps its address (HOSTILE 33): frames from another
+                // would be dropped, so the driver is told now.
+                if self.ctx.port.bound().is_some_and(|b| b != mac) {
+                    return VIRTIO_NET_ERR;
+                }
                 self.filter.mac = mac;
                 *self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner) = mac;
             }

@@ -9,6 +9,19 @@ pub(super) enum Delivery {
     Done,
     /// No receive buffer now: the frame goes back to the inbox.
     Wait(Frame),
+    /// The round's budget of receive chains is spent (HOSTILE 34): the frame goes
+    /// back to the inbox and the worker comes back to it next round, without
+    /// waiting for a kick.
+    Later(Frame),
+}
+
+/// What [`Pair::next_rx`] found.
+enum NextRx {
+    Chain(Chain),
+    /// The ring is empty or unusable.
+    Empty,
+    /// The round's budget of chains is spent.
+    Spent,
 }
 
 /// Longest a worker sleeps without looking at its stop flag.
@@ -261,13 +274,16 @@ impl<M: DeviceMemory> Worker<M> {
         flow_hash(frame).map_or(0, |h| h as usize % self.active)
     }
 
-    /// Delivers up to a budget of inbox frames; returns whether it delivered any and
-    /// whether more may wait.
+    /// Delivers up to a budget of inbox frames, taking up to a budget of chains from
+    /// the receive queues (rejected ones too: HOSTILE 34); returns whether it did
+    /// anything and whether more may wait.
     fn rx_round(&mut self) -> (bool, bool) {
         if self.starved.is_some() {
             return (false, false);
         }
         let mut n = 0;
+        let mut chains = self.budget;
+        let mut spent = false;
         while n < self.budget {
             if self.inbox.is_empty() {
                 // Only once the port's inbox is empty too is there nothing left.
@@ -283,7 +299,7 @@ impl<M: DeviceMemory> Worker<M> {
                 continue;
             }
             let s = self.steer(&frame.data);
-            match self.pairs[s].deliver(frame, &self.ctx, &mut self.pool) {
+            match self.pairs[s].deliver(frame, &self.ctx, &mut self.pool, &mut chains) {
                 Delivery::Done => {}
                 Delivery::Wait(frame) => {
                     // First in line once the guest posts buffers.
@@ -292,9 +308,17 @@ impl<M: DeviceMemory> Worker<M> {
                     n -= 1;
                     break;
                 }
+                Delivery::Later(frame) => {
+                    // First in line next round; the queues' chains taken so far
+                    // (held for it with MRG_RXBUF) wait with it.
+                    self.inbox.push_front(frame);
+                    n -= 1;
+                    spent = true;
+                    break;
+                }
             }
         }
-        if n > 0 {
+        if n > 0 || spent {
             for p in &mut self.pairs[..self.active] {
                 p.publish_rx();
                 if p.rx.needs_notification() {
@@ -302,7 +326,7 @@ impl<M: DeviceMemory> Worker<M> {
                 }
             }
         }
-        (n > 0, n >= self.budget)
+        (n > 0 || spent, n >= self.budget || spent)
     }
 }
 
@@ -344,8 +368,7 @@ impl<M: DeviceMemory> Pair<M> {
                 }
             }
         }
-        let forwarded = batch.len();
-        ctx.switch.forward_batch(&ctx.port, batch);
+        let forwarded = ctx.switch.forward_batch(&ctx.port, batch);
         // Counted once forwarded: a peer's counters are final when this one is.
         ctx.port.count_tx_by(forwarded as u64);
         if !used.is_empty() {
@@ -400,25 +423,40 @@ impl<M: DeviceMemory> Pair<M> {
         Some(Frame { data, csum, src })
     }
 
-    /// The next receive chain, `None` if the ring is empty or unusable.
-    fn next_rx(&mut self, ctx: &Ctx) -> Option<Chain> {
+    /// The next receive chain, counting every chain taken (and every one the ring
+    /// rejected) against `left`: a driver that re-publishes chains that fail at
+    /// once as fast as they are returned must not keep the worker here (HOSTILE
+    /// 34).
+    fn next_rx(&mut self, ctx: &Ctx, left: &mut usize) -> NextRx {
         if self.rx_broken {
-            return None;
+            return NextRx::Empty;
         }
         loop {
+            if *left == 0 {
+                return NextRx::Spent;
+            }
             match self.rx.pop() {
-                Ok(c) => return c,
+                Ok(Some(c)) => {
+                    *left -= 1;
+                    return NextRx::Chain(c);
+                }
+                Ok(None) => return NextRx::Empty,
                 Err(DeviceQueueError::NeedsReset(fault)) => {
                     tracing::warn!(port = %ctx.port.id, %fault, "receive queue needs reset");
                     self.rx_broken = true;
-                    return None;
+                    return NextRx::Empty;
                 }
-                Err(error) => tracing::debug!(port = %ctx.port.id, %error, "receive chain rejected"),
+                Err(error) => {
+                    *left -= 1;
+                    tracing::debug!(port = %ctx.port.id, %error, "receive chain rejected");
+                }
             }
         }
     }
 
-    fn deliver(&mut self, mut frame: Frame, ctx: &Ctx, pool: &mut LocalPool) -> Delivery {
+    /// Writes `frame` into receive chains, taking at most `left` more chains from
+    /// the ring (see [`Pair::next_rx`]).
+    fn deliver(&mut self, mut frame: Frame, ctx: &Ctx, pool: &mut LocalPool, left: &mut usize) -> Delivery {
         if self.rx_broken {
             ctx.port.count_drop(DropReason::NoRxBuffer);
             pool.give(&ctx.switch, frame.data);
@@ -429,11 +467,11 @@ impl<M: DeviceMemory> Pair<M> {
         // Gather chains until the frame fits: one without MRG_RXBUF, as many as it
         // takes with it (§5.1.6.4).
         while self.held.is_empty() || (mrg && self.held_writable < need) {
-            let Some(chain) = self.next_rx(ctx) else {
-                if self.rx_broken {
-                    return self.drop_held(frame, ctx, pool);
-                }
-                return Delivery::Wait(frame);
+            let chain = match self.next_rx(ctx, left) {
+                NextRx::Chain(chain) => chain,
+                NextRx::Spent => return Delivery::Later(frame),
+                NextRx::Empty if self.rx_broken => return self.drop_held(frame, ctx, pool),
+                NextRx::Empty => return Delivery::Wait(frame),
             };
             self.held_writable += u64::from(chain.writable_len());
             self.held.push(chain);
