@@ -2,6 +2,7 @@
 pub mod barrier;
 pub mod blk_bench;
 pub mod conformance;
+pub mod hostile_model;
 pub mod linux_guest;
 pub mod model_bench;
 pub mod models;

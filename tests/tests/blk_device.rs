@@ -866,3 +866,110 @@ fn overlapping_descriptors_cannot_make_the_device_allocate_more_than_its_budget(
         .read_config(std::mem::offset_of!(blk::BlkConfig, size_max), &mut size_max);
     assert_eq!(u32::from_le_bytes(size_max), backend_host::blk::device::CHUNK);
 }
+
+/// HOSTILE 34: a guest that keeps re-publishing chains the device rejects at once
+/// (simulated at its worst by [`vio::hostile_model`]: every chain is refused, and
+/// the next is already published whenever the device looks) cannot keep the
+/// device's worker from serving its other queue, from letting other tasks of a
+/// shared runtime run, or from stopping: the reset returns.
+#[test]
+fn a_flood_of_rejected_chains_cannot_keep_the_device_from_stopping() {
+    use std::sync::atomic::Ordering;
+    use vio::hostile_model::{Hostile, Republisher, watched};
+    watched(|| {
+        const SIZE: u16 = 16;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let runtime = {
+            let ticks = ticks.clone();
+            let handle = rt.handle().clone();
+            std::thread::spawn(move || {
+                rt.block_on(async move {
+                    // Another task of the shared runtime, and the runtime's driver.
+                    loop {
+                        ticks.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+            });
+            handle
+        };
+        let Fixture {
+            guest,
+            driver,
+            device,
+        } = models::direct();
+        let republisher = Arc::new(Republisher::default());
+        let model = Hostile {
+            inner: device,
+            queue: 1,
+            republisher: republisher.clone(),
+        };
+        let disk = Disk::open(image("flood.img"), DiskOptions::default()).unwrap();
+        let settings = BlkSettings {
+            queues: 2,
+            queue_size: SIZE,
+            ..BlkSettings::default()
+        };
+        let dev = BlkDevice::new(disk, model, settings, Runtime::Handle(runtime));
+        let t = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
+        let wanted = (BlkFeatures::MQ | BlkFeatures::FLUSH).bits();
+        let features = initialize(&t, blk::DEVICE_ID, wanted, blk::BLK_DEPENDENCIES).unwrap();
+        let f = Features::from_bits_retain(features);
+        let q0 = driver.create_queue(0, SIZE).unwrap();
+        let q1 = driver.create_queue(1, SIZE).unwrap();
+        t.setup_queue(0, SIZE, q0.addrs).unwrap();
+        t.setup_queue(1, SIZE, q1.addrs).unwrap();
+        republisher.avail.set(q1.ring.avail.clone()).unwrap();
+        let mut good = SplitDriver::<_, u32>::new(SIZE, q0.ring, q0.share, f).unwrap();
+        let mut bad = SplitDriver::<_, u32>::new(SIZE, q1.ring, q1.share, f).unwrap();
+        driver_ok(&t).unwrap();
+
+        // Set the hostile queue going.
+        let mem = guest.memory();
+        let hdr = mem.alloc(16, 8).unwrap();
+        mem.write(hdr, BlkReqHeader::new(blk::VIRTIO_BLK_T_FLUSH, 0).as_bytes())
+            .unwrap();
+        let st = mem.alloc(1, 1).unwrap();
+        bad.add(&[GuestBuf::new(hdr, 16)], &[GuestBuf::new(st, 1)], 0)
+            .unwrap();
+        republisher.arm(SIZE);
+        bad.kick_prepare();
+        t.notify_queue(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while republisher.rejected.load(Ordering::Relaxed) < 10_000 {
+            assert!(Instant::now() < deadline, "the device took no hostile chains");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The other queue is served meanwhile, and so is the other task.
+        let ticks_before = ticks.load(Ordering::Relaxed);
+        let st0 = mem.alloc(1, 1).unwrap();
+        mem.write(st0, &[0xff]).unwrap();
+        good.add(&[GuestBuf::new(hdr, 16)], &[GuestBuf::new(st0, 1)], 7)
+            .unwrap();
+        good.kick_prepare();
+        t.notify_queue(0).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let used = loop {
+            if let Some(u) = good.pop_used().unwrap() {
+                break u;
+            }
+            assert!(Instant::now() < deadline, "the good queue was not served");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(used.token, 7);
+        let mut status = [0u8];
+        mem.read(st0, &mut status).unwrap();
+        assert_eq!(status[0], blk::VIRTIO_BLK_S_OK);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ticks.load(Ordering::Relaxed) < ticks_before + 5 {
+            assert!(Instant::now() < deadline, "the shared runtime starved");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // And the reset returns.
+        t.set_status(0);
+    });
+}

@@ -3,147 +3,28 @@
 //! serves each queue a budget of chains per round, so it keeps serving the guest's
 //! other queues and its stop request: the reset returns.
 //!
-//! The hostile guest is simulated at its worst, deterministically: the device's
-//! memory refuses every buffer of the hostile queue (so each chain is rejected at
-//! once) and, each time the device looks at one, the guest has already published
-//! the next (the available index moves on by one). A worker that loops "until the
-//! ring is empty" never gets out. Each test runs on a thread of its own, watched: a
-//! worker that never returns fails the test after [`WATCHDOG`] instead of hanging.
+//! The hostile guest is simulated at its worst, deterministically, by
+//! [`vio::hostile_model`]. Each test runs on a thread of its own, watched: a worker
+//! that never returns fails the test after a watchdog instead of hanging.
 
 use backend_host::net::{NetDevice, NetSettings, Switch, SwitchConfig};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vio::conformance::Fixture;
+use vio::hostile_model::{Hostile, Republisher, watched};
 use vio::models;
 use vio::net_rig;
-use virtio_core::access::{AccessError, DeviceMemory, ReadOp, Segment, WriteOp};
 use virtio_core::lifecycle::{ControlPlane, driver_ok, initialize};
-use virtio_core::model::{DeviceQueue, ModelError, QueueAddrs};
 use virtio_core::net::{NET_DEPENDENCIES, VirtioNetHdr};
 use virtio_core::ring::split::SplitDriver;
-use virtio_core::shm::Region;
 use virtio_core::transport::{InProcessTransport, Transport};
-use virtio_core::{DeviceModel, DriverModel, GuestBuf};
+use virtio_core::{DriverModel, GuestBuf};
 
-/// How long a test may take before it is failed as hung.
-const WATCHDOG: Duration = Duration::from_secs(20);
 /// How long to wait for traffic that must arrive.
 const TIMEOUT: Duration = Duration::from_secs(10);
 const QSIZE: u16 = 8;
 const BROADCAST: [u8; 6] = [0xff; 6];
-
-/// The hostile guest's side of one queue: once armed, every time the device checks
-/// a buffer of the queue, the check fails and the guest publishes the same head
-/// again.
-#[derive(Debug, Default)]
-struct Republisher {
-    armed: AtomicBool,
-    /// The queue's available ring, as the guest (driver) writes it.
-    avail: OnceLock<Region>,
-    /// Chains the device was handed and rejected.
-    rejected: AtomicU64,
-}
-
-impl Republisher {
-    /// Points every slot of the available ring at the head in slot 0, and starts.
-    fn arm(&self) {
-        let avail = self.avail.get().expect("ring set");
-        let head = avail.load_u16(4, Ordering::Acquire).unwrap();
-        for slot in 0..u64::from(QSIZE) {
-            avail.write(4 + 2 * slot, &head.to_le_bytes()).unwrap();
-        }
-        self.armed.store(true, Ordering::Release);
-    }
-
-    /// Publishes one more entry (the device is looking at the last one).
-    fn republish(&self) {
-        let avail = self.avail.get().expect("ring set");
-        let idx = avail.load_u16(2, Ordering::Acquire).unwrap();
-        avail.write(2, &idx.wrapping_add(1).to_le_bytes()).unwrap();
-        self.rejected.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// A device memory that is hostile for one queue (see [`Republisher`]).
-#[derive(Debug)]
-struct HostileMem<M> {
-    inner: M,
-    hostile: Option<Arc<Republisher>>,
-}
-
-impl<M: DeviceMemory> DeviceMemory for HostileMem<M> {
-    fn check(&self, seg: &Segment) -> Result<(), AccessError> {
-        if let Some(r) = &self.hostile
-            && r.armed.load(Ordering::Acquire)
-        {
-            r.republish();
-            return Err(AccessError::Denied);
-        }
-        self.inner.check(seg)
-    }
-    fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
-        self.inner.read(seg, offset, dst)
-    }
-    fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
-        self.inner.write(seg, offset, src)
-    }
-    fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Result<(), AccessError> {
-        self.inner.read_batch(ops)
-    }
-    fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<(), AccessError> {
-        self.inner.write_batch(ops)
-    }
-}
-
-/// A device model whose queue `queue` is hostile.
-struct Hostile<V> {
-    inner: V,
-    queue: u16,
-    republisher: Arc<Republisher>,
-}
-
-impl<V: DeviceModel> DeviceModel for Hostile<V> {
-    type Memory = HostileMem<V::Memory>;
-
-    fn name(&self) -> &'static str {
-        "hostile"
-    }
-
-    fn open_queue(
-        &self,
-        index: u16,
-        size: u16,
-        addrs: QueueAddrs,
-    ) -> Result<DeviceQueue<Self::Memory>, ModelError> {
-        let q = self.inner.open_queue(index, size, addrs)?;
-        Ok(DeviceQueue {
-            ring: q.ring,
-            memory: HostileMem {
-                inner: q.memory,
-                hostile: (index == self.queue).then(|| self.republisher.clone()),
-            },
-        })
-    }
-}
-
-/// Runs `test` on its own thread and fails if it does not finish within
-/// [`WATCHDOG`] (a worker that never stops hangs the device's reset). The hung
-/// thread is left behind; the test binary ends anyway.
-fn watched(test: impl FnOnce() + Send + 'static) {
-    let (done, finished) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        test();
-        let _ = done.send(());
-    });
-    match finished.recv_timeout(WATCHDOG) {
-        Ok(()) => {}
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the test failed (see above)"),
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("hung for {WATCHDOG:?}: the device's worker never returned")
-        }
-    }
-}
 
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + TIMEOUT;
@@ -240,7 +121,7 @@ fn hostile_queue(hostile: u16) {
         t.notify_queue(TX).unwrap();
     };
 
-    republisher.arm();
+    republisher.arm(QSIZE);
     // Set the hostile queue going: a frame for the guest makes the device look
     // for a receive buffer; a transmitted chain makes it look at the transmit
     // queue.
