@@ -746,12 +746,23 @@ fn misaligned_requests_on_a_4k_disk_with_the_thread_pool() {
     misaligned_requests_on_a_4k_disk(EngineChoice::Sync, "4k-sync.img");
 }
 
+/// What a [`BytesCheck`] engine saw.
+#[derive(Default)]
+struct Seen {
+    /// Most bytes of data buffers held at once.
+    peak: usize,
+    /// The largest single buffer.
+    largest: usize,
+    /// Every op's kind, in submission order.
+    kinds: Vec<backend_host::blk::engine::IoKind>,
+}
+
 /// An engine that counts the bytes of data buffers it holds (submitted, not yet
-/// reaped): the peak, and the largest single buffer.
+/// reaped) and logs what it is asked to do.
 struct BytesCheck<E> {
     inner: E,
     now: usize,
-    stats: Arc<std::sync::Mutex<(usize, usize)>>,
+    stats: Arc<std::sync::Mutex<Seen>>,
 }
 
 impl<E: Engine> Engine for BytesCheck<E> {
@@ -761,8 +772,9 @@ impl<E: Engine> Engine for BytesCheck<E> {
     fn submit(&mut self, op: backend_host::blk::engine::IoOp) {
         self.now += op.buf.len();
         let mut s = self.stats.lock().unwrap();
-        s.0 = s.0.max(self.now);
-        s.1 = s.1.max(op.buf.len());
+        s.peak = s.peak.max(self.now);
+        s.largest = s.largest.max(op.buf.len());
+        s.kinds.push(op.kind);
         drop(s);
         self.inner.submit(op);
     }
@@ -791,9 +803,9 @@ impl<E: Engine> Engine for BytesCheck<E> {
     }
 }
 
-/// `(peak bytes held, largest buffer)` of a [`BytesCheck`] engine, and the engine.
-fn counted() -> (Arc<std::sync::Mutex<(usize, usize)>>, EngineChoice) {
-    let stats = Arc::new(std::sync::Mutex::new((0, 0)));
+/// What a [`BytesCheck`] engine sees, and the engine.
+fn counted() -> (Arc<std::sync::Mutex<Seen>>, EngineChoice) {
+    let stats = Arc::new(std::sync::Mutex::new(Seen::default()));
     let s = stats.clone();
     let engine = EngineChoice::Custom(Arc::new(move |disk: &Disk| {
         let inner = UringEngine::new(disk, Default::default()).map_err(std::io::Error::other)?;
@@ -851,7 +863,10 @@ fn overlapping_descriptors_cannot_make_the_device_allocate_more_than_its_budget(
     let (used, back) = r.raw(&[hdr], &ins);
     assert_eq!(back.last().unwrap()[0], blk::VIRTIO_BLK_S_OK);
     assert_eq!(used, 60 * (1 << 20) + 1);
-    let (peak, largest) = *stats.lock().unwrap();
+    let (peak, largest) = {
+        let s = stats.lock().unwrap();
+        (s.peak, s.largest)
+    };
     assert!(
         peak <= budget,
         "the device held {peak} bytes of buffers, over its budget of {budget}"
@@ -972,4 +987,240 @@ fn a_flood_of_rejected_chains_cannot_keep_the_device_from_stopping() {
         // And the reset returns.
         t.set_status(0);
     });
+}
+
+/// State shared by the [`ErrseqEngine`]s of one disk: how Linux reports a
+/// writeback error on a file whose descriptors are duplicates of one open file
+/// (`errseq_t`): to the first `fdatasync` that looks, and to no other.
+#[derive(Default)]
+struct Errseq {
+    state: std::sync::Mutex<ErrseqState>,
+    cond: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct ErrseqState {
+    /// A writeback error not yet reported.
+    error: bool,
+    /// Syncs running now.
+    running: usize,
+    /// Most syncs that ever ran at once.
+    most: usize,
+}
+
+/// An engine whose flushes run on threads of their own, overlapping when the
+/// device lets them (each waits up to 300 ms for another to start), with
+/// [`Errseq`]'s reporting; everything else goes to io_uring.
+struct ErrseqEngine {
+    inner: UringEngine,
+    shared: Arc<Errseq>,
+    mailbox: Arc<std::sync::Mutex<Vec<backend_host::blk::engine::Completion>>>,
+    flushes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Engine for ErrseqEngine {
+    fn name(&self) -> &'static str {
+        "errseq"
+    }
+    fn submit(&mut self, op: backend_host::blk::engine::IoOp) {
+        if op.kind != backend_host::blk::engine::IoKind::Flush {
+            return self.inner.submit(op);
+        }
+        use std::sync::atomic::Ordering;
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        let (shared, mailbox, flushes) = (self.shared.clone(), self.mailbox.clone(), self.flushes.clone());
+        let ready = self.inner.ready_fd().try_clone_to_owned().unwrap();
+        std::thread::spawn(move || {
+            let mut st = shared.state.lock().unwrap();
+            st.running += 1;
+            st.most = st.most.max(st.running);
+            shared.cond.notify_all();
+            let deadline = Instant::now() + Duration::from_millis(300);
+            while st.running < 2 && Instant::now() < deadline {
+                st = shared.cond.wait_timeout(st, Duration::from_millis(10)).unwrap().0;
+            }
+            let result = if std::mem::take(&mut st.error) {
+                Err(std::io::Error::from_raw_os_error(5))
+            } else {
+                Ok(0)
+            };
+            drop(st);
+            mailbox
+                .lock()
+                .unwrap()
+                .push(backend_host::blk::engine::Completion {
+                    user: op.user,
+                    result,
+                    buf: op.buf,
+                });
+            flushes.fetch_sub(1, Ordering::AcqRel);
+            // Give the other sync time to finish before this one stops counting.
+            std::thread::sleep(Duration::from_millis(20));
+            shared.state.lock().unwrap().running -= 1;
+            let _ = rustix::io::write(&ready, &1u64.to_ne_bytes());
+        });
+    }
+    fn commit(&mut self) -> std::io::Result<()> {
+        self.inner.commit()
+    }
+    fn reap(&mut self, out: &mut Vec<backend_host::blk::engine::Completion>) -> usize {
+        let mut n = self.inner.reap(out);
+        let mut mine = self.mailbox.lock().unwrap();
+        n += mine.len();
+        out.append(&mut mine);
+        n
+    }
+    fn wait(&mut self) -> std::io::Result<()> {
+        loop {
+            if !self.mailbox.lock().unwrap().is_empty() {
+                return Ok(());
+            }
+            if self.inner.in_flight() > 0 {
+                return self.inner.wait();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    fn ready_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.ready_fd()
+    }
+    fn ack_ready(&mut self) {
+        self.inner.ack_ready();
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+            + self.flushes.load(std::sync::atomic::Ordering::Acquire)
+            + self.mailbox.lock().unwrap().len()
+    }
+}
+
+/// Issue 13, finding 5: a writeback error is reported to one `fdatasync` only, so
+/// two flushes running at once on two queues would see EIO and 0, and the second
+/// would be acknowledged although the lost write is gone. One sync runs at a time
+/// per disk, and every flush completes with the failed-flush latch as it stands at
+/// completion: both flushes fail, and so does every later one, even after a reset.
+#[test]
+fn flushes_on_two_queues_cannot_split_a_writeback_error() {
+    use vio::hostile_model::watched;
+    watched(|| {
+        const SIZE: u16 = 16;
+        let shared = Arc::new(Errseq::default());
+        shared.state.lock().unwrap().error = true;
+        let s = shared.clone();
+        let engine = EngineChoice::Custom(Arc::new(move |disk: &Disk| {
+            Ok(Box::new(ErrseqEngine {
+                inner: UringEngine::new(disk, Default::default()).map_err(std::io::Error::other)?,
+                shared: s.clone(),
+                mailbox: Arc::default(),
+                flushes: Arc::default(),
+            }) as Box<dyn Engine>)
+        }));
+        let Fixture {
+            guest,
+            driver,
+            device,
+        } = models::direct();
+        let disk = Disk::open(image("errseq.img"), DiskOptions::default()).unwrap();
+        let settings = BlkSettings {
+            queues: 2,
+            queue_size: SIZE,
+            engine,
+            ..BlkSettings::default()
+        };
+        let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
+        let t = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
+        let wanted = (BlkFeatures::MQ | BlkFeatures::FLUSH).bits();
+        let features = initialize(&t, blk::DEVICE_ID, wanted, blk::BLK_DEPENDENCIES).unwrap();
+        let f = Features::from_bits_retain(features);
+        let mut rings = Vec::new();
+        for q in 0..2 {
+            let dq = driver.create_queue(q, SIZE).unwrap();
+            t.setup_queue(q, SIZE, dq.addrs).unwrap();
+            rings.push(SplitDriver::<_, u32>::new(SIZE, dq.ring, dq.share, f).unwrap());
+        }
+        driver_ok(&t).unwrap();
+        let mem = guest.memory();
+        let hdr = mem.alloc(16, 8).unwrap();
+        mem.write(hdr, BlkReqHeader::new(blk::VIRTIO_BLK_T_FLUSH, 0).as_bytes())
+            .unwrap();
+        let flush_all = |rings: &mut Vec<SplitDriver<_, u32>>| -> Vec<u8> {
+            let mut statuses = Vec::new();
+            for (q, ring) in rings.iter_mut().enumerate() {
+                let st = mem.alloc(1, 1).unwrap();
+                mem.write(st, &[0xff]).unwrap();
+                ring.add(&[GuestBuf::new(hdr, 16)], &[GuestBuf::new(st, 1)], 0)
+                    .unwrap();
+                ring.kick_prepare();
+                t.notify_queue(q as u16).unwrap();
+                statuses.push(st);
+            }
+            for ring in rings.iter_mut() {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while ring.pop_used().unwrap().is_none() {
+                    assert!(Instant::now() < deadline, "a flush did not complete");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            statuses
+                .iter()
+                .map(|&st| {
+                    let mut b = [0u8];
+                    mem.read(st, &mut b).unwrap();
+                    b[0]
+                })
+                .collect()
+        };
+        let ioerr = blk::VIRTIO_BLK_S_IOERR;
+        assert_eq!(flush_all(&mut rings), vec![ioerr, ioerr], "both flushes fail");
+        assert_eq!(shared.state.lock().unwrap().most, 1, "one sync at a time");
+        assert_eq!(flush_all(&mut rings), vec![ioerr, ioerr], "latched");
+        // A reset does not clear the latch: the lost write stays lost.
+        t.set_status(0);
+        let features = initialize(&t, blk::DEVICE_ID, wanted, blk::BLK_DEPENDENCIES).unwrap();
+        let f = Features::from_bits_retain(features);
+        let mut rings = Vec::new();
+        for q in 0..2 {
+            let dq = driver.create_queue(q + 2, SIZE).unwrap();
+            t.setup_queue(q, SIZE, dq.addrs).unwrap();
+            rings.push(SplitDriver::<_, u32>::new(SIZE, dq.ring, dq.share, f).unwrap());
+        }
+        driver_ok(&t).unwrap();
+        assert_eq!(
+            flush_all(&mut rings),
+            vec![ioerr, ioerr],
+            "latched through a reset"
+        );
+        assert!(t.with_handler(|d| d.flush_failed()));
+        t.with_handler(|d| d.clear_flush_failure());
+        let ok = blk::VIRTIO_BLK_S_OK;
+        assert_eq!(flush_all(&mut rings), vec![ok, ok], "cleared by the operator");
+    });
+}
+
+/// Issue 13, finding 5: in writethrough mode WRITE_ZEROES is durable at completion
+/// like a write (zero-range and its zero-writing fallback are not `RWF_DSYNC`), so
+/// the device syncs the disk before it acknowledges one; in writeback mode it
+/// does not.
+#[test]
+fn write_zeroes_are_synced_in_writethrough_mode() {
+    use backend_host::blk::engine::IoKind;
+    for (cache, synced) in [(CacheMode::Writethrough, true), (CacheMode::Writeback, false)] {
+        let (stats, engine) = counted();
+        let settings = BlkSettings {
+            engine,
+            cache,
+            ..BlkSettings::default()
+        };
+        let mut r = rig(models::direct(), "wz-sync.img", settings, false);
+        let seg = blk::BlkDiscardWriteZeroes::new(8, 8, 0);
+        let z = r.request(blk::VIRTIO_BLK_T_WRITE_ZEROES, 0, seg.as_bytes(), 0);
+        assert_eq!(z.status, blk::VIRTIO_BLK_S_OK);
+        let kinds = stats.lock().unwrap().kinds.clone();
+        let wz = kinds
+            .iter()
+            .position(|k| *k == IoKind::WriteZeroes)
+            .expect("zeroed");
+        let flushed = kinds[wz..].contains(&IoKind::Flush);
+        assert_eq!(flushed, synced, "{cache:?}: {kinds:?}");
+    }
 }

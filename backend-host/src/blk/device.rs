@@ -3,17 +3,27 @@
 //!
 //! One worker per queue, each a task on a tokio runtime (the device's own, or the
 //! caller's): it waits on the queue's kick eventfd and on its engine's completion
-//! eventfd (both registered with `AsyncFd`), pops every available chain per kick,
+//! eventfd (both registered with `AsyncFd`), pops what is available (at most
+//! [`CHAINS_PER_WAKE`] chains per wake-up),
 //! parses it ([`Parser`]), turns it into engine ops submitted as one batch (one by
 //! one while it polls or serves completions, so the disk starts on the first), and
 //! completes requests as their ops finish, out of order.
 //!
-//! Barriers (virtio 1.2 §5.2.6.3): a FLUSH completes only after its `fdatasync`
-//! finished; in writethrough mode every write is `RWF_DSYNC`; a failed flush is
+//! Barriers (virtio 1.2 §5.2.6.3): a FLUSH completes only after an `fdatasync`
+//! that started after the FLUSH arrived has finished; one sync runs at a time per
+//! disk, shared by the flushes of every queue that arrived meanwhile (group
+//! commit), and each flush completes with the failed-flush latch as it stands at
+//! completion (the source of `device/flush.rs` says why). In writethrough mode every write is
+//! `RWF_DSYNC` and a WRITE_ZEROES is followed by a sync; a failed flush is
 //! latched, so every later flush fails too (a lost write does not come back by
-//! retrying); [`CacheMode::Unsafe`] acknowledges flushes without doing them and says
-//! so in its name. Reset waits for every op in flight and writes nothing to guest
-//! memory afterwards.
+//! retrying, nor by a reset or a reconnect: only
+//! [`BlkDevice::clear_flush_failure`] clears it); [`CacheMode::Unsafe`]
+//! acknowledges flushes without doing them and says so in its name. Reset waits
+//! for every op in flight and writes nothing to guest memory afterwards.
+//!
+//! Bounds on what a guest can make the host hold or spend (HOSTILE 32, 34): at most
+//! [`BlkSettings::max_bytes_in_flight`] bytes of buffers per queue, ops of at most
+//! [`CHUNK`] bytes, and a status byte alone for a failed request.
 
 mod flush;
 mod worker;
