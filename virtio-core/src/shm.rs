@@ -15,14 +15,18 @@
 //!
 //! A region is either writable or read-only; a read-only region refuses writes before
 //! they reach memory, which matters when it is backed by a real read-only mapping
-//! (sharing model 3 maps the descriptor table and the available ring that way).
+//! (sharing models 3 and 4 map the descriptor table and the available ring that way).
+//!
+//! A [`Mapping`] made here can be revoked by whoever holds it ([`Mapping::revoke`]):
+//! its pages are replaced in place by private anonymous pages, so every region over it,
+//! clones included, stops reaching the shared memory at once (HOSTILE 37).
 
 use std::any::Any;
 use std::fmt;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 /// Asks the CPU to bring the cache line holding `p` into this core's cache, so a
 /// later access does not stall on it: bytes another core just wrote (a frame, a
@@ -67,19 +71,37 @@ pub enum RegionError {
     /// A write was attempted through a read-only region.
     #[error("region is read-only")]
     ReadOnly,
+    /// The mapping behind the region was revoked by its owner (a queue closed, a grant
+    /// unmapped): the region no longer reaches the shared memory (HOSTILE 37).
+    #[error("region was revoked")]
+    Revoked,
 }
 
 /// A byte range of shared memory, kept alive by an owner handle.
 ///
 /// Cloning is cheap (one reference count). Two guests in one process each have their
 /// own regions; there is no global state.
+///
+/// A clone keeps the memory *mapped*, not *reachable*: when the region lies in a
+/// [`Mapping`] and the mapping's holder revokes it, every clone is cut off at once
+/// (accesses return [`RegionError::Revoked`], and the pages behind the address are
+/// private scratch pages, not the shared memory). That is what lets a sharing model hand
+/// a device ring regions and still take them back when the queue closes (HOSTILE 37).
 #[derive(Clone)]
 pub struct Region {
     base: NonNull<u8>,
     len: usize,
     writable: bool,
-    // Keeps the mapping behind `base` alive; never read.
-    _owner: Arc<dyn Any + Send + Sync>,
+    owner: Owner,
+}
+
+/// What keeps a region's memory mapped.
+#[derive(Clone)]
+enum Owner {
+    /// A mapping made by this module, which its holder may revoke.
+    Mapping(Arc<Mapping>),
+    /// Someone else's handle ([`Region::from_raw`]); never revoked.
+    Other(#[allow(dead_code)] Arc<dyn Any + Send + Sync>),
 }
 
 // SAFETY: a `Region` is a pointer into memory that `from_raw`'s caller guaranteed to be
@@ -122,7 +144,16 @@ impl Region {
             base,
             len,
             writable,
-            _owner: owner,
+            owner: Owner::Other(owner),
+        }
+    }
+
+    /// Whether the mapping behind the region was revoked ([`Mapping::revoke`]).
+    #[inline]
+    pub fn is_revoked(&self) -> bool {
+        match &self.owner {
+            Owner::Mapping(m) => m.is_revoked(),
+            Owner::Other(_) => false,
         }
     }
 
@@ -169,7 +200,7 @@ impl Region {
             // `check` proved `len <= self.len`, a usize.
             len: usize::try_from(len).unwrap_or(0),
             writable: self.writable,
-            _owner: self._owner.clone(),
+            owner: self.owner.clone(),
         })
     }
 
@@ -280,6 +311,9 @@ impl Region {
     /// Checks that `[offset, offset + len)` lies inside the region; returns the offset as
     /// `usize`.
     fn check(&self, offset: u64, len: u64) -> Result<usize, RegionError> {
+        if self.is_revoked() {
+            return Err(RegionError::Revoked);
+        }
         let oob = RegionError::OutOfBounds {
             offset,
             len,
@@ -357,10 +391,16 @@ impl Region {
 /// Mapping the same file range twice gives two independent views; mapping it without
 /// write permission gives a view through which the MMU refuses writes, which is how a
 /// sharing model hands a device a real read-only ring.
+///
+/// Whoever holds the `Arc<Mapping>` (not the holders of its regions) can
+/// [`revoke`](Mapping::revoke) it: that is how a sharing model takes ring pages back
+/// from a device before returning them to the guest (HOSTILE 37).
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
     writable: bool,
+    /// Set by `revoke`; regions check it before every access.
+    revoked: AtomicBool,
 }
 
 // SAFETY: the mapping is process-wide memory with no thread affinity; all access goes
@@ -368,6 +408,17 @@ pub struct Mapping {
 unsafe impl Send for Mapping {}
 // SAFETY: `Mapping` itself offers no access to the bytes, only `Region`s do.
 unsafe impl Sync for Mapping {}
+
+impl fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mapping")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .field("revoked", &self.is_revoked())
+            .finish()
+    }
+}
 
 impl Mapping {
     /// Maps `len` bytes (rounded up to whole pages) of zeroed anonymous shared memory.
@@ -417,7 +468,59 @@ impl Mapping {
 
     fn adopt(ptr: *mut std::ffi::c_void, len: usize, writable: bool) -> std::io::Result<Arc<Mapping>> {
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(std::io::ErrorKind::OutOfMemory)?;
-        Ok(Arc::new(Mapping { ptr, len, writable }))
+        Ok(Arc::new(Mapping {
+            ptr,
+            len,
+            writable,
+            revoked: AtomicBool::new(false),
+        }))
+    }
+
+    /// Cuts every region over this mapping off the memory it maps, clones included, and
+    /// returns once no access through any of them can reach that memory any more
+    /// (HOSTILE 37).
+    ///
+    /// The pages are replaced in place (`mmap` with `MAP_FIXED`, which swaps the
+    /// mapping atomically) by private anonymous pages with the same protection, so an
+    /// access already under way through a stale pointer or atomic view lands in
+    /// scratch memory instead of faulting; and every region method fails with
+    /// [`RegionError::Revoked`] from then on. Calling it again retries after a failure
+    /// and is harmless after a success.
+    pub fn revoke(&self) -> std::io::Result<()> {
+        use rustix::mm::{MapFlags, ProtFlags, mmap_anonymous};
+        // Set first, so new accesses fail fast; the remap below is what guarantees it.
+        // Relaxed: the flag only turns accesses into errors, it publishes no data.
+        self.revoked.store(true, Ordering::Relaxed);
+        let prot = if self.writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        // SAFETY: `[ptr, ptr + len)` is exactly the mapping this value created and still
+        // owns (it is unmapped only in `Drop`), so replacing it touches no other Rust
+        // object. The replacement has the same length and protection, so every region,
+        // atomic view and pointer derived from it stays valid for exactly the accesses
+        // `Region::from_raw`'s contract allows; only the bytes change (to zeros), which
+        // that contract already admits from the other party at any time.
+        let p = unsafe {
+            mmap_anonymous(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                prot,
+                MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+            )
+        }?;
+        if p.cast::<u8>() != self.ptr.as_ptr() {
+            // MAP_FIXED never moves a mapping; should it, the old pages are gone anyway.
+            return Err(std::io::Error::other("MAP_FIXED returned another address"));
+        }
+        tracing::trace!(len = self.len, "shared mapping revoked");
+        Ok(())
+    }
+
+    /// Whether [`Mapping::revoke`] was called.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Relaxed)
     }
 
     /// Size in bytes (a whole number of pages).
@@ -433,11 +536,16 @@ impl Mapping {
     /// A region over the whole mapping that keeps the mapping alive; writable only if
     /// the mapping is.
     pub fn region(self: &Arc<Self>) -> Region {
-        let owner: Arc<dyn Any + Send + Sync> = self.clone();
-        // SAFETY: the mapping is valid (and writable if `self.writable`) until `Mapping`
-        // is dropped, which `owner` prevents while the region lives; we hand out no
-        // references to its bytes.
-        unsafe { Region::from_raw(self.ptr, self.len, self.writable, owner) }
+        // The mapping is valid (and writable if `self.writable`) until `Mapping` is
+        // dropped, which the owner handle prevents while the region lives; `revoke`
+        // keeps it valid with the same protection. We hand out no references to its
+        // bytes.
+        Region {
+            base: self.ptr,
+            len: self.len,
+            writable: self.writable,
+            owner: Owner::Mapping(self.clone()),
+        }
     }
 }
 
@@ -518,6 +626,32 @@ mod tests {
         assert!(a.copy_to(4090, &b, 0, 7).is_err());
         assert!(a.copy_to(0, &b, 4090, 7).is_err());
         assert_eq!(a.copy_to(0, &b.read_only(), 0, 1), Err(RegionError::ReadOnly));
+    }
+
+    /// HOSTILE 37: revoking a mapping cuts off regions and atomic views already taken
+    /// from it; a store through such a view lands in scratch memory, not in the file.
+    #[test]
+    fn revoked_mappings_cut_off_regions_and_atomic_views() {
+        let fd = rustix::fs::memfd_create("revoke-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 4096).unwrap();
+        let guest = Mapping::of_fd(fd.as_fd(), 0, 4096, true).unwrap().region();
+        let device = Mapping::of_fd(fd.as_fd(), 0, 4096, true).unwrap();
+        let view = device.region().atomic_u16s(0, 4).unwrap();
+        let clone = device.region().sub(0, 64).unwrap();
+        view[1].store(7, Ordering::Relaxed);
+        assert_eq!(guest.load_u16(2, Ordering::Acquire), Ok(7));
+        device.revoke().unwrap();
+        assert!(device.is_revoked() && clone.is_revoked());
+        view[1].store(9, Ordering::Relaxed);
+        assert_eq!(
+            guest.load_u16(2, Ordering::Acquire),
+            Ok(7),
+            "the store went to scratch"
+        );
+        assert_eq!(clone.write(0, b"x"), Err(RegionError::Revoked));
+        assert_eq!(clone.read(0, &mut [0u8; 1]), Err(RegionError::Revoked));
+        assert!(matches!(clone.atomic_u16s(0, 1), Err(RegionError::Revoked)));
+        assert!(!guest.is_revoked());
     }
 
     #[test]
