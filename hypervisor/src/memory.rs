@@ -152,15 +152,30 @@ impl GuestMemory {
     /// `writable`: the MMU enforces the protection, and the mapping covers nothing
     /// else. This is the hypervisor's privilege; sharing models call it to build the
     /// capability they hand a device side.
+    ///
+    /// The mapping cannot be taken back: whoever holds a region over it reaches the
+    /// pages until the last region is dropped. Use [`Self::map_pages_revocable`] for
+    /// pages that return to the guest while a device may still hold a view.
     pub fn map_pages(&self, gpa: u64, len: u64, writable: bool) -> Result<Region, MemoryError> {
+        Ok(self.map_pages_revocable(gpa, len, writable)?.region())
+    }
+
+    /// As [`Self::map_pages`], but returns the mapping itself, whose holder can
+    /// [`revoke`](Mapping::revoke) it: after that no region over it, clone or not,
+    /// reaches the guest's pages (HOSTILE 37). The sharing models keep the mapping and
+    /// give the device only regions, and revoke before the pages go back to the guest.
+    pub fn map_pages_revocable(
+        &self,
+        gpa: u64,
+        len: u64,
+        writable: bool,
+    ) -> Result<Arc<Mapping>, MemoryError> {
         if !gpa.is_multiple_of(self.page) || len == 0 || !len.is_multiple_of(self.page) {
             return Err(MemoryError::Unaligned { gpa, len });
         }
         let off = self.offset(gpa, len)?;
         let len = usize::try_from(len).map_err(|_| MemoryError::OutOfRange { gpa, len })?;
-        Ok(Mapping::of_fd(self.fd.as_fd(), off, len, writable)
-            .map_err(MemoryError::Sys)?
-            .region())
+        Mapping::of_fd(self.fd.as_fd(), off, len, writable).map_err(MemoryError::Sys)
     }
 
     /// Allocates `len` bytes aligned to `align` (a power of two) and returns the guest
@@ -286,6 +301,25 @@ mod tests {
         assert!(rw.read(4096, &mut b).is_err());
         assert!(m.map_pages(BASE + 100, 4096, true).is_err());
         assert!(m.map_pages(BASE + 3 * 4096, 2 * 4096, true).is_err());
+    }
+
+    #[test]
+    fn a_revoked_page_view_no_longer_reaches_guest_memory() {
+        let m = GuestMemory::new("t", BASE, 2 * 4096).unwrap();
+        let mapping = m.map_pages_revocable(BASE + 4096, 4096, true).unwrap();
+        let view = mapping.region();
+        let clone = view.sub(8, 8).unwrap();
+        view.write(0, b"before").unwrap();
+        mapping.revoke().unwrap();
+        // Every view, clones and sub-ranges included, is cut off...
+        assert_eq!(view.write(0, b"after!"), Err(RegionError::Revoked));
+        assert_eq!(clone.write(0, b"x"), Err(RegionError::Revoked));
+        assert!(clone.is_revoked());
+        // ...and the guest's page keeps what it had.
+        let mut b = [0u8; 6];
+        m.read(BASE + 4096, &mut b).unwrap();
+        assert_eq!(&b, b"before");
+        mapping.revoke().unwrap();
     }
 
     #[test]

@@ -16,9 +16,13 @@
 //!
 //! What is guaranteed: a model-2 device reaches nothing outside guest memory; a model-3
 //! device reaches only the rings, writes only the used ring, and moves buffer bytes only
-//! through checked helper copies. What is not: model 2 gives the device all of guest
-//! memory by design; model 3 page mappings cover whole pages, so a driver that puts
-//! other data on its ring pages shows it to the device (this crate's drivers never do).
+//! through checked helper copies. Its ring regions can be cloned, but no clone outlives
+//! the queue: closing the queue (the device dropping its [`CopyMemory`], or the driver
+//! creating the queue again) revokes the ring mappings, and the driver returns ring
+//! pages to the guest only after that (HOSTILE 37). What is not: model 2 gives the
+//! device all of guest memory by design, ring pages included, also after the queue is
+//! gone; model 3 page mappings cover whole pages, so a driver that puts other data on
+//! its ring pages shows it to the device (this crate's drivers never do).
 //!
 //! # Example
 //!

@@ -588,3 +588,80 @@ fn copy_stale_queue_handle_is_refused_after_reopen() {
     c.reader(dev.memory()).read_exact(&mut got).unwrap();
     assert_eq!(&got, b"data");
 }
+
+// ------------------------------------------------ model 3: ring views die with the queue
+
+/// HOSTILE 37: the driver resets queue 0 (creates it again), which returns the old ring
+/// pages to the guest's allocator, here straight to the new rings. The device kept both
+/// its `SplitDevice` (with a chain in flight) and a clone of its ring regions; neither
+/// may reach the pages any more.
+#[test]
+fn copy_ring_views_are_revoked_before_the_driver_reuses_the_ring_pages() {
+    let g = guest();
+    let (d, v) = copy::pair(&g).unwrap();
+    let q = d.create_queue(0, SIZE).unwrap();
+    let dq = v.open_queue(0, SIZE, q.addrs).unwrap();
+    let kept = dq.ring.clone();
+    let mut dev = SplitDevice::new(SIZE, &dq.ring, dq.memory, FEATURES).unwrap();
+    let mut raw = RawQueue::new(q.ring, SIZE);
+    let buf = buffer(&g, b"request");
+    raw.desc(0, buf, 7, 0, 0);
+    raw.publish(0);
+    let chain = dev.pop().unwrap().unwrap();
+    drop(raw);
+
+    let q2 = d.create_queue(0, SIZE).unwrap();
+    assert_eq!(q2.addrs, q.addrs, "the old ring pages were handed out again");
+    let page = g.memory().page_size() as usize;
+    let fresh = peek(&g, q2.addrs.used, page);
+
+    // Through the device's own atomic views: whatever it reports, nothing lands.
+    let _ = dev.add_used(chain.head(), 0);
+    assert!(
+        peek(&g, q2.addrs.used, page) == fresh,
+        "the new used ring is untouched"
+    );
+    // Through the clone: refused before any byte moves.
+    assert!(kept.used.write(0, &[0xff; 8]).is_err());
+    assert!(kept.used.zero(0, 8).is_err());
+    assert!(peek(&g, q2.addrs.used, page) == fresh);
+
+    // The new queue works as if the old device never existed.
+    let dq2 = v.open_queue(0, SIZE, q2.addrs).unwrap();
+    let mut dev2 = SplitDevice::new(SIZE, &dq2.ring, dq2.memory, FEATURES).unwrap();
+    let mut raw2 = RawQueue::new(q2.ring, SIZE);
+    assert!(raw2.take_used().is_empty());
+    still_serves(&mut raw2, &mut dev2, &g);
+}
+
+/// HOSTILE 37: a device that closed its queue (dropped its `SplitDevice`) but kept a
+/// clone of the ring regions cannot write the used ring once the driver has freed it
+/// and the guest reused the page for its own data.
+#[test]
+fn copy_ring_clone_kept_past_close_cannot_write_a_reused_page() {
+    let g = guest();
+    let (d, v) = copy::pair(&g).unwrap();
+    let q = d.create_queue(0, SIZE).unwrap();
+    let dq = v.open_queue(0, SIZE, q.addrs).unwrap();
+    let kept = dq.ring.clone();
+    drop(SplitDevice::new(SIZE, &dq.ring, dq.memory, FEATURES).unwrap());
+    drop(dq.ring);
+    drop(q.ring);
+
+    // Queue 0 again at the same place; its old pages hold the guest's secret in between
+    // (the driver is free to use them as it likes once they are back).
+    let q2 = d.create_queue(0, SIZE).unwrap();
+    assert_eq!(q2.addrs.used, q.addrs.used);
+    let page = g.memory().page_size() as usize;
+    let secret = pattern(page, 7);
+    g.memory().write(q2.addrs.used, &secret).unwrap();
+
+    assert!(kept.used.write(0, &[0xff; 64]).is_err());
+    let mut leak = [0u8; 16];
+    assert!(kept.used.read(0, &mut leak).is_err(), "nor read it");
+    assert!(kept.desc.read(0, &mut leak).is_err());
+    assert!(
+        peek(&g, q2.addrs.used, page) == secret,
+        "the guest page is intact"
+    );
+}

@@ -1,7 +1,10 @@
 //! The device (backend) side of the grant model.
 //!
 //! [`GrantDevice::open_queue`] maps the ring grants (the descriptor table and the
-//! available ring read-only, as granted) and keeps the mappings for the queue's life.
+//! available ring read-only, as granted) and keeps the mappings for the queue's life:
+//! when the queue's [`GrantMemory`] is dropped they are revoked, so the ring regions
+//! the device was given, clones included, stop reaching the pages before the guest
+//! can end the grants and reuse them (HOSTILE 37).
 //! [`GrantMemory`] reaches buffers by reference only:
 //!
 //! - references with the persistent hint are mapped once, one page each, and kept in
@@ -128,7 +131,8 @@ impl DeviceModel for GrantDevice {
 pub struct GrantMemory {
     table: Arc<GrantTable>,
     backend: DomainId,
-    /// The ring mappings, held (pinning the ring grants) for the queue's life.
+    /// The ring mappings, held (pinning the ring grants) for the queue's life; their
+    /// drop revokes every ring region handed out with them (HOSTILE 37).
     _rings: [GrantMapping; 3],
     /// Persistent references mapped so far. A queue's memory is used by one thread
     /// (the queue's worker), so the cache needs no lock: `GrantMemory` is `Send` but

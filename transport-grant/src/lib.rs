@@ -20,9 +20,13 @@
 //! What the device can reach at any moment: its ring mappings (the descriptor table
 //! and available ring read-only, enforced by the MMU), the pages it has mapped from
 //! persistent grants, and, through the hypervisor's checked copy, the bytes of
-//! grants currently given to it. Not guaranteed: ring regions handed to the device
-//! (as [`virtio_core::SplitRingMemory`]) are plain regions, so a device that clones
-//! them keeps its view of the ring pages past the queue's close.
+//! grants currently given to it. Ring regions handed to the device (as
+//! [`virtio_core::SplitRingMemory`]) can be cloned, but a clone does not outlive the
+//! queue: closing the queue drops its [`GrantMapping`]s, which revoke the mappings
+//! (every region over them, clones included, is cut off and fails with
+//! [`virtio_core::shm::RegionError::Revoked`]) before the pins are released, so the
+//! guest frees and reuses ring pages only once no device view reaches them
+//! (HOSTILE 37).
 //!
 //! # Example
 //!

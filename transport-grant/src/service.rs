@@ -18,7 +18,7 @@ use crate::table::{Entries, GrantRange, GrantRef, GrantState, PAGE_BYTES, PAGE_S
 use hypervisor::{DomainId, GuestMemory, Hypervisor};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use virtio_core::shm::Region;
+use virtio_core::shm::{Mapping, Region};
 
 /// Default number of entries a table may grow to (Xen's default of 64 grant frames
 /// holds 32768 v1 entries; twice that leaves room for 64 KiB buffers on deep queues).
@@ -96,16 +96,17 @@ impl GrantTable {
         let pinned = self.lock().begin_map(grantee, first, pages, writable)?;
         // The entries are pinned, so the frames cannot be revoked while we map them
         // outside the lock (mmap is a system call; the lock stays short).
-        let region = self
-            .memory
-            .map_pages(pinned.frame, u64::from(pages) * PAGE_SIZE, pinned.writable);
-        match region {
-            Ok(region) => Ok(GrantMapping {
+        let mapping =
+            self.memory
+                .map_pages_revocable(pinned.frame, u64::from(pages) * PAGE_SIZE, pinned.writable);
+        match mapping {
+            Ok(mapping) => Ok(GrantMapping {
                 table: self.clone(),
                 first,
                 pages,
                 range_first: pinned.range_first,
-                region: Some(region),
+                region: Some(mapping.region()),
+                mapping,
             }),
             Err(e) => {
                 self.lock().end_map(first, pages);
@@ -165,19 +166,24 @@ impl GrantTable {
 
 /// A grantee's mapping of granted frames (Xen's map handle): the pages and nothing
 /// else, read-only for read-only grants. Dropping it (or [`GrantMapping::unmap`])
-/// unmaps the frames and then releases the pin, so the granter can end access.
+/// revokes the mapping and then releases the pin, so the granter can end access.
 ///
-/// The mapping is reached only through [`read`](Self::read) and
-/// [`write`](Self::write): it never hands out a [`Region`], which could be cloned and
-/// outlive the pin.
+/// Revoking, not merely dropping, is what makes "unmapped before released" hold: the
+/// ring regions this crate builds on a mapping ([`crate::GrantDevice`]'s queues) can be
+/// cloned by the device, and a clone keeps the address range mapped. Revocation
+/// ([`Mapping::revoke`]) replaces the pages in place, so after drop no region over
+/// them, clone or not, reaches the granted frames (HOSTILE 37). Buffers are reached
+/// only through [`read`](Self::read) and [`write`](Self::write), never as a region.
 #[derive(Debug)]
 pub struct GrantMapping {
     table: Arc<GrantTable>,
     first: GrantRef,
     pages: u32,
     range_first: u32,
-    /// `Some` until dropped; taken first on drop so the munmap precedes the unpin.
+    /// `Some` until dropped.
     region: Option<Region>,
+    /// The mapping behind `region`, revoked on drop before the pin is released.
+    mapping: Arc<Mapping>,
 }
 
 impl GrantMapping {
@@ -238,9 +244,15 @@ impl GrantMapping {
 
 impl Drop for GrantMapping {
     fn drop(&mut self) {
-        // Unmap first: once the pin is released the granter may reuse the page, and
-        // no view of it may remain.
+        // Revoke first: once the pin is released the granter may reuse the page, and no
+        // view of it may remain, including clones of ring regions (HOSTILE 37).
         drop(self.region.take());
+        if let Err(e) = self.mapping.revoke() {
+            // The pin stays: the granter cannot end access, so the frames are never
+            // reused while a view may still reach them.
+            tracing::error!(gref = %self.first, error = %e, "revoking a grant mapping failed; kept pinned");
+            return;
+        }
         self.table.lock().end_map(self.first, self.pages);
     }
 }

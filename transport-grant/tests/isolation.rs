@@ -503,3 +503,37 @@ fn rings_are_granted_read_only_except_the_used_ring() {
     assert!(matches!(e, GrantError::WrongDomain { .. }));
     assert!(e.source().is_none());
 }
+
+/// HOSTILE 37: a device keeps a clone of its ring regions and closes the queue; the
+/// driver drops the queue, its ring grants end and the pages return to the guest, which
+/// fills all of its memory with its own data. The clone reaches none of it.
+#[test]
+fn ring_regions_kept_past_the_queue_cannot_touch_the_reused_pages() {
+    let hv = Hypervisor::new();
+    let guest = hv.create_domain("guest", 1 << 20).unwrap();
+    let grants = GrantService::new(hv.clone());
+    let (model, device_model) = transport_grant::pair(&grants, &guest, HOST).unwrap();
+    let q = virtio_core::DriverModel::create_queue(&model, 0, 8).unwrap();
+    let dq = virtio_core::DeviceModel::open_queue(&device_model, 0, 8, q.addrs).unwrap();
+    let kept = dq.ring.clone();
+    // The device closes the queue (its memory, holding the ring mappings, goes)...
+    drop(dq);
+    // ...and the driver drops it: the ring grants end and the pages are freed.
+    drop(q);
+    assert_eq!(model.reap(), 0, "nothing left mapped");
+    assert_eq!(model.active_grants(), 0);
+    let mem = guest.memory();
+    assert_eq!(mem.free_bytes(), mem.size(), "every ring page is back");
+    // The guest takes all of its memory back for its own data.
+    let all = mem.alloc(mem.size(), mem.page_size()).unwrap();
+    let secret = vec![0xa5u8; mem.size() as usize];
+    mem.write(all, &secret).unwrap();
+
+    assert!(kept.used.write(0, &[0xff; 64]).is_err());
+    assert!(kept.used.zero(0, 64).is_err());
+    let mut leak = [0u8; 16];
+    assert!(kept.avail.read(0, &mut leak).is_err(), "nor read them");
+    let mut now = vec![0u8; secret.len()];
+    mem.read(all, &mut now).unwrap();
+    assert!(now == secret, "the guest's data is intact");
+}

@@ -8,6 +8,7 @@ use hypervisor::GuestMemory;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_core::ring::split::SplitRingMemory;
+use virtio_core::shm::Mapping;
 use virtio_core::shm::Region;
 use virtio_core::{DescSlot, ModelError, QueueAddrs, ReadOp, Segment, WriteOp};
 
@@ -86,6 +87,28 @@ struct QueueSlot {
     published: Option<(u16, QueueAddrs)>,
     /// The device's open queue, if any.
     active: Option<Box<Active>>,
+    /// The ring mappings handed to the device and not yet revoked: those of the open
+    /// queue, plus any whose revocation failed (retried before the pages are freed).
+    device_rings: Vec<Arc<Mapping>>,
+}
+
+impl QueueSlot {
+    /// Stops serving the device's queue, if open, and revokes every ring mapping the
+    /// device was given, so no region it holds (clones included) reaches the ring
+    /// pages any more (HOSTILE 37). Mappings whose revocation fails stay listed.
+    fn shut(&mut self, queue: u16) -> std::io::Result<()> {
+        self.active = None;
+        let mut result = Ok(());
+        self.device_rings.retain(|m| match m.revoke() {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::error!(queue, error = %e, "revoking a device ring mapping failed");
+                result = Err(e);
+                true
+            }
+        });
+        result
+    }
 }
 
 #[derive(Debug)]
@@ -142,20 +165,31 @@ impl CopyHelper {
         Ok(m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Takes queue `queue` away from the device before the driver frees its ring
+    /// pages (a reset, a queue created again): closes the device's queue and revokes
+    /// its ring mappings. An error means a mapping could not be revoked; the caller must
+    /// then keep the pages (HOSTILE 37).
+    pub(crate) fn withdraw(&self, queue: u16) -> Result<(), ModelError> {
+        let mut s = self.slot(queue).map_err(|e| ModelError::Model(Box::new(e)))?;
+        s.published = None;
+        s.shut(queue).map_err(|e| ModelError::Model(Box::new(e)))
+    }
+
     /// Records the queue registers the driver wrote (the transport's job): only these
     /// addresses can be opened, so the device cannot point the helper's trusted view at
     /// arbitrary guest memory. Closes the device's queue of that index, if open.
     pub(crate) fn publish(&self, queue: u16, size: u16, addrs: QueueAddrs) -> Result<(), ModelError> {
         let mut s = self.slot(queue).map_err(|e| ModelError::Model(Box::new(e)))?;
         s.published = Some((size, addrs));
-        s.active = None;
-        Ok(())
+        s.shut(queue).map_err(|e| ModelError::Model(Box::new(e)))
     }
 
     /// Opens queue `queue` for the device: checks the addresses against what the
     /// driver published and the model-3 layout rules, maps the descriptor table and the
     /// available ring read-only and the used ring writable (fresh, MMU-enforced
-    /// mappings of their pages only), and starts tracking ownership.
+    /// mappings of their pages only, kept here so they can be revoked), and starts
+    /// tracking ownership. A queue the device already had open at this index is closed
+    /// and its ring mappings revoked first.
     pub(crate) fn open(
         &self,
         queue: u16,
@@ -174,19 +208,30 @@ impl CopyHelper {
             page: mem.page_size(),
         };
         let rings = check_addrs(addrs, size, bounds, true)?;
+        // A failure is logged and the mapping kept for `withdraw` to retry.
+        let _ = s.shut(queue);
         let model = |e| ModelError::Model(Box::new(e));
-        let map = |span: Span, writable: bool| -> Result<Region, ModelError> {
+        let mut mapped = Vec::with_capacity(3);
+        let mut map = |span: Span, writable: bool| -> Result<Region, ModelError> {
             let pages = span.pages(bounds.page);
-            mem.map_pages(pages.gpa, pages.bytes, writable)
-                .map_err(model)?
-                .sub(span.gpa - pages.gpa, span.bytes)
-                .map_err(|e| ModelError::Model(Box::new(e)))
+            let m = mem
+                .map_pages_revocable(pages.gpa, pages.bytes, writable)
+                .map_err(model)?;
+            let r = m.region().sub(span.gpa - pages.gpa, span.bytes);
+            mapped.push(m);
+            r.map_err(|e| ModelError::Model(Box::new(e)))
         };
-        let device = SplitRingMemory {
-            desc: map(rings.desc, false)?,
-            avail: map(rings.avail, false)?,
-            used: map(rings.used, true)?,
-        };
+        let device = (|| {
+            Ok::<_, ModelError>(SplitRingMemory {
+                desc: map(rings.desc, false)?,
+                avail: map(rings.avail, false)?,
+                used: map(rings.used, true)?,
+            })
+        })();
+        // Listed even when a later step failed: the device may never see them, but
+        // `shut` revoking them costs nothing.
+        s.device_rings.append(&mut mapped);
+        let device = device?;
         let trusted = SplitRingMemory {
             desc: mem.region(rings.desc.gpa, rings.desc.bytes).map_err(model)?,
             avail: mem.region(rings.avail.gpa, rings.avail.bytes).map_err(model)?,
@@ -200,12 +245,14 @@ impl CopyHelper {
         Ok((device, generation))
     }
 
-    /// Stops serving the device's queue opened as `generation`.
+    /// Stops serving the device's queue opened as `generation` and revokes its ring
+    /// mappings.
     pub(crate) fn close(&self, queue: u16, generation: u64) {
         if let Ok(mut s) = self.slot(queue)
             && s.active.as_ref().is_some_and(|a| a.generation == generation)
         {
-            s.active = None;
+            // A failure is logged and retried by `withdraw` before the pages are freed.
+            let _ = s.shut(queue);
         }
     }
 

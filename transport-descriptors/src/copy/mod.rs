@@ -17,6 +17,12 @@
 //! queue also publishes its addresses to the helper, standing in for the queue
 //! registers the hypervisor would see; the device can open only those.
 //!
+//! The ring mappings the device gets are the helper's to take back: closing the queue
+//! (dropping [`CopyMemory`]), opening it again, or the driver creating it again revokes
+//! them ([`virtio_core::shm::Mapping::revoke`]), so a device that cloned its ring
+//! regions reaches nothing through the clones once the queue is closed, and the driver
+//! frees the old ring pages only after the revocation succeeded (HOSTILE 37).
+//!
 //! # Limits
 //!
 //! The used ring is writable by the device, as the model prescribes, so a device can
@@ -73,6 +79,9 @@ impl DriverModel for CopyDriver {
         if index >= CopyHelper::MAX_QUEUES {
             return Err(ModelError::Model(Box::new(CopyError::BadQueue(index))));
         }
+        // Take the old queue's rings away from the device before `create` returns its
+        // pages to the guest's allocator (HOSTILE 37); if that fails, keep the pages.
+        self.helper.withdraw(index)?;
         let q = self.rings.create(index, size)?;
         self.helper.publish(index, size, q.addrs)?;
         Ok(q)

@@ -12,7 +12,7 @@ pub use driver::{AddError, DriverQueueError, Rejected, SplitDriver, Used};
 
 use crate::ring::layout::{Descriptor, SplitLayout};
 use crate::shm::{Atomics, Region, RegionError};
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering, fence};
 
 /// The three memory areas of one split queue, as regions of the caller's sharing model.
 #[derive(Debug, Clone)]
@@ -46,6 +46,9 @@ pub enum RingSetupError {
 }
 
 /// Atomic views of the split-ring areas. Offsets follow §2.7.5, §2.7.6 and §2.7.8.
+///
+/// Every load is Relaxed (Acquire comes from a fence after it), because a side may hold
+/// an area as a real read-only mapping, where std allows nothing else.
 pub(crate) struct Views {
     /// Two words per descriptor: `addr`, then `len | flags << 32 | next << 48`.
     desc: Atomics<AtomicU64>,
@@ -143,9 +146,18 @@ impl Views {
     /// Loads `avail.idx` with Acquire: pairs with the driver's Release store in
     /// [`Views::publish_avail_idx`], so ring entries and descriptors written before it
     /// are visible after it.
+    ///
+    /// Done as a Relaxed load and an Acquire fence: the device side's available ring is
+    /// a real read-only mapping in models 3 and 4, and std guarantees only small
+    /// Relaxed atomic loads on read-only memory ("If you need to do an acquire load on
+    /// read-only memory, you can do a relaxed load followed by an acquire fence
+    /// instead", std::sync::atomic). The fence pairs with the Release store just the
+    /// same (fence-to-atomic synchronization).
     #[inline]
     pub(crate) fn avail_idx(&self) -> u16 {
-        u16::from_le(self.avail[1].load(Ordering::Acquire))
+        let v = self.avail[1].load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        u16::from_le(v)
     }
 
     /// Stores `avail.idx` with Release: pairs with the device's Acquire load in
@@ -189,9 +201,13 @@ impl Views {
 
     /// Loads `used.idx` with Acquire: pairs with the device's Release store in
     /// [`Views::publish_used_idx`], so used elements written before it are visible.
+    /// A Relaxed load and an Acquire fence, as in [`Views::avail_idx`], so the view
+    /// stays correct over a read-only used ring too.
     #[inline]
     pub(crate) fn used_idx(&self) -> u16 {
-        u16::from_le(self.used_hdr[1].load(Ordering::Acquire))
+        let v = self.used_hdr[1].load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        u16::from_le(v)
     }
 
     /// Stores `used.idx` with Release: pairs with the driver's Acquire load in
