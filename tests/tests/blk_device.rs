@@ -72,6 +72,17 @@ where
     V: DeviceModel + Send + Sync + 'static,
     V::Memory: Send + 'static,
 {
+    let wanted = (BlkFeatures::all()).bits() | (Features::EVENT_IDX | Features::INDIRECT_DESC).bits();
+    rig_negotiating(f, disk, settings, wanted)
+}
+
+/// A rig whose driver asks for `wanted` features.
+fn rig_negotiating<D, V>(f: Fixture<D, V>, disk: Disk, settings: BlkSettings, wanted: u64) -> Rig<D, V>
+where
+    D: DriverModel,
+    V: DeviceModel + Send + Sync + 'static,
+    V::Memory: Send + 'static,
+{
     let Fixture {
         guest,
         driver,
@@ -79,7 +90,6 @@ where
     } = f;
     let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
     let transport = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
-    let wanted = (BlkFeatures::all()).bits() | (Features::EVENT_IDX | Features::INDIRECT_DESC).bits();
     let features = initialize(&transport, blk::DEVICE_ID, wanted, blk::BLK_DEPENDENCIES).unwrap();
     let q = driver.create_queue(0, 64).unwrap();
     transport.setup_queue(0, 64, q.addrs).unwrap();
@@ -1222,5 +1232,51 @@ fn write_zeroes_are_synced_in_writethrough_mode() {
             .expect("zeroed");
         let flushed = kinds[wz..].contains(&IoKind::Flush);
         assert_eq!(flushed, synced, "{cache:?}: {kinds:?}");
+    }
+}
+
+/// Issue 13, finding 4 (virtio 1.2 §5.2.5.1): a driver that does not negotiate
+/// FLUSH cannot make a write durable, so the device must: every write it
+/// acknowledges is stable in every crash image, and with CONFIG_WCE (but no
+/// FLUSH) `writeback` reads 0.
+#[test]
+fn without_flush_every_acknowledged_write_survives_a_crash() {
+    use backend_host::blk::record::{Recorder, RecordingEngine};
+    use vio::barrier::crash::{CrashState, History};
+    for config_wce in [false, true] {
+        let recorder = Recorder::new();
+        let rec = recorder.clone();
+        let settings = BlkSettings {
+            cache: CacheMode::Writeback,
+            engine: EngineChoice::Custom(Arc::new(move |disk: &Disk| {
+                let inner = UringEngine::new(disk, Default::default()).map_err(std::io::Error::other)?;
+                Ok(Box::new(RecordingEngine::new(inner, rec.clone())) as Box<dyn Engine>)
+            })),
+            ..BlkSettings::default()
+        };
+        let mut wanted = (BlkFeatures::all() - BlkFeatures::FLUSH).bits() | Features::INDIRECT_DESC.bits();
+        if !config_wce {
+            wanted &= !BlkFeatures::CONFIG_WCE.bits();
+        }
+        let disk = Disk::open(image("no-flush.img"), DiskOptions::default()).unwrap();
+        let mut r = rig_negotiating(models::direct(), disk, settings, wanted);
+        if config_wce {
+            let mut wb = [9u8];
+            r.transport
+                .read_config(std::mem::offset_of!(blk::BlkConfig, writeback), &mut wb);
+            assert_eq!(wb[0], 0, "writeback starts at 0 without FLUSH");
+        }
+        for i in 0..8u64 {
+            assert_eq!(r.write(8 * i, &pattern(i as u8, 4096)), blk::VIRTIO_BLK_S_OK);
+        }
+        let history = History::new(recorder.snapshot());
+        assert_eq!(history.writes.len(), 8);
+        let mut crash = CrashState::new(&history);
+        while crash.step().is_some() {}
+        assert!(
+            crash.volatile().is_empty(),
+            "CONFIG_WCE {config_wce}: acknowledged writes {:?} could be lost in a crash",
+            crash.volatile()
+        );
     }
 }

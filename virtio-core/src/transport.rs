@@ -91,6 +91,15 @@ pub trait DeviceHandler: Send {
     /// will be read or written any more.
     fn reset(&mut self);
 
+    /// The driver set FEATURES_OK: `features` hold until the next reset. A device
+    /// whose behaviour or configuration space depends on them settles it here,
+    /// before the driver reads the configuration space for its set-up (report
+    /// the changed bytes through [`DeviceHandler::config_changes`]). The default
+    /// does nothing.
+    fn features_ok(&mut self, features: u64) {
+        let _ = features;
+    }
+
     /// The driver wrote `data` at `offset` of the configuration space. Return `true`
     /// to accept it (the bytes are then stored and readable), `false` to ignore it.
     /// The default accepts nothing: configuration space is read-only unless a device
@@ -270,8 +279,14 @@ impl<H: DeviceHandler> ControlPlane for InProcessTransport<H> {
             }
         }
         match st.lifecycle.write_status(status) {
-            Ok(StatusChange::Added(added)) if added.contains(DeviceStatus::DRIVER_OK) => {
-                self.activate(&mut st);
+            Ok(StatusChange::Added(added)) => {
+                if added.contains(DeviceStatus::FEATURES_OK) {
+                    let features = st.lifecycle.driver_features();
+                    st.handler.features_ok(features);
+                }
+                if added.contains(DeviceStatus::DRIVER_OK) {
+                    self.activate(&mut st);
+                }
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, status, "status write refused"),

@@ -165,6 +165,9 @@ pub struct BlkDevice<V: DeviceModel> {
     /// The cache mode in force; the driver may switch writeback and writethrough
     /// with CONFIG_WCE while queues run.
     cache: Arc<SharedCache>,
+    /// The `writeback` byte of the configuration space, when the device changed it
+    /// on its own and the transport has not been told ([`DeviceHandler::config_changes`]).
+    writeback_changed: Option<u8>,
     running: Vec<Running>,
 }
 
@@ -246,6 +249,7 @@ where
             facts,
             gate: Arc::new(FlushGate::default()),
             cache: Arc::new(SharedCache::new(settings_cache)),
+            writeback_changed: None,
             running: Vec::new(),
         }
     }
@@ -282,7 +286,7 @@ where
             size_max: self.facts.size_max.into(),
             seg_max: self.facts.seg_max.into(),
             blk_size: self.facts.blk_size.into(),
-            writeback: u8::from(self.settings.cache != CacheMode::Writethrough),
+            writeback: writeback_byte(self.settings.cache),
             num_queues: self.settings.queues.into(),
             max_discard_sectors: self.facts.max_discard_sectors.into(),
             max_discard_seg: self.facts.max_discard_seg.into(),
@@ -300,6 +304,20 @@ where
             ConfigSpace::new(cfg.as_bytes().to_vec()),
             &sizes,
         )
+    }
+
+    /// The cache mode a driver that negotiated `features` gets (virtio 1.2
+    /// §5.2.5.1): without FLUSH it has no way to make writes durable, so every
+    /// write is (writethrough; with CONFIG_WCE, `writeback` starts at 0, and the
+    /// driver may still choose writeback, as the spec allows). The unsafe mode
+    /// stays what the host asked for.
+    fn cache_for(&self, features: u64) -> CacheMode {
+        let f = BlkFeatures::from_bits_truncate(features);
+        match self.settings.cache {
+            CacheMode::Unsafe => CacheMode::Unsafe,
+            _ if !f.contains(BlkFeatures::FLUSH) => CacheMode::Writethrough,
+            mode => mode,
+        }
     }
 
     /// Whether a flush failed. The failure stays latched through resets and
@@ -413,6 +431,27 @@ where
         // The failed-flush latch stays (see `flush`): a reset must not turn lost
         // writes into a clean disk.
         self.cache.set(self.settings.cache);
+        self.writeback_changed = Some(writeback_byte(self.settings.cache));
+    }
+
+    /// The cache mode follows the negotiated features ([`BlkDevice::cache_for`]),
+    /// and so does `writeback`, before the driver reads it.
+    fn features_ok(&mut self, features: u64) {
+        let mode = self.cache_for(features);
+        if mode != self.settings.cache {
+            tracing::info!(
+                ?mode,
+                "FLUSH not negotiated: every write is durable at completion"
+            );
+        }
+        self.cache.set(mode);
+        self.writeback_changed = Some(writeback_byte(mode));
+    }
+
+    fn config_changes(&mut self, update: &mut dyn FnMut(usize, &[u8])) {
+        if let Some(byte) = self.writeback_changed.take() {
+            update(std::mem::offset_of!(BlkConfig, writeback), &[byte]);
+        }
     }
 
     /// CONFIG_WCE: the driver switches between writeback (1) and writethrough (0) by
@@ -433,6 +472,11 @@ where
         self.cache.set(mode);
         true
     }
+}
+
+/// The `writeback` configuration byte of a cache mode: 0 for writethrough.
+fn writeback_byte(mode: CacheMode) -> u8 {
+    u8::from(mode != CacheMode::Writethrough)
 }
 
 impl<V: DeviceModel> BlkDevice<V> {

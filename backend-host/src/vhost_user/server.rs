@@ -460,6 +460,8 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
         }
         if acked != self.acked {
             self.acked = acked;
+            // The frontend's SET_FEATURES is the device's FEATURES_OK.
+            self.device.features_ok(acked);
             if self.active {
                 self.restart(true);
             }
