@@ -15,9 +15,9 @@ use virtio_core::shm::Region;
 /// How long a [`watched`] test may take before it is failed as hung.
 pub const WATCHDOG: Duration = Duration::from_secs(20);
 
-/// The hostile guest's side of one queue: once armed, every time the device checks
-/// a buffer of the queue, the check fails and the guest publishes the same head
-/// again.
+/// The hostile guest's side of one queue: once armed, every buffer of the queue
+/// the device checks is refused, and every time the device checks a chain's head
+/// descriptor the guest publishes the same head again.
 #[derive(Debug, Default)]
 pub struct Republisher {
     armed: AtomicBool,
@@ -64,7 +64,11 @@ impl<M: DeviceMemory> DeviceMemory for HostileMem<M> {
         if let Some(r) = &self.hostile
             && r.armed.load(Ordering::Acquire)
         {
-            r.republish();
+            // One more chain per chain the device walks: it checks the head
+            // descriptor first (the walk goes on through the rest of the chain).
+            if seg.slot() == virtio_core::access::DescSlot::Table(seg.head()) {
+                r.republish();
+            }
             return Err(AccessError::Denied);
         }
         self.inner.check(seg)
@@ -135,5 +139,74 @@ pub fn watched(test: impl FnOnce() + Send + 'static) {
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
             panic!("hung for {WATCHDOG:?}: the device's worker never returned")
         }
+    }
+}
+
+/// A device model whose memory refuses every segment overlapping a range of guest
+/// addresses, as a model refuses a buffer that crosses a gap between memory
+/// regions, and serves the rest through the real model.
+pub struct Refusing<V> {
+    /// The real model.
+    pub inner: V,
+    /// Guest addresses the device may not reach.
+    pub refused: std::ops::Range<u64>,
+}
+
+/// The memory of a [`Refusing`] model.
+#[derive(Debug)]
+pub struct RefusingMem<M> {
+    inner: M,
+    refused: std::ops::Range<u64>,
+}
+
+impl<M> RefusingMem<M> {
+    fn check_range(&self, seg: &Segment) -> Result<(), AccessError> {
+        let end = seg.addr().saturating_add(u64::from(seg.len()));
+        if seg.addr() < self.refused.end && self.refused.start < end {
+            return Err(AccessError::OutOfBounds {
+                addr: seg.addr(),
+                len: u64::from(seg.len()),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl<M: DeviceMemory> DeviceMemory for RefusingMem<M> {
+    fn check(&self, seg: &Segment) -> Result<(), AccessError> {
+        self.check_range(seg)?;
+        self.inner.check(seg)
+    }
+    fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
+        self.check_range(seg)?;
+        self.inner.read(seg, offset, dst)
+    }
+    fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
+        self.check_range(seg)?;
+        self.inner.write(seg, offset, src)
+    }
+}
+
+impl<V: DeviceModel> DeviceModel for Refusing<V> {
+    type Memory = RefusingMem<V::Memory>;
+
+    fn name(&self) -> &'static str {
+        "refusing"
+    }
+
+    fn open_queue(
+        &self,
+        index: u16,
+        size: u16,
+        addrs: QueueAddrs,
+    ) -> Result<DeviceQueue<Self::Memory>, ModelError> {
+        let q = self.inner.open_queue(index, size, addrs)?;
+        Ok(DeviceQueue {
+            ring: q.ring,
+            memory: RefusingMem {
+                inner: q.memory,
+                refused: self.refused.clone(),
+            },
+        })
     }
 }

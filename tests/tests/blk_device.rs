@@ -1280,3 +1280,46 @@ fn without_flush_every_acknowledged_write_survives_a_crash() {
         );
     }
 }
+
+/// Issue 13, finding 7: a request whose data descriptor names memory the sharing
+/// model refuses (as a buffer across a gap between memory regions is refused) is
+/// well formed otherwise: it gets IOERR in its status byte and its writable
+/// length as used length, like any failed request, instead of used length 0 and
+/// a status byte the driver finds as it left it. Nothing is written to the disk.
+#[test]
+fn a_request_naming_unreachable_memory_gets_ioerr_in_its_status() {
+    use vio::hostile_model::Refusing;
+    let Fixture {
+        guest,
+        driver,
+        device,
+    } = models::direct();
+    // A page of guest memory the device may not reach.
+    let refused = guest.memory().alloc(4096, 4096).unwrap();
+    let f = Fixture {
+        guest,
+        driver,
+        device: Refusing {
+            inner: device,
+            refused: refused..refused + 4096,
+        },
+    };
+    let disk = Disk::open(image("unreachable.img"), DiskOptions::default()).unwrap();
+    let mut r = rig_on(f, disk, BlkSettings::default());
+    assert_eq!(r.write(0, &[7; 512]), blk::VIRTIO_BLK_S_OK);
+    let data = GuestBuf::new(refused, 512);
+    let hdr = r.buf(BlkReqHeader::new(blk::VIRTIO_BLK_T_OUT, 0).as_bytes());
+    let status = r.buf(&[0xff]);
+    let (used, back) = r.raw(&[hdr, data], &[status]);
+    assert_eq!((used, back[0][0]), (1, blk::VIRTIO_BLK_S_IOERR), "write");
+    // A read into refused memory, with the status in a descriptor of its own.
+    let hdr = r.buf(BlkReqHeader::new(blk::VIRTIO_BLK_T_IN, 0).as_bytes());
+    let status = r.buf(&[0xff]);
+    let (used, back) = r.raw(&[hdr], &[data, status]);
+    assert_eq!((used, back[1][0]), (513, blk::VIRTIO_BLK_S_IOERR), "read");
+    assert_eq!(
+        r.read(0, 512),
+        (blk::VIRTIO_BLK_S_OK, vec![7; 512]),
+        "nothing written"
+    );
+}

@@ -37,7 +37,7 @@ use crate::poll::Poller;
 use flush::FlushGate;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use virtio_core::blk::{self, BlkConfig, BlkFeatures};
+use virtio_core::blk::{self, BlkConfig, BlkFeatures, Status};
 use virtio_core::config::ConfigSpace;
 use virtio_core::features::Features;
 use virtio_core::lifecycle::DeviceLifecycle;
@@ -353,7 +353,11 @@ where
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
         let f = Features::from_bits_retain(features);
-        let ring = SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?.starting_at(q.next_avail);
+        // A request naming memory the model refuses still gets IOERR in its
+        // status byte, where that byte is reachable (issue 13, finding 7).
+        let ring = SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?
+            .starting_at(q.next_avail)
+            .with_reject_status(Status::IoErr.raw());
         let blk_features = BlkFeatures::from_bits_truncate(features);
         let stopping = Arc::new(AtomicBool::new(false));
         let worker = Worker::new(

@@ -12,7 +12,10 @@
 //!   with a length that is a non-zero multiple of 16 (§2.7.5.3.1);
 //! - device-readable descriptors before device-writable ones (§2.7.4.2);
 //! - `addr + len` without overflow, and every range accepted by the sharing model's
-//!   [`DeviceMemory::check`] before any byte moves;
+//!   [`DeviceMemory::check`] before any byte moves (a refused data descriptor does
+//!   not end the walk: the rest of the chain is still validated, so a device whose
+//!   requests end in a status byte can report the failure there, see
+//!   [`Refused`]);
 //! - total length below 2^32;
 //! - zero-length descriptors counted against the limit and otherwise skipped.
 
@@ -287,13 +290,25 @@ impl<M: DeviceMemory> ChainWriter<'_, M> {
     }
 }
 
+/// What a walk that failed only because the sharing model refused some data
+/// descriptor knows about the rest of the chain, which is otherwise well formed.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Refused {
+    /// The chain's last device-writable descriptor, when the model accepted it.
+    pub last_writable: Option<Segment>,
+    /// Writable bytes of the whole chain, refused descriptors included.
+    pub writable_len: u32,
+}
+
 /// One descriptor as fetched from shared memory: `(addr, len, flags, next)`.
 pub(crate) type RawDesc = (u64, u32, u16, u16);
 
 /// Walks the chain starting at `head`, reading table entries with `read` (indices
 /// below `size` only) and indirect tables through `mem`.
 /// Fills `chain`, which must be empty (see [`Chain::empty`]); on error its content
-/// is meaningless.
+/// is meaningless. When the only fault is descriptors the sharing model refused,
+/// the error is the first refusal and `refused` says what the rest of the chain
+/// holds.
 pub(crate) fn walk<M: DeviceMemory>(
     chain: &mut Chain,
     size: u16,
@@ -301,46 +316,29 @@ pub(crate) fn walk<M: DeviceMemory>(
     mem: &M,
     indirect_ok: bool,
     scratch: &mut Vec<u8>,
+    refused: &mut Refused,
 ) -> Result<(), ChainError> {
     let mut b = Builder {
         chain,
         seen_writable: false,
         count: 0,
+        refused: None,
+        last_writable: None,
+        refused_writable: 0,
     };
-    let mut idx = b.chain.head;
-    let mut steps: u32 = 0;
-    loop {
-        steps += 1;
-        if steps > u32::from(size) {
-            return Err(ChainError::TooLong { limit: size });
+    b.walk(size, read, mem, indirect_ok, scratch)?;
+    match b.refused {
+        None => Ok(()),
+        Some(e) => {
+            let writable = u64::from(b.chain.writable_len) + b.refused_writable;
+            *refused = Refused {
+                last_writable: b.last_writable,
+                // Below 2^32: the walk's total-length check counted refused bytes.
+                writable_len: u32::try_from(writable).unwrap_or(u32::MAX),
+            };
+            Err(ChainError::Access(e))
         }
-        let (addr, len, flags, next) = read(idx);
-        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
-            if !indirect_ok {
-                return Err(ChainError::IndirectNotNegotiated);
-            }
-            if flags & VIRTQ_DESC_F_NEXT != 0 {
-                return Err(ChainError::IndirectWithNext);
-            }
-            // Whatever the direct part used is no longer available to the table.
-            let left = size - b.count;
-            b.indirect(idx, addr, len, (size, left), mem, scratch)?;
-            break;
-        }
-        b.push(addr, len, flags, DescSlot::Table(idx), mem)?;
-        if flags & VIRTQ_DESC_F_NEXT == 0 {
-            break;
-        }
-        if next >= size {
-            return Err(ChainError::NextOutOfRange {
-                index: idx,
-                next,
-                size,
-            });
-        }
-        idx = next;
     }
-    Ok(())
 }
 
 struct Builder<'c> {
@@ -348,9 +346,60 @@ struct Builder<'c> {
     seen_writable: bool,
     /// Descriptors taken so far (zero-length ones included).
     count: u16,
+    /// The first refusal of the sharing model, if any.
+    refused: Option<AccessError>,
+    /// The last writable descriptor seen, if the model accepted it.
+    last_writable: Option<Segment>,
+    /// Writable bytes in refused descriptors.
+    refused_writable: u64,
 }
 
 impl Builder<'_> {
+    fn walk<M: DeviceMemory>(
+        &mut self,
+        size: u16,
+        read: impl Fn(u16) -> RawDesc,
+        mem: &M,
+        indirect_ok: bool,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), ChainError> {
+        let b = self;
+        let mut idx = b.chain.head;
+        let mut steps: u32 = 0;
+        loop {
+            steps += 1;
+            if steps > u32::from(size) {
+                return Err(ChainError::TooLong { limit: size });
+            }
+            let (addr, len, flags, next) = read(idx);
+            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                if !indirect_ok {
+                    return Err(ChainError::IndirectNotNegotiated);
+                }
+                if flags & VIRTQ_DESC_F_NEXT != 0 {
+                    return Err(ChainError::IndirectWithNext);
+                }
+                // Whatever the direct part used is no longer available to the table.
+                let left = size - b.count;
+                b.indirect(idx, addr, len, (size, left), mem, scratch)?;
+                break;
+            }
+            b.push(addr, len, flags, DescSlot::Table(idx), mem)?;
+            if flags & VIRTQ_DESC_F_NEXT == 0 {
+                break;
+            }
+            if next >= size {
+                return Err(ChainError::NextOutOfRange {
+                    index: idx,
+                    next,
+                    size,
+                });
+            }
+            idx = next;
+        }
+        Ok(())
+    }
+
     #[inline(always)]
     fn push<M: DeviceMemory>(
         &mut self,
@@ -373,13 +422,23 @@ impl Builder<'_> {
             return Err(ChainError::AddrOverflow { addr, len });
         }
         let c = &mut *self.chain;
-        let total = u64::from(c.readable_len) + u64::from(c.writable_len) + u64::from(len);
+        let total =
+            u64::from(c.readable_len) + u64::from(c.writable_len) + self.refused_writable + u64::from(len);
         if total > u64::from(u32::MAX) {
             return Err(ChainError::TooManyBytes);
         }
         let seg = Segment::new(addr, len, writable, c.head, slot);
-        mem.check(&seg)?;
+        if let Err(e) = mem.check(&seg) {
+            // Remember it and walk on: the structure of the rest still counts.
+            self.refused.get_or_insert(e);
+            if writable {
+                self.refused_writable += u64::from(len);
+                self.last_writable = None;
+            }
+            return Ok(());
+        }
         if writable {
+            self.last_writable = Some(seg);
             c.writable_len += len;
         } else {
             c.readable_len += len;

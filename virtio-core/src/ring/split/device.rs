@@ -1,10 +1,10 @@
 //! The device side of a split virtqueue.
 
 use super::{RingSetupError, SplitRingMemory, Views};
-use crate::access::DeviceMemory;
+use crate::access::{DeviceMemory, Segment};
 use crate::features::Features;
 use crate::notify::need_event;
-use crate::ring::chain::{self, Chain, ChainError};
+use crate::ring::chain::{self, Chain, ChainError, Refused};
 use crate::ring::layout::{VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY};
 use std::sync::atomic::{Ordering, fence};
 
@@ -101,6 +101,8 @@ pub struct SplitDevice<M> {
     fault: Option<RingFault>,
     /// Reused buffer for indirect tables.
     scratch: Vec<u8>,
+    /// See [`Self::with_reject_status`].
+    reject_status: Option<u8>,
 }
 
 impl<M: DeviceMemory> SplitDevice<M> {
@@ -126,7 +128,35 @@ impl<M: DeviceMemory> SplitDevice<M> {
             in_flight: vec![0; usize::from(size)],
             fault: None,
             scratch: Vec::new(),
+            reject_status: None,
         })
+    }
+
+    /// For devices whose requests end in a status byte (virtio-blk): a chain that
+    /// is well formed but names memory the sharing model refuses (a buffer across
+    /// a gap between memory regions, say) is returned with `status` in its last
+    /// writable byte, when the model accepts that descriptor, and its whole
+    /// writable length as used length, the way the device reports any failed
+    /// request. Without it (the default) such a chain is returned with used length
+    /// 0, and a driver that finds its status byte where the device never wrote can
+    /// take stale contents for success.
+    #[must_use]
+    pub fn with_reject_status(mut self, status: u8) -> Self {
+        self.reject_status = Some(status);
+        self
+    }
+
+    /// Writes `status` into the last byte of `last`; returns the used length to
+    /// report (0 if the write was refused).
+    fn write_reject_status(&self, last: &Segment, status: u8, writable_len: u32) -> u32 {
+        // Segments are never empty.
+        match self.mem.write(last, last.len() - 1, &[status]) {
+            Ok(()) => writable_len,
+            Err(e) => {
+                tracing::debug!(error = %e, "status byte of a rejected chain unreachable");
+                0
+            }
+        }
     }
 
     /// Starts the queue at available-ring position `next_avail` instead of 0: for a
@@ -198,6 +228,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
         }
         let views = &self.views;
         let mut chain = Chain::empty(head);
+        let mut refused = Refused::default();
         let walked = chain::walk(
             &mut chain,
             self.size,
@@ -205,6 +236,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
             &self.mem,
             self.indirect,
             &mut self.scratch,
+            &mut refused,
         );
         match walked {
             Ok(()) => {
@@ -213,7 +245,13 @@ impl<M: DeviceMemory> SplitDevice<M> {
             }
             Err(source) => {
                 tracing::debug!(head, error = %source, "rejecting descriptor chain");
-                self.push_used(head, 0);
+                let used = match (&source, self.reject_status, refused.last_writable) {
+                    (ChainError::Access(_), Some(status), Some(last)) => {
+                        self.write_reject_status(&last, status, refused.writable_len)
+                    }
+                    _ => 0,
+                };
+                self.push_used(head, used);
                 self.views.publish_used_idx(self.used_idx);
                 Err(DeviceQueueError::BadChain { head, source })
             }
