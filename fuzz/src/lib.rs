@@ -11,3 +11,4 @@ pub mod common;
 pub mod blk_request;
 pub mod driver_used_ring;
 pub mod vhost_user_reply;
+pub mod vhost_user_session;

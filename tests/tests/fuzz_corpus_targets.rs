@@ -124,10 +124,19 @@ target_tests!(
     |input| targets::vhost_user_reply::report(&input)
 );
 
+target_tests!(
+    vhost_user_session,
+    vhost_user_session_corpus_runs_clean,
+    vhost_user_session_seeds_reach_their_rule,
+    vhost_user_session_corpus_holds_every_seed,
+    |input| targets::vhost_user_session::report(&input)
+);
+
 #[test]
 #[ignore = "generator: rewrites fuzz/corpus/<target>/ from each target's `seeds()`"]
 fn write_seed_corpora() {
     write_seeds("blk_request", &targets::blk_request::seeds());
     write_seeds("driver_used_ring", &targets::driver_used_ring::seeds());
     write_seeds("vhost_user_reply", &targets::vhost_user_reply::seeds());
+    write_seeds("vhost_user_session", &targets::vhost_user_session::seeds());
 }
