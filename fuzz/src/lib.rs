@@ -9,6 +9,7 @@
 pub mod common;
 
 pub mod blk_request;
+pub mod device_memory;
 pub mod driver_used_ring;
 pub mod vhost_user_reply;
 pub mod vhost_user_session;

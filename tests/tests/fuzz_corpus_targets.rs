@@ -132,6 +132,14 @@ target_tests!(
     |input| targets::vhost_user_session::report(&input)
 );
 
+target_tests!(
+    device_memory,
+    device_memory_corpus_runs_clean,
+    device_memory_seeds_reach_their_rule,
+    device_memory_corpus_holds_every_seed,
+    |input| targets::device_memory::report(&input)
+);
+
 #[test]
 #[ignore = "generator: rewrites fuzz/corpus/<target>/ from each target's `seeds()`"]
 fn write_seed_corpora() {
@@ -139,4 +147,5 @@ fn write_seed_corpora() {
     write_seeds("driver_used_ring", &targets::driver_used_ring::seeds());
     write_seeds("vhost_user_reply", &targets::vhost_user_reply::seeds());
     write_seeds("vhost_user_session", &targets::vhost_user_session::seeds());
+    write_seeds("device_memory", &targets::device_memory::seeds());
 }
