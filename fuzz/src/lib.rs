@@ -11,5 +11,7 @@ pub mod common;
 pub mod blk_request;
 pub mod device_memory;
 pub mod driver_used_ring;
+pub mod net_ctrl;
+pub mod net_tx;
 pub mod vhost_user_reply;
 pub mod vhost_user_session;

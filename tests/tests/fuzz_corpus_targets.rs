@@ -140,6 +140,22 @@ target_tests!(
     |input| targets::device_memory::report(&input)
 );
 
+target_tests!(
+    net_tx,
+    net_tx_corpus_runs_clean,
+    net_tx_seeds_reach_their_rule,
+    net_tx_corpus_holds_every_seed,
+    |input| targets::net_tx::report(&input)
+);
+
+target_tests!(
+    net_ctrl,
+    net_ctrl_corpus_runs_clean,
+    net_ctrl_seeds_reach_their_rule,
+    net_ctrl_corpus_holds_every_seed,
+    |input| targets::net_ctrl::report(&input)
+);
+
 #[test]
 #[ignore = "generator: rewrites fuzz/corpus/<target>/ from each target's `seeds()`"]
 fn write_seed_corpora() {
@@ -148,4 +164,6 @@ fn write_seed_corpora() {
     write_seeds("vhost_user_reply", &targets::vhost_user_reply::seeds());
     write_seeds("vhost_user_session", &targets::vhost_user_session::seeds());
     write_seeds("device_memory", &targets::device_memory::seeds());
+    write_seeds("net_ctrl", &targets::net_ctrl::seeds());
+    write_seeds("net_tx", &targets::net_tx::seeds());
 }
