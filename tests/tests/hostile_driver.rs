@@ -1,4 +1,4 @@
-//! HOSTILE.md rules 1-12 against the device side of the split ring, driven by a raw
+//! docs/HOSTILE.md rules 1-12 against the device side of the split ring, driven by a raw
 //! driver that writes whatever it likes, and rule 31 against the driver side, driven
 //! by a raw device.
 //!

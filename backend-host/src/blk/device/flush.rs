@@ -1,5 +1,5 @@
 //! One `fdatasync` at a time per disk, shared by every queue (group commit), and the
-//! latch that remembers a failed one.
+//! latch that remembers a failed one (HOSTILE 40).
 //!
 //! Why serialize: the queue engines use duplicates of one open file, and Linux
 //! reports a writeback error once per open file (`errseq_t` in the file): with two
