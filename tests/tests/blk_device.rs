@@ -1323,3 +1323,43 @@ fn a_request_naming_unreachable_memory_gets_ioerr_in_its_status() {
         "nothing written"
     );
 }
+
+/// A polling worker reaps completions on its own path: the data chunks and syncs
+/// those completions start must reach the disk from there too (a request larger
+/// than the budget, a flush, a WRITE_ZEROES in writethrough mode).
+#[test]
+fn a_polling_worker_submits_what_its_completions_start() {
+    let runs = [
+        (CacheMode::Writeback, EngineChoice::Uring),
+        (CacheMode::Writethrough, EngineChoice::Uring),
+        // The thread pool runs nothing until the worker commits.
+        (CacheMode::Writeback, EngineChoice::Sync),
+        (CacheMode::Writethrough, EngineChoice::Sync),
+    ];
+    for (cache, engine) in runs {
+        let settings = BlkSettings {
+            poll: Duration::from_millis(2),
+            max_bytes_in_flight: 1 << 20,
+            cache,
+            engine,
+            ..BlkSettings::default()
+        };
+        let mut r = rig(models::direct(), "poll-chunks.img", settings, false);
+        let data = pattern(5, 4 << 20);
+        let hdr = r.buf(BlkReqHeader::new(blk::VIRTIO_BLK_T_OUT, 0).as_bytes());
+        let mut outs = vec![hdr];
+        outs.extend(data.chunks(1 << 20).map(|c| r.buf(c)));
+        let status = r.buf(&[0xff]);
+        let (_, back) = r.raw(&outs, &[status]);
+        assert_eq!(back[0][0], blk::VIRTIO_BLK_S_OK, "{cache:?}: 4 MiB write");
+        assert_eq!(r.flush(), blk::VIRTIO_BLK_S_OK, "{cache:?}: flush");
+        let seg = blk::BlkDiscardWriteZeroes::new(0, 8, 0);
+        let z = r.request(blk::VIRTIO_BLK_T_WRITE_ZEROES, 0, seg.as_bytes(), 0);
+        assert_eq!(z.status, blk::VIRTIO_BLK_S_OK, "{cache:?}: write zeroes");
+        let (st, back) = r.read(8, 4096);
+        assert!(
+            st == blk::VIRTIO_BLK_S_OK && back == data[4096..8192],
+            "{cache:?}: read back"
+        );
+    }
+}

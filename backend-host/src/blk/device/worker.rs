@@ -292,9 +292,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
         let mut budget = CHAINS_PER_WAKE;
         loop {
             self.pop_and_start(&mut budget, false);
-            if let Err(e) = self.engine.commit() {
-                tracing::error!(queue = self.index, error = %e, "submitting block I/O failed");
-            }
+            self.commit();
             // Out of budget, stopping, or held back by the backlog: kicks stay
             // suppressed; the worker comes back on its own (`more`, or when the
             // backlog drains).
@@ -325,8 +323,8 @@ impl<M: DeviceMemory + Send> Worker<M> {
                 Ok(Some(chain)) => {
                     any = true;
                     self.start(chain);
-                    if commit_each && let Err(e) = self.engine.commit() {
-                        tracing::error!(queue = self.index, error = %e, "submitting block I/O failed");
+                    if commit_each {
+                        self.commit();
                     }
                 }
                 Ok(None) => break,
@@ -545,9 +543,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
             self.complete_all(&mut got);
         }
         self.completions = got;
-        if let Err(e) = self.engine.commit() {
-            tracing::error!(queue = self.index, error = %e, "submitting block I/O failed");
-        }
+        self.commit();
         self.signal(interrupt);
     }
 
@@ -568,6 +564,16 @@ impl<M: DeviceMemory + Send> Worker<M> {
             }
         }
         self.pump();
+        // What the completions started (data chunks, syncs) goes to the disk now,
+        // whichever path reaped them.
+        self.commit();
+    }
+
+    /// Hands the engine what was submitted since the last commit.
+    fn commit(&mut self) {
+        if let Err(e) = self.engine.commit() {
+            tracing::error!(queue = self.index, error = %e, "submitting block I/O failed");
+        }
     }
 
     fn complete_op(&mut self, c: Completion) {
@@ -637,9 +643,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
     /// A sync finished somewhere (this queue's or another's).
     fn on_sync_progress(&mut self, interrupt: &EventFdNotifier) {
         self.sync_progress();
-        if let Err(e) = self.engine.commit() {
-            tracing::error!(queue = self.index, error = %e, "submitting block I/O failed");
-        }
+        self.commit();
         self.signal(interrupt);
     }
 
