@@ -2,7 +2,7 @@
 //!
 //! A worker that has just served something keeps polling its rings (and its I/O
 //! engine) for a while instead of sleeping on its eventfds: a sleep and a wake-up
-//! across cores cost tens of microseconds (PERF.md), more than a disk read of the
+//! across cores cost tens of microseconds (docs/PERF.md), more than a disk read of the
 //! page cache or a frame hand-off. That only pays while the poller has a core to
 //! itself. When it shares one (more busy threads than cores: the guest driver it
 //! waits for, other work on the machine), every microsecond it spins is taken from

@@ -33,7 +33,7 @@ pub struct BlkOptions {
     pub timeout: Option<Duration>,
     /// How long a blocking call polls the used ring for its completion before it
     /// sleeps on the interrupt (zero, the default: sleeps at once). A wake-up
-    /// from an eventfd costs tens of microseconds (PERF.md); spinning trades a
+    /// from an eventfd costs tens of microseconds (docs/PERF.md); spinning trades a
     /// core for it, so use it only with cores to spare: on a machine with fewer
     /// cores than busy threads a spinning guest starves the threads that finish
     /// its I/O (io_uring's workers run `fdatasync` and `RWF_DSYNC` writes).

@@ -6,7 +6,7 @@
 //!   registers, kick and interrupt eventfds) as a `virtio_drivers::transport::Transport`.
 //!   Queue addresses pass through unchanged: they are whatever the [`DmaBacking`]
 //!   handed virtio-drivers as "physical addresses", which is exactly what a
-//!   descriptor `addr` means in the sharing model (DESIGN.md, the four models).
+//!   descriptor `addr` means in the sharing model (docs/ARCHITECTURE.md, the seam).
 //! - [`VdHal`] is virtio-drivers' DMA interface. Its methods are associated functions
 //!   without `self`, so the state behind them is a per-thread [`DmaBacking`] installed
 //!   with [`install`]; the driver must be created, used and dropped on that thread

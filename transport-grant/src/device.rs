@@ -12,7 +12,7 @@
 //!   the mapping with no hypervisor call;
 //! - other references are reached by grant copy: one table lock, a check of every
 //!   page, one memcpy. Mapping them instead would cost an mmap + munmap per page
-//!   (6 us alone, 14.5 us with TLB shootdowns, PERF.md) against well under a
+//!   (6 us alone, 14.5 us with TLB shootdowns, docs/PERF.md) against well under a
 //!   microsecond for the copy.
 //!
 //! Nothing hands the device a [`Region`](virtio_core::shm::Region) of a buffer

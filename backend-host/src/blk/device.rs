@@ -108,7 +108,7 @@ pub struct BlkSettings {
     /// Adaptive polling: after serving anything, a queue worker keeps polling the ring
     /// and the engine for this long before sleeping on its eventfds (kicks are
     /// suppressed meanwhile). Zero sleeps at once. Polling trades a core for the
-    /// cross-core wake-up latency (tens of microseconds, PERF.md); keep it zero when
+    /// cross-core wake-up latency (tens of microseconds, docs/PERF.md); keep it zero when
     /// workers share a runtime with other tasks. A worker that finds its core
     /// shared (it was preempted for a time slice while polling) stops polling for
     /// a while, backing off (the crate's `poll` module), so it does not starve the
@@ -438,7 +438,7 @@ where
         self.writeback_changed = Some(writeback_byte(self.settings.cache));
     }
 
-    /// The cache mode follows the negotiated features ([`BlkDevice::cache_for`]),
+    /// The cache mode follows the negotiated features (virtio 1.2 §5.2.5.1),
     /// and so does `writeback`, before the driver reads it.
     fn features_ok(&mut self, features: u64) {
         let mode = self.cache_for(features);
