@@ -15,7 +15,7 @@
 //!   [`DeviceMemory::check`] before any byte moves (a refused data descriptor does
 //!   not end the walk: the rest of the chain is still validated, so a device whose
 //!   requests end in a status byte can report the failure there, see
-//!   [`Refused`]);
+//!   [`SplitDevice::with_reject_status`](crate::SplitDevice::with_reject_status));
 //! - total length below 2^32;
 //! - zero-length descriptors counted against the limit and otherwise skipped.
 
