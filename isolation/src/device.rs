@@ -5,14 +5,18 @@
 //! It never trusts the owner's messages either: every failure is a
 //! [`Reply::Failed`], never a panic.
 
-use crate::wire::{Attack, Channel, Finding, Reply, Request, Setup, WireError};
+use crate::wire::{
+    Attack, Channel, CopyKind, CopyOp, Finding, MAX_COPY, Reply, Request, Setup, Slot, WireError,
+};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use transport_descriptors::DirectDevice;
 use transport_shared_page::{Layout, SharedPageConfig, SharedPageDevice};
 use virtio_core::features::Features;
+use virtio_core::ring::SplitLayout;
+use virtio_core::ring::split::SplitRingMemory;
 use virtio_core::shm::{Mapping, Region};
-use virtio_core::{DeviceModel, QueueAddrs, SplitDevice};
+use virtio_core::{AccessError, DescSlot, DeviceMemory, DeviceModel, QueueAddrs, Segment, SplitDevice};
 
 /// Largest request the echo service reads from one chain.
 const MAX_ECHO: u32 = 64 << 10;
@@ -20,7 +24,7 @@ const MAX_ECHO: u32 = 64 << 10;
 /// Serves the owner on `chan` until it closes the channel.
 pub fn run(chan: &Channel) -> Result<(), WireError> {
     let mut files: Vec<OwnedFd> = Vec::new();
-    let mut model: Option<Model> = None;
+    let mut model: Option<Model<'_>> = None;
     loop {
         let (req, fds): (Request, _) = match chan.recv() {
             Ok(m) => m,
@@ -33,7 +37,7 @@ pub fn run(chan: &Channel) -> Result<(), WireError> {
         };
         files.extend(fds);
         let reply = match req {
-            Request::Setup(setup) => match Model::new(setup, &files) {
+            Request::Setup(setup) => match Model::new(setup, &files, chan) {
                 Ok(m) => {
                     model = Some(m);
                     Reply::Ready { files: files.len() }
@@ -55,7 +59,8 @@ pub fn run(chan: &Channel) -> Result<(), WireError> {
                 Some(m) => m.kick(index),
                 None => Reply::Failed("not set up".into()),
             },
-            Request::Attack(a) => attack(a, &files),
+            Request::Attack(a) => attack(a, &files, chan),
+            Request::Copied(_) => Reply::Failed("no copy was asked for".into()),
         };
         chan.send(&reply, &[])?;
     }
@@ -71,9 +76,11 @@ fn map_whole(fd: &OwnedFd, writable: bool) -> Result<Region, String> {
 }
 
 /// The device side of whichever model the owner set up.
-enum Model {
+enum Model<'c> {
     SharedPage(Queues<SharedPageDevice>),
     Direct(Queues<DirectDevice>),
+    /// Model 3: one queue, its buffers reached only through the owner.
+    Copy(u16, Box<SplitDevice<RemoteCopy<'c>>>),
 }
 
 struct Queues<M: DeviceModel> {
@@ -81,8 +88,8 @@ struct Queues<M: DeviceModel> {
     open: BTreeMap<u16, SplitDevice<M::Memory>>,
 }
 
-impl Model {
-    fn new(setup: Setup, files: &[OwnedFd]) -> Result<Model, String> {
+impl<'c> Model<'c> {
+    fn new(setup: Setup, files: &[OwnedFd], chan: &'c Channel) -> Result<Model<'c>, String> {
         let page = rustix::param::page_size() as u64;
         let file = files.first().ok_or("no file received")?;
         Ok(match setup {
@@ -106,6 +113,28 @@ impl Model {
                     .map_err(|e| e.to_string())?;
                 Model::Direct(Queues::new(dev))
             }
+            Setup::Copy {
+                index,
+                size,
+                features,
+            } => {
+                let [desc, avail, used] = files else {
+                    return Err(format!("model 3 needs 3 ring files, got {}", files.len()));
+                };
+                let l = SplitLayout::new(size).ok_or("bad queue size")?;
+                // Each ring starts its file; the descriptor table and the available
+                // ring are mapped read-only (their files allow nothing else).
+                let ring = |f, writable, bytes| map_whole(f, writable)?.sub(0, bytes).map_err(errno);
+                let ring = SplitRingMemory {
+                    desc: ring(desc, false, l.desc_bytes())?,
+                    avail: ring(avail, false, l.avail_bytes())?,
+                    used: ring(used, true, l.used_bytes())?,
+                };
+                let mem = RemoteCopy { chan, queue: index };
+                let features = Features::from_bits_truncate(features);
+                let q = SplitDevice::new(size, &ring, mem, features).map_err(errno)?;
+                Model::Copy(index, Box::new(q))
+            }
         })
     }
 
@@ -113,14 +142,17 @@ impl Model {
         match self {
             Model::SharedPage(q) => q.open(index, size, addrs, features),
             Model::Direct(q) => q.open(index, size, addrs, features),
+            Model::Copy(..) => Reply::Failed("model 3 queues are opened at setup".into()),
         }
     }
 
     fn kick(&mut self, index: u16) -> Reply {
-        match self {
-            Model::SharedPage(q) => q.kick(index),
-            Model::Direct(q) => q.kick(index),
-        }
+        let served = match self {
+            Model::SharedPage(q) => q.open.get_mut(&index).map(echo),
+            Model::Direct(q) => q.open.get_mut(&index).map(echo),
+            Model::Copy(i, q) => (*i == index).then(|| echo(q)),
+        };
+        served.unwrap_or_else(|| Reply::Failed(format!("queue {index} is not open")))
     }
 }
 
@@ -147,39 +179,113 @@ impl<M: DeviceModel> Queues<M> {
             Err(e) => Reply::Failed(e),
         }
     }
+}
 
-    /// The echo service: every available chain's readable bytes, upper-cased, into
-    /// its writable part.
-    fn kick(&mut self, index: u16) -> Reply {
-        let Some(q) = self.open.get_mut(&index) else {
-            return Reply::Failed(format!("queue {index} is not open"));
+/// The echo service: every available chain's readable bytes, upper-cased, into its
+/// writable part.
+fn echo<M: DeviceMemory>(q: &mut SplitDevice<M>) -> Reply {
+    let mut chains = 0;
+    loop {
+        let chain = match q.pop() {
+            Ok(Some(c)) => c,
+            Ok(None) => return Reply::Served { chains },
+            Err(e) => return Reply::Failed(e.to_string()),
         };
-        let mut chains = 0;
-        loop {
-            let chain = match q.pop() {
-                Ok(Some(c)) => c,
-                Ok(None) => return Reply::Served { chains },
-                Err(e) => return Reply::Failed(e.to_string()),
-            };
-            let len = chain.readable_len().min(MAX_ECHO);
-            let mut data = vec![0u8; len as usize];
-            if let Err(e) = chain.reader(q.memory()).read_exact(&mut data) {
-                return Reply::Failed(e.to_string());
-            }
-            data.make_ascii_uppercase();
-            let mut w = chain.writer(q.memory());
-            let n = usize::try_from(w.remaining())
-                .unwrap_or(usize::MAX)
-                .min(data.len());
-            if let Err(e) = w.write_all(&data[..n]) {
-                return Reply::Failed(e.to_string());
-            }
-            let written = w.written();
-            if let Err(e) = q.add_used(chain.head(), written) {
-                return Reply::Failed(e.to_string());
-            }
-            chains += 1;
+        let len = chain.readable_len().min(MAX_ECHO);
+        let mut data = vec![0u8; len as usize];
+        if let Err(e) = chain.reader(q.memory()).read_exact(&mut data) {
+            return Reply::Failed(e.to_string());
         }
+        data.make_ascii_uppercase();
+        let mut w = chain.writer(q.memory());
+        let n = usize::try_from(w.remaining())
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        if let Err(e) = w.write_all(&data[..n]) {
+            return Reply::Failed(e.to_string());
+        }
+        let written = w.written();
+        if let Err(e) = q.add_used(chain.head(), written) {
+            return Reply::Failed(e.to_string());
+        }
+        chains += 1;
+    }
+}
+
+/// Why the owner refused a model-3 copy (or the channel failed under it).
+#[derive(Debug, thiserror::Error)]
+#[error("the owner refused the copy: {0}")]
+pub struct CopyRefused(pub String);
+
+/// Model 3's device memory in the device process: no buffer memory at all, every
+/// access one checked copy by the owner's helper, over the channel.
+struct RemoteCopy<'c> {
+    chan: &'c Channel,
+    queue: u16,
+}
+
+impl RemoteCopy<'_> {
+    fn op(&self, seg: &Segment, offset: u32, kind: CopyKind) -> CopyOp {
+        CopyOp {
+            queue: self.queue,
+            head: seg.head(),
+            slot: match seg.slot() {
+                DescSlot::Table(i) => Slot::Table(i),
+                DescSlot::Indirect(i) => Slot::Indirect(i),
+            },
+            writable: seg.writable(),
+            offset,
+            kind,
+        }
+    }
+}
+
+/// Sends `op` to the owner and waits for its answer.
+fn remote_copy(chan: &Channel, op: CopyOp) -> Result<Vec<u8>, String> {
+    chan.send(&Reply::Copy(op), &[]).map_err(errno)?;
+    match chan.recv::<Request>().map_err(errno)? {
+        (Request::Copied(r), _) => r,
+        (other, _) => Err(format!("expected a copy answer, got {other:?}")),
+    }
+}
+
+fn refused(why: String) -> AccessError {
+    AccessError::Model(Box::new(CopyRefused(why)))
+}
+
+impl DeviceMemory for RemoteCopy<'_> {
+    fn check(&self, seg: &Segment) -> Result<(), AccessError> {
+        remote_copy(self.chan, self.op(seg, 0, CopyKind::Check))
+            .map(|_| ())
+            .map_err(refused)
+    }
+
+    fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
+        let mut at = offset;
+        for chunk in dst.chunks_mut(MAX_COPY) {
+            let n = u32::try_from(chunk.len()).map_err(|_| refused("chunk too large".into()))?;
+            let got = remote_copy(self.chan, self.op(seg, at, CopyKind::Read(n))).map_err(refused)?;
+            if got.len() != chunk.len() {
+                return Err(refused(format!("{} bytes for {n}", got.len())));
+            }
+            chunk.copy_from_slice(&got);
+            at = at
+                .checked_add(n)
+                .ok_or_else(|| refused("offset overflow".into()))?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
+        let mut at = offset;
+        for chunk in src.chunks(MAX_COPY) {
+            remote_copy(self.chan, self.op(seg, at, CopyKind::Write(chunk.to_vec()))).map_err(refused)?;
+            let n = u32::try_from(chunk.len()).map_err(|_| refused("chunk too large".into()))?;
+            at = at
+                .checked_add(n)
+                .ok_or_else(|| refused("offset overflow".into()))?;
+        }
+        Ok(())
     }
 }
 
@@ -188,7 +294,7 @@ fn errno(e: impl std::fmt::Display) -> String {
 }
 
 /// Runs a hostile probe.
-fn attack(a: Attack, files: &[OwnedFd]) -> Reply {
+fn attack(a: Attack, files: &[OwnedFd], chan: &Channel) -> Reply {
     let file = |i: usize| files.get(i).ok_or_else(|| format!("no file {i}"));
     match a {
         Attack::Escape => Reply::Findings(escape(files)),
@@ -210,6 +316,13 @@ fn attack(a: Attack, files: &[OwnedFd]) -> Reply {
             Reply::Findings(vec![Finding {
                 attempt: format!("map file {i} writable"),
                 result: r,
+            }])
+        }
+        Attack::Copy(op) => {
+            let attempt = format!("copy {op:?}");
+            Reply::Findings(vec![Finding {
+                attempt,
+                result: remote_copy(chan, op).map(|b| format!("{} bytes", b.len())),
             }])
         }
         Attack::TouchPastEnd { file: i } => {

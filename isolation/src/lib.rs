@@ -20,8 +20,8 @@
 //! |-------|----------|------|
 //! | 1, shared page | the shared region's own memfd (writable, size sealed), from [`transport_shared_page::pair_for_process`] | yes |
 //! | 2, direct | the guest's memory memfd, whole (the model: the device reads driver memory itself) | yes |
-//! | 3, copy helper | not yet: read-only ring files ([`hypervisor::GuestMemory::isolated_file`] with `writable = false`) and a copy channel | no |
-//! | 4, grants | not yet: brokered grant copies | no |
+//! | 3, copy helper | one file per ring (each ring is alone on its pages): the descriptor table and the available ring reopened read-only ([`hypervisor::GuestMemory::isolated_file`] with `writable = false`, so a writable mapping fails with `EACCES`), the used ring writable; buffer bytes only through copy requests on the channel ([`wire::Reply::Copy`]), which the owner performs with its [`transport_descriptors::CopyHelper`] ([`DeviceProcess::call_brokered`]) | yes |
+//! | 4, grants | not yet (planned: every buffer access a grant copy brokered by the owner; ring grants as files of their own) | no |
 //!
 //! Before `exec` the device process drops every capability and sets `no_new_privs`;
 //! the owner makes itself non-dumpable. Without that a process of the same user (root
@@ -39,7 +39,16 @@
 //!   Model 1: it scribbles over all of its file, and the guest sees the scribbles in
 //!   the region and nowhere else (a secret next to the region, and the guest's
 //!   buffers, are intact). Model 2: another guest's memory and the owner's heap hold
-//!   their bytes; the device cannot name them.
+//!   their bytes; the device cannot name them. Model 3: its ring files refuse a
+//!   writable mapping except the used ring's; copies of a head it does not own, a
+//!   descriptor outside the chain, a write into a device-readable descriptor, a
+//!   range past the descriptor, another queue or an oversized copy are refused by
+//!   the owner's helper and the request stays intact; once the owner rejoins the
+//!   used ring's pages ([`hypervisor::GuestMemory::rejoin_pages`]) the device's
+//!   writes through its old file reach nothing of the guest.
+//!
+//! The owner must rejoin a queue's isolated ring pages before the guest reuses them
+//! (a queue reset): a file once sent cannot be taken back, only disconnected.
 //!
 //! What is not covered: the device can still kill its owner or exhaust shared
 //! resources (same user id); denial of service is out of scope here.

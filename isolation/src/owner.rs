@@ -1,11 +1,13 @@
 //! The owner's side: a device process, started confined, spoken to over its channel.
 
-use crate::wire::{Attack, Channel, Finding, Reply, Request, WireError};
+use crate::wire::{Attack, Channel, CopyKind, CopyOp, Finding, MAX_COPY, Reply, Request, Slot, WireError};
 use std::os::fd::BorrowedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, ExitStatus};
 use std::time::Duration;
+use transport_descriptors::CopyHelper;
+use virtio_core::{DescSlot, ReadOp, Segment, WriteOp};
 
 /// How long the owner waits for one reply before it gives up on the device (a
 /// hostile device must not hang its owner; this is a guard, not a measurement).
@@ -60,20 +62,58 @@ impl DeviceProcess {
     /// Sends `req` with `fds` and waits for the reply. A [`Reply::Failed`] becomes
     /// [`OwnerError::Device`].
     pub fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<Reply, OwnerError> {
+        self.call_inner(req, fds, None)
+    }
+
+    /// As [`Self::call`], for a model-3 device: while it serves the request, its
+    /// [`Reply::Copy`] requests are answered by `helper`, which checks each against
+    /// the chains the device owns (the guest's descriptor table says where the bytes
+    /// are, the device only names the descriptor).
+    pub fn call_brokered(&self, req: &Request, helper: &CopyHelper) -> Result<Reply, OwnerError> {
+        self.call_inner(req, &[], Some(helper))
+    }
+
+    fn call_inner(
+        &self,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+        helper: Option<&CopyHelper>,
+    ) -> Result<Reply, OwnerError> {
         self.chan.send(req, fds)?;
-        let (reply, fds): (Reply, _) = self.chan.recv()?;
-        if !fds.is_empty() {
-            return Err(OwnerError::UnexpectedFds(fds.len()));
-        }
-        match reply {
-            Reply::Failed(why) => Err(OwnerError::Device(why)),
-            r => Ok(r),
+        loop {
+            let (reply, fds): (Reply, _) = self.chan.recv()?;
+            if !fds.is_empty() {
+                return Err(OwnerError::UnexpectedFds(fds.len()));
+            }
+            match reply {
+                Reply::Copy(op) => {
+                    let answer = match helper {
+                        Some(h) => copy_for(h, op),
+                        None => Err("this device has no copy helper".to_string()),
+                    };
+                    if let Err(why) = &answer {
+                        tracing::debug!(%why, "device copy refused");
+                    }
+                    self.chan.send(&Request::Copied(answer), &[])?;
+                }
+                Reply::Failed(why) => return Err(OwnerError::Device(why)),
+                r => return Ok(r),
+            }
         }
     }
 
     /// Runs `attack` and returns its findings.
     pub fn attack(&self, attack: Attack) -> Result<Vec<Finding>, OwnerError> {
-        match self.call(&Request::Attack(attack), &[])? {
+        self.attack_inner(attack, None)
+    }
+
+    /// Runs `attack` against a model-3 owner whose copies `helper` checks.
+    pub fn attack_brokered(&self, attack: Attack, helper: &CopyHelper) -> Result<Vec<Finding>, OwnerError> {
+        self.attack_inner(attack, Some(helper))
+    }
+
+    fn attack_inner(&self, attack: Attack, helper: Option<&CopyHelper>) -> Result<Vec<Finding>, OwnerError> {
+        match self.call_inner(&Request::Attack(attack), &[], helper)? {
             Reply::Findings(f) => Ok(f),
             other => Err(OwnerError::Device(format!("unexpected reply {other:?}"))),
         }
@@ -109,6 +149,47 @@ impl Drop for DeviceProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// Performs a model-3 device's copy request with the copy helper, or says why not.
+/// The segment given to the helper carries no address or length: the helper takes
+/// both from the guest's descriptor table (HOSTILE 39: the device names a descriptor,
+/// it never names memory).
+fn copy_for(helper: &CopyHelper, op: CopyOp) -> Result<Vec<u8>, String> {
+    let slot = match op.slot {
+        Slot::Table(i) => DescSlot::Table(i),
+        Slot::Indirect(i) => DescSlot::Indirect(i),
+    };
+    let seg = Segment::new(0, 0, op.writable, op.head, slot);
+    let too_large = |n: usize| format!("a copy of {n} bytes exceeds {MAX_COPY}");
+    match op.kind {
+        CopyKind::Check => helper.check(op.queue, &seg).map(|()| Vec::new()),
+        CopyKind::Read(n) => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if n > MAX_COPY {
+                return Err(too_large(n));
+            }
+            let mut buf = vec![0u8; n];
+            let mut ops = [ReadOp {
+                seg,
+                offset: op.offset,
+                dst: &mut buf,
+            }];
+            helper.read(op.queue, &mut ops).map(|()| buf)
+        }
+        CopyKind::Write(data) => {
+            if data.len() > MAX_COPY {
+                return Err(too_large(data.len()));
+            }
+            let ops = [WriteOp {
+                seg,
+                offset: op.offset,
+                src: &data,
+            }];
+            helper.write(op.queue, &ops).map(|()| Vec::new())
+        }
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// The signal that ended a process, if one did.

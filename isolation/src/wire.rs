@@ -158,7 +158,62 @@ pub enum Setup {
         /// Guest address of the file's first byte.
         base: u64,
     },
+    /// Model 3, one queue. Three files, each the pages of one ring: the descriptor
+    /// table and the available ring opened read-only (a writable mapping of them
+    /// fails), the used ring writable. No buffer memory: buffer bytes move only
+    /// through [`Reply::Copy`] requests, which the owner checks with its copy helper.
+    Copy {
+        /// Queue index.
+        index: u16,
+        /// Queue size.
+        size: u16,
+        /// Negotiated feature bits.
+        features: u64,
+    },
 }
+
+/// Which descriptor of a chain a copy names (`virtio_core::DescSlot`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Slot {
+    /// Entry of the descriptor table.
+    Table(u16),
+    /// Entry of the chain's indirect table.
+    Indirect(u16),
+}
+
+/// A model-3 device's request to move buffer bytes, checked by the owner's copy
+/// helper against what the device owns. Only `(queue, head, slot)` name the
+/// descriptor: its address and length come from the guest's descriptor table, never
+/// from the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyOp {
+    /// Queue index.
+    pub queue: u16,
+    /// Head of the chain.
+    pub head: u16,
+    /// The descriptor.
+    pub slot: Slot,
+    /// Whether the device means the descriptor to be device-writable.
+    pub writable: bool,
+    /// Offset into the descriptor.
+    pub offset: u32,
+    /// What to do.
+    pub kind: CopyKind,
+}
+
+/// The direction of a [`CopyOp`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyKind {
+    /// Only check that the device may reach the whole descriptor.
+    Check,
+    /// Copy this many bytes out of guest memory (at most [`MAX_COPY`]).
+    Read(u32),
+    /// Copy these bytes into guest memory (at most [`MAX_COPY`]).
+    Write(Vec<u8>),
+}
+
+/// Largest copy one request moves (its JSON must fit in a record).
+pub const MAX_COPY: usize = 8 << 10;
 
 /// A request from the owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,10 +243,13 @@ pub enum Request {
     },
     /// Hostile device: try something outside what the model allows.
     Attack(Attack),
+    /// The owner's answer to a [`Reply::Copy`]: the bytes read (empty for a write or
+    /// a check), or why the copy helper refused.
+    Copied(Result<Vec<u8>, String>),
 }
 
 /// What a hostile device process tries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Attack {
     /// Look for a way out: list its own descriptors and capabilities, open the
     /// owner's `/proc` entries (memory, descriptors, mapped files), resize the files
@@ -213,6 +271,8 @@ pub enum Attack {
         /// Index among the files received.
         file: usize,
     },
+    /// Model 3: ask the owner for a copy it should refuse.
+    Copy(CopyOp),
 }
 
 /// One thing a hostile device tried, and what came of it.
@@ -243,4 +303,7 @@ pub enum Reply {
     Findings(Vec<Finding>),
     /// The request failed on the device's side.
     Failed(String),
+    /// Model 3, sent while serving a request: a copy for the owner's helper; the
+    /// owner answers with [`Request::Copied`] and the device then goes on.
+    Copy(CopyOp),
 }

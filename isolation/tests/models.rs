@@ -48,6 +48,17 @@ fn round_trip<S: DriverShare>(
     dev: &DeviceProcess,
     driver: &mut SplitDriver<S, &'static str>,
 ) {
+    round_trip_with(guest, driver, || {
+        dev.call(&Request::Kick { index: 0 }, &[]).unwrap()
+    });
+}
+
+/// As [`round_trip`], notifying the device with `kick`.
+fn round_trip_with<S: DriverShare>(
+    guest: &Domain,
+    driver: &mut SplitDriver<S, &'static str>,
+    kick: impl Fn() -> Reply,
+) {
     let mem = guest.memory();
     let msg = b"hello from the guest";
     let (req, resp) = (mem.alloc(64, 8).unwrap(), mem.alloc(64, 8).unwrap());
@@ -59,10 +70,7 @@ fn round_trip<S: DriverShare>(
             "req",
         )
         .unwrap();
-    assert_eq!(
-        dev.call(&Request::Kick { index: 0 }, &[]).unwrap(),
-        Reply::Served { chains: 1 }
-    );
+    assert_eq!(kick(), Reply::Served { chains: 1 });
     let used = driver.pop_used().unwrap().expect("a used element");
     assert_eq!((used.token, used.len), ("req", msg.len() as u32));
     let mut got = vec![0u8; msg.len()];
@@ -256,4 +264,177 @@ fn model2_hostile_device_process_reaches_its_guest_and_nothing_else() {
     m.other.memory().read(Hypervisor::GUEST_BASE, &mut got).unwrap();
     assert_eq!(got, SECRET, "the other guest's memory is intact");
     assert_eq!(heap, SECRET, "the owner's heap is intact");
+}
+
+// ---- model 3 -------------------------------------------------------------------
+
+struct Model3 {
+    guest: Arc<Domain>,
+    dev: DeviceProcess,
+    device_model: transport_descriptors::CopyDevice,
+    /// The in-process queue registration with the helper: dropping it closes the queue.
+    _opened: virtio_core::DeviceQueue<transport_descriptors::CopyMemory>,
+    driver: SplitDriver<transport_descriptors::DirectShare, &'static str>,
+    addrs: virtio_core::QueueAddrs,
+    secret: u64,
+}
+
+fn model3() -> Model3 {
+    use virtio_core::DeviceModel;
+    use virtio_core::ring::SplitLayout;
+    let hv = Hypervisor::new();
+    let guest = hv.create_domain("guest-a", 1 << 20).unwrap();
+    let mem = guest.memory();
+    let secret = mem.alloc(SECRET.len() as u64, 1).unwrap();
+    mem.write(secret, SECRET).unwrap();
+    let (drv, device_model) = transport_descriptors::copy::pair(&guest).unwrap();
+    let q = drv.create_queue(0, SIZE).unwrap();
+    // Each ring is alone on its pages (model 3's layout); give each a file.
+    let l = SplitLayout::new(SIZE).unwrap();
+    let page = mem.page_size();
+    let rings = [
+        (q.addrs.desc, l.desc_bytes(), false),
+        (q.addrs.avail, l.avail_bytes(), false),
+        (q.addrs.used, l.used_bytes(), true),
+    ];
+    let files: Vec<OwnedFd> = rings
+        .iter()
+        .map(|&(gpa, bytes, writable)| {
+            mem.isolate_pages(gpa, bytes.div_ceil(page) * page).unwrap();
+            mem.isolated_file(gpa, writable).unwrap()
+        })
+        .collect();
+    // The helper starts tracking the queue for the device (its ring views in this
+    // process are not used).
+    let opened = device_model.open_queue(0, SIZE, q.addrs).unwrap();
+    let dev = device();
+    let setup = Setup::Copy {
+        index: 0,
+        size: SIZE,
+        features: features().bits(),
+    };
+    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+    assert_eq!(
+        dev.call(&Request::Setup(setup), &fds).unwrap(),
+        Reply::Ready { files: 3 }
+    );
+    let addrs = q.addrs;
+    let driver = SplitDriver::new(SIZE, q.ring, q.share, features()).unwrap();
+    Model3 {
+        guest,
+        dev,
+        device_model,
+        _opened: opened,
+        driver,
+        addrs,
+        secret,
+    }
+}
+
+#[test]
+fn model3_round_trip_through_a_device_process() {
+    let mut m = model3();
+    let helper = m.device_model.helper().clone();
+    let dev = &m.dev;
+    let kick = || dev.call_brokered(&Request::Kick { index: 0 }, &helper).unwrap();
+    round_trip_with(&m.guest, &mut m.driver, kick);
+    round_trip_with(&m.guest, &mut m.driver, kick);
+    assert!(m.dev.finish().unwrap().success());
+}
+
+#[test]
+fn model3_hostile_device_process_reads_rings_and_copies_only_what_it_owns() {
+    use vio_isolation::wire::{CopyKind, CopyOp, Slot};
+    let mut m = model3();
+    let helper = m.device_model.helper().clone();
+    let page = m.guest.memory().page_size();
+    escape_is_refused(&m.dev, &["vio-isolated"; 3], &[page; 3]);
+    // The descriptor table and the available ring are read-only files: the kernel
+    // refuses a writable mapping. The used ring is the device's to write.
+    for file in [0, 1] {
+        let f = m.dev.attack(Attack::MapWritable { file }).unwrap();
+        assert!(
+            f[0].result
+                .as_ref()
+                .is_err_and(|e| e.contains("Permission denied")),
+            "{f:?}"
+        );
+    }
+    assert!(
+        m.dev.attack(Attack::MapWritable { file: 2 }).unwrap()[0]
+            .result
+            .is_ok()
+    );
+    // A request the device holds: it may read the request, write only the reply.
+    let mem = m.guest.memory();
+    let msg = b"request bytes";
+    let (req, resp) = (mem.alloc(64, 8).unwrap(), mem.alloc(64, 8).unwrap());
+    mem.write(req, msg).unwrap();
+    m.driver
+        .add(
+            &[GuestBuf::new(req, msg.len() as u32)],
+            &[GuestBuf::new(resp, 64)],
+            "req",
+        )
+        .unwrap();
+    let op = |head, slot, writable, offset, kind| CopyOp {
+        queue: 0,
+        head,
+        slot,
+        writable,
+        offset,
+        kind,
+    };
+    let thefts = [
+        // Write into the device-readable request.
+        op(0, Slot::Table(0), true, 0, CopyKind::Write(b"FORGED".to_vec())),
+        // Read past the request's descriptor.
+        op(0, Slot::Table(0), false, 8, CopyKind::Read(64)),
+        // A head the device does not own, a descriptor not in the chain.
+        op(5, Slot::Table(5), false, 0, CopyKind::Read(1)),
+        op(0, Slot::Table(7), false, 0, CopyKind::Read(1)),
+        op(0, Slot::Indirect(0), false, 0, CopyKind::Read(1)),
+        // More than one copy may move.
+        op(0, Slot::Table(0), false, 0, CopyKind::Read(1 << 20)),
+        // Another queue.
+        CopyOp {
+            queue: 1,
+            ..op(0, Slot::Table(0), false, 0, CopyKind::Read(1))
+        },
+    ];
+    for theft in thefts {
+        let f = m.dev.attack_brokered(Attack::Copy(theft), &helper).unwrap();
+        assert!(f[0].result.is_err(), "copy allowed: {f:?}");
+    }
+    // What it does own, it may read.
+    let f = m
+        .dev
+        .attack_brokered(
+            Attack::Copy(op(0, Slot::Table(0), false, 0, CopyKind::Read(5))),
+            &helper,
+        )
+        .unwrap();
+    assert_eq!(f[0].result, Ok("5 bytes".into()));
+    let mut got = vec![0u8; msg.len()];
+    mem.read(req, &mut got).unwrap();
+    assert_eq!(got, msg, "the request is intact");
+    // Taking the used ring's pages back: the device's file no longer reaches them.
+    let mut used_before = vec![0u8; 64];
+    mem.read(m.addrs.used, &mut used_before).unwrap();
+    mem.rejoin_pages(m.addrs.used).unwrap();
+    m.dev.attack(Attack::Scribble { file: 2 }).unwrap()[0]
+        .result
+        .as_ref()
+        .unwrap();
+    let mut used_after = vec![0u8; 64];
+    mem.read(m.addrs.used, &mut used_after).unwrap();
+    assert_eq!(
+        used_after, used_before,
+        "scribbles over a rejoined file reach nothing"
+    );
+    let status = m.dev.attack_fatal(Attack::TouchPastEnd { file: 0 }).unwrap();
+    assert_eq!(killed_by(&status), Some(SIGBUS), "{status:?}");
+    let mut s = vec![0u8; SECRET.len()];
+    mem.read(m.secret, &mut s).unwrap();
+    assert_eq!(s, SECRET);
 }
