@@ -26,10 +26,11 @@
 //! assert!(view.write(0, b"x").is_err());
 //! ```
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod domain;
 mod memory;
+mod remap;
 
 pub use domain::{Domain, DomainId, Hypervisor};
 pub use memory::{GuestMemory, MemoryError};

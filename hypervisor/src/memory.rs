@@ -2,7 +2,7 @@
 
 use rustix::fs::{MemfdFlags, SealFlags, ftruncate, memfd_create};
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use virtio_core::shm::{Mapping, Region, RegionError};
 
@@ -39,6 +39,18 @@ pub enum MemoryError {
         /// Length.
         len: u64,
     },
+    /// A page operation on a range that straddles the edge of isolated pages
+    /// ([`GuestMemory::isolate_pages`]), or isolating pages that already are.
+    #[error("guest range {gpa:#x}+{len:#x} crosses the edge of isolated pages")]
+    Isolated {
+        /// Guest address.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// No isolated pages start at this guest address.
+    #[error("no isolated pages start at guest address {0:#x}")]
+    NotIsolated(u64),
 }
 
 impl From<RegionError> for MemoryError {
@@ -66,6 +78,16 @@ pub struct GuestMemory {
     full: Region,
     /// Free ranges, start -> length, coalesced.
     free: Mutex<BTreeMap<u64, u64>>,
+    /// Ranges backed by a file of their own ([`Self::isolate_pages`]): guest address
+    /// -> pages.
+    isolated: Mutex<BTreeMap<u64, Isolated>>,
+}
+
+/// Pages of guest memory backed by a memfd of their own.
+#[derive(Debug)]
+struct Isolated {
+    len: u64,
+    fd: OwnedFd,
 }
 
 impl GuestMemory {
@@ -99,6 +121,7 @@ impl GuestMemory {
             page,
             full,
             free: Mutex::new(BTreeMap::from([(base, size)])),
+            isolated: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -118,6 +141,9 @@ impl GuestMemory {
     }
 
     /// The memfd, for handing the memory to another process (vhost-user style).
+    ///
+    /// Pages moved to a file of their own ([`Self::isolate_pages`]) read as zeros
+    /// through it, and writes to them through it do not reach the guest.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -174,8 +200,108 @@ impl GuestMemory {
             return Err(MemoryError::Unaligned { gpa, len });
         }
         let off = self.offset(gpa, len)?;
-        let len = usize::try_from(len).map_err(|_| MemoryError::OutOfRange { gpa, len })?;
-        Mapping::of_fd(self.fd.as_fd(), off, len, writable).map_err(MemoryError::Sys)
+        let bytes = usize::try_from(len).map_err(|_| MemoryError::OutOfRange { gpa, len })?;
+        let isolated = self.isolated.lock().unwrap_or_else(|p| p.into_inner());
+        // Pages with a file of their own are mapped from that file: the main file no
+        // longer holds their bytes.
+        match overlapping(&isolated, gpa, len) {
+            None => Mapping::of_fd(self.fd.as_fd(), off, bytes, writable).map_err(MemoryError::Sys),
+            Some((start, iso)) if start <= gpa && gpa + len <= start + iso.len => {
+                Mapping::of_fd(iso.fd.as_fd(), gpa - start, bytes, writable).map_err(MemoryError::Sys)
+            }
+            Some(_) => Err(MemoryError::Isolated { gpa, len }),
+        }
+    }
+
+    /// Moves the whole pages `[gpa, gpa + len)` into a memfd of their own, mapped in
+    /// place: the guest keeps reading and writing the same bytes at the same
+    /// addresses, [`Self::map_pages`] of those pages maps the new file, and
+    /// [`Self::isolated_file`] hands it out. That file is what a device process may be
+    /// given when its model allows it these pages and nothing else of the guest
+    /// (HOSTILE 39): a file descriptor always reaches its whole file, and Linux has no
+    /// way to hand out a sub-range of one.
+    ///
+    /// The new file's size is sealed, so its holders may map it whole without fearing
+    /// SIGBUS. The main file's copy of the pages is punched out (it reads as zeros).
+    /// Writes the guest makes to the range while this runs may be lost: call it while
+    /// nothing writes there (at setup, before the pages are in use).
+    pub fn isolate_pages(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        if !gpa.is_multiple_of(self.page) || len == 0 || !len.is_multiple_of(self.page) {
+            return Err(MemoryError::Unaligned { gpa, len });
+        }
+        let off = self.offset(gpa, len)?;
+        let mut isolated = self.isolated.lock().unwrap_or_else(|p| p.into_inner());
+        if overlapping(&isolated, gpa, len).is_some() {
+            return Err(MemoryError::Isolated { gpa, len });
+        }
+        let sys = |e: rustix::io::Errno| MemoryError::Sys(e.into());
+        let fd =
+            memfd_create("vio-isolated", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).map_err(sys)?;
+        ftruncate(&fd, len).map_err(sys)?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+            .map_err(sys)?;
+        let bytes = usize::try_from(len).map_err(|_| MemoryError::OutOfRange { gpa, len })?;
+        // Carry the current bytes over, then swap the pages under the guest's view.
+        let fresh = Mapping::of_fd(fd.as_fd(), 0, bytes, true)
+            .map_err(MemoryError::Sys)?
+            .region();
+        self.full.copy_to(off, &fresh, 0, len)?;
+        crate::remap::replace(&self.full, off, len, fd.as_fd(), 0).map_err(MemoryError::Sys)?;
+        isolated.insert(gpa, Isolated { len, fd });
+        tracing::debug!(gpa, len, "guest pages isolated in a file of their own");
+        // The main file's copy is stale from now on: whoever maps the main file (a
+        // vhost-user backend, a model-2 device) must not see what the pages held. On
+        // failure the pages stay isolated, and the error says the copy is still there.
+        rustix::fs::fallocate(
+            &self.fd,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            off,
+            len,
+        )
+        .map_err(sys)
+    }
+
+    /// A new descriptor of the file behind the isolated pages starting at `gpa`
+    /// ([`Self::isolate_pages`]), for handing to another process: the same open file
+    /// if `writable`, else the file opened afresh read-only, so that its holder's
+    /// writable mappings of it fail (`EACCES`) and the MMU refuses its writes.
+    pub fn isolated_file(&self, gpa: u64, writable: bool) -> Result<OwnedFd, MemoryError> {
+        let isolated = self.isolated.lock().unwrap_or_else(|p| p.into_inner());
+        let iso = isolated.get(&gpa).ok_or(MemoryError::NotIsolated(gpa))?;
+        if writable {
+            return iso.fd.try_clone().map_err(MemoryError::Sys);
+        }
+        // A new open file description, read-only: a descriptor's access mode cannot
+        // be lowered in place, and sharing the writable description would let its
+        // holder map the pages writable.
+        let path = format!("/proc/self/fd/{}", iso.fd.as_raw_fd());
+        rustix::fs::open(
+            path.as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| MemoryError::Sys(e.into()))
+    }
+
+    /// Puts the isolated pages starting at `gpa` back into the main file, in place, and
+    /// forgets their own file: whoever was given that file keeps a file the guest no
+    /// longer maps, and reaches none of the guest's bytes through it from now on
+    /// (HOSTILE 37, across processes). The guest's bytes are carried over. As with
+    /// [`Self::isolate_pages`], call it while nothing writes the range.
+    pub fn rejoin_pages(&self, gpa: u64) -> Result<(), MemoryError> {
+        let mut isolated = self.isolated.lock().unwrap_or_else(|p| p.into_inner());
+        let iso = isolated.get(&gpa).ok_or(MemoryError::NotIsolated(gpa))?;
+        let len = iso.len;
+        let off = self.offset(gpa, len)?;
+        let bytes = usize::try_from(len).map_err(|_| MemoryError::OutOfRange { gpa, len })?;
+        let main = Mapping::of_fd(self.fd.as_fd(), off, bytes, true)
+            .map_err(MemoryError::Sys)?
+            .region();
+        self.full.copy_to(off, &main, 0, len)?;
+        crate::remap::replace(&self.full, off, len, self.fd.as_fd(), off).map_err(MemoryError::Sys)?;
+        isolated.remove(&gpa);
+        tracing::debug!(gpa, len, "isolated guest pages rejoined the main file");
+        Ok(())
     }
 
     /// Allocates `len` bytes aligned to `align` (a power of two) and returns the guest
@@ -241,6 +367,14 @@ impl GuestMemory {
     pub fn free_bytes(&self) -> u64 {
         self.free.lock().unwrap_or_else(|p| p.into_inner()).values().sum()
     }
+}
+
+/// The isolated range that overlaps `[gpa, gpa + len)`, if any (ranges never overlap
+/// each other, so the one starting last at or before the end is the only candidate).
+fn overlapping(isolated: &BTreeMap<u64, Isolated>, gpa: u64, len: u64) -> Option<(u64, &Isolated)> {
+    let end = gpa.checked_add(len)?;
+    let (&start, iso) = isolated.range(..end).next_back()?;
+    (start + iso.len > gpa).then_some((start, iso))
 }
 
 #[cfg(test)]
@@ -320,6 +454,72 @@ mod tests {
         m.read(BASE + 4096, &mut b).unwrap();
         assert_eq!(&b, b"before");
         mapping.revoke().unwrap();
+    }
+
+    /// HOSTILE 39: isolated pages live in a file of their own that reaches them and
+    /// nothing else; the guest sees the same bytes in place; the read-only file
+    /// refuses writable mappings; rejoining cuts the file off the guest.
+    #[test]
+    // Test sizes are a few pages.
+    #[allow(clippy::cast_possible_truncation)]
+    fn isolated_pages_get_a_file_of_their_own() {
+        let page = rustix::param::page_size() as u64;
+        let m = GuestMemory::new("t", BASE, 4 * page).unwrap();
+        m.write(BASE + page - 4, b"left").unwrap();
+        m.write(BASE + page + 3, b"kept").unwrap();
+        m.isolate_pages(BASE + page, 2 * page).unwrap();
+        let mut b = [0u8; 4];
+        m.read(BASE + page + 3, &mut b).unwrap();
+        assert_eq!(&b, b"kept", "the guest sees its bytes in place");
+        // The file holds exactly the isolated pages.
+        let rw = m.isolated_file(BASE + page, true).unwrap();
+        assert_eq!(rustix::fs::fstat(&rw).unwrap().st_size as u64, 2 * page);
+        assert!(ftruncate(&rw, 8 * page).is_err(), "the size is sealed");
+        let dev = Mapping::of_fd(rw.as_fd(), 0, 2 * page as usize, true)
+            .unwrap()
+            .region();
+        dev.read(3, &mut b).unwrap();
+        assert_eq!(&b, b"kept");
+        dev.write(page, b"from the device").unwrap();
+        let mut got = [0u8; 15];
+        m.read(BASE + 2 * page, &mut got).unwrap();
+        assert_eq!(&got, b"from the device");
+        // map_pages of those pages maps the new file; a straddling range is refused.
+        let view = m.map_pages(BASE + 2 * page, page, false).unwrap();
+        view.read(0, &mut got).unwrap();
+        assert_eq!(&got, b"from the device");
+        assert!(matches!(
+            m.map_pages(BASE, 2 * page, false),
+            Err(MemoryError::Isolated { .. })
+        ));
+        assert!(matches!(
+            m.isolate_pages(BASE + 2 * page, page),
+            Err(MemoryError::Isolated { .. })
+        ));
+        // The main file no longer holds the bytes.
+        let main = Mapping::of_fd(m.fd(), page, page as usize, false)
+            .unwrap()
+            .region();
+        main.read(3, &mut b).unwrap();
+        assert_eq!(b, [0; 4]);
+        // Read-only file: no writable shared mapping.
+        let ro = m.isolated_file(BASE + page, false).unwrap();
+        assert!(Mapping::of_fd(ro.as_fd(), 0, page as usize, true).is_err());
+        assert!(Mapping::of_fd(ro.as_fd(), 0, page as usize, false).is_ok());
+        // Rejoin: the guest keeps its bytes, the old file is cut off.
+        m.rejoin_pages(BASE + page).unwrap();
+        m.read(BASE + 2 * page, &mut got).unwrap();
+        assert_eq!(&got, b"from the device");
+        dev.write(page, b"after rejoining").unwrap();
+        m.read(BASE + 2 * page, &mut got).unwrap();
+        assert_eq!(&got, b"from the device", "the old file reaches nothing");
+        m.read(BASE + page - 4, &mut b).unwrap();
+        assert_eq!(&b, b"left");
+        assert!(matches!(
+            m.rejoin_pages(BASE + page),
+            Err(MemoryError::NotIsolated(_))
+        ));
+        assert!(m.map_pages(BASE, 4 * page, true).is_ok());
     }
 
     #[test]

@@ -71,6 +71,30 @@ pub struct DirectDevice {
 }
 
 impl DirectDevice {
+    /// The device side in a process of its own: `mapping` is its writable mapping of
+    /// the guest's whole memory file (received from the process that owns the guest),
+    /// `base` the guest address of the file's first byte and `page` the page size.
+    /// The device reaches exactly that file and nothing else of the owner (HOSTILE
+    /// 39); the `vio-isolation` crate runs it so.
+    pub fn from_region(mapping: Region, base: u64, page: u64) -> Result<DirectDevice, ModelError> {
+        let size = mapping.len() as u64;
+        let sane = page.is_power_of_two()
+            && base != 0
+            && base.is_multiple_of(page)
+            && size.is_multiple_of(page)
+            && base.checked_add(size).is_some()
+            && mapping.is_writable();
+        if !sane {
+            return Err(ModelError::Model(
+                "guest memory mapping is not page aligned and writable".into(),
+            ));
+        }
+        Ok(DirectDevice {
+            mapping,
+            bounds: Bounds { base, size, page },
+        })
+    }
+
     /// First guest address of the mapped memory.
     pub fn base(&self) -> u64 {
         self.bounds.base

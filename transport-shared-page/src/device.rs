@@ -35,6 +35,21 @@ impl SharedPageDevice {
         SharedPageDevice { shared, layout }
     }
 
+    /// The device side in a process of its own: `shared` is its mapping of the
+    /// region's file (from [`pair_for_process`](crate::pair_for_process)), `layout`
+    /// the region's map computed from the same configuration. The mapping must be
+    /// writable and exactly as long as the region, so that a mismatched configuration
+    /// is refused here rather than met as a fault later.
+    pub fn from_region(shared: Region, layout: Layout) -> Result<SharedPageDevice, SharedPageError> {
+        if shared.len() as u64 != layout.len() || !shared.is_writable() {
+            return Err(SharedPageError::RegionMismatch {
+                got: shared.len() as u64,
+                want: layout.len(),
+            });
+        }
+        Ok(SharedPageDevice { shared, layout })
+    }
+
     /// The region's map.
     pub fn layout(&self) -> &Layout {
         &self.layout

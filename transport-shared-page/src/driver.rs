@@ -28,18 +28,52 @@ pub fn pair(
     guest: &Arc<Domain>,
     cfg: SharedPageConfig,
 ) -> Result<(SharedPageDriver, SharedPageDevice), ModelError> {
+    let (driver, device) = set_up(guest, cfg, false)?;
+    let device = device.ok_or(SharedPageError::Memory(MemoryError::NotIsolated(driver.gpa)))?;
+    Ok((driver, device))
+}
+
+/// Sets up sharing model 1 for a device that runs in another process: as [`pair`],
+/// but the region's pages get a memfd of their own, mapped in place in the guest
+/// ([`GuestMemory::isolate_pages`]), and the device side is that file: a writable
+/// descriptor of it, to be sent to the device process, which maps it and builds its
+/// side with [`SharedPageDevice::from_region`]. The file is exactly the region, its
+/// size sealed; it reaches nothing else of the guest (HOSTILE 39).
+pub fn pair_for_process(
+    guest: &Arc<Domain>,
+    cfg: SharedPageConfig,
+) -> Result<(SharedPageDriver, std::os::fd::OwnedFd), ModelError> {
+    let (driver, _) = set_up(guest, cfg, true)?;
+    let fd = guest
+        .memory()
+        .isolated_file(driver.gpa, true)
+        .map_err(SharedPageError::Memory)?;
+    Ok((driver, fd))
+}
+
+/// Allocates, zeroes and (if `isolate`) isolates the region, and maps the device's
+/// view unless the device lives in another process.
+fn set_up(
+    guest: &Arc<Domain>,
+    cfg: SharedPageConfig,
+    isolate: bool,
+) -> Result<(SharedPageDriver, Option<SharedPageDevice>), ModelError> {
     let memory = guest.memory();
     let page = memory.page_size();
     let layout = Layout::new(&cfg, page)?;
     let len = layout.len();
     let gpa = memory.alloc_pages(len / page).map_err(SharedPageError::Memory)?;
-    let setup = || -> Result<(Region, Region), MemoryError> {
+    let setup = || -> Result<(Region, Option<Region>), MemoryError> {
         let own = memory.region(gpa, len)?;
         // The pages may hold what the guest kept there before: the device must see
         // none of it.
         own.zero(0, len)?;
+        if isolate {
+            memory.isolate_pages(gpa, len)?;
+            return Ok((own, None));
+        }
         let device = memory.map_pages(gpa, len, true)?;
-        Ok((own, device))
+        Ok((own, Some(device)))
     };
     let (own, device_view) = match setup() {
         Ok(views) => views,
@@ -62,7 +96,7 @@ pub fn pair(
         shared: own,
         claims,
     };
-    Ok((driver, SharedPageDevice::new(device_view, layout)))
+    Ok((driver, device_view.map(|v| SharedPageDevice::new(v, layout))))
 }
 
 /// The guest's side of a shared-page region.

@@ -38,6 +38,15 @@ pub enum SharedPageError {
     /// bounce area would hand out the same bytes twice.
     #[error("queue {0} is already in use")]
     QueueInUse(u16),
+    /// A device process's mapping of the region does not match the layout (or is
+    /// read-only).
+    #[error("a mapping of {got} bytes does not hold a writable region of {want} bytes")]
+    RegionMismatch {
+        /// Bytes mapped.
+        got: u64,
+        /// Bytes of the region the layout describes.
+        want: u64,
+    },
 }
 
 impl From<SharedPageError> for ModelError {

@@ -17,6 +17,11 @@
 //!   queue's bounce area. A descriptor naming the rings, another queue's bounce area
 //!   or anything past the region gets a typed [`AccessError`](virtio_core::AccessError).
 //!
+//! For a device in another process, [`pair_for_process`] gives the region's pages a
+//! file of their own, mapped in place in the guest, and returns that file for the
+//! device process, which builds its side with [`SharedPageDevice::from_region`]
+//! (the `vio-isolation` crate runs it so, HOSTILE 39).
+//!
 //! What it guarantees: the device can reach the shared region and nothing else of the
 //! guest (its only mapping is those pages), and the guest receives from a
 //! device-writable buffer no more than the used length, with zeros wherever the
@@ -75,6 +80,6 @@ mod error;
 mod layout;
 
 pub use device::{SharedPageDevice, SharedPageMemory};
-pub use driver::{BounceToken, SharedPageDriver, SharedPageShare, pair};
+pub use driver::{BounceToken, SharedPageDriver, SharedPageShare, pair, pair_for_process};
 pub use error::SharedPageError;
 pub use layout::{Layout, MAX_BOUNCE_PER_QUEUE, SharedPageConfig};

@@ -1,0 +1,428 @@
+//! The device process: receives its setup and the files its model allows, then serves
+//! queues, or, when asked, behaves as a hostile device and reports what it could
+//! reach.
+//!
+//! It never trusts the owner's messages either: every failure is a
+//! [`Reply::Failed`], never a panic.
+
+use crate::wire::{
+    Attack, Channel, CopyKind, CopyOp, Finding, MAX_COPY, Reply, Request, Setup, Slot, WireError,
+};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use transport_descriptors::DirectDevice;
+use transport_shared_page::{Layout, SharedPageConfig, SharedPageDevice};
+use virtio_core::features::Features;
+use virtio_core::ring::SplitLayout;
+use virtio_core::ring::split::SplitRingMemory;
+use virtio_core::shm::{Mapping, Region};
+use virtio_core::{AccessError, DescSlot, DeviceMemory, DeviceModel, QueueAddrs, Segment, SplitDevice};
+
+/// Largest request the echo service reads from one chain.
+const MAX_ECHO: u32 = 64 << 10;
+
+/// Serves the owner on `chan` until it closes the channel.
+pub fn run(chan: &Channel) -> Result<(), WireError> {
+    let mut files: Vec<OwnedFd> = Vec::new();
+    let mut model: Option<Model<'_>> = None;
+    loop {
+        let (req, fds): (Request, _) = match chan.recv() {
+            Ok(m) => m,
+            Err(WireError::Closed) => return Ok(()),
+            Err(WireError::Decode(e)) => {
+                chan.send(&Reply::Failed(format!("malformed request: {e}")), &[])?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        files.extend(fds);
+        let reply = match req {
+            Request::Setup(setup) => match Model::new(setup, &files, chan) {
+                Ok(m) => {
+                    model = Some(m);
+                    Reply::Ready { files: files.len() }
+                }
+                Err(e) => Reply::Failed(e),
+            },
+            Request::Open {
+                index,
+                size,
+                desc,
+                avail,
+                used,
+                features,
+            } => match model.as_mut() {
+                Some(m) => m.open(index, size, QueueAddrs { desc, avail, used }, features),
+                None => Reply::Failed("not set up".into()),
+            },
+            Request::Kick { index } => match model.as_mut() {
+                Some(m) => m.kick(index),
+                None => Reply::Failed("not set up".into()),
+            },
+            Request::Attack(a) => attack(a, &files, chan),
+            Request::Copied(_) => Reply::Failed("no copy was asked for".into()),
+        };
+        chan.send(&reply, &[])?;
+    }
+}
+
+/// A writable or read-only mapping of a whole received file.
+fn map_whole(fd: &OwnedFd, writable: bool) -> Result<Region, String> {
+    let size = rustix::fs::fstat(fd).map_err(|e| format!("fstat: {e}"))?.st_size;
+    let size = usize::try_from(size).map_err(|_| "negative file size".to_string())?;
+    Ok(Mapping::of_fd(fd.as_fd(), 0, size, writable)
+        .map_err(|e| format!("mmap: {e}"))?
+        .region())
+}
+
+/// The device side of whichever model the owner set up.
+enum Model<'c> {
+    SharedPage(Queues<SharedPageDevice>),
+    Direct(Queues<DirectDevice>),
+    /// Model 3: one queue, its buffers reached only through the owner.
+    Copy(u16, Box<SplitDevice<RemoteCopy<'c>>>),
+}
+
+struct Queues<M: DeviceModel> {
+    model: M,
+    open: BTreeMap<u16, SplitDevice<M::Memory>>,
+}
+
+impl<'c> Model<'c> {
+    fn new(setup: Setup, files: &[OwnedFd], chan: &'c Channel) -> Result<Model<'c>, String> {
+        let page = rustix::param::page_size() as u64;
+        let file = files.first().ok_or("no file received")?;
+        Ok(match setup {
+            Setup::SharedPage {
+                max_queues,
+                max_queue_size,
+                bounce_bytes_per_queue,
+            } => {
+                let cfg = SharedPageConfig {
+                    max_queues,
+                    max_queue_size,
+                    bounce_bytes_per_queue,
+                };
+                let layout = Layout::new(&cfg, page).map_err(|e| e.to_string())?;
+                let dev = SharedPageDevice::from_region(map_whole(file, true)?, layout)
+                    .map_err(|e| e.to_string())?;
+                Model::SharedPage(Queues::new(dev))
+            }
+            Setup::Direct { base } => {
+                let dev = DirectDevice::from_region(map_whole(file, true)?, base, page)
+                    .map_err(|e| e.to_string())?;
+                Model::Direct(Queues::new(dev))
+            }
+            Setup::Copy {
+                index,
+                size,
+                features,
+            } => {
+                let [desc, avail, used] = files else {
+                    return Err(format!("model 3 needs 3 ring files, got {}", files.len()));
+                };
+                let l = SplitLayout::new(size).ok_or("bad queue size")?;
+                // Each ring starts its file; the descriptor table and the available
+                // ring are mapped read-only (their files allow nothing else).
+                let ring = |f, writable, bytes| map_whole(f, writable)?.sub(0, bytes).map_err(errno);
+                let ring = SplitRingMemory {
+                    desc: ring(desc, false, l.desc_bytes())?,
+                    avail: ring(avail, false, l.avail_bytes())?,
+                    used: ring(used, true, l.used_bytes())?,
+                };
+                let mem = RemoteCopy { chan, queue: index };
+                let features = Features::from_bits_truncate(features);
+                let q = SplitDevice::new(size, &ring, mem, features).map_err(errno)?;
+                Model::Copy(index, Box::new(q))
+            }
+        })
+    }
+
+    fn open(&mut self, index: u16, size: u16, addrs: QueueAddrs, features: u64) -> Reply {
+        match self {
+            Model::SharedPage(q) => q.open(index, size, addrs, features),
+            Model::Direct(q) => q.open(index, size, addrs, features),
+            Model::Copy(..) => Reply::Failed("model 3 queues are opened at setup".into()),
+        }
+    }
+
+    fn kick(&mut self, index: u16) -> Reply {
+        let served = match self {
+            Model::SharedPage(q) => q.open.get_mut(&index).map(echo),
+            Model::Direct(q) => q.open.get_mut(&index).map(echo),
+            Model::Copy(i, q) => (*i == index).then(|| echo(q)),
+        };
+        served.unwrap_or_else(|| Reply::Failed(format!("queue {index} is not open")))
+    }
+}
+
+impl<M: DeviceModel> Queues<M> {
+    fn new(model: M) -> Queues<M> {
+        Queues {
+            model,
+            open: BTreeMap::new(),
+        }
+    }
+
+    fn open(&mut self, index: u16, size: u16, addrs: QueueAddrs, features: u64) -> Reply {
+        let features = Features::from_bits_truncate(features);
+        let opened = self
+            .model
+            .open_queue(index, size, addrs)
+            .map_err(|e| e.to_string())
+            .and_then(|dq| SplitDevice::new(size, &dq.ring, dq.memory, features).map_err(|e| e.to_string()));
+        match opened {
+            Ok(dev) => {
+                self.open.insert(index, dev);
+                Reply::Opened
+            }
+            Err(e) => Reply::Failed(e),
+        }
+    }
+}
+
+/// The echo service: every available chain's readable bytes, upper-cased, into its
+/// writable part.
+fn echo<M: DeviceMemory>(q: &mut SplitDevice<M>) -> Reply {
+    let mut chains = 0;
+    loop {
+        let chain = match q.pop() {
+            Ok(Some(c)) => c,
+            Ok(None) => return Reply::Served { chains },
+            Err(e) => return Reply::Failed(e.to_string()),
+        };
+        let len = chain.readable_len().min(MAX_ECHO);
+        let mut data = vec![0u8; len as usize];
+        if let Err(e) = chain.reader(q.memory()).read_exact(&mut data) {
+            return Reply::Failed(e.to_string());
+        }
+        data.make_ascii_uppercase();
+        let mut w = chain.writer(q.memory());
+        let n = usize::try_from(w.remaining())
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        if let Err(e) = w.write_all(&data[..n]) {
+            return Reply::Failed(e.to_string());
+        }
+        let written = w.written();
+        if let Err(e) = q.add_used(chain.head(), written) {
+            return Reply::Failed(e.to_string());
+        }
+        chains += 1;
+    }
+}
+
+/// Why the owner refused a model-3 copy (or the channel failed under it).
+#[derive(Debug, thiserror::Error)]
+#[error("the owner refused the copy: {0}")]
+pub struct CopyRefused(pub String);
+
+/// Model 3's device memory in the device process: no buffer memory at all, every
+/// access one checked copy by the owner's helper, over the channel.
+struct RemoteCopy<'c> {
+    chan: &'c Channel,
+    queue: u16,
+}
+
+impl RemoteCopy<'_> {
+    fn op(&self, seg: &Segment, offset: u32, kind: CopyKind) -> CopyOp {
+        CopyOp {
+            queue: self.queue,
+            head: seg.head(),
+            slot: match seg.slot() {
+                DescSlot::Table(i) => Slot::Table(i),
+                DescSlot::Indirect(i) => Slot::Indirect(i),
+            },
+            writable: seg.writable(),
+            offset,
+            kind,
+        }
+    }
+}
+
+/// Sends `op` to the owner and waits for its answer.
+fn remote_copy(chan: &Channel, op: CopyOp) -> Result<Vec<u8>, String> {
+    chan.send(&Reply::Copy(op), &[]).map_err(errno)?;
+    match chan.recv::<Request>().map_err(errno)? {
+        (Request::Copied(r), _) => r,
+        (other, _) => Err(format!("expected a copy answer, got {other:?}")),
+    }
+}
+
+fn refused(why: String) -> AccessError {
+    AccessError::Model(Box::new(CopyRefused(why)))
+}
+
+impl DeviceMemory for RemoteCopy<'_> {
+    fn check(&self, seg: &Segment) -> Result<(), AccessError> {
+        remote_copy(self.chan, self.op(seg, 0, CopyKind::Check))
+            .map(|_| ())
+            .map_err(refused)
+    }
+
+    fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
+        let mut at = offset;
+        for chunk in dst.chunks_mut(MAX_COPY) {
+            let n = u32::try_from(chunk.len()).map_err(|_| refused("chunk too large".into()))?;
+            let got = remote_copy(self.chan, self.op(seg, at, CopyKind::Read(n))).map_err(refused)?;
+            if got.len() != chunk.len() {
+                return Err(refused(format!("{} bytes for {n}", got.len())));
+            }
+            chunk.copy_from_slice(&got);
+            at = at
+                .checked_add(n)
+                .ok_or_else(|| refused("offset overflow".into()))?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
+        let mut at = offset;
+        for chunk in src.chunks(MAX_COPY) {
+            remote_copy(self.chan, self.op(seg, at, CopyKind::Write(chunk.to_vec()))).map_err(refused)?;
+            let n = u32::try_from(chunk.len()).map_err(|_| refused("chunk too large".into()))?;
+            at = at
+                .checked_add(n)
+                .ok_or_else(|| refused("offset overflow".into()))?;
+        }
+        Ok(())
+    }
+}
+
+fn errno(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Runs a hostile probe.
+fn attack(a: Attack, files: &[OwnedFd], chan: &Channel) -> Reply {
+    let file = |i: usize| files.get(i).ok_or_else(|| format!("no file {i}"));
+    match a {
+        Attack::Escape => Reply::Findings(escape(files)),
+        Attack::Scribble { file: i } => {
+            let r = file(i).and_then(|f| map_whole(f, true)).and_then(|r| {
+                let junk = vec![0xa5u8; r.len()];
+                r.write(0, &junk).map_err(errno)?;
+                Ok(format!("wrote {} bytes", r.len()))
+            });
+            Reply::Findings(vec![Finding {
+                attempt: format!("scribble over file {i}"),
+                result: r,
+            }])
+        }
+        Attack::MapWritable { file: i } => {
+            let r = file(i)
+                .and_then(|f| map_whole(f, true))
+                .map(|r| format!("mapped {} bytes writable", r.len()));
+            Reply::Findings(vec![Finding {
+                attempt: format!("map file {i} writable"),
+                result: r,
+            }])
+        }
+        Attack::Copy(op) => {
+            let attempt = format!("copy {op:?}");
+            Reply::Findings(vec![Finding {
+                attempt,
+                result: remote_copy(chan, op).map(|b| format!("{} bytes", b.len())),
+            }])
+        }
+        Attack::TouchPastEnd { file: i } => {
+            let r = file(i).and_then(|f| {
+                let size = rustix::fs::fstat(f).map_err(errno)?.st_size;
+                let size = u64::try_from(size).map_err(errno)?;
+                let page = rustix::param::page_size();
+                let past = Mapping::of_fd(f.as_fd(), size, page, false)
+                    .map_err(errno)?
+                    .region();
+                let mut b = [0u8; 8];
+                // The kernel maps past the end of a file, but a touch there is SIGBUS.
+                past.read(0, &mut b).map_err(errno)?;
+                Ok(format!("read {b:?} past the end"))
+            });
+            Reply::Findings(vec![Finding {
+                attempt: format!("read past the end of file {i}"),
+                result: r,
+            }])
+        }
+    }
+}
+
+/// Looks for a way out of the process.
+fn escape(files: &[OwnedFd]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut note = |attempt: String, result: Result<String, String>| out.push(Finding { attempt, result });
+    // What it holds: its descriptors and their targets.
+    let fds = std::fs::read_dir("/proc/self/fd").map(|d| {
+        let mut v: Vec<String> = d
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                Some(target.to_string_lossy().into_owned())
+            })
+            .collect();
+        v.sort();
+        v.join("\n")
+    });
+    note("own descriptors".into(), fds.map_err(errno));
+    let status = std::fs::read_to_string("/proc/self/status").map(|s| {
+        s.lines()
+            .filter(|l| l.starts_with("Cap") || l.starts_with("NoNewPrivs"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    note("own capabilities".into(), status.map_err(errno));
+    // The owner's memory and descriptors, through /proc.
+    let owner = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+    for path in ["mem", "environ", "maps"] {
+        let p = format!("/proc/{owner}/{path}");
+        note(
+            format!("read {p}"),
+            std::fs::read(&p)
+                .map(|b| format!("{} bytes", b.len()))
+                .map_err(errno),
+        );
+    }
+    // Listing these directories shows names only; opening an entry is what would
+    // hand over the owner's file (its guest memory, another guest's).
+    for dir in ["fd", "map_files"] {
+        let p = format!("/proc/{owner}/{dir}");
+        let entries = match std::fs::read_dir(&p) {
+            Ok(d) => d.filter_map(|e| e.ok().map(|e| e.path())).collect::<Vec<_>>(),
+            Err(e) => {
+                note(format!("list {p}"), Err(errno(e)));
+                Vec::new()
+            }
+        };
+        // Guessed names too, in case the listing hides some.
+        let guessed = (0..64).map(|n| std::path::PathBuf::from(format!("{p}/{n}")));
+        let mut tried = std::collections::BTreeSet::new();
+        for path in entries.into_iter().chain(
+            if dir == "fd" { Some(guessed) } else { None }
+                .into_iter()
+                .flatten(),
+        ) {
+            if !tried.insert(path.clone()) {
+                continue;
+            }
+            match std::fs::File::open(&path) {
+                Ok(_) => note(format!("open {}", path.display()), Ok("opened".into())),
+                // No such descriptor: nothing to report.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => note(format!("open {}", path.display()), Err(errno(e))),
+            }
+        }
+    }
+    // Make its files reach further.
+    let page = rustix::param::page_size() as u64;
+    for (i, f) in files.iter().enumerate() {
+        let size = rustix::fs::fstat(f).map(|s| s.st_size).unwrap_or(0);
+        let size = u64::try_from(size).unwrap_or(0);
+        note(format!("size of file {i}"), Ok(size.to_string()));
+        note(
+            format!("grow file {i}"),
+            rustix::fs::ftruncate(f, size + page)
+                .map(|()| "grown".into())
+                .map_err(errno),
+        );
+    }
+    out
+}
