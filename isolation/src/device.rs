@@ -6,7 +6,7 @@
 //! [`Reply::Failed`], never a panic.
 
 use crate::wire::{
-    Attack, Channel, CopyKind, CopyOp, Finding, MAX_COPY, Reply, Request, Setup, Slot, WireError,
+    Attack, Channel, CopyKind, CopyOp, Finding, GrantOp, MAX_COPY, Reply, Request, Setup, Slot, WireError,
 };
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -81,6 +81,8 @@ enum Model<'c> {
     Direct(Queues<DirectDevice>),
     /// Model 3: one queue, its buffers reached only through the owner.
     Copy(u16, Box<SplitDevice<RemoteCopy<'c>>>),
+    /// Model 4: one queue, its buffers reached only by grant copies the owner makes.
+    Grant(u16, Box<SplitDevice<RemoteGrant<'c>>>),
 }
 
 struct Queues<M: DeviceModel> {
@@ -118,22 +120,21 @@ impl<'c> Model<'c> {
                 size,
                 features,
             } => {
-                let [desc, avail, used] = files else {
-                    return Err(format!("model 3 needs 3 ring files, got {}", files.len()));
-                };
-                let l = SplitLayout::new(size).ok_or("bad queue size")?;
-                // Each ring starts its file; the descriptor table and the available
-                // ring are mapped read-only (their files allow nothing else).
-                let ring = |f, writable, bytes| map_whole(f, writable)?.sub(0, bytes).map_err(errno);
-                let ring = SplitRingMemory {
-                    desc: ring(desc, false, l.desc_bytes())?,
-                    avail: ring(avail, false, l.avail_bytes())?,
-                    used: ring(used, true, l.used_bytes())?,
-                };
+                let ring = ring_files(files, size)?;
                 let mem = RemoteCopy { chan, queue: index };
                 let features = Features::from_bits_truncate(features);
                 let q = SplitDevice::new(size, &ring, mem, features).map_err(errno)?;
                 Model::Copy(index, Box::new(q))
+            }
+            Setup::Grant {
+                index,
+                size,
+                features,
+            } => {
+                let ring = ring_files(files, size)?;
+                let features = Features::from_bits_truncate(features);
+                let q = SplitDevice::new(size, &ring, RemoteGrant { chan }, features).map_err(errno)?;
+                Model::Grant(index, Box::new(q))
             }
         })
     }
@@ -142,7 +143,9 @@ impl<'c> Model<'c> {
         match self {
             Model::SharedPage(q) => q.open(index, size, addrs, features),
             Model::Direct(q) => q.open(index, size, addrs, features),
-            Model::Copy(..) => Reply::Failed("model 3 queues are opened at setup".into()),
+            Model::Copy(..) | Model::Grant(..) => {
+                Reply::Failed("this model's queue is opened at setup".into())
+            }
         }
     }
 
@@ -151,9 +154,26 @@ impl<'c> Model<'c> {
             Model::SharedPage(q) => q.open.get_mut(&index).map(echo),
             Model::Direct(q) => q.open.get_mut(&index).map(echo),
             Model::Copy(i, q) => (*i == index).then(|| echo(q)),
+            Model::Grant(i, q) => (*i == index).then(|| echo(q)),
         };
         served.unwrap_or_else(|| Reply::Failed(format!("queue {index} is not open")))
     }
+}
+
+/// One ring per file, each at the start of its file: the descriptor table and the
+/// available ring mapped read-only (their files allow nothing else), the used ring
+/// writable (models 3 and 4).
+fn ring_files(files: &[OwnedFd], size: u16) -> Result<SplitRingMemory, String> {
+    let [desc, avail, used] = files else {
+        return Err(format!("a queue needs 3 ring files, got {}", files.len()));
+    };
+    let l = SplitLayout::new(size).ok_or("bad queue size")?;
+    let ring = |f, writable, bytes| map_whole(f, writable)?.sub(0, bytes).map_err(errno);
+    Ok(SplitRingMemory {
+        desc: ring(desc, false, l.desc_bytes())?,
+        avail: ring(avail, false, l.avail_bytes())?,
+        used: ring(used, true, l.used_bytes())?,
+    })
 }
 
 impl<M: DeviceModel> Queues<M> {
@@ -289,6 +309,74 @@ impl DeviceMemory for RemoteCopy<'_> {
     }
 }
 
+/// Model 4's device memory in the device process: no buffer memory at all, every
+/// access one grant copy by the owner for this device's domain, over the channel.
+struct RemoteGrant<'c> {
+    chan: &'c Channel,
+}
+
+impl RemoteGrant<'_> {
+    fn op(seg: &Segment, offset: u32, kind: CopyKind) -> GrantOp {
+        GrantOp {
+            addr: seg.addr(),
+            len: seg.len(),
+            writable: seg.writable(),
+            offset,
+            kind,
+        }
+    }
+}
+
+/// Sends a grant copy to the owner and waits for its answer.
+fn remote_grant(chan: &Channel, op: GrantOp) -> Result<Vec<u8>, String> {
+    chan.send(&Reply::GrantCopy(op), &[]).map_err(errno)?;
+    match chan.recv::<Request>().map_err(errno)? {
+        (Request::Copied(r), _) => r,
+        (other, _) => Err(format!("expected a copy answer, got {other:?}")),
+    }
+}
+
+impl DeviceMemory for RemoteGrant<'_> {
+    fn check(&self, seg: &Segment) -> Result<(), AccessError> {
+        remote_grant(self.chan, Self::op(seg, 0, CopyKind::Check))
+            .map(|_| ())
+            .map_err(refused)
+    }
+
+    fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
+        virtio_core::access::check_within(seg, offset, dst.len())?;
+        let mut at = offset;
+        for chunk in dst.chunks_mut(MAX_COPY) {
+            let n = u32::try_from(chunk.len()).map_err(|_| refused("chunk too large".into()))?;
+            let got = remote_grant(self.chan, Self::op(seg, at, CopyKind::Read(n))).map_err(refused)?;
+            if got.len() != chunk.len() {
+                return Err(refused(format!("{} bytes for {n}", got.len())));
+            }
+            chunk.copy_from_slice(&got);
+            at = at
+                .checked_add(n)
+                .ok_or_else(|| refused("offset overflow".into()))?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
+        if !seg.writable() {
+            return Err(AccessError::Denied);
+        }
+        virtio_core::access::check_within(seg, offset, src.len())?;
+        let mut at = offset;
+        for chunk in src.chunks(MAX_COPY) {
+            remote_grant(self.chan, Self::op(seg, at, CopyKind::Write(chunk.to_vec()))).map_err(refused)?;
+            let n = u32::try_from(chunk.len()).map_err(|_| refused("chunk too large".into()))?;
+            at = at
+                .checked_add(n)
+                .ok_or_else(|| refused("offset overflow".into()))?;
+        }
+        Ok(())
+    }
+}
+
 fn errno(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
@@ -323,6 +411,13 @@ fn attack(a: Attack, files: &[OwnedFd], chan: &Channel) -> Reply {
             Reply::Findings(vec![Finding {
                 attempt,
                 result: remote_copy(chan, op).map(|b| format!("{} bytes", b.len())),
+            }])
+        }
+        Attack::GrantCopy(op) => {
+            let attempt = format!("grant copy {op:?}");
+            Reply::Findings(vec![Finding {
+                attempt,
+                result: remote_grant(chan, op).map(|b| format!("{} bytes", b.len())),
             }])
         }
         Attack::TouchPastEnd { file: i } => {

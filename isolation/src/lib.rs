@@ -21,7 +21,7 @@
 //! | 1, shared page | the shared region's own memfd (writable, size sealed), from [`transport_shared_page::pair_for_process`] | yes |
 //! | 2, direct | the guest's memory memfd, whole (the model: the device reads driver memory itself) | yes |
 //! | 3, copy helper | one file per ring (each ring is alone on its pages): the descriptor table and the available ring reopened read-only ([`hypervisor::GuestMemory::isolated_file`] with `writable = false`, so a writable mapping fails with `EACCES`), the used ring writable; buffer bytes only through copy requests on the channel ([`wire::Reply::Copy`]), which the owner performs with its [`transport_descriptors::CopyHelper`] ([`DeviceProcess::call_brokered`]) | yes |
-//! | 4, grants | not yet (planned: every buffer access a grant copy brokered by the owner; ring grants as files of their own) | no |
+//! | 4, grants | one file per ring grant's pages (the owner, as the hypervisor, resolves each ring grant for the device's domain, [`transport_grant::GrantService::resolve`], and gives those pages a file: descriptor table and available ring read-only, used ring writable); buffer bytes only as grant copies the owner performs for the device's domain ([`wire::Reply::GrantCopy`], [`owner::GrantBroker`]), which the grant table alone allows or refuses | yes |
 //!
 //! Before `exec` the device process drops every capability and sets `no_new_privs`;
 //! the owner makes itself non-dumpable. Without that a process of the same user (root
@@ -45,7 +45,11 @@
 //!   range past the descriptor, another queue or an oversized copy are refused by
 //!   the owner's helper and the request stays intact; once the owner rejoins the
 //!   used ring's pages ([`hypervisor::GuestMemory::rejoin_pages`]) the device's
-//!   writes through its old file reach nothing of the guest.
+//!   writes through its old file reach nothing of the guest. Model 4: the same ring
+//!   files; grant copies that write a read-only grant, read past a grant's bytes,
+//!   name a reference never granted or one granted to another domain, or move more
+//!   than one copy's worth are refused by the grant table; once the driver has
+//!   ended a request's grants, the device's old reference is refused as revoked.
 //!
 //! The owner must rejoin a queue's isolated ring pages before the guest reuses them
 //! (a queue reset): a file once sent cannot be taken back, only disconnected.

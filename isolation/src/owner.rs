@@ -1,12 +1,17 @@
 //! The owner's side: a device process, started confined, spoken to over its channel.
 
-use crate::wire::{Attack, Channel, CopyKind, CopyOp, Finding, MAX_COPY, Reply, Request, Slot, WireError};
+use crate::wire::{
+    Attack, Channel, CopyKind, CopyOp, Finding, GrantOp, MAX_COPY, Reply, Request, Slot, WireError,
+};
+use hypervisor::DomainId;
 use std::os::fd::BorrowedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, ExitStatus};
+use std::sync::Arc;
 use std::time::Duration;
 use transport_descriptors::CopyHelper;
+use transport_grant::{GrantCopy, GrantService, addr};
 use virtio_core::{DescSlot, ReadOp, Segment, WriteOp};
 
 /// How long the owner waits for one reply before it gives up on the device (a
@@ -28,6 +33,94 @@ pub enum OwnerError {
     /// The device sent descriptors, which it has no business doing.
     #[error("device process sent {0} file descriptors")]
     UnexpectedFds(usize),
+}
+
+/// Who answers a device process's requests for buffer bytes.
+#[derive(Debug, Clone, Copy)]
+pub enum Broker<'a> {
+    /// Model 3: the copy helper, which checks each copy against the chains the
+    /// device owns.
+    Copy(&'a CopyHelper),
+    /// Model 4: grant copies for the device's domain, checked by the grant table.
+    Grant(&'a GrantBroker),
+}
+
+/// Model 4's broker: performs a device process's grant copies as the hypervisor
+/// would for the device's domain. The device names a grant reference and an
+/// offset (the descriptor's address); the grant table alone decides (state,
+/// domain, permission, window), exactly as for an in-process backend.
+#[derive(Debug, Clone)]
+pub struct GrantBroker {
+    service: Arc<GrantService>,
+    granter: DomainId,
+    grantee: DomainId,
+}
+
+impl GrantBroker {
+    /// Copies for `grantee` (the device's domain) from and to `granter`'s grants.
+    pub fn new(service: Arc<GrantService>, granter: DomainId, grantee: DomainId) -> GrantBroker {
+        GrantBroker {
+            service,
+            granter,
+            grantee,
+        }
+    }
+
+    /// Performs `op`, or says why not.
+    fn perform(&self, op: GrantOp) -> Result<Vec<u8>, String> {
+        let a = addr::decode(op.addr).map_err(|e| e.to_string())?;
+        let at = u64::from(a.offset) + u64::from(op.offset);
+        let too_large = |n: usize| format!("a copy of {n} bytes exceeds {MAX_COPY}");
+        let (granter, gref) = (self.granter, a.gref);
+        match op.kind {
+            CopyKind::Check => self
+                .service
+                .resolve(
+                    granter,
+                    self.grantee,
+                    gref,
+                    u64::from(a.offset),
+                    u64::from(op.len),
+                    op.writable,
+                )
+                .map(|_| Vec::new()),
+            CopyKind::Read(n) => {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                if n > MAX_COPY {
+                    return Err(too_large(n));
+                }
+                let mut dst = vec![0u8; n];
+                self.service
+                    .copy(
+                        self.grantee,
+                        &mut [GrantCopy::FromGrant {
+                            granter,
+                            gref,
+                            offset: at,
+                            dst: &mut dst,
+                        }],
+                    )
+                    .map(|()| dst)
+            }
+            CopyKind::Write(src) => {
+                if src.len() > MAX_COPY {
+                    return Err(too_large(src.len()));
+                }
+                self.service
+                    .copy(
+                        self.grantee,
+                        &mut [GrantCopy::ToGrant {
+                            granter,
+                            gref,
+                            offset: at,
+                            src: &src,
+                        }],
+                    )
+                    .map(|()| Vec::new())
+            }
+        }
+        .map_err(|e| e.to_string())
+    }
 }
 
 /// A device process and the owner's end of its channel. Dropping it kills and reaps
@@ -70,14 +163,20 @@ impl DeviceProcess {
     /// the chains the device owns (the guest's descriptor table says where the bytes
     /// are, the device only names the descriptor).
     pub fn call_brokered(&self, req: &Request, helper: &CopyHelper) -> Result<Reply, OwnerError> {
-        self.call_inner(req, &[], Some(helper))
+        self.call_inner(req, &[], Some(Broker::Copy(helper)))
+    }
+
+    /// As [`Self::call`], for a model-4 device: its [`Reply::GrantCopy`] requests are
+    /// performed by `broker` for the device's domain.
+    pub fn call_granted(&self, req: &Request, broker: &GrantBroker) -> Result<Reply, OwnerError> {
+        self.call_inner(req, &[], Some(Broker::Grant(broker)))
     }
 
     fn call_inner(
         &self,
         req: &Request,
         fds: &[BorrowedFd<'_>],
-        helper: Option<&CopyHelper>,
+        broker: Option<Broker<'_>>,
     ) -> Result<Reply, OwnerError> {
         self.chan.send(req, fds)?;
         loop {
@@ -87,12 +186,22 @@ impl DeviceProcess {
             }
             match reply {
                 Reply::Copy(op) => {
-                    let answer = match helper {
-                        Some(h) => copy_for(h, op),
-                        None => Err("this device has no copy helper".to_string()),
+                    let answer = match broker {
+                        Some(Broker::Copy(h)) => copy_for(h, op),
+                        _ => Err("this device has no copy helper".to_string()),
                     };
                     if let Err(why) = &answer {
                         tracing::debug!(%why, "device copy refused");
+                    }
+                    self.chan.send(&Request::Copied(answer), &[])?;
+                }
+                Reply::GrantCopy(op) => {
+                    let answer = match broker {
+                        Some(Broker::Grant(g)) => g.perform(op),
+                        _ => Err("this device has no grants".to_string()),
+                    };
+                    if let Err(why) = &answer {
+                        tracing::debug!(%why, "device grant copy refused");
                     }
                     self.chan.send(&Request::Copied(answer), &[])?;
                 }
@@ -109,11 +218,16 @@ impl DeviceProcess {
 
     /// Runs `attack` against a model-3 owner whose copies `helper` checks.
     pub fn attack_brokered(&self, attack: Attack, helper: &CopyHelper) -> Result<Vec<Finding>, OwnerError> {
-        self.attack_inner(attack, Some(helper))
+        self.attack_inner(attack, Some(Broker::Copy(helper)))
     }
 
-    fn attack_inner(&self, attack: Attack, helper: Option<&CopyHelper>) -> Result<Vec<Finding>, OwnerError> {
-        match self.call_inner(&Request::Attack(attack), &[], helper)? {
+    /// Runs `attack` against a model-4 owner whose grant copies `broker` performs.
+    pub fn attack_granted(&self, attack: Attack, broker: &GrantBroker) -> Result<Vec<Finding>, OwnerError> {
+        self.attack_inner(attack, Some(Broker::Grant(broker)))
+    }
+
+    fn attack_inner(&self, attack: Attack, broker: Option<Broker<'_>>) -> Result<Vec<Finding>, OwnerError> {
+        match self.call_inner(&Request::Attack(attack), &[], broker)? {
             Reply::Findings(f) => Ok(f),
             other => Err(OwnerError::Device(format!("unexpected reply {other:?}"))),
         }

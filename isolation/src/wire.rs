@@ -170,6 +170,35 @@ pub enum Setup {
         /// Negotiated feature bits.
         features: u64,
     },
+    /// Model 4, one queue: three files, one per ring (the ring grants' pages, each
+    /// given a file of its own by the owner, which is the hypervisor here), as for
+    /// [`Setup::Copy`]. No buffer memory: every buffer access is a grant copy the
+    /// owner performs for the device's domain ([`Reply::GrantCopy`]), checked
+    /// against the grant table alone.
+    Grant {
+        /// Queue index.
+        index: u16,
+        /// Queue size.
+        size: u16,
+        /// Negotiated feature bits.
+        features: u64,
+    },
+}
+
+/// A model-4 grant copy the device asks of the owner: the descriptor's grant
+/// address (`transport_grant::addr`), never a guest address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantOp {
+    /// The descriptor's address: a grant reference and an offset.
+    pub addr: u64,
+    /// The descriptor's length (what [`CopyKind::Check`] checks).
+    pub len: u32,
+    /// Whether the descriptor is device-writable.
+    pub writable: bool,
+    /// Offset inside the descriptor.
+    pub offset: u32,
+    /// What to do.
+    pub kind: CopyKind,
 }
 
 /// Which descriptor of a chain a copy names (`virtio_core::DescSlot`).
@@ -273,6 +302,8 @@ pub enum Attack {
     },
     /// Model 3: ask the owner for a copy it should refuse.
     Copy(CopyOp),
+    /// Model 4: ask the owner for a grant copy it should refuse.
+    GrantCopy(GrantOp),
 }
 
 /// One thing a hostile device tried, and what came of it.
@@ -306,4 +337,7 @@ pub enum Reply {
     /// Model 3, sent while serving a request: a copy for the owner's helper; the
     /// owner answers with [`Request::Copied`] and the device then goes on.
     Copy(CopyOp),
+    /// Model 4, sent while serving a request: a grant copy for the owner; answered
+    /// with [`Request::Copied`].
+    GrantCopy(GrantOp),
 }

@@ -438,3 +438,219 @@ fn model3_hostile_device_process_reads_rings_and_copies_only_what_it_owns() {
     mem.read(m.secret, &mut s).unwrap();
     assert_eq!(s, SECRET);
 }
+
+// ---- model 4 -------------------------------------------------------------------
+
+struct Model4 {
+    guest: Arc<Domain>,
+    other: Arc<Domain>,
+    grants: Arc<transport_grant::GrantService>,
+    dev: DeviceProcess,
+    broker: vio_isolation::owner::GrantBroker,
+    driver: SplitDriver<transport_grant::GrantShare, &'static str>,
+    /// Guest addresses of the descriptor table and the used ring.
+    desc: u64,
+    used: u64,
+    secret: u64,
+}
+
+fn model4() -> Model4 {
+    use transport_grant::addr::decode;
+    use virtio_core::ring::SplitLayout;
+    let hv = Hypervisor::new();
+    let guest = hv.create_domain("guest-a", 1 << 20).unwrap();
+    let other = hv.create_domain("guest-b", 1 << 20).unwrap();
+    let mem = guest.memory();
+    let secret = mem.alloc(SECRET.len() as u64, 1).unwrap();
+    mem.write(secret, SECRET).unwrap();
+    let grants = transport_grant::GrantService::new(hv.clone());
+    let backend = Hypervisor::HOST;
+    let (drv, _in_process_device) = transport_grant::pair(&grants, &guest, backend).unwrap();
+    let q = drv.create_queue(0, SIZE).unwrap();
+    // The rings are granted to the backend page by page (descriptor table and
+    // available ring read-only); the hypervisor resolves each grant, checked as
+    // the backend's access, and gives its pages a file of their own.
+    let l = SplitLayout::new(SIZE).unwrap();
+    let page = mem.page_size();
+    let rings = [
+        (q.addrs.desc, l.desc_bytes(), false),
+        (q.addrs.avail, l.avail_bytes(), false),
+        (q.addrs.used, l.used_bytes(), true),
+    ];
+    let mut gpas = Vec::new();
+    let files: Vec<OwnedFd> = rings
+        .iter()
+        .map(|&(addr, bytes, writable)| {
+            let a = decode(addr).unwrap();
+            let gpa = grants
+                .resolve(guest.id(), backend, a.gref, u64::from(a.offset), bytes, writable)
+                .unwrap();
+            mem.isolate_pages(gpa, bytes.div_ceil(page) * page).unwrap();
+            gpas.push(gpa);
+            mem.isolated_file(gpa, writable).unwrap()
+        })
+        .collect();
+    let dev = device();
+    let setup = Setup::Grant {
+        index: 0,
+        size: SIZE,
+        features: features().bits(),
+    };
+    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+    assert_eq!(
+        dev.call(&Request::Setup(setup), &fds).unwrap(),
+        Reply::Ready { files: 3 }
+    );
+    let broker = vio_isolation::owner::GrantBroker::new(grants.clone(), guest.id(), backend);
+    let driver = SplitDriver::new(SIZE, q.ring, q.share, features()).unwrap();
+    Model4 {
+        guest,
+        other,
+        grants,
+        dev,
+        broker,
+        driver,
+        desc: gpas[0],
+        used: gpas[2],
+        secret,
+    }
+}
+
+#[test]
+fn model4_round_trip_through_a_device_process() {
+    let mut m = model4();
+    let (dev, broker) = (&m.dev, &m.broker);
+    let kick = || dev.call_granted(&Request::Kick { index: 0 }, broker).unwrap();
+    round_trip_with(&m.guest, &mut m.driver, kick);
+    round_trip_with(&m.guest, &mut m.driver, kick);
+    // Every buffer grant ended with its request.
+    assert_eq!(m.driver.share().live(), 0);
+    assert!(m.dev.finish().unwrap().success());
+}
+
+#[test]
+fn model4_hostile_device_process_copies_only_what_is_granted_to_it() {
+    use transport_grant::GrantRef;
+    use transport_grant::addr::{decode, encode};
+    use vio_isolation::wire::{CopyKind, GrantOp};
+    let mut m = model4();
+    let page = m.guest.memory().page_size();
+    escape_is_refused(&m.dev, &["vio-isolated"; 3], &[page; 3]);
+    for file in [0, 1] {
+        let f = m.dev.attack(Attack::MapWritable { file }).unwrap();
+        assert!(
+            f[0].result
+                .as_ref()
+                .is_err_and(|e| e.contains("Permission denied")),
+            "{f:?}"
+        );
+    }
+    assert!(
+        m.dev.attack(Attack::MapWritable { file: 2 }).unwrap()[0]
+            .result
+            .is_ok()
+    );
+    // A request in the ring: its buffers are granted to the device for its life,
+    // the request read-only.
+    let mem = m.guest.memory();
+    let msg = b"request bytes";
+    let (req, resp) = (mem.alloc(64, 8).unwrap(), mem.alloc(64, 8).unwrap());
+    mem.write(req, msg).unwrap();
+    m.driver
+        .add(
+            &[GuestBuf::new(req, msg.len() as u32)],
+            &[GuestBuf::new(resp, 64)],
+            "req",
+        )
+        .unwrap();
+    let mut d = [0u8; 8];
+    mem.read(m.desc, &mut d).unwrap();
+    let req_addr = u64::from_le_bytes(d);
+    let req_gref = decode(req_addr).unwrap().gref;
+    // A page of the guest granted to another domain.
+    let to_other = m
+        .grants
+        .grant(m.guest.id(), m.other.id(), m.secret & !(page - 1), false)
+        .unwrap();
+    let op = |addr, len, writable, offset, kind| GrantOp {
+        addr,
+        len,
+        writable,
+        offset,
+        kind,
+    };
+    let n = msg.len() as u32;
+    let thefts = [
+        // Write into the read-only request.
+        op(req_addr, n, true, 0, CopyKind::Write(b"FORGED".to_vec())),
+        // Read past the request's granted bytes.
+        op(req_addr, n, false, 8, CopyKind::Read(64)),
+        // A reference never granted, one granted to another domain.
+        op(
+            encode(GrantRef(req_gref.0 + 500), 0, false),
+            1,
+            false,
+            0,
+            CopyKind::Read(1),
+        ),
+        op(encode(to_other, 0, false), 1, false, 0, CopyKind::Read(1)),
+        op(encode(to_other, 0, false), 64, false, 0, CopyKind::Check),
+        // More than one copy may move.
+        op(req_addr, n, false, 0, CopyKind::Read(1 << 20)),
+    ];
+    for theft in thefts {
+        let f = m.dev.attack_granted(Attack::GrantCopy(theft), &m.broker).unwrap();
+        assert!(f[0].result.is_err(), "grant copy allowed: {f:?}");
+    }
+    // What is granted to it, it may read.
+    let f = m
+        .dev
+        .attack_granted(
+            Attack::GrantCopy(op(req_addr, n, false, 0, CopyKind::Read(5))),
+            &m.broker,
+        )
+        .unwrap();
+    assert_eq!(f[0].result, Ok("5 bytes".into()));
+    // Served and returned: the driver ends the request's grants, and the device's
+    // old reference is refused as revoked.
+    assert_eq!(
+        m.dev
+            .call_granted(&Request::Kick { index: 0 }, &m.broker)
+            .unwrap(),
+        Reply::Served { chains: 1 }
+    );
+    assert!(m.driver.pop_used().unwrap().is_some());
+    let f = m
+        .dev
+        .attack_granted(
+            Attack::GrantCopy(op(req_addr, n, false, 0, CopyKind::Read(5))),
+            &m.broker,
+        )
+        .unwrap();
+    assert!(
+        f[0].result.as_ref().is_err_and(|e| e.contains("revoked")),
+        "{f:?}"
+    );
+    let mut got = vec![0u8; msg.len()];
+    mem.read(req, &mut got).unwrap();
+    assert_eq!(got, msg, "the request is intact");
+    // Taking the used ring's pages back: the device's file no longer reaches them.
+    let mut used_before = vec![0u8; 64];
+    mem.read(m.used, &mut used_before).unwrap();
+    mem.rejoin_pages(m.used).unwrap();
+    m.dev.attack(Attack::Scribble { file: 2 }).unwrap()[0]
+        .result
+        .as_ref()
+        .unwrap();
+    let mut used_after = vec![0u8; 64];
+    mem.read(m.used, &mut used_after).unwrap();
+    assert_eq!(
+        used_after, used_before,
+        "scribbles over a rejoined file reach nothing"
+    );
+    let status = m.dev.attack_fatal(Attack::TouchPastEnd { file: 0 }).unwrap();
+    assert_eq!(killed_by(&status), Some(SIGBUS), "{status:?}");
+    let mut s = vec![0u8; SECRET.len()];
+    mem.read(m.secret, &mut s).unwrap();
+    assert_eq!(s, SECRET);
+}

@@ -432,6 +432,31 @@ impl GrantService {
         self.existing_or_bad(granter, gref)?.lock().state(gref)
     }
 
+    /// The guest-physical address of the first byte of an access by `grantee` to
+    /// `len` bytes at `offset` of `granter`'s `gref`, checked exactly as the access
+    /// itself would be (state, domain, permission, the granted window of every page).
+    ///
+    /// Privileged, like everything here: the hypervisor's own translation, for
+    /// giving a grantee's pages a file of their own when the grantee runs in
+    /// another process (the ring pages of an isolated backend). A backend never
+    /// learns guest addresses through it.
+    ///
+    /// # Errors
+    /// The [`GrantError`] the access would get.
+    pub fn resolve(
+        &self,
+        granter: DomainId,
+        grantee: DomainId,
+        gref: GrantRef,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<u64, GrantError> {
+        self.existing_or_bad(granter, gref)?
+            .lock()
+            .resolve(grantee, gref, offset, len, write)
+    }
+
     /// Entries of `granter` currently granted or mapped.
     pub fn active_grants(&self, granter: DomainId) -> usize {
         self.existing(granter).map_or(0, |t| t.lock().active())

@@ -537,3 +537,40 @@ fn ring_regions_kept_past_the_queue_cannot_touch_the_reused_pages() {
     mem.read(all, &mut now).unwrap();
     assert!(now == secret, "the guest's data is intact");
 }
+
+/// The hypervisor's translation of a grant is refused exactly as the access itself
+/// would be: only the grantee, only inside the window, writes only where granted.
+#[test]
+fn resolving_a_grant_is_checked_like_an_access() {
+    let hv = Hypervisor::new();
+    let a = hv.create_domain("a", 1 << 20).unwrap();
+    let b = hv.create_domain("b", 1 << 20).unwrap();
+    let grants = GrantService::new(hv.clone());
+    let page = a.memory().alloc_pages(2).unwrap();
+    let range = grants.grant_range(a.id(), HOST, page + 100, 5000, true).unwrap();
+    assert_eq!(
+        grants
+            .resolve(a.id(), HOST, range.first, 100, 5000, false)
+            .unwrap(),
+        page + 100
+    );
+    assert_eq!(
+        grants
+            .resolve(a.id(), HOST, GrantRef(range.first.0 + 1), 0, 10, false)
+            .unwrap(),
+        page + 4096
+    );
+    assert!(matches!(
+        grants.resolve(a.id(), b.id(), range.first, 100, 1, false),
+        Err(GrantError::WrongDomain { .. })
+    ));
+    assert!(matches!(
+        grants.resolve(a.id(), HOST, range.first, 100, 1, true),
+        Err(GrantError::ReadOnly(_))
+    ));
+    assert!(matches!(
+        grants.resolve(a.id(), HOST, range.first, 99, 2, false),
+        Err(GrantError::OutOfRange { .. })
+    ));
+    assert!(grants.resolve(b.id(), HOST, range.first, 100, 1, false).is_err());
+}
