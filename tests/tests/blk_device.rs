@@ -37,6 +37,7 @@ fn image(name: &str) -> std::path::PathBuf {
 struct Rig<D: DriverModel, V: DeviceModel> {
     transport: InProcessTransport<BlkDevice<V>>,
     fixture_guest: Arc<hypervisor::Domain>,
+    model: D,
     driver: SplitDriver<D::Share, u32>,
     next: u32,
 }
@@ -98,6 +99,7 @@ where
     Rig {
         transport,
         fixture_guest: guest,
+        model: driver,
         driver: ring,
         next: 0,
     }
@@ -640,6 +642,7 @@ fn device_runs_on_the_callers_runtime() {
     let mut r: Rig<transport_descriptors::direct::DirectDriver, _> = Rig {
         transport,
         fixture_guest: guest,
+        model: driver,
         driver: SplitDriver::new(16, q.ring, q.share, Features::from_bits_retain(features)).unwrap(),
         next: 0,
     };
@@ -1362,4 +1365,86 @@ fn a_polling_worker_submits_what_its_completions_start() {
             "{cache:?}: read back"
         );
     }
+}
+
+/// An engine whose syncs never finish and whose `wait` then fails: a broken disk.
+struct LostSync {
+    inner: UringEngine,
+    swallowed: usize,
+}
+
+impl Engine for LostSync {
+    fn name(&self) -> &'static str {
+        "lost-sync"
+    }
+    fn submit(&mut self, op: backend_host::blk::engine::IoOp) {
+        if op.kind == backend_host::blk::engine::IoKind::Flush {
+            self.swallowed += 1;
+        } else {
+            self.inner.submit(op);
+        }
+    }
+    fn commit(&mut self) -> std::io::Result<()> {
+        self.inner.commit()
+    }
+    fn reap(&mut self, out: &mut Vec<backend_host::blk::engine::Completion>) -> usize {
+        self.inner.reap(out)
+    }
+    fn wait(&mut self) -> std::io::Result<()> {
+        if self.inner.in_flight() > 0 {
+            return self.inner.wait();
+        }
+        Err(std::io::Error::other("the disk stopped answering"))
+    }
+    fn ready_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.ready_fd()
+    }
+    fn ack_ready(&mut self) {
+        self.inner.ack_ready();
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.swallowed
+    }
+}
+
+/// HOSTILE 40: a queue whose disk sync is lost with its worker (the engine broke
+/// while the device reset) reports it to the flush gate as failed. Otherwise the
+/// gate would wait for that sync for ever, and every later flush of the device
+/// would hang; as it is, they fail (a sync whose result is unknown cannot count as
+/// a success).
+#[test]
+fn a_sync_lost_with_its_worker_fails_later_flushes_instead_of_hanging_them() {
+    use vio::hostile_model::watched;
+    watched(|| {
+        let settings = BlkSettings {
+            engine: EngineChoice::Custom(Arc::new(|disk: &Disk| {
+                Ok(Box::new(LostSync {
+                    inner: UringEngine::new(disk, Default::default()).map_err(std::io::Error::other)?,
+                    swallowed: 0,
+                }) as Box<dyn Engine>)
+            })),
+            ..BlkSettings::default()
+        };
+        let mut r = rig(models::direct(), "lost-sync.img", settings, false);
+        // A flush whose sync never finishes.
+        let hdr = r.buf(BlkReqHeader::new(blk::VIRTIO_BLK_T_FLUSH, 0).as_bytes());
+        let st = r.buf(&[0xff]);
+        r.driver.add(&[hdr], &[st], 99).unwrap();
+        r.transport.notify_queue(0).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // Reset: the worker gives up on its engine.
+        r.transport.set_status(0);
+        let wanted = BlkFeatures::FLUSH.bits();
+        initialize(&r.transport, blk::DEVICE_ID, wanted, blk::BLK_DEPENDENCIES).unwrap();
+        let q = r.model.create_queue(0, 64).unwrap();
+        r.transport.setup_queue(0, 64, q.addrs).unwrap();
+        driver_ok(&r.transport).unwrap();
+        r.driver = SplitDriver::new(64, q.ring, q.share, Features::VERSION_1).unwrap();
+        assert_eq!(
+            r.flush(),
+            blk::VIRTIO_BLK_S_IOERR,
+            "the lost sync is latched as failed"
+        );
+        assert!(r.transport.with_handler(|d| d.flush_failed()));
+    });
 }

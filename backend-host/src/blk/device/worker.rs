@@ -124,6 +124,9 @@ pub(super) struct Worker<M> {
     /// Go back to the ring without waiting for a kick: a wake-up ran out of budget,
     /// or the backlog that held popping back has drained.
     more: bool,
+    /// The gate's sync this queue's engine is running, until its completion is
+    /// reported to the gate.
+    running_sync: Option<u64>,
 }
 
 /// Registers a descriptor (duplicated, so the registration owns it) with the current
@@ -157,6 +160,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
             bytes_in_flight: 0,
             awaiting_sync: Vec::new(),
             more: false,
+            running_sync: None,
         }
     }
 
@@ -583,6 +587,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
                 // Latched: the data of some write may be lost for good.
                 tracing::error!(queue = self.index, error = %e, "flush failed; later flushes will fail");
             }
+            self.running_sync = None;
             self.gate.finished(epoch, c.result.is_ok());
             self.sync_progress();
             return;
@@ -692,6 +697,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
                         buf: AlignedBuf::default(),
                         user: SYNC_TAG | (e & (SYNC_TAG - 1)),
                     });
+                    self.running_sync = Some(e);
                     e
                 }
                 Ticket::Wait(e) => e,
@@ -819,6 +825,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
             self.engine.reap(&mut got);
             for c in got.drain(..) {
                 if c.user & SYNC_TAG != 0 {
+                    self.running_sync = None;
                     self.gate.finished(c.user & (SYNC_TAG - 1), c.result.is_ok());
                 }
             }
@@ -828,5 +835,21 @@ impl<M: DeviceMemory + Send> Worker<M> {
         self.backlog.clear();
         self.awaiting_sync.clear();
         self.bytes_in_flight = 0;
+    }
+}
+
+impl<M> Drop for Worker<M> {
+    /// A worker that ends with a sync still running (its engine failed while it
+    /// waited, or the task unwound) reports it to the gate as failed: the result is
+    /// lost, so it cannot count as a success, and other queues' flushes must not
+    /// wait for it for ever.
+    fn drop(&mut self) {
+        if let Some(epoch) = self.running_sync.take() {
+            tracing::error!(
+                queue = self.index,
+                "a flush's disk sync was lost with its worker; latched as failed"
+            );
+            self.gate.finished(epoch, false);
+        }
     }
 }
