@@ -240,7 +240,7 @@ impl GrantMemory {
     }
 
     /// Runs `op` on the cached mapping of each page of the range, mapping missing
-    /// pages; every page must belong to the first page's grant range and be
+    /// pages; every page must belong to the segment's first page's grant range and be
     /// writable when `write`. `None` if any page cannot be mapped (the caller then
     /// falls back to a checked copy, which reports the precise refusal).
     fn with_mapped(
@@ -255,7 +255,14 @@ impl GrantMemory {
         // Every page is mapped and checked before any byte moves: a refusal found on
         // a later page must not leave the earlier ones written (a refused access
         // moves nothing, HOSTILE 30).
-        let mut range = None;
+        // The pages reached must be of the grant range of the segment's own first
+        // page, as `resolve` requires of a checked copy: a large offset must not run
+        // on into another range.
+        if cache.get(a.gref.0).is_none() {
+            let m = self.table.map(self.backend, a.gref, 1, None).ok()?;
+            cache.insert(a.gref.0, m)?;
+        }
+        let mut range = Some(cache.get(a.gref.0)?.range_first());
         for (gref, _, _, _) in pieces(a, offset, len.max(1)) {
             if cache.get(gref).is_none() {
                 let m = self.table.map(self.backend, GrantRef(gref), 1, None).ok()?;
@@ -363,5 +370,37 @@ mod tests {
         let mut after = [0u8; 16];
         mem.read(pool.base() + PAGE_SIZE - 16, &mut after).unwrap();
         assert_eq!(after, [0xaa; 16], "a refused write changed the pool");
+    }
+    /// A persistent-hinted segment cannot run on into another grant range, however
+    /// far its offset: the pages reached must be of the segment's own range, as for
+    /// the checked copy (found by the `device_memory` fuzz target).
+    #[test]
+    fn a_cached_access_stays_in_the_segments_grant_range() {
+        let hv = Hypervisor::new();
+        let guest = hv.create_domain("guest", 1 << 20).unwrap();
+        let grants = GrantService::new(hv.clone());
+        let (driver, device) = crate::pair(&grants, &guest, Hypervisor::HOST).unwrap();
+        let a = driver.persistent_pool(PAGE_SIZE).unwrap();
+        let b = driver.persistent_pool(PAGE_SIZE).unwrap();
+        assert_eq!(b.first_ref().0, a.first_ref().0 + 1, "consecutive ranges");
+        let q = driver.create_queue(0, 8).unwrap();
+        let dq = device.open_queue(0, 8, q.addrs).unwrap();
+        let seg = Segment::new(
+            encode(a.first_ref(), 0, true),
+            2 * 4096,
+            true,
+            0,
+            DescSlot::Table(0),
+        );
+        let mut buf = [0u8; 16];
+        assert!(
+            dq.memory.read(&seg, 4096, &mut buf).is_err(),
+            "read pool b through pool a"
+        );
+        assert!(
+            dq.memory.write(&seg, 4096, &buf).is_err(),
+            "wrote pool b through pool a"
+        );
+        assert!(dq.memory.read(&seg, 4096, &mut []).is_err());
     }
 }
