@@ -613,11 +613,14 @@ pub fn grant_memory(data: &[u8]) -> String {
                 let Some(start) = start else { return Reach::Never };
                 let end = start + (count as u64).max(1);
                 let exposures = exposures.borrow();
-                let Some(e) = exposures
-                    .iter()
-                    .rev()
-                    .find(|e| start >= e.addr && end <= e.addr + e.len)
-                else {
+                // The grant named by the segment's address must be of the same grant
+                // range as the bytes accessed (an access runs on only inside one range).
+                let gref = (seg.addr() & !PERSISTENT) >> 12;
+                let Some(e) = exposures.iter().rev().find(|e| {
+                    start >= e.addr
+                        && end <= e.addr + e.len
+                        && (e.addr >> 12..=(e.addr + e.len - 1) >> 12).contains(&gref)
+                }) else {
                     return Reach::Never;
                 };
                 let gpa = e.gpa + (start - e.addr);
