@@ -2,7 +2,12 @@
 //! through `VhostMemory::open_queue`) over a hostile memory table, read and written
 //! with hostile segments (HOSTILE 5, 35, 38).
 //!
-//! Input layout (missing bytes read as zero):
+//! The first byte's top two bits pick the model: 0 `TableMemory` (below), 1
+//! `CopyMemory` (the rest of the input is a `copy_helper` input: model 3's memory is
+//! reached by head and slot, so that target is its `device_memory`), 2
+//! `GrantMemory` ([`grant_memory`]), 3 `SharedPageMemory` ([`shared_page_memory`]).
+//!
+//! `TableMemory` input layout (missing bytes read as zero):
 //!
 //! 1. `n`: `n % 3 + 1` regions, each `mode: u8` then either (mode bit 0 clear) a
 //!    tame region, `gpa: u16` (in 256-byte units), `size: u16` (plus 1),
@@ -22,6 +27,7 @@
 //! segments the table covers; `direct` hands out a view of exactly the segment,
 //! read-only for a readable segment, with the right bytes. Never a panic.
 
+use std::cell::RefCell;
 use std::fs::File;
 
 use backend_host::vhost_user::memory::{RegionSpec, VhostMemory};
@@ -66,6 +72,12 @@ pub fn run(data: &[u8]) {
 /// [`run`], returning what happened (`table refused`, or counts of accesses that
 /// succeeded and failed), for the seed tests.
 pub fn report(data: &[u8]) -> String {
+    match data.first().map_or(0, |b| b >> 6) {
+        0 => {}
+        1 => return super::copy_helper::report(&data[1..]),
+        2 => return grant_memory(&data[1..]),
+        _ => return shared_page_memory(&data[1..]),
+    }
     let mut input = Bytes(data);
     let n = usize::from(input.u8() % 3) + 1;
     let mut shadows = Vec::with_capacity(n);
@@ -259,6 +271,439 @@ fn shadow_write(shadows: &mut [Shadow], mut gpa: u64, src: &[u8]) -> bool {
     true
 }
 
+/// What the harness expects of one access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Allowed: must succeed, on these guest bytes.
+    Must(u64),
+    /// May succeed (a deferred revocation), on these guest bytes.
+    May(u64),
+    /// Must be refused.
+    Never,
+}
+
+impl Reach {
+    fn gpa(self) -> Option<u64> {
+        match self {
+            Reach::Must(g) | Reach::May(g) => Some(g),
+            Reach::Never => None,
+        }
+    }
+}
+
+/// Drives accesses (the same encoding as the table part, with the address operand
+/// `anchor index | delta << 8` from `anchors` when bit 3 is clear) against `mem`,
+/// checking each against `reach(seg, offset, count, write)` and the shadow of the
+/// guest memory `guest`. Returns `(ok, refused)`.
+fn drive<M: DeviceMemory>(
+    input: &mut Bytes<'_>,
+    mem: &M,
+    guest: &hypervisor::GuestMemory,
+    shadow: &mut [u8],
+    anchors: &RefCell<Vec<u64>>,
+    mut reach: impl FnMut(&Segment, u32, usize, bool) -> Reach,
+    mut between: impl FnMut(u8, &mut Bytes<'_>, &mut [u8]),
+) -> (u32, u32) {
+    let base = guest.base();
+    let (mut ok, mut refused) = (0u32, 0u32);
+    let mut accesses = 0;
+    while !input.is_empty() && accesses < MAX_ACCESSES {
+        accesses += 1;
+        let op = input.u8();
+        if op & 0x30 != 0 {
+            // A step of the model's driver side (expose, retire, ...).
+            between(op, input, shadow);
+            continue;
+        }
+        let raw = input.u64();
+        let anchor = {
+            let anchors = anchors.borrow();
+            (!anchors.is_empty()).then(|| anchors[(raw as u8 as usize) % anchors.len()])
+        };
+        let addr = if op & 8 != 0 || anchor.is_none() {
+            raw
+        } else {
+            let a = anchor.unwrap_or(0);
+            let a = if op & 0x40 != 0 { a ^ (1 << 63) } else { a };
+            a.wrapping_add_signed(i64::from((raw >> 8) as u16 as i16))
+        };
+        let len = u32::from(input.u16());
+        let offset = u32::from(input.u16());
+        let count = usize::from(input.u16());
+        let writable = op & 4 != 0;
+        let seg = Segment::new(addr, len, writable, 0, DescSlot::Table(0));
+        let inside_seg = u64::from(offset) + count as u64 <= u64::from(len);
+        let at = |gpa: u64| usize::try_from(gpa - base).expect("in memory");
+        match op & 3 {
+            0 => {
+                let want = reach(&seg, offset, count, false);
+                let mut buf = vec![0u8; count];
+                match mem.read(&seg, offset, &mut buf) {
+                    Ok(()) => {
+                        ok += 1;
+                        assert!(inside_seg, "read outside {seg:?}: {offset}+{count}");
+                        let gpa = want
+                            .gpa()
+                            .unwrap_or_else(|| panic!("read of {seg:?} {offset}+{count} succeeded"));
+                        assert!(
+                            buf == shadow[at(gpa)..at(gpa) + count],
+                            "read returned other bytes"
+                        );
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        assert!(
+                            !matches!(want, Reach::Must(_)),
+                            "read of {seg:?} {offset}+{count} refused: {e:?}"
+                        );
+                    }
+                }
+            }
+            1 => {
+                let want = if writable {
+                    reach(&seg, offset, count, true)
+                } else {
+                    Reach::Never
+                };
+                let src: Vec<u8> = (0..count).map(|k| (k as u8) ^ op ^ 0x77).collect();
+                match mem.write(&seg, offset, &src) {
+                    Ok(()) => {
+                        ok += 1;
+                        assert!(writable, "write to a readable segment succeeded");
+                        assert!(inside_seg, "write outside {seg:?}: {offset}+{count}");
+                        let gpa = want
+                            .gpa()
+                            .unwrap_or_else(|| panic!("write of {seg:?} {offset}+{count} succeeded"));
+                        shadow[at(gpa)..at(gpa) + count].copy_from_slice(&src);
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        if !writable {
+                            assert!(matches!(e, AccessError::Denied), "{e:?}");
+                        }
+                        assert!(
+                            !matches!(want, Reach::Must(_)),
+                            "write of {seg:?} {offset}+{count} refused: {e:?}"
+                        );
+                    }
+                }
+            }
+            2 => {
+                let want = reach(&seg, 0, len as usize, writable);
+                match mem.check(&seg) {
+                    Ok(()) => {
+                        ok += 1;
+                        assert!(want != Reach::Never, "check passed {seg:?}");
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        assert!(!matches!(want, Reach::Must(_)), "check refused {seg:?}: {e:?}");
+                    }
+                }
+            }
+            _ => match mem.direct(&seg) {
+                Some(view) => {
+                    ok += 1;
+                    assert_eq!(view.len(), len as usize, "direct view of another length");
+                    assert_eq!(view.is_writable(), writable, "direct view writability");
+                    let gpa = reach(&seg, 0, len as usize, writable)
+                        .gpa()
+                        .unwrap_or_else(|| panic!("direct view of {seg:?}"));
+                    let mut got = vec![0u8; len as usize];
+                    view.read(0, &mut got).expect("view read");
+                    assert!(
+                        got == shadow[at(gpa)..at(gpa) + len as usize],
+                        "direct view shows other bytes"
+                    );
+                }
+                None => refused += 1,
+            },
+        }
+    }
+    (ok, refused)
+}
+
+/// The guest's whole memory, for a shadow.
+fn snapshot(guest: &hypervisor::GuestMemory) -> Vec<u8> {
+    let mut v = vec![0u8; guest.size() as usize];
+    guest.read(guest.base(), &mut v).expect("read guest");
+    v
+}
+
+/// Panics if guest memory differs from the shadow.
+fn compare(guest: &hypervisor::GuestMemory, shadow: &[u8]) {
+    let now = snapshot(guest);
+    if let Some(i) = now.iter().zip(shadow).position(|(a, b)| a != b) {
+        panic!(
+            "guest byte {:#x} changed behind the model's back",
+            guest.base() + i as u64
+        );
+    }
+}
+
+/// `SharedPageMemory` (model 1): a region with two queues' rings and bounce areas;
+/// the device's memory of queue 0 must reach exactly queue 0's bounce area.
+///
+/// Input after the first byte: accesses as in the table part, the address operand
+/// relative to one of: queue 0's bounce area, its end, queue 1's bounce area, the
+/// region's start (the rings).
+pub fn shared_page_memory(data: &[u8]) -> String {
+    use transport_shared_page::{SharedPageConfig, pair};
+    use virtio_core::DriverModel;
+    let hv = hypervisor::Hypervisor::new();
+    let Ok(domain) = hv.create_domain("guest", 256 << 10) else {
+        return "no memory".into();
+    };
+    let cfg = SharedPageConfig {
+        max_queues: 2,
+        max_queue_size: 8,
+        bounce_bytes_per_queue: 8 << 10,
+    };
+    let Ok((driver, device)) = pair(&domain, cfg) else {
+        return "no model".into();
+    };
+    let (Ok(q0), Ok(q1)) = (driver.create_queue(0, 8), driver.create_queue(1, 8)) else {
+        return "no queue".into();
+    };
+    let (Ok(d0), Ok(d1)) = (
+        device.open_queue(0, 8, q0.addrs),
+        device.open_queue(1, 8, q1.addrs),
+    ) else {
+        return "no device queue".into();
+    };
+    let guest = domain.memory().clone();
+    // A pattern in the whole region, so reads of the wrong bytes show.
+    let region = driver.shared_gpa();
+    let pattern: Vec<u8> = (0..device.shared_len())
+        .map(|k| (k as u8) ^ (k >> 9) as u8)
+        .collect();
+    guest.write(region, &pattern).expect("region");
+    let mut shadow = snapshot(&guest);
+    let bounce = d0.memory.bounce_range();
+    let other = d1.memory.bounce_range();
+    let anchors = RefCell::new(vec![bounce.start, bounce.end, other.start, 0]);
+    let mut input = Bytes(data);
+    let (ok, refused) = drive(
+        &mut input,
+        &d0.memory,
+        &guest,
+        &mut shadow,
+        &anchors,
+        |seg, offset, count, write| {
+            let end = seg.addr().checked_add(u64::from(seg.len()));
+            let inside = seg.addr() >= bounce.start && end.is_some_and(|e| e <= bounce.end);
+            let fits = u64::from(offset) + count as u64 <= u64::from(seg.len());
+            if inside && fits && (!write || seg.writable()) {
+                Reach::Must(region + seg.addr() + u64::from(offset))
+            } else {
+                Reach::Never
+            }
+        },
+        |_, _, _| {},
+    );
+    compare(&guest, &shadow);
+    drop((q0, q1));
+    format!("shared page: {ok} ok, {refused} refused")
+}
+
+/// One buffer the grant driver exposed.
+#[derive(Debug)]
+struct Exposure {
+    /// The descriptor address without the persistent hint.
+    addr: u64,
+    len: u64,
+    gpa: u64,
+    writable: bool,
+    /// Retired (its one-shot grant ended, or deferred while mapped).
+    retired: bool,
+    /// Pool buffers and the rings stay granted.
+    lasting: bool,
+}
+
+/// `GrantMemory` (model 4): the device's memory of a queue whose driver exposes and
+/// retires one-shot buffers, buffers inside a persistent pool, and whose device may
+/// forge the persistent hint (so one-shot pages get mapped and their revocation
+/// deferred, HOSTILE 37).
+///
+/// Input after the first byte: steps and accesses. A byte with bit 4 or 5 set is a
+/// driver step (`(op >> 4) & 3`): 1 expose `at: u16` (offset in a 64 KiB buffer
+/// area, bit 15: in the pool instead), `len: u16`, direction bit 7 of `op`; 2
+/// retire exposure `i: u8`; 3 flush the device's cache (`op & 1`) or retry deferred
+/// revocations. Otherwise an access as in the table part, its address operand
+/// relative to an exposure's address (any exposed so far, the three rings first),
+/// bit 6 flipping the persistent hint.
+pub fn grant_memory(data: &[u8]) -> String {
+    use transport_grant::addr::{PERSISTENT, decode};
+    use transport_grant::{GrantRef, GrantService, GrantState, PAGE_SIZE, pair};
+    use virtio_core::{Direction, DriverModel, DriverShare, GuestBuf};
+
+    let hv = hypervisor::Hypervisor::new();
+    let Ok(domain) = hv.create_domain("guest", 256 << 10) else {
+        return "no memory".into();
+    };
+    let service = GrantService::new(hv.clone());
+    let Ok((driver, device)) = pair(&service, &domain, hypervisor::Hypervisor::HOST) else {
+        return "no model".into();
+    };
+    let guest = domain.memory().clone();
+    let Ok(pool) = driver.persistent_pool(2 * PAGE_SIZE) else {
+        return "no pool".into();
+    };
+    // The allocator is first fit: the three ring pages come next.
+    let Ok(rings) = guest.alloc_pages(3) else {
+        return "no ring memory".into();
+    };
+    guest.free(rings, 3 * PAGE_SIZE).expect("free probe");
+    let Ok(mut q) = driver.create_queue(0, 8) else {
+        return "no queue".into();
+    };
+    let Ok(dq) = device.open_queue(0, 8, q.addrs) else {
+        return "no device queue".into();
+    };
+    q.ring.used.write(0, &[0x5a]).expect("used ring");
+    let mut probe = [0u8];
+    guest.read(rings + 2 * PAGE_SIZE, &mut probe).expect("probe");
+    assert_eq!(probe[0], 0x5a, "rings not where the probe said");
+    let Ok(area) = guest.alloc(64 << 10, PAGE_SIZE) else {
+        return "no buffer memory".into();
+    };
+    let pattern: Vec<u8> = (0..guest.size())
+        .map(|k| (k as u8).wrapping_mul(7) ^ (k >> 10) as u8)
+        .collect();
+    guest.write(guest.base(), &pattern).expect("fill");
+    let mut shadow = snapshot(&guest);
+
+    let ring = |addr: u64, i: u64, writable: bool| Exposure {
+        addr,
+        len: PAGE_SIZE,
+        gpa: rings + i * PAGE_SIZE,
+        writable,
+        retired: false,
+        lasting: true,
+    };
+    let exposures = RefCell::new(vec![
+        ring(q.addrs.desc, 0, false),
+        ring(q.addrs.avail, 1, false),
+        ring(q.addrs.used, 2, true),
+        Exposure {
+            addr: transport_grant::addr::encode(pool.first_ref(), 0, false),
+            len: pool.len(),
+            gpa: pool.base(),
+            writable: true,
+            retired: false,
+            lasting: true,
+        },
+    ]);
+    let tokens = RefCell::new(Vec::new());
+    let guest_id = domain.id();
+    let mut input = Bytes(data);
+    let anchors = RefCell::new(exposures.borrow().iter().map(|e| e.addr).collect());
+    let (ok, refused) = {
+        drive(
+            &mut input,
+            &dq.memory,
+            &guest,
+            &mut shadow,
+            &anchors,
+            |seg, offset, count, write| {
+                if decode(seg.addr()).is_err() || u64::from(offset) + count as u64 > u64::from(seg.len()) {
+                    return Reach::Never;
+                }
+                let start = (seg.addr() & !PERSISTENT).checked_add(u64::from(offset));
+                let Some(start) = start else { return Reach::Never };
+                let end = start + (count as u64).max(1);
+                let exposures = exposures.borrow();
+                // The grant named by the segment's address must be of the same grant
+                // range as the bytes accessed (an access runs on only inside one range).
+                let gref = (seg.addr() & !PERSISTENT) >> 12;
+                let Some(e) = exposures.iter().rev().find(|e| {
+                    start >= e.addr
+                        && end <= e.addr + e.len
+                        && (e.addr >> 12..=(e.addr + e.len - 1) >> 12).contains(&gref)
+                }) else {
+                    return Reach::Never;
+                };
+                let gpa = e.gpa + (start - e.addr);
+                if write && !e.writable {
+                    return Reach::Never;
+                }
+                if e.lasting || !e.retired {
+                    return Reach::Must(gpa);
+                }
+                // Retired: reachable only while its revocation is deferred (a page
+                // still mapped, or unmapped and not yet retried).
+                let first = (start >> 12) as u32;
+                let last = ((end - 1) >> 12) as u32;
+                let live = (first..=last).any(|r| {
+                    matches!(
+                        service.state(guest_id, GrantRef(r)),
+                        Ok(GrantState::Mapped(_) | GrantState::Granted)
+                    )
+                });
+                if live { Reach::May(gpa) } else { Reach::Never }
+            },
+            |op, input, shadow| match (op >> 4) & 3 {
+                1 => {
+                    let at = input.u16();
+                    let len = u32::from(input.u16());
+                    let dir = if op & 0x80 != 0 {
+                        Direction::FromDevice
+                    } else {
+                        Direction::ToDevice
+                    };
+                    let gpa = if at & 0x8000 != 0 {
+                        pool.base() + u64::from(at & 0x1fff)
+                    } else {
+                        area + u64::from(at)
+                    };
+                    if let Ok(x) = q.share.expose(GuestBuf::new(gpa, len), dir) {
+                        let persistent = x.addr & PERSISTENT != 0;
+                        let mut index = usize::MAX;
+                        if x.len > 0 {
+                            index = exposures.borrow().len();
+                            exposures.borrow_mut().push(Exposure {
+                                addr: x.addr & !PERSISTENT,
+                                len: u64::from(x.len),
+                                gpa,
+                                writable: dir == Direction::FromDevice || persistent,
+                                retired: false,
+                                lasting: persistent,
+                            });
+                            anchors.borrow_mut().push(x.addr);
+                        }
+                        tokens.borrow_mut().push((index, Some(x.token)));
+                    }
+                }
+                2 => {
+                    let mut tokens = tokens.borrow_mut();
+                    if !tokens.is_empty() {
+                        let n = tokens.len();
+                        let (i, t) = &mut tokens[usize::from(input.u8()) % n];
+                        if let Some(t) = t.take() {
+                            q.share.retire(t, 0);
+                            if let Some(e) = exposures.borrow_mut().get_mut(*i) {
+                                e.retired = true;
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    if op & 1 != 0 {
+                        dq.memory.flush_cache();
+                    } else {
+                        q.share.retry_deferred();
+                    }
+                    let _ = shadow;
+                }
+            },
+        )
+    };
+    compare(&guest, &shadow);
+    let deferred = q.share.deferred();
+    drop(dq);
+    format!("grant: {ok} ok, {refused} refused, {deferred} deferred")
+}
+
 fn tame(s: Seed, gpa_units: u16, size: u16, user_pages: u16, offset: u16) -> Seed {
     s.u8(0).u16(gpa_units).u16(size).u16(user_pages).u16(offset)
 }
@@ -286,6 +731,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     const DIRECT: u8 = 3;
     const W: u8 = 4;
     const RAW: u8 = 8;
+    const P: u8 = 0x40;
     // Two adjacent regions: 0x1_0000..0x1_1000 and 0x1_1000..0x1_2000.
     let two = || tame(tame(Seed::new().u8(1), 0, 0xfff, 0, 0), 0x10, 0xfff, 1, 0x1000);
     vec![
@@ -394,5 +840,157 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             .0,
             "0 ok, 1 refused",
         ),
+        (
+            "sp-read-write-bounce",
+            access(
+                access(sp(), WRITE | W, at(0, 0x10), 64, 0, 64),
+                READ,
+                at(0, 0x10),
+                64,
+                0,
+                64,
+            )
+            .0,
+            "shared page: 2 ok, 0 refused",
+        ),
+        (
+            "sp-direct-bounce",
+            access(sp(), DIRECT | W, at(0, 0x100), 32, 0, 0).0,
+            "shared page: 1 ok, 0 refused",
+        ),
+        (
+            "sp-other-queue-refused",
+            access(access(sp(), READ, at(2, 0), 16, 0, 16), CHECK, at(2, 0), 16, 0, 0).0,
+            "shared page: 0 ok, 2 refused",
+        ),
+        (
+            "sp-rings-refused",
+            access(sp(), READ, at(3, 0x10), 16, 0, 16).0,
+            "shared page: 0 ok, 1 refused",
+        ),
+        (
+            "sp-past-the-area",
+            access(sp(), READ, at(1, -8), 16, 0, 8).0,
+            "shared page: 0 ok, 1 refused",
+        ),
+        (
+            "grant-one-shot-read-write",
+            access(
+                access(
+                    expose(gm(), true, 0x100, 0x200),
+                    WRITE | W,
+                    at(4, 0),
+                    0x200,
+                    0,
+                    0x200,
+                ),
+                READ,
+                at(4, 0x10),
+                0x100,
+                0,
+                0x100,
+            )
+            .0,
+            "grant: 2 ok, 0 refused",
+        ),
+        (
+            "grant-readable-not-written",
+            access(expose(gm(), false, 0x2000, 64), WRITE | W, at(4, 0), 64, 0, 64).0,
+            "grant: 0 ok, 1 refused",
+        ),
+        (
+            "grant-outside-buffer-refused",
+            access(
+                access(expose(gm(), true, 0x100, 0x200), READ, at(4, -1), 2, 0, 2),
+                READ,
+                at(4, 0x1ff),
+                2,
+                0,
+                2,
+            )
+            .0,
+            "grant: 0 ok, 2 refused",
+        ),
+        (
+            "grant-retired-refused",
+            access(
+                expose(gm(), true, 0x100, 0x200).u8(0x20).u8(0),
+                READ,
+                at(4, 0),
+                1,
+                0,
+                1,
+            )
+            .0,
+            "grant: 0 ok, 1 refused, 0 deferred",
+        ),
+        (
+            "grant-forged-persistent-defers",
+            access(
+                access(expose(gm(), true, 0x1000, 0x1000), READ | P, at(4, 0), 8, 0, 8)
+                    .u8(0x20)
+                    .u8(0),
+                WRITE | W | P,
+                at(4, 0),
+                8,
+                0,
+                8,
+            )
+            .0,
+            "grant: 2 ok, 0 refused, 1 deferred",
+        ),
+        (
+            "grant-deferred-then-revoked",
+            access(
+                access(expose(gm(), true, 0x1000, 0x1000), READ | P, at(4, 0), 8, 0, 8)
+                    .u8(0x20)
+                    .u8(0)
+                    .u8(0x31)
+                    .u8(0x30),
+                READ | P,
+                at(4, 0),
+                8,
+                0,
+                8,
+            )
+            .0,
+            "grant: 1 ok, 1 refused, 0 deferred",
+        ),
+        (
+            "grant-refused-cached-write-moves-nothing",
+            access(
+                access(
+                    access(gm(), WRITE | W | P, at(3, 0x1ff0), 32, 0, 32),
+                    WRITE | W,
+                    at(2, 0),
+                    8,
+                    0,
+                    8,
+                ),
+                WRITE | W,
+                at(0, 0),
+                8,
+                0,
+                8,
+            )
+            .0,
+            "grant: 1 ok, 2 refused",
+        ),
     ]
+}
+
+/// A `SharedPageMemory` input (accesses follow).
+fn sp() -> Seed {
+    Seed::new().u8(0xc0)
+}
+
+/// A `GrantMemory` input (steps and accesses follow).
+fn gm() -> Seed {
+    Seed::new().u8(0x80)
+}
+
+/// A grant driver step exposing `len` bytes at `at` of the buffer area, writable by
+/// the device if `writable`.
+fn expose(s: Seed, writable: bool, at: u16, len: u16) -> Seed {
+    s.u8(0x10 | if writable { 0x80 } else { 0 }).u16(at).u16(len)
 }

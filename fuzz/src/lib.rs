@@ -9,8 +9,10 @@
 pub mod common;
 
 pub mod blk_request;
+pub mod copy_helper;
 pub mod device_memory;
 pub mod driver_used_ring;
+pub mod grant_ops;
 pub mod net_ctrl;
 pub mod net_tx;
 pub mod vhost_user_reply;

@@ -156,6 +156,22 @@ target_tests!(
     |input| targets::net_ctrl::report(&input)
 );
 
+target_tests!(
+    grant_ops,
+    grant_ops_corpus_runs_clean,
+    grant_ops_seeds_reach_their_rule,
+    grant_ops_corpus_holds_every_seed,
+    |input| targets::grant_ops::report(&input)
+);
+
+target_tests!(
+    copy_helper,
+    copy_helper_corpus_runs_clean,
+    copy_helper_seeds_reach_their_rule,
+    copy_helper_corpus_holds_every_seed,
+    |input| targets::copy_helper::report(&input)
+);
+
 #[test]
 #[ignore = "generator: rewrites fuzz/corpus/<target>/ from each target's `seeds()`"]
 fn write_seed_corpora() {
@@ -166,4 +182,6 @@ fn write_seed_corpora() {
     write_seeds("device_memory", &targets::device_memory::seeds());
     write_seeds("net_ctrl", &targets::net_ctrl::seeds());
     write_seeds("net_tx", &targets::net_tx::seeds());
+    write_seeds("grant_ops", &targets::grant_ops::seeds());
+    write_seeds("copy_helper", &targets::copy_helper::seeds());
 }

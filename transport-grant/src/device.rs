@@ -240,7 +240,7 @@ impl GrantMemory {
     }
 
     /// Runs `op` on the cached mapping of each page of the range, mapping missing
-    /// pages; every page must belong to the first page's grant range and be
+    /// pages; every page must belong to the segment's first page's grant range and be
     /// writable when `write`. `None` if any page cannot be mapped (the caller then
     /// falls back to a checked copy, which reports the precise refusal).
     fn with_mapped(
@@ -252,8 +252,18 @@ impl GrantMemory {
         mut op: impl FnMut(&GrantMapping, u64, usize, usize) -> Result<(), GrantError>,
     ) -> Option<Result<(), GrantError>> {
         let mut cache = self.cache.borrow_mut();
-        let mut range = None;
-        for (gref, in_page, n, at) in pieces(a, offset, len.max(1)) {
+        // Every page is mapped and checked before any byte moves: a refusal found on
+        // a later page must not leave the earlier ones written (a refused access
+        // moves nothing, HOSTILE 30).
+        // The pages reached must be of the grant range of the segment's own first
+        // page, as `resolve` requires of a checked copy: a large offset must not run
+        // on into another range.
+        if cache.get(a.gref.0).is_none() {
+            let m = self.table.map(self.backend, a.gref, 1, None).ok()?;
+            cache.insert(a.gref.0, m)?;
+        }
+        let mut range = Some(cache.get(a.gref.0)?.range_first());
+        for (gref, _, _, _) in pieces(a, offset, len.max(1)) {
             if cache.get(gref).is_none() {
                 let m = self.table.map(self.backend, GrantRef(gref), 1, None).ok()?;
                 cache.insert(gref, m)?;
@@ -262,6 +272,14 @@ impl GrantMemory {
             if *range.get_or_insert(m.range_first()) != m.range_first() || (write && !m.is_writable()) {
                 return None;
             }
+        }
+        // Mapping a later page may have evicted an earlier one from a full cache: the
+        // checked copy then serves the access.
+        if !pieces(a, offset, len.max(1)).all(|(gref, ..)| cache.get(gref).is_some()) {
+            return None;
+        }
+        for (gref, in_page, n, at) in pieces(a, offset, len.max(1)) {
+            let m = cache.get(gref)?;
             if len > 0
                 && let Err(e) = op(m, in_page, n.min(len - at), at)
             {
@@ -320,5 +338,69 @@ impl virtio_core::DeviceMemory for GrantMemory {
         }
         let at = u64::from(a.offset) + u64::from(offset);
         self.table.copy_to(self.backend, a.gref, at, src).map_err(access)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::encode;
+    use hypervisor::Hypervisor;
+    use virtio_core::{DescSlot, DeviceMemory, DriverModel};
+
+    /// A persistent-hinted write whose second page leaves the grant range is refused,
+    /// and refused before any byte moves: the first page, which the device may
+    /// write, keeps its bytes (found by the `device_memory` fuzz target).
+    #[test]
+    fn a_refused_cached_write_moves_no_byte() {
+        let hv = Hypervisor::new();
+        let guest = hv.create_domain("guest", 1 << 20).unwrap();
+        let grants = GrantService::new(hv.clone());
+        let (driver, device) = crate::pair(&grants, &guest, Hypervisor::HOST).unwrap();
+        let pool = driver.persistent_pool(PAGE_SIZE).unwrap();
+        let q = driver.create_queue(0, 8).unwrap();
+        let dq = device.open_queue(0, 8, q.addrs).unwrap();
+        let mem = guest.memory();
+        mem.write(pool.base() + PAGE_SIZE - 16, &[0xaa; 16]).unwrap();
+        // 16 bytes at the end of the pool's page, then 16 of the next reference (a
+        // ring page of another grant range).
+        let addr = encode(pool.first_ref(), 4096 - 16, true);
+        let seg = Segment::new(addr, 32, true, 0, DescSlot::Table(0));
+        assert!(dq.memory.write(&seg, 0, &[0x55; 32]).is_err());
+        let mut after = [0u8; 16];
+        mem.read(pool.base() + PAGE_SIZE - 16, &mut after).unwrap();
+        assert_eq!(after, [0xaa; 16], "a refused write changed the pool");
+    }
+    /// A persistent-hinted segment cannot run on into another grant range, however
+    /// far its offset: the pages reached must be of the segment's own range, as for
+    /// the checked copy (found by the `device_memory` fuzz target).
+    #[test]
+    fn a_cached_access_stays_in_the_segments_grant_range() {
+        let hv = Hypervisor::new();
+        let guest = hv.create_domain("guest", 1 << 20).unwrap();
+        let grants = GrantService::new(hv.clone());
+        let (driver, device) = crate::pair(&grants, &guest, Hypervisor::HOST).unwrap();
+        let a = driver.persistent_pool(PAGE_SIZE).unwrap();
+        let b = driver.persistent_pool(PAGE_SIZE).unwrap();
+        assert_eq!(b.first_ref().0, a.first_ref().0 + 1, "consecutive ranges");
+        let q = driver.create_queue(0, 8).unwrap();
+        let dq = device.open_queue(0, 8, q.addrs).unwrap();
+        let seg = Segment::new(
+            encode(a.first_ref(), 0, true),
+            2 * 4096,
+            true,
+            0,
+            DescSlot::Table(0),
+        );
+        let mut buf = [0u8; 16];
+        assert!(
+            dq.memory.read(&seg, 4096, &mut buf).is_err(),
+            "read pool b through pool a"
+        );
+        assert!(
+            dq.memory.write(&seg, 4096, &buf).is_err(),
+            "wrote pool b through pool a"
+        );
+        assert!(dq.memory.read(&seg, 4096, &mut []).is_err());
     }
 }
