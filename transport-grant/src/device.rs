@@ -403,4 +403,42 @@ mod tests {
         );
         assert!(dq.memory.read(&seg, 4096, &mut []).is_err());
     }
+
+    /// A device that forges the persistent hint on a one-shot buffer grant cannot
+    /// map it: one-shot grants are for copying only. Mapped, the grant could not
+    /// be revoked when the driver retires the buffer (the revocation is deferred
+    /// while mapped), and the caller reuses memory the device could still write
+    /// (found by the `device_memory` fuzz target, seed
+    /// `grant-forged-persistent-defers`).
+    #[test]
+    fn a_forged_persistent_hint_cannot_keep_a_retired_buffer() {
+        use crate::addr::decode;
+        use virtio_core::{Direction, DriverShare, GuestBuf};
+        let hv = Hypervisor::new();
+        let guest = hv.create_domain("guest", 1 << 20).unwrap();
+        let grants = GrantService::new(hv.clone());
+        let (driver, device) = crate::pair(&grants, &guest, Hypervisor::HOST).unwrap();
+        let mut q = driver.create_queue(0, 8).unwrap();
+        let dq = device.open_queue(0, 8, q.addrs).unwrap();
+        let mem = guest.memory();
+        let buf = mem.alloc_pages(1).unwrap();
+        let exposed = q
+            .share
+            .expose(GuestBuf::new(buf, 4096), Direction::FromDevice)
+            .unwrap();
+        let a = decode(exposed.addr).unwrap();
+        let forged = Segment::new(encode(a.gref, a.offset, true), 4096, true, 0, DescSlot::Table(0));
+        // While the buffer is the device's, it may write it (by copy).
+        dq.memory.write(&forged, 0, b"mine").unwrap();
+        q.share.retire(exposed.token, 4);
+        assert_eq!(q.share.deferred(), 0, "no revocation was deferred");
+        mem.write(buf, b"reused by the guest").unwrap();
+        assert!(
+            dq.memory.write(&forged, 0, b"LATE").is_err(),
+            "the device wrote a retired buffer"
+        );
+        let mut back = [0u8; 19];
+        mem.read(buf, &mut back).unwrap();
+        assert_eq!(&back, b"reused by the guest");
+    }
 }

@@ -459,9 +459,11 @@ impl DriverShare for GrantShare {
             });
         }
         let readonly = dir == Direction::ToDevice;
+        // Copy-only: the buffer is the caller's again the moment it is retired, so
+        // its grant must end then, which a device mapping would prevent.
         let range = self
             .table
-            .grant_range(self.backend, buf.addr, buf.len, readonly)
+            .grant_range_copy_only(self.backend, buf.addr, buf.len, readonly)
             .map_err(|e| share_error(e, buf.len))?;
         self.live += 1;
         Ok(Exposed {

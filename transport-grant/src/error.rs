@@ -68,6 +68,10 @@ pub enum GrantError {
     /// can be copied, never mapped: a mapping would expose the whole page).
     #[error("{0} grants part of a page and can only be copied")]
     SubPage(GrantRef),
+    /// A map of an entry its granter made for copying only (a one-shot buffer: the
+    /// granter must be able to end it the moment it retires the buffer).
+    #[error("{0} was granted for copying only")]
+    CopyOnly(GrantRef),
     /// A grant of nothing.
     #[error("a grant must cover at least one byte")]
     Empty,

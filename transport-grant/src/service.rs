@@ -54,6 +54,29 @@ impl GrantTable {
         len: u32,
         readonly: bool,
     ) -> Result<GrantRange, GrantError> {
+        self.grant_range_as(grantee, gpa, len, readonly, false)
+    }
+
+    /// As [`Self::grant_range`], for copying only: the grantee can never map it, so
+    /// ending it never has to wait for an unmap.
+    pub(crate) fn grant_range_copy_only(
+        &self,
+        grantee: DomainId,
+        gpa: u64,
+        len: u32,
+        readonly: bool,
+    ) -> Result<GrantRange, GrantError> {
+        self.grant_range_as(grantee, gpa, len, readonly, true)
+    }
+
+    fn grant_range_as(
+        &self,
+        grantee: DomainId,
+        gpa: u64,
+        len: u32,
+        readonly: bool,
+        copy_only: bool,
+    ) -> Result<GrantRange, GrantError> {
         if len == 0 {
             return Err(GrantError::Empty);
         }
@@ -63,7 +86,7 @@ impl GrantTable {
                 len: u64::from(len),
             });
         }
-        self.lock().grant(grantee, gpa, len, readonly)
+        self.lock().grant(grantee, gpa, len, readonly, copy_only)
     }
 
     /// Ends access to every page of `range` it can, under one lock; calls

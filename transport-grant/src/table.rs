@@ -102,6 +102,10 @@ pub(crate) struct Entry {
     /// references may be used together only inside one range.
     pub range_first: u32,
     pub state: GrantState,
+    /// The granter allows copies only, never a mapping: a grant that must be
+    /// revocable the moment the granter ends it (a one-shot buffer, whose memory
+    /// the caller reuses at once).
+    pub copy_only: bool,
 }
 
 impl Entry {
@@ -113,6 +117,7 @@ impl Entry {
         win_end: 0,
         range_first: 0,
         state: GrantState::Free,
+        copy_only: false,
     };
 
     fn full_page(&self) -> bool {
@@ -291,6 +296,7 @@ impl Entries {
         gpa: u64,
         len: u32,
         readonly: bool,
+        copy_only: bool,
     ) -> Result<GrantRange, GrantError> {
         if len == 0 {
             return Err(GrantError::Empty);
@@ -313,6 +319,7 @@ impl Entries {
                 win_end: u16::try_from(hi - base).unwrap_or(0),
                 range_first: first,
                 state: GrantState::Granted,
+                copy_only,
             };
         }
         Ok(GrantRange {
@@ -432,6 +439,9 @@ impl Entries {
             if !e.full_page() {
                 return Err(GrantError::SubPage(GrantRef(i)));
             }
+            if e.copy_only {
+                return Err(GrantError::CopyOnly(GrantRef(i)));
+            }
             if let GrantState::Mapped(u32::MAX) = e.state {
                 return Err(GrantError::MapLimit(GrantRef(i)));
             }
@@ -472,6 +482,7 @@ impl Entries {
             win_end: PAGE_U16,
             range_first: r,
             state: GrantState::AcceptTransfer,
+            copy_only: false,
         };
         Ok(GrantRef(r))
     }
@@ -517,7 +528,7 @@ mod tests {
     #[test]
     fn grant_map_unmap_end_walks_the_state_machine() {
         let mut t = table();
-        let r = t.grant(DEV, PAGE, 4096, false).unwrap().first;
+        let r = t.grant(DEV, PAGE, 4096, false, false).unwrap().first;
         assert_ne!(r.0, 0, "reference 0 is reserved");
         assert_eq!(t.state(r).unwrap(), GrantState::Granted);
         t.begin_map(DEV, r, 1, Some(true)).unwrap();
@@ -545,7 +556,7 @@ mod tests {
     #[test]
     fn refusals_are_typed() {
         let mut t = table();
-        let ro = t.grant(DEV, PAGE, 4096, true).unwrap().first;
+        let ro = t.grant(DEV, PAGE, 4096, true, false).unwrap().first;
         assert!(matches!(t.state(GrantRef(0)), Err(GrantError::BadRef(_))));
         assert!(matches!(t.state(GrantRef(1000)), Err(GrantError::BadRef(_))));
         assert!(matches!(
@@ -578,7 +589,7 @@ mod tests {
         let mut t = table();
         // 100 bytes before a page boundary, then one full page, then 50 bytes.
         let gpa = PAGE + 4096 - 100;
-        let r = t.grant(DEV, gpa, 100 + 4096 + 50, false).unwrap();
+        let r = t.grant(DEV, gpa, 100 + 4096 + 50, false, false).unwrap();
         assert_eq!((r.pages, r.offset), (3, 3996));
         assert_eq!(t.resolve(DEV, r.first, 3996, 4246, true).unwrap(), gpa);
         assert_eq!(
@@ -606,7 +617,7 @@ mod tests {
         let mid = GrantRef(r.first.0 + 1);
         t.begin_map(DEV, mid, 1, None).unwrap();
         // A neighbouring range is not reachable by running on from this one.
-        let next = t.grant(DEV, PAGE + 8 * 4096, 4096, false).unwrap();
+        let next = t.grant(DEV, PAGE + 8 * 4096, 4096, false, false).unwrap();
         assert_eq!(next.first.0, r.first.0 + 3);
         assert!(matches!(
             t.resolve(DEV, mid, 4096 * 2, 1, false),
@@ -621,10 +632,10 @@ mod tests {
     #[test]
     fn freed_runs_coalesce_and_the_limit_holds() {
         let mut t = Entries::new(ME, 9);
-        let a = t.grant(DEV, PAGE, 4 * 4096, false).unwrap();
-        let b = t.grant(DEV, PAGE, 4 * 4096, false).unwrap();
+        let a = t.grant(DEV, PAGE, 4 * 4096, false, false).unwrap();
+        let b = t.grant(DEV, PAGE, 4 * 4096, false, false).unwrap();
         assert!(matches!(
-            t.grant(DEV, PAGE, 4096, false),
+            t.grant(DEV, PAGE, 4096, false, false),
             Err(GrantError::TableFull(ME))
         ));
         for r in a.refs() {
@@ -632,26 +643,29 @@ mod tests {
         }
         // A run of 4 is free again; 5 does not fit.
         assert!(matches!(
-            t.grant(DEV, PAGE, 5 * 4096, false),
+            t.grant(DEV, PAGE, 5 * 4096, false, false),
             Err(GrantError::TableFull(_))
         ));
-        let c = t.grant(DEV, PAGE, 4 * 4096, false).unwrap();
+        let c = t.grant(DEV, PAGE, 4 * 4096, false, false).unwrap();
         assert_eq!(c.first, a.first);
         for r in b.refs().chain(c.refs()) {
             t.end(r).unwrap();
         }
         assert_eq!(t.free.len(), 1, "{:?}", t.free);
-        assert_eq!(t.grant(DEV, PAGE, 8 * 4096, false).unwrap().first, GrantRef(1));
+        assert_eq!(
+            t.grant(DEV, PAGE, 8 * 4096, false, false).unwrap().first,
+            GrantRef(1)
+        );
     }
 
     #[test]
     fn a_revoked_reference_is_not_reused_at_once() {
         let mut t = table();
-        let a = t.grant(DEV, PAGE, 4096, false).unwrap().first;
-        let b = t.grant(DEV, PAGE, 4096, false).unwrap().first;
+        let a = t.grant(DEV, PAGE, 4096, false, false).unwrap().first;
+        let b = t.grant(DEV, PAGE, 4096, false, false).unwrap().first;
         t.end(a).unwrap();
         t.end(b).unwrap();
-        let c = t.grant(DEV, PAGE, 4096, false).unwrap().first;
+        let c = t.grant(DEV, PAGE, 4096, false, false).unwrap().first;
         assert!(c != a && c != b, "{c} reused a revoked reference");
         assert!(matches!(
             t.resolve(DEV, a, 0, 1, false),
@@ -659,15 +673,15 @@ mod tests {
         ));
         // A full table (limit 64) wraps around and reuses the oldest free entries.
         for _ in 0..60 {
-            t.grant(DEV, PAGE, 4096, false).unwrap();
+            t.grant(DEV, PAGE, 4096, false, false).unwrap();
         }
-        assert_eq!(t.grant(DEV, PAGE, 4096, false).unwrap().first, a);
+        assert_eq!(t.grant(DEV, PAGE, 4096, false, false).unwrap().first, a);
     }
 
     #[test]
     fn transfers_need_a_matching_acceptance() {
         let mut t = table();
-        let granted = t.grant(DEV, PAGE, 4096, false).unwrap().first;
+        let granted = t.grant(DEV, PAGE, 4096, false, false).unwrap().first;
         assert!(matches!(
             t.transfer_target(OTHER, granted),
             Err(GrantError::NotAccepting(_))
