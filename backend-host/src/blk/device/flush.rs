@@ -103,20 +103,23 @@ impl FlushGate {
     }
 
     /// Sync `epoch` finished (`ok`: it succeeded). Latches a failure before anyone
-    /// can see the sync as finished, then wakes every worker.
-    pub(crate) fn finished(&self, epoch: u64, ok: bool) {
+    /// can see the sync as finished, then wakes every worker but `from` (the one
+    /// reporting, which goes on to finish its own requests; `None` wakes all).
+    pub(crate) fn finished(&self, epoch: u64, ok: bool, from: Option<u64>) {
         if !ok {
             self.failed.store(true, Ordering::Release);
         }
-        let waiters: Vec<Arc<EventFdNotifier>> = {
-            let mut st = self.lock();
-            st.done = st.done.max(epoch);
-            if st.running == Some(epoch) {
-                st.running = None;
+        let mut st = self.lock();
+        st.done = st.done.max(epoch);
+        if st.running == Some(epoch) {
+            st.running = None;
+        }
+        // Eventfd writes never block; doing them under the lock saves collecting
+        // the waiters on every flush.
+        for (id, w) in &st.waiters {
+            if Some(*id) == from {
+                continue;
             }
-            st.waiters.iter().map(|(_, w)| w.clone()).collect()
-        };
-        for w in waiters {
             if let Err(e) = w.notify() {
                 tracing::error!(error = %e, "cannot wake a queue worker after a flush");
             }
@@ -155,10 +158,10 @@ mod tests {
         // Arrives while sync 1 runs: covered only by sync 2.
         assert_eq!(g.request(), Ticket::Wait(2));
         assert!(!g.is_done(2));
-        g.finished(1, true);
+        g.finished(1, true, None);
         assert!(g.is_done(1) && !g.is_done(2));
         assert_eq!(g.request(), Ticket::Start(2));
-        g.finished(2, false);
+        g.finished(2, false, None);
         assert!(g.is_done(2));
         assert!(g.failed(), "a failed sync latches");
         g.clear();
@@ -170,15 +173,18 @@ mod tests {
         let g = FlushGate::default();
         let a = Arc::new(EventFdNotifier::new().unwrap());
         let b = Arc::new(EventFdNotifier::new().unwrap());
+        let c = Arc::new(EventFdNotifier::new().unwrap());
         let _ = g.register(a.clone());
         let id_b = g.register(b.clone());
+        let id_c = g.register(c.clone());
         g.unregister(id_b);
         let Ticket::Start(e) = g.request() else {
             panic!("no sync was running")
         };
-        g.finished(e, true);
+        g.finished(e, true, Some(id_c));
         use virtio_core::notify::Wait;
         assert!(a.take().unwrap() > 0);
         assert_eq!(b.take().unwrap(), 0, "unregistered workers are not woken");
+        assert_eq!(c.take().unwrap(), 0, "the reporting worker is not woken");
     }
 }

@@ -127,6 +127,8 @@ pub(super) struct Worker<M> {
     /// The gate's sync this queue's engine is running, until its completion is
     /// reported to the gate.
     running_sync: Option<u64>,
+    /// This worker's registration with the gate (its wake-up).
+    waiter: Option<u64>,
 }
 
 /// Registers a descriptor (duplicated, so the registration owns it) with the current
@@ -161,6 +163,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
             awaiting_sync: Vec::new(),
             more: false,
             running_sync: None,
+            waiter: None,
         }
     }
 
@@ -179,7 +182,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
                 return;
             }
         };
-        let waiter = self.gate.register(wake.clone());
+        self.waiter = Some(self.gate.register(wake.clone()));
         if let Err(e) = self.serve(&kick, &interrupt, &stop.fd, &wake).await {
             tracing::error!(queue = self.index, error = %e, "block queue worker failed");
         }
@@ -187,7 +190,9 @@ impl<M: DeviceMemory + Send> Worker<M> {
             self.drain(&interrupt, &wake);
         }
         self.quiesce();
-        self.gate.unregister(waiter);
+        if let Some(id) = self.waiter.take() {
+            self.gate.unregister(id);
+        }
         tracing::debug!(
             queue = self.index,
             contended_polls = self.poller.contended_sessions(),
@@ -588,7 +593,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
                 tracing::error!(queue = self.index, error = %e, "flush failed; later flushes will fail");
             }
             self.running_sync = None;
-            self.gate.finished(epoch, c.result.is_ok());
+            self.gate.finished(epoch, c.result.is_ok(), self.waiter);
             self.sync_progress();
             return;
         }
@@ -826,7 +831,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
             for c in got.drain(..) {
                 if c.user & SYNC_TAG != 0 {
                     self.running_sync = None;
-                    self.gate.finished(c.user & (SYNC_TAG - 1), c.result.is_ok());
+                    self.gate.finished(c.user & (SYNC_TAG - 1), c.result.is_ok(), self.waiter);
                 }
             }
         }
@@ -849,7 +854,7 @@ impl<M> Drop for Worker<M> {
                 queue = self.index,
                 "a flush's disk sync was lost with its worker; latched as failed"
             );
-            self.gate.finished(epoch, false);
+            self.gate.finished(epoch, false, self.waiter);
         }
     }
 }
