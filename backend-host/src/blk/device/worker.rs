@@ -831,7 +831,8 @@ impl<M: DeviceMemory + Send> Worker<M> {
             for c in got.drain(..) {
                 if c.user & SYNC_TAG != 0 {
                     self.running_sync = None;
-                    self.gate.finished(c.user & (SYNC_TAG - 1), c.result.is_ok(), self.waiter);
+                    self.gate
+                        .finished(c.user & (SYNC_TAG - 1), c.result.is_ok(), self.waiter);
                 }
             }
         }
