@@ -80,9 +80,9 @@ enum Model<'c> {
     SharedPage(Queues<SharedPageDevice>),
     Direct(Queues<DirectDevice>),
     /// Model 3: one queue, its buffers reached only through the owner.
-    Copy(u16, Box<SplitDevice<RemoteCopy<'c>>>),
+    Copy(u16, Box<SplitDevice<Remote<'c, ByDescriptor>>>),
     /// Model 4: one queue, its buffers reached only by grant copies the owner makes.
-    Grant(u16, Box<SplitDevice<RemoteGrant<'c>>>),
+    Grant(u16, Box<SplitDevice<Remote<'c, ByGrant>>>),
 }
 
 struct Queues<M: DeviceModel> {
@@ -121,7 +121,10 @@ impl<'c> Model<'c> {
                 features,
             } => {
                 let ring = ring_files(files, size)?;
-                let mem = RemoteCopy { chan, queue: index };
+                let mem = Remote {
+                    chan,
+                    naming: ByDescriptor { queue: index },
+                };
                 let features = Features::from_bits_truncate(features);
                 let q = SplitDevice::new(size, &ring, mem, features).map_err(errno)?;
                 Model::Copy(index, Box::new(q))
@@ -133,7 +136,11 @@ impl<'c> Model<'c> {
             } => {
                 let ring = ring_files(files, size)?;
                 let features = Features::from_bits_truncate(features);
-                let q = SplitDevice::new(size, &ring, RemoteGrant { chan }, features).map_err(errno)?;
+                let mem = Remote {
+                    chan,
+                    naming: ByGrant,
+                };
+                let q = SplitDevice::new(size, &ring, mem, features).map_err(errno)?;
                 Model::Grant(index, Box::new(q))
             }
         })
@@ -237,16 +244,23 @@ fn echo<M: DeviceMemory>(q: &mut SplitDevice<M>) -> Reply {
 #[error("the owner refused the copy: {0}")]
 pub struct CopyRefused(pub String);
 
-/// Model 3's device memory in the device process: no buffer memory at all, every
-/// access one checked copy by the owner's helper, over the channel.
-struct RemoteCopy<'c> {
-    chan: &'c Channel,
+/// How a device process names a segment when it asks the owner for its bytes: a
+/// descriptor of a chain it owns (model 3) or the descriptor's grant address
+/// (model 4). Never a guest address.
+trait Naming {
+    /// The request for `kind` at `offset` of `seg`.
+    fn ask(&self, seg: &Segment, offset: u32, kind: CopyKind) -> Reply;
+}
+
+/// Model 3: the owner's copy helper finds the bytes from the guest's own
+/// descriptor table, given the queue, the head and the descriptor's slot.
+struct ByDescriptor {
     queue: u16,
 }
 
-impl RemoteCopy<'_> {
-    fn op(&self, seg: &Segment, offset: u32, kind: CopyKind) -> CopyOp {
-        CopyOp {
+impl Naming for ByDescriptor {
+    fn ask(&self, seg: &Segment, offset: u32, kind: CopyKind) -> Reply {
+        Reply::Copy(CopyOp {
             queue: self.queue,
             head: seg.head(),
             slot: match seg.slot() {
@@ -256,13 +270,36 @@ impl RemoteCopy<'_> {
             writable: seg.writable(),
             offset,
             kind,
-        }
+        })
     }
 }
 
-/// Sends `op` to the owner and waits for its answer.
-fn remote_copy(chan: &Channel, op: CopyOp) -> Result<Vec<u8>, String> {
-    chan.send(&Reply::Copy(op), &[]).map_err(errno)?;
+/// Model 4: the owner copies for the device's domain through the grant table.
+struct ByGrant;
+
+impl Naming for ByGrant {
+    fn ask(&self, seg: &Segment, offset: u32, kind: CopyKind) -> Reply {
+        Reply::GrantCopy(GrantOp {
+            addr: seg.addr(),
+            len: seg.len(),
+            writable: seg.writable(),
+            offset,
+            kind,
+        })
+    }
+}
+
+/// A device memory with no buffer memory at all (models 3 and 4 in a device
+/// process): every access is a request to the owner over the channel, which
+/// checks it and moves the bytes, at most [`MAX_COPY`] at a time.
+struct Remote<'c, N> {
+    chan: &'c Channel,
+    naming: N,
+}
+
+/// Sends `request` to the owner and waits for its answer.
+fn ask_owner(chan: &Channel, request: &Reply) -> Result<Vec<u8>, String> {
+    chan.send(request, &[]).map_err(errno)?;
     match chan.recv::<Request>().map_err(errno)? {
         (Request::Copied(r), _) => r,
         (other, _) => Err(format!("expected a copy answer, got {other:?}")),
@@ -273,89 +310,42 @@ fn refused(why: String) -> AccessError {
     AccessError::Model(Box::new(CopyRefused(why)))
 }
 
-impl DeviceMemory for RemoteCopy<'_> {
+impl<N: Naming> Remote<'_, N> {
+    fn ask(&self, seg: &Segment, offset: u32, kind: CopyKind) -> Result<Vec<u8>, AccessError> {
+        ask_owner(self.chan, &self.naming.ask(seg, offset, kind)).map_err(refused)
+    }
+}
+
+/// The offsets of `MAX_COPY`-sized chunks of `len` bytes from `offset`.
+fn chunks(
+    offset: u32,
+    len: usize,
+) -> impl Iterator<Item = Result<(u32, std::ops::Range<usize>), AccessError>> {
+    (0..len).step_by(MAX_COPY).map(move |from| {
+        let to = (from + MAX_COPY).min(len);
+        let at = u32::try_from(from)
+            .ok()
+            .and_then(|f| offset.checked_add(f))
+            .ok_or_else(|| refused("offset overflow".into()))?;
+        Ok((at, from..to))
+    })
+}
+
+impl<N: Naming> DeviceMemory for Remote<'_, N> {
     fn check(&self, seg: &Segment) -> Result<(), AccessError> {
-        remote_copy(self.chan, self.op(seg, 0, CopyKind::Check))
-            .map(|_| ())
-            .map_err(refused)
-    }
-
-    fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
-        let mut at = offset;
-        for chunk in dst.chunks_mut(MAX_COPY) {
-            let n = u32::try_from(chunk.len()).map_err(|_| refused("chunk too large".into()))?;
-            let got = remote_copy(self.chan, self.op(seg, at, CopyKind::Read(n))).map_err(refused)?;
-            if got.len() != chunk.len() {
-                return Err(refused(format!("{} bytes for {n}", got.len())));
-            }
-            chunk.copy_from_slice(&got);
-            at = at
-                .checked_add(n)
-                .ok_or_else(|| refused("offset overflow".into()))?;
-        }
-        Ok(())
-    }
-
-    fn write(&self, seg: &Segment, offset: u32, src: &[u8]) -> Result<(), AccessError> {
-        let mut at = offset;
-        for chunk in src.chunks(MAX_COPY) {
-            remote_copy(self.chan, self.op(seg, at, CopyKind::Write(chunk.to_vec()))).map_err(refused)?;
-            let n = u32::try_from(chunk.len()).map_err(|_| refused("chunk too large".into()))?;
-            at = at
-                .checked_add(n)
-                .ok_or_else(|| refused("offset overflow".into()))?;
-        }
-        Ok(())
-    }
-}
-
-/// Model 4's device memory in the device process: no buffer memory at all, every
-/// access one grant copy by the owner for this device's domain, over the channel.
-struct RemoteGrant<'c> {
-    chan: &'c Channel,
-}
-
-impl RemoteGrant<'_> {
-    fn op(seg: &Segment, offset: u32, kind: CopyKind) -> GrantOp {
-        GrantOp {
-            addr: seg.addr(),
-            len: seg.len(),
-            writable: seg.writable(),
-            offset,
-            kind,
-        }
-    }
-}
-
-/// Sends a grant copy to the owner and waits for its answer.
-fn remote_grant(chan: &Channel, op: GrantOp) -> Result<Vec<u8>, String> {
-    chan.send(&Reply::GrantCopy(op), &[]).map_err(errno)?;
-    match chan.recv::<Request>().map_err(errno)? {
-        (Request::Copied(r), _) => r,
-        (other, _) => Err(format!("expected a copy answer, got {other:?}")),
-    }
-}
-
-impl DeviceMemory for RemoteGrant<'_> {
-    fn check(&self, seg: &Segment) -> Result<(), AccessError> {
-        remote_grant(self.chan, Self::op(seg, 0, CopyKind::Check))
-            .map(|_| ())
-            .map_err(refused)
+        self.ask(seg, 0, CopyKind::Check).map(|_| ())
     }
 
     fn read(&self, seg: &Segment, offset: u32, dst: &mut [u8]) -> Result<(), AccessError> {
         virtio_core::access::check_within(seg, offset, dst.len())?;
-        let mut at = offset;
-        for chunk in dst.chunks_mut(MAX_COPY) {
-            let n = u32::try_from(chunk.len()).map_err(|_| refused("chunk too large".into()))?;
-            let got = remote_grant(self.chan, Self::op(seg, at, CopyKind::Read(n))).map_err(refused)?;
-            if got.len() != chunk.len() {
+        for chunk in chunks(offset, dst.len()) {
+            let (at, range) = chunk?;
+            let n = u32::try_from(range.len()).map_err(|_| refused("chunk too large".into()))?;
+            let got = self.ask(seg, at, CopyKind::Read(n))?;
+            if got.len() != range.len() {
                 return Err(refused(format!("{} bytes for {n}", got.len())));
             }
-            chunk.copy_from_slice(&got);
-            at = at
-                .checked_add(n)
-                .ok_or_else(|| refused("offset overflow".into()))?;
+            dst[range].copy_from_slice(&got);
         }
         Ok(())
     }
@@ -365,13 +355,9 @@ impl DeviceMemory for RemoteGrant<'_> {
             return Err(AccessError::Denied);
         }
         virtio_core::access::check_within(seg, offset, src.len())?;
-        let mut at = offset;
-        for chunk in src.chunks(MAX_COPY) {
-            remote_grant(self.chan, Self::op(seg, at, CopyKind::Write(chunk.to_vec()))).map_err(refused)?;
-            let n = u32::try_from(chunk.len()).map_err(|_| refused("chunk too large".into()))?;
-            at = at
-                .checked_add(n)
-                .ok_or_else(|| refused("offset overflow".into()))?;
+        for chunk in chunks(offset, src.len()) {
+            let (at, range) = chunk?;
+            self.ask(seg, at, CopyKind::Write(src[range].to_vec()))?;
         }
         Ok(())
     }
@@ -410,14 +396,14 @@ fn attack(a: Attack, files: &[OwnedFd], chan: &Channel) -> Reply {
             let attempt = format!("copy {op:?}");
             Reply::Findings(vec![Finding {
                 attempt,
-                result: remote_copy(chan, op).map(|b| format!("{} bytes", b.len())),
+                result: ask_owner(chan, &Reply::Copy(op)).map(|b| format!("{} bytes", b.len())),
             }])
         }
         Attack::GrantCopy(op) => {
             let attempt = format!("grant copy {op:?}");
             Reply::Findings(vec![Finding {
                 attempt,
-                result: remote_grant(chan, op).map(|b| format!("{} bytes", b.len())),
+                result: ask_owner(chan, &Reply::GrantCopy(op)).map(|b| format!("{} bytes", b.len())),
             }])
         }
         Attack::TouchPastEnd { file: i } => {

@@ -128,6 +128,77 @@ fn escape_is_refused(dev: &DeviceProcess, files: &[&str], sizes: &[u64]) {
     assert!(refusals >= 6 + files.len(), "{findings:#?}");
 }
 
+/// Gives each ring (descriptor table, available ring, used ring, each alone on its
+/// pages, at these guest addresses) a file of its own: the first two read-only.
+fn ring_files(mem: &hypervisor::GuestMemory, size: u16, gpas: [u64; 3]) -> Vec<OwnedFd> {
+    let l = virtio_core::ring::SplitLayout::new(size).unwrap();
+    let page = mem.page_size();
+    let bytes = [l.desc_bytes(), l.avail_bytes(), l.used_bytes()];
+    gpas.iter()
+        .zip(bytes)
+        .zip([false, false, true])
+        .map(|((&gpa, bytes), writable)| {
+            mem.isolate_pages(gpa, bytes.div_ceil(page) * page).unwrap();
+            mem.isolated_file(gpa, writable).unwrap()
+        })
+        .collect()
+}
+
+/// Sets `dev` up with `setup` and the three ring files.
+fn set_up_rings(dev: &DeviceProcess, setup: Setup, files: &[OwnedFd]) {
+    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+    assert_eq!(
+        dev.call(&Request::Setup(setup), &fds).unwrap(),
+        Reply::Ready { files: 3 }
+    );
+}
+
+/// A device process given three ring files: it holds exactly those, escapes
+/// nowhere, and the kernel refuses a writable mapping of the descriptor table and
+/// the available ring (their files are read-only); the used ring is its to write.
+fn only_the_used_ring_is_writable(dev: &DeviceProcess, page: u64) {
+    escape_is_refused(dev, &["vio-isolated"; 3], &[page; 3]);
+    for file in [0, 1] {
+        let f = dev.attack(Attack::MapWritable { file }).unwrap();
+        assert!(
+            f[0].result
+                .as_ref()
+                .is_err_and(|e| e.contains("Permission denied")),
+            "{f:?}"
+        );
+    }
+    assert!(
+        dev.attack(Attack::MapWritable { file: 2 }).unwrap()[0]
+            .result
+            .is_ok()
+    );
+}
+
+/// Once the owner takes the used ring's pages back, the device's writes through its
+/// old file reach nothing of the guest; reading past its file kills it with
+/// SIGBUS; and the guest's secret is intact.
+fn cut_off_and_killed(dev: DeviceProcess, guest: &Domain, used: u64, secret: u64) {
+    let mem = guest.memory();
+    let mut used_before = vec![0u8; 64];
+    mem.read(used, &mut used_before).unwrap();
+    mem.rejoin_pages(used).unwrap();
+    dev.attack(Attack::Scribble { file: 2 }).unwrap()[0]
+        .result
+        .as_ref()
+        .unwrap();
+    let mut used_after = vec![0u8; 64];
+    mem.read(used, &mut used_after).unwrap();
+    assert_eq!(
+        used_after, used_before,
+        "scribbles over a rejoined file reach nothing"
+    );
+    let status = dev.attack_fatal(Attack::TouchPastEnd { file: 0 }).unwrap();
+    assert_eq!(killed_by(&status), Some(SIGBUS), "{status:?}");
+    let mut s = vec![0u8; SECRET.len()];
+    mem.read(secret, &mut s).unwrap();
+    assert_eq!(s, SECRET);
+}
+
 // ---- model 1 -------------------------------------------------------------------
 
 fn cfg() -> SharedPageConfig {
@@ -281,7 +352,6 @@ struct Model3 {
 
 fn model3() -> Model3 {
     use virtio_core::DeviceModel;
-    use virtio_core::ring::SplitLayout;
     let hv = Hypervisor::new();
     let guest = hv.create_domain("guest-a", 1 << 20).unwrap();
     let mem = guest.memory();
@@ -290,20 +360,7 @@ fn model3() -> Model3 {
     let (drv, device_model) = transport_descriptors::copy::pair(&guest).unwrap();
     let q = drv.create_queue(0, SIZE).unwrap();
     // Each ring is alone on its pages (model 3's layout); give each a file.
-    let l = SplitLayout::new(SIZE).unwrap();
-    let page = mem.page_size();
-    let rings = [
-        (q.addrs.desc, l.desc_bytes(), false),
-        (q.addrs.avail, l.avail_bytes(), false),
-        (q.addrs.used, l.used_bytes(), true),
-    ];
-    let files: Vec<OwnedFd> = rings
-        .iter()
-        .map(|&(gpa, bytes, writable)| {
-            mem.isolate_pages(gpa, bytes.div_ceil(page) * page).unwrap();
-            mem.isolated_file(gpa, writable).unwrap()
-        })
-        .collect();
+    let files = ring_files(mem, SIZE, [q.addrs.desc, q.addrs.avail, q.addrs.used]);
     // The helper starts tracking the queue for the device (its ring views in this
     // process are not used).
     let opened = device_model.open_queue(0, SIZE, q.addrs).unwrap();
@@ -313,11 +370,7 @@ fn model3() -> Model3 {
         size: SIZE,
         features: features().bits(),
     };
-    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
-    assert_eq!(
-        dev.call(&Request::Setup(setup), &fds).unwrap(),
-        Reply::Ready { files: 3 }
-    );
+    set_up_rings(&dev, setup, &files);
     let addrs = q.addrs;
     let driver = SplitDriver::new(SIZE, q.ring, q.share, features()).unwrap();
     Model3 {
@@ -348,23 +401,7 @@ fn model3_hostile_device_process_reads_rings_and_copies_only_what_it_owns() {
     let mut m = model3();
     let helper = m.device_model.helper().clone();
     let page = m.guest.memory().page_size();
-    escape_is_refused(&m.dev, &["vio-isolated"; 3], &[page; 3]);
-    // The descriptor table and the available ring are read-only files: the kernel
-    // refuses a writable mapping. The used ring is the device's to write.
-    for file in [0, 1] {
-        let f = m.dev.attack(Attack::MapWritable { file }).unwrap();
-        assert!(
-            f[0].result
-                .as_ref()
-                .is_err_and(|e| e.contains("Permission denied")),
-            "{f:?}"
-        );
-    }
-    assert!(
-        m.dev.attack(Attack::MapWritable { file: 2 }).unwrap()[0]
-            .result
-            .is_ok()
-    );
+    only_the_used_ring_is_writable(&m.dev, page);
     // A request the device holds: it may read the request, write only the reply.
     let mem = m.guest.memory();
     let msg = b"request bytes";
@@ -418,25 +455,7 @@ fn model3_hostile_device_process_reads_rings_and_copies_only_what_it_owns() {
     let mut got = vec![0u8; msg.len()];
     mem.read(req, &mut got).unwrap();
     assert_eq!(got, msg, "the request is intact");
-    // Taking the used ring's pages back: the device's file no longer reaches them.
-    let mut used_before = vec![0u8; 64];
-    mem.read(m.addrs.used, &mut used_before).unwrap();
-    mem.rejoin_pages(m.addrs.used).unwrap();
-    m.dev.attack(Attack::Scribble { file: 2 }).unwrap()[0]
-        .result
-        .as_ref()
-        .unwrap();
-    let mut used_after = vec![0u8; 64];
-    mem.read(m.addrs.used, &mut used_after).unwrap();
-    assert_eq!(
-        used_after, used_before,
-        "scribbles over a rejoined file reach nothing"
-    );
-    let status = m.dev.attack_fatal(Attack::TouchPastEnd { file: 0 }).unwrap();
-    assert_eq!(killed_by(&status), Some(SIGBUS), "{status:?}");
-    let mut s = vec![0u8; SECRET.len()];
-    mem.read(m.secret, &mut s).unwrap();
-    assert_eq!(s, SECRET);
+    cut_off_and_killed(m.dev, &m.guest, m.addrs.used, m.secret);
 }
 
 // ---- model 4 -------------------------------------------------------------------
@@ -471,36 +490,25 @@ fn model4() -> Model4 {
     // available ring read-only); the hypervisor resolves each grant, checked as
     // the backend's access, and gives its pages a file of their own.
     let l = SplitLayout::new(SIZE).unwrap();
-    let page = mem.page_size();
-    let rings = [
-        (q.addrs.desc, l.desc_bytes(), false),
-        (q.addrs.avail, l.avail_bytes(), false),
-        (q.addrs.used, l.used_bytes(), true),
+    let resolve = |addr: u64, bytes: u64, writable: bool| {
+        let a = decode(addr).unwrap();
+        grants
+            .resolve(guest.id(), backend, a.gref, u64::from(a.offset), bytes, writable)
+            .unwrap()
+    };
+    let gpas = [
+        resolve(q.addrs.desc, l.desc_bytes(), false),
+        resolve(q.addrs.avail, l.avail_bytes(), false),
+        resolve(q.addrs.used, l.used_bytes(), true),
     ];
-    let mut gpas = Vec::new();
-    let files: Vec<OwnedFd> = rings
-        .iter()
-        .map(|&(addr, bytes, writable)| {
-            let a = decode(addr).unwrap();
-            let gpa = grants
-                .resolve(guest.id(), backend, a.gref, u64::from(a.offset), bytes, writable)
-                .unwrap();
-            mem.isolate_pages(gpa, bytes.div_ceil(page) * page).unwrap();
-            gpas.push(gpa);
-            mem.isolated_file(gpa, writable).unwrap()
-        })
-        .collect();
+    let files = ring_files(mem, SIZE, gpas);
     let dev = device();
     let setup = Setup::Grant {
         index: 0,
         size: SIZE,
         features: features().bits(),
     };
-    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
-    assert_eq!(
-        dev.call(&Request::Setup(setup), &fds).unwrap(),
-        Reply::Ready { files: 3 }
-    );
+    set_up_rings(&dev, setup, &files);
     let broker = vio_isolation::owner::GrantBroker::new(grants.clone(), guest.id(), backend);
     let driver = SplitDriver::new(SIZE, q.ring, q.share, features()).unwrap();
     Model4 {
@@ -535,21 +543,7 @@ fn model4_hostile_device_process_copies_only_what_is_granted_to_it() {
     use vio_isolation::wire::{CopyKind, GrantOp};
     let mut m = model4();
     let page = m.guest.memory().page_size();
-    escape_is_refused(&m.dev, &["vio-isolated"; 3], &[page; 3]);
-    for file in [0, 1] {
-        let f = m.dev.attack(Attack::MapWritable { file }).unwrap();
-        assert!(
-            f[0].result
-                .as_ref()
-                .is_err_and(|e| e.contains("Permission denied")),
-            "{f:?}"
-        );
-    }
-    assert!(
-        m.dev.attack(Attack::MapWritable { file: 2 }).unwrap()[0]
-            .result
-            .is_ok()
-    );
+    only_the_used_ring_is_writable(&m.dev, page);
     // A request in the ring: its buffers are granted to the device for its life,
     // the request read-only.
     let mem = m.guest.memory();
@@ -634,23 +628,5 @@ fn model4_hostile_device_process_copies_only_what_is_granted_to_it() {
     let mut got = vec![0u8; msg.len()];
     mem.read(req, &mut got).unwrap();
     assert_eq!(got, msg, "the request is intact");
-    // Taking the used ring's pages back: the device's file no longer reaches them.
-    let mut used_before = vec![0u8; 64];
-    mem.read(m.used, &mut used_before).unwrap();
-    mem.rejoin_pages(m.used).unwrap();
-    m.dev.attack(Attack::Scribble { file: 2 }).unwrap()[0]
-        .result
-        .as_ref()
-        .unwrap();
-    let mut used_after = vec![0u8; 64];
-    mem.read(m.used, &mut used_after).unwrap();
-    assert_eq!(
-        used_after, used_before,
-        "scribbles over a rejoined file reach nothing"
-    );
-    let status = m.dev.attack_fatal(Attack::TouchPastEnd { file: 0 }).unwrap();
-    assert_eq!(killed_by(&status), Some(SIGBUS), "{status:?}");
-    let mut s = vec![0u8; SECRET.len()];
-    mem.read(m.secret, &mut s).unwrap();
-    assert_eq!(s, SECRET);
+    cut_off_and_killed(m.dev, &m.guest, m.used, m.secret);
 }
