@@ -129,6 +129,8 @@ pub(super) struct Worker<M> {
     running_sync: Option<u64>,
     /// This worker's registration with the gate (its wake-up).
     waiter: Option<u64>,
+    /// Popping stopped because the backlog was not empty: the ring may hold more.
+    held_back: bool,
 }
 
 /// Registers a descriptor (duplicated, so the registration owns it) with the current
@@ -164,6 +166,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
             more: false,
             running_sync: None,
             waiter: None,
+            held_back: false,
         }
     }
 
@@ -348,6 +351,11 @@ impl<M: DeviceMemory + Send> Worker<M> {
                 }
             }
         }
+        // A request whose data did not fit the budget stops popping; `pump` asks to
+        // come back to the ring once it has gone out.
+        if !self.backlog.is_empty() {
+            self.held_back = true;
+        }
         any
     }
 
@@ -448,7 +456,6 @@ impl<M: DeviceMemory + Send> Worker<M> {
     /// nothing is in flight). When the backlog empties after holding popping back,
     /// asks to go back to the ring.
     fn pump(&mut self) {
-        let held = !self.backlog.is_empty();
         while let Some(&slot) = self.backlog.front() {
             let Some(Some(f)) = self.slots.get(slot) else {
                 self.backlog.pop_front();
@@ -506,7 +513,8 @@ impl<M: DeviceMemory + Send> Worker<M> {
                 user: slot as u64 | (u64::from(at / CHUNK) << 32),
             });
         }
-        if held && self.backlog.is_empty() {
+        if self.held_back && self.backlog.is_empty() {
+            self.held_back = false;
             self.more = true;
         }
     }
@@ -839,6 +847,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
         self.slots.clear();
         self.free.clear();
         self.backlog.clear();
+        self.held_back = false;
         self.awaiting_sync.clear();
         self.bytes_in_flight = 0;
     }
