@@ -579,7 +579,7 @@ pub enum FuzzRxFate {
 }
 
 /// Fuzz entry (`test-utils`): offers `frames` in turn to a receive queue pair
-/// exactly as a worker round does ([`Pair::deliver`]), with `features` negotiated
+/// exactly as a worker round does (`Pair::deliver`), with `features` negotiated
 /// and at most `chains` receive chains taken, stopping at the first frame that
 /// must wait; then returns the chains still held unused (as a stopping worker
 /// does) and publishes the used ring. Returns each offered frame's fate.
