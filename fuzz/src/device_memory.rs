@@ -276,8 +276,6 @@ fn shadow_write(shadows: &mut [Shadow], mut gpa: u64, src: &[u8]) -> bool {
 enum Reach {
     /// Allowed: must succeed, on these guest bytes.
     Must(u64),
-    /// May succeed (a deferred revocation), on these guest bytes.
-    May(u64),
     /// Must be refused.
     Never,
 }
@@ -285,7 +283,7 @@ enum Reach {
 impl Reach {
     fn gpa(self) -> Option<u64> {
         match self {
-            Reach::Must(g) | Reach::May(g) => Some(g),
+            Reach::Must(g) => Some(g),
             Reach::Never => None,
         }
     }

@@ -14,6 +14,7 @@ pub mod device_memory;
 pub mod driver_used_ring;
 pub mod grant_ops;
 pub mod net_ctrl;
+pub mod net_rx_mrg;
 pub mod net_tx;
 pub mod vhost_user_reply;
 pub mod vhost_user_session;

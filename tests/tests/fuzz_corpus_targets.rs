@@ -172,6 +172,14 @@ target_tests!(
     |input| targets::copy_helper::report(&input)
 );
 
+target_tests!(
+    net_rx_mrg,
+    net_rx_mrg_corpus_runs_clean,
+    net_rx_mrg_seeds_reach_their_rule,
+    net_rx_mrg_corpus_holds_every_seed,
+    |input| targets::net_rx_mrg::report(&input)
+);
+
 #[test]
 #[ignore = "generator: rewrites fuzz/corpus/<target>/ from each target's `seeds()`"]
 fn write_seed_corpora() {
@@ -184,4 +192,5 @@ fn write_seed_corpora() {
     write_seeds("net_tx", &targets::net_tx::seeds());
     write_seeds("grant_ops", &targets::grant_ops::seeds());
     write_seeds("copy_helper", &targets::copy_helper::seeds());
+    write_seeds("net_rx_mrg", &targets::net_rx_mrg::seeds());
 }

@@ -112,6 +112,8 @@ mod ctrl;
 mod worker;
 use ctrl::RxFilter;
 use worker::{CtrlQueue, Ctx, Pair, Worker};
+#[cfg(feature = "test-utils")]
+pub use worker::{FuzzRxFate, fuzz_deliver_rx};
 
 /// Addresses of each kind (unicast, multicast) the receive filter holds from a
 /// MAC_TABLE_SET; beyond that the whole kind is accepted (§5.1.6.5.2 allows a

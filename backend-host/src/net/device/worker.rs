@@ -563,3 +563,85 @@ impl<M: DeviceMemory> Pair<M> {
         }
     }
 }
+
+/// What became of one frame offered by [`fuzz_deliver_rx`].
+#[cfg(feature = "test-utils")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuzzRxFate {
+    /// Written into receive chains and counted as received.
+    Delivered,
+    /// Dropped and counted (no buffer could take it).
+    Dropped,
+    /// The ring ran out of chains: the worker would wait for a kick.
+    Wait,
+    /// The budget of chains ran out: the worker would come back next round.
+    Later,
+}
+
+/// Fuzz entry (`test-utils`): offers `frames` in turn to a receive queue pair
+/// exactly as a worker round does (`Pair::deliver`), with `features` negotiated
+/// and at most `chains` receive chains taken, stopping at the first frame that
+/// must wait; then returns the chains still held unused (as a stopping worker
+/// does) and publishes the used ring. Returns each offered frame's fate.
+///
+/// # Errors
+/// An eventfd could not be created.
+#[cfg(feature = "test-utils")]
+pub fn fuzz_deliver_rx<M: DeviceMemory>(
+    rx: SplitDevice<M>,
+    tx: SplitDevice<M>,
+    features: NetFeatures,
+    frames: Vec<Vec<u8>>,
+    chains: usize,
+) -> Result<Vec<FuzzRxFate>, NotifyError> {
+    use crate::net::switch::SwitchConfig;
+    let switch = Switch::new(SwitchConfig::default());
+    let port = switch.attach(None)?;
+    let ctx = Ctx {
+        port: port.clone(),
+        switch: switch.clone(),
+        features,
+        max_frame: usize::MAX,
+    };
+    let mut pair = Pair {
+        rx,
+        tx,
+        rx_kick: EventFdNotifier::new()?,
+        tx_kick: EventFdNotifier::new()?,
+        rx_irq: EventFdNotifier::new()?,
+        tx_irq: EventFdNotifier::new()?,
+        held: Vec::new(),
+        held_writable: 0,
+        rx_used: Vec::new(),
+        rx_broken: false,
+        tx_broken: false,
+    };
+    let mut pool = LocalPool::default();
+    let mut left = chains;
+    let mut fates = Vec::with_capacity(frames.len());
+    let received = |s: &Switch| s.stats(port.id).map_or(0, |s| s.rx_frames);
+    for data in frames {
+        let before = received(&switch);
+        let frame = Frame {
+            data,
+            csum: None,
+            src: 0,
+        };
+        match pair.deliver(frame, &ctx, &mut pool, &mut left) {
+            Delivery::Done if received(&switch) > before => fates.push(FuzzRxFate::Delivered),
+            Delivery::Done => fates.push(FuzzRxFate::Dropped),
+            Delivery::Wait(_) => {
+                fates.push(FuzzRxFate::Wait);
+                break;
+            }
+            Delivery::Later(_) => {
+                fates.push(FuzzRxFate::Later);
+                break;
+            }
+        }
+    }
+    pair.return_held();
+    pool.flush(&switch);
+    switch.detach(&port);
+    Ok(fates)
+}
