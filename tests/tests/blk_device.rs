@@ -334,44 +334,6 @@ fn faulty(plan: impl Fn() -> FaultPlan + Send + Sync + 'static) -> EngineChoice 
     }))
 }
 
-/// An engine that counts the data buffers it is handed that do not start on a
-/// page boundary, and passes everything on.
-struct AlignCheck<E> {
-    inner: E,
-    misaligned: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl<E: Engine> Engine for AlignCheck<E> {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn submit(&mut self, op: backend_host::blk::engine::IoOp) {
-        let data = !op.buf.is_empty();
-        if data && !(op.buf.as_slice().as_ptr() as usize).is_multiple_of(4096) {
-            self.misaligned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        self.inner.submit(op);
-    }
-    fn commit(&mut self) -> std::io::Result<()> {
-        self.inner.commit()
-    }
-    fn reap(&mut self, out: &mut Vec<backend_host::blk::engine::Completion>) -> usize {
-        self.inner.reap(out)
-    }
-    fn wait(&mut self) -> std::io::Result<()> {
-        self.inner.wait()
-    }
-    fn ready_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.inner.ready_fd()
-    }
-    fn ack_ready(&mut self) {
-        self.inner.ack_ready();
-    }
-    fn in_flight(&self) -> usize {
-        self.inner.in_flight()
-    }
-}
-
 /// Data buffers reach the engine page-aligned even where the disk accepts less
 /// (ext4 with O_DIRECT reports 512 bytes or fewer): a 4 KiB buffer starting
 /// mid-page spans two pages, one more segment per request at the disk. Measured
@@ -379,16 +341,9 @@ impl<E: Engine> Engine for AlignCheck<E> {
 /// qemu-storage-daemon to 1.08-1.17x.
 #[test]
 fn data_buffers_reach_the_engine_page_aligned() {
-    let misaligned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = misaligned.clone();
+    let (stats, engine) = counted();
     let settings = BlkSettings {
-        engine: EngineChoice::Custom(Arc::new(move |disk: &Disk| {
-            let inner = UringEngine::new(disk, Default::default()).map_err(std::io::Error::other)?;
-            Ok(Box::new(AlignCheck {
-                inner,
-                misaligned: counter.clone(),
-            }) as Box<dyn Engine>)
-        })),
+        engine,
         ..BlkSettings::default()
     };
     let mut r = rig(models::direct(), "aligned.img", settings, false);
@@ -398,7 +353,7 @@ fn data_buffers_reach_the_engine_page_aligned() {
         assert_eq!(r.write(sector, &data), blk::VIRTIO_BLK_S_OK);
         assert_eq!(r.read(sector, len), (blk::VIRTIO_BLK_S_OK, data));
     }
-    assert_eq!(misaligned.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(stats.lock().unwrap().misaligned, 0);
 }
 
 #[test]
@@ -768,10 +723,13 @@ struct Seen {
     largest: usize,
     /// Every op's kind, in submission order.
     kinds: Vec<backend_host::blk::engine::IoKind>,
+    /// Data buffers that do not start on a page boundary.
+    misaligned: usize,
 }
 
 /// An engine that counts the bytes of data buffers it holds (submitted, not yet
-/// reaped) and logs what it is asked to do.
+/// reaped), the buffers that do not start on a page boundary, and logs what it is
+/// asked to do; it passes everything on.
 struct BytesCheck<E> {
     inner: E,
     now: usize,
@@ -788,6 +746,9 @@ impl<E: Engine> Engine for BytesCheck<E> {
         s.peak = s.peak.max(self.now);
         s.largest = s.largest.max(op.buf.len());
         s.kinds.push(op.kind);
+        if !op.buf.is_empty() && !(op.buf.as_slice().as_ptr() as usize).is_multiple_of(4096) {
+            s.misaligned += 1;
+        }
         drop(s);
         self.inner.submit(op);
     }

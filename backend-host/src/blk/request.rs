@@ -338,6 +338,17 @@ impl StatusTarget {
         mem.write(&self.seg, self.offset, &[status.raw()])
     }
 
+    /// Completes a failed request: writes `status` into the status byte only and
+    /// returns the used length to report, the whole writable part (as QEMU's
+    /// `virtio_blk_req_complete` does, so models that copy back only the used length
+    /// deliver the status), or 0 if the sharing model refused the write.
+    pub fn write_failure<M: DeviceMemory>(&self, mem: &M, status: Status) -> u32 {
+        match self.write(mem, status) {
+            Ok(()) => self.writable_len,
+            Err(_) => 0,
+        }
+    }
+
     /// Used length when only the status byte was written: 1 if it is the whole
     /// writable part, otherwise 0. §2.7.8.2: "The device MUST write at least len bytes
     /// to descriptor, beginning at the first device-writable buffer"; a status byte

@@ -126,14 +126,11 @@ impl FlushGate {
         }
     }
 
-    /// Whether sync `epoch` (and every one before it) has finished.
-    pub(crate) fn is_done(&self, epoch: u64) -> bool {
-        self.lock().done >= epoch
-    }
-
-    /// Whether sync `epoch` has started (it may have finished too).
-    pub(crate) fn is_started(&self, epoch: u64) -> bool {
-        self.lock().next > epoch
+    /// `(done, next)`: every sync up to `done` has finished, every sync below `next`
+    /// has started (one lock for a worker's whole list of waiting requests).
+    pub(crate) fn progress(&self) -> (u64, u64) {
+        let st = self.lock();
+        (st.done, st.next)
     }
 
     /// Whether a sync failed since the latch was last cleared.
@@ -157,12 +154,12 @@ mod tests {
         assert_eq!(g.request(), Ticket::Start(1));
         // Arrives while sync 1 runs: covered only by sync 2.
         assert_eq!(g.request(), Ticket::Wait(2));
-        assert!(!g.is_done(2));
+        assert_eq!(g.progress(), (0, 2), "sync 1 started, none finished");
         g.finished(1, true, None);
-        assert!(g.is_done(1) && !g.is_done(2));
+        assert_eq!(g.progress(), (1, 2), "sync 1 finished, sync 2 not started");
         assert_eq!(g.request(), Ticket::Start(2));
         g.finished(2, false, None);
-        assert!(g.is_done(2));
+        assert_eq!(g.progress().0, 2);
         assert!(g.failed(), "a failed sync latches");
         g.clear();
         assert!(!g.failed());

@@ -544,10 +544,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
     fn reject(&mut self, chain: &Chain, reject: &Reject) {
         tracing::debug!(queue = self.index, error = %reject, reason = ?reject.reason(), "request rejected");
         let used = match reject {
-            Reject::Status { status, .. } => match reject.write_status(self.ring.memory()) {
-                Ok(_) => status.writable_len(),
-                Err(_) => 0,
-            },
+            Reject::Status { status, reason } => status.write_failure(self.ring.memory(), reason.status()),
             Reject::NoStatus => 0,
         };
         self.add_used(chain.head(), used);
@@ -671,36 +668,40 @@ impl<M: DeviceMemory + Send> Worker<M> {
         if self.awaiting_sync.is_empty() {
             return;
         }
-        let waiting = std::mem::take(&mut self.awaiting_sync);
-        let mut still = Vec::with_capacity(waiting.len());
-        for slot in waiting {
+        let mut waiting = std::mem::take(&mut self.awaiting_sync);
+        // One look at the gate for the whole list: syncs up to `done` have finished,
+        // syncs below `next` have started.
+        let (done, next) = self.gate.progress();
+        let failed = self.gate.failed();
+        let mut uncovered = false;
+        waiting.retain(|&slot| {
             let Some(Some(f)) = self.slots.get_mut(slot) else {
-                continue;
+                return false;
             };
             match f.sync {
-                SyncNeed::Epoch(e) if self.gate.is_done(e) => {
+                SyncNeed::Epoch(e) if e <= done => {
                     // The latch as it stands now, after the covering sync: a failure
                     // of any sync up to it fails this request too.
-                    if self.gate.failed() {
+                    if failed {
                         f.status = Status::IoErr;
                     }
                     self.finish(slot);
+                    false
                 }
-                _ => still.push(slot),
+                SyncNeed::Epoch(e) => {
+                    uncovered |= e >= next;
+                    true
+                }
+                SyncNeed::Wanted => {
+                    uncovered = true;
+                    true
+                }
+                SyncNeed::None => true,
             }
-        }
+        });
         // Requests not yet covered by a sync that has started need one: a sync
         // starts here if none runs anywhere, else they wait for the next.
-        let gate = &self.gate;
-        let uncovered = |f: &InFlight| match f.sync {
-            SyncNeed::Wanted => true,
-            SyncNeed::Epoch(e) => !gate.is_started(e),
-            SyncNeed::None => false,
-        };
-        if still
-            .iter()
-            .any(|&s| matches!(self.slots.get(s), Some(Some(f)) if uncovered(f)))
-        {
+        if uncovered {
             let epoch = match self.gate.request() {
                 Ticket::Start(e) => {
                     self.engine.submit(IoOp {
@@ -715,19 +716,17 @@ impl<M: DeviceMemory + Send> Worker<M> {
                 }
                 Ticket::Wait(e) => e,
             };
-            for &s in &still {
-                if let Some(Some(f)) = self.slots.get_mut(s)
-                    && matches!(f.sync, SyncNeed::Wanted | SyncNeed::Epoch(_))
-                    && f.sync != SyncNeed::Epoch(epoch)
-                {
-                    let covered_earlier = matches!(f.sync, SyncNeed::Epoch(e) if self.gate.is_started(e));
-                    if !covered_earlier {
-                        f.sync = SyncNeed::Epoch(epoch);
+            for &slot in &waiting {
+                if let Some(Some(f)) = self.slots.get_mut(slot) {
+                    match f.sync {
+                        SyncNeed::Wanted => f.sync = SyncNeed::Epoch(epoch),
+                        SyncNeed::Epoch(e) if e >= next => f.sync = SyncNeed::Epoch(epoch),
+                        _ => {}
                     }
                 }
             }
         }
-        self.awaiting_sync = still;
+        self.awaiting_sync = waiting;
     }
 
     /// A data buffer of `len` bytes: a recycled one of that length if there is one,
@@ -765,11 +764,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
         let used = if f.status == Status::Ok {
             f.req.write_status(self.ring.memory(), f.status).unwrap_or(0)
         } else {
-            let target = f.req.status_target();
-            match target.write(self.ring.memory(), f.status) {
-                Ok(()) => target.writable_len(),
-                Err(_) => 0,
-            }
+            f.req.status_target().write_failure(self.ring.memory(), f.status)
         };
         self.add_used(f.chain.head(), used);
     }
