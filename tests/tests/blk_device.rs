@@ -1409,3 +1409,27 @@ fn a_sync_lost_with_its_worker_fails_later_flushes_instead_of_hanging_them() {
         assert!(r.transport.with_handler(|d| d.flush_failed()));
     });
 }
+
+/// HOSTILE 3: the `seg_max` the device offers is one the chain walk accepts. Linux
+/// puts `seg_max + 2` descriptors in one indirect table whatever the queue size, and
+/// over vhost-user the device publishes its configuration before it learns the
+/// queue size: a 128-entry queue met 147-entry tables and every such read failed.
+#[test]
+fn offered_seg_max_fits_one_indirect_table() {
+    for queue_size in [64u16, 128, 256, 1024, 4096, 32768] {
+        let settings = BlkSettings {
+            queue_size,
+            ..BlkSettings::default()
+        };
+        let r = rig(models::direct(), &format!("segmax{queue_size}.img"), settings, false);
+        let mut seg_max = [0u8; 4];
+        r.transport
+            .read_config(std::mem::offset_of!(blk::BlkConfig, seg_max), &mut seg_max);
+        let seg_max = u32::from_le_bytes(seg_max);
+        assert!(
+            seg_max + 2 <= u32::from(virtio_core::ring::INDIRECT_MAX),
+            "queue size {queue_size}: seg_max {seg_max} does not fit one indirect table"
+        );
+        assert!(seg_max + 2 <= u32::from(queue_size), "queue size {queue_size}: seg_max {seg_max}");
+    }
+}

@@ -192,7 +192,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             Seed::new(3, true, false, &[d(IND, 0xffff_fff0, INDIRECT, 0)], &[])
                 .push(0)
                 .pop(1),
-            "IndirectTooLarge { entries: 268435455, limit: 8 }",
+            "IndirectTooLarge { entries: 268435455, limit: 1024 }",
         ),
         (
             "03-indirect-not-negotiated",

@@ -43,6 +43,7 @@ use virtio_core::features::Features;
 use virtio_core::lifecycle::DeviceLifecycle;
 use virtio_core::notify::{EventFdNotifier, Notify};
 use virtio_core::transport::{ActiveQueue, DeviceHandler};
+use virtio_core::ring::INDIRECT_MAX;
 use virtio_core::{DeviceModel, SplitDevice};
 use worker::{StopSignal, Worker, WorkerParts};
 use zerocopy::IntoBytes;
@@ -232,8 +233,10 @@ where
             // Offered, so a driver that reads it sends no larger segment; a request
             // runs as ops of at most this many bytes whatever its segments are.
             size_max: CHUNK,
-            // Two descriptors of every chain carry the header and the status.
-            seg_max: u32::from(settings.queue_size.saturating_sub(2).max(1)),
+            // Two descriptors of every chain carry the header and the status. A
+            // driver may put all of them in one indirect table, which the walk
+            // accepts up to `INDIRECT_MAX` entries whatever the queue size.
+            seg_max: u32::from(settings.queue_size.min(INDIRECT_MAX).saturating_sub(2).max(1)),
             max_discard_sectors: MAX_RANGE_SECTORS,
             max_discard_seg: MAX_RANGE_SEGS,
             max_write_zeroes_sectors: MAX_RANGE_SECTORS,

@@ -3,10 +3,16 @@
 //! The walk enforces every rule of virtio 1.2 §2.7.5 and §2.7.5.3 that a device can
 //! check, on a private copy of each descriptor (each shared field is fetched once):
 //!
-//! - at most `limit` descriptors (the queue size) in the whole chain, counting the
-//!   direct descriptors and the entries of an indirect table but not the descriptor
-//!   that points to the table (§2.7.5.2: no chain longer than the queue size); this
-//!   also stops loops, in the table and inside an indirect table;
+//! - at most the queue size of direct descriptors (§2.7.5.2), which also stops loops
+//!   in the descriptor table;
+//! - at most [`INDIRECT_MAX`] entries in an indirect table, and at most
+//!   `max(queue size, INDIRECT_MAX)` descriptors in the whole chain, counting the
+//!   direct descriptors and the entries of the table but not the descriptor that
+//!   points to it; this also stops loops inside an indirect table. §2.7.5.3.1 asks
+//!   the driver for no chain longer than the queue size, but Linux sizes indirect
+//!   tables by `seg_max`, which a vhost-user device publishes before it learns the
+//!   queue size; QEMU accepts tables of up to 1024 entries whatever the queue size,
+//!   and so do we (docs/HOSTILE.md, rules 2 and 3);
 //! - `next` inside the table it indexes;
 //! - `VIRTQ_DESC_F_INDIRECT` only when negotiated, never with `NEXT`, never nested,
 //!   with a length that is a non-zero multiple of 16 (§2.7.5.3.1);
@@ -23,6 +29,14 @@ use crate::access::{AccessError, DescSlot, DeviceMemory, Segment, check_within};
 use crate::ring::layout::{Descriptor, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use smallvec::SmallVec;
 use zerocopy::FromBytes;
+
+/// Most entries an indirect table may have, whatever the queue size.
+///
+/// The same bound as QEMU's `VIRTQUEUE_MAX_SIZE`: a Linux guest builds indirect tables
+/// of up to `seg_max + 2` entries, and a device that offers `seg_max` must accept
+/// them even on a smaller queue. The work and the scratch buffer per chain stay
+/// bounded (16 KiB of table).
+pub const INDIRECT_MAX: u16 = 1024;
 
 /// Why a descriptor chain was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -380,8 +394,9 @@ impl Builder<'_> {
                     return Err(ChainError::IndirectWithNext);
                 }
                 // Whatever the direct part used is no longer available to the table.
-                let left = size - b.count;
-                b.indirect(idx, addr, len, (size, left), mem, scratch)?;
+                let limit = size.max(INDIRECT_MAX);
+                let left = limit - b.count;
+                b.indirect(idx, addr, len, (limit, left), mem, scratch)?;
                 break;
             }
             b.push(addr, len, flags, DescSlot::Table(idx), mem)?;
@@ -455,7 +470,7 @@ impl Builder<'_> {
         table: u16,
         addr: u64,
         len: u32,
-        (size, left): (u16, u16),
+        (limit, left): (u16, u16),
         mem: &M,
         scratch: &mut Vec<u8>,
     ) -> Result<(), ChainError> {
@@ -463,11 +478,14 @@ impl Builder<'_> {
             return Err(ChainError::IndirectLength(len));
         }
         let entries = len / 16;
-        if entries > u32::from(size) {
-            return Err(ChainError::IndirectTooLarge { entries, limit: size });
+        if entries > u32::from(INDIRECT_MAX) {
+            return Err(ChainError::IndirectTooLarge {
+                entries,
+                limit: INDIRECT_MAX,
+            });
         }
         if entries > u32::from(left) {
-            return Err(ChainError::TooLong { limit: size });
+            return Err(ChainError::TooLong { limit });
         }
         if addr.checked_add(u64::from(len)).is_none() {
             return Err(ChainError::AddrOverflow { addr, len });
@@ -476,12 +494,12 @@ impl Builder<'_> {
         // descriptor is ignored, §2.7.5.3.2), so every model mediates it.
         let seg = Segment::new(addr, len, false, self.chain.head, DescSlot::Table(table));
         mem.check(&seg)?;
-        // `len` is bounded by `size * 16` above: no allocation sized by the driver alone.
+        // `len` is bounded by `INDIRECT_MAX * 16` above: no allocation sized by the driver alone.
         scratch.clear();
         scratch.resize(len as usize, 0);
         mem.read(&seg, 0, scratch)?;
         let descs = <[Descriptor]>::ref_from_bytes(scratch).map_err(|_| ChainError::IndirectLength(len))?;
-        // `entries <= size <= u16::MAX`.
+        // `entries <= INDIRECT_MAX`.
         let n = u16::try_from(entries).unwrap_or(u16::MAX);
         let mut i: u16 = 0;
         for _ in 0..n {

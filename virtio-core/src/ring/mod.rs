@@ -4,5 +4,5 @@ pub mod chain;
 pub mod layout;
 pub mod split;
 
-pub use chain::{Chain, ChainError, ChainReader, ChainWriter};
+pub use chain::{Chain, ChainError, ChainReader, ChainWriter, INDIRECT_MAX};
 pub use layout::{Descriptor, SplitLayout, UsedElem};
