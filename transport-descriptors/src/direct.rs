@@ -12,14 +12,14 @@
 use hypervisor::Domain;
 use std::sync::Arc;
 use virtio_core::access::check_within;
-use virtio_core::ring::split::SplitRingMemory;
+use virtio_core::ring::areas::open_split_ring;
 use virtio_core::shm::Region;
 use virtio_core::{
     AccessError, DeviceMemory, DeviceModel, DeviceQueue, DriverModel, DriverQueue, ModelError, QueueAddrs,
     Segment,
 };
 
-use crate::layout::{Bounds, GuestRings, check_addrs};
+use crate::layout::{Bounds, GuestRings};
 use crate::share::DirectShare;
 
 /// Creates both sides of model 2 for `guest`.
@@ -105,16 +105,10 @@ impl DirectDevice {
         self.bounds.size
     }
 
-    fn view(&self, gpa: u64, bytes: u64, writable: bool) -> Result<Region, ModelError> {
-        let off = self
-            .bounds
-            .offset(gpa, bytes)
-            .ok_or(ModelError::Model("ring outside guest memory".into()))?;
-        let r = self
-            .mapping
-            .sub(off, bytes)
-            .map_err(|e| ModelError::Model(Box::new(e)))?;
-        Ok(if writable { r } else { r.read_only() })
+    /// The ring area at `gpa`, if it lies in guest memory.
+    fn view(&self, gpa: u64, bytes: u64) -> Option<Region> {
+        let off = self.bounds.offset(gpa, bytes)?;
+        self.mapping.sub(off, bytes).ok()
     }
 }
 
@@ -131,14 +125,11 @@ impl DeviceModel for DirectDevice {
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<DirectMemory>, ModelError> {
-        let rings = check_addrs(addrs, size, self.bounds, false)?;
         // The device may write all guest memory in this model, but it has no business
         // writing the driver's rings: read-only views catch device bugs early.
-        let ring = SplitRingMemory {
-            desc: self.view(rings.desc.gpa, rings.desc.bytes, false)?,
-            avail: self.view(rings.avail.gpa, rings.avail.bytes, false)?,
-            used: self.view(rings.used.gpa, rings.used.bytes, true)?,
-        };
+        let ring = open_split_ring(size, addrs, |s| {
+            self.view(s.addr, s.len).ok_or(ModelError::BadAddrs(addrs))
+        })?;
         Ok(DeviceQueue {
             ring,
             memory: DirectMemory {

@@ -12,59 +12,26 @@
 use hypervisor::{Domain, GuestMemory};
 use std::sync::{Arc, Mutex};
 use virtio_core::ring::SplitLayout;
+use virtio_core::ring::areas::{AreaError, RingArea, RingAreas};
 use virtio_core::ring::split::SplitRingMemory;
 use virtio_core::{DriverQueue, ModelError, QueueAddrs};
 
 use crate::share::DirectShare;
 
-/// Which of the three ring areas a problem concerns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Area {
-    /// The descriptor table (`queue_desc`).
-    Desc,
-    /// The available ring (`queue_driver`).
-    Avail,
-    /// The used ring (`queue_device`).
-    Used,
-}
-
-impl Area {
-    fn name(self) -> &'static str {
-        match self {
-            Area::Desc => "descriptor table",
-            Area::Avail => "available ring",
-            Area::Used => "used ring",
-        }
-    }
-}
-
-impl std::fmt::Display for Area {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 /// Why queue addresses were refused (logged; the model reports
 /// [`ModelError::BadAddrs`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AddrError {
+    /// Misaligned, overflowing or overlapping areas: the checks every side makes
+    /// ([`RingAreas`]).
+    #[error(transparent)]
+    Layout(#[from] AreaError),
     /// The area does not lie inside guest memory.
-    #[error("{0} lies outside guest memory")]
-    Outside(Area),
-    /// The area is not aligned as virtio 1.2 §2.7 requires.
-    #[error("{area} is not {align}-byte aligned")]
-    Misaligned {
-        /// The area.
-        area: Area,
-        /// The required alignment.
-        align: u64,
-    },
-    /// Two areas overlap.
-    #[error("{0} overlaps the {1}")]
-    Overlap(Area, Area),
+    #[error("{0:?} area lies outside guest memory")]
+    Outside(RingArea),
     /// The writable used ring shares a page with a ring the device must only read.
-    #[error("used ring shares a page with the {0}")]
-    SharedPage(Area),
+    #[error("used ring shares a page with the {0:?} area")]
+    SharedPage(RingArea),
 }
 
 /// One ring area: guest address and size in bytes.
@@ -131,60 +98,37 @@ pub(crate) fn check_addrs(
     mem: Bounds,
     own_pages: bool,
 ) -> Result<CheckedRings, ModelError> {
-    let layout = SplitLayout::new(size).ok_or(ModelError::BadSize(size))?;
-    check_layout(addrs, layout, mem, own_pages).map_err(|reason| {
+    check_layout(addrs, size, mem, own_pages).map_err(|reason| {
         tracing::debug!(?addrs, size, %reason, "queue addresses refused");
-        ModelError::BadAddrs(addrs)
+        match reason {
+            AddrError::Layout(AreaError::Size(size)) => ModelError::BadSize(size),
+            _ => ModelError::BadAddrs(addrs),
+        }
     })
 }
 
 fn check_layout(
     addrs: QueueAddrs,
-    layout: SplitLayout,
+    size: u16,
     mem: Bounds,
     own_pages: bool,
 ) -> Result<CheckedRings, AddrError> {
-    let area = |area, gpa: u64, bytes, align| {
-        if !gpa.is_multiple_of(align) {
-            return Err(AddrError::Misaligned { area, align });
-        }
-        mem.offset(gpa, bytes).ok_or(AddrError::Outside(area))?;
-        Ok(Span { gpa, bytes })
-    };
-    let desc = area(
-        Area::Desc,
-        addrs.desc,
-        layout.desc_bytes(),
-        SplitLayout::DESC_ALIGN,
-    )?;
-    let avail = area(
-        Area::Avail,
-        addrs.avail,
-        layout.avail_bytes(),
-        SplitLayout::AVAIL_ALIGN,
-    )?;
-    let used = area(
-        Area::Used,
-        addrs.used,
-        layout.used_bytes(),
-        SplitLayout::USED_ALIGN,
-    )?;
-    if desc.overlaps(avail) {
-        return Err(AddrError::Overlap(Area::Desc, Area::Avail));
-    }
-    if desc.overlaps(used) {
-        return Err(AddrError::Overlap(Area::Desc, Area::Used));
-    }
-    if avail.overlaps(used) {
-        return Err(AddrError::Overlap(Area::Avail, Area::Used));
+    let areas = RingAreas::split(size, addrs)?;
+    let [desc, avail, used] = areas.spans().map(|s| Span {
+        gpa: s.addr,
+        bytes: s.len,
+    });
+    for (span, area) in areas.spans().iter().zip([desc, avail, used]) {
+        mem.offset(area.gpa, area.bytes)
+            .ok_or(AddrError::Outside(span.area))?;
     }
     if own_pages {
         let used_pages = used.pages(mem.page);
         if used_pages.overlaps(desc.pages(mem.page)) {
-            return Err(AddrError::SharedPage(Area::Desc));
+            return Err(AddrError::SharedPage(RingArea::Descriptor));
         }
         if used_pages.overlaps(avail.pages(mem.page)) {
-            return Err(AddrError::SharedPage(Area::Avail));
+            return Err(AddrError::SharedPage(RingArea::Driver));
         }
     }
     Ok(CheckedRings { desc, avail, used })
@@ -281,7 +225,7 @@ mod tests {
     }
 
     fn layout(a: QueueAddrs, own_pages: bool) -> Result<CheckedRings, AddrError> {
-        check_layout(a, SplitLayout::new(16).unwrap(), MEM, own_pages)
+        check_layout(a, 16, MEM, own_pages)
     }
 
     #[test]
@@ -298,11 +242,11 @@ mod tests {
         assert!(layout(addrs(0, 256, 512), false).is_ok());
         assert_eq!(
             layout(addrs(0, 256, 512), true).unwrap_err(),
-            AddrError::SharedPage(Area::Desc)
+            AddrError::SharedPage(RingArea::Descriptor)
         );
         assert_eq!(
             layout(addrs(8192, 0, 4096 - 8), true).unwrap_err(),
-            AddrError::SharedPage(Area::Avail)
+            AddrError::SharedPage(RingArea::Driver)
         );
     }
 
@@ -311,52 +255,71 @@ mod tests {
         use AddrError::*;
         assert_eq!(
             layout(addrs(8, 4096, 8192), false).unwrap_err(),
-            Misaligned {
-                area: Area::Desc,
+            Layout(AreaError::Misaligned {
+                area: RingArea::Descriptor,
+                addr: MEM.base + 8,
                 align: 16
-            }
+            })
         );
         assert_eq!(
             layout(addrs(0, 4097, 8192), false).unwrap_err(),
-            Misaligned {
-                area: Area::Avail,
+            Layout(AreaError::Misaligned {
+                area: RingArea::Driver,
+                addr: MEM.base + 4097,
                 align: 2
-            }
+            })
         );
         assert_eq!(
             layout(addrs(0, 4096, 8194), false).unwrap_err(),
-            Misaligned {
-                area: Area::Used,
+            Layout(AreaError::Misaligned {
+                area: RingArea::Device,
+                addr: MEM.base + 8194,
                 align: 4
-            }
+            })
         );
         assert_eq!(
             layout(addrs(16 * 4096 - 16, 4096, 8192), false).unwrap_err(),
-            Outside(Area::Desc)
+            Outside(RingArea::Descriptor)
         );
         let below = QueueAddrs {
             desc: 0,
             avail: MEM.base,
             used: MEM.base + 4096,
         };
-        assert_eq!(layout(below, false).unwrap_err(), Outside(Area::Desc));
+        assert_eq!(layout(below, false).unwrap_err(), Outside(RingArea::Descriptor));
         let wrap = QueueAddrs {
             desc: MEM.base,
             avail: MEM.base + 4096,
             used: u64::MAX - 3,
         };
-        assert_eq!(layout(wrap, false).unwrap_err(), Outside(Area::Used));
+        assert_eq!(
+            layout(wrap, false).unwrap_err(),
+            Layout(AreaError::Overflow {
+                area: RingArea::Device,
+                addr: u64::MAX - 3,
+                len: 6 + 8 * 16
+            })
+        );
         assert_eq!(
             layout(addrs(0, 128, 8192), false).unwrap_err(),
-            Overlap(Area::Desc, Area::Avail)
+            Layout(AreaError::Overlap {
+                first: RingArea::Descriptor,
+                second: RingArea::Driver
+            })
         );
         assert_eq!(
             layout(addrs(0, 4096, 4096 + 32), false).unwrap_err(),
-            Overlap(Area::Avail, Area::Used)
+            Layout(AreaError::Overlap {
+                first: RingArea::Driver,
+                second: RingArea::Device
+            })
         );
         assert_eq!(
             layout(addrs(4096, 0, 4096 + 128), false).unwrap_err(),
-            Overlap(Area::Desc, Area::Used)
+            Layout(AreaError::Overlap {
+                first: RingArea::Descriptor,
+                second: RingArea::Device
+            })
         );
     }
 

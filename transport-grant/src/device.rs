@@ -26,8 +26,8 @@ use hypervisor::DomainId;
 use std::cell::RefCell;
 use std::sync::Arc;
 use virtio_core::access::check_within;
-use virtio_core::ring::layout::SplitLayout;
-use virtio_core::{AccessError, DeviceModel, DeviceQueue, ModelError, QueueAddrs, Segment, SplitRingMemory};
+use virtio_core::ring::areas::open_split_ring;
+use virtio_core::{AccessError, DeviceModel, DeviceQueue, ModelError, QueueAddrs, Segment};
 
 /// Pages a queue's persistent-mapping cache holds at most (blkback's default
 /// `max_persistent_grants` is 1056). A driver that hints more is served by copy
@@ -99,26 +99,28 @@ impl DeviceModel for GrantDevice {
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<GrantMemory>, ModelError> {
-        let layout = SplitLayout::new(size).ok_or(ModelError::BadSize(size))?;
         let err = |e: GrantError| match e {
             GrantError::BadAddress(_) => ModelError::BadAddrs(addrs),
             e => ModelError::Model(Box::new(e)),
         };
-        let (desc_m, desc) = self
-            .map_area(addrs.desc, layout.desc_bytes(), false)
-            .map_err(err)?;
-        let (avail_m, avail) = self
-            .map_area(addrs.avail, layout.avail_bytes(), false)
-            .map_err(err)?;
-        let (used_m, used) = self
-            .map_area(addrs.used, layout.used_bytes(), true)
-            .map_err(err)?;
+        // Each area is mapped by its own grants: encoded addresses are linear in the
+        // grant reference, so the overlap check also refuses two areas that share a
+        // granted page.
+        let mut rings = Vec::with_capacity(3);
+        let ring = open_split_ring(size, addrs, |s| {
+            let (m, r) = self.map_area(s.addr, s.len, s.device_writes()).map_err(err)?;
+            rings.push(m);
+            Ok(r)
+        })?;
+        let rings: [GrantMapping; 3] = rings
+            .try_into()
+            .map_err(|_| ModelError::Model("a ring area was not mapped".into()))?;
         Ok(DeviceQueue {
-            ring: SplitRingMemory { desc, avail, used },
+            ring,
             memory: GrantMemory {
                 table: self.table.clone(),
                 backend: self.backend,
-                _rings: [desc_m, avail_m, used_m],
+                _rings: rings,
                 cache: RefCell::new(PageCache::default()),
             },
         })

@@ -4,11 +4,10 @@ use crate::error::SharedPageError;
 use crate::layout::Layout;
 use std::fmt;
 use std::ops::Range;
+use virtio_core::ring::areas::open_split_ring;
 use virtio_core::ring::layout::SplitLayout;
 use virtio_core::shm::Region;
-use virtio_core::{
-    AccessError, DeviceMemory, DeviceModel, DeviceQueue, ModelError, QueueAddrs, Segment, SplitRingMemory,
-};
+use virtio_core::{AccessError, DeviceMemory, DeviceModel, DeviceQueue, ModelError, QueueAddrs, Segment};
 
 /// The device's side of a shared-page region.
 ///
@@ -88,7 +87,7 @@ impl DeviceModel for SharedPageDevice {
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<SharedPageMemory>, ModelError> {
-        let l = SplitLayout::new(size).ok_or(ModelError::BadSize(size))?;
+        SplitLayout::new(size).ok_or(ModelError::BadSize(size))?;
         let max = self.layout.max_queue_size();
         if size > max {
             return Err(SharedPageError::QueueTooLarge { size, max }.into());
@@ -101,11 +100,7 @@ impl DeviceModel for SharedPageDevice {
             tracing::debug!(index, size, ?addrs, area, "refusing queue addresses");
             return Err(ModelError::BadAddrs(addrs));
         }
-        let ring = SplitRingMemory {
-            desc: self.area(addrs, addrs.desc, l.desc_bytes())?.read_only(),
-            avail: self.area(addrs, addrs.avail, l.avail_bytes())?.read_only(),
-            used: self.area(addrs, addrs.used, l.used_bytes())?,
-        };
+        let ring = open_split_ring(size, addrs, |s| self.area(addrs, s.addr, s.len))?;
         let memory = SharedPageMemory {
             area: self.area(addrs, bounce.start, bounce.end - bounce.start)?,
             base: bounce.start,

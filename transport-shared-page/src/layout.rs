@@ -19,6 +19,7 @@
 use crate::error::SharedPageError;
 use std::ops::Range;
 use virtio_core::QueueAddrs;
+use virtio_core::ring::areas::{AreaError, RingAreas};
 use virtio_core::ring::layout::SplitLayout;
 
 /// Cache-line size the available ring is aligned to.
@@ -171,41 +172,22 @@ impl Layout {
     /// `size` must already be a valid split-ring size. Returns why not, for logs.
     pub fn check_rings(&self, q: u16, size: u16, addrs: &QueueAddrs) -> Result<(), &'static str> {
         let slot = self.ring_slot(q).ok_or("no such queue")?;
-        let l = SplitLayout::new(size)
-            .filter(|_| size <= self.max_queue_size)
-            .ok_or("queue size")?;
-        let areas = [
-            (
-                "descriptor table",
-                addrs.desc,
-                l.desc_bytes(),
-                SplitLayout::DESC_ALIGN,
-            ),
-            (
-                "available ring",
-                addrs.avail,
-                l.avail_bytes(),
-                SplitLayout::AVAIL_ALIGN,
-            ),
-            ("used ring", addrs.used, l.used_bytes(), SplitLayout::USED_ALIGN),
-        ];
-        let mut ranges = [0..0, 0..0, 0..0];
-        for (i, (area, addr, bytes, align)) in areas.into_iter().enumerate() {
-            if addr % align != 0 {
-                return Err(area);
-            }
-            let end = addr.checked_add(bytes).ok_or(area)?;
-            if addr < slot.start || end > slot.end {
-                return Err(area);
-            }
-            ranges[i] = addr..end;
+        if size > self.max_queue_size {
+            return Err("queue size");
         }
-        let overlap = |a: &Range<u64>, b: &Range<u64>| a.start < b.end && b.start < a.end;
-        if overlap(&ranges[0], &ranges[1])
-            || overlap(&ranges[0], &ranges[2])
-            || overlap(&ranges[1], &ranges[2])
+        let areas = RingAreas::split(size, *addrs).map_err(|e| match e {
+            AreaError::Size(_) => "queue size",
+            AreaError::Misaligned { .. } => "misaligned ring area",
+            AreaError::Overflow { .. } => "ring area past the end of the address space",
+            AreaError::Overlap { .. } => "overlapping ring areas",
+        })?;
+        // Both ends are below 2^64: `RingAreas` checked.
+        if areas
+            .spans()
+            .iter()
+            .any(|s| s.addr < slot.start || s.addr + s.len > slot.end)
         {
-            return Err("overlapping ring areas");
+            return Err("ring area outside the queue's ring slot");
         }
         Ok(())
     }

@@ -35,11 +35,9 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use virtio_core::access::check_within;
-use virtio_core::ring::SplitLayout;
+use virtio_core::ring::areas::open_split_ring;
 use virtio_core::shm::{Mapping, Region};
-use virtio_core::{
-    AccessError, DeviceMemory, DeviceModel, DeviceQueue, ModelError, QueueAddrs, Segment, SplitRingMemory,
-};
+use virtio_core::{AccessError, DeviceMemory, DeviceModel, DeviceQueue, ModelError, QueueAddrs, Segment};
 
 /// The most regions a vhost-user memory table holds (the protocol's
 /// VHOST_MEMORY_BASELINE_NREGIONS without CONFIGURE_MEM_SLOTS).
@@ -547,39 +545,12 @@ impl DeviceModel for VhostMemory {
         let table = self
             .table()
             .ok_or_else(|| ModelError::Model("the frontend sent no memory table".into()))?;
-        let layout = SplitLayout::new(size).ok_or(ModelError::BadSize(size))?;
-        let area = |gpa: u64, bytes: u64, align: u64| {
-            if !gpa.is_multiple_of(align) {
-                return Err(ModelError::BadAddrs(addrs));
-            }
-            table.view(gpa, bytes).ok_or(ModelError::BadAddrs(addrs))
-        };
-        // The three areas must not overlap (virtio 1.2 §2.7; HOSTILE 11, 38): the
-        // device writes the used ring, and a used ring over the descriptor table or
-        // the available ring would let the device's own writes feed its reads. The
-        // same check as `DeviceLifecycle::validate_queue` and the in-process
-        // models' `check_addrs` (neither is reachable from here).
-        let spans = [
-            (addrs.desc, layout.desc_bytes()),
-            (addrs.avail, layout.avail_bytes()),
-            (addrs.used, layout.used_bytes()),
-        ];
-        for (i, &(a, a_len)) in spans.iter().enumerate() {
-            for &(b, b_len) in &spans[i + 1..] {
-                // Ends that wrap are refused by `area` below; saturating keeps
-                // this test from wrapping first.
-                if a < b.saturating_add(b_len) && b < a.saturating_add(a_len) {
-                    return Err(ModelError::BadAddrs(addrs));
-                }
-            }
-        }
-        // The device has no business writing the driver's areas: read-only views
-        // catch device bugs early.
-        let ring = SplitRingMemory {
-            desc: area(addrs.desc, layout.desc_bytes(), SplitLayout::DESC_ALIGN)?.read_only(),
-            avail: area(addrs.avail, layout.avail_bytes(), SplitLayout::AVAIL_ALIGN)?.read_only(),
-            used: area(addrs.used, layout.used_bytes(), SplitLayout::USED_ALIGN)?,
-        };
+        // Sizes, alignment and disjoint areas (virtio 1.2 §2.7; HOSTILE 11, 38) are
+        // checked by `open_split_ring`; the table says whether each area is memory
+        // the frontend shared.
+        let ring = open_split_ring(size, addrs, |s| {
+            table.view(s.addr, s.len).ok_or(ModelError::BadAddrs(addrs))
+        })?;
         Ok(DeviceQueue {
             ring,
             memory: TableMemory { table },

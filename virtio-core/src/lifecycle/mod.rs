@@ -19,6 +19,8 @@ use tracing::warn;
 
 use crate::config::{self, ConfigError, ConfigSpace};
 use crate::features::{self, Dependency, Features};
+use crate::model::QueueAddrs;
+use crate::ring::areas::{AreaError, RingAreas};
 use crate::status::{DeviceStatus, FeaturesVerdict, StatusChange, StatusError, StatusMachine};
 
 /// Largest queue size the spec allows, split or packed (§2.7, §2.8: 32768).
@@ -76,16 +78,7 @@ pub struct QueueLayout {
     pub used: u64,
 }
 
-/// The three areas of a virtqueue (§2.6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RingArea {
-    /// Descriptor table (split) or descriptor ring (packed).
-    Descriptor,
-    /// Available ring (split) or driver event suppression (packed).
-    Driver,
-    /// Used ring (split) or device event suppression (packed).
-    Device,
-}
+pub use crate::ring::areas::RingArea;
 
 /// A queue register access or layout the device refuses (HOSTILE rule 11).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -410,39 +403,25 @@ impl DeviceLifecycle {
         let q = self.queue(index).ok_or(QueueError::NoSuchQueue { index })?;
         let packed = self.packed();
         check_size(q.size, q.max_size, packed)?;
-        let n = u64::from(q.size);
-        // (area, address, length, alignment): §2.7 for split, §2.8.10 for packed.
-        // The split lengths always count used_event / avail_event (EVENT_IDX).
-        let areas = if packed {
-            [
-                (RingArea::Descriptor, q.desc, 16 * n, 16),
-                (RingArea::Driver, q.avail, 4, 4),
-                (RingArea::Device, q.used, 4, 4),
-            ]
-        } else {
-            [
-                (RingArea::Descriptor, q.desc, 16 * n, 16),
-                (RingArea::Driver, q.avail, 6 + 2 * n, 2),
-                (RingArea::Device, q.used, 6 + 8 * n, 4),
-            ]
+        let addrs = QueueAddrs {
+            desc: q.desc,
+            avail: q.avail,
+            used: q.used,
         };
-        let mut ranges = [(RingArea::Descriptor, 0u64, 0u64); 3];
-        for (range, (area, addr, len, align)) in ranges.iter_mut().zip(areas) {
-            if addr % align != 0 {
-                return Err(QueueError::Misaligned { area, addr, align });
-            }
-            let end = addr
-                .checked_add(len)
-                .ok_or(QueueError::Overflow { area, addr, len })?;
-            *range = (area, addr, end);
-        }
-        for (i, &(first, start_a, end_a)) in ranges.iter().enumerate() {
-            for &(second, start_b, end_b) in &ranges[i + 1..] {
-                if start_a < end_b && start_b < end_a {
-                    return Err(QueueError::Overlap { first, second });
-                }
-            }
-        }
+        let areas = if packed {
+            RingAreas::packed(q.size, addrs)
+        } else {
+            RingAreas::split(q.size, addrs)
+        };
+        areas.map_err(|e| match e {
+            AreaError::Size(size) => QueueError::InvalidSize {
+                size,
+                max: q.max_size,
+            },
+            AreaError::Misaligned { area, addr, align } => QueueError::Misaligned { area, addr, align },
+            AreaError::Overflow { area, addr, len } => QueueError::Overflow { area, addr, len },
+            AreaError::Overlap { first, second } => QueueError::Overlap { first, second },
+        })?;
         Ok(QueueLayout {
             size: q.size,
             desc: q.desc,

@@ -1,5 +1,6 @@
 //! Virtqueues: wire layouts, descriptor chains and the split ring's two sides.
 
+pub mod areas;
 pub mod chain;
 pub mod layout;
 pub mod split;
