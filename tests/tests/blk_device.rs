@@ -10,6 +10,7 @@ use backend_host::blk::disk::{Disk, DiskOptions};
 use backend_host::blk::engine::Engine;
 use backend_host::blk::engine_uring::UringEngine;
 use backend_host::blk::fault::{FaultEngine, FaultPlan};
+use backend_host::blk::wrap::{Down, Hooks, Wrapped};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vio::conformance::Fixture;
@@ -727,20 +728,16 @@ struct Seen {
     misaligned: usize,
 }
 
-/// An engine that counts the bytes of data buffers it holds (submitted, not yet
-/// reaped), the buffers that do not start on a page boundary, and logs what it is
-/// asked to do; it passes everything on.
-struct BytesCheck<E> {
-    inner: E,
+/// Engine hooks that count the bytes of data buffers the engine holds (submitted,
+/// not yet reaped), the buffers that do not start on a page boundary, and log what
+/// the engine is asked to do; everything passes on.
+struct BytesCheck {
     now: usize,
     stats: Arc<std::sync::Mutex<Seen>>,
 }
 
-impl<E: Engine> Engine for BytesCheck<E> {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn submit(&mut self, op: backend_host::blk::engine::IoOp) {
+impl Hooks for BytesCheck {
+    fn submit(&mut self, op: backend_host::blk::engine::IoOp, down: &mut Down<'_>) {
         self.now += op.buf.len();
         let mut s = self.stats.lock().unwrap();
         s.peak = s.peak.max(self.now);
@@ -750,30 +747,15 @@ impl<E: Engine> Engine for BytesCheck<E> {
             s.misaligned += 1;
         }
         drop(s);
-        self.inner.submit(op);
+        down.submit(op);
     }
-    fn commit(&mut self) -> std::io::Result<()> {
-        self.inner.commit()
-    }
-    fn reap(&mut self, out: &mut Vec<backend_host::blk::engine::Completion>) -> usize {
-        let from = out.len();
-        let n = self.inner.reap(out);
-        for c in &out[from..] {
-            self.now -= c.buf.len();
-        }
-        n
-    }
-    fn wait(&mut self) -> std::io::Result<()> {
-        self.inner.wait()
-    }
-    fn ready_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.inner.ready_fd()
-    }
-    fn ack_ready(&mut self) {
-        self.inner.ack_ready();
-    }
-    fn in_flight(&self) -> usize {
-        self.inner.in_flight()
+    fn complete(
+        &mut self,
+        c: backend_host::blk::engine::Completion,
+        _: &mut Down<'_>,
+    ) -> Option<backend_host::blk::engine::Completion> {
+        self.now -= c.buf.len();
+        Some(c)
     }
 }
 
@@ -783,11 +765,11 @@ fn counted() -> (Arc<std::sync::Mutex<Seen>>, EngineChoice) {
     let s = stats.clone();
     let engine = EngineChoice::Custom(Arc::new(move |disk: &Disk| {
         let inner = UringEngine::new(disk, Default::default()).map_err(std::io::Error::other)?;
-        Ok(Box::new(BytesCheck {
-            inner,
+        let hooks = BytesCheck {
             now: 0,
             stats: s.clone(),
-        }) as Box<dyn Engine>)
+        };
+        Ok(Box::new(Wrapped::<_, BytesCheck>::new(inner, hooks)) as Box<dyn Engine>)
     }));
     (stats, engine)
 }

@@ -149,57 +149,40 @@ pub trait Engine: Send {
     fn in_flight(&self) -> usize;
 }
 
-/// Completions an engine wrapper makes itself, without its inner engine (an
-/// injected failure, an early acknowledgement), and the rules they follow: held
-/// until the next [`Engine::reap`], counted in flight, and announced on the inner
-/// engine's readiness eventfd so an event loop waiting on [`Engine::ready_fd`]
-/// notices. The wrapper's `reap`, `wait` and `in_flight` go through it.
-#[derive(Debug, Default)]
-pub struct MadeHere {
-    ready: Vec<Completion>,
-}
-
-impl MadeHere {
-    /// Holds `c` for the next reap and raises `ready_fd` (the inner engine's).
-    pub fn complete(&mut self, ready_fd: BorrowedFd<'_>, c: Completion) {
-        self.ready.push(c);
-        match rustix::io::write(ready_fd, &1u64.to_ne_bytes()) {
-            // EAGAIN: the counter is saturated, a wake-up is pending anyway.
-            Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
-            Err(e) => tracing::warn!(error = %e, "could not raise the engine's eventfd"),
-        }
+/// Boxed engines are engines, so the choice of [`best_engine`] can be wrapped.
+///
+/// [`best_engine`]: super::engine_uring::best_engine
+impl<E: Engine + ?Sized> Engine for Box<E> {
+    fn name(&self) -> &'static str {
+        (**self).name()
     }
 
-    /// Holds `c`, reaped from the inner engine, for the caller.
-    pub fn pass(&mut self, c: Completion) {
-        self.ready.push(c);
+    fn submit(&mut self, op: IoOp) {
+        (**self).submit(op);
     }
 
-    /// Moves every held completion into `out`; returns how many.
-    pub fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        let n = self.ready.len();
-        out.append(&mut self.ready);
-        n
+    fn commit(&mut self) -> std::io::Result<()> {
+        (**self).commit()
     }
 
-    /// [`Engine::wait`] for a wrapper of `inner`: returns at once while completions
-    /// are held.
-    pub fn wait(&self, inner: &mut impl Engine) -> std::io::Result<()> {
-        if self.ready.is_empty() {
-            inner.wait()
-        } else {
-            Ok(())
-        }
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        (**self).reap(out)
     }
 
-    /// Completions held.
-    pub fn len(&self) -> usize {
-        self.ready.len()
+    fn wait(&mut self) -> std::io::Result<()> {
+        (**self).wait()
     }
 
-    /// Whether none is held.
-    pub fn is_empty(&self) -> bool {
-        self.ready.is_empty()
+    fn ready_fd(&self) -> BorrowedFd<'_> {
+        (**self).ready_fd()
+    }
+
+    fn ack_ready(&mut self) {
+        (**self).ack_ready();
+    }
+
+    fn in_flight(&self) -> usize {
+        (**self).in_flight()
     }
 }
 

@@ -28,12 +28,10 @@
 // Pure bookkeeping over another engine.
 #![forbid(unsafe_code)]
 
-use std::io;
-use std::os::fd::BorrowedFd;
-
 use rustix::io::Errno;
 
-use super::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp, MadeHere, Tags};
+use super::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp, Tags};
+use super::wrap::{Down, Hooks, Wrapped};
 
 /// Resubmissions after an injected `EAGAIN` (the bound real engines use).
 pub const MAX_RETRIES: u32 = 8;
@@ -177,63 +175,80 @@ struct Tracked {
 }
 
 /// An engine that injects the faults of a [`FaultPlan`] into another engine's work.
+pub type FaultEngine<E> = Wrapped<E, Faults>;
+
+/// The [`Hooks`] of a [`FaultEngine`]: the plan, and the ops it tracks.
 #[derive(Debug)]
-pub struct FaultEngine<E: Engine> {
-    inner: E,
+pub struct Faults {
     plan: FaultPlan,
     /// Ops of each [`OpClass`] submitted so far.
     counts: [u64; 5],
     /// Under the tag given to the inner engine.
     tracked: Tags<Tracked>,
-    /// Completions made without the inner engine.
-    ready: MadeHere,
-    scratch: Vec<Completion>,
     stats: FaultStats,
 }
 
-impl<E: Engine> FaultEngine<E> {
-    /// Wraps `inner`; its `ready_fd` must be an eventfd (true of this crate's engines),
-    /// because the wrapper raises it for completions it makes itself.
-    pub fn new(inner: E, plan: FaultPlan) -> FaultEngine<E> {
-        FaultEngine {
-            inner,
+impl From<FaultPlan> for Faults {
+    fn from(plan: FaultPlan) -> Faults {
+        Faults {
             plan,
             counts: [0; 5],
             tracked: Tags::default(),
-            ready: MadeHere::default(),
-            scratch: Vec::new(),
             stats: FaultStats::default(),
         }
     }
+}
 
+impl Faults {
     /// What was injected so far.
     pub fn stats(&self) -> FaultStats {
         self.stats
     }
+}
 
-    /// The wrapped engine.
-    pub fn inner(&self) -> &E {
-        &self.inner
+impl<E: Engine> FaultEngine<E> {
+    /// What was injected so far.
+    pub fn stats(&self) -> FaultStats {
+        self.hooks().stats()
+    }
+}
+
+impl Hooks for Faults {
+    fn submit(&mut self, op: IoOp, down: &mut Down<'_>) {
+        let class = OpClass::of(op.kind);
+        let count = &mut self.counts[class.index()];
+        *count += 1;
+        let fault = self.plan.find(class, *count);
+        if fault.is_some() {
+            self.stats.injected += 1;
+        }
+        if let Some(Fault::Fail(errno)) = fault {
+            down.complete(Completion {
+                user: op.user,
+                result: Err(errno.into()),
+                buf: op.buf,
+            });
+            return;
+        }
+        let user = self.tracked.insert(Tracked {
+            user: op.user,
+            kind: op.kind,
+            offset: op.offset,
+            len: op.len,
+            fault,
+            eagains: 0,
+        });
+        down.submit(IoOp { user, ..op });
     }
 
-    /// Unwraps the engine.
-    pub fn into_inner(self) -> E {
-        self.inner
-    }
-
-    fn track(&mut self, t: Tracked) -> u64 {
-        self.tracked.insert(t)
-    }
-
-    /// Turns an inner completion into the caller's, or resubmits it (`Err` hands the
-    /// op back for resubmission).
-    fn finish(&mut self, c: Completion) -> Result<Completion, IoOp> {
+    /// Turns an inner completion into the caller's, or resubmits it.
+    fn complete(&mut self, c: Completion, down: &mut Down<'_>) -> Option<Completion> {
         let Some(t) = self.tracked.get_mut(c.user) else {
             tracing::error!(
                 user = c.user,
                 "completion for no op the fault wrapper has in flight"
             );
-            return Ok(c);
+            return Some(c);
         };
         if let Some(Fault::Eagain { times }) = t.fault
             && t.eagains < times
@@ -241,19 +256,17 @@ impl<E: Engine> FaultEngine<E> {
             t.eagains += 1;
             if t.eagains <= MAX_RETRIES {
                 self.stats.retries += 1;
-                let op = IoOp {
+                down.submit(IoOp {
                     kind: t.kind,
                     offset: t.offset,
                     len: t.len,
                     buf: c.buf,
                     user: c.user,
-                };
-                return Err(op);
+                });
+                return None;
             }
         }
-        let Some(t) = self.tracked.take(c.user) else {
-            return Ok(c);
-        };
+        let t = self.tracked.take(c.user)?;
         let Completion { result, mut buf, .. } = c;
         let result = match t.fault {
             None | Some(Fault::Fail(_)) => result,
@@ -268,7 +281,7 @@ impl<E: Engine> FaultEngine<E> {
                 short
             }),
         };
-        Ok(Completion {
+        Some(Completion {
             user: t.user,
             result,
             buf,
@@ -279,120 +292,6 @@ impl<E: Engine> FaultEngine<E> {
 fn poison_after(buf: &mut AlignedBuf, count: u64) {
     let from = usize::try_from(count).unwrap_or(usize::MAX).min(buf.len());
     buf.as_mut_slice()[from..].fill(POISON);
-}
-
-impl<E: Engine> Engine for FaultEngine<E> {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn submit(&mut self, op: IoOp) {
-        let class = OpClass::of(op.kind);
-        let count = &mut self.counts[class.index()];
-        *count += 1;
-        let fault = self.plan.find(class, *count);
-        if fault.is_some() {
-            self.stats.injected += 1;
-        }
-        if let Some(Fault::Fail(errno)) = fault {
-            let c = Completion {
-                user: op.user,
-                result: Err(errno.into()),
-                buf: op.buf,
-            };
-            self.ready.complete(self.inner.ready_fd(), c);
-            return;
-        }
-        let user = self.track(Tracked {
-            user: op.user,
-            kind: op.kind,
-            offset: op.offset,
-            len: op.len,
-            fault,
-            eagains: 0,
-        });
-        self.inner.submit(IoOp { user, ..op });
-    }
-
-    fn commit(&mut self) -> io::Result<()> {
-        self.inner.commit()
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        self.inner.reap(&mut scratch);
-        let mut resubmitted = false;
-        for c in scratch.drain(..) {
-            match self.finish(c) {
-                Ok(c) => self.ready.pass(c),
-                Err(op) => {
-                    self.inner.submit(op);
-                    resubmitted = true;
-                }
-            }
-        }
-        self.scratch = scratch;
-        if resubmitted && let Err(e) = self.inner.commit() {
-            tracing::warn!(error = %e, "fault wrapper could not resubmit; retrying later");
-        }
-        self.ready.reap(out)
-    }
-
-    fn wait(&mut self) -> io::Result<()> {
-        self.ready.wait(&mut self.inner)
-    }
-
-    fn ready_fd(&self) -> BorrowedFd<'_> {
-        self.inner.ready_fd()
-    }
-
-    fn ack_ready(&mut self) {
-        self.inner.ack_ready();
-    }
-
-    fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.ready.len()
-    }
-}
-
-/// Boxed engines are engines, so the choice of [`best_engine`] can be wrapped.
-///
-/// (This belongs beside the trait in `engine.rs`; it lives here to leave the seam's
-/// file untouched.)
-///
-/// [`best_engine`]: super::engine_uring::best_engine
-impl<E: Engine + ?Sized> Engine for Box<E> {
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
-
-    fn submit(&mut self, op: IoOp) {
-        (**self).submit(op);
-    }
-
-    fn commit(&mut self) -> io::Result<()> {
-        (**self).commit()
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        (**self).reap(out)
-    }
-
-    fn wait(&mut self) -> io::Result<()> {
-        (**self).wait()
-    }
-
-    fn ready_fd(&self) -> BorrowedFd<'_> {
-        (**self).ready_fd()
-    }
-
-    fn ack_ready(&mut self) {
-        (**self).ack_ready();
-    }
-
-    fn in_flight(&self) -> usize {
-        (**self).in_flight()
-    }
 }
 
 #[cfg(test)]

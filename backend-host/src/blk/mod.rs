@@ -8,3 +8,4 @@ pub mod engine_uring;
 pub mod fault;
 pub mod record;
 pub mod request;
+pub mod wrap;

@@ -31,10 +31,10 @@
 #![forbid(unsafe_code)]
 
 use std::io;
-use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::engine::{Completion, Engine, IoKind, IoOp, Tags};
+use super::wrap::{Down, Hooks, Wrapped};
 
 /// An op as it was submitted to the disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,47 +183,34 @@ struct Tracked {
 
 /// An engine that logs the writes, flushes, discards and write-zeroes of another
 /// engine into a [`Recorder`].
+pub type RecordingEngine<E> = Wrapped<E, Recording>;
+
+/// The [`Hooks`] of a [`RecordingEngine`]: the log, and the ops in flight.
 #[derive(Debug)]
-pub struct RecordingEngine<E: Engine> {
-    inner: E,
+pub struct Recording {
     recorder: Arc<Recorder>,
     /// Indexed by the tag given to the inner engine.
     tracked: Tags<Tracked>,
-    scratch: Vec<Completion>,
+}
+
+impl From<Arc<Recorder>> for Recording {
+    fn from(recorder: Arc<Recorder>) -> Recording {
+        Recording {
+            recorder,
+            tracked: Tags::default(),
+        }
+    }
 }
 
 impl<E: Engine> RecordingEngine<E> {
-    /// Wraps `inner`, logging into `recorder`.
-    pub fn new(inner: E, recorder: Arc<Recorder>) -> RecordingEngine<E> {
-        RecordingEngine {
-            inner,
-            recorder,
-            tracked: Tags::default(),
-            scratch: Vec::new(),
-        }
-    }
-
     /// The log.
     pub fn recorder(&self) -> &Arc<Recorder> {
-        &self.recorder
-    }
-
-    /// The wrapped engine.
-    pub fn inner(&self) -> &E {
-        &self.inner
-    }
-
-    fn track(&mut self, t: Tracked) -> u64 {
-        self.tracked.insert(t)
+        &self.hooks().recorder
     }
 }
 
-impl<E: Engine> Engine for RecordingEngine<E> {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn submit(&mut self, op: IoOp) {
+impl Hooks for Recording {
+    fn submit(&mut self, op: IoOp, down: &mut Down<'_>) {
         let recorded = match op.kind {
             IoKind::Read => None,
             IoKind::Write { dsync } => Some(RecordedOp::Write {
@@ -242,50 +229,22 @@ impl<E: Engine> Engine for RecordingEngine<E> {
             }),
         };
         let id = recorded.map(|r| self.recorder.submitted(r));
-        let user = self.track(Tracked {
+        let user = self.tracked.insert(Tracked {
             user: op.user,
             op: id,
         });
-        self.inner.submit(IoOp { user, ..op });
+        down.submit(IoOp { user, ..op });
     }
 
-    fn commit(&mut self) -> io::Result<()> {
-        self.inner.commit()
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        self.inner.reap(&mut scratch);
-        let mut n = 0;
-        for c in scratch.drain(..) {
-            let Some(t) = self.tracked.take(c.user) else {
-                tracing::error!(user = c.user, "completion for an op the recorder never sent");
-                continue;
-            };
-            if let Some(op) = t.op {
-                self.recorder.completed(op, &c.result);
-            }
-            out.push(Completion { user: t.user, ..c });
-            n += 1;
+    fn complete(&mut self, c: Completion, _: &mut Down<'_>) -> Option<Completion> {
+        let Some(t) = self.tracked.take(c.user) else {
+            tracing::error!(user = c.user, "completion for an op the recorder never sent");
+            return None;
+        };
+        if let Some(op) = t.op {
+            self.recorder.completed(op, &c.result);
         }
-        self.scratch = scratch;
-        n
-    }
-
-    fn wait(&mut self) -> io::Result<()> {
-        self.inner.wait()
-    }
-
-    fn ready_fd(&self) -> BorrowedFd<'_> {
-        self.inner.ready_fd()
-    }
-
-    fn ack_ready(&mut self) {
-        self.inner.ack_ready();
-    }
-
-    fn in_flight(&self) -> usize {
-        self.inner.in_flight()
+        Some(Completion { user: t.user, ..c })
     }
 }
 

@@ -19,8 +19,8 @@
 //! [`RecordingEngine`]: backend_host::blk::record::RecordingEngine
 //! [`FaultEngine`]: backend_host::blk::fault::FaultEngine
 
-use backend_host::blk::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp, MadeHere};
-use std::os::fd::BorrowedFd;
+use backend_host::blk::engine::{AlignedBuf, Completion, IoKind, IoOp};
+use backend_host::blk::wrap::{Down, Hooks, Wrapped};
 
 /// Tag bit of ops whose completion the mutant swallows: above the device's tags
 /// ([`backend_host::blk::engine::TAG_RESERVED`]).
@@ -66,13 +66,12 @@ impl MutantKind {
 }
 
 /// An engine with a seeded bug.
+pub type MutantEngine<E> = Wrapped<E, Mutant>;
+
+/// The [`Hooks`] of a [`MutantEngine`]: the bug, and what it needs to tell its lies.
 #[derive(Debug)]
-pub struct MutantEngine<E: Engine> {
-    inner: E,
+pub struct Mutant {
     kind: MutantKind,
-    /// Completions made without the inner engine.
-    ready: MadeHere,
-    scratch: Vec<Completion>,
     next_swallow: u64,
     /// Lies told so far.
     lies: u64,
@@ -83,28 +82,31 @@ pub struct MutantEngine<E: Engine> {
     held: Option<IoOp>,
 }
 
-impl<E: Engine> MutantEngine<E> {
-    /// Wraps `inner`; its `ready_fd` must be an eventfd (true of the real engines).
-    pub fn new(inner: E, kind: MutantKind) -> MutantEngine<E> {
-        MutantEngine {
-            inner,
+impl From<MutantKind> for Mutant {
+    fn from(kind: MutantKind) -> Mutant {
+        Mutant {
             kind,
-            ready: MadeHere::default(),
-            scratch: Vec::new(),
             next_swallow: 0,
             lies: 0,
             held: None,
         }
     }
+}
 
+impl Mutant {
     /// Lies told so far.
     pub fn lies(&self) -> u64 {
         self.lies
     }
 
-    fn complete_now(&mut self, user: u64, result: std::io::Result<u64>, buf: AlignedBuf) {
-        self.ready
-            .complete(self.inner.ready_fd(), Completion { user, result, buf });
+    fn complete_now(
+        &mut self,
+        down: &mut Down<'_>,
+        user: u64,
+        result: std::io::Result<u64>,
+        buf: AlignedBuf,
+    ) {
+        down.complete(Completion { user, result, buf });
         self.lies += 1;
     }
 
@@ -114,19 +116,15 @@ impl<E: Engine> MutantEngine<E> {
     }
 }
 
-impl<E: Engine> Engine for MutantEngine<E> {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn submit(&mut self, mut op: IoOp) {
+impl Hooks for Mutant {
+    fn submit(&mut self, mut op: IoOp, down: &mut Down<'_>) {
         if let Some(held) = self.held.take() {
-            self.inner.submit(held);
+            down.submit(held);
         }
         match (self.kind, op.kind) {
-            (MutantKind::FlushIgnored, IoKind::Flush) => self.complete_now(op.user, Ok(0), op.buf),
+            (MutantKind::FlushIgnored, IoKind::Flush) => self.complete_now(down, op.user, Ok(0), op.buf),
             (MutantKind::EarlyFlush, IoKind::Flush) => {
-                self.complete_now(op.user, Ok(0), AlignedBuf::default());
+                self.complete_now(down, op.user, Ok(0), AlignedBuf::default());
                 let user = self.swallow_tag();
                 self.held = Some(IoOp { user, ..op });
             }
@@ -136,7 +134,7 @@ impl<E: Engine> Engine for MutantEngine<E> {
                 copy.as_mut_slice().copy_from_slice(op.buf.as_slice());
                 let IoOp { user, buf, .. } = op;
                 let len = buf.len() as u64;
-                self.complete_now(user, Ok(len), buf);
+                self.complete_now(down, user, Ok(len), buf);
                 let tag = self.swallow_tag();
                 self.held = Some(IoOp {
                     buf: copy,
@@ -146,55 +144,29 @@ impl<E: Engine> Engine for MutantEngine<E> {
             }
             (MutantKind::FsyncErrorSwallowed, IoKind::Flush) => {
                 op.user |= FLUSH;
-                self.inner.submit(op);
+                down.submit(op);
             }
             (MutantKind::WritethroughNoDsync, IoKind::Write { dsync: true }) => {
                 op.kind = IoKind::Write { dsync: false };
                 self.lies += 1;
-                self.inner.submit(op);
+                down.submit(op);
             }
-            _ => self.inner.submit(op),
+            _ => down.submit(op),
         }
     }
 
-    fn commit(&mut self) -> std::io::Result<()> {
-        self.inner.commit()
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        self.inner.reap(&mut scratch);
-        for mut c in scratch.drain(..) {
-            if c.user & SWALLOW != 0 {
-                continue; // The device was told long ago; the copy is freed here.
-            }
-            if c.user & FLUSH != 0 {
-                c.user &= !FLUSH;
-                if let Err(e) = &c.result {
-                    tracing::debug!(error = %e, "mutant swallows a failed fdatasync");
-                    c.result = Ok(0);
-                    self.lies += 1;
-                }
-            }
-            self.ready.pass(c);
+    fn complete(&mut self, mut c: Completion, _: &mut Down<'_>) -> Option<Completion> {
+        if c.user & SWALLOW != 0 {
+            return None; // The device was told long ago; the copy is freed here.
         }
-        self.scratch = scratch;
-        self.ready.reap(out)
-    }
-
-    fn wait(&mut self) -> std::io::Result<()> {
-        self.ready.wait(&mut self.inner)
-    }
-
-    fn ready_fd(&self) -> BorrowedFd<'_> {
-        self.inner.ready_fd()
-    }
-
-    fn ack_ready(&mut self) {
-        self.inner.ack_ready();
-    }
-
-    fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.ready.len()
+        if c.user & FLUSH != 0 {
+            c.user &= !FLUSH;
+            if let Err(e) = &c.result {
+                tracing::debug!(error = %e, "mutant swallows a failed fdatasync");
+                c.result = Ok(0);
+                self.lies += 1;
+            }
+        }
+        Some(c)
     }
 }
