@@ -15,8 +15,6 @@ use std::future::{Future, poll_fn};
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use virtio_core::notify::Wait;
 use virtio_core::transport::Transport;
 use virtio_core::{DriverModel, GuestBuf};
@@ -226,13 +224,7 @@ impl<D: DriverModel, T: Transport, W: Wait + AsFd> BlkDriver<D, T, W> {
             st.runner = true;
         }
         let _running = RunnerGuard(q);
-        // `with_interest` is deprecated in favour of an `unsafe` constructor whose
-        // contract is that the descriptor stays open and unchanged while registered.
-        // A `BorrowedFd` borrowed from the queue for the life of `afd` guarantees
-        // exactly that, so the safe constructor is sound here and this crate stays
-        // free of `unsafe`.
-        #[allow(deprecated)]
-        let afd = AsyncFd::with_interest(q.irq.as_fd(), Interest::READABLE).map_err(BlkError::Runtime)?;
+        let afd = virtio_core::reactor::watch(&q.irq).map_err(BlkError::Runtime)?;
         loop {
             {
                 let mut st = q.lock();

@@ -50,6 +50,9 @@
 //! # }
 //! ```
 
+// Unsafe code lives only in the modules that say `allow(unsafe_code)` (shm, reactor).
+#![deny(unsafe_code)]
+
 pub mod access;
 pub mod blk;
 pub mod config;
@@ -58,6 +61,8 @@ pub mod lifecycle;
 pub mod model;
 pub mod net;
 pub mod notify;
+#[cfg(feature = "tokio")]
+pub mod reactor;
 pub mod ring;
 pub mod share;
 pub mod shm;

@@ -670,43 +670,6 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), 1);
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn eventfd_works_with_tokio_asyncfd() {
-        use tokio::io::unix::AsyncFd;
-
-        const N: u64 = 2_000;
-        // tokio 1.54 deprecated the safe constructor in favour of `unsafe
-        // AsyncFd::register`; this module stays free of `unsafe`, and the
-        // notifier meets `register`'s contract anyway (see its docs).
-        #[allow(deprecated)]
-        let rx = AsyncFd::new(EventFdNotifier::new().unwrap()).unwrap();
-        let tx = rx.get_ref().try_clone().unwrap();
-        let sender = thread::spawn(move || {
-            for i in 0..N {
-                tx.notify().unwrap();
-                if i % 100 == 0 {
-                    thread::sleep(Duration::from_micros(200));
-                }
-            }
-        });
-        let received = tokio::time::timeout(LONG, async {
-            let mut total = 0;
-            while total < N {
-                let mut guard = rx.readable().await.unwrap();
-                match rx.get_ref().take().unwrap() {
-                    0 => guard.clear_ready(),
-                    n => total += n,
-                }
-            }
-            total
-        })
-        .await
-        .expect("notifications lost: AsyncFd never became readable");
-        sender.join().unwrap();
-        assert_eq!(received, N);
-        assert_eq!(rx.get_ref().take().unwrap(), 0);
-    }
-
     // ---- InProcessNotifier ------------------------------------------------
 
     #[test]

@@ -28,6 +28,9 @@
 //! its pages are replaced in place by private anonymous pages, so every region over it,
 //! clones included, stops reaching the shared memory at once (HOSTILE 37).
 
+// Shared memory reached through raw pointers, atomics and mmap: see the module docs.
+#![allow(unsafe_code)]
+
 use std::any::Any;
 use std::fmt;
 use std::os::fd::BorrowedFd;

@@ -11,6 +11,9 @@
 //! reference counting, and an eventfd is registered so [`Engine::ready_fd`] fires when
 //! a CQE is posted.
 
+// Pushing an SQE whose buffer the engine keeps alive until its completion.
+#![allow(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};

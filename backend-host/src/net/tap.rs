@@ -37,6 +37,9 @@
 //! dropped (the last fd closes). Addresses, MTU and link state are left to the
 //! host's tools (`ip addr`, `ip link set up`), like for any interface.
 
+// The TUNSETIFF ioctl (see `IfReq`).
+#![allow(unsafe_code)]
+
 use super::switch::{Batch, DropReason, Frame, Inbox, LocalPool, Port, PortId, PortStats, Switch};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;

@@ -34,6 +34,9 @@
 //! state in glibc). Replacing memory under a `Region` is within its contract:
 //! regions are only ever accessed by raw copies and atomics, any bytes may appear.
 
+// A signal handler and the jump out of a faulting access.
+#![allow(unsafe_code)]
+
 use std::ffi::c_void;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;

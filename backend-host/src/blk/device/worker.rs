@@ -24,12 +24,11 @@ use crate::blk::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
 use crate::blk::request::{Parser, Reject, Request, RequestKind};
 use crate::poll::Poller;
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tokio::io::unix::AsyncFd;
 use virtio_core::blk::{self, Status};
 use virtio_core::notify::{EventFdNotifier, Notify, Wait};
+use virtio_core::reactor::watch;
 use virtio_core::ring::Chain;
 use virtio_core::{DeviceMemory, SplitDevice};
 
@@ -133,15 +132,6 @@ pub(super) struct Worker<M> {
     held_back: bool,
 }
 
-/// Registers a descriptor (duplicated, so the registration owns it) with the current
-/// tokio reactor.
-fn watch(fd: BorrowedFd<'_>) -> std::io::Result<AsyncFd<OwnedFd>> {
-    let owned = fd.try_clone_to_owned()?;
-    // SAFETY: the `AsyncFd` owns the `OwnedFd`, which keeps the descriptor open and
-    // returns the same number from `as_raw_fd` for the `AsyncFd`'s whole life.
-    unsafe { AsyncFd::register(owned) }.map_err(|e| e.into_parts().1)
-}
-
 impl<M: DeviceMemory + Send> Worker<M> {
     pub(super) fn new(p: WorkerParts<M>, stopping: Arc<AtomicBool>) -> Worker<M> {
         Worker {
@@ -216,10 +206,10 @@ impl<M: DeviceMemory + Send> Worker<M> {
         stop: &EventFdNotifier,
         wake: &EventFdNotifier,
     ) -> std::io::Result<()> {
-        let kick_fd = watch(kick.as_fd())?;
-        let ready_fd = watch(self.engine.ready_fd())?;
-        let stop_fd = watch(stop.as_fd())?;
-        let wake_fd = watch(wake.as_fd())?;
+        let kick_fd = watch(kick)?;
+        let ready_fd = watch(&self.engine.ready_fd())?;
+        let stop_fd = watch(stop)?;
+        let wake_fd = watch(wake)?;
         // Buffers made available before the first kick are served too.
         self.on_kick(interrupt);
         loop {
