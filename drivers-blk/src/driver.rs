@@ -197,8 +197,9 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
         st.submit(&self.memory, queue, &req, Owner::Poller, &mut None)
     }
 
-    /// Publishes the requests submitted since the last kick and notifies the device
-    /// if it asked for it (virtio 1.2 §2.7.13).
+    /// Notifies the device of the requests submitted since the last kick, if it asked
+    /// for notifications (virtio 1.2 §2.7.13). Each submission was already visible to
+    /// the device (a polling device may serve it before any kick).
     pub fn kick(&self, queue: u16) -> Result<(), BlkError> {
         let q = self.queue(queue)?;
         let notify = q.lock().ring.kick_prepare();

@@ -15,6 +15,7 @@
 
 use crate::conformance::Fixture;
 use crate::models;
+use crate::progress::{Progress, in_turn};
 use crate::report::{Cell, Table, median, quantile};
 use backend_host::blk::device::{BlkDevice, BlkSettings, EngineChoice, Runtime};
 use backend_host::blk::disk::{Disk, DiskOptions};
@@ -70,6 +71,10 @@ impl Workload {
         self == Workload::RandRead
     }
 }
+
+/// What every block benchmark runs before it measures, on either side (fio's
+/// `--ramp_time`).
+pub const WARM_UP: Duration = Duration::from_millis(200);
 
 /// The rows of the table: workload and queue depth.
 pub const ROWS: [(Workload, u32); 5] = [
@@ -214,6 +219,8 @@ pub fn fio_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> std::io::Result
         "--lat_percentiles=1",
         "--output-format=json",
     ])
+    // The same warm-up as ours (`closed_loop`): fio discards what it measures in it.
+    .arg(format!("--ramp_time={}ms", WARM_UP.as_millis()))
     .arg(format!("--bs={}", w.block()))
     .arg(format!("--filename={}", cfg.image.display()))
     .arg(format!("--size={}", cfg.size))
@@ -310,7 +317,7 @@ fn ours_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> RunResult {
 }
 
 /// Keeps `depth` requests of workload `w` in flight on queue 0 of `d` for
-/// `run_time` (after a 200 ms warm-up) over the first `size` bytes of the disk,
+/// `run_time` (after [`WARM_UP`]) over the first `size` bytes of the disk,
 /// and measures them: the load generator of every block benchmark, whatever the
 /// transport behind the driver.
 ///
@@ -429,9 +436,7 @@ pub fn closed_loop<D: DriverModel, T: Transport, W: Wait>(
         }
         d.kick(0).expect("kick");
         match measured_from {
-            None if start.elapsed() >= Duration::from_millis(200) => {
-                measured_from = Some((Instant::now(), done))
-            }
+            None if start.elapsed() >= WARM_UP => measured_from = Some((Instant::now(), done)),
             Some((t0, d0)) if t0.elapsed() >= run_time => {
                 let iops = (done - d0) as f64 / t0.elapsed().as_secs_f64();
                 let mean_us = lat_us.iter().sum::<f64>() / lat_us.len().max(1) as f64;
@@ -487,15 +492,24 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
     prepare_image(&cfg.image, cfg.size)?;
     let mut rows = Vec::new();
     let mut flush_us = Vec::new();
+    let mut progress = Progress::new("blk benchmark", ROWS.len() * cfg.reps);
     for (w, depth) in ROWS {
-        // Alternate the two, so drift in the shared disk's speed hits both alike.
+        // Alternate the two, and which goes first, so drift in the shared disk's
+        // speed and whatever the first run leaves behind hit both alike.
         let (mut fio, mut ours) = (Vec::new(), Vec::new());
         for rep in 1..=cfg.reps {
-            tracing::info!("{} QD{depth}: repetition {rep}/{}", w.label(), cfg.reps);
-            if with_fio {
-                fio.push(fio_run(cfg, w, depth)?);
-            }
-            ours.push(ours_run(cfg, w, depth));
+            progress.step(format_args!(
+                "{} QD{depth}: repetition {rep}/{}",
+                w.label(),
+                cfg.reps
+            ));
+            let (o, f) = in_turn(
+                rep,
+                || ours_run(cfg, w, depth),
+                || with_fio.then(|| fio_run(cfg, w, depth)).transpose(),
+            );
+            ours.push(o);
+            fio.extend(f?);
         }
         if w == Workload::WriteFlush {
             flush_us.extend(ours.iter().map(|r| r.p50_us));
@@ -532,6 +546,7 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
             peer(|r| r.p99_us),
         ]);
     }
+    progress.finish();
     tracing::info!("flush latency: raw fdatasync on the image");
     let mut raw_us = raw_fdatasync_us(cfg)?;
     let (ours_flush, raw_p50, raw_p99) = (

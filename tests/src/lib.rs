@@ -9,6 +9,7 @@ pub mod models;
 pub mod net_bench;
 pub mod net_rig;
 pub mod peer;
+pub mod progress;
 pub mod report;
 pub mod ring_bench;
 pub mod smol;

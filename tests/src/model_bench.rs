@@ -218,8 +218,13 @@ pub fn run(cfg: &ModelBenchConfig) -> Table {
     use crate::models;
     use std::cell::Cell;
     let mut rows = Vec::new();
+    // Per size: memcpy, then five model rows in each direction.
+    let progress = std::cell::RefCell::new(crate::progress::Progress::new(
+        "model benchmark",
+        cfg.sizes.len() * 11,
+    ));
     for &size in &cfg.sizes {
-        tracing::info!("memcpy, {size} B");
+        progress.borrow_mut().step(format_args!("memcpy, {size} B"));
         rows.push(Row {
             model: "memcpy".into(),
             size,
@@ -230,7 +235,9 @@ pub fn run(cfg: &ModelBenchConfig) -> Table {
             let label = way.label();
             // Each model on a fresh guest, with buffers from the guest's allocator.
             let mut plain = |model: &str, rate: &dyn Fn() -> f64| {
-                tracing::info!("model {model}, {size} B, {label}");
+                progress
+                    .borrow_mut()
+                    .step(format_args!("model {model}, {size} B, {label}"));
                 rows.push(row(model, size, way, rate()));
             };
             plain("1 shared-page", &|| {
@@ -244,7 +251,9 @@ pub fn run(cfg: &ModelBenchConfig) -> Table {
                 on_fresh(models::grant(), size, way, cfg)
             });
 
-            tracing::info!("model 4 grant, persistent pool, {size} B, {label}");
+            progress
+                .borrow_mut()
+                .step(format_args!("model 4 grant, persistent pool, {size} B, {label}"));
             let f = models::grant();
             // The pool exists before the queue, so the queue's share uses it.
             let pool = f
@@ -265,6 +274,7 @@ pub fn run(cfg: &ModelBenchConfig) -> Table {
             ));
         }
     }
+    progress.into_inner().finish();
     table(
         &format!(
             "sharing models: buffers moved through a split ring, batches of {}, one thread, medians of {}",

@@ -40,6 +40,7 @@ mod veth;
 pub use ours::{stream_ours, stream_tcp};
 pub use veth::{VethError, VethPair, stream_veth};
 
+use crate::progress::{Progress, in_turn};
 use crate::report::{Cell, Table, median};
 use backend_host::net::{PortId, SwitchConfig};
 use drivers_net::NetError;
@@ -495,17 +496,32 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
     };
     let mut peer_failure = pair.as_ref().err().cloned();
     let mut rows = Vec::new();
+    let cells = cfg.frames.len() + usize::from(cfg.tcp);
+    let steps = cells * cfg.models.len() * cfg.reps;
+    let mut progress = Progress::new("net benchmark", steps);
     for &len in &cfg.frames {
         for &model in &cfg.models {
             let (mut ours, mut peer) = (Vec::new(), Vec::new());
             for rep in 1..=cfg.reps {
-                tracing::info!("{}, {len} B frames: repetition {rep}/{}", model.label(), cfg.reps);
-                ours.push(stream_ours(model, len, cfg)?);
-                if let (Ok(p), None) = (&pair, &peer_failure) {
-                    match stream_veth(p, len, cfg) {
-                        Ok(s) => peer.push(s),
-                        Err(e) => peer_failure = Some(e.to_string()),
-                    }
+                progress.step(format_args!(
+                    "{}, {len} B frames: repetition {rep}/{}",
+                    model.label(),
+                    cfg.reps
+                ));
+                // Each side goes first in every other repetition.
+                let (o, p) = in_turn(
+                    rep,
+                    || stream_ours(model, len, cfg),
+                    || match (&pair, &peer_failure) {
+                        (Ok(p), None) => Some(stream_veth(p, len, cfg)),
+                        _ => None,
+                    },
+                );
+                ours.push(o?);
+                match p {
+                    Some(Ok(s)) => peer.push(s),
+                    Some(Err(e)) => peer_failure = Some(e.to_string()),
+                    None => {}
                 }
             }
             rows.push(Row {
@@ -524,11 +540,11 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
         for &model in &cfg.models {
             let mut ours = Vec::new();
             for rep in 1..=cfg.reps {
-                tracing::info!(
+                progress.step(format_args!(
                     "{}, TCP over smoltcp: repetition {rep}/{}",
                     model.label(),
                     cfg.reps
-                );
+                ));
                 ours.push(stream_tcp(model, cfg)?);
             }
             rows.push(Row {
@@ -539,6 +555,7 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
             });
         }
     }
+    progress.finish();
     let mut notes = vec![
         format!(
             "ours: guest A -> switch -> guest B, both guests on the model; queues of {}, receive buffers of {} (MRG_RXBUF), receive budget {}, switch backlog {} / budget {}, device polling {} us",

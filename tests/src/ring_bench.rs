@@ -10,6 +10,7 @@
 //! 3. Queue-depth-1 round-trip latency with both sides polling.
 
 use crate::peer::SharedGuest;
+use crate::progress::{Progress, in_turn};
 use crate::report::{Report, median, quantile};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -63,6 +64,8 @@ pub fn run(cfg: &RingBenchConfig) -> Report {
         cfg.queue_size, cfg.reps
     ));
 
+    // Three measurements of `reps` repetitions each.
+    let mut progress = Progress::new("ring benchmark", 3 * cfg.reps);
     let mut ours = Vec::new();
     let mut peer = Vec::new();
     // One unrecorded round of each first: page faults, caches, clock ramp-up.
@@ -73,9 +76,17 @@ pub fn run(cfg: &RingBenchConfig) -> Report {
     pop_add_used_ours(&warm, features);
     pop_add_used_peer(&warm, features);
     for rep in 1..=cfg.reps {
-        tracing::info!("device pop + add_used, one thread: repetition {rep}/{}", cfg.reps);
-        ours.push(pop_add_used_ours(cfg, features));
-        peer.push(pop_add_used_peer(cfg, features));
+        progress.step(format_args!(
+            "device pop + add_used, one thread: repetition {rep}/{}",
+            cfg.reps
+        ));
+        let (o, p) = in_turn(
+            rep,
+            || pop_add_used_ours(cfg, features),
+            || pop_add_used_peer(cfg, features),
+        );
+        ours.push(o);
+        peer.push(p);
     }
     let peer = Some((median(&mut peer), "virtio-queue 0.18"));
     report.add_median(
@@ -85,7 +96,7 @@ pub fn run(cfg: &RingBenchConfig) -> Report {
         peer,
     );
 
-    let mut rt = repeat(cfg, "round trips, two polling threads", || {
+    let mut rt = repeat(cfg, &mut progress, "round trips, two polling threads", || {
         round_trips(cfg, features)
     });
     report.add_median(
@@ -97,23 +108,32 @@ pub fn run(cfg: &RingBenchConfig) -> Report {
 
     let (mut p50, mut p99): (Vec<f64>, Vec<f64>) = (1..=cfg.reps)
         .map(|rep| {
-            tracing::info!("QD1 latency, two polling threads: repetition {rep}/{}", cfg.reps);
+            progress.step(format_args!(
+                "QD1 latency, two polling threads: repetition {rep}/{}",
+                cfg.reps
+            ));
             qd1_latency(cfg, features)
         })
         .unzip();
     report.add_median("QD1 round trip, median", "ns", &mut p50, None);
     report.add_median("QD1 round trip, p99", "ns", &mut p99, None);
+    progress.finish();
     report.notes.push(format!(
         "features: VERSION_1 | EVENT_IDX; {ncores} cores; driver and device threads pinned to separate cores; peer measured in the same run"
     ));
     report
 }
 
-/// Runs `f` once per repetition, logging progress.
-fn repeat(cfg: &RingBenchConfig, what: &str, mut f: impl FnMut() -> f64) -> Vec<f64> {
+/// Runs `f` once per repetition, showing progress.
+fn repeat(
+    cfg: &RingBenchConfig,
+    progress: &mut Progress,
+    what: &str,
+    mut f: impl FnMut() -> f64,
+) -> Vec<f64> {
     (1..=cfg.reps)
         .map(|rep| {
-            tracing::info!("{what}: repetition {rep}/{}", cfg.reps);
+            progress.step(format_args!("{what}: repetition {rep}/{}", cfg.reps));
             f()
         })
         .collect()

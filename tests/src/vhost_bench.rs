@@ -21,6 +21,7 @@
 
 use crate::blk_bench::{self, RunResult, Workload};
 use crate::linux_guest::{Backend, backend};
+use crate::progress::{Progress, in_turn};
 use crate::report::{Cell, Table, median};
 use drivers_blk::{BlkDriver, BlkOptions};
 use hypervisor::Hypervisor;
@@ -134,12 +135,23 @@ pub fn run(cfg: &VhostBenchConfig) -> std::io::Result<Table> {
     let (_ours, ours) = start(cfg, Peer::Ours)?;
     let (_qsd, qsd) = start(cfg, Peer::Qsd)?;
     let mut rows = Vec::new();
+    let mut progress = Progress::new("vhost-user benchmark", ROWS.len() * cfg.reps);
     for (w, depth) in ROWS {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for rep in 1..=cfg.reps {
-            tracing::info!("{} QD{depth}: repetition {rep}/{}", w.label(), cfg.reps);
-            b.push(run_once(cfg, &qsd, w, depth)?);
-            a.push(run_once(cfg, &ours, w, depth)?);
+            progress.step(format_args!(
+                "{} QD{depth}: repetition {rep}/{}",
+                w.label(),
+                cfg.reps
+            ));
+            // Each daemon goes first in every other repetition.
+            let (x, y) = in_turn(
+                rep,
+                || run_once(cfg, &ours, w, depth),
+                || run_once(cfg, &qsd, w, depth),
+            );
+            a.push(x?);
+            b.push(y?);
         }
         let med =
             |rs: &[RunResult], f: fn(&RunResult) -> f64| median(&mut rs.iter().map(f).collect::<Vec<_>>());
@@ -163,6 +175,7 @@ pub fn run(cfg: &VhostBenchConfig) -> std::io::Result<Table> {
             Cell::Num(med(&b, |r| r.p99_us)),
         ]);
     }
+    progress.finish();
     Ok(Table {
         title: format!(
             "vhost-user-blk: our daemon vs qemu-storage-daemon, {} MiB image, {} s runs, medians of {}",

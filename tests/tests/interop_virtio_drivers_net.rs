@@ -107,6 +107,7 @@ fn watchdog<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'stati
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
+        .with_ansi(false)
         .try_init();
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::spawn(move || {

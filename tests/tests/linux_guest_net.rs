@@ -114,6 +114,7 @@ fn socket_path(name: &str) -> PathBuf {
 fn log_to_harness() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
+        .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,backend_host::vhost_user=debug".into()),

@@ -26,6 +26,7 @@ mod tables;
 
 use crate::conformance::Fixture;
 use crate::models;
+use crate::progress::{Progress, in_turn};
 use crate::report::{fmt_int, median, quantile};
 use backend_host::blk::device::{BlkDevice, BlkSettings, CacheMode, EngineChoice, Runtime};
 use backend_host::blk::disk::{Disk, DiskError, DiskOptions};
@@ -621,36 +622,59 @@ pub fn run_throughput(
     let modes = [Barriers::Writeback, Barriers::Unsafe, Barriers::Writethrough];
     let mut ours: Vec<Vec<Throughput>> = vec![Vec::new(); modes.len()];
     let mut fio = Vec::new();
+    let steps = tc.reps * (1 + tc.intervals.len());
+    let mut progress = Progress::new("barrier throughput", steps);
     for rep in 1..=tc.reps {
-        // Alternate, so drift in the disk's speed hits all alike.
-        for (i, &b) in modes.iter().enumerate() {
-            tracing::info!("throughput, {}: repetition {rep}/{}", b.label(), tc.reps);
-            ours[i].push(ours_throughput(cfg, b, blocks, tc.run_time)?);
+        progress.step(format_args!(
+            "three cache modes and fio --fdatasync=1: repetition {rep}/{}",
+            tc.reps
+        ));
+        // Alternate, and which side goes first, so drift in the disk's speed and
+        // whatever the first run leaves behind hit all alike.
+        let (o, f) = in_turn(
+            rep,
+            || {
+                modes
+                    .iter()
+                    .map(|&b| ours_throughput(cfg, b, blocks, tc.run_time))
+                    .collect::<Result<Vec<_>, _>>()
+            },
+            || {
+                with_fio
+                    .then(|| fio_flush_pattern(&cfg.image, cfg.size, 1, tc.run_time))
+                    .transpose()
+            },
+        );
+        for (i, t) in o?.into_iter().enumerate() {
+            ours[i].push(t);
         }
-        if with_fio {
-            tracing::info!("throughput, fio --fdatasync=1: repetition {rep}/{}", tc.reps);
-            fio.push(fio_flush_pattern(&cfg.image, cfg.size, 1, tc.run_time)?);
-        }
+        fio.extend(f?);
     }
     let mut sweep = Vec::new();
     for &k in &tc.intervals {
-        tracing::info!("sweep: {k} writes per flush");
         // 2k - 1 data blocks and a commit: k writes per flush, two flushes.
         let (mut o, mut f) = (Vec::new(), Vec::new());
-        for _ in 0..tc.reps {
-            o.push(ours_throughput(
-                cfg,
-                Barriers::Writeback,
-                2 * k - 1,
-                tc.sweep_time,
-            )?);
-            if with_fio {
-                f.push(fio_flush_pattern(&cfg.image, cfg.size, k, tc.sweep_time)?);
-            }
+        for rep in 1..=tc.reps {
+            progress.step(format_args!(
+                "sweep, {k} writes per flush: repetition {rep}/{}",
+                tc.reps
+            ));
+            let (x, y) = in_turn(
+                rep,
+                || ours_throughput(cfg, Barriers::Writeback, 2 * k - 1, tc.sweep_time),
+                || {
+                    with_fio
+                        .then(|| fio_flush_pattern(&cfg.image, cfg.size, k, tc.sweep_time))
+                        .transpose()
+                },
+            );
+            o.push(x?);
+            f.extend(y?);
         }
         let fio_w = (!f.is_empty()).then(|| med(&f).writes_per_s);
         sweep.push((k, med(&o).writes_per_s, fio_w));
     }
+    progress.finish();
     Ok(ThroughputResult {
         ours: modes.iter().zip(&ours).map(|(&b, xs)| (b, med(xs))).collect(),
         fio: (!fio.is_empty()).then(|| med(&fio)),

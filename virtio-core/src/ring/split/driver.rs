@@ -378,8 +378,10 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
         Ok(writable)
     }
 
-    /// Publishes the batch added since the last call and says whether the device wants
-    /// an available-buffer notification (virtio 1.2 §2.7.13.4).
+    /// Says whether the device wants an available-buffer notification for the chains
+    /// added since the last call (virtio 1.2 §2.7.13.4). It publishes nothing: each
+    /// [`add`](Self::add) already made its chain visible (the device may take it
+    /// before any kick); this only decides whether to notify.
     pub fn kick_prepare(&mut self) -> bool {
         let old = self.kicked_idx;
         let new = self.avail_idx;
