@@ -10,7 +10,7 @@
 //! The messages themselves are the `vhost` crate's (see [`crate::protocol`]), but its
 //! front-end (`vhost` 0.18.0, feature `vhost-user-frontend`: `vhost_user::Frontend`,
 //! the `VhostBackend` and `VhostUserFrontend` traits) cannot carry them for a
-//! front-end that must survive a hostile back-end (HOSTILE rule: never hang, bad input
+//! front-end that must survive a hostile back-end (docs/HOSTILE.md: never hang, bad input
 //! is a typed error):
 //!
 //! - No request is bounded in time. Its socket layer (`connection.rs`,
@@ -35,7 +35,7 @@
 //! Each case was run against `vhost` 0.18.0 over a socket pair (`SO_RCVTIMEO` 200 ms):
 //! the silent back-end, the short reply and the empty GET_CONFIG reply gave no answer
 //! within 3 s; the size-0 reply gave `Ok(7)`; GET_VRING_BASE(0) answered for ring 1
-//! gave `Ok`.
+//! gave `Ok`. `tests/hostile_back_end.rs` holds this channel to the refusals.
 
 use crate::error::VhostUserError;
 use crate::protocol::{FrontendReq, Header, MAX_REPLY_BODY, VERSION, VhostUserHeaderFlag, has_reply};
