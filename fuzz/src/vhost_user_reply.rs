@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use hypervisor::GuestMemory;
 use transport_vhost_user::protocol::{
-    F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, FLAG_REPLY, ProtocolFeatures, Request, VERSION, VHOST_FEATURES,
+    FrontendReq, ProtocolFeatures, VERSION, VHOST_FEATURES, VhostUserHeaderFlag, VhostUserVirtioFeatures,
 };
 use transport_vhost_user::{VhostUserOptions, VhostUserTransport};
 use virtio_core::QueueAddrs;
@@ -73,6 +73,9 @@ const MEM_SIZE: u64 = 1 << 20;
 const MAX_OPS: usize = 64;
 /// DEVICE_NEEDS_RESET (virtio 1.2 §2.1).
 const NEEDS_RESET: u8 = 0x40;
+const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 
 fn memory() -> Arc<GuestMemory> {
     static MEM: OnceLock<Arc<GuestMemory>> = OnceLock::new();
@@ -210,14 +213,14 @@ fn drive(t: &VhostUserTransport, input: &mut Bytes<'_>, events: &mut Vec<String>
 /// Whether a message with this header waits for an answer.
 fn wants_reply(request: u32, flags: u32) -> bool {
     let has_reply = [
-        Request::GetFeatures,
-        Request::GetVringBase,
-        Request::GetProtocolFeatures,
-        Request::GetQueueNum,
-        Request::GetConfig,
+        FrontendReq::GET_FEATURES,
+        FrontendReq::GET_VRING_BASE,
+        FrontendReq::GET_PROTOCOL_FEATURES,
+        FrontendReq::GET_QUEUE_NUM,
+        FrontendReq::GET_CONFIG,
     ]
-    .iter()
-    .any(|r| r.code() == request);
+    .into_iter()
+    .any(|r| u32::from(r) == request);
     has_reply || flags & FLAG_NEED_REPLY != 0
 }
 

@@ -5,9 +5,40 @@
 //! timeout with [`VhostUserError::TimedOut`], a closed socket is
 //! [`VhostUserError::Disconnected`], and a reply body's size is bounded by
 //! [`MAX_REPLY_BODY`] before anything is allocated from it.
+//!
+//! # Why not rust-vmm's front-end
+//! The messages themselves are the `vhost` crate's (see [`crate::protocol`]), but its
+//! front-end (`vhost` 0.18.0, feature `vhost-user-frontend`: `vhost_user::Frontend`,
+//! the `VhostBackend` and `VhostUserFrontend` traits) cannot carry them for a
+//! front-end that must survive a hostile back-end (docs/HOSTILE.md: never hang, bad input
+//! is a typed error):
+//!
+//! - No request is bounded in time. Its socket layer (`connection.rs`,
+//!   `Endpoint::send_iovec_all` and `Endpoint::recv_into_iovec_all`) retries
+//!   `Error::SocketRetry` without end, and `From<vmm_sys_util::errno::Error>`
+//!   (`vhost_user/mod.rs`) turns EAGAIN into `SocketRetry`: with `SO_RCVTIMEO` set on
+//!   the stream given to `Frontend::from_stream`, a silent back-end still holds
+//!   `get_features()` forever; there is no deadline argument.
+//! - Replies are read by the size the front-end expects, not the size the header
+//!   declares (`Endpoint::recv_body`, then `FrontendInternal::recv_reply`, which checks
+//!   the code and flags but not `size`). A GET_FEATURES reply whose header says 0 bytes,
+//!   followed by 8 more bytes, is accepted as a value; a reply shorter than expected
+//!   waits for bytes that never come, and so does the empty GET_CONFIG reply with
+//!   which libvhost-user (so qemu-storage-daemon) says it failed, which this channel
+//!   reports as [`VhostUserError::Refused`] at once.
+//! - `VhostBackend::get_vring_base` returns the reply's `num` without checking that
+//!   its `index` names the ring asked about; a reset must know that ring stopped.
+//! - Between requests nothing looks at the socket, so a hang-up or an unsolicited
+//!   message is found only by the next request ([`Channel::probe`] finds it at the
+//!   next status read).
+//!
+//! Each case was run against `vhost` 0.18.0 over a socket pair (`SO_RCVTIMEO` 200 ms):
+//! the silent back-end, the short reply and the empty GET_CONFIG reply gave no answer
+//! within 3 s; the size-0 reply gave `Ok(7)`; GET_VRING_BASE(0) answered for ring 1
+//! gave `Ok`. `tests/hostile_back_end.rs` holds this channel to the refusals.
 
 use crate::error::VhostUserError;
-use crate::protocol::{FLAG_NEED_REPLY, FLAG_REPLY, Header, MAX_REPLY_BODY, Request, VERSION, VERSION_MASK};
+use crate::protocol::{FrontendReq, Header, MAX_REPLY_BODY, VERSION, VhostUserHeaderFlag, has_reply};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use std::io::{self, IoSlice, Read};
@@ -60,13 +91,17 @@ impl Channel {
     /// waits for its acknowledgement if REPLY_ACK was negotiated.
     pub(crate) fn send(
         &mut self,
-        request: Request,
+        request: FrontendReq,
         body: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), VhostUserError> {
-        debug_assert!(!request.has_reply());
+        debug_assert!(!has_reply(request));
         let deadline = self.deadline();
-        let flags = if self.reply_ack { FLAG_NEED_REPLY } else { 0 };
+        let flags = if self.reply_ack {
+            VhostUserHeaderFlag::NEED_REPLY.bits()
+        } else {
+            0
+        };
         self.write(request, flags, body, fds, deadline)?;
         if !self.reply_ack {
             return Ok(());
@@ -80,15 +115,15 @@ impl Channel {
 
     /// Sends `request` (one with a reply) with `body` and returns the reply body,
     /// at most [`MAX_REPLY_BODY`] bytes.
-    pub(crate) fn call(&mut self, request: Request, body: &[u8]) -> Result<Vec<u8>, VhostUserError> {
-        debug_assert!(request.has_reply());
+    pub(crate) fn call(&mut self, request: FrontendReq, body: &[u8]) -> Result<Vec<u8>, VhostUserError> {
+        debug_assert!(has_reply(request));
         let deadline = self.deadline();
         self.write(request, 0, body, &[], deadline)?;
         self.read_reply(request, deadline)
     }
 
     /// [`Self::call`] for the requests whose reply is one u64.
-    pub(crate) fn call_u64(&mut self, request: Request) -> Result<u64, VhostUserError> {
+    pub(crate) fn call_u64(&mut self, request: FrontendReq) -> Result<u64, VhostUserError> {
         let deadline = self.deadline();
         self.write(request, 0, &[], &[], deadline)?;
         self.read_u64(request, deadline)
@@ -125,7 +160,7 @@ impl Channel {
         Instant::now() + self.timeout
     }
 
-    fn timed_out(&self, request: Request) -> VhostUserError {
+    fn timed_out(&self, request: FrontendReq) -> VhostUserError {
         VhostUserError::TimedOut {
             request,
             timeout: self.timeout,
@@ -135,7 +170,7 @@ impl Channel {
     /// Writes one message; the descriptors ride on its first byte.
     fn write(
         &mut self,
-        request: Request,
+        request: FrontendReq,
         flags: u32,
         body: &[u8],
         fds: &[BorrowedFd<'_>],
@@ -152,7 +187,7 @@ impl Channel {
             });
         }
         let header = Header {
-            request: request.code(),
+            request: request.into(),
             flags: VERSION | flags,
             size,
         };
@@ -206,18 +241,18 @@ impl Channel {
     }
 
     /// Reads a reply to `request` and returns its body.
-    fn read_reply(&mut self, request: Request, deadline: Instant) -> Result<Vec<u8>, VhostUserError> {
+    fn read_reply(&mut self, request: FrontendReq, deadline: Instant) -> Result<Vec<u8>, VhostUserError> {
         let mut raw = [0u8; Header::SIZE];
         self.read_exact(request, &mut raw, deadline)?;
         let header = Header::read_from_bytes(&raw).unwrap_or_default();
         let bad = |reason| VhostUserError::BadReply { request, reason };
-        if header.request != request.code() {
+        if header.request != u32::from(request) {
             return Err(bad("it answers another request"));
         }
-        if header.flags & VERSION_MASK != VERSION {
+        if header.flags & VhostUserHeaderFlag::VERSION.bits() != VERSION {
             return Err(bad("unknown protocol version"));
         }
-        if header.flags & FLAG_REPLY == 0 {
+        if header.flags & VhostUserHeaderFlag::REPLY.bits() == 0 {
             return Err(bad("reply flag not set"));
         }
         let size = usize::try_from(header.size).unwrap_or(usize::MAX);
@@ -229,7 +264,7 @@ impl Channel {
         Ok(body)
     }
 
-    fn read_u64(&mut self, request: Request, deadline: Instant) -> Result<u64, VhostUserError> {
+    fn read_u64(&mut self, request: FrontendReq, deadline: Instant) -> Result<u64, VhostUserError> {
         let body = self.read_reply(request, deadline)?;
         let bytes: [u8; 8] = body.as_slice().try_into().map_err(|_| VhostUserError::BadReply {
             request,
@@ -242,7 +277,7 @@ impl Channel {
     /// before every read so a silent back-end cannot hold the caller.
     fn read_exact(
         &mut self,
-        request: Request,
+        request: FrontendReq,
         buf: &mut [u8],
         deadline: Instant,
     ) -> Result<(), VhostUserError> {
@@ -293,6 +328,9 @@ mod tests {
     use std::io::Write;
     use std::os::unix::net::UnixListener;
 
+    const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+    const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
+
     fn pair(timeout: Duration) -> (Channel, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_write_timeout(Some(timeout)).unwrap();
@@ -306,9 +344,9 @@ mod tests {
         )
     }
 
-    fn reply(peer: &mut UnixStream, request: Request, flags: u32, body: &[u8]) {
+    fn reply(peer: &mut UnixStream, request: FrontendReq, flags: u32, body: &[u8]) {
         let h = Header {
-            request: request.code(),
+            request: request.into(),
             flags,
             size: u32::try_from(body.len()).unwrap(),
         };
@@ -321,9 +359,9 @@ mod tests {
         let (mut ch, _peer) = pair(Duration::from_millis(50));
         let t = Instant::now();
         assert!(matches!(
-            ch.call_u64(Request::GetFeatures),
+            ch.call_u64(FrontendReq::GET_FEATURES),
             Err(VhostUserError::TimedOut {
-                request: Request::GetFeatures,
+                request: FrontendReq::GET_FEATURES,
                 ..
             })
         ));
@@ -335,7 +373,7 @@ mod tests {
         let (mut ch, peer) = pair(Duration::from_secs(5));
         drop(peer);
         assert!(matches!(
-            ch.call_u64(Request::GetFeatures),
+            ch.call_u64(FrontendReq::GET_FEATURES),
             Err(VhostUserError::Disconnected { .. })
         ));
         assert!(matches!(
@@ -349,39 +387,49 @@ mod tests {
         let (mut ch, mut peer) = pair(Duration::from_secs(5));
         reply(
             &mut peer,
-            Request::GetFeatures,
+            FrontendReq::GET_FEATURES,
             VERSION | FLAG_REPLY,
             &7u64.to_ne_bytes(),
         );
-        assert_eq!(ch.call_u64(Request::GetFeatures).unwrap(), 7);
+        assert_eq!(ch.call_u64(FrontendReq::GET_FEATURES).unwrap(), 7);
         for (code, flags, body, what) in [
             (
-                Request::GetQueueNum,
+                FrontendReq::GET_QUEUE_NUM,
                 VERSION | FLAG_REPLY,
                 &[0u8; 8][..],
                 "another request",
             ),
-            (Request::GetFeatures, VERSION, &[0u8; 8][..], "reply flag"),
-            (Request::GetFeatures, 2 | FLAG_REPLY, &[0u8; 8][..], "version"),
-            (Request::GetFeatures, VERSION | FLAG_REPLY, &[0u8; 4][..], "u64"),
+            (FrontendReq::GET_FEATURES, VERSION, &[0u8; 8][..], "reply flag"),
+            (
+                FrontendReq::GET_FEATURES,
+                2 | FLAG_REPLY,
+                &[0u8; 8][..],
+                "version",
+            ),
+            (
+                FrontendReq::GET_FEATURES,
+                VERSION | FLAG_REPLY,
+                &[0u8; 4][..],
+                "u64",
+            ),
         ] {
             // A bad reply leaves the stream unusable: a fresh socket for each.
             let (mut ch, mut peer) = pair(Duration::from_secs(5));
             reply(&mut peer, code, flags, body);
-            match ch.call_u64(Request::GetFeatures) {
+            match ch.call_u64(FrontendReq::GET_FEATURES) {
                 Err(VhostUserError::BadReply { reason, .. }) => assert!(reason.contains(what), "{reason}"),
                 other => panic!("{what}: {other:?}"),
             }
         }
         // A huge size is refused before any allocation.
         let h = Header {
-            request: Request::GetConfig.code(),
+            request: FrontendReq::GET_CONFIG.into(),
             flags: VERSION | FLAG_REPLY,
             size: u32::MAX,
         };
         peer.write_all(h.as_bytes()).unwrap();
         assert!(matches!(
-            ch.call(Request::GetConfig, &[]),
+            ch.call(FrontendReq::GET_CONFIG, &[]),
             Err(VhostUserError::BadReply {
                 reason: "body too large",
                 ..
@@ -395,19 +443,19 @@ mod tests {
         ch.set_reply_ack(true);
         reply(
             &mut peer,
-            Request::SetOwner,
+            FrontendReq::SET_OWNER,
             VERSION | FLAG_REPLY,
             &0u64.to_ne_bytes(),
         );
-        ch.send(Request::SetOwner, &[], &[]).unwrap();
+        ch.send(FrontendReq::SET_OWNER, &[], &[]).unwrap();
         reply(
             &mut peer,
-            Request::SetOwner,
+            FrontendReq::SET_OWNER,
             VERSION | FLAG_REPLY,
             &1u64.to_ne_bytes(),
         );
         assert!(matches!(
-            ch.send(Request::SetOwner, &[], &[]),
+            ch.send(FrontendReq::SET_OWNER, &[], &[]),
             Err(VhostUserError::Refused { code: 1, .. })
         ));
         let mut sent = [0u8; 2 * Header::SIZE];
@@ -426,7 +474,7 @@ mod tests {
         let _ = std::fs::remove_file(&dir);
         let efd = virtio_core::notify::EventFdNotifier::new().unwrap();
         use std::os::fd::AsFd;
-        ch.send(Request::SetVringKick, &0u64.to_ne_bytes(), &[efd.as_fd()])
+        ch.send(FrontendReq::SET_VRING_KICK, &0u64.to_ne_bytes(), &[efd.as_fd()])
             .unwrap();
         let mut buf = [0u8; 20];
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];

@@ -1,6 +1,6 @@
 //! What can go wrong between the front-end and a vhost-user back-end.
 
-use crate::protocol::Request;
+use crate::protocol::FrontendReq;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,7 +27,7 @@ pub enum VhostUserError {
     #[error("cannot send {request:?}")]
     Send {
         /// The request.
-        request: Request,
+        request: FrontendReq,
         /// Why.
         #[source]
         source: io::Error,
@@ -36,7 +36,7 @@ pub enum VhostUserError {
     #[error("cannot read the reply to {request:?}")]
     Recv {
         /// The request answered.
-        request: Request,
+        request: FrontendReq,
         /// Why.
         #[source]
         source: io::Error,
@@ -45,7 +45,7 @@ pub enum VhostUserError {
     #[error("back-end did not complete {request:?} within {timeout:?}")]
     TimedOut {
         /// The request.
-        request: Request,
+        request: FrontendReq,
         /// The limit.
         timeout: Duration,
     },
@@ -53,13 +53,13 @@ pub enum VhostUserError {
     #[error("back-end closed the connection{}", .request.map(|r| format!(" during {r:?}")).unwrap_or_default())]
     Disconnected {
         /// The request under way.
-        request: Option<Request>,
+        request: Option<FrontendReq>,
     },
     /// A reply that does not answer the request: wrong code, flags or size.
     #[error("bad reply to {request:?}: {reason}")]
     BadReply {
         /// The request answered.
-        request: Request,
+        request: FrontendReq,
         /// What is wrong with it.
         reason: &'static str,
     },
@@ -68,7 +68,7 @@ pub enum VhostUserError {
     #[error("back-end refused {request:?} (code {code:#x})")]
     Refused {
         /// The request.
-        request: Request,
+        request: FrontendReq,
         /// The code it returned.
         code: u64,
     },

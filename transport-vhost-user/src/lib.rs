@@ -5,8 +5,11 @@
 //! - [`transport`]: [`VhostUserTransport`], the status state machine kept on the
 //!   front-end side and turned into vhost-user messages.
 //! - `channel` (private): the socket, every request under a
-//!   deadline, descriptors sent with `SCM_RIGHTS`.
-//! - [`protocol`]: the wire format (headers, bodies, protocol feature bits).
+//!   deadline, each reply framed by its header and checked, descriptors sent with
+//!   `SCM_RIGHTS`. Ours, not rust-vmm's `vhost_user::Frontend`, which cannot bound a
+//!   request in time nor frame a reply by its header (the module says exactly where).
+//! - [`protocol`]: the wire format: rust-vmm's (`vhost::vhost_user::message`) request
+//!   codes, bodies and feature bits, and the header that crate keeps private.
 //! - [`error`]: what goes wrong, [`VhostUserError`].
 //!
 //! # Memory

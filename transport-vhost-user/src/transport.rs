@@ -24,8 +24,7 @@
 use crate::channel::Channel;
 use crate::error::VhostUserError;
 use crate::protocol::{
-    CONFIG_TYPE_FRONTEND, ConfigHeader, F_PROTOCOL_FEATURES, MAX_CONFIG_SIZE, MemoryHeader, MemoryRegion,
-    ProtocolFeatures, Request, VHOST_FEATURES, VringAddr, VringState,
+    FrontendReq, MAX_CONFIG_SIZE, ProtocolFeatures, VHOST_FEATURES, VhostUserVirtioFeatures,
 };
 use hypervisor::GuestMemory;
 use std::ops::Range;
@@ -33,12 +32,29 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+use vhost::vhost_user::message::{
+    VhostUserConfig, VhostUserConfigFlags, VhostUserMemory, VhostUserMemoryRegion, VhostUserVringAddr,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
 use virtio_core::QueueAddrs;
 use virtio_core::lifecycle::{ControlPlane, QueueError, RingArea};
 use virtio_core::notify::{EventFdNotifier, Notify, NotifyError, Wait};
 use virtio_core::status::{DeviceStatus, FeaturesVerdict, StatusChange, StatusMachine};
 use virtio_core::transport::{Transport, TransportError};
-use zerocopy::{FromBytes, IntoBytes};
+use vm_memory::ByteValued;
+
+/// `VHOST_USER_F_PROTOCOL_FEATURES` in the virtio feature word (bit 30, unused by
+/// virtio). Negotiating it enables protocol features and makes rings start disabled
+/// until SET_VRING_ENABLE.
+const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// `VHOST_SET_CONFIG_TYPE_FRONTEND` (0): a configuration access from the driver, not
+/// from a migration. Not the crate's `VhostUserConfigFlags::WRITABLE`, which is 1, the
+/// protocol's `VHOST_SET_CONFIG_TYPE_MIGRATION`.
+const CONFIG_TYPE_FRONTEND: VhostUserConfigFlags = VhostUserConfigFlags::empty();
+
+/// Bytes of [`VhostUserConfig`] before the configuration space in GET/SET_CONFIG.
+const CONFIG_HEADER: usize = size_of::<VhostUserConfig>();
 
 /// Most queues a back-end may report; each costs two eventfds here.
 pub const MAX_QUEUES: u16 = 256;
@@ -82,7 +98,7 @@ impl VhostUserOptions {
 /// What the back-end offered when the front-end connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendInfo {
-    /// GET_FEATURES as sent, with [`F_PROTOCOL_FEATURES`].
+    /// GET_FEATURES as sent, with `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30).
     pub features: u64,
     /// GET_PROTOCOL_FEATURES.
     pub protocol_features: ProtocolFeatures,
@@ -151,20 +167,25 @@ impl VhostUserTransport {
             return Err(VhostUserError::ConfigTooLarge(opts.config_len));
         }
         let mut channel = Channel::connect(path, opts.timeout)?;
-        let features = channel.call_u64(Request::GetFeatures)?;
+        let features = channel.call_u64(FrontendReq::GET_FEATURES)?;
         if features & F_PROTOCOL_FEATURES == 0 {
             return Err(VhostUserError::Missing("VHOST_USER_F_PROTOCOL_FEATURES"));
         }
-        let offered = ProtocolFeatures::from_bits_retain(channel.call_u64(Request::GetProtocolFeatures)?);
+        let offered =
+            ProtocolFeatures::from_bits_retain(channel.call_u64(FrontendReq::GET_PROTOCOL_FEATURES)?);
         if !offered.contains(ProtocolFeatures::CONFIG) {
             return Err(VhostUserError::Missing("the CONFIG protocol feature"));
         }
         let wanted = ProtocolFeatures::MQ | ProtocolFeatures::CONFIG | ProtocolFeatures::REPLY_ACK;
         let acked = offered & wanted;
-        channel.send(Request::SetProtocolFeatures, acked.bits().as_bytes(), &[])?;
+        channel.send(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            &acked.bits().to_ne_bytes(),
+            &[],
+        )?;
         channel.set_reply_ack(acked.contains(ProtocolFeatures::REPLY_ACK));
         let queues = if acked.contains(ProtocolFeatures::MQ) {
-            let n = channel.call_u64(Request::GetQueueNum)?;
+            let n = channel.call_u64(FrontendReq::GET_QUEUE_NUM)?;
             match u16::try_from(n) {
                 Ok(q @ 1..=MAX_QUEUES) => q,
                 _ => return Err(VhostUserError::BadQueueCount(n)),
@@ -172,7 +193,7 @@ impl VhostUserTransport {
         } else {
             1
         };
-        channel.send(Request::SetOwner, &[], &[])?;
+        channel.send(FrontendReq::SET_OWNER, &[], &[])?;
         let config = get_config(&mut channel, opts.config_len)?;
         let kicks = (0..queues)
             .map(|_| EventFdNotifier::new())
@@ -249,27 +270,17 @@ impl VhostUserTransport {
         }
         // Rings start disabled with PROTOCOL_FEATURES; DRIVER_OK enables them.
         let with_protocol = features | F_PROTOCOL_FEATURES;
-        channel.send(Request::SetFeatures, with_protocol.as_bytes(), &[])?;
+        channel.send(FrontendReq::SET_FEATURES, &with_protocol.to_ne_bytes(), &[])?;
         let mem = &self.memory;
         // One region, the whole memfd. The protocol wants each region in two
         // numberings: guest physical addresses (what descriptors hold) and the
         // front-end's "user addresses" (what SET_VRING_ADDR holds). A driver here
         // has only guest addresses, so both numberings are the guest addresses and
         // SET_VRING_ADDR carries the rings' guest addresses.
-        let region = MemoryRegion {
-            guest_phys_addr: mem.base(),
-            memory_size: mem.size(),
-            userspace_addr: mem.base(),
-            mmap_offset: 0,
-        };
-        let mut body = MemoryHeader {
-            regions: 1,
-            padding: 0,
-        }
-        .as_bytes()
-        .to_vec();
-        body.extend_from_slice(region.as_bytes());
-        channel.send(Request::SetMemTable, &body, &[mem.fd()])?;
+        let region = VhostUserMemoryRegion::new(mem.base(), mem.size(), mem.base(), 0);
+        let mut body = VhostUserMemory::new(1).as_slice().to_vec();
+        body.extend_from_slice(region.as_slice());
+        channel.send(FrontendReq::SET_MEM_TABLE, &body, &[mem.fd()])?;
         Ok(FeaturesVerdict::Accept)
     }
 
@@ -283,29 +294,30 @@ impl VhostUserTransport {
         addrs: QueueAddrs,
     ) -> Result<(), VhostUserError> {
         let ring = u32::from(index);
-        let state = |num| VringState { index: ring, num };
-        channel.send(Request::SetVringNum, state(u32::from(size)).as_bytes(), &[])?;
-        channel.send(Request::SetVringBase, state(0).as_bytes(), &[])?;
-        let addr = VringAddr {
-            index: ring,
-            flags: 0,
-            desc: addrs.desc,
-            used: addrs.used,
-            avail: addrs.avail,
-            log: 0,
-        };
-        channel.send(Request::SetVringAddr, addr.as_bytes(), &[])?;
+        let state = |num| VhostUserVringState::new(ring, num);
+        channel.send(FrontendReq::SET_VRING_NUM, state(u32::from(size)).as_slice(), &[])?;
+        channel.send(FrontendReq::SET_VRING_BASE, state(0).as_slice(), &[])?;
+        // No VHOST_VRING_F_LOG: no dirty logging.
+        let addr = VhostUserVringAddr::new(
+            ring,
+            VhostUserVringAddrFlags::empty(),
+            addrs.desc,
+            addrs.used,
+            addrs.avail,
+            0,
+        );
+        channel.send(FrontendReq::SET_VRING_ADDR, addr.as_slice(), &[])?;
         slot.set_up = true;
         slot.started = true;
         let i = usize::from(index);
         channel.send(
-            Request::SetVringKick,
-            u64::from(index).as_bytes(),
+            FrontendReq::SET_VRING_KICK,
+            &u64::from(index).to_ne_bytes(),
             &[self.kicks[i].as_fd()],
         )?;
         channel.send(
-            Request::SetVringCall,
-            u64::from(index).as_bytes(),
+            FrontendReq::SET_VRING_CALL,
+            &u64::from(index).to_ne_bytes(),
             &[self.calls[i].as_fd()],
         )?;
         Ok(())
@@ -366,14 +378,16 @@ fn latch(broken: &mut Option<Arc<VhostUserError>>, error: VhostUserError) {
 /// GET_VRING_BASE: stops ring `index` and returns the next available index it
 /// would have read.
 fn stop_ring(channel: &mut Channel, index: u32) -> Result<u32, VhostUserError> {
-    let body = channel.call(Request::GetVringBase, VringState { index, num: 0 }.as_bytes())?;
-    let reply = VringState::read_from_bytes(&body).map_err(|_| VhostUserError::BadReply {
-        request: Request::GetVringBase,
+    let request = FrontendReq::GET_VRING_BASE;
+    let body = channel.call(request, VhostUserVringState::new(index, 0).as_slice())?;
+    let reply = VhostUserVringState::from_slice(&body).ok_or(VhostUserError::BadReply {
+        request,
         reason: "body is not a vring state",
     })?;
-    if reply.index != index {
+    // The crate's `VhostBackend::get_vring_base` does not make this check.
+    if { reply.index } != index {
         return Err(VhostUserError::BadReply {
-            request: Request::GetVringBase,
+            request,
             reason: "it names another ring",
         });
     }
@@ -383,15 +397,11 @@ fn stop_ring(channel: &mut Channel, index: u32) -> Result<u32, VhostUserError> {
 /// GET_CONFIG of the first `len` bytes. Always from offset 0: qemu-storage-daemon
 /// (like QEMU's own front-end) ignores the offset and copies from the start.
 fn get_config(channel: &mut Channel, len: usize) -> Result<Vec<u8>, VhostUserError> {
-    let request = Request::GetConfig;
+    let request = FrontendReq::GET_CONFIG;
     let size = u32::try_from(len).map_err(|_| VhostUserError::ConfigTooLarge(len))?;
-    let header = ConfigHeader {
-        offset: 0,
-        size,
-        flags: CONFIG_TYPE_FRONTEND,
-    };
-    let mut body = header.as_bytes().to_vec();
-    body.resize(ConfigHeader::SIZE + len, 0);
+    let header = VhostUserConfig::new(0, size, CONFIG_TYPE_FRONTEND);
+    let mut body = header.as_slice().to_vec();
+    body.resize(CONFIG_HEADER + len, 0);
     let reply = channel.call(request, &body)?;
     if reply.is_empty() {
         // libvhost-user's way of saying the device could not produce it.
@@ -399,10 +409,10 @@ fn get_config(channel: &mut Channel, len: usize) -> Result<Vec<u8>, VhostUserErr
     }
     let bad = |reason| VhostUserError::BadReply { request, reason };
     let (head, data) = reply
-        .split_at_checked(ConfigHeader::SIZE)
+        .split_at_checked(CONFIG_HEADER)
         .ok_or(bad("shorter than its header"))?;
-    let head = ConfigHeader::read_from_bytes(head).map_err(|_| bad("shorter than its header"))?;
-    if head.offset != 0 || head.size != size || data.len() != len {
+    let head = VhostUserConfig::from_slice(head).ok_or(bad("shorter than its header"))?;
+    if { head.offset } != 0 || { head.size } != size || data.len() != len {
         return Err(bad("it describes another range"));
     }
     Ok(data.to_vec())
@@ -474,8 +484,8 @@ impl ControlPlane for VhostUserTransport {
                     if !slot.set_up || st.broken.is_some() {
                         continue;
                     }
-                    let on = VringState { index, num: 1 };
-                    if let Err(e) = st.channel.send(Request::SetVringEnable, on.as_bytes(), &[]) {
+                    let on = VhostUserVringState::new(index, 1);
+                    if let Err(e) = st.channel.send(FrontendReq::SET_VRING_ENABLE, on.as_slice(), &[]) {
                         latch(&mut st.broken, e);
                     }
                 }
@@ -540,16 +550,12 @@ impl ControlPlane for VhostUserTransport {
         let (Ok(off), Ok(size)) = (u32::try_from(offset), u32::try_from(data.len())) else {
             return;
         };
-        let header = ConfigHeader {
-            offset: off,
-            size,
-            flags: CONFIG_TYPE_FRONTEND,
-        };
-        let mut body = header.as_bytes().to_vec();
+        let header = VhostUserConfig::new(off, size, CONFIG_TYPE_FRONTEND);
+        let mut body = header.as_slice().to_vec();
         body.extend_from_slice(data);
         let result = st
             .channel
-            .send(Request::SetConfig, &body, &[])
+            .send(FrontendReq::SET_CONFIG, &body, &[])
             .and_then(|()| get_config(&mut st.channel, self.opts.config_len));
         match result {
             Ok(config) => {
