@@ -8,9 +8,9 @@
 use crate::error::{BlkError, Broken};
 use crate::info::BlkInfo;
 use virtio_core::GuestBuf;
+pub use virtio_core::blk::DeviceId;
 use virtio_core::blk::{
-    BlkDiscardWriteZeroes, BlkReqHeader, GET_ID_LEN, SECTOR_SIZE, Status, VIRTIO_BLK_T_DISCARD,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    BlkDiscardWriteZeroes, BlkReqHeader, GET_ID_LEN, ReqHeader, RequestType, SECTOR_SIZE, SectorRange, Status,
 };
 
 /// Bytes of guest memory per request slot: header, payload, status, rounded to a
@@ -20,15 +20,6 @@ pub(crate) const SLOT_BYTES: u64 = 64;
 const PAYLOAD: u64 = BlkReqHeader::SIZE as u64;
 /// Offset of the status byte in a slot.
 const STATUS: u64 = 48;
-/// Wire lengths as descriptor lengths (all far below `u32::MAX`).
-const HEADER_LEN: u32 = 16;
-const SEGMENT_LEN: u32 = 16;
-const ID_LEN: u32 = 20;
-const _: () = assert!(
-    ID_LEN as usize == GET_ID_LEN
-        && HEADER_LEN as usize == BlkReqHeader::SIZE
-        && SEGMENT_LEN as usize == BlkDiscardWriteZeroes::SIZE
-);
 /// What the driver writes into the status byte before sending: not a valid status,
 /// so a device (or a copy-back model) that never delivers the status is caught.
 pub(crate) const STATUS_SENTINEL: u8 = 0xff;
@@ -90,29 +81,6 @@ pub enum Completion {
     WriteZeroes,
     /// The device ID.
     Id(DeviceId),
-}
-
-/// The device ID string: up to 20 bytes, NUL-padded (virtio 1.2 §5.2.6).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DeviceId(pub [u8; GET_ID_LEN]);
-
-impl DeviceId {
-    /// The bytes before the first NUL.
-    pub fn as_bytes(&self) -> &[u8] {
-        let end = self.0.iter().position(|&b| b == 0).unwrap_or(GET_ID_LEN);
-        &self.0[..end]
-    }
-
-    /// The ID as text (the spec says ASCII; anything else is replaced, not trusted).
-    pub fn to_string_lossy(&self) -> String {
-        String::from_utf8_lossy(self.as_bytes()).into_owned()
-    }
-}
-
-impl std::fmt::Debug for DeviceId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceId({:?})", self.to_string_lossy())
-    }
 }
 
 /// The request type, kept in the slot while the request is in flight.
@@ -210,11 +178,12 @@ impl Request {
     /// The header, payload and buffer lists for a request in `slot` (virtio 1.2
     /// §5.2.6: header, then data, then status; device-readable parts first).
     pub(crate) fn prepare(&self, slot: SlotAddr) -> Prepared {
-        let header = GuestBuf::new(slot.header(), HEADER_LEN);
+        let header = GuestBuf::new(slot.header(), BlkReqHeader::LEN);
         let status = GuestBuf::new(slot.status(), 1);
         let none = GuestBuf::new(0, 0);
+        // The header and segment go through the wire module's typed emitters.
         let p = |ty, sector, kind| Prepared {
-            header: BlkReqHeader::new(ty, sector),
+            header: ReqHeader { ty, sector }.to_wire(),
             segment: None,
             out: [header, none],
             n_out: 1,
@@ -228,55 +197,54 @@ impl Request {
                 ins: [buf, status],
                 n_in: 2,
                 data_in: buf.len,
-                ..p(VIRTIO_BLK_T_IN, sector, Kind::Read)
+                ..p(RequestType::In, sector, Kind::Read)
             },
             Request::Write { sector, buf } => Prepared {
                 out: [header, buf],
                 n_out: 2,
-                ..p(VIRTIO_BLK_T_OUT, sector, Kind::Write)
+                ..p(RequestType::Out, sector, Kind::Write)
             },
             // §5.2.6.1: FLUSH carries sector 0 and no data.
-            Request::Flush => p(VIRTIO_BLK_T_FLUSH, 0, Kind::Flush),
+            Request::Flush => p(RequestType::Flush, 0, Kind::Flush),
             Request::GetId => Prepared {
-                ins: [GuestBuf::new(slot.payload(), ID_LEN), status],
+                ins: [GuestBuf::new(slot.payload(), DeviceId::LEN), status],
                 n_in: 2,
-                data_in: ID_LEN,
-                ..p(VIRTIO_BLK_T_GET_ID, 0, Kind::GetId)
+                data_in: DeviceId::LEN,
+                ..p(RequestType::GetId, 0, Kind::GetId)
             },
             Request::Discard { sector, sectors } => {
-                Self::ranged(VIRTIO_BLK_T_DISCARD, Kind::Discard, sector, sectors, 0, slot, p)
+                let range = SectorRange {
+                    sector,
+                    num_sectors: sectors,
+                    unmap: false,
+                };
+                Self::ranged(RequestType::Discard, Kind::Discard, range, slot, p)
             }
             Request::WriteZeroes {
                 sector,
                 sectors,
                 unmap,
             } => {
-                let flags = if unmap { BlkDiscardWriteZeroes::UNMAP } else { 0 };
-                Self::ranged(
-                    VIRTIO_BLK_T_WRITE_ZEROES,
-                    Kind::WriteZeroes,
+                let range = SectorRange {
                     sector,
-                    sectors,
-                    flags,
-                    slot,
-                    p,
-                )
+                    num_sectors: sectors,
+                    unmap,
+                };
+                Self::ranged(RequestType::WriteZeroes, Kind::WriteZeroes, range, slot, p)
             }
         }
     }
 
     fn ranged(
-        ty: u32,
+        ty: RequestType,
         kind: Kind,
-        sector: u64,
-        sectors: u32,
-        flags: u32,
+        range: SectorRange,
         slot: SlotAddr,
-        p: impl Fn(u32, u64, Kind) -> Prepared,
+        p: impl Fn(RequestType, u64, Kind) -> Prepared,
     ) -> Prepared {
-        let seg = GuestBuf::new(slot.payload(), SEGMENT_LEN);
+        let seg = GuestBuf::new(slot.payload(), BlkDiscardWriteZeroes::LEN);
         let mut r = p(ty, 0, kind);
-        r.segment = Some(BlkDiscardWriteZeroes::new(sector, sectors, flags));
+        r.segment = Some(range.to_wire());
         r.out[1] = seg;
         r.n_out = 2;
         r

@@ -88,7 +88,7 @@ impl<S: DriverShare> CtrlQueue<S> {
         mem.write(at, command)?;
         // What the caller reads if the device claims to have written the ack
         // without doing so: a refusal, never a false success.
-        mem.write(ack_at, &[virtio_core::net::VIRTIO_NET_ERR])?;
+        mem.write(ack_at, &[virtio_core::net::CtrlAck::Err.raw()])?;
         let out = GuestBuf::new(at, u32::try_from(command.len()).unwrap_or(SLOT_LEN - 1));
         if let Err(r) = self.ring.add(&[out], &[GuestBuf::new(ack_at, 1)], slot) {
             return Err(match r.error {

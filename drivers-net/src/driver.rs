@@ -14,7 +14,7 @@ use virtio_core::DriverModel;
 use virtio_core::features::Features;
 use virtio_core::lifecycle::{driver_ok, initialize, reset};
 use virtio_core::net::{
-    CtrlCommand, ETH_HDR_LEN, NET_DEPENDENCIES, NetConfig, NetFeatures, VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
+    CtrlAck, CtrlCommand, ETH_HDR_LEN, NET_DEPENDENCIES, NetConfig, NetFeatures, VIRTIO_NET_S_LINK_UP,
     VirtioNetCtrlHdr, VirtioNetHdr,
 };
 use virtio_core::notify::{EventFdNotifier, Wait};
@@ -358,19 +358,24 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
     /// [`NetError::QueueFull`] while every slot is held by a command that timed
     /// out; [`NetError::DeviceBroken`].
     pub fn control(&self, class: u8, command: u8, data: &[u8]) -> Result<(), NetError> {
+        let mut bytes = Vec::with_capacity(2 + data.len());
+        bytes.extend_from_slice(VirtioNetCtrlHdr { class, command }.as_bytes());
+        bytes.extend_from_slice(data);
+        self.send_command(class, command, &bytes)
+    }
+
+    /// Sends a whole command (header and data) and waits for the answer.
+    fn send_command(&self, class: u8, command: u8, bytes: &[u8]) -> Result<(), NetError> {
         let Some(ctrl) = &self.ctrl else {
             return Err(NetError::NotNegotiated(NetFeatures::CTRL_VQ));
         };
-        if data.len() > MAX_DATA {
-            return Err(NetError::ControlTooLong(data.len()));
+        let data_len = bytes.len().saturating_sub(size_of::<VirtioNetCtrlHdr>());
+        if data_len > MAX_DATA {
+            return Err(NetError::ControlTooLong(data_len));
         }
-        let hdr = VirtioNetCtrlHdr { class, command };
-        let mut bytes = Vec::with_capacity(2 + data.len());
-        bytes.extend_from_slice(hdr.as_bytes());
-        bytes.extend_from_slice(data);
         // Held until the answer: commands take effect in the order issued.
         let mut q = lock(&ctrl.queue);
-        let (slot, notify) = q.send(&self.memory, &bytes)?;
+        let (slot, notify) = q.send(&self.memory, bytes)?;
         if notify {
             self.transport.notify_queue(ctrl.index)?;
         }
@@ -393,7 +398,7 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
             q.ring.disable_notifications();
         };
         match answer {
-            Answer::Ack(VIRTIO_NET_OK) => Ok(()),
+            Answer::Ack(ack) if CtrlAck::parse(ack) == Ok(CtrlAck::Ok) => Ok(()),
             Answer::Ack(ack) => Err(NetError::CommandRefused {
                 class,
                 command,
@@ -407,11 +412,12 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         }
     }
 
+    /// Sends a command this driver has a method for, emitted by the wire module.
     fn command(&self, cmd: CtrlCommand<'_>) -> Result<(), NetError> {
-        let mut data = Vec::new();
-        cmd.encode_data(&mut data);
+        let mut bytes = Vec::new();
+        cmd.emit(&mut bytes);
         let hdr = cmd.header();
-        self.control(hdr.class, hdr.command, &data)
+        self.send_command(hdr.class, hdr.command, &bytes)
     }
 
     fn need(&self, f: NetFeatures) -> Result<(), NetError> {

@@ -11,7 +11,8 @@
 //!   status state machine, configuration space and driver initialisation.
 //! - [`notify`]: notifications (eventfd and in-process) and the event-index rule.
 //! - [`transport`]: the driver's view of a device and an in-process transport.
-//! - [`blk`], [`net`]: the virtio-blk and virtio-net wire formats.
+//! - [`blk`], [`net`]: the virtio-blk and virtio-net device types; each keeps what
+//!   travels on its queues in a `wire` module (parse and emit side by side).
 //!
 //! # Example
 //!

@@ -42,30 +42,24 @@ use std::ops::Range;
 use virtio_core::DeviceMemory;
 use virtio_core::access::{AccessError, Segment};
 use virtio_core::blk::{
-    BlkDiscardWriteZeroes, BlkFeatures, BlkLifetime, BlkReqHeader, GET_ID_LEN, RequestType, SECTOR_SIZE,
-    Status,
+    BlkDiscardWriteZeroes, BlkFeatures, BlkLifetime, BlkReqHeader, DeviceId, RangeError, ReqHeader,
+    RequestType, SECTOR_SIZE, SectorRange, Status,
 };
 use virtio_core::ring::Chain;
 use zerocopy::{FromZeros, IntoBytes};
 
-// The wire sizes as u32, for chain arithmetic.
+// The wire sizes as u32, for chain arithmetic (virtio_core::blk::wire).
 /// Header bytes.
-const HEADER_LEN: u32 = 16;
+const HEADER_LEN: u32 = BlkReqHeader::LEN;
 /// Bytes of one range segment.
-const RANGE_LEN: u32 = 16;
+const RANGE_LEN: u32 = BlkDiscardWriteZeroes::LEN;
 /// Bytes of a GET_ID reply.
-const ID_LEN: u32 = 20;
+const ID_LEN: u32 = DeviceId::LEN;
 /// Bytes of a GET_LIFETIME reply.
-const LIFETIME_LEN: u32 = 6;
+const LIFETIME_LEN: u32 = BlkLifetime::LEN;
 /// Bytes of a sector.
 const SECTOR: u32 = 512;
-const _: () = {
-    assert!(HEADER_LEN as usize == BlkReqHeader::SIZE);
-    assert!(RANGE_LEN as usize == BlkDiscardWriteZeroes::SIZE);
-    assert!(ID_LEN as usize == GET_ID_LEN);
-    assert!(LIFETIME_LEN as usize == BlkLifetime::SIZE);
-    assert!(SECTOR as u64 == SECTOR_SIZE);
-};
+const _: () = assert!(SECTOR as u64 == SECTOR_SIZE);
 
 /// What the device knows about its disk and promised in its configuration space
 /// (§5.2.4). The parser enforces these limits; the device must publish the same
@@ -733,8 +727,6 @@ impl Parser {
             tracing::debug!(error = %e, head = chain.head(), "blk header unreadable");
             return Err(reject(RejectReason::Memory));
         }
-        let raw_type = header.type_.get();
-        let sector = header.sector.get();
 
         let rdata = SegmentSpan {
             part: Part::Readable,
@@ -747,8 +739,10 @@ impl Parser {
             len: status.writable_len - 1,
         };
 
-        let ty =
-            RequestType::from_raw(raw_type).ok_or_else(|| reject(RejectReason::UnknownType(raw_type)))?;
+        // The byte format is the wire module's (virtio_core::blk::wire); what follows
+        // is this device's policy.
+        let ReqHeader { ty, sector } =
+            ReqHeader::from_wire(&header).map_err(|e| reject(RejectReason::UnknownType(e.0)))?;
         // §5.2.3: each of these types exists only with its feature.
         if ty.required_feature().is_some_and(|f| !self.features.contains(f)) {
             return Err(reject(RejectReason::NotNegotiated(ty)));
@@ -868,26 +862,16 @@ impl Parser {
                 tracing::debug!(error = %e, "blk range segment unreadable");
                 return Err(RejectReason::Memory);
             }
-            let flags = seg.flags.get();
-            let unknown = flags & !BlkDiscardWriteZeroes::UNMAP;
-            // §5.2.6.2: UNSUPP "if any unknown flag is set", and for discard "if the
-            // unmap flag is set". unmap "is only used in write zeroes commands", so
-            // it is not a known flag of a secure erase either.
-            if unknown != 0 {
-                return Err(RejectReason::UnknownFlags(unknown));
-            }
-            let unmap = flags & BlkDiscardWriteZeroes::UNMAP != 0;
-            if unmap && ty != RequestType::WriteZeroes {
-                return Err(RejectReason::UnmapNotAllowed(ty));
-            }
-            let sector = seg.sector.get();
-            let num_sectors = seg.num_sectors.get();
+            let range = SectorRange::from_wire(&seg, ty).map_err(|e| match e {
+                RangeError::UnknownFlags(f) => RejectReason::UnknownFlags(f),
+                RangeError::UnmapNotAllowed(t) => RejectReason::UnmapNotAllowed(t),
+            })?;
             ranges.push(BlockRange {
-                sector,
-                num_sectors,
+                sector: range.sector,
+                num_sectors: range.num_sectors,
                 offset: 0,
                 len: 0,
-                unmap,
+                unmap: range.unmap,
             });
         }
         // Flags of every segment first (UNSUPP is a device MUST), then the ranges.

@@ -34,7 +34,7 @@
 //!
 //! # Control queue (CTRL_VQ, §5.1.6.5)
 //! Offered always. Each command is read once, whole, into a private buffer and
-//! validated by [`CtrlCommand::parse`]; its writable part must be exactly the
+//! validated by [`CtrlCommand::parse_bytes`]; its writable part must be exactly the
 //! 1-byte `ack`. Anything else is answered VIRTIO_NET_ERR (and changes nothing):
 //! an unknown class or command, a feature not negotiated, data of the wrong
 //! length, more than [`CTRL_DATA_MAX`] bytes, or a writable part longer than one
@@ -87,7 +87,7 @@
 //! other queues and looking at its stop flag in between.
 //!
 //! [`flow_hash`]: virtio_core::net::flow_hash
-//! [`CtrlCommand::parse`]: virtio_core::net::CtrlCommand::parse
+//! [`CtrlCommand::parse_bytes`]: virtio_core::net::CtrlCommand::parse_bytes
 //! [`CTRL_DATA_MAX`]: virtio_core::net::CTRL_DATA_MAX
 
 use super::switch::{Batch, DropReason, Frame, Inbox, LocalPool, Port, PortId, PortStats, Switch};

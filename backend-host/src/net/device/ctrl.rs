@@ -4,11 +4,10 @@
 use super::{CtrlQueue, MAC_TABLE_ENTRIES, Worker};
 use std::sync::PoisonError;
 use virtio_core::DeviceMemory;
-use virtio_core::net::{self, CTRL_DATA_MAX, CtrlCommand, VIRTIO_NET_ERR, VIRTIO_NET_OK, VirtioNetCtrlHdr};
+use virtio_core::net::{self, CTRL_DATA_MAX, CtrlAck, CtrlCommand, VirtioNetCtrlHdr};
 use virtio_core::notify::Notify;
 use virtio_core::ring::Chain;
 use virtio_core::ring::split::DeviceQueueError;
-use zerocopy::FromBytes;
 
 /// The receive filter (CTRL_RX, §5.1.6.5.1-2).
 #[derive(Debug)]
@@ -125,13 +124,13 @@ impl<M: DeviceMemory> Worker<M> {
     /// written, 0 if the chain has no room for it).
     fn command(&mut self, chain: &Chain, mem: &M) -> u32 {
         let ack = self.ack(chain, mem);
-        if ack != VIRTIO_NET_OK {
+        if ack != CtrlAck::Ok {
             tracing::debug!(port = %self.ctx.port.id, "control command refused");
         }
         if chain.writable_len() == 0 {
             return 0;
         }
-        match chain.writer(mem).write_all(&[ack]) {
+        match chain.writer(mem).write_all(&[ack.raw()]) {
             Ok(()) => 1,
             Err(error) => {
                 tracing::debug!(port = %self.ctx.port.id, %error, "control ack not writable");
@@ -141,48 +140,49 @@ impl<M: DeviceMemory> Worker<M> {
     }
 
     /// Reads, checks and applies a command; returns its `ack`.
-    fn ack(&mut self, chain: &Chain, mem: &M) -> u8 {
+    fn ack(&mut self, chain: &Chain, mem: &M) -> CtrlAck {
         // Only a 1-byte ack: no command this device implements has a result.
         if chain.writable_len() != 1 {
-            return VIRTIO_NET_ERR;
+            return CtrlAck::Err;
         }
         let len = chain.readable_len() as usize;
         let hdr_len = size_of::<VirtioNetCtrlHdr>();
         // Checked on the descriptor lengths, before anything is read or allocated.
         if !(hdr_len..=hdr_len + CTRL_DATA_MAX).contains(&len) {
-            return VIRTIO_NET_ERR;
+            return CtrlAck::Err;
         }
         self.cmd.clear();
         self.cmd.resize(len, 0);
         if chain.reader(mem).read_exact(&mut self.cmd).is_err() {
-            return VIRTIO_NET_ERR;
+            return CtrlAck::Err;
         }
-        let hdr = VirtioNetCtrlHdr::read_from_bytes(&self.cmd[..hdr_len]).unwrap_or_default();
         let cmd = std::mem::take(&mut self.cmd);
-        let ack = match CtrlCommand::parse(hdr, &cmd[hdr_len..], self.ctx.features) {
+        // The byte format is the wire module's (virtio_core::net::wire); what the
+        // command does here is this device's policy.
+        let ack = match CtrlCommand::parse_bytes(&cmd, self.ctx.features) {
             Ok(c) => self.apply(c),
             Err(error) => {
                 tracing::debug!(port = %self.ctx.port.id, %error, "control command invalid");
-                VIRTIO_NET_ERR
+                CtrlAck::Err
             }
         };
         self.cmd = cmd;
         ack
     }
 
-    fn apply(&mut self, cmd: CtrlCommand<'_>) -> u8 {
+    fn apply(&mut self, cmd: CtrlCommand<'_>) -> CtrlAck {
         match cmd {
             CtrlCommand::Promisc(on) => self.filter.promisc = on,
             CtrlCommand::AllMulti(on) => self.filter.allmulti = on,
             CtrlCommand::MacTable { unicast, multicast } => self.filter.set_tables(unicast, multicast),
             CtrlCommand::MacAddr(mac) => {
                 if mac[0] & 1 != 0 {
-                    return VIRTIO_NET_ERR;
+                    return CtrlAck::Err;
                 }
                 // A bound port keeps its address (HOSTILE 33): frames from another
                 // would be dropped, so the driver is told now.
                 if self.ctx.port.bound().is_some_and(|b| b != mac) {
-                    return VIRTIO_NET_ERR;
+                    return CtrlAck::Err;
                 }
                 self.filter.mac = mac;
                 *self.shared.mac.lock().unwrap_or_else(PoisonError::into_inner) = mac;
@@ -192,11 +192,11 @@ impl<M: DeviceMemory> Worker<M> {
                 // the virtqueues before enabling them").
                 let n = usize::from(n);
                 if n > self.pairs.len() {
-                    return VIRTIO_NET_ERR;
+                    return CtrlAck::Err;
                 }
                 self.set_active(n);
             }
         }
-        VIRTIO_NET_OK
+        CtrlAck::Ok
     }
 }

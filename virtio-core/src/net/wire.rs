@@ -1,140 +1,26 @@
-//! The virtio-net wire format (virtio 1.2 §5.1), shared by our driver and our device.
+//! What travels on virtio-net queues (virtio 1.2 §5.1.6), both directions.
 //!
-//! Plain data and pure checks: feature bits and their dependencies, the 12-byte
-//! `virtio_net_hdr` of a modern device, the configuration space, queue indices, the
-//! control-queue commands (§5.1.6.5: [`CtrlCommand`] validates what a device reads
-//! and encodes what a driver sends), the symmetric [`flow_hash`] for automatic
-//! receive steering (§5.1.6.5.5), the checks a device applies to a transmitted
-//! header ([`check_tx_header`]) and the Internet checksum that completes a
-//! partially checksummed packet (§5.1.6.2: the driver leaves the pseudo-header sum
-//! in the checksum field and the device finishes the job).
-//! All multi-byte fields are little-endian (VERSION_1 only: no legacy layouts).
+//! | on the wire | typed | parse checks |
+//! |---|---|---|
+//! | [`VirtioNetHdr`] before every frame | [`check_tx_header`], [`rx_partial_csum`] give the [`PartialCsum`] it asks for | flags, GSO type, checksum field inside the frame |
+//! | [`VirtioNetCtrlHdr`] + data on the control queue | [`CtrlCommand`] | class, command, negotiated feature, exact data length, queue-pair bounds |
+//! | the control command's `ack` byte | [`CtrlAck`] | OK or ERR |
+//!
+//! The driver (`drivers-net`) emits commands with [`CtrlCommand::emit`] and parses
+//! the ack with [`CtrlAck::parse`]; the device (`backend-host`'s `net::device`)
+//! parses them with [`CtrlCommand::parse_bytes`] and emits the ack. Parsing never
+//! panics: any bytes give a typed value or a typed error, and a parsed value emits
+//! back to bytes that parse to it (the property tests below check both).
+//!
+//! What a device *does* with a valid command (which MAC it accepts, how many pairs
+//! it has configured, how large a filter table it keeps) is device policy and stays
+//! in `backend-host`. Computations over the frame live beside this module:
+//! [`super::csum`] and [`super::hash`]. A new device type copies this shape; see
+//! [`crate::blk::wire`].
 
-use crate::features::{Dependency, FeatureError};
-use bitflags::bitflags;
-use zerocopy::little_endian::{U16, U32};
+use super::NetFeatures;
+use zerocopy::little_endian::U16;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
-
-/// Device ID of a network device (§5.1.1).
-pub const DEVICE_ID: u32 = 1;
-
-/// Bytes of an Ethernet header (destination, source, ethertype), the "low level
-/// ethernet header length" that §5.1.4.1 adds to `mtu`.
-pub const ETH_HDR_LEN: usize = 14;
-
-/// Smallest `mtu` a device may report (§5.1.4.1: "between 68 and 65535 inclusive").
-pub const MIN_MTU: u16 = 68;
-
-/// Receive buffer size a driver should post without MRG_RXBUF or guest offloads
-/// (§5.1.6.3.1: "buffers of at least 1526 bytes"): header plus a 1514-byte frame.
-pub const MIN_RX_BUF: u32 = 1526;
-
-bitflags! {
-    /// Device-specific feature bits of the network device (virtio 1.2 §5.1.3).
-    ///
-    /// Build the typed view of a negotiated word with
-    /// [`NetFeatures::from_bits_retain`], so device-independent bits survive.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-    pub struct NetFeatures: u64 {
-        /// "Device handles packets with partial checksum."
-        const CSUM = 1 << 0;
-        /// "Driver handles packets with partial checksum."
-        const GUEST_CSUM = 1 << 1;
-        /// "Control channel offloads reconfiguration support."
-        const CTRL_GUEST_OFFLOADS = 1 << 2;
-        /// "Device maximum MTU reporting is supported."
-        const MTU = 1 << 3;
-        /// "Device has given MAC address."
-        const MAC = 1 << 5;
-        /// "Driver can receive TSOv4."
-        const GUEST_TSO4 = 1 << 7;
-        /// "Driver can receive TSOv6."
-        const GUEST_TSO6 = 1 << 8;
-        /// "Driver can receive TSO with ECN."
-        const GUEST_ECN = 1 << 9;
-        /// "Driver can receive UFO."
-        const GUEST_UFO = 1 << 10;
-        /// "Device can receive TSOv4."
-        const HOST_TSO4 = 1 << 11;
-        /// "Device can receive TSOv6."
-        const HOST_TSO6 = 1 << 12;
-        /// "Device can receive TSO with ECN."
-        const HOST_ECN = 1 << 13;
-        /// "Device can receive UFO."
-        const HOST_UFO = 1 << 14;
-        /// "Driver can merge receive buffers."
-        const MRG_RXBUF = 1 << 15;
-        /// "Configuration status field is available."
-        const STATUS = 1 << 16;
-        /// "Control channel is available."
-        const CTRL_VQ = 1 << 17;
-        /// "Control channel RX mode support."
-        const CTRL_RX = 1 << 18;
-        /// "Control channel VLAN filtering."
-        const CTRL_VLAN = 1 << 19;
-        /// "Driver can send gratuitous packets."
-        const GUEST_ANNOUNCE = 1 << 21;
-        /// "Device supports multiqueue with automatic receive steering."
-        const MQ = 1 << 22;
-        /// "Set MAC address through control channel."
-        const CTRL_MAC_ADDR = 1 << 23;
-    }
-}
-
-const fn dep(feature: NetFeatures, requires: NetFeatures) -> Dependency {
-    Dependency {
-        feature: feature.bits(),
-        requires: requires.bits(),
-    }
-}
-
-/// The "requires" relations of §5.1.3.1 that are plain conjunctions, for
-/// [`crate::features::negotiate`] and [`crate::features::select`].
-///
-/// GUEST_ECN and HOST_ECN require *either* of two TSO bits, which a [`Dependency`]
-/// (all of `requires`) cannot say; [`check_alternatives`] checks those two.
-pub const NET_DEPENDENCIES: &[Dependency] = &[
-    dep(NetFeatures::GUEST_TSO4, NetFeatures::GUEST_CSUM),
-    dep(NetFeatures::GUEST_TSO6, NetFeatures::GUEST_CSUM),
-    dep(NetFeatures::GUEST_UFO, NetFeatures::GUEST_CSUM),
-    dep(NetFeatures::HOST_TSO4, NetFeatures::CSUM),
-    dep(NetFeatures::HOST_TSO6, NetFeatures::CSUM),
-    dep(NetFeatures::HOST_UFO, NetFeatures::CSUM),
-    dep(NetFeatures::CTRL_GUEST_OFFLOADS, NetFeatures::CTRL_VQ),
-    dep(NetFeatures::CTRL_RX, NetFeatures::CTRL_VQ),
-    dep(NetFeatures::CTRL_VLAN, NetFeatures::CTRL_VQ),
-    dep(NetFeatures::GUEST_ANNOUNCE, NetFeatures::CTRL_VQ),
-    dep(NetFeatures::MQ, NetFeatures::CTRL_VQ),
-    dep(NetFeatures::CTRL_MAC_ADDR, NetFeatures::CTRL_VQ),
-];
-
-/// Checks the two "requires A or B" relations of §5.1.3.1: GUEST_ECN needs
-/// GUEST_TSO4 or GUEST_TSO6, HOST_ECN needs HOST_TSO4 or HOST_TSO6.
-///
-/// # Errors
-/// [`FeatureError::MissingDependency`] naming the ECN bit and both TSO bits.
-pub fn check_alternatives(accepted: u64) -> Result<(), FeatureError> {
-    let f = NetFeatures::from_bits_retain(accepted);
-    let rules = [
-        (
-            NetFeatures::GUEST_ECN,
-            NetFeatures::GUEST_TSO4 | NetFeatures::GUEST_TSO6,
-        ),
-        (
-            NetFeatures::HOST_ECN,
-            NetFeatures::HOST_TSO4 | NetFeatures::HOST_TSO6,
-        ),
-    ];
-    for (ecn, either) in rules {
-        if f.contains(ecn) && !f.intersects(either) {
-            return Err(FeatureError::MissingDependency {
-                feature: ecn.bits(),
-                missing: either.bits(),
-            });
-        }
-    }
-    Ok(())
-}
 
 /// `flags`: "use csum_start, csum_offset" (§5.1.6).
 pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
@@ -155,11 +41,6 @@ pub const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
 pub const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
 /// `gso_type` bit: TCP has ECN set.
 pub const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
-
-/// `status` bit: the link is up (§5.1.4).
-pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
-/// `status` bit: the driver should send a gratuitous announcement.
-pub const VIRTIO_NET_S_ANNOUNCE: u16 = 2;
 
 /// `struct virtio_net_hdr` of a modern device (§5.1.6): 12 bytes, `num_buffers`
 /// always present with VERSION_1. It precedes every frame on both queues.
@@ -320,57 +201,6 @@ pub fn rx_partial_csum(hdr: &VirtioNetHdr, frame_len: usize) -> Result<Option<Pa
         })
 }
 
-/// The network device's configuration space, `struct virtio_net_config` (virtio 1.2
-/// §5.1.4): 24 bytes. Fields are meaningful only when the feature named on them is
-/// offered.
-#[repr(C)]
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
-)]
-pub struct NetConfig {
-    /// The device's MAC address (MAC).
-    pub mac: [u8; 6],
-    /// `VIRTIO_NET_S_*` bits (STATUS).
-    pub status: U16,
-    /// Receive/transmit queue pairs (MQ).
-    pub max_virtqueue_pairs: U16,
-    /// Largest MTU the driver should use (MTU), 68..=65535.
-    pub mtu: U16,
-    /// Link speed in Mbit/s, `u32::MAX` unknown (SPEED_DUPLEX).
-    pub speed: U32,
-    /// 1 full duplex, 0 half, 0xff unknown (SPEED_DUPLEX).
-    pub duplex: u8,
-    /// RSS key size (RSS / HASH_REPORT).
-    pub rss_max_key_size: u8,
-    /// RSS indirection table length (RSS).
-    pub rss_max_indirection_table_length: U16,
-    /// Supported hash types (RSS / HASH_REPORT).
-    pub supported_hash_types: U32,
-}
-
-impl NetConfig {
-    /// Size of the configuration space in bytes.
-    pub const SIZE: usize = 24;
-}
-
-/// Receive queue index of the 0-based queue pair `pair` (§5.1.2: receiveqN is
-/// 2(N-1)).
-pub const fn rx_queue(pair: u16) -> u32 {
-    2 * pair as u32
-}
-
-/// Transmit queue index of the 0-based queue pair `pair` (§5.1.2: transmitqN is
-/// 2(N-1)+1).
-pub const fn tx_queue(pair: u16) -> u32 {
-    2 * pair as u32 + 1
-}
-
-/// Control queue index with `max_pairs` queue pairs (§5.1.2: 2N when MQ is
-/// negotiated, 2 otherwise; pass 1 without MQ).
-pub const fn ctrl_queue(max_pairs: u16) -> u32 {
-    2 * max_pairs as u32
-}
-
 /// Largest `max_virtqueue_pairs` / `virtqueue_pairs` (§5.1.4, §5.1.6.5.5:
 /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX).
 pub const MQ_VQ_PAIRS_MAX: u16 = 0x8000;
@@ -394,6 +224,47 @@ pub struct VirtioNetCtrlHdr {
 pub const VIRTIO_NET_OK: u8 = 0;
 /// `ack` of a control command: failure.
 pub const VIRTIO_NET_ERR: u8 = 1;
+
+/// The `ack` byte the device writes after a control command (§5.1.6.5): the typed
+/// view of [`VIRTIO_NET_OK`] and [`VIRTIO_NET_ERR`].
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CtrlAck {
+    /// VIRTIO_NET_OK: the command was applied.
+    Ok = VIRTIO_NET_OK,
+    /// VIRTIO_NET_ERR: the command was refused.
+    Err = VIRTIO_NET_ERR,
+}
+
+/// An `ack` byte that is neither VIRTIO_NET_OK nor VIRTIO_NET_ERR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unknown control ack {0}")]
+pub struct UnknownAck(pub u8);
+
+impl CtrlAck {
+    /// The wire value.
+    pub const fn raw(self) -> u8 {
+        self as u8
+    }
+
+    /// The ack of a byte the device wrote (a driver reads it from memory the device
+    /// controls: anything but the two values is refused).
+    ///
+    /// # Errors
+    /// [`UnknownAck`].
+    pub const fn parse(raw: u8) -> Result<CtrlAck, UnknownAck> {
+        match raw {
+            VIRTIO_NET_OK => Ok(CtrlAck::Ok),
+            VIRTIO_NET_ERR => Ok(CtrlAck::Err),
+            _ => Err(UnknownAck(raw)),
+        }
+    }
+
+    /// The ack of a command that was applied (`true`) or refused.
+    pub const fn from_applied(applied: bool) -> CtrlAck {
+        if applied { CtrlAck::Ok } else { CtrlAck::Err }
+    }
+}
 
 /// Class: receive filtering (CTRL_RX).
 pub const VIRTIO_NET_CTRL_RX: u8 = 0;
@@ -528,6 +399,9 @@ pub enum CtrlError {
     /// VQ_PAIRS_SET outside 1..=0x8000 (§5.1.6.5.5).
     #[error("{0} queue pairs requested")]
     QueuePairs(u16),
+    /// Fewer bytes than the 2-byte class and command.
+    #[error("control command of {0} bytes has no class and command")]
+    Truncated(usize),
 }
 
 impl<'a> CtrlCommand<'a> {
@@ -610,6 +484,31 @@ impl<'a> CtrlCommand<'a> {
         VirtioNetCtrlHdr { class, command }
     }
 
+    /// Validates a whole command as it lies in the device-readable part of a
+    /// control chain: the 2-byte [`VirtioNetCtrlHdr`], then the data (see
+    /// [`Self::parse`]).
+    ///
+    /// # Errors
+    /// [`CtrlError::Truncated`] for fewer than 2 bytes; the errors of
+    /// [`Self::parse`].
+    pub fn parse_bytes(bytes: &'a [u8], features: NetFeatures) -> Result<Self, CtrlError> {
+        let Some(([class, command], data)) = bytes.split_first_chunk::<2>() else {
+            return Err(CtrlError::Truncated(bytes.len()));
+        };
+        let hdr = VirtioNetCtrlHdr {
+            class: *class,
+            command: *command,
+        };
+        CtrlCommand::parse(hdr, data, features)
+    }
+
+    /// Appends the whole command to `out`: the 2-byte [`VirtioNetCtrlHdr`], then the
+    /// data; what [`Self::parse_bytes`] reads back.
+    pub fn emit(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.header().as_bytes());
+        self.encode_data(out);
+    }
+
     /// Appends the command's `command-specific-data` to `out`.
     pub fn encode_data(&self, out: &mut Vec<u8>) {
         match self {
@@ -636,71 +535,7 @@ fn mac_list(data: &[u8]) -> Option<(MacList<'_>, &[u8])> {
     (bytes <= rest.len()).then(|| (MacList(&rest[..bytes]), &rest[bytes..]))
 }
 
-/// A flow hash for automatic receive steering (§5.1.6.5.5), the same for both
-/// directions of a flow: over the IPv4 or IPv6 addresses and, for TCP and UDP,
-/// the ports, with the two endpoints put in order first. One 802.1Q or 802.1ad
-/// tag is looked through. Fragments (IPv4 MF or offset set) and IPv6 packets
-/// whose first next-header is not TCP or UDP hash the addresses only, so every
-/// packet of such a datagram lands on one queue. `None` for anything else (not IP,
-/// truncated headers): the caller steers it to a fixed queue.
-///
-/// Only an input to queue selection: not a keyed hash, so a sender can aim its
-/// flows at one queue, which costs that guest only its own spreading.
-pub fn flow_hash(frame: &[u8]) -> Option<u32> {
-    let be16 = |at: usize| frame.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
-    let (mut ethertype, mut l3) = (be16(12)?, ETH_HDR_LEN);
-    if ethertype == 0x8100 || ethertype == 0x88a8 {
-        ethertype = be16(16)?;
-        l3 += 4;
-    }
-    let ip = frame.get(l3..)?;
-    let (a, b, proto, l4) = match ethertype {
-        0x0800 => {
-            if ip.len() < 20 || ip[0] >> 4 != 4 {
-                return None;
-            }
-            let ihl = usize::from(ip[0] & 0x0f) * 4;
-            // MF and the fragment offset: any fragment hashes on addresses only.
-            let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
-            let l4 = (ihl >= 20 && !fragment).then_some(ihl);
-            (&ip[12..16], &ip[16..20], ip[9], l4)
-        }
-        0x86dd => {
-            if ip.len() < 40 || ip[0] >> 4 != 6 {
-                return None;
-            }
-            (&ip[8..24], &ip[24..40], ip[6], Some(40))
-        }
-        _ => return None,
-    };
-    let ports = match (proto, l4) {
-        (6 | 17, Some(at)) => ip.get(at..at + 4),
-        _ => None,
-    };
-    let (pa, pb) = ports.map_or((0, 0), |p| {
-        (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]))
-    });
-    // Symmetric: the same order of endpoints whichever way the packet goes.
-    let ((a, pa), (b, pb)) = if (a, pa) <= (b, pb) {
-        ((a, pa), (b, pb))
-    } else {
-        ((b, pb), (a, pa))
-    };
-    // FNV-1a, then the murmur3 finalizer so low bits (used by `% pairs`) mix well.
-    let mut h: u32 = 0x811c_9dc5;
-    for bytes in [a, &pa.to_be_bytes(), b, &pb.to_be_bytes(), &[proto]] {
-        for &x in bytes {
-            h = (h ^ u32::from(x)).wrapping_mul(0x0100_0193);
-        }
-    }
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    Some(h ^ (h >> 16))
-}
-
-// The wire sizes and offsets of §5.1.4 and §5.1.6, checked at compile time.
+// The wire sizes and offsets of §5.1.6, checked at compile time.
 const _: () = {
     use core::mem::{offset_of, size_of};
     assert!(size_of::<VirtioNetHdr>() == VirtioNetHdr::SIZE);
@@ -712,184 +547,11 @@ const _: () = {
     assert!(offset_of!(VirtioNetHdr, num_buffers) == 10);
     assert!(size_of::<VirtioNetCtrlHdr>() == 2);
     assert!(size_of::<VirtioNetCtrlMq>() == 2);
-    assert!(size_of::<NetConfig>() == NetConfig::SIZE);
-    assert!(offset_of!(NetConfig, status) == 6);
-    assert!(offset_of!(NetConfig, max_virtqueue_pairs) == 8);
-    assert!(offset_of!(NetConfig, mtu) == 10);
-    assert!(offset_of!(NetConfig, speed) == 12);
-    assert!(offset_of!(NetConfig, duplex) == 16);
-    assert!(offset_of!(NetConfig, rss_max_key_size) == 17);
-    assert!(offset_of!(NetConfig, rss_max_indirection_table_length) == 18);
-    assert!(offset_of!(NetConfig, supported_hash_types) == 20);
 };
-
-/// Adds `data` to a ones'-complement running sum (RFC 1071), big-endian 16-bit
-/// words, an odd last byte padded with zero. Fold with [`csum_fold`].
-pub fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
-    let mut words = data.chunks_exact(2);
-    for w in &mut words {
-        sum = add_carry(sum, u32::from(u16::from_be_bytes([w[0], w[1]])));
-    }
-    if let [last] = words.remainder() {
-        sum = add_carry(sum, u32::from(*last) << 8);
-    }
-    sum
-}
-
-/// End-around-carry addition, so the running sum never overflows.
-fn add_carry(a: u32, b: u32) -> u32 {
-    let (s, carry) = a.overflowing_add(b);
-    s + u32::from(carry)
-}
-
-/// Folds a running sum to 16 bits (not complemented).
-pub fn csum_fold(mut sum: u32) -> u16 {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    // The loop leaves at most 16 significant bits.
-    u16::try_from(sum).unwrap_or(u16::MAX)
-}
-
-/// The Internet checksum of `data`: the complement of its folded ones'-complement
-/// sum.
-pub fn internet_checksum(data: &[u8]) -> u16 {
-    !csum_fold(csum_add(0, data))
-}
-
-/// The folded (not complemented) sum of the IPv4 pseudo-header, what a driver
-/// stores in the checksum field of a NEEDS_CSUM TCP/UDP packet (§5.1.6.2: "the
-/// driver ... places the partial checksum of the pseudo-header in the checksum
-/// field").
-pub fn ipv4_pseudo_header_sum(src: [u8; 4], dst: [u8; 4], protocol: u8, l4_len: u16) -> u16 {
-    let mut sum = csum_add(0, &src);
-    sum = csum_add(sum, &dst);
-    sum = add_carry(sum, u32::from(protocol));
-    sum = add_carry(sum, u32::from(l4_len));
-    csum_fold(sum)
-}
-
-/// Completes a partial checksum in place (§5.1.6.2): sums `frame[start..]`, which
-/// includes the pseudo-header sum already in the checksum field, and stores the
-/// complement at `start + offset`. `at` must come from [`check_tx_header`] or
-/// [`rx_partial_csum`] for this frame's length; otherwise nothing is changed.
-pub fn complete_checksum(frame: &mut [u8], at: PartialCsum) {
-    let field = at.start + at.offset;
-    let Some(covered) = frame.get(at.start..) else {
-        return;
-    };
-    if field + 2 > frame.len() {
-        return;
-    }
-    let csum = !csum_fold(csum_add(0, covered));
-    frame[field..field + 2].copy_from_slice(&csum.to_be_bytes());
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::{Features, negotiate, select};
-
-    #[test]
-    fn feature_bits_match_the_spec() {
-        let expected = [
-            (NetFeatures::CSUM, 0),
-            (NetFeatures::GUEST_CSUM, 1),
-            (NetFeatures::CTRL_GUEST_OFFLOADS, 2),
-            (NetFeatures::MTU, 3),
-            (NetFeatures::MAC, 5),
-            (NetFeatures::GUEST_TSO4, 7),
-            (NetFeatures::GUEST_TSO6, 8),
-            (NetFeatures::GUEST_ECN, 9),
-            (NetFeatures::GUEST_UFO, 10),
-            (NetFeatures::HOST_TSO4, 11),
-            (NetFeatures::HOST_TSO6, 12),
-            (NetFeatures::HOST_ECN, 13),
-            (NetFeatures::HOST_UFO, 14),
-            (NetFeatures::MRG_RXBUF, 15),
-            (NetFeatures::STATUS, 16),
-            (NetFeatures::CTRL_VQ, 17),
-            (NetFeatures::CTRL_RX, 18),
-            (NetFeatures::CTRL_VLAN, 19),
-            (NetFeatures::GUEST_ANNOUNCE, 21),
-            (NetFeatures::MQ, 22),
-            (NetFeatures::CTRL_MAC_ADDR, 23),
-        ];
-        for (flag, bit) in expected {
-            assert_eq!(flag.bits(), 1 << bit, "{flag:?}");
-        }
-        assert_eq!(NetFeatures::all().bits() >> 24, 0);
-    }
-
-    #[test]
-    fn dependencies_drop_offloads_without_their_base() {
-        let v1 = Features::VERSION_1.bits();
-        let offered = v1 | NetFeatures::all().bits();
-        let wanted = (NetFeatures::GUEST_TSO4 | NetFeatures::HOST_TSO4 | NetFeatures::MQ).bits();
-        // Nothing they need was wanted: all three go.
-        assert_eq!(select(offered, wanted, NET_DEPENDENCIES), v1);
-        let with_base = wanted | (NetFeatures::GUEST_CSUM | NetFeatures::CSUM | NetFeatures::CTRL_VQ).bits();
-        assert_eq!(select(offered, with_base, NET_DEPENDENCIES), v1 | with_base);
-        assert!(matches!(
-            negotiate(offered, v1 | NetFeatures::CTRL_RX.bits(), NET_DEPENDENCIES),
-            Err(FeatureError::MissingDependency { .. })
-        ));
-        assert!(matches!(
-            negotiate(offered, v1 | NetFeatures::HOST_UFO.bits(), NET_DEPENDENCIES),
-            Err(FeatureError::MissingDependency { .. })
-        ));
-    }
-
-    #[test]
-    fn ecn_needs_either_tso() {
-        let guest = NetFeatures::GUEST_CSUM | NetFeatures::GUEST_ECN;
-        assert!(check_alternatives(guest.bits()).is_err());
-        assert!(check_alternatives((guest | NetFeatures::GUEST_TSO6).bits()).is_ok());
-        assert!(check_alternatives(NetFeatures::HOST_ECN.bits()).is_err());
-        assert!(check_alternatives((NetFeatures::HOST_ECN | NetFeatures::HOST_TSO4).bits()).is_ok());
-        assert!(check_alternatives(0).is_ok());
-    }
-
-    #[test]
-    fn header_and_config_are_little_endian_at_spec_offsets() {
-        let h = VirtioNetHdr {
-            flags: 1,
-            gso_type: 4,
-            hdr_len: 0x0102.into(),
-            gso_size: 0x0304.into(),
-            csum_start: 0x0506.into(),
-            csum_offset: 0x0708.into(),
-            num_buffers: 0x090a.into(),
-        };
-        assert_eq!(h.as_bytes(), &[1, 4, 2, 1, 4, 3, 6, 5, 8, 7, 0x0a, 9]);
-        let c = NetConfig {
-            mac: [1, 2, 3, 4, 5, 6],
-            status: VIRTIO_NET_S_LINK_UP.into(),
-            max_virtqueue_pairs: 1.into(),
-            mtu: 1500.into(),
-            ..NetConfig::default()
-        };
-        let b = c.as_bytes();
-        assert_eq!(&b[..6], &[1, 2, 3, 4, 5, 6]);
-        assert_eq!(&b[6..12], &[1, 0, 1, 0, 0xdc, 0x05]);
-    }
-
-    #[test]
-    fn queue_indices_follow_section_5_1_2() {
-        assert_eq!((rx_queue(0), tx_queue(0)), (0, 1));
-        assert_eq!((rx_queue(3), tx_queue(3)), (6, 7));
-        assert_eq!(ctrl_queue(1), 2);
-        assert_eq!(ctrl_queue(MQ_VQ_PAIRS_MAX), 0x10000);
-        let cmd = VirtioNetCtrlHdr {
-            class: VIRTIO_NET_CTRL_MQ,
-            command: VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
-        };
-        assert_eq!(cmd.as_bytes(), &[4, 0]);
-        let mq = VirtioNetCtrlMq {
-            virtqueue_pairs: 0x0102.into(),
-        };
-        assert_eq!(mq.as_bytes(), &[2, 1]);
-    }
 
     #[test]
     fn tx_header_checks() {
@@ -933,50 +595,6 @@ mod tests {
             })
         );
         assert_eq!(rx_partial_csum(&VirtioNetHdr::rx(1), 0), Ok(None));
-    }
-
-    /// The RFC 1071 example: words 0001 f203 f4f5 f6f7 sum to ddf2.
-    #[test]
-    fn checksum_matches_rfc_1071() {
-        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
-        assert_eq!(csum_fold(csum_add(0, &data)), 0xddf2);
-        assert_eq!(internet_checksum(&data), !0xddf2);
-        // Odd length pads with zero.
-        assert_eq!(csum_fold(csum_add(0, &[0xab])), 0xab00);
-    }
-
-    /// A partial checksum completed by [`complete_checksum`] equals the full UDP
-    /// checksum computed from scratch over pseudo-header and datagram.
-    #[test]
-    fn completing_a_partial_checksum_gives_the_full_one() {
-        let (src, dst) = ([10, 0, 0, 1], [10, 0, 0, 2]);
-        let mut udp = vec![0x12, 0x34, 0x56, 0x78, 0, 13, 0, 0, b'h', b'e', b'l', b'l', b'o'];
-        let len = u16::try_from(udp.len()).unwrap();
-        let mut full = csum_add(0, &src);
-        full = csum_add(full, &dst);
-        full = csum_add(full, &[0, 17]);
-        full = csum_add(full, &len.to_be_bytes());
-        full = csum_add(full, &udp);
-        let expected = !csum_fold(full);
-
-        let pseudo = ipv4_pseudo_header_sum(src, dst, 17, len);
-        udp[6..8].copy_from_slice(&pseudo.to_be_bytes());
-        complete_checksum(&mut udp, PartialCsum { start: 0, offset: 6 });
-        assert_eq!(u16::from_be_bytes([udp[6], udp[7]]), expected);
-        // Verifying: the sum over pseudo-header and datagram is all ones.
-        let mut check = csum_add(0, &src);
-        check = csum_add(check, &dst);
-        check = csum_add(check, &[0, 17]);
-        check = csum_add(check, &len.to_be_bytes());
-        check = csum_add(check, &udp);
-        assert_eq!(csum_fold(check), 0xffff);
-    }
-
-    #[test]
-    fn complete_checksum_ignores_a_field_past_the_end() {
-        let mut f = [1u8; 4];
-        complete_checksum(&mut f, PartialCsum { start: 2, offset: 1 });
-        assert_eq!(f, [1; 4]);
     }
 
     fn ctrl(class: u8, command: u8) -> VirtioNetCtrlHdr {
@@ -1070,53 +688,6 @@ mod tests {
         }
     }
 
-    /// An IPv4 (or IPv6) TCP/UDP frame between two endpoints.
-    fn ip_frame(v6: bool, proto: u8, src: (u8, u16), dst: (u8, u16), flags: u16) -> Vec<u8> {
-        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
-        if v6 {
-            f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 8, proto, 64]);
-            f.extend_from_slice(&[0xfd; 15]);
-            f.push(src.0);
-            f.extend_from_slice(&[0xfd; 15]);
-            f.push(dst.0);
-        } else {
-            f.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0, 28, 0, 0]);
-            f.extend_from_slice(&flags.to_be_bytes());
-            f.extend_from_slice(&[64, proto, 0, 0, 10, 0, 0, src.0, 10, 0, 0, dst.0]);
-        }
-        f.extend_from_slice(&src.1.to_be_bytes());
-        f.extend_from_slice(&dst.1.to_be_bytes());
-        f.extend_from_slice(&[0, 8, 0, 0]);
-        f
-    }
-
-    #[test]
-    fn flow_hash_is_symmetric_and_sees_ports() {
-        for v6 in [false, true] {
-            for proto in [6, 17] {
-                let ab = flow_hash(&ip_frame(v6, proto, (1, 1000), (2, 53), 0)).unwrap();
-                let ba = flow_hash(&ip_frame(v6, proto, (2, 53), (1, 1000), 0)).unwrap();
-                assert_eq!(ab, ba, "v6 {v6} proto {proto}");
-                let other = flow_hash(&ip_frame(v6, proto, (1, 1001), (2, 53), 0)).unwrap();
-                assert_ne!(ab, other, "ports are part of the flow");
-            }
-        }
-        // Other protocols and fragments: addresses only.
-        let icmp = |p| flow_hash(&ip_frame(false, 1, (1, p), (2, 0), 0));
-        assert_eq!(icmp(1), icmp(2));
-        let frag = |p| flow_hash(&ip_frame(false, 17, (1, p), (2, 53), 0x2000));
-        assert_eq!(frag(1), frag(2));
-        assert_eq!(flow_hash(&[0u8; 60]), None, "not IP");
-        assert_eq!(flow_hash(&ip_frame(false, 17, (1, 1), (2, 2), 0)[..30]), None);
-        // Many flows spread over 4 queues.
-        let mut used = [0u32; 4];
-        for port in 0..400u16 {
-            let h = flow_hash(&ip_frame(false, 17, (1, 1024 + port), (2, 7), 0)).unwrap();
-            used[(h % 4) as usize] += 1;
-        }
-        assert!(used.iter().all(|&n| n > 50), "{used:?}");
-    }
-
     proptest::proptest! {
         /// Any header and length: no panic, and an accepted checksum field lies
         /// inside the frame.
@@ -1148,31 +719,72 @@ mod tests {
             }
         }
 
-        /// Any bytes: the flow hash never panics.
+        /// Any command: emit, then parse, gives it back.
         #[test]
-        fn flow_hash_is_total(data in proptest::collection::vec(0u8.., 0..80)) {
-            let _ = flow_hash(&data);
+        fn control_emit_then_parse_is_the_identity(
+            pick in 0u8..5,
+            on in proptest::bool::ANY,
+            mac in proptest::array::uniform6(0u8..),
+            pairs in MQ_VQ_PAIRS_MIN..=MQ_VQ_PAIRS_MAX,
+            uni in proptest::collection::vec(0u8.., 0..5),
+            multi in proptest::collection::vec(0u8.., 0..5),
+        ) {
+            // Whole addresses: each drawn byte stands for one address.
+            let uni: Vec<u8> = uni.iter().flat_map(|&b| [b; 6]).collect();
+            let multi: Vec<u8> = multi.iter().flat_map(|&b| [b; 6]).collect();
+            let cmd = match pick {
+                0 => CtrlCommand::Promisc(on),
+                1 => CtrlCommand::AllMulti(on),
+                2 => CtrlCommand::MacAddr(mac),
+                3 => CtrlCommand::VqPairs(pairs),
+                _ => CtrlCommand::MacTable {
+                    unicast: MacList::new(&uni).unwrap(),
+                    multicast: MacList::new(&multi).unwrap(),
+                },
+            };
+            let all = NetFeatures::CTRL_RX | NetFeatures::CTRL_MAC_ADDR | NetFeatures::MQ;
+            let mut bytes = Vec::new();
+            cmd.emit(&mut bytes);
+            proptest::prop_assert_eq!(CtrlCommand::parse_bytes(&bytes, all), Ok(cmd));
         }
 
-        /// A completed checksum verifies: the pseudo-header sum plus the sum from
-        /// `start` to the end is all ones (for an even offset, as TCP's 16 and UDP's 6
-        /// are).
+        /// Any bytes: parsing a whole command never panics, and what parses emits
+        /// back to bytes that parse to the same command.
         #[test]
-        fn completed_checksums_verify(
-            data in proptest::collection::vec(0u8.., 2..300),
-            start in 0usize..100,
-            half in 0usize..100,
+        fn control_parse_bytes_is_total(
+            bytes in proptest::collection::vec(0u8..8, 0..40),
+            features in proptest::num::u64::ANY,
         ) {
-            let offset = 2 * half;
-            proptest::prop_assume!(start + offset + 2 <= data.len());
-            let mut f = data.clone();
-            complete_checksum(&mut f, PartialCsum { start, offset });
-            // The field held the pseudo-header sum, which the receiver adds back by
-            // summing the pseudo-header itself.
-            let field = start + offset;
-            let pseudo = csum_add(0, &data[field..field + 2]);
-            proptest::prop_assert_eq!(csum_fold(csum_add(pseudo, &f[start..])), 0xffff);
-            proptest::prop_assert_eq!(&f[..start + offset], &data[..start + offset]);
+            let features = NetFeatures::from_bits_retain(features);
+            if let Ok(cmd) = CtrlCommand::parse_bytes(&bytes, features) {
+                let mut again = Vec::new();
+                cmd.emit(&mut again);
+                proptest::prop_assert_eq!(CtrlCommand::parse_bytes(&again, features), Ok(cmd));
+            }
         }
+
+        /// Any ack byte: it parses to an ack that emits the same byte, or is refused.
+        #[test]
+        fn ack_parse_is_total(raw in proptest::num::u8::ANY) {
+            match CtrlAck::parse(raw) {
+                Ok(a) => proptest::prop_assert_eq!(a.raw(), raw),
+                Err(e) => proptest::prop_assert_eq!(e, UnknownAck(raw)),
+            }
+        }
+    }
+
+    #[test]
+    fn whole_commands_and_acks() {
+        assert_eq!(
+            CtrlCommand::parse_bytes(&[VIRTIO_NET_CTRL_RX], NetFeatures::CTRL_RX),
+            Err(CtrlError::Truncated(1))
+        );
+        let mut b = Vec::new();
+        CtrlCommand::VqPairs(2).emit(&mut b);
+        assert_eq!(b, [VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 2, 0]);
+        assert_eq!(CtrlAck::parse(0), Ok(CtrlAck::Ok));
+        assert_eq!(CtrlAck::parse(1), Ok(CtrlAck::Err));
+        assert_eq!(CtrlAck::parse(2), Err(UnknownAck(2)));
+        assert_eq!(CtrlAck::from_applied(false).raw(), VIRTIO_NET_ERR);
     }
 }
