@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use virtio_core::blk::{BLK_DEPENDENCIES, BlkConfig, BlkFeatures, SECTOR_SIZE, check_offer};
 use virtio_core::features::Features;
 use virtio_core::lifecycle::{driver_ok, initialize, reset};
-use virtio_core::notify::{EventFdNotifier, Wait};
+use virtio_core::notify::Wait;
 use virtio_core::ring::split::SplitDriver;
 use virtio_core::status::DeviceStatus;
 use virtio_core::transport::Transport;
@@ -26,23 +26,23 @@ const WAIT_SLICE: Duration = Duration::from_millis(50);
 /// Smallest queue the driver uses: a request takes up to three descriptors.
 const MIN_QUEUE_SIZE: u16 = 4;
 
-/// A virtio-blk driver over transport `T` and sharing model `D`, with interrupt
-/// sources `W` (one per queue; an [`EventFdNotifier`] by default).
+/// A virtio-blk driver over transport `T` and sharing model `D`. Each queue waits
+/// on the used-buffer notification its transport gives ([`Transport::interrupt`]).
 ///
 /// Methods take `&self`: each queue has its own lock, so threads (or tasks) may share
 /// the driver and use different queues without contention.
-pub struct BlkDriver<D: DriverModel, T: Transport, W: Wait = EventFdNotifier> {
+pub struct BlkDriver<D: DriverModel, T: Transport> {
     pub(crate) transport: T,
     model: D,
     pub(crate) memory: Arc<GuestMemory>,
     info: BlkInfo,
-    pub(crate) queues: Vec<Queue<D::Share, W>>,
+    pub(crate) queues: Vec<Queue<D::Share, T::Interrupt>>,
     timeout: Option<Duration>,
     /// [`BlkOptions::spin`].
     spin: Duration,
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for BlkDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> std::fmt::Debug for BlkDriver<D, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlkDriver")
             .field("model", &self.model.name())
@@ -52,23 +52,17 @@ impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for BlkDriver<D, T, 
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
     /// Initializes the device behind `transport` (virtio 1.2 §3.1.1, §5.2.5):
     /// negotiates features as `opts` allow, reads the configuration consistently,
     /// creates `min(opts.queues, device queues)` queues through `model`, allocates the
     /// request slots in `memory` (the guest's own memory) and sets DRIVER_OK.
-    /// `interrupts[i]` is queue `i`'s used-buffer notification.
+    /// Each queue's used-buffer notification comes from the transport.
     ///
     /// # Errors
     /// Initialization, configuration, queue setup or allocation failures; the device
     /// is then marked FAILED.
-    pub fn new(
-        transport: T,
-        model: D,
-        memory: Arc<GuestMemory>,
-        interrupts: Vec<W>,
-        opts: BlkOptions,
-    ) -> Result<Self, BlkError> {
+    pub fn new(transport: T, model: D, memory: Arc<GuestMemory>, opts: BlkOptions) -> Result<Self, BlkError> {
         let offered = BlkFeatures::from_bits_retain(transport.device_features());
         if let Err(error) = check_offer(offered) {
             tracing::warn!(%error, "device makes an offer the spec forbids");
@@ -95,7 +89,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
             timeout: opts.timeout,
             spin: opts.spin,
         };
-        match driver.setup(features, interrupts, &opts) {
+        match driver.setup(features, &opts) {
             Ok(()) => Ok(driver),
             Err(e) => {
                 let status = driver.transport.status();
@@ -106,17 +100,11 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
         }
     }
 
-    fn setup(&mut self, features: u64, interrupts: Vec<W>, opts: &BlkOptions) -> Result<(), BlkError> {
+    fn setup(&mut self, features: u64, opts: &BlkOptions) -> Result<(), BlkError> {
         let available = self.transport.num_queues().min(self.info.device_queues);
         let nq = opts.queues.clamp(1, available.max(1));
-        if interrupts.len() < usize::from(nq) {
-            return Err(BlkError::MissingInterrupts {
-                given: interrupts.len(),
-                queues: nq,
-            });
-        }
         let ring_features = Features::from_bits_retain(features);
-        for (index, irq) in (0..nq).zip(interrupts) {
+        for index in 0..nq {
             let max = self.transport.queue_max_size(index).min(opts.queue_size);
             if max < MIN_QUEUE_SIZE {
                 return Err(BlkError::NoQueue(index));
@@ -125,6 +113,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
             let size = 1u16 << (15 - max.leading_zeros());
             let dq = self.model.create_queue(index, size)?;
             let ring = SplitDriver::new(size, dq.ring, dq.share, ring_features)?;
+            let irq = self.transport.interrupt(index)?;
             let base = self.memory.alloc(SLOT_BYTES * u64::from(size), SLOT_BYTES)?;
             // Pushed before the transport call so Drop frees the slots on failure.
             self.queues.push(Queue {
@@ -175,7 +164,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
         Ok(self.queue(queue)?.lock().broken())
     }
 
-    pub(crate) fn queue(&self, queue: u16) -> Result<&Queue<D::Share, W>, BlkError> {
+    pub(crate) fn queue(&self, queue: u16) -> Result<&Queue<D::Share, T::Interrupt>, BlkError> {
         self.queues
             .get(usize::from(queue))
             .ok_or(BlkError::NoSuchQueue(queue))
@@ -291,7 +280,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
     /// variable, which every reap that completes a waiter's request signals.
     pub(crate) fn block_until<'q>(
         &self,
-        q: &'q Queue<D::Share, W>,
+        q: &'q Queue<D::Share, T::Interrupt>,
         deadline: Option<Instant>,
         done: impl Fn(&QueueState<D::Share>) -> bool,
     ) -> Result<(Held<'q, D::Share>, bool), BlkError> {
@@ -509,7 +498,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> Drop for BlkDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> Drop for BlkDriver<D, T> {
     /// Resets the device and, once it reports status 0 (it no longer touches guest
     /// memory, §2.4), takes every request back and frees the slots and bounce
     /// buffers. If the device never acknowledges the reset, the memory is leaked

@@ -75,14 +75,6 @@ pub enum BlkError {
     /// Another `run_completions` already serves this queue.
     #[error("a completion runner already serves queue {0}")]
     RunnerActive(u16),
-    /// Fewer interrupt sources than queues.
-    #[error("{given} interrupt sources for {queues} queues")]
-    MissingInterrupts {
-        /// Interrupt sources given.
-        given: usize,
-        /// Queues set up.
-        queues: u16,
-    },
     /// The device offered a queue of size 0.
     #[error("device offers no usable queue {0}")]
     NoQueue(u16),

@@ -17,7 +17,7 @@ use virtio_core::net::{
     CtrlCommand, ETH_HDR_LEN, NET_DEPENDENCIES, NetConfig, NetFeatures, VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
     VirtioNetCtrlHdr, VirtioNetHdr,
 };
-use virtio_core::notify::{EventFdNotifier, Wait};
+use virtio_core::notify::Wait;
 use virtio_core::ring::split::SplitDriver;
 use virtio_core::status::DeviceStatus;
 use virtio_core::transport::Transport;
@@ -50,8 +50,8 @@ struct Ctrl<S: virtio_core::DriverShare, W> {
     irq: W,
 }
 
-/// A virtio-net driver over transport `T` and sharing model `D`, with interrupt
-/// sources `W` (an [`EventFdNotifier`] by default).
+/// A virtio-net driver over transport `T` and sharing model `D`. Each queue waits
+/// on the used-buffer notification its transport gives ([`Transport::interrupt`]).
 ///
 /// Methods take `&self`: every queue has its own lock, so threads may send and
 /// receive on different pairs (or on both sides of one) at once.
@@ -65,13 +65,13 @@ struct Ctrl<S: virtio_core::DriverShare, W> {
 /// queue; callers then receive with [`Self::poll_recv_on`] on every pair of
 /// [`Self::queue_pairs`] (one thread per pair, or in turn) and may transmit on
 /// any of them with [`Self::send_on`].
-pub struct NetDriver<D: DriverModel, T: Transport, W: Wait = EventFdNotifier> {
+pub struct NetDriver<D: DriverModel, T: Transport> {
     transport: T,
     model: D,
     memory: Arc<GuestMemory>,
     info: NetInfo,
-    pairs: Vec<Pair<D::Share, W>>,
-    ctrl: Option<Ctrl<D::Share, W>>,
+    pairs: Vec<Pair<D::Share, T::Interrupt>>,
+    ctrl: Option<Ctrl<D::Share, T::Interrupt>>,
     /// Pairs in use (VQ_PAIRS_SET), 1..=pairs.len().
     active: AtomicU16,
     /// The MAC address in use: the device's, or the last one set.
@@ -79,7 +79,7 @@ pub struct NetDriver<D: DriverModel, T: Transport, W: Wait = EventFdNotifier> {
     control_timeout: Duration,
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for NetDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> std::fmt::Debug for NetDriver<D, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetDriver")
             .field("model", &self.model.name())
@@ -108,7 +108,7 @@ fn index(i: usize) -> u16 {
     u16::try_from(i).unwrap_or(u16::MAX)
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> NetDriver<D, T> {
     /// Initializes the device behind `transport` (virtio 1.2 §3.1.1, §5.1.5):
     /// negotiates what `opts` wants, reads MAC, status, queue pairs and MTU,
     /// creates the queues of the pairs to use (see [`NetOptions::queue_pairs`])
@@ -117,25 +117,14 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
     /// then it makes [`NetOptions::active_pairs`] (default: all) active with
     /// VQ_PAIRS_SET unless that is 1.
     ///
-    /// `interrupts[i]` is the used-buffer notification of queue `i`, in queue
-    /// order: receive 0, transmit 0, receive 1, transmit 1, ..., then the control
-    /// queue at index `2 * max_virtqueue_pairs` with MQ (2 without). Give one per
-    /// queue the device has (`transport.num_queues()`) and the driver takes those
-    /// it uses; the fewest accepted is the highest used index plus one: 2 for one
-    /// pair without control queue.
+    /// Each queue's used-buffer notification comes from the transport.
     ///
     /// # Errors
-    /// Initialization, configuration, queue setup or allocation failures,
-    /// [`NetError::MissingInterrupts`], and the control errors of
+    /// Initialization, configuration, queue setup or allocation failures, and
+    /// the control errors of
     /// [`Self::set_queue_pairs`]; the device is then marked FAILED (or reset) and
     /// everything allocated is freed.
-    pub fn new(
-        transport: T,
-        model: D,
-        memory: Arc<GuestMemory>,
-        interrupts: Vec<W>,
-        opts: NetOptions,
-    ) -> Result<Self, NetError> {
+    pub fn new(transport: T, model: D, memory: Arc<GuestMemory>, opts: NetOptions) -> Result<Self, NetError> {
         let features = initialize(
             &transport,
             virtio_core::net::DEVICE_ID,
@@ -147,7 +136,7 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
             t.set_status(status | DeviceStatus::FAILED.bits());
         };
         let queues = NetInfo::new(features, &read_config(&transport)?, &opts)
-            .and_then(|info| setup(&transport, &model, &memory, features, info, &opts, interrupts));
+            .and_then(|info| setup(&transport, &model, &memory, features, info, &opts));
         let (info, pairs, ctrl) = match queues {
             Ok(q) => q,
             Err(e) => {
@@ -546,14 +535,14 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         Ok(())
     }
 
-    fn tx_pair(&self, pair: u16) -> Result<&Pair<D::Share, W>, NetError> {
+    fn tx_pair(&self, pair: u16) -> Result<&Pair<D::Share, T::Interrupt>, NetError> {
         if pair >= self.queue_pairs() {
             return Err(NetError::NoPair(pair));
         }
         self.pairs.get(usize::from(pair)).ok_or(NetError::NoPair(pair))
     }
 
-    fn rx_pair(&self, pair: u16) -> Result<&Pair<D::Share, W>, NetError> {
+    fn rx_pair(&self, pair: u16) -> Result<&Pair<D::Share, T::Interrupt>, NetError> {
         self.pairs.get(usize::from(pair)).ok_or(NetError::NoPair(pair))
     }
 
@@ -680,16 +669,16 @@ impl Allocs<'_> {
 }
 
 /// Creates the queues of every pair to use and the control queue, with their
-/// buffers, and takes their interrupt sources; on failure frees what it allocated.
-fn setup<D: DriverModel, W>(
-    transport: &impl Transport,
+/// buffers, and takes their interrupt sources from the transport; on failure
+/// frees what it allocated.
+fn setup<D: DriverModel, T: Transport>(
+    transport: &T,
     model: &D,
     memory: &GuestMemory,
     features: u64,
     info: NetInfo,
     opts: &NetOptions,
-    interrupts: Vec<W>,
-) -> Result<Queues<D::Share, W>, NetError> {
+) -> Result<Queues<D::Share, T::Interrupt>, NetError> {
     if opts.queue_pairs == 0 {
         return Err(NetError::QueuePairs {
             wanted: 0,
@@ -701,20 +690,6 @@ fn setup<D: DriverModel, W>(
         (true, None) => return Err(NetError::BadQueuePairs(info.max_queue_pairs)),
         (_, c) => c,
     };
-    let needed = ctrl_index.map_or(2 * n_pairs, |c| usize::from(c) + 1);
-    if interrupts.len() < needed {
-        return Err(NetError::MissingInterrupts {
-            given: interrupts.len(),
-            needed,
-        });
-    }
-    // Checked above; a missing one would be this error again, never a panic.
-    let missing = || NetError::MissingInterrupts {
-        given: needed,
-        needed,
-    };
-    let mut irqs: Vec<Option<W>> = interrupts.into_iter().map(Some).collect();
-    let mut take = |i: u16| irqs.get_mut(usize::from(i)).and_then(Option::take);
     let ring_features = Features::from_bits_retain(features);
     let make = |index: u16, wanted: u16| -> Result<(u16, SplitDriver<D::Share, u16>, _), NetError> {
         let size = queue_size(transport, index, wanted)?;
@@ -726,7 +701,7 @@ fn setup<D: DriverModel, W>(
         memory,
         made: Vec::new(),
     };
-    let mut build = || -> Result<Queues<D::Share, W>, NetError> {
+    let mut build = || -> Result<Queues<D::Share, T::Interrupt>, NetError> {
         let mut pairs = Vec::with_capacity(n_pairs);
         for k in 0..n_pairs {
             let (rxi, txi) = (index(2 * k), index(2 * k + 1));
@@ -737,9 +712,7 @@ fn setup<D: DriverModel, W>(
             let tx_base = allocs.alloc(u64::from(slot_len) * u64::from(tx_size))?;
             transport.setup_queue(rxi, rx_size, rx_addrs)?;
             transport.setup_queue(txi, tx_size, tx_addrs)?;
-            let (Some(rx_irq), Some(tx_irq)) = (take(rxi), take(txi)) else {
-                return Err(missing());
-            };
+            let (rx_irq, tx_irq) = (transport.interrupt(rxi)?, transport.interrupt(txi)?);
             pairs.push(Pair {
                 rx: Mutex::new(RxQueue::new(rx_ring, rx_base, info.rx_buf_len, info.max_frame())),
                 tx: Mutex::new(TxQueue::new(tx_ring, tx_base, slot_len)),
@@ -752,9 +725,7 @@ fn setup<D: DriverModel, W>(
                 let (size, ring, addrs) = make(index, CTRL_QUEUE_SIZE)?;
                 let base = allocs.alloc(u64::from(SLOT_LEN) * u64::from(size))?;
                 transport.setup_queue(index, size, addrs)?;
-                let Some(irq) = take(index) else {
-                    return Err(missing());
-                };
+                let irq = transport.interrupt(index)?;
                 Some(Ctrl {
                     queue: Mutex::new(CtrlQueue::new(ring, base)),
                     index,
@@ -772,7 +743,7 @@ fn setup<D: DriverModel, W>(
     built
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> Drop for NetDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> Drop for NetDriver<D, T> {
     /// Resets the device and, once it reports status 0 (it no longer touches guest
     /// memory, §2.4), takes every buffer back and frees them. If the device never
     /// acknowledged the reset, the memory is leaked rather than handed back while

@@ -62,16 +62,6 @@ pub enum NetError {
     /// The device offers a receive or transmit queue too small to use.
     #[error("device offers no usable queue {0}")]
     NoQueue(u16),
-    /// Fewer interrupt sources than the queues in use need: one per queue index
-    /// up to the highest used (`2 * pairs` without a control queue, else up to
-    /// and including the control queue's index).
-    #[error("{given} interrupt sources, {needed} needed")]
-    MissingInterrupts {
-        /// Sources passed to [`NetDriver::new`](crate::NetDriver::new).
-        given: usize,
-        /// Sources needed.
-        needed: usize,
-    },
     /// The device reports a `max_virtqueue_pairs` outside 1..0x8000 (MQ).
     #[error("device reports {0} queue pairs")]
     BadQueuePairs(u16),
