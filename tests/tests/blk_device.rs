@@ -1421,7 +1421,12 @@ fn offered_seg_max_fits_one_indirect_table() {
             queue_size,
             ..BlkSettings::default()
         };
-        let r = rig(models::direct(), &format!("segmax{queue_size}.img"), settings, false);
+        let r = rig(
+            models::direct(),
+            &format!("segmax{queue_size}.img"),
+            settings,
+            false,
+        );
         let mut seg_max = [0u8; 4];
         r.transport
             .read_config(std::mem::offset_of!(blk::BlkConfig, seg_max), &mut seg_max);
@@ -1430,6 +1435,9 @@ fn offered_seg_max_fits_one_indirect_table() {
             seg_max + 2 <= u32::from(virtio_core::ring::INDIRECT_MAX),
             "queue size {queue_size}: seg_max {seg_max} does not fit one indirect table"
         );
-        assert!(seg_max + 2 <= u32::from(queue_size), "queue size {queue_size}: seg_max {seg_max}");
+        assert!(
+            seg_max + 2 <= u32::from(queue_size),
+            "queue size {queue_size}: seg_max {seg_max}"
+        );
     }
 }

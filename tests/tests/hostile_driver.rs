@@ -15,13 +15,13 @@ use std::sync::Arc;
 
 use virtio_core::access::{AccessError, DescSlot};
 use virtio_core::features::Features;
-use virtio_core::ring::{ChainError, INDIRECT_MAX};
 use virtio_core::ring::layout::{
     Descriptor, SplitLayout, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 };
 use virtio_core::ring::split::{
     AddError, DeviceQueueError, DriverQueueError, RingFault, RingSetupError, UsedError,
 };
+use virtio_core::ring::{ChainError, INDIRECT_MAX};
 use virtio_core::shm::RegionError;
 use virtio_core::test_utils::raw::{Access, AccessKind, RawDriver, Recorder};
 use virtio_core::test_utils::{Arena, IdentityShare};
@@ -285,7 +285,14 @@ fn rule02_indirect_table_longer_than_queue_is_served() {
     let table = rig.data + 0x1000;
     let n = 2 * QSIZE + 1;
     let t: Vec<Descriptor> = (0..n)
-        .map(|i| Descriptor::new(rig.data + 16 * u64::from(i), 16, if i + 1 < n { NEXT } else { 0 }, i + 1))
+        .map(|i| {
+            Descriptor::new(
+                rig.data + 16 * u64::from(i),
+                16,
+                if i + 1 < n { NEXT } else { 0 },
+                i + 1,
+            )
+        })
         .collect();
     rig.raw.write_indirect_table(table, &t).unwrap();
     rig.raw.write_desc(0, table, u32::from(n) * 16, INDIRECT, 0);
@@ -337,10 +344,18 @@ fn rule02_direct_plus_indirect_longer_than_the_limit_is_rejected() {
     let table = rig.data + 0x1000;
     let n = INDIRECT_MAX - (QSIZE - 1) + 1;
     let t: Vec<Descriptor> = (0..n)
-        .map(|i| Descriptor::new(rig.data + 0x200, 16, WRITE | if i + 1 < n { NEXT } else { 0 }, i + 1))
+        .map(|i| {
+            Descriptor::new(
+                rig.data + 0x200,
+                16,
+                WRITE | if i + 1 < n { NEXT } else { 0 },
+                i + 1,
+            )
+        })
         .collect();
     rig.raw.write_indirect_table(table, &t).unwrap();
-    rig.raw.write_desc(QSIZE - 1, table, u32::from(n) * 16, INDIRECT, 0);
+    rig.raw
+        .write_desc(QSIZE - 1, table, u32::from(n) * 16, INDIRECT, 0);
     rig.raw.push_avail(0);
     let e = rig.expect_bad(0, Some((table, u64::from(n) * 16)));
     assert!(matches!(e, ChainError::TooLong { limit: INDIRECT_MAX }), "{e:?}");
