@@ -140,6 +140,7 @@ fn async_requests_on_two_queues() {
 #[test]
 fn block_driver_refuses_a_network_device() {
     use backend_host::net::{NetDevice, NetSettings, Switch, SwitchConfig};
+    use virtio_core::driver::SetupError;
     use virtio_core::lifecycle::InitError;
     let Fixture {
         guest,
@@ -153,10 +154,10 @@ fn block_driver_refuses_a_network_device() {
     assert!(
         matches!(
             err,
-            BlkError::Init(InitError::WrongDevice {
+            BlkError::Setup(SetupError::Init(InitError::WrongDevice {
                 expected: 2,
                 found: 1
-            })
+            }))
         ),
         "{err:?}"
     );
