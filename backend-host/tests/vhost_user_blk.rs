@@ -126,13 +126,12 @@ fn connect(socket: &Path, queues: u16) -> (Arc<Domain>, Driver) {
     let model = direct::driver(&guest);
     let transport =
         VhostUserTransport::connect(socket, guest.memory().clone(), VhostUserOptions::blk()).unwrap();
-    let interrupts = transport.interrupts().unwrap();
     let opts = BlkOptions {
         queues,
         timeout: Some(Duration::from_secs(10)),
         ..BlkOptions::default()
     };
-    let driver = BlkDriver::new(transport, model, guest.memory().clone(), interrupts, opts).unwrap();
+    let driver = BlkDriver::new(transport, model, guest.memory().clone(), opts).unwrap();
     (guest, driver)
 }
 

@@ -20,14 +20,14 @@ use virtio_core::transport::Transport;
 use virtio_core::{DriverModel, GuestBuf};
 
 /// Waits for one waited-for request; abandons it if dropped first.
-struct RequestFuture<'a, D: DriverModel, T: Transport, W: Wait> {
-    driver: &'a BlkDriver<D, T, W>,
-    queue: &'a Queue<D::Share, W>,
+struct RequestFuture<'a, D: DriverModel, T: Transport> {
+    driver: &'a BlkDriver<D, T>,
+    queue: &'a Queue<D::Share, T::Interrupt>,
     id: RequestId,
     finished: bool,
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> Future for RequestFuture<'_, D, T, W> {
+impl<D: DriverModel, T: Transport> Future for RequestFuture<'_, D, T> {
     type Output = (Result<Completion, BlkError>, Option<Bounce>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -48,7 +48,7 @@ impl<D: DriverModel, T: Transport, W: Wait> Future for RequestFuture<'_, D, T, W
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> Drop for RequestFuture<'_, D, T, W> {
+impl<D: DriverModel, T: Transport> Drop for RequestFuture<'_, D, T> {
     fn drop(&mut self) {
         if !self.finished {
             self.queue.lock().abandon(&self.driver.memory, self.id);
@@ -57,19 +57,19 @@ impl<D: DriverModel, T: Transport, W: Wait> Drop for RequestFuture<'_, D, T, W> 
 }
 
 /// Gives a bounce buffer back to its queue's pool unless a request took it.
-struct BounceGuard<'a, D: DriverModel, T: Transport, W: Wait> {
-    driver: &'a BlkDriver<D, T, W>,
+struct BounceGuard<'a, D: DriverModel, T: Transport> {
+    driver: &'a BlkDriver<D, T>,
     queue: u16,
     bounce: Option<Bounce>,
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> Drop for BounceGuard<'_, D, T, W> {
+impl<D: DriverModel, T: Transport> Drop for BounceGuard<'_, D, T> {
     fn drop(&mut self) {
         self.driver.give_bounce(self.queue, self.bounce.take());
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
     /// Submits `req` as a waited-for request (waiting for room if the queue is full),
     /// kicks and awaits the result. The bounce buffer in `guard` moves into the
     /// request and comes back with the result.
@@ -77,7 +77,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
         &self,
         queue: u16,
         req: Request,
-        guard: &mut BounceGuard<'_, D, T, W>,
+        guard: &mut BounceGuard<'_, D, T>,
     ) -> Result<Completion, BlkError> {
         req.check(self.info())?;
         let q = self.queue(queue)?;
@@ -203,7 +203,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait + AsFd> BlkDriver<D, T, W> {
+impl<D: DriverModel, T: Transport<Interrupt: AsFd>> BlkDriver<D, T> {
     /// Serves `queue`'s interrupt inside a tokio runtime (with I/O enabled): awaits
     /// it through [`AsyncFd`], reaps the ring and wakes the futures (and blocked
     /// threads) whose requests completed. Spawn one per queue for the async API;

@@ -9,11 +9,8 @@ use hypervisor::GuestMemory;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use virtio_core::blk::{BLK_DEPENDENCIES, BlkConfig, BlkFeatures, SECTOR_SIZE, check_offer};
-use virtio_core::features::Features;
-use virtio_core::lifecycle::{driver_ok, initialize, reset};
-use virtio_core::notify::{EventFdNotifier, Wait};
-use virtio_core::ring::split::SplitDriver;
-use virtio_core::status::DeviceStatus;
+use virtio_core::driver::{DeviceGuard, SetupError};
+use virtio_core::notify::Wait;
 use virtio_core::transport::Transport;
 use virtio_core::{DriverModel, GuestBuf};
 use zerocopy::FromBytes;
@@ -26,23 +23,24 @@ const WAIT_SLICE: Duration = Duration::from_millis(50);
 /// Smallest queue the driver uses: a request takes up to three descriptors.
 const MIN_QUEUE_SIZE: u16 = 4;
 
-/// A virtio-blk driver over transport `T` and sharing model `D`, with interrupt
-/// sources `W` (one per queue; an [`EventFdNotifier`] by default).
+/// A virtio-blk driver over transport `T` and sharing model `D`. Each queue waits
+/// on the used-buffer notification its transport gives ([`Transport::interrupt`]).
 ///
 /// Methods take `&self`: each queue has its own lock, so threads (or tasks) may share
 /// the driver and use different queues without contention.
-pub struct BlkDriver<D: DriverModel, T: Transport, W: Wait = EventFdNotifier> {
-    pub(crate) transport: T,
+pub struct BlkDriver<D: DriverModel, T: Transport> {
+    /// Owns the transport; stops the device when the driver goes.
+    device: DeviceGuard<T>,
     model: D,
     pub(crate) memory: Arc<GuestMemory>,
     info: BlkInfo,
-    pub(crate) queues: Vec<Queue<D::Share, W>>,
+    pub(crate) queues: Vec<Queue<D::Share, T::Interrupt>>,
     timeout: Option<Duration>,
     /// [`BlkOptions::spin`].
     spin: Duration,
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for BlkDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> std::fmt::Debug for BlkDriver<D, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlkDriver")
             .field("model", &self.model.name())
@@ -52,42 +50,32 @@ impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for BlkDriver<D, T, 
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
     /// Initializes the device behind `transport` (virtio 1.2 §3.1.1, §5.2.5):
     /// negotiates features as `opts` allow, reads the configuration consistently,
     /// creates `min(opts.queues, device queues)` queues through `model`, allocates the
     /// request slots in `memory` (the guest's own memory) and sets DRIVER_OK.
-    /// `interrupts[i]` is queue `i`'s used-buffer notification.
+    /// Each queue's used-buffer notification comes from the transport.
     ///
     /// # Errors
-    /// Initialization, configuration, queue setup or allocation failures; the device
-    /// is then marked FAILED.
-    pub fn new(
-        transport: T,
-        model: D,
-        memory: Arc<GuestMemory>,
-        interrupts: Vec<W>,
-        opts: BlkOptions,
-    ) -> Result<Self, BlkError> {
+    /// [`BlkError::Setup`] (initialization, configuration, queue setup) or
+    /// allocation failures; the device is then marked FAILED and reset (see
+    /// [`DeviceGuard`]) and everything allocated is freed.
+    pub fn new(transport: T, model: D, memory: Arc<GuestMemory>, opts: BlkOptions) -> Result<Self, BlkError> {
         let offered = BlkFeatures::from_bits_retain(transport.device_features());
         if let Err(error) = check_offer(offered) {
             tracing::warn!(%error, "device makes an offer the spec forbids");
         }
-        let features = initialize(
-            &transport,
+        // From here on, an early return drops the guard: FAILED, then a reset.
+        let device = DeviceGuard::initialize(
+            transport,
             virtio_core::blk::DEVICE_ID,
             opts.wanted(),
             BLK_DEPENDENCIES,
         )?;
-        let info = match read_config(&transport) {
-            Ok(cfg) => BlkInfo::new(features, &cfg),
-            Err(e) => {
-                transport.set_status(transport.status() | DeviceStatus::FAILED.bits());
-                return Err(e);
-            }
-        };
+        let info = BlkInfo::new(device.features(), &read_config(&device)?);
         let mut driver = BlkDriver {
-            transport,
+            device,
             model,
             memory,
             info,
@@ -95,47 +83,31 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
             timeout: opts.timeout,
             spin: opts.spin,
         };
-        match driver.setup(features, interrupts, &opts) {
-            Ok(()) => Ok(driver),
-            Err(e) => {
-                let status = driver.transport.status();
-                driver.transport.set_status(status | DeviceStatus::FAILED.bits());
-                // Drop resets the device and frees what was allocated.
-                Err(e)
-            }
-        }
+        // On failure the driver's drop resets the device and frees what was
+        // allocated.
+        driver.setup(&opts)?;
+        driver.device.finish();
+        Ok(driver)
     }
 
-    fn setup(&mut self, features: u64, interrupts: Vec<W>, opts: &BlkOptions) -> Result<(), BlkError> {
-        let available = self.transport.num_queues().min(self.info.device_queues);
+    fn setup(&mut self, opts: &BlkOptions) -> Result<(), BlkError> {
+        let available = self.transport().num_queues().min(self.info.device_queues);
         let nq = opts.queues.clamp(1, available.max(1));
-        if interrupts.len() < usize::from(nq) {
-            return Err(BlkError::MissingInterrupts {
-                given: interrupts.len(),
-                queues: nq,
-            });
-        }
-        let ring_features = Features::from_bits_retain(features);
-        for (index, irq) in (0..nq).zip(interrupts) {
-            let max = self.transport.queue_max_size(index).min(opts.queue_size);
-            if max < MIN_QUEUE_SIZE {
-                return Err(BlkError::NoQueue(index));
-            }
-            // Largest power of two not above `max` (§2.7: split queue sizes).
-            let size = 1u16 << (15 - max.leading_zeros());
-            let dq = self.model.create_queue(index, size)?;
-            let ring = SplitDriver::new(size, dq.ring, dq.share, ring_features)?;
-            let base = self.memory.alloc(SLOT_BYTES * u64::from(size), SLOT_BYTES)?;
-            // Pushed before the transport call so Drop frees the slots on failure.
+        for index in 0..nq {
+            let q = self
+                .device
+                .queue(&self.model, index, opts.queue_size, MIN_QUEUE_SIZE)?;
+            let base = self.memory.alloc(SLOT_BYTES * u64::from(q.size), SLOT_BYTES)?;
+            // Pushed before the transport call so the drop frees the slots on failure.
             self.queues.push(Queue {
                 index,
-                state: Mutex::new(QueueState::new(ring, base)),
+                state: Mutex::new(QueueState::new(q.ring, base)),
                 cond: Condvar::new(),
-                irq,
+                irq: q.interrupt,
             });
-            self.transport.setup_queue(index, size, dq.addrs)?;
+            self.device.setup_queue(index, q.size, q.addrs)?;
         }
-        driver_ok(&self.transport)?;
+        self.device.driver_ok()?;
         Ok(())
     }
 
@@ -157,7 +129,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
 
     /// The transport.
     pub fn transport(&self) -> &T {
-        &self.transport
+        self.device.transport()
     }
 
     /// The sharing model.
@@ -175,7 +147,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
         Ok(self.queue(queue)?.lock().broken())
     }
 
-    pub(crate) fn queue(&self, queue: u16) -> Result<&Queue<D::Share, W>, BlkError> {
+    pub(crate) fn queue(&self, queue: u16) -> Result<&Queue<D::Share, T::Interrupt>, BlkError> {
         self.queues
             .get(usize::from(queue))
             .ok_or(BlkError::NoSuchQueue(queue))
@@ -204,7 +176,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
         let q = self.queue(queue)?;
         let notify = q.lock().ring.kick_prepare();
         if notify {
-            self.transport.notify_queue(q.index)?;
+            self.transport().notify_queue(q.index)?;
         }
         Ok(())
     }
@@ -292,7 +264,7 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
     /// variable, which every reap that completes a waiter's request signals.
     pub(crate) fn block_until<'q>(
         &self,
-        q: &'q Queue<D::Share, W>,
+        q: &'q Queue<D::Share, T::Interrupt>,
         deadline: Option<Instant>,
         done: impl Fn(&QueueState<D::Share>) -> bool,
     ) -> Result<(Held<'q, D::Share>, bool), BlkError> {
@@ -510,19 +482,18 @@ impl<D: DriverModel, T: Transport, W: Wait> BlkDriver<D, T, W> {
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> Drop for BlkDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> Drop for BlkDriver<D, T> {
     /// Resets the device and, once it reports status 0 (it no longer touches guest
     /// memory, §2.4), takes every request back and frees the slots and bounce
     /// buffers. If the device never acknowledges the reset, the memory is leaked
     /// rather than handed back while the device may still write it.
     fn drop(&mut self) {
-        if let Err(error) = reset(&self.transport) {
-            tracing::error!(%error, "device did not reset; leaking its request memory");
-            return;
-        }
-        for q in &self.queues {
-            q.lock().teardown(&self.memory);
-        }
+        let (queues, memory) = (&self.queues, &self.memory);
+        self.device.shutdown(|| {
+            for q in queues {
+                q.lock().teardown(memory);
+            }
+        });
     }
 }
 
@@ -536,17 +507,13 @@ fn deadline(timeout: Option<Duration>) -> Option<Instant> {
 /// Reads the whole configuration space under one generation (§2.5.1), in naturally
 /// aligned pieces so that a shorter config space (an older device without the
 /// secure-erase fields) reads as zeroes past its end instead of failing whole.
-fn read_config(t: &impl Transport) -> Result<BlkConfig, BlkError> {
+fn read_config(device: &DeviceGuard<impl Transport>) -> Result<BlkConfig, SetupError> {
     let mut raw = [0u8; BlkConfig::SIZE];
-    virtio_core::config::read_consistent(
-        || t.config_generation(),
-        |buf| {
-            t.read_config(0, &mut buf[..8]);
-            for off in (8..BlkConfig::SIZE).step_by(4) {
-                t.read_config(off, &mut buf[off..off + 4]);
-            }
-        },
-        &mut raw,
-    )?;
+    device.read_config(&mut raw, |t, buf| {
+        t.read_config(0, &mut buf[..8]);
+        for off in (8..BlkConfig::SIZE).step_by(4) {
+            t.read_config(off, &mut buf[off..off + 4]);
+        }
+    })?;
     Ok(BlkConfig::read_from_bytes(&raw).unwrap_or_default())
 }

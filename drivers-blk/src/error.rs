@@ -1,11 +1,10 @@
 //! What can go wrong, for a request or for the whole driver.
 
-use virtio_core::config::ConfigError;
-use virtio_core::lifecycle::InitError;
+use virtio_core::ShareError;
+use virtio_core::driver::SetupError;
 use virtio_core::notify::NotifyError;
-use virtio_core::ring::split::{DriverQueueError, RingSetupError};
+use virtio_core::ring::split::DriverQueueError;
 use virtio_core::transport::TransportError;
-use virtio_core::{ModelError, ShareError};
 
 /// Why the driver stopped trusting a queue (HOSTILE rule 31). Once a queue is broken,
 /// every request in flight on it fails with [`BlkError::DeviceBroken`] and no new one
@@ -75,30 +74,10 @@ pub enum BlkError {
     /// Another `run_completions` already serves this queue.
     #[error("a completion runner already serves queue {0}")]
     RunnerActive(u16),
-    /// Fewer interrupt sources than queues.
-    #[error("{given} interrupt sources for {queues} queues")]
-    MissingInterrupts {
-        /// Interrupt sources given.
-        given: usize,
-        /// Queues set up.
-        queues: u16,
-    },
-    /// The device offered a queue of size 0.
-    #[error("device offers no usable queue {0}")]
-    NoQueue(u16),
-    /// Device initialization failed.
-    #[error("device initialization failed")]
-    Init(#[from] InitError),
-    /// The configuration space kept changing under the driver.
-    #[error("configuration space unreadable")]
-    Config(#[from] ConfigError),
-    /// The sharing model could not create a queue.
-    #[error("sharing model could not create a queue")]
-    Model(#[from] ModelError),
-    /// The queue memory the model gave is unusable for a split ring.
-    #[error("queue memory unusable")]
-    Ring(#[from] RingSetupError),
-    /// The transport refused a queue or a notification.
+    /// Bringing the device up failed; the device was marked FAILED and reset.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The transport could not send a notification.
     #[error("transport failed")]
     Transport(#[from] TransportError),
     /// Waiting for an interrupt failed.

@@ -43,13 +43,12 @@
 //!
 //! ```
 //! use drivers_blk::{BlkDriver, BlkError, Completion, Request};
-//! use virtio_core::notify::Wait;
 //! use virtio_core::transport::Transport;
 //! use virtio_core::{DriverModel, GuestBuf};
 //!
 //! /// Reads 8 sectors with two requests in flight, then makes writes durable.
-//! fn two_reads<D: DriverModel, T: Transport, W: Wait>(
-//!     disk: &BlkDriver<D, T, W>,
+//! fn two_reads<D: DriverModel, T: Transport>(
+//!     disk: &BlkDriver<D, T>,
 //!     buf: GuestBuf, // 4 KiB of guest memory
 //! ) -> Result<(), BlkError> {
 //!     let half = buf.len / 2;

@@ -11,15 +11,12 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use virtio_core::DriverModel;
-use virtio_core::features::Features;
-use virtio_core::lifecycle::{driver_ok, initialize, reset};
+use virtio_core::driver::{DeviceGuard, SetupError};
 use virtio_core::net::{
     CtrlAck, CtrlCommand, ETH_HDR_LEN, NET_DEPENDENCIES, NetConfig, NetFeatures, VIRTIO_NET_S_LINK_UP,
     VirtioNetCtrlHdr, VirtioNetHdr,
 };
-use virtio_core::notify::{EventFdNotifier, Wait};
-use virtio_core::ring::split::SplitDriver;
-use virtio_core::status::DeviceStatus;
+use virtio_core::notify::Wait;
 use virtio_core::transport::Transport;
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -50,8 +47,8 @@ struct Ctrl<S: virtio_core::DriverShare, W> {
     irq: W,
 }
 
-/// A virtio-net driver over transport `T` and sharing model `D`, with interrupt
-/// sources `W` (an [`EventFdNotifier`] by default).
+/// A virtio-net driver over transport `T` and sharing model `D`. Each queue waits
+/// on the used-buffer notification its transport gives ([`Transport::interrupt`]).
 ///
 /// Methods take `&self`: every queue has its own lock, so threads may send and
 /// receive on different pairs (or on both sides of one) at once.
@@ -65,13 +62,14 @@ struct Ctrl<S: virtio_core::DriverShare, W> {
 /// queue; callers then receive with [`Self::poll_recv_on`] on every pair of
 /// [`Self::queue_pairs`] (one thread per pair, or in turn) and may transmit on
 /// any of them with [`Self::send_on`].
-pub struct NetDriver<D: DriverModel, T: Transport, W: Wait = EventFdNotifier> {
-    transport: T,
+pub struct NetDriver<D: DriverModel, T: Transport> {
+    /// Owns the transport; stops the device when the driver goes.
+    device: DeviceGuard<T>,
     model: D,
     memory: Arc<GuestMemory>,
     info: NetInfo,
-    pairs: Vec<Pair<D::Share, W>>,
-    ctrl: Option<Ctrl<D::Share, W>>,
+    pairs: Vec<Pair<D::Share, T::Interrupt>>,
+    ctrl: Option<Ctrl<D::Share, T::Interrupt>>,
     /// Pairs in use (VQ_PAIRS_SET), 1..=pairs.len().
     active: AtomicU16,
     /// The MAC address in use: the device's, or the last one set.
@@ -79,7 +77,7 @@ pub struct NetDriver<D: DriverModel, T: Transport, W: Wait = EventFdNotifier> {
     control_timeout: Duration,
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for NetDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> std::fmt::Debug for NetDriver<D, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetDriver")
             .field("model", &self.model.name())
@@ -94,21 +92,12 @@ fn lock<Q>(m: &Mutex<Q>) -> MutexGuard<'_, Q> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The queue size to use: the largest power of two within both limits.
-fn queue_size(transport: &impl Transport, index: u16, wanted: u16) -> Result<u16, NetError> {
-    let max = transport.queue_max_size(index).min(wanted);
-    if max < MIN_QUEUE_SIZE {
-        return Err(NetError::NoQueue(index));
-    }
-    Ok(1u16 << (15 - max.leading_zeros()))
-}
-
 /// A queue index as a `u16` (checked against the control queue's, which fits).
 fn index(i: usize) -> u16 {
     u16::try_from(i).unwrap_or(u16::MAX)
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> NetDriver<D, T> {
     /// Initializes the device behind `transport` (virtio 1.2 §3.1.1, §5.1.5):
     /// negotiates what `opts` wants, reads MAC, status, queue pairs and MTU,
     /// creates the queues of the pairs to use (see [`NetOptions::queue_pairs`])
@@ -117,47 +106,28 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
     /// then it makes [`NetOptions::active_pairs`] (default: all) active with
     /// VQ_PAIRS_SET unless that is 1.
     ///
-    /// `interrupts[i]` is the used-buffer notification of queue `i`, in queue
-    /// order: receive 0, transmit 0, receive 1, transmit 1, ..., then the control
-    /// queue at index `2 * max_virtqueue_pairs` with MQ (2 without). Give one per
-    /// queue the device has (`transport.num_queues()`) and the driver takes those
-    /// it uses; the fewest accepted is the highest used index plus one: 2 for one
-    /// pair without control queue.
+    /// Each queue's used-buffer notification comes from the transport.
     ///
     /// # Errors
-    /// Initialization, configuration, queue setup or allocation failures,
-    /// [`NetError::MissingInterrupts`], and the control errors of
-    /// [`Self::set_queue_pairs`]; the device is then marked FAILED (or reset) and
-    /// everything allocated is freed.
-    pub fn new(
-        transport: T,
-        model: D,
-        memory: Arc<GuestMemory>,
-        interrupts: Vec<W>,
-        opts: NetOptions,
-    ) -> Result<Self, NetError> {
-        let features = initialize(
-            &transport,
+    /// [`NetError::Setup`] (initialization, configuration, queue setup), bad
+    /// configuration values, allocation failures and the control errors of
+    /// [`Self::set_queue_pairs`]; the device is then marked FAILED and reset
+    /// (see [`DeviceGuard`]) and everything allocated is freed.
+    pub fn new(transport: T, model: D, memory: Arc<GuestMemory>, opts: NetOptions) -> Result<Self, NetError> {
+        // From here on, an early return drops the guard: FAILED, then a reset.
+        let device = DeviceGuard::initialize(
+            transport,
             virtio_core::net::DEVICE_ID,
             opts.wanted,
             NET_DEPENDENCIES,
         )?;
-        let fail = |t: &T| {
-            let status = t.status();
-            t.set_status(status | DeviceStatus::FAILED.bits());
-        };
-        let queues = NetInfo::new(features, &read_config(&transport)?, &opts)
-            .and_then(|info| setup(&transport, &model, &memory, features, info, &opts, interrupts));
-        let (info, pairs, ctrl) = match queues {
-            Ok(q) => q,
-            Err(e) => {
-                fail(&transport);
-                return Err(e);
-            }
-        };
+        let info = NetInfo::new(device.features(), &read_config(&device)?, &opts)?;
+        let (pairs, ctrl) = setup(&device, &model, &memory, &info, &opts)?;
         let wanted_pairs = opts.active_pairs.unwrap_or(index(pairs.len()));
-        let driver = NetDriver {
-            transport,
+        // On failure from here on, the driver's drop resets the device and frees
+        // the buffers.
+        let mut driver = NetDriver {
+            device,
             model,
             memory,
             mac: Mutex::new(info.mac),
@@ -171,36 +141,21 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         // it: a driver must not notify before DRIVER_OK (§3.1.1).
         let mut notify = Vec::new();
         for p in &driver.pairs {
-            match lock(&p.rx).refill() {
-                Ok(n) => notify.push(n),
-                Err(e) => {
-                    fail(&driver.transport);
-                    return Err(e);
-                }
+            let n = lock(&p.rx).refill()?;
+            notify.push(n);
+        }
+        driver.device.driver_ok()?;
+        for (k, n) in notify.into_iter().enumerate() {
+            if n {
+                driver.transport().notify_queue(index(2 * k))?;
             }
         }
-        let started = driver_ok(&driver.transport)
-            .map_err(NetError::from)
-            .and_then(|()| {
-                for (k, n) in notify.into_iter().enumerate() {
-                    if n {
-                        driver.transport.notify_queue(index(2 * k))?;
-                    }
-                }
-                // §5.1.5 step 4: only pair 0 is used until VQ_PAIRS_SET.
-                if wanted_pairs != 1 {
-                    driver.set_queue_pairs(wanted_pairs)?;
-                }
-                Ok(())
-            });
-        match started {
-            Ok(()) => Ok(driver),
-            Err(e) => {
-                fail(&driver.transport);
-                // Drop resets the device and frees the buffers.
-                Err(e)
-            }
+        // §5.1.5 step 4: only pair 0 is used until VQ_PAIRS_SET.
+        if wanted_pairs != 1 {
+            driver.set_queue_pairs(wanted_pairs)?;
         }
+        driver.device.finish();
+        Ok(driver)
     }
 
     /// What the device offers, as negotiated and configured.
@@ -210,7 +165,7 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
 
     /// The transport.
     pub fn transport(&self) -> &T {
-        &self.transport
+        self.device.transport()
     }
 
     /// The sharing model.
@@ -248,7 +203,7 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         }
         let mut raw = [0u8; 2];
         let off = std::mem::offset_of!(NetConfig, status);
-        match virtio_core::lifecycle::read_config(&self.transport, off, &mut raw) {
+        match virtio_core::lifecycle::read_config(self.transport(), off, &mut raw) {
             Ok(()) => u16::from_le_bytes(raw) & VIRTIO_NET_S_LINK_UP != 0,
             Err(_) => false,
         }
@@ -377,7 +332,7 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         let mut q = lock(&ctrl.queue);
         let (slot, notify) = q.send(&self.memory, bytes)?;
         if notify {
-            self.transport.notify_queue(ctrl.index)?;
+            self.transport().notify_queue(ctrl.index)?;
         }
         let deadline = Instant::now() + self.control_timeout;
         let answer = loop {
@@ -552,14 +507,14 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         Ok(())
     }
 
-    fn tx_pair(&self, pair: u16) -> Result<&Pair<D::Share, W>, NetError> {
+    fn tx_pair(&self, pair: u16) -> Result<&Pair<D::Share, T::Interrupt>, NetError> {
         if pair >= self.queue_pairs() {
             return Err(NetError::NoPair(pair));
         }
         self.pairs.get(usize::from(pair)).ok_or(NetError::NoPair(pair))
     }
 
-    fn rx_pair(&self, pair: u16) -> Result<&Pair<D::Share, W>, NetError> {
+    fn rx_pair(&self, pair: u16) -> Result<&Pair<D::Share, T::Interrupt>, NetError> {
         self.pairs.get(usize::from(pair)).ok_or(NetError::NoPair(pair))
     }
 
@@ -581,7 +536,7 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         let p = self.tx_pair(pair)?;
         let notify = lock(&p.tx).send(&self.memory, parts)?;
         if notify {
-            self.transport.notify_queue(2 * pair + 1)?;
+            self.transport().notify_queue(2 * pair + 1)?;
         }
         Ok(())
     }
@@ -624,7 +579,7 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
         let notify = rx.refill()?;
         drop(rx);
         if notify {
-            self.transport.notify_queue(2 * pair)?;
+            self.transport().notify_queue(2 * pair)?;
         }
         Ok(handled)
     }
@@ -661,8 +616,8 @@ impl<D: DriverModel, T: Transport, W: Wait> NetDriver<D, T, W> {
     }
 }
 
-/// What [`setup`] makes.
-type Queues<S, W> = (NetInfo, Vec<Pair<S, W>>, Option<Ctrl<S, W>>);
+/// What [`setup`] makes: the pairs and the control queue.
+type Queues<S, I> = (Vec<Pair<S, I>>, Option<Ctrl<S, I>>);
 
 /// Guest allocations made during setup, freed together if setup fails (the device
 /// never saw DRIVER_OK, so it touched nothing).
@@ -686,16 +641,14 @@ impl Allocs<'_> {
 }
 
 /// Creates the queues of every pair to use and the control queue, with their
-/// buffers, and takes their interrupt sources; on failure frees what it allocated.
-fn setup<D: DriverModel, W>(
-    transport: &impl Transport,
+/// buffers and interrupts; on failure frees the buffers it allocated.
+fn setup<D: DriverModel, T: Transport>(
+    device: &DeviceGuard<T>,
     model: &D,
     memory: &GuestMemory,
-    features: u64,
-    info: NetInfo,
+    info: &NetInfo,
     opts: &NetOptions,
-    interrupts: Vec<W>,
-) -> Result<Queues<D::Share, W>, NetError> {
+) -> Result<Queues<D::Share, T::Interrupt>, NetError> {
     if opts.queue_pairs == 0 {
         return Err(NetError::QueuePairs {
             wanted: 0,
@@ -707,69 +660,42 @@ fn setup<D: DriverModel, W>(
         (true, None) => return Err(NetError::BadQueuePairs(info.max_queue_pairs)),
         (_, c) => c,
     };
-    let needed = ctrl_index.map_or(2 * n_pairs, |c| usize::from(c) + 1);
-    if interrupts.len() < needed {
-        return Err(NetError::MissingInterrupts {
-            given: interrupts.len(),
-            needed,
-        });
-    }
-    // Checked above; a missing one would be this error again, never a panic.
-    let missing = || NetError::MissingInterrupts {
-        given: needed,
-        needed,
-    };
-    let mut irqs: Vec<Option<W>> = interrupts.into_iter().map(Some).collect();
-    let mut take = |i: u16| irqs.get_mut(usize::from(i)).and_then(Option::take);
-    let ring_features = Features::from_bits_retain(features);
-    let make = |index: u16, wanted: u16| -> Result<(u16, SplitDriver<D::Share, u16>, _), NetError> {
-        let size = queue_size(transport, index, wanted)?;
-        let dq = model.create_queue(index, size)?;
-        let ring = SplitDriver::new(size, dq.ring, dq.share, ring_features)?;
-        Ok((size, ring, dq.addrs))
-    };
     let mut allocs = Allocs {
         memory,
         made: Vec::new(),
     };
-    let mut build = || -> Result<Queues<D::Share, W>, NetError> {
+    let mut build = || -> Result<Queues<D::Share, T::Interrupt>, NetError> {
         let mut pairs = Vec::with_capacity(n_pairs);
         for k in 0..n_pairs {
             let (rxi, txi) = (index(2 * k), index(2 * k + 1));
-            let (rx_size, rx_ring, rx_addrs) = make(rxi, opts.queue_size)?;
-            let (tx_size, tx_ring, tx_addrs) = make(txi, opts.queue_size)?;
-            let rx_base = allocs.alloc(u64::from(info.rx_buf_len) * u64::from(rx_size))?;
+            let rx = device.queue(model, rxi, opts.queue_size, MIN_QUEUE_SIZE)?;
+            let tx = device.queue(model, txi, opts.queue_size, MIN_QUEUE_SIZE)?;
+            let rx_base = allocs.alloc(u64::from(info.rx_buf_len) * u64::from(rx.size))?;
             let slot_len = info.tx_slot_len();
-            let tx_base = allocs.alloc(u64::from(slot_len) * u64::from(tx_size))?;
-            transport.setup_queue(rxi, rx_size, rx_addrs)?;
-            transport.setup_queue(txi, tx_size, tx_addrs)?;
-            let (Some(rx_irq), Some(tx_irq)) = (take(rxi), take(txi)) else {
-                return Err(missing());
-            };
+            let tx_base = allocs.alloc(u64::from(slot_len) * u64::from(tx.size))?;
+            device.setup_queue(rxi, rx.size, rx.addrs)?;
+            device.setup_queue(txi, tx.size, tx.addrs)?;
             pairs.push(Pair {
-                rx: Mutex::new(RxQueue::new(rx_ring, rx_base, info.rx_buf_len, info.max_frame())),
-                tx: Mutex::new(TxQueue::new(tx_ring, tx_base, slot_len)),
-                rx_irq,
-                tx_irq,
+                rx: Mutex::new(RxQueue::new(rx.ring, rx_base, info.rx_buf_len, info.max_frame())),
+                tx: Mutex::new(TxQueue::new(tx.ring, tx_base, slot_len)),
+                rx_irq: rx.interrupt,
+                tx_irq: tx.interrupt,
             });
         }
         let ctrl = match ctrl_index {
             Some(index) => {
-                let (size, ring, addrs) = make(index, CTRL_QUEUE_SIZE)?;
-                let base = allocs.alloc(u64::from(SLOT_LEN) * u64::from(size))?;
-                transport.setup_queue(index, size, addrs)?;
-                let Some(irq) = take(index) else {
-                    return Err(missing());
-                };
+                let q = device.queue(model, index, CTRL_QUEUE_SIZE, MIN_QUEUE_SIZE)?;
+                let base = allocs.alloc(u64::from(SLOT_LEN) * u64::from(q.size))?;
+                device.setup_queue(index, q.size, q.addrs)?;
                 Some(Ctrl {
-                    queue: Mutex::new(CtrlQueue::new(ring, base)),
+                    queue: Mutex::new(CtrlQueue::new(q.ring, base)),
                     index,
-                    irq,
+                    irq: q.interrupt,
                 })
             }
             None => None,
         };
-        Ok((info.clone(), pairs, ctrl))
+        Ok((pairs, ctrl))
     };
     let built = build();
     if built.is_err() {
@@ -778,29 +704,28 @@ fn setup<D: DriverModel, W>(
     built
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> Drop for NetDriver<D, T, W> {
+impl<D: DriverModel, T: Transport> Drop for NetDriver<D, T> {
     /// Resets the device and, once it reports status 0 (it no longer touches guest
     /// memory, §2.4), takes every buffer back and frees them. If the device never
     /// acknowledged the reset, the memory is leaked rather than handed back while
     /// the device may still write it.
     fn drop(&mut self) {
-        if let Err(error) = reset(&self.transport) {
-            tracing::error!(%error, "device did not reset; leaking its buffer memory");
-            return;
-        }
-        for p in &self.pairs {
-            let mut rx = lock(&p.rx);
-            rx.teardown();
-            free(&self.memory, rx.base(), rx.bytes());
-            let mut tx = lock(&p.tx);
-            tx.teardown();
-            free(&self.memory, tx.base(), tx.bytes());
-        }
-        if let Some(c) = &self.ctrl {
-            let mut q = lock(&c.queue);
-            q.teardown();
-            free(&self.memory, q.base(), q.bytes());
-        }
+        let (pairs, ctrl, memory) = (&self.pairs, &self.ctrl, &*self.memory);
+        self.device.shutdown(|| {
+            for p in pairs {
+                let mut rx = lock(&p.rx);
+                rx.teardown();
+                free(memory, rx.base(), rx.bytes());
+                let mut tx = lock(&p.tx);
+                tx.teardown();
+                free(memory, tx.base(), tx.bytes());
+            }
+            if let Some(c) = ctrl {
+                let mut q = lock(&c.queue);
+                q.teardown();
+                free(memory, q.base(), q.bytes());
+            }
+        });
     }
 }
 
@@ -813,18 +738,14 @@ fn free(memory: &GuestMemory, base: u64, bytes: u64) {
 /// Reads MAC, status, queue pairs and MTU under one generation (§2.5.1), in
 /// naturally aligned pieces; a shorter configuration space reads as zeroes past
 /// its end.
-fn read_config(t: &impl Transport) -> Result<NetConfig, NetError> {
+fn read_config(device: &DeviceGuard<impl Transport>) -> Result<NetConfig, SetupError> {
     const LEN: usize = 12;
     let mut raw = [0u8; NetConfig::SIZE];
-    virtio_core::config::read_consistent(
-        || t.config_generation(),
-        |buf| {
-            t.read_config(0, &mut buf[..6]);
-            for off in (6..LEN).step_by(2) {
-                t.read_config(off, &mut buf[off..off + 2]);
-            }
-        },
-        &mut raw[..LEN],
-    )?;
+    device.read_config(&mut raw[..LEN], |t, buf| {
+        t.read_config(0, &mut buf[..6]);
+        for off in (6..LEN).step_by(2) {
+            t.read_config(off, &mut buf[off..off + 2]);
+        }
+    })?;
     Ok(NetConfig::read_from_bytes(&raw).unwrap_or_default())
 }

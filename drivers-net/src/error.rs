@@ -1,12 +1,11 @@
 //! What can go wrong, for a frame or for the whole driver.
 
-use virtio_core::config::ConfigError;
-use virtio_core::lifecycle::InitError;
+use virtio_core::ShareError;
+use virtio_core::driver::SetupError;
 use virtio_core::net::NetFeatures;
 use virtio_core::notify::NotifyError;
-use virtio_core::ring::split::{DriverQueueError, RingSetupError};
+use virtio_core::ring::split::DriverQueueError;
 use virtio_core::transport::TransportError;
-use virtio_core::{ModelError, ShareError};
 
 /// Why the driver stopped trusting a queue (HOSTILE rule 31). A broken queue stays
 /// broken: every later call on it fails with [`NetError::DeviceBroken`]; only a new
@@ -59,19 +58,6 @@ pub enum NetError {
     /// The device reports an MTU below 68 (virtio 1.2 §5.1.4.1).
     #[error("device reports an MTU of {0}, below 68")]
     BadMtu(u16),
-    /// The device offers a receive or transmit queue too small to use.
-    #[error("device offers no usable queue {0}")]
-    NoQueue(u16),
-    /// Fewer interrupt sources than the queues in use need: one per queue index
-    /// up to the highest used (`2 * pairs` without a control queue, else up to
-    /// and including the control queue's index).
-    #[error("{given} interrupt sources, {needed} needed")]
-    MissingInterrupts {
-        /// Sources passed to [`NetDriver::new`](crate::NetDriver::new).
-        given: usize,
-        /// Sources needed.
-        needed: usize,
-    },
     /// The device reports a `max_virtqueue_pairs` outside 1..0x8000 (MQ).
     #[error("device reports {0} queue pairs")]
     BadQueuePairs(u16),
@@ -109,19 +95,10 @@ pub enum NetError {
     /// [`NetOptions::control_timeout`](crate::NetOptions::control_timeout).
     #[error("device did not answer a control command in time")]
     ControlTimeout,
-    /// Device initialization failed.
-    #[error("device initialization failed")]
-    Init(#[from] InitError),
-    /// The configuration space kept changing under the driver.
-    #[error("configuration space unreadable")]
-    Config(#[from] ConfigError),
-    /// The sharing model could not create a queue.
-    #[error("sharing model could not create a queue")]
-    Model(#[from] ModelError),
-    /// The queue memory the model gave is unusable for a split ring.
-    #[error("queue memory unusable")]
-    Ring(#[from] RingSetupError),
-    /// The transport refused a queue or a notification.
+    /// Bringing the device up failed; the device was marked FAILED and reset.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The transport could not send a notification.
     #[error("transport failed")]
     Transport(#[from] TransportError),
     /// Waiting for an interrupt failed.

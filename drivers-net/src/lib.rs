@@ -54,12 +54,11 @@
 //!
 //! ```
 //! use drivers_net::{NetDriver, NetError};
-//! use virtio_core::notify::Wait;
 //! use virtio_core::transport::Transport;
 //! use virtio_core::DriverModel;
 //!
 //! /// Sends a broadcast frame and waits for one frame back.
-//! fn ping<D: DriverModel, T: Transport, W: Wait>(nic: &NetDriver<D, T, W>) -> Result<Vec<u8>, NetError> {
+//! fn ping<D: DriverModel, T: Transport>(nic: &NetDriver<D, T>) -> Result<Vec<u8>, NetError> {
 //!     let mut frame = vec![0xff; 6]; // broadcast
 //!     frame.extend_from_slice(&nic.info().mac.unwrap_or([2, 0, 0, 0, 0, 1]));
 //!     frame.extend_from_slice(&[0x88, 0xb5]); // local experimental ethertype

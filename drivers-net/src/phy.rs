@@ -40,7 +40,6 @@ use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Mediu
 use smoltcp::wire::{EthernetAddress, HardwareAddress};
 use std::time::Duration;
 use virtio_core::DriverModel;
-use virtio_core::notify::{EventFdNotifier, Wait};
 use virtio_core::transport::Transport;
 
 /// Longest [`NetPhy::wait`] sleeps while a frame waits for a transmit slot:
@@ -55,9 +54,9 @@ const PENDING_TX_SLICE: Duration = Duration::from_micros(100);
 /// use smoltcp::iface::{Config, Interface, SocketSet};
 /// use smoltcp::time::Instant;
 /// use smoltcp::wire::{IpAddress, IpCidr};
-/// use virtio_core::{DriverModel, notify::Wait, transport::Transport};
+/// use virtio_core::{DriverModel, transport::Transport};
 ///
-/// fn run<D: DriverModel, T: Transport, W: Wait>(nic: NetDriver<D, T, W>) {
+/// fn run<D: DriverModel, T: Transport>(nic: NetDriver<D, T>) {
 ///     let mut phy = NetPhy::new(nic);
 ///     let mac = phy.hardware_addr().expect("the device has a MAC");
 ///     let mut iface = Interface::new(Config::new(mac), &mut phy, Instant::now());
@@ -73,8 +72,8 @@ const PENDING_TX_SLICE: Duration = Duration::from_micros(100);
 ///     }
 /// }
 /// ```
-pub struct NetPhy<D: DriverModel, T: Transport, W: Wait = EventFdNotifier> {
-    nic: NetDriver<D, T, W>,
+pub struct NetPhy<D: DriverModel, T: Transport> {
+    nic: NetDriver<D, T>,
     /// The frame being handed to smoltcp; capacity fixed at construction.
     rx: Vec<u8>,
     tx: TxState,
@@ -117,7 +116,7 @@ impl Errors {
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for NetPhy<D, T, W> {
+impl<D: DriverModel, T: Transport> std::fmt::Debug for NetPhy<D, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetPhy")
             .field("nic", &self.nic)
@@ -127,9 +126,9 @@ impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for NetPhy<D, T, W> 
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> NetPhy<D, T, W> {
+impl<D: DriverModel, T: Transport> NetPhy<D, T> {
     /// A smoltcp device over `nic`, with its frame buffers allocated now.
-    pub fn new(nic: NetDriver<D, T, W>) -> Self {
+    pub fn new(nic: NetDriver<D, T>) -> Self {
         let max = nic.info().max_frame();
         NetPhy {
             nic,
@@ -143,12 +142,12 @@ impl<D: DriverModel, T: Transport, W: Wait> NetPhy<D, T, W> {
     }
 
     /// The driver (for its counters, link state and [`NetDriver::broken`]).
-    pub fn driver(&self) -> &NetDriver<D, T, W> {
+    pub fn driver(&self) -> &NetDriver<D, T> {
         &self.nic
     }
 
     /// Gives the driver back; a frame still pending is dropped.
-    pub fn into_driver(self) -> NetDriver<D, T, W> {
+    pub fn into_driver(self) -> NetDriver<D, T> {
         self.nic
     }
 
@@ -215,7 +214,7 @@ impl<D: DriverModel, T: Transport, W: Wait> NetPhy<D, T, W> {
         true
     }
 
-    fn tx_token(&mut self) -> NetTxToken<'_, D, T, W> {
+    fn tx_token(&mut self) -> NetTxToken<'_, D, T> {
         NetTxToken {
             nic: &self.nic,
             tx: &mut self.tx,
@@ -224,13 +223,13 @@ impl<D: DriverModel, T: Transport, W: Wait> NetPhy<D, T, W> {
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> Device for NetPhy<D, T, W> {
+impl<D: DriverModel, T: Transport> Device for NetPhy<D, T> {
     type RxToken<'a>
         = NetRxToken<'a>
     where
         Self: 'a;
     type TxToken<'a>
-        = NetTxToken<'a, D, T, W>
+        = NetTxToken<'a, D, T>
     where
         Self: 'a;
 
@@ -297,19 +296,19 @@ impl phy::RxToken for NetRxToken<'_> {
 }
 
 /// The transmit buffer, lent to smoltcp to build one frame in.
-pub struct NetTxToken<'a, D: DriverModel, T: Transport, W: Wait> {
-    nic: &'a NetDriver<D, T, W>,
+pub struct NetTxToken<'a, D: DriverModel, T: Transport> {
+    nic: &'a NetDriver<D, T>,
     tx: &'a mut TxState,
     errors: &'a mut Errors,
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> std::fmt::Debug for NetTxToken<'_, D, T, W> {
+impl<D: DriverModel, T: Transport> std::fmt::Debug for NetTxToken<'_, D, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetTxToken").finish_non_exhaustive()
     }
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> phy::TxToken for NetTxToken<'_, D, T, W> {
+impl<D: DriverModel, T: Transport> phy::TxToken for NetTxToken<'_, D, T> {
     fn consume<R, F>(self, len: usize, f: F) -> R
     where
         F: FnOnce(&mut [u8]) -> R,
@@ -349,7 +348,7 @@ mod tests {
     use virtio_core::features::Features;
     use virtio_core::lifecycle::DeviceLifecycle;
     use virtio_core::net::{self, NET_DEPENDENCIES, NetConfig, NetFeatures, VirtioNetHdr};
-    use virtio_core::notify::Notify;
+    use virtio_core::notify::{EventFdNotifier, Notify};
     use virtio_core::ring::split::DriverQueueError;
     use virtio_core::shm::Region;
     use virtio_core::transport::{ActiveQueue, DeviceHandler, InProcessTransport};
@@ -429,10 +428,7 @@ mod tests {
             rings: rings.clone(),
         };
         let t = InProcessTransport::new(lc, handler).unwrap();
-        let irqs = (0..2)
-            .map(|i| t.interrupt(i).unwrap().try_clone().unwrap())
-            .collect();
-        let nic = NetDriver::new(t, driver, guest.memory().clone(), irqs, NetOptions::default()).unwrap();
+        let nic = NetDriver::new(t, driver, guest.memory().clone(), NetOptions::default()).unwrap();
         (NetPhy::new(nic), rings)
     }
 

@@ -98,10 +98,7 @@ fn setup_with(offer: NetFeatures, mtu: u16, opts: NetOptions) -> Result<Setup, N
         rings: rings.clone(),
     };
     let t = InProcessTransport::new(lc, handler).unwrap();
-    let irqs = (0..2)
-        .map(|i| t.interrupt(i).unwrap().try_clone().unwrap())
-        .collect();
-    let nic = NetDriver::new(t, driver, guest.memory().clone(), irqs, opts)?;
+    let nic = NetDriver::new(t, driver, guest.memory().clone(), opts)?;
     Ok(Setup { nic, rings })
 }
 

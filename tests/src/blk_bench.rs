@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use transport_descriptors::direct::{DirectDevice, DirectDriver};
-use virtio_core::notify::{EventFdNotifier, Wait};
 use virtio_core::transport::{InProcessTransport, Transport};
 use virtio_core::{DriverModel, GuestBuf};
 
@@ -261,7 +260,7 @@ pub fn fio_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> std::io::Result
 }
 
 type Dev = BlkDevice<DirectDevice>;
-type Driver = BlkDriver<DirectDriver, InProcessTransport<Dev>, EventFdNotifier>;
+type Driver = BlkDriver<DirectDriver, InProcessTransport<Dev>>;
 
 /// Our stack: the driver and the device behind the in-process transport.
 fn ours(cfg: &BlkBenchConfig) -> Driver {
@@ -279,20 +278,8 @@ fn ours(cfg: &BlkBenchConfig) -> Driver {
     };
     let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
     let transport = InProcessTransport::new(dev.lifecycle(), dev).expect("transport");
-    let irq = transport
-        .interrupt(0)
-        .expect("queue 0")
-        .try_clone()
-        .expect("eventfd");
     // The domain stays alive through the memory handle the driver keeps.
-    BlkDriver::new(
-        transport,
-        driver,
-        guest.memory().clone(),
-        vec![irq],
-        BlkOptions::default(),
-    )
-    .expect("driver")
+    BlkDriver::new(transport, driver, guest.memory().clone(), BlkOptions::default()).expect("driver")
 }
 
 /// Which step of a slot's work is in flight.
@@ -324,8 +311,8 @@ fn ours_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> RunResult {
 /// # Panics
 /// When the device fails a request or breaks: a benchmark of a broken device has
 /// no figures to give.
-pub fn closed_loop<D: DriverModel, T: Transport, W: Wait>(
-    d: &BlkDriver<D, T, W>,
+pub fn closed_loop<D: DriverModel, T: Transport>(
+    d: &BlkDriver<D, T>,
     size: u64,
     run_time: Duration,
     w: Workload,

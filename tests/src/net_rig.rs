@@ -9,7 +9,7 @@ use hypervisor::Domain;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virtio_core::notify::NotifyError;
-use virtio_core::transport::{InProcessTransport, Transport};
+use virtio_core::transport::InProcessTransport;
 use virtio_core::{DeviceModel, DriverModel};
 
 /// A device side that can serve from a worker thread.
@@ -22,9 +22,6 @@ pub enum RigError {
     /// The device's or transport's eventfds could not be made.
     #[error("Device setup failed")]
     Device(#[source] NotifyError),
-    /// The transport has no interrupt for a queue.
-    #[error("Transport has no interrupt for queue {0}")]
-    NoInterrupt(u16),
     /// The driver failed.
     #[error("Driver failed")]
     Driver(#[from] NetError),
@@ -64,8 +61,8 @@ impl<D: DriverModel, V: Dev> std::fmt::Debug for NetGuest<D, V> {
     }
 }
 
-/// Plugs the guest of `f` into `switch`: a device of `settings`, a transport with
-/// every queue's interrupt, and a driver set up with `opts`.
+/// Plugs the guest of `f` into `switch`: a device of `settings`, a transport, and
+/// a driver set up with `opts`.
 ///
 /// # Errors
 /// Device, transport or driver setup failed.
@@ -83,13 +80,7 @@ pub fn plug<D: DriverModel, V: Dev>(
     let dev = NetDevice::new(device, switch, settings).map_err(RigError::Device)?;
     let (port, mac) = (dev.port(), dev.mac());
     let t = InProcessTransport::new(dev.lifecycle(), dev).map_err(RigError::Device)?;
-    let irqs = (0..t.num_queues())
-        .map(|i| {
-            let irq = t.interrupt(i).ok_or(RigError::NoInterrupt(i))?;
-            irq.try_clone().map_err(RigError::Device)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let nic = NetDriver::new(t, driver, guest.memory().clone(), irqs, opts)?;
+    let nic = NetDriver::new(t, driver, guest.memory().clone(), opts)?;
     Ok(NetGuest {
         nic,
         port,

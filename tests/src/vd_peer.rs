@@ -245,7 +245,7 @@ impl<H: DeviceHandler> Transport for VdTransport<H> {
         // configuration-change interrupt to report.
         let mut any = false;
         for q in 0..self.inner.num_queues() {
-            if let Some(fd) = self.inner.interrupt(q) {
+            if let Ok(fd) = self.inner.interrupt(q) {
                 any |= fd.take().is_ok_and(|n| n > 0);
             }
         }

@@ -107,15 +107,8 @@ fn run_once(cfg: &VhostBenchConfig, socket: &Path, w: Workload, depth: u32) -> s
     let model = direct::driver(&guest);
     let transport =
         VhostUserTransport::connect(socket, guest.memory().clone(), VhostUserOptions::blk()).map_err(err)?;
-    let interrupts = transport.interrupts().map_err(err)?;
-    let driver = BlkDriver::new(
-        transport,
-        model,
-        guest.memory().clone(),
-        interrupts,
-        BlkOptions::default(),
-    )
-    .map_err(err)?;
+    let driver =
+        BlkDriver::new(transport, model, guest.memory().clone(), BlkOptions::default()).map_err(err)?;
     Ok(blk_bench::closed_loop(&driver, cfg.size, cfg.run_time, w, depth))
 }
 

@@ -11,13 +11,12 @@ use drivers_blk::{BlkDriver, BlkError, BlkOptions};
 use std::sync::Arc;
 use vio::conformance::Fixture;
 use vio::models;
-use virtio_core::notify::EventFdNotifier;
 use virtio_core::transport::InProcessTransport;
 use virtio_core::{DeviceModel, DriverModel};
 
 const DISK_BYTES: u64 = 16 << 20;
 
-type Driver<D, V> = BlkDriver<D, InProcessTransport<BlkDevice<V>>, EventFdNotifier>;
+type Driver<D, V> = BlkDriver<D, InProcessTransport<BlkDevice<V>>>;
 
 fn setup<D, V>(f: Fixture<D, V>, name: &str, queues: u16) -> Driver<D, V>
 where
@@ -43,15 +42,12 @@ where
     };
     let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
     let transport = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
-    let interrupts = (0..queues)
-        .map(|i| transport.interrupt(i).unwrap().try_clone().unwrap())
-        .collect();
     let opts = BlkOptions {
         queues,
         timeout: Some(std::time::Duration::from_secs(20)),
         ..BlkOptions::default()
     };
-    BlkDriver::new(transport, driver, guest.memory().clone(), interrupts, opts).unwrap()
+    BlkDriver::new(transport, driver, guest.memory().clone(), opts).unwrap()
 }
 
 fn exercise<D, V>(f: Fixture<D, V>, name: &str)
@@ -144,6 +140,7 @@ fn async_requests_on_two_queues() {
 #[test]
 fn block_driver_refuses_a_network_device() {
     use backend_host::net::{NetDevice, NetSettings, Switch, SwitchConfig};
+    use virtio_core::driver::SetupError;
     use virtio_core::lifecycle::InitError;
     let Fixture {
         guest,
@@ -153,24 +150,14 @@ fn block_driver_refuses_a_network_device() {
     let switch = Switch::new(SwitchConfig::default());
     let dev = NetDevice::new(device, &switch, NetSettings::default()).unwrap();
     let transport = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
-    let interrupts = (0..2)
-        .map(|i| transport.interrupt(i).unwrap().try_clone().unwrap())
-        .collect();
-    let err = BlkDriver::new(
-        transport,
-        driver,
-        guest.memory().clone(),
-        interrupts,
-        BlkOptions::default(),
-    )
-    .unwrap_err();
+    let err = BlkDriver::new(transport, driver, guest.memory().clone(), BlkOptions::default()).unwrap_err();
     assert!(
         matches!(
             err,
-            BlkError::Init(InitError::WrongDevice {
+            BlkError::Setup(SetupError::Init(InitError::WrongDevice {
                 expected: 2,
                 found: 1
-            })
+            }))
         ),
         "{err:?}"
     );

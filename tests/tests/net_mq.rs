@@ -25,6 +25,7 @@ use virtio_core::net::{
     VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
     VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_CTRL_VLAN, VIRTIO_NET_ERR, VIRTIO_NET_OK,
 };
+use virtio_core::notify::EventFdNotifier;
 use virtio_core::transport::{InProcessTransport, Transport, TransportError};
 use virtio_core::{DeviceModel, DriverModel, QueueAddrs};
 
@@ -70,6 +71,8 @@ impl<H: virtio_core::transport::DeviceHandler> ControlPlane for Shared<H> {
 }
 
 impl<H: virtio_core::transport::DeviceHandler> Transport for Shared<H> {
+    type Interrupt = EventFdNotifier;
+
     fn num_queues(&self) -> u16 {
         self.0.num_queues()
     }
@@ -81,6 +84,9 @@ impl<H: virtio_core::transport::DeviceHandler> Transport for Shared<H> {
     }
     fn notify_queue(&self, index: u16) -> Result<(), TransportError> {
         self.0.notify_queue(index)
+    }
+    fn interrupt(&self, index: u16) -> Result<EventFdNotifier, TransportError> {
+        self.0.interrupt(index)
     }
 }
 
@@ -111,17 +117,14 @@ fn device<V: Dev>(device: V, switch: &Arc<Switch>, pairs: u16) -> (Arc<Net<V>>, 
     )
 }
 
-/// A driver session over `t`, with every queue's interrupt in queue order.
+/// A driver session over `t`.
 fn session<D: DriverModel, V: Dev>(
     t: &Arc<Net<V>>,
     driver: D,
     guest: &Domain,
     opts: NetOptions,
 ) -> Result<NetDriver<D, Shared<NetDevice<V>>>, NetError> {
-    let irqs = (0..t.num_queues())
-        .map(|i| t.interrupt(i).unwrap().try_clone().unwrap())
-        .collect();
-    NetDriver::new(Shared(t.clone()), driver, guest.memory().clone(), irqs, opts)
+    NetDriver::new(Shared(t.clone()), driver, guest.memory().clone(), opts)
 }
 
 fn plug<D: DriverModel, V: Dev>(
@@ -392,23 +395,6 @@ fn pairs_are_bounded_by_what_the_driver_set_up() {
         &1u16.to_le_bytes(),
     );
     assert!(matches!(r, Err(NetError::CommandRefused { .. })), "{r:?}");
-    // One interrupt too few for the control queue.
-    let f = models::direct();
-    let (t, _, _) = device(f.device, &sw, 1);
-    let irqs = (0..2)
-        .map(|i| t.interrupt(i).unwrap().try_clone().unwrap())
-        .collect();
-    let r = NetDriver::new(
-        Shared(t.clone()),
-        f.driver,
-        f.guest.memory().clone(),
-        irqs,
-        NetOptions::multiqueue(1),
-    );
-    assert!(
-        matches!(r, Err(NetError::MissingInterrupts { given: 2, needed: 3 })),
-        "{r:?}"
-    );
 }
 
 /// PROMISC, ALLMULTI and MAC_ADDR_SET are acknowledged and change what reaches
@@ -724,14 +710,11 @@ fn driver_types_control_failures() {
         &[16, 16, 16],
     );
     let t = InProcessTransport::new(lc, Manual { queues: Vec::new() }).unwrap();
-    let irqs = (0..3)
-        .map(|i| t.interrupt(i).unwrap().try_clone().unwrap())
-        .collect();
     let opts = NetOptions {
         control_timeout: Duration::from_millis(100),
         ..NetOptions::multiqueue(1)
     };
-    let nic = NetDriver::new(t, f.driver, f.guest.memory().clone(), irqs, opts).unwrap();
+    let nic = NetDriver::new(t, f.driver, f.guest.memory().clone(), opts).unwrap();
     let q = nic
         .transport()
         .with_handler(|h| h.queues.drain(..).find(|q| q.index == 2))

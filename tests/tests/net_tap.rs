@@ -179,10 +179,7 @@ impl Lab {
         let dev = NetDevice::new(f.device, &switch, NetSettings::default()).unwrap();
         let (guest_port, guest_mac) = (dev.port(), dev.mac());
         let t = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
-        let irqs = (0..2)
-            .map(|i| t.interrupt(i).unwrap().try_clone().unwrap())
-            .collect();
-        let nic = NetDriver::new(t, f.driver, f.guest.memory().clone(), irqs, NetOptions::default()).unwrap();
+        let nic = NetDriver::new(t, f.driver, f.guest.memory().clone(), NetOptions::default()).unwrap();
         let tap = TapPort::open_in_netns(IFACE, &ns.path(), &switch, TapConfig::default()).unwrap();
         assert_eq!(tap.name(), IFACE);
         ns.ip(&["addr", "add", "10.9.0.1/24", "dev", IFACE]);

@@ -54,9 +54,8 @@
 //!     memory.clone(),
 //!     VhostUserOptions::blk(),
 //! )?;
-//! let interrupts = transport.interrupts()?;
 //! let opts = BlkOptions { queues: 2, ..BlkOptions::default() };
-//! let disk = BlkDriver::new(transport, model, memory, interrupts, opts)?;
+//! let disk = BlkDriver::new(transport, model, memory, opts)?;
 //! let mut sector = [0u8; 512];
 //! disk.read_bytes_blocking(0, 0, &mut sector)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())

@@ -38,7 +38,7 @@ use vhost::vhost_user::message::{
 };
 use virtio_core::QueueAddrs;
 use virtio_core::lifecycle::{ControlPlane, QueueError, RingArea};
-use virtio_core::notify::{EventFdNotifier, Notify, NotifyError, Wait};
+use virtio_core::notify::{EventFdNotifier, Notify, Wait};
 use virtio_core::status::{DeviceStatus, FeaturesVerdict, StatusChange, StatusMachine};
 use virtio_core::transport::{Transport, TransportError};
 use vm_memory::ByteValued;
@@ -234,21 +234,6 @@ impl VhostUserTransport {
     /// The guest memory shared with the back-end.
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.memory
-    }
-
-    /// Queue `index`'s used-buffer notification (the eventfd sent in
-    /// SET_VRING_CALL), for the driver to wait on.
-    pub fn interrupt(&self, index: u16) -> Option<&EventFdNotifier> {
-        self.calls.get(usize::from(index))
-    }
-
-    /// A handle on every queue's used-buffer notification, in queue order: the
-    /// `interrupts` argument of a driver's constructor.
-    ///
-    /// # Errors
-    /// Duplicating an eventfd failed.
-    pub fn interrupts(&self) -> Result<Vec<EventFdNotifier>, NotifyError> {
-        self.calls.iter().map(EventFdNotifier::try_clone).collect()
     }
 
     /// The error that broke the connection, if one did.
@@ -570,6 +555,8 @@ impl ControlPlane for VhostUserTransport {
 }
 
 impl Transport for VhostUserTransport {
+    type Interrupt = EventFdNotifier;
+
     fn num_queues(&self) -> u16 {
         self.backend.queues
     }
@@ -637,5 +624,14 @@ impl Transport for VhostUserTransport {
             .get(usize::from(index))
             .ok_or(TransportError::NoSuchQueue(index))?;
         Ok(kick.notify()?)
+    }
+
+    /// A handle on the eventfd sent in SET_VRING_CALL.
+    fn interrupt(&self, index: u16) -> Result<EventFdNotifier, TransportError> {
+        let call = self
+            .calls
+            .get(usize::from(index))
+            .ok_or(TransportError::NoSuchQueue(index))?;
+        Ok(call.try_clone()?)
     }
 }

@@ -51,15 +51,7 @@ fn driver(
     queues: u16,
     timeout: Duration,
 ) -> BlkDriver<DirectDriver, Shared> {
-    let interrupts = transport.inner.interrupts().unwrap();
-    BlkDriver::new(
-        transport,
-        model,
-        guest.memory().clone(),
-        interrupts,
-        opts(queues, timeout),
-    )
-    .unwrap()
+    BlkDriver::new(transport, model, guest.memory().clone(), opts(queues, timeout)).unwrap()
 }
 
 fn seeded(name: &str) -> Qsd {

@@ -11,6 +11,7 @@
 //!   status state machine, configuration space and driver initialisation.
 //! - [`notify`]: notifications (eventfd and in-process) and the event-index rule.
 //! - [`transport`]: the driver's view of a device and an in-process transport.
+//! - [`driver`]: a driver's bring-up and teardown of its device, written once.
 //! - [`blk`], [`net`]: the virtio-blk and virtio-net device types; each keeps what
 //!   travels on its queues in a `wire` module (parse and emit side by side).
 //!
@@ -57,6 +58,7 @@
 pub mod access;
 pub mod blk;
 pub mod config;
+pub mod driver;
 pub mod features;
 pub mod lifecycle;
 pub mod model;

@@ -10,7 +10,7 @@
 
 use crate::lifecycle::{ControlPlane, DeviceLifecycle, QueueLayout};
 use crate::model::QueueAddrs;
-use crate::notify::{EventFdNotifier, Notify, NotifyError};
+use crate::notify::{EventFdNotifier, Notify, NotifyError, Wait};
 use crate::status::{DeviceStatus, StatusChange};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -29,13 +29,20 @@ pub enum TransportError {
         #[source]
         source: crate::lifecycle::QueueError,
     },
-    /// A notification could not be sent.
+    /// A notification could not be sent, or its handle not duplicated.
     #[error("notification failed")]
     Notify(#[from] NotifyError),
 }
 
 /// The driver's view of a device: control plane, queue setup, notifications.
+///
+/// The transport owns every queue's notifications both ways: a driver kicks through
+/// [`Transport::notify_queue`] and takes what it waits on from
+/// [`Transport::interrupt`], so nobody has to carry eventfds between the two.
 pub trait Transport: ControlPlane {
+    /// What a driver waits on for a queue's used-buffer notifications.
+    type Interrupt: Wait;
+
     /// Number of queues the device has.
     fn num_queues(&self) -> u16;
 
@@ -47,6 +54,14 @@ pub trait Transport: ControlPlane {
 
     /// Sends an available-buffer notification for queue `index`.
     fn notify_queue(&self, index: u16) -> Result<(), TransportError>;
+
+    /// Queue `index`'s used-buffer notification (virtio 1.2 §2.7.10), for the
+    /// driver to wait on. Each call gives a new handle on the same notification.
+    ///
+    /// # Errors
+    /// [`TransportError::NoSuchQueue`]; [`TransportError::Notify`] if no handle
+    /// could be made.
+    fn interrupt(&self, index: u16) -> Result<Self::Interrupt, TransportError>;
 }
 
 /// One enabled queue handed to a device on activation.
@@ -163,11 +178,6 @@ impl<H: DeviceHandler> InProcessTransport<H> {
         })
     }
 
-    /// The used-buffer notification of queue `index`, for the driver to wait on.
-    pub fn interrupt(&self, index: u16) -> Option<&EventFdNotifier> {
-        self.interrupts.get(usize::from(index))
-    }
-
     /// Runs `f` on the device handler (for inspection in tests and tools).
     pub fn with_handler<R>(&self, f: impl FnOnce(&mut H) -> R) -> R {
         f(&mut self.lock().handler)
@@ -275,7 +285,7 @@ impl<H: DeviceHandler> ControlPlane for InProcessTransport<H> {
             st.active = false;
             // Drain stale notifications so a new session starts clean.
             for fd in self.kicks.iter().chain(&self.interrupts) {
-                let _ = crate::notify::Wait::take(fd);
+                let _ = fd.take();
             }
         }
         match st.lifecycle.write_status(status) {
@@ -318,6 +328,8 @@ impl<H: DeviceHandler> ControlPlane for InProcessTransport<H> {
 }
 
 impl<H: DeviceHandler> Transport for InProcessTransport<H> {
+    type Interrupt = EventFdNotifier;
+
     fn num_queues(&self) -> u16 {
         u16::try_from(self.kicks.len()).unwrap_or(u16::MAX)
     }
@@ -348,6 +360,14 @@ impl<H: DeviceHandler> Transport for InProcessTransport<H> {
             .ok_or(TransportError::NoSuchQueue(index))?;
         Ok(fd.notify()?)
     }
+
+    fn interrupt(&self, index: u16) -> Result<EventFdNotifier, TransportError> {
+        let fd = self
+            .interrupts
+            .get(usize::from(index))
+            .ok_or(TransportError::NoSuchQueue(index))?;
+        Ok(fd.try_clone()?)
+    }
 }
 
 #[cfg(test)]
@@ -356,13 +376,13 @@ mod tests {
     use crate::config::ConfigSpace;
     use crate::features::Features;
     use crate::lifecycle::{driver_ok, initialize};
-    use crate::notify::Wait;
     use std::sync::Arc;
 
     #[derive(Default)]
     struct Recorder {
         events: Arc<Mutex<Vec<String>>>,
         kicks: Vec<EventFdNotifier>,
+        irqs: Vec<EventFdNotifier>,
         fail: bool,
     }
 
@@ -377,7 +397,7 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(format!("activate {features:#x} {idx:?}"));
-            self.kicks = queues.into_iter().map(|q| q.kick).collect();
+            (self.kicks, self.irqs) = queues.into_iter().map(|q| (q.kick, q.interrupt)).unzip();
             if self.fail { Err("refused".into()) } else { Ok(()) }
         }
         fn reset(&mut self) {
@@ -432,6 +452,23 @@ mod tests {
         assert_eq!(cfg, [7; 4]);
         t.read_config(6, &mut cfg);
         assert_eq!(cfg, [0; 4], "out-of-range config reads give zeros");
+    }
+
+    #[test]
+    fn the_driver_takes_each_queues_interrupt_from_the_transport() {
+        let (t, _) = transport(false);
+        assert!(matches!(t.interrupt(2), Err(TransportError::NoSuchQueue(2))));
+        let irq = t.interrupt(1).unwrap();
+        initialize(&t, 2, 0, &[]).unwrap();
+        t.setup_queue(1, 8, ADDRS).unwrap();
+        driver_ok(&t).unwrap();
+        t.with_handler(|h| h.irqs[0].notify()).unwrap();
+        assert_eq!(
+            irq.take().unwrap(),
+            1,
+            "the device's notification reaches the driver"
+        );
+        assert_eq!(t.interrupt(0).unwrap().take().unwrap(), 0, "and only queue 1's");
     }
 
     #[test]

@@ -287,7 +287,7 @@ impl Default for Setup {
     }
 }
 
-pub type Disk<D, M> = BlkDriver<D, InProcessTransport<FakeBlk<M>>, EventFdNotifier>;
+pub type Disk<D, M> = BlkDriver<D, InProcessTransport<FakeBlk<M>>>;
 
 /// Device models the fake can serve from its worker threads.
 pub trait Served: DeviceModel<Memory: Send + 'static> + Send + Sync + 'static {}
@@ -345,10 +345,7 @@ where
         workers: Vec::new(),
     };
     let transport = InProcessTransport::new(lifecycle, fake).unwrap();
-    let irqs = (0..setup.queues)
-        .map(|i| transport.interrupt(i).unwrap().try_clone().unwrap())
-        .collect();
-    let driver = BlkDriver::new(transport, dm, guest.memory().clone(), irqs, setup.opts)?;
+    let driver = BlkDriver::new(transport, dm, guest.memory().clone(), setup.opts)?;
     Ok(Rig {
         driver,
         shared,

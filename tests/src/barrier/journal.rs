@@ -24,7 +24,6 @@
 use backend_host::blk::record::Recorder;
 use drivers_blk::{BlkDriver, BlkError, Polled, Request, RequestId};
 use std::time::{Duration, Instant};
-use virtio_core::notify::Wait;
 use virtio_core::transport::Transport;
 use virtio_core::{DriverModel, GuestBuf};
 
@@ -267,12 +266,12 @@ pub enum JournalError {
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Polling access to queue 0.
-struct Io<'a, D: DriverModel, T: Transport, W: Wait> {
-    d: &'a BlkDriver<D, T, W>,
+struct Io<'a, D: DriverModel, T: Transport> {
+    d: &'a BlkDriver<D, T>,
     polled: Vec<Polled>,
 }
 
-impl<D: DriverModel, T: Transport, W: Wait> Io<'_, D, T, W> {
+impl<D: DriverModel, T: Transport> Io<'_, D, T> {
     fn submit(&self, req: Request) -> Result<RequestId, BlkError> {
         self.d.submit(0, req)
     }
@@ -319,8 +318,8 @@ struct TxnBufs {
     commit: GuestBuf,
 }
 
-fn alloc_bufs<D: DriverModel, T: Transport, W: Wait>(
-    d: &BlkDriver<D, T, W>,
+fn alloc_bufs<D: DriverModel, T: Transport>(
+    d: &BlkDriver<D, T>,
     blocks: u32,
 ) -> Result<TxnBufs, JournalError> {
     let mem = d.memory();
@@ -336,8 +335,8 @@ fn alloc_bufs<D: DriverModel, T: Transport, W: Wait>(
 }
 
 /// Fills the transaction's buffers; returns the combined checksum.
-fn fill<D: DriverModel, T: Transport, W: Wait>(
-    d: &BlkDriver<D, T, W>,
+fn fill<D: DriverModel, T: Transport>(
+    d: &BlkDriver<D, T>,
     bufs: &TxnBufs,
     txn: u64,
     scratch: &mut [u8],
@@ -358,9 +357,7 @@ fn fill<D: DriverModel, T: Transport, W: Wait>(
 }
 
 /// Switches the device to writethrough through CONFIG_WCE and checks it took.
-fn set_writethrough<D: DriverModel, T: Transport, W: Wait>(
-    d: &BlkDriver<D, T, W>,
-) -> Result<(), JournalError> {
+fn set_writethrough<D: DriverModel, T: Transport>(d: &BlkDriver<D, T>) -> Result<(), JournalError> {
     let at = std::mem::offset_of!(virtio_core::blk::BlkConfig, writeback);
     d.transport().write_config(at, &[0]);
     let mut wb = [1u8];
@@ -374,8 +371,8 @@ fn set_writethrough<D: DriverModel, T: Transport, W: Wait>(
 /// Runs the journal on queue 0 of `d`, logging begin and acknowledgement marks into
 /// `marks`. Request errors end the run (recorded in [`JournalStats::error`]); only
 /// set-up failures are errors.
-pub fn run<D: DriverModel, T: Transport, W: Wait>(
-    d: &BlkDriver<D, T, W>,
+pub fn run<D: DriverModel, T: Transport>(
+    d: &BlkDriver<D, T>,
     cfg: &JournalConfig,
     marks: Option<&Recorder>,
 ) -> Result<JournalStats, JournalError> {
@@ -464,8 +461,8 @@ impl Clock {
     }
 }
 
-fn sequential<D: DriverModel, T: Transport, W: Wait>(
-    io: &mut Io<'_, D, T, W>,
+fn sequential<D: DriverModel, T: Transport>(
+    io: &mut Io<'_, D, T>,
     cfg: &JournalConfig,
     marks: Option<&Recorder>,
 ) -> Result<JournalStats, JournalError> {
@@ -474,7 +471,7 @@ fn sequential<D: DriverModel, T: Transport, W: Wait>(
     let mut stats = JournalStats::default();
     let mut clock = Clock::new(cfg.stop);
     let (mut txn, mut acked) = (0u64, 0u64);
-    let flush = |io: &mut Io<'_, D, T, W>, stats: &mut JournalStats, measuring: bool| {
+    let flush = |io: &mut Io<'_, D, T>, stats: &mut JournalStats, measuring: bool| {
         if cfg.cache == GuestCache::Writethrough {
             return Ok(());
         }
@@ -536,8 +533,8 @@ struct Slot {
     since: Instant,
 }
 
-fn concurrent<D: DriverModel, T: Transport, W: Wait>(
-    io: &mut Io<'_, D, T, W>,
+fn concurrent<D: DriverModel, T: Transport>(
+    io: &mut Io<'_, D, T>,
     cfg: &JournalConfig,
     marks: Option<&Recorder>,
     depth: u32,
@@ -562,21 +559,20 @@ fn concurrent<D: DriverModel, T: Transport, W: Wait>(
     let mut got = Vec::new();
     let mut failed = false;
     // Starts transaction `next` in slot `s`: all its data writes at once.
-    let begin =
-        |io: &mut Io<'_, D, T, W>, s: &mut Slot, txn: u64, scratch: &mut [u8]| -> Result<(), BlkError> {
-            if let Some(m) = marks {
-                m.mark(TAG_BEGIN, txn);
-            }
-            s.txn = txn;
-            s.ids.clear();
-            fill(io.d, &s.bufs, txn, scratch)?;
-            for (i, b) in (0u32..).zip(&s.bufs.data) {
-                let sector = cfg.layout.data_offset(txn, i) / SECTOR;
-                s.ids.push(io.submit(Request::Write { sector, buf: *b })?);
-            }
-            s.step = Some(Step::Data { left: blocks });
-            Ok(())
-        };
+    let begin = |io: &mut Io<'_, D, T>, s: &mut Slot, txn: u64, scratch: &mut [u8]| -> Result<(), BlkError> {
+        if let Some(m) = marks {
+            m.mark(TAG_BEGIN, txn);
+        }
+        s.txn = txn;
+        s.ids.clear();
+        fill(io.d, &s.bufs, txn, scratch)?;
+        for (i, b) in (0u32..).zip(&s.bufs.data) {
+            let sector = cfg.layout.data_offset(txn, i) / SECTOR;
+            s.ids.push(io.submit(Request::Write { sector, buf: *b })?);
+        }
+        s.step = Some(Step::Data { left: blocks });
+        Ok(())
+    };
     loop {
         // Fill idle slots, but never reuse the journal slots of a transaction still in
         // flight (`slots` transactions back).

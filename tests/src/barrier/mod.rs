@@ -44,7 +44,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use transport_descriptors::direct::{DirectDevice, DirectDriver};
-use virtio_core::notify::EventFdNotifier;
 use virtio_core::transport::InProcessTransport;
 
 /// What the benchmark could not do.
@@ -298,7 +297,7 @@ impl BarrierConfig {
 
 type Dev = BlkDevice<DirectDevice>;
 /// The driver over our device, model 2, in-process transport.
-pub type Driver = BlkDriver<DirectDriver, InProcessTransport<Dev>, EventFdNotifier>;
+pub type Driver = BlkDriver<DirectDriver, InProcessTransport<Dev>>;
 
 fn setup<E: std::error::Error + Send + Sync + 'static>(step: &'static str) -> impl Fn(E) -> BarrierError {
     move |e| BarrierError::Setup {
@@ -329,25 +328,11 @@ pub fn stack(
     };
     let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
     let transport = InProcessTransport::new(dev.lifecycle(), dev).map_err(setup("transport"))?;
-    let irq = transport
-        .interrupt(0)
-        .ok_or_else(|| BarrierError::Setup {
-            step: "interrupt",
-            source: "no queue 0".into(),
-        })?
-        .try_clone()
-        .map_err(setup("interrupt"))?;
     let opts = BlkOptions {
         timeout: Some(Duration::from_secs(30)),
         ..BlkOptions::default()
     };
-    Ok(BlkDriver::new(
-        transport,
-        driver,
-        guest.memory().clone(),
-        vec![irq],
-        opts,
-    )?)
+    Ok(BlkDriver::new(transport, driver, guest.memory().clone(), opts)?)
 }
 
 /// The engine stack of `backend`, logging into `rec`.

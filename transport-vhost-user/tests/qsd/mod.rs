@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use transport_vhost_user::{VhostUserOptions, VhostUserTransport};
 use virtio_core::QueueAddrs;
 use virtio_core::lifecycle::ControlPlane;
+use virtio_core::notify::EventFdNotifier;
 use virtio_core::transport::{Transport, TransportError};
 
 pub const QSD: &str = "/usr/bin/qemu-storage-daemon";
@@ -186,6 +187,8 @@ impl ControlPlane for Shared {
 }
 
 impl Transport for Shared {
+    type Interrupt = EventFdNotifier;
+
     fn num_queues(&self) -> u16 {
         self.inner.num_queues()
     }
@@ -197,5 +200,8 @@ impl Transport for Shared {
     }
     fn notify_queue(&self, index: u16) -> Result<(), TransportError> {
         self.inner.notify_queue(index)
+    }
+    fn interrupt(&self, index: u16) -> Result<EventFdNotifier, TransportError> {
+        self.inner.interrupt(index)
     }
 }
