@@ -37,8 +37,9 @@ use vhost::vhost_user::message::{
     VhostUserVringAddrFlags, VhostUserVringState,
 };
 use virtio_core::QueueAddrs;
-use virtio_core::lifecycle::{ControlPlane, QueueError, RingArea};
+use virtio_core::lifecycle::{ControlPlane, QueueError};
 use virtio_core::notify::{EventFdNotifier, Notify, Wait};
+use virtio_core::ring::areas::RingAreas;
 use virtio_core::status::{DeviceStatus, FeaturesVerdict, StatusChange, StatusMachine};
 use virtio_core::transport::{Transport, TransportError};
 use vm_memory::ByteValued;
@@ -588,22 +589,19 @@ impl Transport for VhostUserTransport {
             return Err(refused(QueueError::Enabled { index }));
         }
         let max = self.opts.queue_max_size;
-        if size == 0 || size > max || !size.is_power_of_two() {
+        if size > max {
             return Err(refused(QueueError::InvalidSize { size, max }));
         }
+        let areas = RingAreas::split(size, addrs).map_err(|e| refused(QueueError::from_area(e, max)))?;
         // The back-end drops the connection on a ring outside the memory table;
         // catch that here with a reason.
-        let n = u64::from(size);
-        for (area, addr, len, align) in [
-            (RingArea::Descriptor, addrs.desc, 16 * n, 16),
-            (RingArea::Driver, addrs.avail, 6 + 2 * n, 2),
-            (RingArea::Device, addrs.used, 6 + 8 * n, 4),
-        ] {
-            if addr % align != 0 {
-                return Err(refused(QueueError::Misaligned { area, addr, align }));
-            }
-            if self.memory.offset_of(addr, len).is_none() {
-                return Err(refused(QueueError::Overflow { area, addr, len }));
+        for s in areas.spans() {
+            if self.memory.offset_of(s.addr, s.len).is_none() {
+                return Err(refused(QueueError::Overflow {
+                    area: s.area,
+                    addr: s.addr,
+                    len: s.len,
+                }));
             }
         }
         if let Err(e) = self.start_queue(&mut st.channel, slot, index, size, addrs) {

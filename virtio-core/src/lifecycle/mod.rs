@@ -139,6 +139,19 @@ pub enum QueueError {
     },
 }
 
+impl QueueError {
+    /// The queue error for areas [`RingAreas`] refused, on a queue of at most `max`
+    /// entries.
+    pub fn from_area(e: AreaError, max: u16) -> QueueError {
+        match e {
+            AreaError::Size(size) => QueueError::InvalidSize { size, max },
+            AreaError::Misaligned { area, addr, align } => QueueError::Misaligned { area, addr, align },
+            AreaError::Overflow { area, addr, len } => QueueError::Overflow { area, addr, len },
+            AreaError::Overlap { first, second } => QueueError::Overlap { first, second },
+        }
+    }
+}
+
 /// A driver-features write outside the window §3.1.1 allows (after DRIVER, before
 /// FEATURES_OK).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -413,15 +426,7 @@ impl DeviceLifecycle {
         } else {
             RingAreas::split(q.size, addrs)
         };
-        areas.map_err(|e| match e {
-            AreaError::Size(size) => QueueError::InvalidSize {
-                size,
-                max: q.max_size,
-            },
-            AreaError::Misaligned { area, addr, align } => QueueError::Misaligned { area, addr, align },
-            AreaError::Overflow { area, addr, len } => QueueError::Overflow { area, addr, len },
-            AreaError::Overlap { first, second } => QueueError::Overlap { first, second },
-        })?;
+        areas.map_err(|e| QueueError::from_area(e, q.max_size))?;
         Ok(QueueLayout {
             size: q.size,
             desc: q.desc,
