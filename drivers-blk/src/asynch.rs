@@ -3,14 +3,14 @@
 //!
 //! A future registers its waker in its request slot; whoever reaps the ring wakes
 //! it. Dropping a future does not cancel the request (virtio-blk has no abort): the
-//! slot, and the bounce buffer of a copying call, stay owned by the driver until the
+//! slot, and the staging buffer of a copying call, stay owned by the driver until the
 //! device returns the request.
 
-use crate::bounce::Bounce;
 use crate::driver::BlkDriver;
 use crate::error::{BlkError, Broken};
 use crate::queue::{Owner, Queue, RequestId};
 use crate::request::{Completion, Request};
+use crate::staging::Staging;
 use std::future::{Future, poll_fn};
 use std::os::fd::AsFd;
 use std::pin::Pin;
@@ -28,7 +28,7 @@ struct RequestFuture<'a, D: DriverModel, T: Transport> {
 }
 
 impl<D: DriverModel, T: Transport> Future for RequestFuture<'_, D, T> {
-    type Output = (Result<Completion, BlkError>, Option<Bounce>);
+    type Output = (Result<Completion, BlkError>, Option<Staging>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -56,34 +56,34 @@ impl<D: DriverModel, T: Transport> Drop for RequestFuture<'_, D, T> {
     }
 }
 
-/// Gives a bounce buffer back to its queue's pool unless a request took it.
-struct BounceGuard<'a, D: DriverModel, T: Transport> {
+/// Gives a staging buffer back to its queue's pool unless a request took it.
+struct StagingGuard<'a, D: DriverModel, T: Transport> {
     driver: &'a BlkDriver<D, T>,
     queue: u16,
-    bounce: Option<Bounce>,
+    staging: Option<Staging>,
 }
 
-impl<D: DriverModel, T: Transport> Drop for BounceGuard<'_, D, T> {
+impl<D: DriverModel, T: Transport> Drop for StagingGuard<'_, D, T> {
     fn drop(&mut self) {
-        self.driver.give_bounce(self.queue, self.bounce.take());
+        self.driver.give_staging(self.queue, self.staging.take());
     }
 }
 
 impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
     /// Submits `req` as a waited-for request (waiting for room if the queue is full),
-    /// kicks and awaits the result. The bounce buffer in `guard` moves into the
+    /// kicks and awaits the result. The staging buffer in `guard` moves into the
     /// request and comes back with the result.
     async fn call(
         &self,
         queue: u16,
         req: Request,
-        guard: &mut BounceGuard<'_, D, T>,
+        guard: &mut StagingGuard<'_, D, T>,
     ) -> Result<Completion, BlkError> {
         req.check(self.info())?;
         let q = self.queue(queue)?;
         let id = poll_fn(|cx| {
             let mut st = q.lock();
-            match st.submit(&self.memory, queue, &req, Owner::Waiter, &mut guard.bounce) {
+            match st.submit(&self.memory, queue, &req, Owner::Waiter, &mut guard.staging) {
                 Err(BlkError::QueueFull) if st.broken().is_none() => {
                     st.wait_space(cx.waker());
                     Poll::Pending
@@ -101,15 +101,15 @@ impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
         // Kick after the future exists, so an error here still abandons the slot.
         self.kick(queue)?;
         let (r, b) = fut.await;
-        guard.bounce = b;
+        guard.staging = b;
         r
     }
 
     async fn call_plain(&self, queue: u16, req: Request) -> Result<Completion, BlkError> {
-        let mut guard = BounceGuard {
+        let mut guard = StagingGuard {
             driver: self,
             queue,
-            bounce: None,
+            staging: None,
         };
         self.call(queue, req, &mut guard).await
     }
@@ -173,28 +173,28 @@ impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
         }
     }
 
-    /// Reads into `dst` through a driver-owned guest bounce buffer.
+    /// Reads into `dst` through a driver-owned guest staging buffer.
     pub async fn read_bytes(&self, queue: u16, sector: u64, dst: &mut [u8]) -> Result<(), BlkError> {
-        let (len, b) = self.bounce_for(queue, dst.len())?;
+        let (len, b) = self.staging_for(queue, dst.len())?;
         let buf = GuestBuf::new(b.gpa, len);
-        let mut guard = BounceGuard {
+        let mut guard = StagingGuard {
             driver: self,
             queue,
-            bounce: Some(b),
+            staging: Some(b),
         };
         self.call(queue, Request::Read { sector, buf }, &mut guard)
             .await?;
         Ok(self.memory.read(buf.addr, dst)?)
     }
 
-    /// Writes `src` through a driver-owned guest bounce buffer.
+    /// Writes `src` through a driver-owned guest staging buffer.
     pub async fn write_bytes(&self, queue: u16, sector: u64, src: &[u8]) -> Result<(), BlkError> {
-        let (len, b) = self.bounce_for(queue, src.len())?;
+        let (len, b) = self.staging_for(queue, src.len())?;
         let buf = GuestBuf::new(b.gpa, len);
-        let mut guard = BounceGuard {
+        let mut guard = StagingGuard {
             driver: self,
             queue,
-            bounce: Some(b),
+            staging: Some(b),
         };
         self.memory.write(buf.addr, src)?;
         self.call(queue, Request::Write { sector, buf }, &mut guard)

@@ -1,10 +1,10 @@
 //! The driver: device initialization, the raw submit / poll API and blocking calls.
 
-use crate::bounce::Bounce;
 use crate::error::{BlkError, Broken};
 use crate::info::{BlkInfo, BlkOptions};
 use crate::queue::{Owner, Polled, Queue, QueueState, RequestId};
 use crate::request::{Completion, Request, SLOT_BYTES};
+use crate::staging::Staging;
 use hypervisor::GuestMemory;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -137,7 +137,7 @@ impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
         &self.model
     }
 
-    /// The guest memory requests and bounce buffers live in.
+    /// The guest memory requests and staging buffers live in.
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.memory
     }
@@ -338,13 +338,13 @@ impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
     // ---- blocking calls ----
 
     /// Submits `req` as a waited-for request, kicks, and blocks until it completes.
-    /// Returns the bounce buffer the request carried, if any.
+    /// Returns the staging buffer the request carried, if any.
     pub(crate) fn call_blocking(
         &self,
         queue: u16,
         req: Request,
-        mut bounce: Option<Bounce>,
-    ) -> (Result<Completion, BlkError>, Option<Bounce>) {
+        mut staging: Option<Staging>,
+    ) -> (Result<Completion, BlkError>, Option<Staging>) {
         let r = (|| {
             req.check(&self.info)?;
             let q = self.queue(queue)?;
@@ -352,7 +352,7 @@ impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
             // Submit, waiting for room if the queue is full.
             let id = loop {
                 let mut st = q.lock();
-                match st.submit(&self.memory, queue, &req, Owner::Waiter, &mut bounce) {
+                match st.submit(&self.memory, queue, &req, Owner::Waiter, &mut staging) {
                     Err(BlkError::QueueFull) => {
                         drop(st);
                         let (st, ok) =
@@ -373,13 +373,13 @@ impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
             }
             match st.take_done(id) {
                 Some((r, b)) => {
-                    bounce = b;
+                    staging = b;
                     r
                 }
                 None => Err(BlkError::DeviceBroken(Broken::Earlier)),
             }
         })();
-        (r, bounce)
+        (r, staging)
     }
 
     fn blocking(&self, queue: u16, req: Request) -> Result<Completion, BlkError> {
@@ -441,50 +441,50 @@ impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
     }
 
     /// Reads `dst.len()` bytes at `sector` into `dst`, through a driver-owned guest
-    /// bounce buffer (one copy).
+    /// staging buffer (one copy).
     pub fn read_bytes_blocking(&self, queue: u16, sector: u64, dst: &mut [u8]) -> Result<(), BlkError> {
-        let (len, b) = self.bounce_for(queue, dst.len())?;
+        let (len, b) = self.staging_for(queue, dst.len())?;
         let buf = GuestBuf::new(b.gpa, len);
         let (r, b) = self.call_blocking(queue, Request::Read { sector, buf }, Some(b));
         let r = r.and_then(|_| Ok(self.memory.read(buf.addr, dst)?));
-        self.give_bounce(queue, b);
+        self.give_staging(queue, b);
         r
     }
 
-    /// Writes `src` at `sector` through a driver-owned guest bounce buffer (one copy).
+    /// Writes `src` at `sector` through a driver-owned guest staging buffer (one copy).
     pub fn write_bytes_blocking(&self, queue: u16, sector: u64, src: &[u8]) -> Result<(), BlkError> {
-        let (len, b) = self.bounce_for(queue, src.len())?;
+        let (len, b) = self.staging_for(queue, src.len())?;
         let buf = GuestBuf::new(b.gpa, len);
         if let Err(e) = self.memory.write(buf.addr, src) {
-            self.give_bounce(queue, Some(b));
+            self.give_staging(queue, Some(b));
             return Err(e.into());
         }
         let (r, b) = self.call_blocking(queue, Request::Write { sector, buf }, Some(b));
-        self.give_bounce(queue, b);
+        self.give_staging(queue, b);
         r.map(drop)
     }
 
-    /// A bounce buffer for `len` bytes, after the checks that need no device.
-    pub(crate) fn bounce_for(&self, queue: u16, len: usize) -> Result<(u32, Bounce), BlkError> {
+    /// A staging buffer for `len` bytes, after the checks that need no device.
+    pub(crate) fn staging_for(&self, queue: u16, len: usize) -> Result<(u32, Staging), BlkError> {
         let len32 = u32::try_from(len).map_err(|_| BlkError::BadLength(len as u64))?;
         if len32 == 0 || u64::from(len32) % SECTOR_SIZE != 0 {
             return Err(BlkError::BadLength(len as u64));
         }
         let q = self.queue(queue)?;
-        let b = q.lock().bounce.take(&self.memory, len32)?;
+        let b = q.lock().staging.take(&self.memory, len32)?;
         Ok((len32, b))
     }
 
-    pub(crate) fn give_bounce(&self, queue: u16, b: Option<Bounce>) {
+    pub(crate) fn give_staging(&self, queue: u16, b: Option<Staging>) {
         if let (Some(b), Ok(q)) = (b, self.queue(queue)) {
-            q.lock().bounce.give(&self.memory, b);
+            q.lock().staging.give(&self.memory, b);
         }
     }
 }
 
 impl<D: DriverModel, T: Transport> Drop for BlkDriver<D, T> {
     /// Resets the device and, once it reports status 0 (it no longer touches guest
-    /// memory, §2.4), takes every request back and frees the slots and bounce
+    /// memory, §2.4), takes every request back and frees the slots and staging
     /// buffers. If the device never acknowledges the reset, the memory is leaked
     /// rather than handed back while the device may still write it.
     fn drop(&mut self) {

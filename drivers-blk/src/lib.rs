@@ -16,7 +16,7 @@
 //!
 //! Data buffers are the caller's guest buffers ([`GuestBuf`], in the guest memory the
 //! driver was given): the driver never copies them. The `*_bytes` calls copy
-//! from or to ordinary slices through a driver-owned guest bounce buffer instead.
+//! from or to ordinary slices through a driver-owned guest staging buffer instead.
 //! Request headers, discard segments, ID replies and status bytes live in slots
 //! preallocated per ring entry, so a request costs no allocation.
 //!
@@ -29,7 +29,7 @@
 //!   that the status byte is OK, IOERR or UNSUPP. A device that breaks a rule breaks
 //!   its queue: every request on it fails with [`BlkError::DeviceBroken`], nobody
 //!   hangs.
-//! - Memory the device may still touch (request slots, bounce buffers of cancelled
+//! - Memory the device may still touch (request slots, staging buffers of cancelled
 //!   futures or timed-out calls) is freed only after the device returned the request
 //!   or acknowledged a reset.
 //!
@@ -75,12 +75,12 @@
 #![forbid(unsafe_code)]
 
 mod asynch;
-mod bounce;
 mod driver;
 mod error;
 mod info;
 mod queue;
 mod request;
+mod staging;
 
 pub use driver::BlkDriver;
 pub use error::{BlkError, Broken};

@@ -8,9 +8,9 @@
 //! (the *leader*) or by the async completion runner; everybody else sleeps on the
 //! condition variable, which is signalled after every reap.
 
-use crate::bounce::{Bounce, BouncePool};
 use crate::error::{BlkError, Broken};
 use crate::request::{Completion, Kind, Request, SLOT_BYTES, STATUS_SENTINEL, SlotAddr, complete};
+use crate::staging::{Staging, StagingPool};
 use hypervisor::GuestMemory;
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -64,8 +64,8 @@ struct Slot {
     kind: Kind,
     data_in: u32,
     waker: Option<Waker>,
-    /// A bounce buffer the request uses; owned by the slot while in flight.
-    bounce: Option<Bounce>,
+    /// A staging buffer the request uses; owned by the slot while in flight.
+    staging: Option<Staging>,
 }
 
 /// The mutable state of a queue.
@@ -84,7 +84,7 @@ pub(crate) struct QueueState<S: DriverShare> {
     pub(crate) runner: bool,
     /// Futures waiting for a free slot.
     space_waiters: Vec<Waker>,
-    pub(crate) bounce: BouncePool,
+    pub(crate) staging: StagingPool,
 }
 
 /// Descriptors the longest request needs without indirect descriptors.
@@ -101,7 +101,7 @@ impl<S: DriverShare> QueueState<S> {
                     kind: Kind::Flush,
                     data_in: 0,
                     waker: None,
-                    bounce: None,
+                    staging: None,
                 })
                 .collect(),
             // Popped from the back: slot 0 first.
@@ -112,7 +112,7 @@ impl<S: DriverShare> QueueState<S> {
             leader: false,
             runner: false,
             space_waiters: Vec::new(),
-            bounce: BouncePool::default(),
+            staging: StagingPool::default(),
             ring,
         }
     }
@@ -136,14 +136,14 @@ impl<S: DriverShare> QueueState<S> {
     }
 
     /// Writes the request into a free slot and adds it to the ring (not yet kicked).
-    /// Takes `bounce` into the slot on success; leaves it with the caller otherwise.
+    /// Takes `staging` into the slot on success; leaves it with the caller otherwise.
     pub(crate) fn submit(
         &mut self,
         mem: &GuestMemory,
         queue: u16,
         req: &Request,
         owner: Owner,
-        bounce: &mut Option<Bounce>,
+        staging: &mut Option<Staging>,
     ) -> Result<RequestId, BlkError> {
         if let Some(b) = self.broken {
             return Err(BlkError::DeviceBroken(b));
@@ -168,7 +168,7 @@ impl<S: DriverShare> QueueState<S> {
         s.phase = Phase::InFlight(owner);
         s.kind = p.kind;
         s.data_in = p.data_in;
-        s.bounce = bounce.take();
+        s.staging = staging.take();
         Ok(RequestId {
             queue,
             slot,
@@ -261,13 +261,13 @@ impl<S: DriverShare> QueueState<S> {
         woke
     }
 
-    /// Frees a slot and returns its bounce buffer.
-    fn release(&mut self, slot: u16) -> Option<Bounce> {
+    /// Frees a slot and returns its staging buffer.
+    fn release(&mut self, slot: u16) -> Option<Staging> {
         let s = &mut self.slots[usize::from(slot)];
         s.phase = Phase::Free;
         s.generation = s.generation.wrapping_add(1);
         s.waker = None;
-        let b = s.bounce.take();
+        let b = s.staging.take();
         self.free.push(slot);
         for w in self.space_waiters.drain(..) {
             w.wake();
@@ -292,7 +292,7 @@ impl<S: DriverShare> QueueState<S> {
                 continue;
             };
             if let Some(b) = self.release(slot) {
-                self.bounce.give(mem, b);
+                self.staging.give(mem, b);
             }
             out.push((
                 RequestId {
@@ -313,11 +313,11 @@ impl<S: DriverShare> QueueState<S> {
         s.generation == id.generation && matches!(s.phase, Phase::Done(_))
     }
 
-    /// Takes the result of the waited-for request `id`, with its bounce buffer.
+    /// Takes the result of the waited-for request `id`, with its staging buffer.
     pub(crate) fn take_done(
         &mut self,
         id: RequestId,
-    ) -> Option<(Result<Completion, BlkError>, Option<Bounce>)> {
+    ) -> Option<(Result<Completion, BlkError>, Option<Staging>)> {
         if !self.is_done(id) {
             return None;
         }
@@ -330,7 +330,7 @@ impl<S: DriverShare> QueueState<S> {
     }
 
     /// The waiter of `id` gives up: its result, when it comes, is dropped, and the
-    /// slot (with its bounce buffer) is released only then.
+    /// slot (with its staging buffer) is released only then.
     pub(crate) fn abandon(&mut self, mem: &GuestMemory, id: RequestId) {
         let s = &mut self.slots[usize::from(id.slot)];
         if s.generation != id.generation {
@@ -343,7 +343,7 @@ impl<S: DriverShare> QueueState<S> {
             }
             Phase::Done(_) => {
                 if let Some(b) = self.release(id.slot) {
-                    self.bounce.give(mem, b);
+                    self.staging.give(mem, b);
                 }
             }
             Phase::Free => {}
@@ -368,14 +368,14 @@ impl<S: DriverShare> QueueState<S> {
     pub(crate) fn teardown(&mut self, mem: &GuestMemory) {
         let _ = self.ring.reset();
         for slot in &mut self.slots {
-            if let Some(b) = slot.bounce.take() {
-                self.bounce.give(mem, b);
+            if let Some(b) = slot.staging.take() {
+                self.staging.give(mem, b);
             }
             if let Some(w) = slot.waker.take() {
                 w.wake();
             }
         }
-        self.bounce.drain(mem);
+        self.staging.drain(mem);
         let bytes = SLOT_BYTES * self.slots.len() as u64;
         if let Err(error) = mem.free(self.base, bytes) {
             tracing::error!(%error, "freeing request slots failed");

@@ -49,7 +49,7 @@ fn round_trip<D: virtio_core::DriverModel, M: common::Served>(r: &common::Rig<D,
         &data[..]
     );
 
-    // The copying calls go through a bounce buffer.
+    // The copying calls go through a staging buffer.
     let bytes = pattern(40, 1024);
     r.driver.write_bytes_blocking(0, 40, &bytes).unwrap();
     let mut got = vec![0u8; 1024];
@@ -520,7 +520,7 @@ fn dropping_the_driver_resets_the_device_and_frees_request_memory() {
     let before = mem.free_bytes();
     let shared = r.shared.clone();
     drop(r.driver);
-    // Slots (16 x 64 bytes) and the 8 KiB bounce buffer came back (and whatever the
+    // Slots (16 x 64 bytes) and the 8 KiB staging buffer came back (and whatever the
     // model's share frees on its own drop).
     assert!(mem.free_bytes() >= before + 16 * 64 + 8192);
     drop(shared);
@@ -598,7 +598,7 @@ async fn a_dropped_future_leaves_its_request_to_the_driver() {
     })
     .await;
     assert!(timed_out.is_err());
-    // The next request releases both; the abandoned slot and bounce are reclaimed.
+    // The next request releases both; the abandoned slot and staging are reclaimed.
     tokio::select! {
         r = &mut runner => panic!("{r:?}"),
         r = d.flush(0) => r.unwrap(),

@@ -1,6 +1,11 @@
-//! Guest bounce buffers for the copying convenience calls.
+//! Guest staging buffers for the copying convenience calls.
 //!
-//! A bounce buffer is guest memory owned by the driver. While its request is in
+//! (Not a bounce area: in this workspace "bounce" names only sharing model 1's
+//! per-queue area the device copies through, `transport-shared-page`. A staging
+//! buffer is ordinary guest memory the driver copies a caller's slice into, over
+//! any model.)
+//!
+//! A staging buffer is guest memory owned by the driver. While its request is in
 //! flight it belongs to the request's slot, not to the caller, so a cancelled future
 //! or a timed-out call can never free memory the device may still write; the slot
 //! hands it back to the pool when the device returns the request.
@@ -16,7 +21,7 @@ const KEEP_PER_CLASS: usize = 8;
 
 /// A driver-owned buffer of `cap` bytes at guest address `gpa`.
 #[derive(Debug)]
-pub(crate) struct Bounce {
+pub(crate) struct Staging {
     pub gpa: u64,
     cap_shift: u32,
 }
@@ -24,25 +29,25 @@ pub(crate) struct Bounce {
 /// Power-of-two size classes of reusable buffers: after warm-up, a copying call costs
 /// no allocation.
 #[derive(Debug, Default)]
-pub(crate) struct BouncePool {
+pub(crate) struct StagingPool {
     classes: Vec<Vec<u64>>,
 }
 
-impl BouncePool {
+impl StagingPool {
     /// A buffer of at least `len` bytes, page aligned.
-    pub(crate) fn take(&mut self, mem: &GuestMemory, len: u32) -> Result<Bounce, hypervisor::MemoryError> {
+    pub(crate) fn take(&mut self, mem: &GuestMemory, len: u32) -> Result<Staging, hypervisor::MemoryError> {
         let cap = u64::from(len).next_power_of_two().max(1 << MIN_SHIFT);
         let cap_shift = cap.trailing_zeros();
         let class = (cap_shift - MIN_SHIFT) as usize;
         if let Some(gpa) = self.classes.get_mut(class).and_then(Vec::pop) {
-            return Ok(Bounce { gpa, cap_shift });
+            return Ok(Staging { gpa, cap_shift });
         }
         let gpa = mem.alloc(cap, 1 << MIN_SHIFT)?;
-        Ok(Bounce { gpa, cap_shift })
+        Ok(Staging { gpa, cap_shift })
     }
 
     /// Takes a buffer back once no device can touch it any more.
-    pub(crate) fn give(&mut self, mem: &GuestMemory, b: Bounce) {
+    pub(crate) fn give(&mut self, mem: &GuestMemory, b: Staging) {
         let class = (b.cap_shift - MIN_SHIFT) as usize;
         if self.classes.len() <= class {
             self.classes.resize_with(class + 1, Vec::new);
@@ -68,7 +73,7 @@ impl BouncePool {
 
 fn free(mem: &GuestMemory, gpa: u64, len: u64) {
     if let Err(error) = mem.free(gpa, len) {
-        tracing::error!(%error, gpa, len, "freeing a bounce buffer failed");
+        tracing::error!(%error, gpa, len, "freeing a staging buffer failed");
     }
 }
 
@@ -78,9 +83,9 @@ mod tests {
 
     #[test]
     fn buffers_are_reused_by_size_class_and_drained() {
-        let mem = GuestMemory::new("bounce", 0x10_0000, 1 << 20).unwrap();
+        let mem = GuestMemory::new("staging", 0x10_0000, 1 << 20).unwrap();
         let before = mem.free_bytes();
-        let mut pool = BouncePool::default();
+        let mut pool = StagingPool::default();
         let a = pool.take(&mem, 100).unwrap();
         assert_eq!(a.gpa % 4096, 0);
         let a_gpa = a.gpa;
