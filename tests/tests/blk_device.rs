@@ -302,18 +302,36 @@ fn request_matrix_over_direct_with_the_thread_pool() {
 }
 
 #[test]
-fn request_matrix_over_shared_page() {
-    matrix(models::shared_page(), "shared-page.img", EngineChoice::Auto);
+fn request_matrix_over_shared_page_with_io_uring() {
+    UringEngine::probe().expect("io_uring works on this machine kind");
+    matrix(models::shared_page(), "shared-page-uring.img", EngineChoice::Uring);
 }
 
 #[test]
-fn request_matrix_over_hypervisor_copy() {
-    matrix(models::hypervisor_copy(), "copy.img", EngineChoice::Auto);
+fn request_matrix_over_shared_page_with_the_thread_pool() {
+    matrix(models::shared_page(), "shared-page-sync.img", EngineChoice::Sync);
 }
 
 #[test]
-fn request_matrix_over_grant() {
-    matrix(models::grant(), "grant.img", EngineChoice::Auto);
+fn request_matrix_over_hypervisor_copy_with_io_uring() {
+    UringEngine::probe().expect("io_uring works on this machine kind");
+    matrix(models::hypervisor_copy(), "copy-uring.img", EngineChoice::Uring);
+}
+
+#[test]
+fn request_matrix_over_hypervisor_copy_with_the_thread_pool() {
+    matrix(models::hypervisor_copy(), "copy-sync.img", EngineChoice::Sync);
+}
+
+#[test]
+fn request_matrix_over_grant_with_io_uring() {
+    UringEngine::probe().expect("io_uring works on this machine kind");
+    matrix(models::grant(), "grant-uring.img", EngineChoice::Uring);
+}
+
+#[test]
+fn request_matrix_over_grant_with_the_thread_pool() {
+    matrix(models::grant(), "grant-sync.img", EngineChoice::Sync);
 }
 
 #[test]
