@@ -4,8 +4,13 @@
 //!
 //! - `our_driver_*`: our [`SplitDriver`] adds scatter-gather requests and
 //!   `virtio_queue::Queue` serves them as the device.
-//! - `mock_driver_*`: virtio-queue's mock driver (`virtio_queue::mock`) writes chains
-//!   and our [`SplitDevice`] serves them.
+//! - `mock_ring_driver_*`: long runs of a driver written here over virtio-queue's
+//!   mock ring pieces (`virtio_queue::mock`'s `DescriptorTable`, `AvailRing`,
+//!   `UsedRing`), because its `MockSplitQueue` cannot carry a long run (see
+//!   `MockDriver`); our [`SplitDevice`] serves them. What is virtio-queue's here is
+//!   the field layout and the accessors, not the driver logic.
+//! - `mock_split_queue_*`: virtio-queue's own `MockSplitQueue` chain builders, short
+//!   runs within their limits, served by our [`SplitDevice`].
 //!
 //! Every long run crosses the 16-bit index wrap (more than 65 536 requests per queue),
 //! completes out of order, and checks both notification directions against the spec
@@ -1086,28 +1091,28 @@ fn run_mock_driver(size: u16, indirect: bool, event_idx: bool) {
 }
 
 #[test]
-fn mock_driver_our_device() {
+fn mock_ring_driver_our_device() {
     for size in [16, 256] {
         run_mock_driver(size, false, false);
     }
 }
 
 #[test]
-fn mock_driver_our_device_event_idx() {
+fn mock_ring_driver_our_device_event_idx() {
     for size in [16, 256] {
         run_mock_driver(size, false, true);
     }
 }
 
 #[test]
-fn mock_driver_our_device_indirect() {
+fn mock_ring_driver_our_device_indirect() {
     for size in [16, 256] {
         run_mock_driver(size, true, false);
     }
 }
 
 #[test]
-fn mock_driver_our_device_indirect_event_idx() {
+fn mock_ring_driver_our_device_indirect_event_idx() {
     for size in [16, 256] {
         run_mock_driver(size, true, true);
     }
