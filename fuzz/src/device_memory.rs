@@ -15,7 +15,7 @@
 //!    (guest-physical address, size, user address, file offset). Every region is
 //!    backed by its own sealed 64 KiB memfd holding a known pattern;
 //! 2. accesses until the input ends (at most 128): `op: u8` (low 2 bits: read,
-//!    write, check, direct; bit 2 writable segment; bit 3 the address is raw),
+//!    write, check, check; bit 2 writable segment; bit 3 the address is raw),
 //!    `addr: u64` (raw, or a region index and a signed 16-bit delta from its start
 //!    when bit 3 is clear), `len: u16` segment length, `offset: u16` and
 //!    `count: u16` for the access inside the segment.
@@ -24,8 +24,7 @@
 //! successful read returns exactly the file bytes behind those guest addresses (a
 //! shadow copy kept by the harness), every successful write lands exactly there,
 //! only on writable segments and only inside the segment; `check` succeeds only for
-//! segments the table covers; `direct` hands out a view of exactly the segment,
-//! read-only for a readable segment, with the right bytes. Never a panic.
+//! segments the table covers. Never a panic.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -197,7 +196,7 @@ pub fn report(data: &[u8]) -> String {
                     }
                 }
             }
-            2 => match mem.check(&seg) {
+            _ => match mem.check(&seg) {
                 Ok(()) => {
                     ok += 1;
                     assert!(
@@ -209,19 +208,6 @@ pub fn report(data: &[u8]) -> String {
                     refused += 1;
                     typed(&e);
                 }
-            },
-            _ => match mem.direct(&seg) {
-                Some(view) => {
-                    ok += 1;
-                    assert_eq!(view.len(), len as usize, "direct view of another length");
-                    assert_eq!(view.is_writable(), writable, "direct view writability");
-                    let mut got = vec![0u8; len as usize];
-                    view.read(0, &mut got).expect("view read");
-                    let want = shadow_read(&shadows, addr, len as usize)
-                        .unwrap_or_else(|| panic!("direct view of unmapped bytes: {seg:?}"));
-                    assert_eq!(got, want, "direct view shows other bytes");
-                }
-                None => refused += 1,
             },
         }
     }
@@ -386,7 +372,7 @@ fn drive<M: DeviceMemory>(
                     }
                 }
             }
-            2 => {
+            _ => {
                 let want = reach(&seg, 0, len as usize, writable);
                 match mem.check(&seg) {
                     Ok(()) => {
@@ -399,23 +385,6 @@ fn drive<M: DeviceMemory>(
                     }
                 }
             }
-            _ => match mem.direct(&seg) {
-                Some(view) => {
-                    ok += 1;
-                    assert_eq!(view.len(), len as usize, "direct view of another length");
-                    assert_eq!(view.is_writable(), writable, "direct view writability");
-                    let gpa = reach(&seg, 0, len as usize, writable)
-                        .gpa()
-                        .unwrap_or_else(|| panic!("direct view of {seg:?}"));
-                    let mut got = vec![0u8; len as usize];
-                    view.read(0, &mut got).expect("view read");
-                    assert!(
-                        got == shadow[at(gpa)..at(gpa) + len as usize],
-                        "direct view shows other bytes"
-                    );
-                }
-                None => refused += 1,
-            },
         }
     }
     (ok, refused)
@@ -717,7 +686,6 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     const READ: u8 = 0;
     const WRITE: u8 = 1;
     const CHECK: u8 = 2;
-    const DIRECT: u8 = 3;
     const W: u8 = 4;
     const RAW: u8 = 8;
     const P: u8 = 0x40;
@@ -749,11 +717,6 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             )
             .0,
             "2 ok, 0 refused",
-        ),
-        (
-            "direct-across-regions-refused",
-            access(two(), DIRECT, at(1, -8), 16, 0, 0).0,
-            "0 ok, 1 refused",
         ),
         (
             "05-one-past-the-end",
@@ -841,11 +804,6 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             )
             .0,
             "shared page: 2 ok, 0 refused",
-        ),
-        (
-            "sp-direct-bounce",
-            access(sp(), DIRECT | W, at(0, 0x100), 32, 0, 0).0,
-            "shared page: 1 ok, 0 refused",
         ),
         (
             "sp-other-queue-refused",

@@ -304,7 +304,11 @@ fn request_matrix_over_direct_with_the_thread_pool() {
 #[test]
 fn request_matrix_over_shared_page_with_io_uring() {
     UringEngine::probe().expect("io_uring works on this machine kind");
-    matrix(models::shared_page(), "shared-page-uring.img", EngineChoice::Uring);
+    matrix(
+        models::shared_page(),
+        "shared-page-uring.img",
+        EngineChoice::Uring,
+    );
 }
 
 #[test]

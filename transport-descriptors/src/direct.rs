@@ -6,8 +6,6 @@
 //! guest base address, never the [`Domain`]. Every range is checked against that
 //! mapping with checked arithmetic, so a descriptor outside guest memory, or one whose
 //! `addr + len` wraps, is refused before any byte moves (HOSTILE rule 5).
-//! [`DeviceMemory::direct`] hands out the sub-region: the zero-copy path for hot loops
-//! and for giving buffers to the kernel.
 
 use hypervisor::Domain;
 use std::sync::Arc;
@@ -141,11 +139,10 @@ impl DeviceModel for DirectDevice {
 }
 
 /// How a model-2 device reaches descriptor memory: bounds-checked copies out of its
-/// mapping of guest memory, or the mapped bytes themselves.
+/// mapping of guest memory.
 ///
 /// Costs: [`check`](DeviceMemory::check) is two subtractions and a compare;
-/// [`read`](DeviceMemory::read) / [`write`](DeviceMemory::write) add one `memcpy`;
-/// [`direct`](DeviceMemory::direct) clones a reference count.
+/// [`read`](DeviceMemory::read) / [`write`](DeviceMemory::write) add one `memcpy`.
 #[derive(Debug, Clone)]
 pub struct DirectMemory {
     mapping: Region,
@@ -193,14 +190,6 @@ impl DeviceMemory for DirectMemory {
             len: u64::from(seg.len()),
         })
     }
-
-    fn direct(&self, seg: &Segment) -> Option<Region> {
-        let r = self
-            .mapping
-            .sub(self.segment(seg).ok()?, u64::from(seg.len()))
-            .ok()?;
-        Some(if seg.writable() { r } else { r.read_only() })
-    }
 }
 
 #[cfg(test)]
@@ -242,7 +231,6 @@ mod tests {
                 "{bad:?}"
             );
             assert!(m.read(&bad, 0, &mut [0; 1]).is_err());
-            assert!(m.direct(&bad).is_none());
         }
         // Offsets are checked against the segment, not just memory.
         let s = seg(base + 100, 10, true);
@@ -261,7 +249,7 @@ mod tests {
     }
 
     #[test]
-    fn bytes_move_both_ways_and_direct_is_zero_copy() {
+    fn bytes_move_both_ways() {
         let hv = Hypervisor::new();
         let g = hv.create_domain("g", 4096).unwrap();
         let (_, dev) = pair(&g).unwrap();
@@ -277,13 +265,5 @@ mod tests {
         m.write(&seg(base + 20, 4, true), 1, b"dev").unwrap();
         g.memory().read(base + 21, &mut got[..3]).unwrap();
         assert_eq!(&got[..3], b"dev");
-        let r = m.direct(&seg(base + 10, 5, false)).unwrap();
-        assert!(!r.is_writable());
-        r.read(0, &mut got).unwrap();
-        assert_eq!(&got, b"guest");
-        let w = m.direct(&seg(base + 30, 2, true)).unwrap();
-        w.write(0, b"ok").unwrap();
-        g.memory().read(base + 30, &mut got[..2]).unwrap();
-        assert_eq!(&got[..2], b"ok");
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! - [`direct`] (model 2, "descriptor page, direct"): the device holds a mapping of all
 //!   guest memory and reads and writes the buffers itself, each range bounds-checked
-//!   against guest memory, with a zero-copy path ([`DeviceMemory::direct`]).
+//!   against guest memory.
 //! - [`copy`] (model 3, "descriptor page + trusted hypervisor copy helper"): the device
 //!   sees the descriptor table and the available ring read-only, the used ring
 //!   writable, and no buffer memory at all. It asks the [`copy::CopyHelper`] to copy a
@@ -61,7 +61,6 @@
 //! assert_eq!(&back, b"hello");
 //! ```
 //!
-//! [`DeviceMemory::direct`]: virtio_core::DeviceMemory::direct
 
 #![forbid(unsafe_code)]
 

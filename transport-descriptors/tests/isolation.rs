@@ -124,7 +124,6 @@ fn direct_refuses_descriptors_outside_guest_memory() {
         dev.memory().write(&forged, 0, b"xx"),
         Err(AccessError::OutOfBounds { .. })
     ));
-    assert!(dev.memory().direct(&forged).is_none());
 }
 
 #[test]

@@ -284,28 +284,6 @@ fn reset_with_buffers_outstanding_both_models() {
 }
 
 #[test]
-fn only_model_2_offers_zero_copy() {
-    let g = guest();
-    let (d, v) = direct::pair(&g).unwrap();
-    let mut r = rig(&g, &d, &v, 8, PLAIN);
-    let out = buffers(&g, 64, 1);
-    fill(&g, &out, &pattern(64, 9));
-    r.driver.add(&out, &[], 0).unwrap();
-    let c = r.device.pop().unwrap().unwrap();
-    let view = r.device.memory().direct(&c.readable()[0]).unwrap();
-    assert!(!view.is_writable(), "a device-readable buffer is lent read-only");
-    let mut got = [0u8; 64];
-    view.read(0, &mut got).unwrap();
-    assert_eq!(got.to_vec(), pattern(64, 9));
-
-    let (d, v) = copy::pair(&g).unwrap();
-    let mut r = rig(&g, &d, &v, 8, PLAIN);
-    r.driver.add(&out, &[], 0).unwrap();
-    let c = r.device.pop().unwrap().unwrap();
-    assert!(r.device.memory().direct(&c.readable()[0]).is_none());
-}
-
-#[test]
 fn two_guests_with_different_models_side_by_side() {
     let hv = Hypervisor::new();
     let a = hv.create_domain("a", 1 << 20).unwrap();

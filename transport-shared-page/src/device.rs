@@ -176,13 +176,4 @@ impl DeviceMemory for SharedPageMemory {
             len: u64::from(seg.len()),
         })
     }
-
-    /// The segment's bytes in the shared region: zero copy is legitimate here, since
-    /// the device may touch the bounce area anyway. Read-only for device-readable
-    /// segments.
-    fn direct(&self, seg: &Segment) -> Option<Region> {
-        let at = self.locate(seg).ok()?;
-        let r = self.area.sub(at, u64::from(seg.len())).ok()?;
-        Some(if seg.writable() { r } else { r.read_only() })
-    }
 }

@@ -7,8 +7,6 @@
 //! model 1 touches only the shared bounce area. The ring itself uses the same trait to
 //! fetch indirect descriptor tables, so no model is bypassed.
 
-use crate::shm::Region;
-
 /// Where a descriptor sits: in the queue's descriptor table, or inside the indirect
 /// table of its chain. Model 3's helper uses it to look the descriptor up in its
 /// trusted view (an indirect table is always named by the last descriptor of the
@@ -181,13 +179,6 @@ pub trait DeviceMemory {
         ops.iter()
             .try_for_each(|op| self.write(&op.seg, op.offset, op.src))
     }
-
-    /// Direct access to the segment's bytes where the model allows it (model 2), for
-    /// hot loops and for handing buffers to the kernel. `None` means "copy instead".
-    fn direct(&self, seg: &Segment) -> Option<Region> {
-        let _ = seg;
-        None
-    }
 }
 
 /// Forwards every method through a pointer type, so `&M` and `Arc<M>` are memories
@@ -209,9 +200,6 @@ macro_rules! forward_device_memory {
             }
             fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<(), AccessError> {
                 (**self).write_batch(ops)
-            }
-            fn direct(&self, seg: &Segment) -> Option<Region> {
-                (**self).direct(seg)
             }
         }
     )*};

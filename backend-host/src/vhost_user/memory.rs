@@ -15,9 +15,9 @@
 //! per node, hot-plugged DIMMs): the guest sees one contiguous range, virtio 1.2
 //! §2.7.5 asks for nothing more, so [`TableMemory`] serves it by splitting each
 //! access at the region boundary (HOSTILE 36). A range that touches a gap between
-//! regions is refused, whole, before any byte moves. Zero-copy views
-//! ([`DeviceMemory::direct`]) and the ring areas stay inside one region: a view is
-//! one contiguous run of the daemon's address space, which two mappings are not.
+//! regions is refused, whole, before any byte moves. The ring areas stay inside one
+//! region: a ring is one contiguous run of the daemon's address space, which two
+//! mappings are not.
 //!
 //! A memory file that shrinks under a mapping turns every access past its new end
 //! into SIGBUS, which would end the whole daemon (every port of `vio-host net`).
@@ -447,16 +447,6 @@ impl DeviceMemory for TableMemory {
             .ok_or_else(|| Self::out_of_bounds(gpa, src.len()))?
             .map_err(|e| AccessError::Model(Box::new(e)))
     }
-
-    /// `None` for a segment across two regions: the caller copies instead.
-    fn direct(&self, seg: &Segment) -> Option<Region> {
-        let region = self.table.view(seg.addr(), u64::from(seg.len()))?;
-        Some(if seg.writable() {
-            region
-        } else {
-            region.read_only()
-        })
-    }
 }
 
 /// The sharing model a vhost-user device serves through: whatever memory table the
@@ -602,7 +592,6 @@ mod tests {
         let mut got = [0; 4];
         mem.read(&seg(0x20_0000, 16, false), 4, &mut got).unwrap();
         assert_eq!(&got, b"abcd");
-        assert!(mem.direct(&seg(0x10_0ff0, 16, false)).is_some());
     }
 
     #[test]
@@ -614,9 +603,8 @@ mod tests {
         let mem = TableMemory { table: Arc::new(t) };
         assert!(mem.check(&seg(0xff8, 8, false)).is_ok());
         // Neighbours in guest-physical memory serve a range across them (HOSTILE 36),
-        // copied piece by piece; no single view covers it.
+        // copied piece by piece.
         assert!(mem.check(&seg(0xff8, 16, false)).is_ok());
-        assert!(mem.direct(&seg(0xff8, 16, false)).is_none());
         assert!(matches!(
             mem.check(&seg(0x1ff8, 16, false)),
             Err(AccessError::OutOfBounds { .. })
@@ -774,7 +762,6 @@ mod tests {
         assert!(mem.read(&top, 4, &mut [0; 4]).is_err());
         assert!(mem.write(&top, 4, &[0; 4]).is_err());
         assert!(mem.check(&top).is_err());
-        assert!(mem.direct(&top).is_none());
     }
 
     /// HOSTILE 11 / 38: the three ring areas of a queue must not overlap.
@@ -902,7 +889,6 @@ mod tests {
                 proptest::prop_assert_eq!(mem.check(&s).is_ok(), covered, "{:#x}+{}", addr, len);
                 let mut buf = vec![0u8; len as usize];
                 proptest::prop_assert_eq!(mem.read(&s, 0, &mut buf).is_ok(), covered);
-                proptest::prop_assert_eq!(mem.direct(&s).is_some(), in_region(addr, u64::from(len)));
             }
         }
     }

@@ -134,7 +134,7 @@ impl DeviceModel for CopyDevice {
 /// [`read`](DeviceMemory::read) / [`write`](DeviceMemory::write) one helper call with
 /// one `memcpy`; [`read_batch`](DeviceMemory::read_batch) /
 /// [`write_batch`](DeviceMemory::write_batch) one helper call (one lock, one used-ring
-/// check) for the whole batch. [`direct`](DeviceMemory::direct) is always `None`.
+/// check) for the whole batch.
 #[derive(Debug)]
 pub struct CopyMemory {
     helper: Arc<CopyHelper>,

@@ -167,11 +167,6 @@ impl DeviceMemory for Arena {
             len: u64::from(seg.len()),
         })
     }
-
-    fn direct(&self, seg: &Segment) -> Option<Region> {
-        let r = self.guest_region(seg.addr(), u64::from(seg.len())).ok()?;
-        Some(if seg.writable() { r } else { r.read_only() })
-    }
 }
 
 /// Handle of a buffer exposed by [`IdentityShare`].

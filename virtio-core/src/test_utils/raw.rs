@@ -402,12 +402,6 @@ impl<M: DeviceMemory> DeviceMemory for Recorder<M> {
         self.note(AccessKind::Write, seg, offset, src.len() as u64, r.is_ok());
         r
     }
-
-    fn direct(&self, seg: &Segment) -> Option<Region> {
-        let r = self.inner.direct(seg);
-        self.note(AccessKind::Direct, seg, 0, u64::from(seg.len()), r.is_some());
-        r
-    }
 }
 
 // ---------------------------------------------------------------------------------------
