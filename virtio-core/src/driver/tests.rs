@@ -1,3 +1,5 @@
+//! Tests of the driver bring-up: the failure paths of `DeviceGuard` and what each leaves the device in.
+
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 

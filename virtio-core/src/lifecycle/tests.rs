@@ -1,3 +1,5 @@
+//! Tests of the device lifecycle: negotiation, status transitions, queue registers, config space.
+
 use std::cell::Cell;
 
 use super::*;

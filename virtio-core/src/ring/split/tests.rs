@@ -1,3 +1,5 @@
+//! Tests of the split ring, driver and device side against each other and against hostile rings.
+
 use super::*;
 use crate::features::Features;
 use crate::ring::Chain;
