@@ -597,7 +597,7 @@ impl Transport for VhostUserTransport {
         // catch that here with a reason.
         for s in areas.spans() {
             if self.memory.offset_of(s.addr, s.len).is_none() {
-                return Err(refused(QueueError::Overflow {
+                return Err(refused(QueueError::OutsideMemory {
                     area: s.area,
                     addr: s.addr,
                     len: s.len,

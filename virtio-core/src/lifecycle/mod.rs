@@ -109,33 +109,18 @@ pub enum QueueError {
         /// The queue's maximum.
         max: u16,
     },
-    /// An area is not aligned as §2.7 / §2.8 require.
-    #[error("{area:?} area at {addr:#x} not {align}-byte aligned")]
-    Misaligned {
-        /// Which area.
-        area: RingArea,
-        /// Its address.
-        addr: u64,
-        /// Required alignment.
-        align: u64,
-    },
-    /// An area runs past the end of the address space.
-    #[error("{area:?} area at {addr:#x} with {len} bytes overflows")]
-    Overflow {
+    /// The areas are misaligned, overflow or overlap (§2.7 / §2.8, HOSTILE 11).
+    #[error(transparent)]
+    Area(#[from] AreaError),
+    /// An area lies outside the memory the driver shared with the device.
+    #[error("{area:?} area at {addr:#x} with {len} bytes lies outside shared memory")]
+    OutsideMemory {
         /// Which area.
         area: RingArea,
         /// Its address.
         addr: u64,
         /// Its length.
         len: u64,
-    },
-    /// Two areas overlap.
-    #[error("{first:?} area overlaps {second:?} area")]
-    Overlap {
-        /// One area.
-        first: RingArea,
-        /// The other.
-        second: RingArea,
     },
 }
 
@@ -145,9 +130,7 @@ impl QueueError {
     pub fn from_area(e: AreaError, max: u16) -> QueueError {
         match e {
             AreaError::Size(size) => QueueError::InvalidSize { size, max },
-            AreaError::Misaligned { area, addr, align } => QueueError::Misaligned { area, addr, align },
-            AreaError::Overflow { area, addr, len } => QueueError::Overflow { area, addr, len },
-            AreaError::Overlap { first, second } => QueueError::Overlap { first, second },
+            e => QueueError::Area(e),
         }
     }
 }

@@ -241,7 +241,7 @@ fn misaligned_areas_are_refused() {
     for ((desc, avail, used), area, addr, align) in cases {
         let mut dev = configuring();
         set_layout(&mut dev, desc, avail, used);
-        let err = QueueError::Misaligned { area, addr, align };
+        let err = QueueError::Area(AreaError::Misaligned { area, addr, align });
         assert_eq!(dev.validate_queue(0), Err(err));
         assert_eq!(dev.enable_queue(0), Err(err));
         assert_eq!(dev.queue(0).map(|q| q.enabled), Some(false));
@@ -254,11 +254,11 @@ fn areas_wrapping_the_address_space_are_refused() {
     // 256 descriptors are 4096 bytes; the last one would wrap.
     let addr = 0xffff_ffff_ffff_f010;
     set_layout(&mut dev, addr, 0x2000, 0x3000);
-    let err = QueueError::Overflow {
+    let err = QueueError::Area(AreaError::Overflow {
         area: RingArea::Descriptor,
         addr,
         len: 4096,
-    };
+    });
     assert_eq!(dev.validate_queue(0), Err(err));
     // The used ring (2054 bytes) ending two bytes short of 2^64 is fine.
     let mut dev = configuring();
@@ -281,7 +281,10 @@ fn overlapping_areas_are_refused() {
     for ((desc, avail, used), first, second) in cases {
         let mut dev = configuring();
         set_layout(&mut dev, desc, avail, used);
-        assert_eq!(dev.validate_queue(0), Err(QueueError::Overlap { first, second }));
+        assert_eq!(
+            dev.validate_queue(0),
+            Err(QueueError::Area(AreaError::Overlap { first, second }))
+        );
     }
     // Back to back is not an overlap.
     let mut dev = configuring();
