@@ -110,14 +110,11 @@ impl<V: DeviceModel> DeviceModel for Hostile<V> {
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<Self::Memory>, ModelError> {
-        let q = self.inner.open_queue(index, size, addrs)?;
-        Ok(DeviceQueue {
-            ring: q.ring,
-            memory: HostileMem {
-                inner: q.memory,
-                hostile: (index == self.queue).then(|| self.republisher.clone()),
-            },
-        })
+        let hostile = (index == self.queue).then(|| self.republisher.clone());
+        Ok(self
+            .inner
+            .open_queue(index, size, addrs)?
+            .map_memory(|inner| HostileMem { inner, hostile }))
     }
 }
 
@@ -200,13 +197,10 @@ impl<V: DeviceModel> DeviceModel for Refusing<V> {
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<Self::Memory>, ModelError> {
-        let q = self.inner.open_queue(index, size, addrs)?;
-        Ok(DeviceQueue {
-            ring: q.ring,
-            memory: RefusingMem {
-                inner: q.memory,
-                refused: self.refused.clone(),
-            },
-        })
+        let refused = self.refused.clone();
+        Ok(self
+            .inner
+            .open_queue(index, size, addrs)?
+            .map_memory(|inner| RefusingMem { inner, refused }))
     }
 }

@@ -60,6 +60,18 @@ pub struct DeviceQueue<M> {
     pub memory: M,
 }
 
+impl<M> DeviceQueue<M> {
+    /// The same rings with the memory wrapped (or replaced) by `f`: how a model
+    /// built on another model (one that records, refuses or misbehaves for a test)
+    /// opens its queues.
+    pub fn map_memory<N>(self, f: impl FnOnce(M) -> N) -> DeviceQueue<N> {
+        DeviceQueue {
+            ring: self.ring,
+            memory: f(self.memory),
+        }
+    }
+}
+
 /// The driver side of a sharing model instance (one guest).
 pub trait DriverModel {
     /// Per-queue sharing state.
