@@ -2,7 +2,8 @@
 //!
 //! Images live under cargo's per-crate scratch directory (`CARGO_TARGET_TMPDIR`), which
 //! must not be tmpfs: tmpfs refuses `O_DIRECT`. io_uring tests run when
-//! [`UringEngine::probe`] passes and say so on stderr when skipped.
+//! [`UringEngine::probe`] passes; where it does not, each test says it skipped
+//! io_uring ([`skip`]: past the harness's capture, and a failure under CI).
 
 // Test sizes are small constants on a 64-bit host; `as` keeps the arithmetic readable.
 #![allow(clippy::cast_possible_truncation)]
@@ -18,6 +19,7 @@ use backend_host::blk::engine_uring::{UringConfig, UringEngine, best_engine};
 use backend_host::blk::fault::{FaultEngine, FaultPlan, OpClass, POISON};
 use proptest::prelude::*;
 use rustix::io::Errno;
+use virtio_core::test_utils::skip;
 
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 const MIB: u64 = 1 << 20;
@@ -48,12 +50,26 @@ fn direct_image(name: &str, size: u64) -> (PathBuf, Disk) {
     (path, disk)
 }
 
-/// The engines to test on `disk`: the thread pool always, io_uring where it works.
+/// The engines to test on `disk`: the thread pool always, io_uring where it works
+/// (where it does not, the running test says once that it skipped io_uring).
 fn engines(disk: &Disk) -> Vec<Box<dyn Engine>> {
     let mut all: Vec<Box<dyn Engine>> = vec![Box::new(SyncEngine::new(disk, 3).unwrap())];
     match UringEngine::probe() {
         Ok(()) => all.push(Box::new(UringEngine::new(disk, UringConfig::default()).unwrap())),
-        Err(why) => eprintln!("skipping io_uring: {why}"),
+        Err(why) => {
+            thread_local! {
+                static SAID: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+            }
+            if !SAID.replace(true) {
+                // libtest runs each test on a thread named after it.
+                let thread = std::thread::current();
+                let test = thread.name().unwrap_or("engines");
+                skip(
+                    &format!("{test} (io_uring half)"),
+                    format_args!("io_uring unavailable: {why}"),
+                );
+            }
+        }
     }
     all
 }
@@ -190,7 +206,10 @@ fn filesystems_without_direct_io_are_refused_unless_buffered_is_asked_for() {
 fn tmpfs_refuses_direct_io_unless_buffered_is_asked_for() {
     let shm = PathBuf::from("/dev/shm");
     if !is_tmpfs(&shm) {
-        eprintln!("skipping: /dev/shm is not tmpfs here");
+        skip(
+            "tmpfs_refuses_direct_io_unless_buffered_is_asked_for",
+            "/dev/shm is not tmpfs here",
+        );
         return;
     }
     let path = shm.join(format!("engines-tmpfs-{}.img", std::process::id()));
@@ -551,8 +570,11 @@ fn dropping_an_engine_with_ops_in_flight_waits_for_them() {
 #[test]
 fn more_ops_than_ring_entries_all_complete() {
     let (path, disk) = direct_image("overcommit", 8 * MIB);
-    if UringEngine::probe().is_err() {
-        eprintln!("skipping: io_uring unavailable");
+    if let Err(why) = UringEngine::probe() {
+        skip(
+            "more_ops_than_ring_entries_all_complete",
+            format_args!("io_uring unavailable: {why}"),
+        );
         return;
     }
     let mut engine = UringEngine::new(&disk, UringConfig { entries: 4 }).unwrap();
