@@ -308,8 +308,11 @@ fn queue_depth_32_completes_every_op_by_tag() {
     });
 }
 
+/// A dsync write, a plain write and a flush succeed, and the data reaches the file.
+/// (Read back through the page cache: that cannot tell a durable write from a cached
+/// one; `dsync_writes_flush_the_device_cache_and_plain_writes_do_not` can.)
 #[test]
-fn dsync_writes_and_flush_succeed_and_persist() {
+fn dsync_writes_and_flush_succeed_and_reach_the_file() {
     each_engine("dsync", MIB, |disk, engine| {
         let mut op = write(disk, 4096, 4096, 9, 1);
         op.kind = IoKind::Write { dsync: true };
@@ -321,6 +324,89 @@ fn dsync_writes_and_flush_succeed_and_persist() {
         let expected: Vec<u8> = (0..4096).map(pattern(9)).collect();
         assert_eq!(&file[4096..8192], &expected[..]);
     });
+}
+
+/// A loop device over a fresh image under the scratch directory; detached on drop.
+struct LoopDev {
+    dev: String,
+    image: PathBuf,
+}
+
+impl LoopDev {
+    /// `None`, the test `test` skipped saying why, where loop devices cannot be set
+    /// up (not root, no loop driver).
+    fn attach(test: &str, size: u64) -> Option<LoopDev> {
+        let image = image_path("loop");
+        Disk::create_sparse(&image, size).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image)
+            .output();
+        let why = match out {
+            Ok(o) if o.status.success() => {
+                let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                return Some(LoopDev { dev, image });
+            }
+            Ok(o) => format!("losetup failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            Err(e) => format!("cannot run losetup: {e}"),
+        };
+        let _ = std::fs::remove_file(&image);
+        skip(test, why);
+        None
+    }
+
+    /// Cache flush requests the device has completed: field 16 of its
+    /// `/sys/block/<dev>/stat` (Documentation/block/stat.rst).
+    fn flushes(&self) -> u64 {
+        let name = self.dev.trim_start_matches("/dev/");
+        let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+        let field = stat.split_whitespace().nth(15);
+        field
+            .expect("a kernel that counts flushes (4.19+)")
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// `RWF_DSYNC` makes a write durable at completion, which reading the data back
+/// cannot show: the page cache and the drive's volatile cache answer reads alike,
+/// and no test here can cut the power. What can be seen is how the kernel makes it
+/// durable: a dsync write to a device with a volatile write cache is followed by a
+/// cache flush before it completes, a plain write by none. A loop device has such a
+/// cache ("write back" in its `queue/write_cache`) and counts its flushes, and only
+/// this test uses it; so a dsync write must raise its flush count by the time it
+/// completes, and a plain write must leave it alone (which shows the count tells
+/// the two apart). An engine that drops the flag fails here.
+#[test]
+fn dsync_writes_flush_the_device_cache_and_plain_writes_do_not() {
+    let test = "dsync_writes_flush_the_device_cache_and_plain_writes_do_not";
+    let Some(lo) = LoopDev::attach(test, MIB) else {
+        return;
+    };
+    let disk = Disk::open(&lo.dev, DiskOptions::default()).unwrap();
+    for mut engine in engines(&disk) {
+        let name = engine.name();
+        let before = lo.flushes();
+        let c = run1(engine.as_mut(), write(&disk, 0, 4096, 1, 1));
+        assert_eq!(c.result.unwrap(), 4096);
+        assert_eq!(lo.flushes(), before, "{name}: a plain write flushed the cache");
+        let mut op = write(&disk, 4096, 4096, 2, 2);
+        op.kind = IoKind::Write { dsync: true };
+        assert_eq!(run1(engine.as_mut(), op).result.unwrap(), 4096);
+        assert!(
+            lo.flushes() > before,
+            "{name}: a dsync write completed without a cache flush"
+        );
+    }
 }
 
 fn zeroing_op_reads_back_zeros(name: &str, kind: IoKind) {
