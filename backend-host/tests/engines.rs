@@ -2,7 +2,8 @@
 //!
 //! Images live under cargo's per-crate scratch directory (`CARGO_TARGET_TMPDIR`), which
 //! must not be tmpfs: tmpfs refuses `O_DIRECT`. io_uring tests run when
-//! [`UringEngine::probe`] passes and say so on stderr when skipped.
+//! [`UringEngine::probe`] passes; where it does not, each test says it skipped
+//! io_uring ([`skip`]: past the harness's capture, and a failure under CI).
 
 // Test sizes are small constants on a 64-bit host; `as` keeps the arithmetic readable.
 #![allow(clippy::cast_possible_truncation)]
@@ -18,6 +19,7 @@ use backend_host::blk::engine_uring::{UringConfig, UringEngine, best_engine};
 use backend_host::blk::fault::{FaultEngine, FaultPlan, OpClass, POISON};
 use proptest::prelude::*;
 use rustix::io::Errno;
+use virtio_core::test_utils::skip;
 
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 const MIB: u64 = 1 << 20;
@@ -48,12 +50,26 @@ fn direct_image(name: &str, size: u64) -> (PathBuf, Disk) {
     (path, disk)
 }
 
-/// The engines to test on `disk`: the thread pool always, io_uring where it works.
+/// The engines to test on `disk`: the thread pool always, io_uring where it works
+/// (where it does not, the running test says once that it skipped io_uring).
 fn engines(disk: &Disk) -> Vec<Box<dyn Engine>> {
     let mut all: Vec<Box<dyn Engine>> = vec![Box::new(SyncEngine::new(disk, 3).unwrap())];
     match UringEngine::probe() {
         Ok(()) => all.push(Box::new(UringEngine::new(disk, UringConfig::default()).unwrap())),
-        Err(why) => eprintln!("skipping io_uring: {why}"),
+        Err(why) => {
+            thread_local! {
+                static SAID: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+            }
+            if !SAID.replace(true) {
+                // libtest runs each test on a thread named after it.
+                let thread = std::thread::current();
+                let test = thread.name().unwrap_or("engines");
+                skip(
+                    &format!("{test} (io_uring half)"),
+                    format_args!("io_uring unavailable: {why}"),
+                );
+            }
+        }
     }
     all
 }
@@ -190,7 +206,10 @@ fn filesystems_without_direct_io_are_refused_unless_buffered_is_asked_for() {
 fn tmpfs_refuses_direct_io_unless_buffered_is_asked_for() {
     let shm = PathBuf::from("/dev/shm");
     if !is_tmpfs(&shm) {
-        eprintln!("skipping: /dev/shm is not tmpfs here");
+        skip(
+            "tmpfs_refuses_direct_io_unless_buffered_is_asked_for",
+            "/dev/shm is not tmpfs here",
+        );
         return;
     }
     let path = shm.join(format!("engines-tmpfs-{}.img", std::process::id()));
@@ -289,8 +308,11 @@ fn queue_depth_32_completes_every_op_by_tag() {
     });
 }
 
+/// A dsync write, a plain write and a flush succeed, and the data reaches the file.
+/// (Read back through the page cache: that cannot tell a durable write from a cached
+/// one; `dsync_writes_flush_the_device_cache_and_plain_writes_do_not` can.)
 #[test]
-fn dsync_writes_and_flush_succeed_and_persist() {
+fn dsync_writes_and_flush_succeed_and_reach_the_file() {
     each_engine("dsync", MIB, |disk, engine| {
         let mut op = write(disk, 4096, 4096, 9, 1);
         op.kind = IoKind::Write { dsync: true };
@@ -302,6 +324,89 @@ fn dsync_writes_and_flush_succeed_and_persist() {
         let expected: Vec<u8> = (0..4096).map(pattern(9)).collect();
         assert_eq!(&file[4096..8192], &expected[..]);
     });
+}
+
+/// A loop device over a fresh image under the scratch directory; detached on drop.
+struct LoopDev {
+    dev: String,
+    image: PathBuf,
+}
+
+impl LoopDev {
+    /// `None`, the test `test` skipped saying why, where loop devices cannot be set
+    /// up (not root, no loop driver).
+    fn attach(test: &str, size: u64) -> Option<LoopDev> {
+        let image = image_path("loop");
+        Disk::create_sparse(&image, size).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image)
+            .output();
+        let why = match out {
+            Ok(o) if o.status.success() => {
+                let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                return Some(LoopDev { dev, image });
+            }
+            Ok(o) => format!("losetup failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            Err(e) => format!("cannot run losetup: {e}"),
+        };
+        let _ = std::fs::remove_file(&image);
+        skip(test, why);
+        None
+    }
+
+    /// Cache flush requests the device has completed: field 16 of its
+    /// `/sys/block/<dev>/stat` (Documentation/block/stat.rst).
+    fn flushes(&self) -> u64 {
+        let name = self.dev.trim_start_matches("/dev/");
+        let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+        let field = stat.split_whitespace().nth(15);
+        field
+            .expect("a kernel that counts flushes (4.19+)")
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// `RWF_DSYNC` makes a write durable at completion, which reading the data back
+/// cannot show: the page cache and the drive's volatile cache answer reads alike,
+/// and no test here can cut the power. What can be seen is how the kernel makes it
+/// durable: a dsync write to a device with a volatile write cache is followed by a
+/// cache flush before it completes, a plain write by none. A loop device has such a
+/// cache ("write back" in its `queue/write_cache`) and counts its flushes, and only
+/// this test uses it; so a dsync write must raise its flush count by the time it
+/// completes, and a plain write must leave it alone (which shows the count tells
+/// the two apart). An engine that drops the flag fails here.
+#[test]
+fn dsync_writes_flush_the_device_cache_and_plain_writes_do_not() {
+    let test = "dsync_writes_flush_the_device_cache_and_plain_writes_do_not";
+    let Some(lo) = LoopDev::attach(test, MIB) else {
+        return;
+    };
+    let disk = Disk::open(&lo.dev, DiskOptions::default()).unwrap();
+    for mut engine in engines(&disk) {
+        let name = engine.name();
+        let before = lo.flushes();
+        let c = run1(engine.as_mut(), write(&disk, 0, 4096, 1, 1));
+        assert_eq!(c.result.unwrap(), 4096);
+        assert_eq!(lo.flushes(), before, "{name}: a plain write flushed the cache");
+        let mut op = write(&disk, 4096, 4096, 2, 2);
+        op.kind = IoKind::Write { dsync: true };
+        assert_eq!(run1(engine.as_mut(), op).result.unwrap(), 4096);
+        assert!(
+            lo.flushes() > before,
+            "{name}: a dsync write completed without a cache flush"
+        );
+    }
 }
 
 fn zeroing_op_reads_back_zeros(name: &str, kind: IoKind) {
@@ -382,9 +487,12 @@ fn unaligned_direct_io_fails_with_einval() {
             c.result
         );
         if disk.mem_align() <= 16 {
-            eprintln!(
-                "mem_align {} <= malloc's 16: no misaligned buffer test",
-                disk.mem_align()
+            skip(
+                "unaligned_direct_io_fails_with_einval (misaligned buffer)",
+                format_args!(
+                    "this disk's memory alignment {} is within malloc's 16: no buffer misses it",
+                    disk.mem_align()
+                ),
             );
             return;
         }
@@ -537,22 +645,74 @@ fn ready_fd_wakes_a_sleeping_reaper_for_every_batch() {
     });
 }
 
+/// Dropping an engine while the kernel still performs its ops returns only once
+/// they are done: from then on the file no longer changes, and no write was made
+/// from a buffer the drop had already freed (each block is either untouched or the
+/// whole pattern). io_uring hands every committed op to the kernel at once (64 ops,
+/// 256 ring entries), so there all of them are complete when the drop returns; the
+/// thread pool finishes the ops its workers hold and drops those still queued,
+/// unperformed (nobody waits for them any more).
 #[test]
 fn dropping_an_engine_with_ops_in_flight_waits_for_them() {
-    each_engine("drop", 8 * MIB, |disk, engine| {
-        for i in 0..64 {
-            engine.submit(write(disk, i * 65536, 65536, i, i));
+    const OPS: u64 = 64;
+    const LEN: usize = 65536;
+    const SIZE: u64 = 8 * MIB;
+    let (path, disk) = direct_image("drop", SIZE);
+    let kinds = engines(&disk).len();
+    drop(disk);
+    std::fs::remove_file(&path).unwrap();
+    for k in 0..kinds {
+        let (path, disk) = direct_image("drop", SIZE);
+        let mut engine = engines(&disk).swap_remove(k);
+        let name = engine.name();
+        for i in 0..OPS {
+            engine.submit(write(&disk, i * LEN as u64, LEN, i, i));
         }
         engine.commit().unwrap();
-        // The caller drops the engine next without reaping.
-    });
+        // Dropped without reaping.
+        drop(engine);
+        let at_drop = std::fs::read(&path).unwrap();
+        // Anything still writing now would land after this: changing the file's size
+        // waits for every direct I/O in flight on it (`inode_dio_wait` in ext4's
+        // and xfs's setattr), and the size is put back.
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(SIZE + 4096).unwrap();
+        file.set_len(SIZE).unwrap();
+        let settled = std::fs::read(&path).unwrap();
+        assert!(
+            at_drop == settled,
+            "{name}: the file changed after the drop returned"
+        );
+        let mut performed = 0;
+        for i in 0..OPS {
+            let at = i as usize * LEN;
+            let block = &at_drop[at..at + LEN];
+            if block.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let expected: Vec<u8> = (0..LEN).map(pattern(i)).collect();
+            assert!(
+                block == &expected[..],
+                "{name}: op {i} wrote neither nothing nor its data"
+            );
+            performed += 1;
+        }
+        if name == "io_uring" {
+            assert_eq!(performed, OPS, "io_uring: every op the kernel had is complete");
+        }
+        drop(disk);
+        std::fs::remove_file(&path).unwrap();
+    }
 }
 
 #[test]
 fn more_ops_than_ring_entries_all_complete() {
     let (path, disk) = direct_image("overcommit", 8 * MIB);
-    if UringEngine::probe().is_err() {
-        eprintln!("skipping: io_uring unavailable");
+    if let Err(why) = UringEngine::probe() {
+        skip(
+            "more_ops_than_ring_entries_all_complete",
+            format_args!("io_uring unavailable: {why}"),
+        );
         return;
     }
     let mut engine = UringEngine::new(&disk, UringConfig { entries: 4 }).unwrap();

@@ -205,10 +205,10 @@ impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
 
 impl<D: DriverModel, T: Transport<Interrupt: AsFd>> BlkDriver<D, T> {
     /// Serves `queue`'s interrupt inside a tokio runtime (with I/O enabled): awaits
-    /// it through [`AsyncFd`], reaps the ring and wakes the futures (and blocked
-    /// threads) whose requests completed. Spawn one per queue for the async API;
-    /// it returns only on an error (a broken queue included), and dropping it hands
-    /// the interrupt back to blocking callers.
+    /// it through [`AsyncFd`](tokio::io::unix::AsyncFd), reaps the ring and wakes
+    /// the futures (and blocked threads) whose requests completed. Spawn one per
+    /// queue for the async API; it returns only on an error (a broken queue
+    /// included), and dropping it hands the interrupt back to blocking callers.
     ///
     /// # Errors
     /// [`BlkError::RunnerActive`] if another runner serves the queue,

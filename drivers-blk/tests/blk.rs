@@ -454,6 +454,22 @@ fn blocking_calls_time_out_and_the_slot_is_reclaimed_later() {
     r.driver.flush_blocking(0).unwrap();
     behave(&r.shared, |b| b.reverse = 1);
     r.driver.read_bytes_blocking(0, 0, &mut buf).unwrap();
+    // Reclaimed: with the device holding everything, the queue takes a request per
+    // ring entry again, the timed-out one's slot included.
+    behave(&r.shared, |b| b.reverse = 100);
+    let depth = r.driver.queue_size(0).unwrap();
+    let mut n = 0;
+    loop {
+        match r.driver.submit(0, Request::GetId) {
+            Ok(_) => n += 1,
+            Err(BlkError::QueueFull) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        n, depth,
+        "every slot free again after the timed-out request came back"
+    );
 }
 
 #[test]

@@ -637,9 +637,9 @@ struct LoopDisk {
 }
 
 impl LoopDisk {
-    /// `None`, with the reason printed, where loop devices cannot be set up (not
-    /// root, no loop driver).
-    fn new(name: &str) -> Option<LoopDisk> {
+    /// `None`, the test `test` skipped saying why, where loop devices cannot be set
+    /// up (not root, no loop driver).
+    fn new(name: &str, test: &str) -> Option<LoopDisk> {
         let out = std::process::Command::new("losetup")
             .args(["--find", "--show", "--sector-size", "4096"])
             .arg(image(name))
@@ -649,14 +649,12 @@ impl LoopDisk {
                 dev: String::from_utf8_lossy(&o.stdout).trim().to_string(),
             }),
             Ok(o) => {
-                eprintln!(
-                    "skipped: losetup failed: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
+                let why = String::from_utf8_lossy(&o.stderr);
+                virtio_core::test_utils::skip(test, format_args!("losetup failed: {}", why.trim()));
                 None
             }
             Err(e) => {
-                eprintln!("skipped: cannot run losetup: {e}");
+                virtio_core::test_utils::skip(test, format_args!("cannot run losetup: {e}"));
                 None
             }
         }
@@ -674,8 +672,10 @@ impl Drop for LoopDisk {
 /// Sector-aligned requests that direct I/O cannot take (offset or length not a
 /// multiple of the disk's 4096-byte alignment) are served through the buffered
 /// fallback, coherently with the direct path, and made durable by a flush.
-fn misaligned_requests_on_a_4k_disk(engine: EngineChoice, name: &str) {
-    let Some(lo) = LoopDisk::new(name) else { return };
+fn misaligned_requests_on_a_4k_disk(engine: EngineChoice, name: &str, test: &str) {
+    let Some(lo) = LoopDisk::new(name, test) else {
+        return;
+    };
     let disk = Disk::open(&lo.dev, DiskOptions::default()).unwrap();
     assert!(disk.direct());
     assert_eq!(disk.offset_align(), 4096, "a 4096-byte-sector loop device");
@@ -729,12 +729,20 @@ fn misaligned_requests_on_a_4k_disk(engine: EngineChoice, name: &str) {
 
 #[test]
 fn misaligned_requests_on_a_4k_disk_with_io_uring() {
-    misaligned_requests_on_a_4k_disk(EngineChoice::Uring, "4k-uring.img");
+    misaligned_requests_on_a_4k_disk(
+        EngineChoice::Uring,
+        "4k-uring.img",
+        "misaligned_requests_on_a_4k_disk_with_io_uring",
+    );
 }
 
 #[test]
 fn misaligned_requests_on_a_4k_disk_with_the_thread_pool() {
-    misaligned_requests_on_a_4k_disk(EngineChoice::Sync, "4k-sync.img");
+    misaligned_requests_on_a_4k_disk(
+        EngineChoice::Sync,
+        "4k-sync.img",
+        "misaligned_requests_on_a_4k_disk_with_the_thread_pool",
+    );
 }
 
 /// What a [`BytesCheck`] engine saw.

@@ -13,7 +13,9 @@
 //!   before the host's stack sees it.
 //!
 //! Each test needs `/dev/net/tun` and the right to create namespaces (root); it
-//! says "skipped" and returns only when one of them is missing.
+//! says so (`SKIPPED <test>: <why>`, past the harness's capture) and returns only
+//! when one of them is missing, and fails instead under CI
+//! ([`virtio_core::test_utils::skip`]).
 
 use backend_host::net::{NetDevice, NetSettings, Switch, SwitchConfig, TapConfig, TapPort};
 use drivers_net::{NetDriver, NetOptions, NetPhy};
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 use transport_descriptors::direct::{DirectDevice, DirectDriver};
 use vio::models;
 use virtio_core::net::{csum_add, csum_fold, ipv4_pseudo_header_sum};
+use virtio_core::test_utils::skip;
 use virtio_core::transport::InProcessTransport;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,7 +68,7 @@ impl Netns {
     /// test: no `/dev/net/tun`, or no right to create namespaces.
     fn create(test: &str) -> Option<Netns> {
         if !Path::new("/dev/net/tun").exists() {
-            eprintln!("skipped {test}: /dev/net/tun is missing");
+            skip(test, "/dev/net/tun is missing");
             return None;
         }
         static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -78,9 +81,12 @@ impl Netns {
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) if !rustix::process::geteuid().is_root() => {
-                eprintln!(
-                    "skipped {test}: cannot create a network namespace (not root): {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
+                skip(
+                    test,
+                    format_args!(
+                        "cannot create a network namespace (not root): {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
                 );
                 return None;
             }

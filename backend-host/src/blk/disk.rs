@@ -433,7 +433,10 @@ mod tests {
     fn probing_finds_the_alignment_statx_reports() {
         let dir = std::env::temp_dir();
         if in_memory_fs(&rustix::fs::open(&dir, OFlags::RDONLY, Mode::empty()).unwrap()) {
-            eprintln!("skipping: {} is an in-memory filesystem", dir.display());
+            virtio_core::test_utils::skip(
+                "probing_finds_the_alignment_statx_reports",
+                format_args!("{} is an in-memory filesystem", dir.display()),
+            );
             return;
         }
         let path = dir.join(format!("disk-probe-{}.img", std::process::id()));

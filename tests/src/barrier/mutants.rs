@@ -18,6 +18,7 @@
 //!
 //! [`RecordingEngine`]: backend_host::blk::record::RecordingEngine
 //! [`FaultEngine`]: backend_host::blk::fault::FaultEngine
+//! [`Engine`]: backend_host::blk::engine::Engine
 
 use backend_host::blk::engine::{AlignedBuf, Completion, IoKind, IoOp};
 use backend_host::blk::wrap::{Down, Hooks, Wrapped};

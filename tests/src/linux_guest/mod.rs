@@ -31,8 +31,6 @@ pub use backend::{Backend, BackendError};
 pub use boot::{BlkDisk, GuestError, GuestRun, GuestSpec, LinuxGuest, Machine, NetPort};
 pub use prepare::{Kit, PrepareError};
 
-use std::io::Write;
-
 /// The kit for the test `name`, prepared on first use. `None` (after saying why on
 /// standard error) when this machine cannot install the prerequisites; under CI
 /// (`CI` set), where they must be installable, that is a failure instead.
@@ -42,12 +40,9 @@ use std::io::Write;
 pub fn for_test(name: &str) -> Option<LinuxGuest> {
     match prepare::prepare() {
         Ok(kit) => Some(LinuxGuest::new(kit)),
-        Err(PrepareError::Unavailable(why)) if std::env::var_os("CI").is_none() => {
-            // Straight to the stream, past the test harness's capture: a skip must show.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {name}: Linux guest unavailable: {why}"
-            );
+        Err(PrepareError::Unavailable(why)) => {
+            // Says so past the harness's capture; panics under CI.
+            virtio_core::test_utils::skip(name, format_args!("Linux guest unavailable: {why}"));
             None
         }
         Err(e) => panic!("Linux-guest kit for {name}: {}", report(&e)),

@@ -17,11 +17,15 @@ pub const QSD: &str = "/usr/bin/qemu-storage-daemon";
 pub const IMAGE_BYTES: u64 = 32 << 20;
 pub const GUEST_BYTES: u64 = 64 << 20;
 
-/// Whether the daemon is installed; prints why a test is skipped if not.
+/// Whether the daemon is installed; if not, the test `test` is skipped, saying so
+/// ([`virtio_core::test_utils::skip`]: a failure under CI).
 pub fn available(test: &str) -> bool {
     let found = Path::new(QSD).exists();
     if !found {
-        eprintln!("SKIPPED {test}: {QSD} is not installed (Debian package qemu-utils)");
+        virtio_core::test_utils::skip(
+            test,
+            format_args!("{QSD} is not installed (Debian package qemu-utils)"),
+        );
     }
     found
 }

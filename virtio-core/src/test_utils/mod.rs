@@ -4,8 +4,14 @@
 //!
 //! These are real implementations, bounds-checked like production code; they only lack
 //! the isolation machinery of the real sharing models.
+//!
+//! And [`skip`]: how a test that cannot run on this machine says so, visibly, and
+//! fails under CI.
 
 pub mod raw;
+mod skip;
+
+pub use skip::skip;
 
 use crate::access::{AccessError, DeviceMemory, Segment, check_within};
 use crate::ring::layout::SplitLayout;
