@@ -1,11 +1,11 @@
 //! The virtio-blk device: features, configuration space, and the queue workers that
-//! serve requests through an [`Engine`].
+//! serve requests through an [`Engine`](crate::blk::engine::Engine).
 //!
 //! One worker per queue, each a task on a tokio runtime (the device's own, or the
 //! caller's): it waits on the queue's kick eventfd and on its engine's completion
 //! eventfd (both registered with `AsyncFd`), pops what is available (at most
 //! [`CHAINS_PER_WAKE`] chains per wake-up),
-//! parses it ([`Parser`]), turns it into engine ops submitted as one batch (one by
+//! parses it ([`Parser`](crate::blk::request::Parser)), turns it into engine ops submitted as one batch (one by
 //! one while it polls or serves completions, so the disk starts on the first), and
 //! completes requests as their ops finish, out of order.
 //!
@@ -26,132 +26,30 @@
 //! [`CHUNK`] bytes, and a status byte alone for a failed request.
 
 mod flush;
+mod runtime;
+mod settings;
 mod worker;
 
 use crate::blk::disk::Disk;
-use crate::blk::engine::Engine;
-use crate::blk::engine_sync::SyncEngine;
-use crate::blk::engine_uring::{UringConfig, UringEngine, best_engine};
-use crate::blk::request::{DiskFacts, Parser};
-use crate::poll::Poller;
+use crate::blk::request::DiskFacts;
 use flush::FlushGate;
+use runtime::Running;
+use settings::{MAX_RANGE_SECTORS, MAX_RANGE_SEGS};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use virtio_core::blk::{self, BlkConfig, BlkFeatures, Status};
+use std::sync::atomic::Ordering;
+use virtio_core::DeviceModel;
+use virtio_core::blk::{self, BlkConfig, BlkFeatures};
 use virtio_core::config::ConfigSpace;
 use virtio_core::features::Features;
 use virtio_core::lifecycle::DeviceLifecycle;
-use virtio_core::notify::{EventFdNotifier, Notify};
 use virtio_core::ring::INDIRECT_MAX;
 use virtio_core::transport::{ActiveQueue, DeviceHandler};
-use virtio_core::{DeviceModel, SplitDevice};
-use worker::{StopSignal, Worker, WorkerParts};
 use zerocopy::IntoBytes;
 
-pub use worker::{CHAINS_PER_WAKE, CHUNK};
-
-/// How writes reach stable storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[repr(u8)]
-pub enum CacheMode {
-    /// Writes may sit in the host's volatile caches until a FLUSH, which runs
-    /// `fdatasync` and completes after it (the device advertises a writeback cache).
-    #[default]
-    Writeback,
-    /// Every write is durable when it completes (`RWF_DSYNC`); flushes still sync.
-    Writethrough,
-    /// Flushes are acknowledged without syncing. Only for throw-away disks: after a
-    /// host crash, acknowledged data may be gone.
-    Unsafe,
-}
-
-/// Makes an engine for one queue (tests wrap real engines in fault injectors).
-pub type EngineFactory = Arc<dyn Fn(&Disk) -> std::io::Result<Box<dyn Engine>> + Send + Sync>;
-
-/// Which engine runs the I/O.
-#[derive(Clone, Default)]
-pub enum EngineChoice {
-    /// io_uring when it works here, else the thread pool (logged).
-    #[default]
-    Auto,
-    /// io_uring or fail.
-    Uring,
-    /// The thread pool.
-    Sync,
-    /// Whatever the factory makes.
-    Custom(EngineFactory),
-}
-
-impl std::fmt::Debug for EngineChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            EngineChoice::Auto => "Auto",
-            EngineChoice::Uring => "Uring",
-            EngineChoice::Sync => "Sync",
-            EngineChoice::Custom(_) => "Custom",
-        })
-    }
-}
-
-/// Device settings.
-#[derive(Debug, Clone)]
-pub struct BlkSettings {
-    /// Cache mode.
-    pub cache: CacheMode,
-    /// Number of queues offered (MQ when more than one).
-    pub queues: u16,
-    /// Largest queue size offered.
-    pub queue_size: u16,
-    /// The serial number GET_ID returns (at most 20 bytes are sent).
-    pub serial: String,
-    /// The engine.
-    pub engine: EngineChoice,
-    /// Adaptive polling: after serving anything, a queue worker keeps polling the ring
-    /// and the engine for this long before sleeping on its eventfds (kicks are
-    /// suppressed meanwhile). Zero sleeps at once. Polling trades a core for the
-    /// cross-core wake-up latency (tens of microseconds, docs/PERF.md); keep it zero when
-    /// workers share a runtime with other tasks. A worker that finds its core
-    /// shared (it was preempted for a time slice while polling) stops polling for
-    /// a while, backing off (the crate's `poll` module), so it does not starve the
-    /// guest driver it waits for on a machine with fewer cores than busy threads.
-    pub poll: std::time::Duration,
-    /// Most bytes of data buffers one queue holds for requests in flight, whatever
-    /// the guest sends (HOSTILE 32): requests beyond it wait in the available ring.
-    /// At least [`CHUNK`]; the device's total is this times the queues, plus a pool
-    /// of at most 64 reused buffers of 64 KiB per queue.
-    pub max_bytes_in_flight: usize,
-}
-
-impl Default for BlkSettings {
-    fn default() -> Self {
-        BlkSettings {
-            cache: CacheMode::Writeback,
-            queues: 1,
-            queue_size: 256,
-            serial: "vio-blk".into(),
-            engine: EngineChoice::Auto,
-            poll: std::time::Duration::ZERO,
-            max_bytes_in_flight: DEFAULT_BYTES_IN_FLIGHT,
-        }
-    }
-}
-
-/// [`BlkSettings::max_bytes_in_flight`] by default: 32 requests of 512 KiB.
-pub const DEFAULT_BYTES_IN_FLIGHT: usize = 16 << 20;
-
-/// Largest discard / write-zeroes range we advertise, in sectors (1 GiB).
-const MAX_RANGE_SECTORS: u32 = 1 << 21;
-/// Ranges per discard / write-zeroes request we advertise.
-const MAX_RANGE_SEGS: u32 = 16;
-
-/// Where the queue workers run.
-#[derive(Debug, Clone)]
-pub enum Runtime {
-    /// Each queue gets a thread with its own single-threaded tokio runtime.
-    OwnThreads,
-    /// Queue workers are spawned on the caller's runtime.
-    Handle(tokio::runtime::Handle),
-}
+pub use runtime::Runtime;
+pub use settings::{
+    BlkSettings, CHAINS_PER_WAKE, CHUNK, CacheMode, DEFAULT_BYTES_IN_FLIGHT, EngineChoice, EngineFactory,
+};
 
 /// A virtio-blk device over one disk, serving a guest through sharing model `V`.
 pub struct BlkDevice<V: DeviceModel> {
@@ -192,19 +90,6 @@ impl SharedCache {
     fn set(&self, mode: CacheMode) {
         self.0.store(mode as u8, Ordering::Release);
     }
-}
-
-struct Running {
-    index: u16,
-    stop: Arc<EventFdNotifier>,
-    /// Set before `stop` is signalled; the worker checks it between chains.
-    stopping: Arc<AtomicBool>,
-    /// Set before `stop` is signalled: finish the requests in flight and return
-    /// them to the driver, rather than dropping them as a reset does.
-    drain: Arc<AtomicBool>,
-    /// The worker's last word: where its ring stopped.
-    done: std::sync::mpsc::Receiver<u16>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl<V: DeviceModel> std::fmt::Debug for BlkDevice<V> {
@@ -336,82 +221,6 @@ where
     pub fn clear_flush_failure(&self) {
         self.gate.clear();
     }
-
-    fn engine(&self) -> std::io::Result<Box<dyn Engine>> {
-        let depth = u32::from(self.settings.queue_size).max(8);
-        match &self.settings.engine {
-            EngineChoice::Auto => best_engine(&self.disk, depth),
-            EngineChoice::Uring => UringEngine::new(&self.disk, UringConfig { entries: depth })
-                .map(|e| Box::new(e) as Box<dyn Engine>)
-                .map_err(std::io::Error::other),
-            EngineChoice::Sync => Ok(Box::new(SyncEngine::new(&self.disk, 2)?)),
-            EngineChoice::Custom(make) => make(&self.disk),
-        }
-    }
-
-    fn start_queue(
-        &mut self,
-        features: u64,
-        q: ActiveQueue,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
-        let f = Features::from_bits_retain(features);
-        // A request naming memory the model refuses still gets IOERR in its
-        // status byte, where that byte is reachable (issue 13, finding 7).
-        let ring = SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?
-            .starting_at(q.next_avail)
-            .with_reject_status(Status::IoErr.raw());
-        let blk_features = BlkFeatures::from_bits_truncate(features);
-        let stopping = Arc::new(AtomicBool::new(false));
-        let worker = Worker::new(
-            WorkerParts {
-                index: q.index,
-                ring,
-                parser: Parser::new(blk_features, self.facts),
-                engine: self.engine()?,
-                cache: self.cache.clone(),
-                mem_align: self.disk.mem_align(),
-                serial: blk::encode_device_id(self.settings.serial.as_bytes()),
-                gate: self.gate.clone(),
-                poller: Poller::new(self.settings.poll),
-                max_bytes_in_flight: self.settings.max_bytes_in_flight,
-            },
-            stopping.clone(),
-        );
-        let stop = Arc::new(EventFdNotifier::new()?);
-        let drain = Arc::new(AtomicBool::new(false));
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let signal = StopSignal {
-            fd: stop.clone(),
-            drain: drain.clone(),
-        };
-        let fut = worker.run(q.kick, q.interrupt, signal, done_tx);
-        let thread = match &self.runtime {
-            Runtime::Handle(h) => {
-                h.spawn(fut);
-                None
-            }
-            Runtime::OwnThreads => {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .build()?;
-                Some(
-                    std::thread::Builder::new()
-                        .name(format!("vio-blk-q{}", q.index))
-                        .spawn(move || rt.block_on(fut))?,
-                )
-            }
-        };
-        self.running.push(Running {
-            index: q.index,
-            stop,
-            stopping,
-            drain,
-            done,
-            thread,
-        });
-        Ok(())
-    }
 }
 
 impl<V> DeviceHandler for BlkDevice<V>
@@ -484,47 +293,4 @@ where
 /// The `writeback` configuration byte of a cache mode: 0 for writethrough.
 fn writeback_byte(mode: CacheMode) -> u8 {
     u8::from(mode != CacheMode::Writethrough)
-}
-
-impl<V: DeviceModel> BlkDevice<V> {
-    /// Stops every queue worker once it has finished the requests in flight and
-    /// returned them to the driver, keeping the device's state (the cache mode, a
-    /// latched flush failure): how vhost-user stops rings and starts them again
-    /// (GET_VRING_BASE), unlike a reset. Returns where each queue stopped, as
-    /// `(queue index, next available-ring position)`, for
-    /// [`ActiveQueue::next_avail`] when the queue starts again.
-    pub fn stop_queues(&mut self) -> Vec<(u16, u16)> {
-        self.stop_all(true)
-    }
-
-    /// Stops every queue worker and returns once each has reaped its ops; with
-    /// `drain`, the requests in flight are completed and returned first.
-    fn stop_all(&mut self, drain: bool) -> Vec<(u16, u16)> {
-        for r in &self.running {
-            r.drain.store(drain, Ordering::Release);
-            r.stopping.store(true, Ordering::Release);
-            if let Err(e) = r.stop.notify() {
-                tracing::error!(error = %e, "cannot signal a queue worker to stop");
-            }
-        }
-        let mut stopped = Vec::with_capacity(self.running.len());
-        for mut r in self.running.drain(..) {
-            // The worker reports once it has reaped every op; only then may the reset
-            // become visible. A worker that died also closes the channel.
-            match r.done.recv() {
-                Ok(next_avail) => stopped.push((r.index, next_avail)),
-                Err(_) => tracing::error!(queue = r.index, "block queue worker died"),
-            }
-            if let Some(t) = r.thread.take() {
-                let _ = t.join();
-            }
-        }
-        stopped
-    }
-}
-
-impl<V: DeviceModel> Drop for BlkDevice<V> {
-    fn drop(&mut self) {
-        self.stop_all(false);
-    }
 }

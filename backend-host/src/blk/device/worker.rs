@@ -19,7 +19,7 @@
 //!   turn one request into gigabytes of memory traffic.
 
 use super::flush::{FlushGate, Ticket};
-use super::{CacheMode, SharedCache};
+use super::{CHAINS_PER_WAKE, CHUNK, CacheMode, SharedCache};
 use crate::blk::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
 use crate::blk::request::{Parser, Reject, Request, RequestKind};
 use crate::poll::Poller;
@@ -31,12 +31,6 @@ use virtio_core::notify::{EventFdNotifier, Notify, Wait};
 use virtio_core::reactor::watch;
 use virtio_core::ring::Chain;
 use virtio_core::{DeviceMemory, SplitDevice};
-
-/// Largest data buffer of one engine op: a READ or WRITE longer than this runs as
-/// several ops (and the `size_max` the device offers).
-pub const CHUNK: u32 = 1 << 20;
-/// Chains a worker pops per wake-up before it yields.
-pub const CHAINS_PER_WAKE: usize = 256;
 
 /// While completing a batch of ops, the worker starts newly available chains after
 /// this many completions ([`Worker::complete_all`]).
