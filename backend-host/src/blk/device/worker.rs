@@ -18,11 +18,14 @@
 //!   writing (zeroing) its whole writable part would let overlapping descriptors
 //!   turn one request into gigabytes of memory traffic.
 
+mod pool;
+
 use super::flush::{FlushGate, Ticket};
 use super::{CHAINS_PER_WAKE, CHUNK, CacheMode, SharedCache};
 use crate::blk::engine::{AlignedBuf, Completion, Engine, IoKind, IoOp};
 use crate::blk::request::{Parser, Reject, Request, RequestKind};
 use crate::poll::Poller;
+use pool::BufferPool;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,10 +38,6 @@ use virtio_core::{DeviceMemory, SplitDevice};
 /// While completing a batch of ops, the worker starts newly available chains after
 /// this many completions ([`Worker::complete_all`]).
 const RESTART_EVERY: usize = 8;
-/// Data buffers a queue worker keeps for reuse.
-const POOL_BUFFERS: usize = 64;
-/// Largest data buffer kept for reuse (larger ones are rare and costly to hoard).
-const POOL_BUFFER_MAX: usize = 64 * 1024;
 
 /// Tag bit of an op that is a disk sync run for the [`FlushGate`] (the bits below
 /// are the sync's number); other tags are a slot (low 32 bits) and a chunk index
@@ -97,7 +96,6 @@ pub(super) struct Worker<M> {
     parser: Parser,
     engine: Box<dyn Engine>,
     cache: Arc<SharedCache>,
-    mem_align: usize,
     serial: [u8; blk::GET_ID_LEN],
     gate: Arc<FlushGate>,
     poller: Poller,
@@ -106,8 +104,8 @@ pub(super) struct Worker<M> {
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     completions: Vec<Completion>,
-    /// Data buffers of finished ops, for reuse ([`Worker::buffer`]).
-    buffers: Vec<AlignedBuf>,
+    /// Data buffers of finished ops, for reuse.
+    pool: BufferPool,
     /// READ/WRITE requests with data not yet submitted, oldest first.
     backlog: VecDeque<usize>,
     /// Bytes of data buffers handed to the engine and not yet reaped.
@@ -134,7 +132,6 @@ impl<M: DeviceMemory + Send> Worker<M> {
             parser: p.parser,
             engine: p.engine,
             cache: p.cache,
-            mem_align: p.mem_align,
             serial: p.serial,
             gate: p.gate,
             poller: p.poller,
@@ -143,7 +140,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
             slots: Vec::new(),
             free: Vec::new(),
             completions: Vec::new(),
-            buffers: Vec::new(),
+            pool: BufferPool::new(p.mem_align),
             backlog: VecDeque::new(),
             bytes_in_flight: 0,
             awaiting_sync: Vec::new(),
@@ -459,13 +456,13 @@ impl<M: DeviceMemory + Send> Worker<M> {
             if self.bytes_in_flight > 0 && self.bytes_in_flight + n_bytes > self.max_bytes_in_flight {
                 break;
             }
-            let mut buf = self.buffer(n_bytes);
+            let mut buf = self.pool.take(n_bytes);
             let kind = if write {
                 if !self.read_chunk(slot, at, &mut buf) {
                     // The guest's data cannot be read: the request fails, and its
                     // chunks not submitted yet are dropped.
                     self.backlog.pop_front();
-                    self.recycle(buf);
+                    self.pool.recycle(buf);
                     if let Some(Some(f)) = self.slots.get_mut(slot) {
                         f.status = Status::IoErr;
                         f.pending = f.pending.saturating_sub((len - at).div_ceil(CHUNK));
@@ -619,7 +616,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
         f.pending = f.pending.saturating_sub(1);
         let done = f.pending == 0;
         self.bytes_in_flight = self.bytes_in_flight.saturating_sub(data_len);
-        self.recycle(c.buf);
+        self.pool.recycle(c.buf);
         if done {
             self.ops_done(slot);
         }
@@ -711,30 +708,6 @@ impl<M: DeviceMemory + Send> Worker<M> {
             }
         }
         self.awaiting_sync = waiting;
-    }
-
-    /// A data buffer of `len` bytes: a recycled one of that length if there is one,
-    /// else a new one.
-    ///
-    /// Stale contents are harmless (HOSTILE 30): a read's buffer reaches the guest
-    /// only when the read filled all of it, and a write's is filled from the guest
-    /// before it is submitted.
-    fn buffer(&mut self, len: usize) -> AlignedBuf {
-        if self.buffers.last().is_some_and(|b| b.len() == len)
-            && let Some(buf) = self.buffers.pop()
-        {
-            return buf;
-        }
-        AlignedBuf::for_io(len, self.mem_align)
-    }
-
-    /// Keeps a finished op's buffer for reuse, within [`POOL_BUFFERS`] buffers of at
-    /// most [`POOL_BUFFER_MAX`] bytes: the steady state of a queue then allocates,
-    /// zeroes and frees nothing per request.
-    fn recycle(&mut self, buf: AlignedBuf) {
-        if !buf.is_empty() && buf.len() <= POOL_BUFFER_MAX && self.buffers.len() < POOL_BUFFERS {
-            self.buffers.push(buf);
-        }
     }
 
     /// Writes the status of a finished request and returns its chain. A failed
