@@ -1,11 +1,11 @@
 //! The virtio-blk device: features, configuration space, and the queue workers that
-//! serve requests through an [`Engine`](crate::blk::engine::Engine).
+//! serve requests through an [`Engine`].
 //!
 //! One worker per queue, each a task on a tokio runtime (the device's own, or the
 //! caller's): it waits on the queue's kick eventfd and on its engine's completion
 //! eventfd (both registered with `AsyncFd`), pops what is available (at most
 //! [`CHAINS_PER_WAKE`] chains per wake-up),
-//! parses it ([`Parser`](crate::blk::request::Parser)), turns it into engine ops submitted as one batch (one by
+//! parses it ([`Parser`]), turns it into engine ops submitted as one batch (one by
 //! one while it polls or serves completions, so the disk starts on the first), and
 //! completes requests as their ops finish, out of order.
 //!
@@ -24,6 +24,31 @@
 //! Bounds on what a guest can make the host hold or spend (HOSTILE 32, 34): at most
 //! [`BlkSettings::max_bytes_in_flight`] bytes of buffers per queue, ops of at most
 //! [`CHUNK`] bytes, and a status byte alone for a failed request.
+//!
+//! # Where things are
+//! - This file: [`BlkDevice`], [`BlkDevice::new`], and the failed-flush latch
+//!   ([`BlkDevice::flush_failed`], [`BlkDevice::clear_flush_failure`]).
+//! - `device/settings.rs`: what a device is made with ([`BlkSettings`],
+//!   [`CacheMode`], [`EngineChoice`]) and its fixed limits ([`CHUNK`],
+//!   [`CHAINS_PER_WAKE`], [`DEFAULT_BYTES_IN_FLIGHT`], the advertised discard and
+//!   write-zeroes ranges).
+//! - `device/control.rs`: the control plane: what the device offers
+//!   ([`BlkDevice::offered`], [`BlkDevice::lifecycle`]), its
+//!   [`DeviceHandler`](virtio_core::transport::DeviceHandler) impl (activate, reset,
+//!   feature negotiation, CONFIG_WCE writes), and the cache mode in force
+//!   ([`BlkDevice::cache_mode`]), shared with the queue workers.
+//! - `device/runtime.rs`: where the queue workers run ([`Runtime`]), starting one
+//!   per queue with its engine, and stopping them ([`BlkDevice::stop_queues`], on
+//!   reset and on drop).
+//! - `device/worker.rs`: one queue's worker, its state and event loop (kicks,
+//!   completions, polling, stopping); `device/worker/exec.rs`: request execution,
+//!   from a popped chain to engine ops and back to a used entry, with the syncs
+//!   flushes wait for; `device/worker/pool.rs`: the data buffers a worker reuses.
+//! - `device/flush.rs`: the flush gate: one disk sync at a time, shared by every
+//!   queue, and the failed-flush latch.
+//!
+//! [`Engine`]: crate::blk::engine::Engine
+//! [`Parser`]: crate::blk::request::Parser
 
 mod control;
 mod flush;
