@@ -1,8 +1,7 @@
-//! The control plane of a [`BlkDevice`]: what it offers (features and
-//! configuration space), how it answers its transport ([`DeviceHandler`]:
-//! activation, reset, feature negotiation, configuration writes), and the cache
-//! mode in force, which the driver may change (CONFIG_WCE) and the queue workers
-//! read.
+//! The block device's control plane: what it offers (features and configuration
+//! space), how it answers its transport ([`DeviceHandler`]: activation, reset,
+//! feature negotiation, configuration writes), and the cache mode in force, which
+//! the driver may change (CONFIG_WCE) and the queue workers read.
 
 use super::{BlkDevice, CacheMode};
 use std::sync::atomic::Ordering;

@@ -1,7 +1,7 @@
-//! Where and how the queue workers run: on threads of their own or on the caller's
-//! tokio runtime ([`Runtime`]), one per queue, each with its own engine; and how
-//! they stop, after reaping every op in flight (a reset) or after returning the
-//! requests in flight to the driver (vhost-user's GET_VRING_BASE).
+//! Starting and stopping the block device's queue workers: one per queue, each with
+//! its own engine, on threads of their own or on the caller's tokio runtime
+//! ([`Runtime`]); stopped after reaping every op in flight (a reset) or after
+//! returning the requests in flight to the driver (vhost-user's GET_VRING_BASE).
 
 use super::worker::{StopSignal, Worker, WorkerParts};
 use super::{BlkDevice, EngineChoice};

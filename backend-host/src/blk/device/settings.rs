@@ -1,6 +1,6 @@
-//! What a [`BlkDevice`](super::BlkDevice) is made with, and the limits it keeps
-//! whatever the guest sends: the cache mode, the engine choice, [`BlkSettings`], and
-//! the fixed bounds of a queue (HOSTILE 32, 34) and of what the device advertises.
+//! What a block device is made with, and the limits it keeps whatever the guest
+//! sends: the cache mode, the engine choice, [`BlkSettings`], and the fixed bounds
+//! of a queue (HOSTILE 32, 34) and of what the device advertises.
 
 use crate::blk::disk::Disk;
 use crate::blk::engine::Engine;
