@@ -667,7 +667,9 @@ fn a_guest_cannot_claim_a_bound_address() {
     attacker.send(&own);
     assert_eq!(peer.recv(1), vec![own]);
     // Counted once the batch is forwarded, so possibly after the peer has the frame.
-    eventually("the attacker's own frame counted", || attacker.stats().tx_frames == 1);
+    eventually("the attacker's own frame counted", || {
+        attacker.stats().tx_frames == 1
+    });
     // Opting out: a guest with a MAC that may use any source is learnt anywhere.
     let free = plug(
         models::direct(),
