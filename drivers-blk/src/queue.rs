@@ -17,7 +17,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 use virtio_core::DriverShare;
 use virtio_core::blk::GET_ID_LEN;
-use virtio_core::ring::split::{AddError, SplitDriver, Used};
+use virtio_core::ring::queue::{AddError, DriverRing, Used};
 use zerocopy::IntoBytes;
 
 /// Names one submitted request: its queue, its slot and the slot's generation, so a
@@ -70,7 +70,7 @@ struct Slot {
 
 /// The mutable state of a queue.
 pub(crate) struct QueueState<S: DriverShare> {
-    pub(crate) ring: SplitDriver<S, u16>,
+    pub(crate) ring: DriverRing<S, u16>,
     slots: Vec<Slot>,
     free: Vec<u16>,
     /// Guest address of slot 0; slot `i` is at `base + 64 * i`.
@@ -91,7 +91,7 @@ pub(crate) struct QueueState<S: DriverShare> {
 const MAX_DESCS: u16 = 3;
 
 impl<S: DriverShare> QueueState<S> {
-    pub(crate) fn new(ring: SplitDriver<S, u16>, base: u64) -> Self {
+    pub(crate) fn new(ring: DriverRing<S, u16>, base: u64) -> Self {
         let n = ring.size();
         QueueState {
             slots: (0..n)

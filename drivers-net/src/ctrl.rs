@@ -11,7 +11,7 @@
 
 use crate::error::{Broken, NetError};
 use hypervisor::GuestMemory;
-use virtio_core::ring::split::{AddError, SplitDriver};
+use virtio_core::ring::queue::{AddError, DriverRing};
 use virtio_core::{DriverShare, GuestBuf};
 
 /// Bytes of a command slot: header, data and the ack byte.
@@ -34,14 +34,14 @@ pub(crate) enum Answer {
 }
 
 pub(crate) struct CtrlQueue<S: DriverShare> {
-    pub(crate) ring: SplitDriver<S, u16>,
+    pub(crate) ring: DriverRing<S, u16>,
     base: u64,
     free: Vec<u16>,
     broken: Option<Broken>,
 }
 
 impl<S: DriverShare> CtrlQueue<S> {
-    pub(crate) fn new(mut ring: SplitDriver<S, u16>, base: u64) -> Self {
+    pub(crate) fn new(mut ring: DriverRing<S, u16>, base: u64) -> Self {
         // Notifications are wanted only while a caller waits for an answer.
         ring.disable_notifications();
         let size = ring.size();

@@ -349,18 +349,18 @@ mod tests {
     use virtio_core::lifecycle::DeviceLifecycle;
     use virtio_core::net::{self, NET_DEPENDENCIES, NetConfig, NetFeatures, VirtioNetHdr};
     use virtio_core::notify::{EventFdNotifier, Notify};
-    use virtio_core::ring::split::DriverQueueError;
+    use virtio_core::ring::queue::DriverQueueError;
     use virtio_core::shm::Region;
     use virtio_core::transport::{ActiveQueue, DeviceHandler, InProcessTransport};
-    use virtio_core::{DeviceModel, SplitDevice};
+    use virtio_core::{DeviceModel, DeviceRing};
     use zerocopy::IntoBytes;
 
     const QUEUE: u16 = 8;
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x42];
 
     struct Rings {
-        rx: SplitDevice<DirectMemory>,
-        tx: SplitDevice<DirectMemory>,
+        rx: DeviceRing<DirectMemory>,
+        tx: DeviceRing<DirectMemory>,
         /// The receive queue's used ring, for writing what no correct device would.
         rx_used: Region,
         /// The receive queue's used-buffer notification.
@@ -384,7 +384,7 @@ mod tests {
             let mut open = queues.iter().map(|q| {
                 let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
                 let used = vq.ring.used.clone();
-                let ring = SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?;
+                let ring = DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>((ring, used))
             });
             let (rx, rx_used) = open.next().ok_or("no receive queue")??;

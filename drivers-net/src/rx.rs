@@ -13,7 +13,7 @@
 use crate::error::{Broken, NetError};
 use hypervisor::GuestMemory;
 use virtio_core::net::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VirtioNetHdr, complete_checksum, rx_partial_csum};
-use virtio_core::ring::split::{AddError, SplitDriver, Used};
+use virtio_core::ring::queue::{AddError, DriverRing, Used};
 use virtio_core::{DriverShare, GuestBuf};
 use zerocopy::FromBytes;
 
@@ -55,7 +55,7 @@ struct Partial {
 }
 
 pub(crate) struct RxQueue<S: DriverShare> {
-    pub(crate) ring: SplitDriver<S, u16>,
+    pub(crate) ring: DriverRing<S, u16>,
     base: u64,
     buf_len: u32,
     /// Slots not posted to the device.
@@ -79,7 +79,7 @@ pub(crate) struct RxMode {
 impl<S: DriverShare> RxQueue<S> {
     /// A queue over `ring` whose buffers start at `base`, `buf_len` bytes each, all
     /// free (not yet posted).
-    pub(crate) fn new(ring: SplitDriver<S, u16>, base: u64, buf_len: u32, max_frame: usize) -> Self {
+    pub(crate) fn new(ring: DriverRing<S, u16>, base: u64, buf_len: u32, max_frame: usize) -> Self {
         let size = ring.size();
         let cap = max_frame.max(buf_len as usize);
         RxQueue {

@@ -9,11 +9,11 @@
 
 use crate::error::{Broken, NetError};
 use hypervisor::GuestMemory;
-use virtio_core::ring::split::{AddError, SplitDriver};
+use virtio_core::ring::queue::{AddError, DriverRing};
 use virtio_core::{DriverShare, GuestBuf, ShareError};
 
 pub(crate) struct TxQueue<S: DriverShare> {
-    pub(crate) ring: SplitDriver<S, u16>,
+    pub(crate) ring: DriverRing<S, u16>,
     base: u64,
     slot_len: u32,
     free: Vec<u16>,
@@ -23,7 +23,7 @@ pub(crate) struct TxQueue<S: DriverShare> {
 }
 
 impl<S: DriverShare> TxQueue<S> {
-    pub(crate) fn new(mut ring: SplitDriver<S, u16>, base: u64, slot_len: u32) -> Self {
+    pub(crate) fn new(mut ring: DriverRing<S, u16>, base: u64, slot_len: u32) -> Self {
         // Reclaim is driven by sends, not by interrupts.
         ring.disable_notifications();
         let size = ring.size();

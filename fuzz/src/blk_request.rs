@@ -35,7 +35,7 @@ use virtio_core::ring::Chain;
 use virtio_core::ring::layout::{Descriptor, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use virtio_core::test_utils::Arena;
 use virtio_core::test_utils::raw::{Access, AccessKind, RawDriver, Recorder};
-use virtio_core::{Segment, SplitDevice};
+use virtio_core::{DeviceRing, Segment};
 
 use super::common::{Bytes, Seed};
 
@@ -97,7 +97,7 @@ pub fn report(data: &[u8]) -> String {
     if indirect {
         ring_features |= Features::INDIRECT_DESC;
     }
-    let device = SplitDevice::new(QUEUE, &ring, Recorder::new(arena.clone()), ring_features).expect("device");
+    let device = DeviceRing::new(QUEUE, &ring, Recorder::new(arena.clone()), ring_features).expect("device");
     let mut raw = RawDriver::new(arena.clone(), QUEUE, ring).expect("raw driver");
 
     let n = usize::from(input.u8() % 16) + 1;

@@ -21,7 +21,7 @@
 use std::sync::Arc;
 
 use backend_host::net::device::{FuzzRxFate, fuzz_deliver_rx};
-use virtio_core::SplitDevice;
+use virtio_core::DeviceRing;
 use virtio_core::features::Features;
 use virtio_core::net::{ETH_HDR_LEN, NetFeatures, VirtioNetHdr};
 use virtio_core::ring::layout::{Descriptor, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
@@ -79,8 +79,8 @@ pub fn report(data: &[u8]) -> String {
     let ((_, _, used_at), ring) = arena.alloc_split_ring(size).expect("ring");
     let (_, tx_ring) = arena.alloc_split_ring(1).expect("tx ring");
     let features = Features::VERSION_1;
-    let rx = SplitDevice::new(size, &ring, arena.clone(), features).expect("rx");
-    let tx = SplitDevice::new(1, &tx_ring, arena.clone(), features).expect("tx");
+    let rx = DeviceRing::new(size, &ring, arena.clone(), features).expect("rx");
+    let tx = DeviceRing::new(1, &tx_ring, arena.clone(), features).expect("tx");
     let mut raw = RawDriver::new(arena.clone(), size, ring).expect("raw");
 
     let nchains = input.u8();

@@ -14,9 +14,9 @@ use transport_descriptors::DirectDevice;
 use transport_shared_page::{Layout, SharedPageConfig, SharedPageDevice};
 use virtio_core::features::Features;
 use virtio_core::ring::SplitLayout;
-use virtio_core::ring::split::SplitRingMemory;
+use virtio_core::ring::queue::SplitRingMemory;
 use virtio_core::shm::{Mapping, Region};
-use virtio_core::{AccessError, DescSlot, DeviceMemory, DeviceModel, QueueAddrs, Segment, SplitDevice};
+use virtio_core::{AccessError, DescSlot, DeviceMemory, DeviceModel, DeviceRing, QueueAddrs, Segment};
 
 /// Largest request the echo service reads from one chain.
 const MAX_ECHO: u32 = 64 << 10;
@@ -80,14 +80,14 @@ enum Model<'c> {
     SharedPage(Queues<SharedPageDevice>),
     Direct(Queues<DirectDevice>),
     /// Model 3: one queue, its buffers reached only through the owner.
-    Copy(u16, Box<SplitDevice<Remote<'c, ByDescriptor>>>),
+    Copy(u16, Box<DeviceRing<Remote<'c, ByDescriptor>>>),
     /// Model 4: one queue, its buffers reached only by grant copies the owner makes.
-    Grant(u16, Box<SplitDevice<Remote<'c, ByGrant>>>),
+    Grant(u16, Box<DeviceRing<Remote<'c, ByGrant>>>),
 }
 
 struct Queues<M: DeviceModel> {
     model: M,
-    open: BTreeMap<u16, SplitDevice<M::Memory>>,
+    open: BTreeMap<u16, DeviceRing<M::Memory>>,
 }
 
 impl<'c> Model<'c> {
@@ -126,7 +126,7 @@ impl<'c> Model<'c> {
                     naming: ByDescriptor { queue: index },
                 };
                 let features = Features::from_bits_truncate(features);
-                let q = SplitDevice::new(size, &ring, mem, features).map_err(errno)?;
+                let q = DeviceRing::new(size, &ring, mem, features).map_err(errno)?;
                 Model::Copy(index, Box::new(q))
             }
             Setup::Grant {
@@ -140,7 +140,7 @@ impl<'c> Model<'c> {
                     chan,
                     naming: ByGrant,
                 };
-                let q = SplitDevice::new(size, &ring, mem, features).map_err(errno)?;
+                let q = DeviceRing::new(size, &ring, mem, features).map_err(errno)?;
                 Model::Grant(index, Box::new(q))
             }
         })
@@ -197,7 +197,7 @@ impl<M: DeviceModel> Queues<M> {
             .model
             .open_queue(index, size, addrs)
             .map_err(|e| e.to_string())
-            .and_then(|dq| SplitDevice::new(size, &dq.ring, dq.memory, features).map_err(|e| e.to_string()));
+            .and_then(|dq| DeviceRing::new(size, &dq.ring, dq.memory, features).map_err(|e| e.to_string()));
         match opened {
             Ok(dev) => {
                 self.open.insert(index, dev);
@@ -210,7 +210,7 @@ impl<M: DeviceModel> Queues<M> {
 
 /// The echo service: every available chain's readable bytes, upper-cased, into its
 /// writable part.
-fn echo<M: DeviceMemory>(q: &mut SplitDevice<M>) -> Reply {
+fn echo<M: DeviceMemory>(q: &mut DeviceRing<M>) -> Reply {
     let mut chains = 0;
     loop {
         let chain = match q.pop() {

@@ -645,14 +645,14 @@ impl Reject {
 /// use virtio_core::blk::{BlkFeatures, BlkReqHeader, Status, VIRTIO_BLK_T_IN};
 /// use virtio_core::features::Features;
 /// use virtio_core::test_utils::{Arena, IdentityShare};
-/// use virtio_core::{GuestBuf, SplitDevice, SplitDriver};
+/// use virtio_core::{GuestBuf, DeviceRing, DriverRing};
 /// use zerocopy::IntoBytes;
 ///
 /// let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
 /// let (_, ring) = arena.alloc_split_ring(8).unwrap();
 /// let share = IdentityShare::new(arena.clone(), 8);
-/// let mut driver = SplitDriver::new(8, ring.clone(), share, Features::VERSION_1).unwrap();
-/// let mut device = SplitDevice::new(8, &ring, arena.clone(), Features::VERSION_1).unwrap();
+/// let mut driver = DriverRing::new(8, ring.clone(), share, Features::VERSION_1).unwrap();
+/// let mut device = DeviceRing::new(8, &ring, arena.clone(), Features::VERSION_1).unwrap();
 ///
 /// // A one-sector read of sector 2: header, 512 data bytes, status.
 /// let hdr = arena.alloc(16, 8).unwrap();

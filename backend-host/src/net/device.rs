@@ -103,9 +103,9 @@ use virtio_core::net::{
 };
 use virtio_core::notify::{EventFdNotifier, Notify, NotifyError, Wait};
 use virtio_core::ring::Chain;
-use virtio_core::ring::split::DeviceQueueError;
+use virtio_core::ring::queue::DeviceQueueError;
 use virtio_core::transport::{ActiveQueue, DeviceHandler};
-use virtio_core::{DeviceMemory, DeviceModel, SplitDevice};
+use virtio_core::{DeviceMemory, DeviceModel, DeviceRing};
 use zerocopy::{FromBytes, IntoBytes};
 
 mod ctrl;
@@ -183,7 +183,7 @@ pub enum ActivateError {
     Model(#[from] virtio_core::ModelError),
     /// The ring memory is unusable.
     #[error("queue memory unusable")]
-    Ring(#[from] virtio_core::ring::split::RingSetupError),
+    Ring(#[from] virtio_core::ring::queue::RingSetupError),
     /// An eventfd could not be made.
     #[error("eventfd")]
     Notify(#[from] NotifyError),
@@ -409,9 +409,9 @@ where
             return Err(ActivateError::MissingQueue(ctrl_index.unwrap_or(u16::MAX)));
         }
         let f = Features::from_bits_retain(features);
-        let open = |q: &ActiveQueue| -> Result<SplitDevice<V::Memory>, ActivateError> {
+        let open = |q: &ActiveQueue| -> Result<DeviceRing<V::Memory>, ActivateError> {
             let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
-            Ok(SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?.starting_at(q.next_avail))
+            Ok(DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?.starting_at(q.next_avail))
         };
         // The pairs the driver enabled: the longest run from pair 0 with both
         // queues (§5.1.5: "up to N of each kind").

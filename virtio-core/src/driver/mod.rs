@@ -19,7 +19,7 @@ use crate::config::{self, ConfigError};
 use crate::features::{Dependency, Features};
 use crate::lifecycle::{self, InitError};
 use crate::model::{DriverModel, ModelError, QueueAddrs};
-use crate::ring::split::{RingSetupError, SplitDriver};
+use crate::ring::queue::{DriverRing, RingSetupError};
 use crate::status::DeviceStatus;
 use crate::transport::{Transport, TransportError};
 
@@ -54,7 +54,7 @@ pub struct NewQueue<S: crate::DriverShare, Tok, I> {
     /// Number of entries.
     pub size: u16,
     /// The driver side of the split ring.
-    pub ring: SplitDriver<S, Tok>,
+    pub ring: DriverRing<S, Tok>,
     /// What to write into the queue registers.
     pub addrs: QueueAddrs,
     /// What the driver waits on for this queue.
@@ -166,7 +166,7 @@ impl<T: Transport> DeviceGuard<T> {
         // Largest power of two not above `max` (nonzero, checked above).
         let size = 1u16 << (15 - max.leading_zeros());
         let dq = model.create_queue(index, size)?;
-        let ring = SplitDriver::new(size, dq.ring, dq.share, Features::from_bits_retain(self.features))?;
+        let ring = DriverRing::new(size, dq.ring, dq.share, Features::from_bits_retain(self.features))?;
         let interrupt = self.transport.interrupt(index)?;
         Ok(NewQueue {
             index,

@@ -16,7 +16,7 @@ use virtio_core::blk::{self, BlkFeatures, Status};
 use virtio_core::features::Features;
 use virtio_core::notify::{EventFdNotifier, Notify};
 use virtio_core::transport::ActiveQueue;
-use virtio_core::{DeviceModel, SplitDevice};
+use virtio_core::{DeviceModel, DeviceRing};
 
 /// Where the queue workers run.
 #[derive(Debug, Clone)]
@@ -69,7 +69,7 @@ where
         let f = Features::from_bits_retain(features);
         // A request naming memory the model refuses still gets IOERR in its
         // status byte, where that byte is reachable (issue 13, finding 7).
-        let ring = SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?
+        let ring = DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?
             .starting_at(q.next_avail)
             .with_reject_status(Status::IoErr.raw());
         let blk_features = BlkFeatures::from_bits_truncate(features);

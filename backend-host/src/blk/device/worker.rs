@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use virtio_core::blk;
 use virtio_core::notify::{EventFdNotifier, Notify, Wait};
 use virtio_core::reactor::watch;
-use virtio_core::{DeviceMemory, SplitDevice};
+use virtio_core::{DeviceMemory, DeviceRing};
 
 /// While completing a batch of ops, the worker starts newly available chains after
 /// this many completions ([`Worker::complete_all`]).
@@ -50,7 +50,7 @@ const RESTART_EVERY: usize = 8;
 /// What a queue worker is given.
 pub(super) struct WorkerParts<M> {
     pub index: u16,
-    pub ring: SplitDevice<M>,
+    pub ring: DeviceRing<M>,
     pub parser: Parser,
     pub engine: Box<dyn Engine>,
     pub cache: Arc<SharedCache>,
@@ -71,7 +71,7 @@ pub(super) struct StopSignal {
 /// The state of one queue's worker.
 pub(super) struct Worker<M> {
     index: u16,
-    ring: SplitDevice<M>,
+    ring: DeviceRing<M>,
     parser: Parser,
     engine: Box<dyn Engine>,
     cache: Arc<SharedCache>,
@@ -300,7 +300,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
                     }
                 }
                 Ok(None) => break,
-                Err(virtio_core::ring::split::DeviceQueueError::NeedsReset(f)) => {
+                Err(virtio_core::ring::queue::DeviceQueueError::NeedsReset(f)) => {
                     tracing::warn!(queue = self.index, fault = %f, "queue needs reset");
                     break;
                 }
@@ -390,7 +390,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
 
     /// Completes every request in flight and returns it to the driver, then signals
     /// it: the queue stops with nothing in flight, so another device instance can
-    /// resume it at [`SplitDevice::next_avail`]. Requests waiting for another
+    /// resume it at [`DeviceRing::next_avail`]. Requests waiting for another
     /// queue's sync wait for it here.
     fn drain(&mut self, interrupt: &EventFdNotifier, wake: &EventFdNotifier) {
         let mut got = std::mem::take(&mut self.completions);

@@ -7,7 +7,7 @@ use virtio_core::DeviceMemory;
 use virtio_core::net::{self, CTRL_DATA_MAX, CtrlAck, CtrlCommand, VirtioNetCtrlHdr};
 use virtio_core::notify::Notify;
 use virtio_core::ring::Chain;
-use virtio_core::ring::split::DeviceQueueError;
+use virtio_core::ring::queue::DeviceQueueError;
 
 /// The receive filter (CTRL_RX, §5.1.6.5.1-2).
 #[derive(Debug)]

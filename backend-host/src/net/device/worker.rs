@@ -40,8 +40,8 @@ pub(super) struct Ctx {
 
 /// One receive/transmit queue pair.
 pub(super) struct Pair<M> {
-    pub(super) rx: SplitDevice<M>,
-    pub(super) tx: SplitDevice<M>,
+    pub(super) rx: DeviceRing<M>,
+    pub(super) tx: DeviceRing<M>,
     pub(super) rx_kick: EventFdNotifier,
     pub(super) tx_kick: EventFdNotifier,
     pub(super) rx_irq: EventFdNotifier,
@@ -58,7 +58,7 @@ pub(super) struct Pair<M> {
 
 /// The control queue.
 pub(super) struct CtrlQueue<M> {
-    pub(super) ring: SplitDevice<M>,
+    pub(super) ring: DeviceRing<M>,
     /// Its queue index (§5.1.2: after the data queues).
     pub(super) index: u16,
     pub(super) kick: EventFdNotifier,
@@ -588,8 +588,8 @@ pub enum FuzzRxFate {
 /// An eventfd could not be created.
 #[cfg(feature = "test-utils")]
 pub fn fuzz_deliver_rx<M: DeviceMemory>(
-    rx: SplitDevice<M>,
-    tx: SplitDevice<M>,
+    rx: DeviceRing<M>,
+    tx: DeviceRing<M>,
     features: NetFeatures,
     frames: Vec<Vec<u8>>,
     chains: usize,

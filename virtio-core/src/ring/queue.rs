@@ -1,0 +1,334 @@
+//! The queue interface: the driver's and the device's side of one virtqueue,
+//! whatever its ring format, chosen once from the negotiated features.
+//!
+//! Drivers, devices, transports and daemons hold a [`DriverRing`] or a
+//! [`DeviceRing`] and never name a ring format: the format is the ring module's
+//! business (virtio 1.2 §2.7 split, §2.8 packed, selected by `VIRTIO_F_RING_PACKED`).
+//! Each is an enum over the formats rather than a trait object or a type parameter:
+//! one predictable branch per call, no allocation, and callers keep one concrete
+//! type whatever was negotiated.
+//!
+//! Only the split format is served today; a negotiated `VIRTIO_F_RING_PACKED` is
+//! refused with [`RingSetupError::Unsupported`] (our devices and drivers do not
+//! offer or accept it yet, issue 14).
+//!
+//! ```
+//! # #[cfg(feature = "test-utils")] {
+//! use virtio_core::features::Features;
+//! use virtio_core::ring::queue::{DeviceRing, DriverRing};
+//! use virtio_core::test_utils::{Arena, IdentityShare};
+//! use virtio_core::GuestBuf;
+//!
+//! let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
+//! let (_, ring) = arena.alloc_split_ring(8).unwrap();
+//! let f = Features::VERSION_1;
+//! let share = IdentityShare::new(arena.clone(), 8);
+//! let mut driver = DriverRing::new(8, ring.clone(), share, f).unwrap();
+//! let mut device = DeviceRing::new(8, &ring, arena.clone(), f).unwrap();
+//! let buf = arena.alloc(16, 16).unwrap();
+//! driver.add(&[GuestBuf::new(buf, 16)], &[], 7u32).unwrap();
+//! let chain = device.pop().unwrap().unwrap();
+//! device.add_used(chain.head(), 0).unwrap();
+//! assert_eq!(driver.pop_used().unwrap().unwrap().token, 7);
+//! # }
+//! ```
+
+use crate::access::DeviceMemory;
+use crate::features::Features;
+use crate::ring::chain::Chain;
+use crate::ring::split::{SplitDevice, SplitDriver};
+use crate::share::{DriverShare, GuestBuf};
+
+// What both formats share: errors, what a used request carries, the ring memory.
+pub use crate::ring::split::{
+    AddError, DeviceQueueError, DriverQueueError, Rejected, RingFault, RingSetupError, SplitRingMemory, Used,
+    UsedError,
+};
+
+/// The driver's side of one virtqueue. See the module docs.
+pub enum DriverRing<S: DriverShare, T> {
+    /// A split ring (§2.7).
+    Split(SplitDriver<S, T>),
+}
+
+/// The device's side of one virtqueue. See the module docs.
+pub enum DeviceRing<M> {
+    /// A split ring (§2.7).
+    Split(SplitDevice<M>),
+}
+
+impl<S: DriverShare, T> std::fmt::Debug for DriverRing<S, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DriverRing::Split(r) => f
+                .debug_struct("DriverRing::Split")
+                .field("size", &r.size())
+                .field("outstanding", &r.outstanding())
+                .finish(),
+        }
+    }
+}
+
+impl<M: DeviceMemory> std::fmt::Debug for DeviceRing<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceRing::Split(r) => f
+                .debug_struct("DeviceRing::Split")
+                .field("size", &r.size())
+                .field("in_flight", &r.in_flight())
+                .finish(),
+        }
+    }
+}
+
+/// Refuses a format this module does not serve yet.
+fn format(features: Features) -> Result<(), RingSetupError> {
+    if features.contains(Features::RING_PACKED) {
+        return Err(RingSetupError::Unsupported("VIRTIO_F_RING_PACKED"));
+    }
+    Ok(())
+}
+
+impl<S: DriverShare, T> DriverRing<S, T> {
+    /// Sets up the driver side of a queue of `size` entries over `ring` (the
+    /// driver's own memory: it initialises every area) in the format `features`
+    /// negotiated.
+    pub fn new(
+        size: u16,
+        ring: SplitRingMemory,
+        share: S,
+        features: Features,
+    ) -> Result<Self, RingSetupError> {
+        format(features)?;
+        Ok(DriverRing::Split(SplitDriver::new(size, ring, share, features)?))
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        match self {
+            DriverRing::Split(r) => r.size(),
+        }
+    }
+
+    /// The ring memory, as the driver set it up.
+    pub fn ring_memory(&self) -> &SplitRingMemory {
+        match self {
+            DriverRing::Split(r) => r.ring_memory(),
+        }
+    }
+
+    /// Descriptors free for new requests.
+    pub fn num_free(&self) -> u16 {
+        match self {
+            DriverRing::Split(r) => r.num_free(),
+        }
+    }
+
+    /// Requests made available and not yet returned.
+    pub fn outstanding(&self) -> u16 {
+        match self {
+            DriverRing::Split(r) => r.outstanding(),
+        }
+    }
+
+    /// Whether the device broke the ring's rules; the queue then needs a reset.
+    pub fn is_broken(&self) -> bool {
+        match self {
+            DriverRing::Split(r) => r.is_broken(),
+        }
+    }
+
+    /// The sharing model's state for this queue.
+    pub fn share(&mut self) -> &mut S {
+        match self {
+            DriverRing::Split(r) => r.share(),
+        }
+    }
+
+    /// Makes a request of device-readable `out` and device-writable `ins` buffers
+    /// available, under `token`; returns its head. The device may take it at once:
+    /// [`kick_prepare`](Self::kick_prepare) only decides whether to notify.
+    pub fn add(&mut self, out: &[GuestBuf], ins: &[GuestBuf], token: T) -> Result<u16, Rejected<T>> {
+        match self {
+            DriverRing::Split(r) => r.add(out, ins, token),
+        }
+    }
+
+    /// Whether the device wants an available-buffer notification for what was
+    /// added since the last call.
+    pub fn kick_prepare(&mut self) -> bool {
+        match self {
+            DriverRing::Split(r) => r.kick_prepare(),
+        }
+    }
+
+    /// Takes the next used request, if any, after checking it.
+    pub fn pop_used(&mut self) -> Result<Option<Used<T>>, DriverQueueError> {
+        match self {
+            DriverRing::Split(r) => r.pop_used(),
+        }
+    }
+
+    /// Asks the device not to send used-buffer notifications.
+    pub fn disable_notifications(&mut self) {
+        match self {
+            DriverRing::Split(r) => r.disable_notifications(),
+        }
+    }
+
+    /// Asks for a notification at the next used buffer; `false` if one is already
+    /// there (pop it instead of waiting).
+    pub fn enable_notifications(&mut self) -> bool {
+        match self {
+            DriverRing::Split(r) => r.enable_notifications(),
+        }
+    }
+
+    /// Asks for a notification once most outstanding requests are used; `false` if
+    /// used buffers are already there.
+    pub fn enable_notifications_delayed(&mut self) -> bool {
+        match self {
+            DriverRing::Split(r) => r.enable_notifications_delayed(),
+        }
+    }
+
+    /// After the device was reset: takes back every outstanding request and
+    /// returns their tokens.
+    pub fn reset(&mut self) -> Vec<T> {
+        match self {
+            DriverRing::Split(r) => r.reset(),
+        }
+    }
+}
+
+impl<M: DeviceMemory> DeviceRing<M> {
+    /// Activates the device side of a queue of `size` entries over `ring`,
+    /// reaching descriptor memory through `mem`, in the format `features`
+    /// negotiated.
+    pub fn new(
+        size: u16,
+        ring: &SplitRingMemory,
+        mem: M,
+        features: Features,
+    ) -> Result<Self, RingSetupError> {
+        format(features)?;
+        Ok(DeviceRing::Split(SplitDevice::new(size, ring, mem, features)?))
+    }
+
+    /// See [`SplitDevice::with_reject_status`].
+    #[must_use]
+    pub fn with_reject_status(self, status: u8) -> Self {
+        match self {
+            DeviceRing::Split(r) => DeviceRing::Split(r.with_reject_status(status)),
+        }
+    }
+
+    /// Starts where an earlier device instance stopped (vhost-user's
+    /// SET_VRING_BASE); see [`SplitDevice::starting_at`].
+    #[must_use]
+    pub fn starting_at(self, next_avail: u16) -> Self {
+        match self {
+            DeviceRing::Split(r) => DeviceRing::Split(r.starting_at(next_avail)),
+        }
+    }
+
+    /// Where the device goes on (vhost-user's GET_VRING_BASE).
+    pub fn next_avail(&self) -> u16 {
+        match self {
+            DeviceRing::Split(r) => r.next_avail(),
+        }
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        match self {
+            DeviceRing::Split(r) => r.size(),
+        }
+    }
+
+    /// How the device reaches descriptor memory.
+    pub fn memory(&self) -> &M {
+        match self {
+            DeviceRing::Split(r) => r.memory(),
+        }
+    }
+
+    /// The fault that put the queue in needs-reset, if any.
+    pub fn fault(&self) -> Option<RingFault> {
+        match self {
+            DeviceRing::Split(r) => r.fault(),
+        }
+    }
+
+    /// Chains popped and not yet returned.
+    pub fn in_flight(&self) -> usize {
+        match self {
+            DeviceRing::Split(r) => r.in_flight(),
+        }
+    }
+
+    /// The next available chain, validated (HOSTILE 1-12), if any.
+    pub fn pop(&mut self) -> Result<Option<Chain>, DeviceQueueError> {
+        match self {
+            DeviceRing::Split(r) => r.pop(),
+        }
+    }
+
+    /// Returns chain `head` to the driver with `len` bytes written.
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), UsedError> {
+        match self {
+            DeviceRing::Split(r) => r.add_used(head, len),
+        }
+    }
+
+    /// Returns several chains, published together.
+    pub fn add_used_batch(&mut self, used: impl IntoIterator<Item = (u16, u32)>) -> Result<(), UsedError> {
+        match self {
+            DeviceRing::Split(r) => r.add_used_batch(used),
+        }
+    }
+
+    /// Whether the driver wants a used-buffer notification for what was returned
+    /// since the last call.
+    pub fn needs_notification(&mut self) -> bool {
+        match self {
+            DeviceRing::Split(r) => r.needs_notification(),
+        }
+    }
+
+    /// Asks the driver not to send available-buffer notifications.
+    pub fn disable_notifications(&mut self) {
+        match self {
+            DeviceRing::Split(r) => r.disable_notifications(),
+        }
+    }
+
+    /// Asks for a notification at the next available buffer; `false` if one is
+    /// already there (pop it instead of sleeping).
+    pub fn enable_notifications(&mut self) -> bool {
+        match self {
+            DeviceRing::Split(r) => r.enable_notifications(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::{Arena, IdentityShare};
+
+    #[test]
+    fn a_packed_ring_is_refused_until_it_is_served() {
+        let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
+        let (_, ring) = arena.alloc_split_ring(8).unwrap();
+        let f = Features::VERSION_1 | Features::RING_PACKED;
+        assert!(matches!(
+            DriverRing::<_, u32>::new(8, ring.clone(), IdentityShare::new(arena.clone(), 8), f),
+            Err(RingSetupError::Unsupported(_))
+        ));
+        assert!(matches!(
+            DeviceRing::new(8, &ring, arena.clone(), f),
+            Err(RingSetupError::Unsupported(_))
+        ));
+    }
+}
