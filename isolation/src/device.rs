@@ -14,6 +14,7 @@ use transport_descriptors::DirectDevice;
 use transport_shared_page::{Layout, SharedPageConfig, SharedPageDevice};
 use virtio_core::features::Features;
 use virtio_core::ring::SplitLayout;
+use virtio_core::ring::areas::RingFormat;
 use virtio_core::ring::queue::SplitRingMemory;
 use virtio_core::shm::{Mapping, Region};
 use virtio_core::{AccessError, DescSlot, DeviceMemory, DeviceModel, DeviceRing, QueueAddrs, Segment};
@@ -195,7 +196,7 @@ impl<M: DeviceModel> Queues<M> {
         let features = Features::from_bits_truncate(features);
         let opened = self
             .model
-            .open_queue(index, size, addrs)
+            .open_queue_in(index, RingFormat::of(features), size, addrs)
             .map_err(|e| e.to_string())
             .and_then(|dq| DeviceRing::new(size, &dq.ring, dq.memory, features).map_err(|e| e.to_string()));
         match opened {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use virtio_core::DeviceModel;
 use virtio_core::access::{AccessError, DeviceMemory, ReadOp, Segment, WriteOp};
 use virtio_core::model::{DeviceQueue, ModelError, QueueAddrs};
+use virtio_core::ring::areas::RingFormat;
 use virtio_core::shm::Region;
 
 /// How long a [`watched`] test may take before it is failed as hung.
@@ -104,16 +105,17 @@ impl<V: DeviceModel> DeviceModel for Hostile<V> {
         "hostile"
     }
 
-    fn open_queue(
+    fn open_queue_in(
         &self,
         index: u16,
+        format: RingFormat,
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<Self::Memory>, ModelError> {
         let hostile = (index == self.queue).then(|| self.republisher.clone());
         Ok(self
             .inner
-            .open_queue(index, size, addrs)?
+            .open_queue_in(index, format, size, addrs)?
             .map_memory(|inner| HostileMem { inner, hostile }))
     }
 }
@@ -191,16 +193,17 @@ impl<V: DeviceModel> DeviceModel for Refusing<V> {
         "refusing"
     }
 
-    fn open_queue(
+    fn open_queue_in(
         &self,
         index: u16,
+        format: RingFormat,
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<Self::Memory>, ModelError> {
         let refused = self.refused.clone();
         Ok(self
             .inner
-            .open_queue(index, size, addrs)?
+            .open_queue_in(index, format, size, addrs)?
             .map_memory(|inner| RefusingMem { inner, refused }))
     }
 }

@@ -10,7 +10,7 @@
 use hypervisor::Domain;
 use std::sync::Arc;
 use virtio_core::access::check_within;
-use virtio_core::ring::areas::open_split_ring;
+use virtio_core::ring::areas::{RingFormat, open_ring};
 use virtio_core::shm::Region;
 use virtio_core::{
     AccessError, DeviceMemory, DeviceModel, DeviceQueue, DriverModel, DriverQueue, ModelError, QueueAddrs,
@@ -117,15 +117,16 @@ impl DeviceModel for DirectDevice {
         "direct"
     }
 
-    fn open_queue(
+    fn open_queue_in(
         &self,
         _index: u16,
+        format: RingFormat,
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<DirectMemory>, ModelError> {
         // The device may write all guest memory in this model, but it has no business
         // writing the driver's rings: read-only views catch device bugs early.
-        let ring = open_split_ring(size, addrs, |s| {
+        let ring = open_ring(format, size, addrs, |s| {
             self.view(s.addr, s.len).ok_or(ModelError::BadAddrs(addrs))
         })?;
         Ok(DeviceQueue {

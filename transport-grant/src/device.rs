@@ -26,7 +26,7 @@ use hypervisor::DomainId;
 use std::cell::RefCell;
 use std::sync::Arc;
 use virtio_core::access::check_within;
-use virtio_core::ring::areas::open_split_ring;
+use virtio_core::ring::areas::{RingFormat, open_ring};
 use virtio_core::{AccessError, DeviceModel, DeviceQueue, ModelError, QueueAddrs, Segment};
 
 /// Pages a queue's persistent-mapping cache holds at most (blkback's default
@@ -93,9 +93,10 @@ impl DeviceModel for GrantDevice {
         "grant"
     }
 
-    fn open_queue(
+    fn open_queue_in(
         &self,
         _index: u16,
+        format: RingFormat,
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<GrantMemory>, ModelError> {
@@ -107,8 +108,8 @@ impl DeviceModel for GrantDevice {
         // grant reference, so the overlap check also refuses two areas that share a
         // granted page.
         let mut rings = Vec::with_capacity(3);
-        let ring = open_split_ring(size, addrs, |s| {
-            let (m, r) = self.map_area(s.addr, s.len, s.device_writes()).map_err(err)?;
+        let ring = open_ring(format, size, addrs, |s| {
+            let (m, r) = self.map_area(s.addr, s.len, s.device_writes).map_err(err)?;
             rings.push(m);
             Ok(r)
         })?;

@@ -4,7 +4,7 @@ use crate::error::SharedPageError;
 use crate::layout::Layout;
 use std::fmt;
 use std::ops::Range;
-use virtio_core::ring::areas::open_split_ring;
+use virtio_core::ring::areas::{RingFormat, open_ring};
 use virtio_core::ring::layout::SplitLayout;
 use virtio_core::shm::Region;
 use virtio_core::{AccessError, DeviceMemory, DeviceModel, DeviceQueue, ModelError, QueueAddrs, Segment};
@@ -81,9 +81,10 @@ impl DeviceModel for SharedPageDevice {
     ///
     /// The descriptor table and available ring are handed out read-only: the device
     /// only ever reads them (virtio 1.2 §2.7).
-    fn open_queue(
+    fn open_queue_in(
         &self,
         index: u16,
+        format: RingFormat,
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<SharedPageMemory>, ModelError> {
@@ -96,11 +97,11 @@ impl DeviceModel for SharedPageDevice {
             index,
             max: self.layout.max_queues(),
         })?;
-        if let Err(area) = self.layout.check_rings(index, size, &addrs) {
+        if let Err(area) = self.layout.check_rings(index, format, size, &addrs) {
             tracing::debug!(index, size, ?addrs, area, "refusing queue addresses");
             return Err(ModelError::BadAddrs(addrs));
         }
-        let ring = open_split_ring(size, addrs, |s| self.area(addrs, s.addr, s.len))?;
+        let ring = open_ring(format, size, addrs, |s| self.area(addrs, s.addr, s.len))?;
         let memory = SharedPageMemory {
             area: self.area(addrs, bounce.start, bounce.end - bounce.start)?,
             base: bounce.start,

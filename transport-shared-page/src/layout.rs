@@ -19,7 +19,7 @@
 use crate::error::SharedPageError;
 use std::ops::Range;
 use virtio_core::QueueAddrs;
-use virtio_core::ring::areas::{AreaError, RingAreas};
+use virtio_core::ring::areas::{AreaError, RingAreas, RingFormat};
 use virtio_core::ring::layout::SplitLayout;
 
 /// Cache-line size the available ring is aligned to.
@@ -170,12 +170,18 @@ impl Layout {
     /// area, another queue's rings or past the region) and overlaps no other.
     ///
     /// `size` must already be a valid split-ring size. Returns why not, for logs.
-    pub fn check_rings(&self, q: u16, size: u16, addrs: &QueueAddrs) -> Result<(), &'static str> {
+    pub fn check_rings(
+        &self,
+        q: u16,
+        format: RingFormat,
+        size: u16,
+        addrs: &QueueAddrs,
+    ) -> Result<(), &'static str> {
         let slot = self.ring_slot(q).ok_or("no such queue")?;
         if size > self.max_queue_size {
             return Err("queue size");
         }
-        let areas = RingAreas::split(size, *addrs).map_err(|e| match e {
+        let areas = RingAreas::new(format, size, *addrs).map_err(|e| match e {
             AreaError::Size(_) => "queue size",
             AreaError::Misaligned { .. } => "misaligned ring area",
             AreaError::Overflow { .. } => "ring area past the end of the address space",
@@ -210,10 +216,10 @@ mod tests {
         assert_eq!(l.ring_slot(2), None);
         let a = l.queue_addrs(1, 256).unwrap();
         assert_eq!((a.desc, a.avail, a.used), (3 * PAGE, 4 * PAGE, 5 * PAGE));
-        l.check_rings(1, 256, &a).unwrap();
+        l.check_rings(1, RingFormat::Split, 256, &a).unwrap();
         let small = l.queue_addrs(0, 8).unwrap();
         assert_eq!((small.desc, small.avail, small.used), (0, 128, 2 * PAGE));
-        l.check_rings(0, 8, &small).unwrap();
+        l.check_rings(0, RingFormat::Split, 8, &small).unwrap();
         assert!(l.queue_addrs(0, 512).is_none());
     }
 
@@ -287,9 +293,9 @@ mod tests {
             l.queue_addrs(1, 256).unwrap(),
         ];
         for a in cases {
-            assert!(l.check_rings(0, 256, &a).is_err(), "{a:x?}");
+            assert!(l.check_rings(0, RingFormat::Split, 256, &a).is_err(), "{a:x?}");
         }
-        assert!(l.check_rings(0, 512, &good).is_err());
-        assert!(l.check_rings(2, 256, &good).is_err());
+        assert!(l.check_rings(0, RingFormat::Split, 512, &good).is_err());
+        assert!(l.check_rings(2, RingFormat::Split, 256, &good).is_err());
     }
 }

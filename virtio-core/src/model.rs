@@ -8,6 +8,7 @@
 //! against these traits only, so they run unchanged over every model.
 
 use crate::access::DeviceMemory;
+use crate::ring::areas::RingFormat;
 use crate::ring::split::SplitRingMemory;
 use crate::share::DriverShare;
 
@@ -35,6 +36,9 @@ pub enum ModelError {
     /// Out of memory for rings or shared areas.
     #[error("no memory left for a queue of {0}")]
     NoMemory(u16),
+    /// The model cannot serve a queue in this ring format.
+    #[error("the sharing model does not serve {0:?} rings")]
+    Format(RingFormat),
     /// The model refused for its own reason.
     #[error("sharing model refused the queue")]
     Model(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -92,11 +96,24 @@ pub trait DeviceModel {
     /// A short name for tables and logs.
     fn name(&self) -> &'static str;
 
-    /// Opens queue `index` of `size` entries at the addresses the driver wrote.
+    /// Opens queue `index` of `size` entries in ring `format` at the addresses the
+    /// driver wrote. A model maps the areas through
+    /// [`open_ring`](crate::ring::areas::open_ring) with its own way to reach one.
+    fn open_queue_in(
+        &self,
+        index: u16,
+        format: RingFormat,
+        size: u16,
+        addrs: QueueAddrs,
+    ) -> Result<DeviceQueue<Self::Memory>, ModelError>;
+
+    /// Opens split queue `index` of `size` entries at the addresses the driver wrote.
     fn open_queue(
         &self,
         index: u16,
         size: u16,
         addrs: QueueAddrs,
-    ) -> Result<DeviceQueue<Self::Memory>, ModelError>;
+    ) -> Result<DeviceQueue<Self::Memory>, ModelError> {
+        self.open_queue_in(index, RingFormat::Split, size, addrs)
+    }
 }

@@ -103,6 +103,7 @@ use virtio_core::net::{
 };
 use virtio_core::notify::{EventFdNotifier, Notify, NotifyError, Wait};
 use virtio_core::ring::Chain;
+use virtio_core::ring::areas::RingFormat;
 use virtio_core::ring::queue::DeviceQueueError;
 use virtio_core::transport::{ActiveQueue, DeviceHandler};
 use virtio_core::{DeviceMemory, DeviceModel, DeviceRing};
@@ -410,7 +411,9 @@ where
         }
         let f = Features::from_bits_retain(features);
         let open = |q: &ActiveQueue| -> Result<DeviceRing<V::Memory>, ActivateError> {
-            let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
+            let vq = self
+                .model
+                .open_queue_in(q.index, RingFormat::of(f), q.layout.size, q.addrs())?;
             Ok(DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?.starting_at(q.next_avail))
         };
         // The pairs the driver enabled: the longest run from pair 0 with both

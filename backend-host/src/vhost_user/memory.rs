@@ -35,7 +35,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use virtio_core::access::check_within;
-use virtio_core::ring::areas::open_split_ring;
+use virtio_core::ring::areas::{RingFormat, open_ring};
 use virtio_core::shm::{Mapping, Region};
 use virtio_core::{AccessError, DeviceMemory, DeviceModel, DeviceQueue, ModelError, QueueAddrs, Segment};
 
@@ -526,9 +526,10 @@ impl DeviceModel for VhostMemory {
         "vhost-user"
     }
 
-    fn open_queue(
+    fn open_queue_in(
         &self,
         _index: u16,
+        format: RingFormat,
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<TableMemory>, ModelError> {
@@ -538,7 +539,7 @@ impl DeviceModel for VhostMemory {
         // Sizes, alignment and disjoint areas (virtio 1.2 §2.7; HOSTILE 11, 38) are
         // checked by `open_split_ring`; the table says whether each area is memory
         // the frontend shared.
-        let ring = open_split_ring(size, addrs, |s| {
+        let ring = open_ring(format, size, addrs, |s| {
             table.view(s.addr, s.len).ok_or(ModelError::BadAddrs(addrs))
         })?;
         Ok(DeviceQueue {

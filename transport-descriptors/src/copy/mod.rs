@@ -47,6 +47,7 @@ use virtio_core::{
 
 use crate::layout::GuestRings;
 use crate::share::DirectShare;
+use virtio_core::ring::areas::RingFormat;
 
 /// Creates both sides of model 3 for `guest`, with a fresh copy helper between them.
 pub fn pair(guest: &Arc<Domain>) -> Result<(CopyDriver, CopyDevice), ModelError> {
@@ -108,12 +109,18 @@ impl DeviceModel for CopyDevice {
         "hypervisor-copy"
     }
 
-    fn open_queue(
+    fn open_queue_in(
         &self,
         index: u16,
+        format: RingFormat,
         size: u16,
         addrs: QueueAddrs,
     ) -> Result<DeviceQueue<CopyMemory>, ModelError> {
+        // The helper checks every copy against the split ring it tracks (`tracker.rs`):
+        // a packed ring would need a tracker of its own.
+        if format != RingFormat::Split {
+            return Err(ModelError::Format(format));
+        }
         let (ring, generation) = self.helper.open(index, size, addrs)?;
         Ok(DeviceQueue {
             ring,

@@ -9,6 +9,7 @@
 //! memory the model can reach is the model's question, answered when it maps the
 //! area (see [`open_split_ring`]).
 
+use crate::features::Features;
 use crate::model::{ModelError, QueueAddrs};
 use crate::ring::layout::SplitLayout;
 use crate::ring::split::SplitRingMemory;
@@ -23,6 +24,26 @@ pub enum RingArea {
     Driver,
     /// Used ring (split) or device event suppression (packed).
     Device,
+}
+
+/// The two ring formats (virtio 1.2 §2.7 split, §2.8 packed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RingFormat {
+    /// Descriptor table, available ring, used ring.
+    Split,
+    /// Descriptor ring and two event suppression structures.
+    Packed,
+}
+
+impl RingFormat {
+    /// The format `features` negotiated (`VIRTIO_F_RING_PACKED`).
+    pub fn of(features: Features) -> RingFormat {
+        if features.contains(Features::RING_PACKED) {
+            RingFormat::Packed
+        } else {
+            RingFormat::Split
+        }
+    }
 }
 
 /// Why a queue's areas cannot be used.
@@ -70,13 +91,10 @@ pub struct Span {
     pub addr: u64,
     /// Its length in bytes.
     pub len: u64,
-}
-
-impl Span {
-    /// Whether the device writes this area (only the device area).
-    pub fn device_writes(&self) -> bool {
-        self.area == RingArea::Device
-    }
+    /// Whether the device writes this area: the used ring (split); the descriptor
+    /// ring, where used descriptors overwrite available ones (§2.8.3), and the
+    /// device event suppression structure (packed).
+    pub device_writes: bool,
 }
 
 /// A queue's three areas, aligned, in the address space and disjoint.
@@ -96,16 +114,26 @@ impl Span {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingAreas {
     size: u16,
+    format: RingFormat,
     spans: [Span; 3],
 }
 
 impl RingAreas {
+    /// The areas of a queue of `size` entries in `format`.
+    pub fn new(format: RingFormat, size: u16, addrs: QueueAddrs) -> Result<RingAreas, AreaError> {
+        match format {
+            RingFormat::Split => Self::split(size, addrs),
+            RingFormat::Packed => Self::packed(size, addrs),
+        }
+    }
+
     /// The areas of a split queue of `size` entries (§2.7): the size a power of two
     /// up to 32768, the lengths counting `used_event` and `avail_event`.
     pub fn split(size: u16, addrs: QueueAddrs) -> Result<RingAreas, AreaError> {
         let l = SplitLayout::new(size).ok_or(AreaError::Size(size))?;
         Self::check(
             size,
+            RingFormat::Split,
             [
                 (
                     RingArea::Descriptor,
@@ -138,6 +166,7 @@ impl RingAreas {
         }
         Self::check(
             size,
+            RingFormat::Packed,
             [
                 (RingArea::Descriptor, addrs.desc, 16 * u64::from(size), 16),
                 (RingArea::Driver, addrs.avail, 4, 4),
@@ -146,11 +175,16 @@ impl RingAreas {
         )
     }
 
-    fn check(size: u16, areas: [(RingArea, u64, u64, u64); 3]) -> Result<RingAreas, AreaError> {
+    fn check(
+        size: u16,
+        format: RingFormat,
+        areas: [(RingArea, u64, u64, u64); 3],
+    ) -> Result<RingAreas, AreaError> {
         let mut spans = [Span {
             area: RingArea::Descriptor,
             addr: 0,
             len: 0,
+            device_writes: false,
         }; 3];
         for (span, (area, addr, len, align)) in spans.iter_mut().zip(areas) {
             if !addr.is_multiple_of(align) {
@@ -159,7 +193,14 @@ impl RingAreas {
             if addr.checked_add(len).is_none() {
                 return Err(AreaError::Overflow { area, addr, len });
             }
-            *span = Span { area, addr, len };
+            let device_writes =
+                area == RingArea::Device || (format == RingFormat::Packed && area == RingArea::Descriptor);
+            *span = Span {
+                area,
+                addr,
+                len,
+                device_writes,
+            };
         }
         for (i, a) in spans.iter().enumerate() {
             for b in &spans[i + 1..] {
@@ -172,12 +213,17 @@ impl RingAreas {
                 }
             }
         }
-        Ok(RingAreas { size, spans })
+        Ok(RingAreas { size, format, spans })
     }
 
     /// The queue size.
     pub fn size(&self) -> u16 {
         self.size
+    }
+
+    /// The ring format.
+    pub fn format(&self) -> RingFormat {
+        self.format
     }
 
     /// The descriptor, driver and device areas, in that order.
@@ -186,34 +232,50 @@ impl RingAreas {
     }
 }
 
-/// Opens a split ring for a device side: checks the areas ([`RingAreas::split`]),
-/// then maps each through `map`, the sharing model's way to reach an area of this
-/// length (it refuses areas outside what the model allows). The descriptor table
-/// and the available ring are handed out read-only whatever `map` returns: the
-/// device only ever reads them (§2.7), and read-only views catch device bugs early.
+/// Opens a ring for a device side: checks the areas ([`RingAreas::new`]), then maps
+/// each through `map`, the sharing model's way to reach an area of this length (it
+/// refuses areas outside what the model allows, and maps writable only the areas
+/// whose [`Span::device_writes`] is set). The areas the device only reads are
+/// handed out read-only whatever `map` returns: the split ring's descriptor table
+/// and available ring, the packed ring's driver event suppression (§2.7, §2.8);
+/// read-only views catch device bugs early.
 ///
-/// Every [`DeviceModel::open_queue`](crate::DeviceModel::open_queue) that maps rings
-/// goes through here; a refusal is logged at debug level with its reason and
+/// Every [`DeviceModel::open_queue_in`](crate::DeviceModel::open_queue_in) that maps
+/// rings goes through here; a refusal is logged at debug level with its reason and
 /// returned as [`ModelError::BadSize`] or [`ModelError::BadAddrs`] unless `map`
 /// says more.
-pub fn open_split_ring(
+pub fn open_ring(
+    format: RingFormat,
     size: u16,
     addrs: QueueAddrs,
     mut map: impl FnMut(&Span) -> Result<Region, ModelError>,
 ) -> Result<SplitRingMemory, ModelError> {
-    let areas = RingAreas::split(size, addrs).map_err(|reason| {
-        tracing::debug!(size, ?addrs, %reason, "queue areas refused");
+    let areas = RingAreas::new(format, size, addrs).map_err(|reason| {
+        tracing::debug!(?format, size, ?addrs, %reason, "queue areas refused");
         match reason {
             AreaError::Size(s) => ModelError::BadSize(s),
             _ => ModelError::BadAddrs(addrs),
         }
     })?;
-    let [desc, avail, used] = areas.spans;
+    let mut open = |s: &Span| -> Result<Region, ModelError> {
+        let r = map(s)?;
+        Ok(if s.device_writes { r } else { r.read_only() })
+    };
+    let [desc, avail, used] = &areas.spans;
     Ok(SplitRingMemory {
-        desc: map(&desc)?.read_only(),
-        avail: map(&avail)?.read_only(),
-        used: map(&used)?,
+        desc: open(desc)?,
+        avail: open(avail)?,
+        used: open(used)?,
     })
+}
+
+/// [`open_ring`] for a split ring.
+pub fn open_split_ring(
+    size: u16,
+    addrs: QueueAddrs,
+    map: impl FnMut(&Span) -> Result<Region, ModelError>,
+) -> Result<SplitRingMemory, ModelError> {
+    open_ring(RingFormat::Split, size, addrs, map)
 }
 
 #[cfg(test)]
@@ -286,6 +348,10 @@ mod tests {
     fn packed_sizes_need_not_be_powers_of_two() {
         let a = RingAreas::packed(3, A).unwrap();
         assert_eq!(a.spans().map(|s| s.len), [48, 4, 4]);
+        // The device writes used descriptors over the ring, and its own event area.
+        assert_eq!(a.spans().map(|s| s.device_writes), [true, false, true]);
+        let s = RingAreas::split(4, A).unwrap();
+        assert_eq!(s.spans().map(|s| s.device_writes), [false, false, true]);
         assert_eq!(RingAreas::packed(0, A), Err(AreaError::Size(0)));
         assert_eq!(
             RingAreas::packed(
@@ -306,7 +372,7 @@ mod tests {
     fn open_split_ring_maps_in_order_and_passes_model_refusals_on() {
         let mut seen = Vec::new();
         let r = open_split_ring(16, A, |s| {
-            seen.push((s.area, s.addr, s.len, s.device_writes()));
+            seen.push((s.area, s.addr, s.len, s.device_writes));
             Err(ModelError::NoMemory(16))
         });
         assert!(matches!(r, Err(ModelError::NoMemory(16))));
@@ -315,5 +381,18 @@ mod tests {
         assert!(matches!(r, Err(ModelError::BadAddrs(_))));
         let r = open_split_ring(5, A, |_| unreachable!());
         assert!(matches!(r, Err(ModelError::BadSize(5))));
+        // A packed ring of 5 is fine, with its own lengths.
+        let mut lens = Vec::new();
+        let r = open_ring(RingFormat::Packed, 5, A, |s| {
+            lens.push(s.len);
+            Err(ModelError::NoMemory(5))
+        });
+        assert!(matches!(r, Err(ModelError::NoMemory(5))));
+        assert_eq!(lens, [80]);
+        assert_eq!(
+            RingFormat::of(Features::RING_PACKED | Features::VERSION_1),
+            RingFormat::Packed
+        );
+        assert_eq!(RingFormat::of(Features::VERSION_1), RingFormat::Split);
     }
 }

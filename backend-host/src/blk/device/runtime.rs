@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use virtio_core::blk::{self, BlkFeatures, Status};
 use virtio_core::features::Features;
 use virtio_core::notify::{EventFdNotifier, Notify};
+use virtio_core::ring::areas::RingFormat;
 use virtio_core::transport::ActiveQueue;
 use virtio_core::{DeviceModel, DeviceRing};
 
@@ -65,7 +66,10 @@ where
         features: u64,
         q: ActiveQueue,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
+        let format = RingFormat::of(Features::from_bits_retain(features));
+        let vq = self
+            .model
+            .open_queue_in(q.index, format, q.layout.size, q.addrs())?;
         let f = Features::from_bits_retain(features);
         // A request naming memory the model refuses still gets IOERR in its
         // status byte, where that byte is reachable (issue 13, finding 7).
