@@ -1,8 +1,10 @@
-//! Virtqueues: wire layouts, descriptor chains and the split ring's two sides.
+//! Virtqueues: wire layouts, descriptor chains, and the two sides of the split and
+//! packed rings.
 
 pub mod areas;
 pub mod chain;
 pub mod layout;
+pub mod packed;
 pub mod split;
 
 pub use chain::{Chain, ChainError, ChainReader, ChainWriter, INDIRECT_MAX};
