@@ -24,6 +24,12 @@
 //!   [`SplitDevice::with_reject_status`](crate::SplitDevice::with_reject_status));
 //! - total length below 2^32;
 //! - zero-length descriptors counted against the limit and otherwise skipped.
+//!
+//! A packed ring's list (§2.8.6, §2.8.7) goes through the same checks in
+//! `walk_packed`, once the ring has copied it out: its direct descriptors are
+//! consecutive ring slots, bounded by the slots the driver has free, an indirect
+//! descriptor must be the whole list, and an indirect table's entries are
+//! consecutive (their `NEXT` flags and ids are ignored).
 
 use crate::access::{AccessError, DescSlot, DeviceMemory, Segment, check_within};
 use crate::ring::layout::{Descriptor, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};

@@ -4,8 +4,8 @@
 use super::layout::*;
 use super::*;
 use crate::features::Features;
-use crate::ring::Chain;
-use crate::ring::layout::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use crate::ring::layout::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use crate::ring::{Chain, ChainError};
 use crate::share::GuestBuf;
 use crate::test_utils::{Arena, IdentityShare};
 use proptest::prelude::*;
@@ -43,6 +43,20 @@ fn bufs(arena: &Arena, lens: &[u32]) -> Vec<GuestBuf> {
 const PLAIN: Features = Features::VERSION_1;
 const AVAIL1: u16 = VIRTQ_DESC_F_AVAIL;
 const AVAIL0: u16 = VIRTQ_DESC_F_USED;
+
+/// Writes descriptor `d` into ring slot `slot` as a (hostile) driver would.
+fn put(ring: &PackedRingMemory, slot: u16, d: PackedDescriptor) {
+    ring.desc.write(u64::from(slot) * 16, d.as_bytes()).unwrap();
+}
+
+/// Writes the driver event suppression structure as a (hostile) driver would.
+fn set_driver_event(ring: &PackedRingMemory, desc: u16, flags: u16) {
+    let e = EventSuppress {
+        desc: desc.into(),
+        flags: flags.into(),
+    };
+    ring.driver.write(0, e.as_bytes()).unwrap();
+}
 
 /// Reads ring slot `slot`.
 fn get(ring: &PackedRingMemory, slot: u16) -> PackedDescriptor {
@@ -751,4 +765,417 @@ fn thousands_of_laps_with_out_of_order_completion() {
     ] {
         run_interleaving(7, features, &ops);
     }
+}
+
+// --- Hostile drivers (HOSTILE 41 to 46) and a hostile device (HOSTILE 47) ---
+
+/// A device over a ring a test writes by hand, as a hostile driver.
+fn raw(size: u16, features: Features) -> (Arc<Arena>, PackedRingMemory, PackedDevice<Arc<Arena>>) {
+    let arena = Arena::new(0x4000_0000, 1 << 20).unwrap();
+    let (_, ring) = arena.alloc_packed_ring(size).unwrap();
+    let device = PackedDevice::new(size, &ring, arena.clone(), features).unwrap();
+    (arena, ring, device)
+}
+
+fn needs_reset(r: Result<Option<Chain>, DeviceQueueError>) -> RingFault {
+    match r {
+        Err(DeviceQueueError::NeedsReset(f)) => f,
+        other => panic!("expected needs-reset, got {other:?}"),
+    }
+}
+
+fn bad_chain(r: Result<Option<Chain>, DeviceQueueError>) -> (u16, ChainError) {
+    match r {
+        Err(DeviceQueueError::BadChain { head, source }) => (head, source),
+        other => panic!("expected a rejected chain, got {other:?}"),
+    }
+}
+
+/// HOSTILE 41.
+#[test]
+fn descriptors_not_marked_available_for_the_wrap_counter_are_not_consumed() {
+    let (arena, ring, mut dev) = raw(4, PLAIN);
+    let buf = arena.alloc(64, 8).unwrap();
+    // Zeroed, marked for the other lap, marked used: none is available in lap 1.
+    for flags in [0, AVAIL0, AVAIL1 | VIRTQ_DESC_F_USED] {
+        put(&ring, 0, PackedDescriptor::new(buf, 64, 0, flags));
+        assert!(dev.pop().unwrap().is_none(), "flags {flags:#x} consumed");
+        assert!(!dev.enable_notifications());
+    }
+    // A driver that writes lap-2 flags ahead of the device is not heard either:
+    // the device looks at one slot only, its next one.
+    put(&ring, 1, PackedDescriptor::new(buf, 64, 1, AVAIL0));
+    assert!(dev.pop().unwrap().is_none());
+    // Honest flags for lap 1: served, once.
+    for slot in 0..4 {
+        put(&ring, slot, PackedDescriptor::new(buf, 64, slot, AVAIL1));
+    }
+    for id in 0..4 {
+        let c = dev.pop().unwrap().unwrap();
+        assert_eq!(c.head(), id);
+        dev.add_used(id, 0).unwrap();
+    }
+    // Lap 2 (wrap counter 0): a driver that re-marks slot 0 with lap-1 flags, its
+    // wrap counter lying, does not get it served again.
+    put(&ring, 0, PackedDescriptor::new(buf, 64, 0, AVAIL1));
+    assert!(dev.pop().unwrap().is_none());
+    assert_eq!(dev.in_flight(), 0);
+    put(&ring, 0, PackedDescriptor::new(buf, 64, 0, AVAIL0));
+    assert_eq!(dev.pop().unwrap().unwrap().head(), 0);
+}
+
+/// HOSTILE 42.
+#[test]
+fn buffer_ids_out_of_range_or_in_flight_are_never_served() {
+    let (arena, ring, mut dev) = raw(4, PLAIN);
+    let buf = arena.alloc(64, 8).unwrap();
+    put(&ring, 0, PackedDescriptor::new(buf, 64, 4, AVAIL1));
+    assert_eq!(
+        needs_reset(dev.pop()),
+        RingFault::HeadOutOfRange { head: 4, size: 4 }
+    );
+    assert_eq!(dev.fault(), Some(RingFault::HeadOutOfRange { head: 4, size: 4 }));
+    // Sticky.
+    assert!(matches!(dev.pop(), Err(DeviceQueueError::NeedsReset(_))));
+
+    let (arena, ring, mut dev) = raw(4, PLAIN);
+    let buf = arena.alloc(64, 8).unwrap();
+    // The id is the last descriptor's (§2.8.6), whatever the others say.
+    put(
+        &ring,
+        0,
+        PackedDescriptor::new(buf, 8, 3, AVAIL1 | VIRTQ_DESC_F_NEXT),
+    );
+    put(&ring, 1, PackedDescriptor::new(buf, 8, 1, AVAIL1));
+    let c = dev.pop().unwrap().unwrap();
+    assert_eq!((c.head(), c.readable_len()), (1, 16));
+    // Id 1 again while the device holds it.
+    put(&ring, 2, PackedDescriptor::new(buf, 64, 1, AVAIL1));
+    assert_eq!(needs_reset(dev.pop()), RingFault::IdInFlight { id: 1 });
+    assert_eq!(dev.in_flight(), 1);
+    // The held chain can still be returned, once.
+    dev.add_used(1, 0).unwrap();
+    assert_eq!(dev.add_used(1, 0), Err(UsedError::NotInFlight(1)));
+}
+
+/// HOSTILE 43.
+#[test]
+fn a_list_running_past_the_free_slots_is_refused_without_a_hang() {
+    let (arena, ring, mut dev) = raw(4, PLAIN);
+    let buf = arena.alloc(64, 8).unwrap();
+    // Every slot says NEXT: a loop around the ring.
+    for slot in 0..4 {
+        put(
+            &ring,
+            slot,
+            PackedDescriptor::new(buf, 8, 0, AVAIL1 | VIRTQ_DESC_F_NEXT),
+        );
+    }
+    assert_eq!(needs_reset(dev.pop()), RingFault::ListOverrunsRing { room: 4 });
+
+    // With one list held, only the other three slots are the driver's.
+    let (arena, ring, mut dev) = raw(4, PLAIN);
+    let buf = arena.alloc(64, 8).unwrap();
+    put(&ring, 0, PackedDescriptor::new(buf, 8, 0, AVAIL1));
+    dev.pop().unwrap().unwrap();
+    for slot in 1..4 {
+        put(
+            &ring,
+            slot,
+            PackedDescriptor::new(buf, 8, 1, AVAIL1 | VIRTQ_DESC_F_NEXT),
+        );
+    }
+    assert_eq!(needs_reset(dev.pop()), RingFault::ListOverrunsRing { room: 3 });
+
+    // A list filling exactly the free slots is fine.
+    let (arena, ring, mut dev) = raw(3, PLAIN);
+    let buf = arena.alloc(64, 8).unwrap();
+    put(
+        &ring,
+        0,
+        PackedDescriptor::new(buf, 8, 0, AVAIL1 | VIRTQ_DESC_F_NEXT),
+    );
+    put(
+        &ring,
+        1,
+        PackedDescriptor::new(buf, 8, 0, AVAIL1 | VIRTQ_DESC_F_NEXT),
+    );
+    put(
+        &ring,
+        2,
+        PackedDescriptor::new(buf, 8, 2, AVAIL1 | VIRTQ_DESC_F_WRITE),
+    );
+    let c = dev.pop().unwrap().unwrap();
+    assert_eq!((c.head(), c.readable_len(), c.writable_len()), (2, 16, 8));
+    // The ring is all the device's now: it does not even look.
+    assert!(dev.pop().unwrap().is_none());
+}
+
+/// Writes an indirect table of packed descriptors into the arena.
+fn table(arena: &Arena, entries: &[PackedDescriptor]) -> (u64, u32) {
+    let bytes = entries.as_bytes();
+    let addr = arena.alloc(bytes.len() as u64, 16).unwrap();
+    arena.write(addr, bytes).unwrap();
+    (addr, u32::try_from(bytes.len()).unwrap())
+}
+
+/// HOSTILE 44.
+#[test]
+fn indirect_descriptors_stand_alone_and_never_nest() {
+    let features = PLAIN | Features::INDIRECT_DESC;
+    let (arena, ring, mut dev) = raw(8, features);
+    let buf = arena.alloc(64, 8).unwrap();
+    // Entries are consecutive: NEXT flags and ids inside the table are ignored.
+    let (t, tlen) = table(
+        &arena,
+        &[
+            PackedDescriptor::new(buf, 8, 7, VIRTQ_DESC_F_NEXT),
+            PackedDescriptor::new(buf + 8, 8, 9, 0),
+            PackedDescriptor::new(buf + 16, 16, 0, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT),
+        ],
+    );
+    put(
+        &ring,
+        0,
+        PackedDescriptor::new(t, tlen, 5, AVAIL1 | VIRTQ_DESC_F_INDIRECT),
+    );
+    let c = dev.pop().unwrap().unwrap();
+    assert_eq!((c.head(), c.readable_len(), c.writable_len()), (5, 16, 16));
+    dev.add_used(5, 0).unwrap();
+
+    // An indirect descriptor inside the table.
+    let (t2, t2len) = table(
+        &arena,
+        &[PackedDescriptor::new(t, tlen, 0, VIRTQ_DESC_F_INDIRECT)],
+    );
+    put(
+        &ring,
+        1,
+        PackedDescriptor::new(t2, t2len, 2, AVAIL1 | VIRTQ_DESC_F_INDIRECT),
+    );
+    let (id, e) = bad_chain(dev.pop());
+    assert!(matches!((id, &e), (2, ChainError::NestedIndirect)), "{e:?}");
+    // Returned at once with length 0 at the next used slot.
+    let u = get(&ring, 1);
+    assert_eq!((u.id.get(), u.len.get()), (2, 0));
+    assert!(Views::is_used(u.flags.get(), true));
+
+    // A direct descriptor followed by an indirect one: one list, two types.
+    put(
+        &ring,
+        2,
+        PackedDescriptor::new(buf, 8, 0, AVAIL1 | VIRTQ_DESC_F_NEXT),
+    );
+    put(
+        &ring,
+        3,
+        PackedDescriptor::new(t, tlen, 3, AVAIL1 | VIRTQ_DESC_F_INDIRECT),
+    );
+    let (id, e) = bad_chain(dev.pop());
+    assert!(matches!((id, &e), (3, ChainError::IndirectInList)), "{e:?}");
+    // INDIRECT with NEXT.
+    put(
+        &ring,
+        4,
+        PackedDescriptor::new(t, tlen, 0, AVAIL1 | VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT),
+    );
+    put(&ring, 5, PackedDescriptor::new(buf, 8, 4, AVAIL1));
+    let (id, e) = bad_chain(dev.pop());
+    assert!(matches!((id, &e), (4, ChainError::IndirectWithNext)), "{e:?}");
+    // Each rejected list's used descriptor skips its two slots: used descriptors
+    // at slots 2 and 4, and the device goes on at slot 6.
+    assert_eq!((get(&ring, 2).id.get(), get(&ring, 4).id.get()), (3, 4));
+    assert_eq!(dev.next_avail(), 0x8006);
+    assert_eq!(dev.in_flight(), 0);
+
+    // INDIRECT without the feature.
+    let (arena, ring, mut dev) = raw(8, PLAIN);
+    let (t, tlen) = table(&arena, &[PackedDescriptor::new(0x4000_0000, 8, 0, 0)]);
+    put(
+        &ring,
+        0,
+        PackedDescriptor::new(t, tlen, 0, AVAIL1 | VIRTQ_DESC_F_INDIRECT),
+    );
+    let (_, e) = bad_chain(dev.pop());
+    assert!(matches!(e, ChainError::IndirectNotNegotiated), "{e:?}");
+}
+
+/// A sharing model whose first range check rewrites the ring under the device: the
+/// driver changing descriptors between the device's reads.
+struct Scribbler {
+    arena: Arc<Arena>,
+    ring: PackedRingMemory,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl crate::access::DeviceMemory for Scribbler {
+    fn check(&self, seg: &crate::access::Segment) -> Result<(), crate::access::AccessError> {
+        if !self.done.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            for slot in 0..4 {
+                let flags = AVAIL1 | VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE;
+                put(
+                    &self.ring,
+                    slot,
+                    PackedDescriptor::new(u64::MAX - 4, u32::MAX, 3, flags),
+                );
+            }
+        }
+        self.arena.check(seg)
+    }
+
+    fn read(
+        &self,
+        seg: &crate::access::Segment,
+        offset: u32,
+        dst: &mut [u8],
+    ) -> Result<(), crate::access::AccessError> {
+        crate::access::DeviceMemory::read(&*self.arena, seg, offset, dst)
+    }
+
+    fn write(
+        &self,
+        seg: &crate::access::Segment,
+        offset: u32,
+        src: &[u8],
+    ) -> Result<(), crate::access::AccessError> {
+        crate::access::DeviceMemory::write(&*self.arena, seg, offset, src)
+    }
+}
+
+/// HOSTILE 45.
+#[test]
+fn a_list_changed_under_the_device_is_served_as_first_read() {
+    let arena = Arena::new(0x4000_0000, 1 << 20).unwrap();
+    let (_, ring) = arena.alloc_packed_ring(4).unwrap();
+    let mem = Scribbler {
+        arena: arena.clone(),
+        ring: ring.clone(),
+        done: false.into(),
+    };
+    let mut dev = PackedDevice::new(4, &ring, mem, PLAIN).unwrap();
+    let buf = arena.alloc(64, 8).unwrap();
+    put(
+        &ring,
+        0,
+        PackedDescriptor::new(buf, 8, 0, AVAIL1 | VIRTQ_DESC_F_NEXT),
+    );
+    put(
+        &ring,
+        1,
+        PackedDescriptor::new(buf + 8, 24, 1, AVAIL1 | VIRTQ_DESC_F_WRITE),
+    );
+    let c = dev.pop().unwrap().unwrap();
+    // The whole list was copied before the first range check rewrote the ring.
+    assert_eq!((c.head(), c.readable_len(), c.writable_len()), (1, 8, 24));
+    assert_eq!(c.writable()[0].addr(), buf + 8);
+    assert_eq!(dev.next_avail(), 0x8002, "two slots taken, not more");
+    dev.add_used(1, 24).unwrap();
+    let u = get(&ring, 0);
+    assert_eq!((u.id.get(), u.len.get()), (1, 24));
+}
+
+/// HOSTILE 46.
+#[test]
+fn event_suppression_garbage_only_costs_notifications() {
+    for features in [PLAIN, PLAIN | Features::EVENT_IDX] {
+        let mut p = pair(4, features);
+        let b = bufs(&p.arena, &[8]);
+        // Reserved flags, an offset outside the ring, DESC without EVENT_IDX, an
+        // event far away: never a panic, and garbage notifies rather than not.
+        let cases = [
+            ((0xffff, 3), true),
+            ((0x7fff, RING_EVENT_FLAGS_DESC), true),
+            ((0x8004, RING_EVENT_FLAGS_DESC), true),
+            ((0x0000, 0xffff), true),
+            ((0x1234, RING_EVENT_FLAGS_DISABLE), false),
+        ];
+        for ((desc, flags), want) in cases {
+            p.driver.add(&[], &b, 0).unwrap();
+            let c = p.device.pop().unwrap().unwrap();
+            set_driver_event(&p.ring, desc, flags);
+            p.device.add_used(c.head(), 8).unwrap();
+            assert_eq!(p.device.needs_notification(), want, "{desc:#x}/{flags:#x}");
+            assert_eq!(p.driver.pop_used().unwrap().unwrap().len, 8);
+        }
+        // A device scribbling on its own area only changes kicks, the same way.
+        for (desc, flags) in [(0xffff, 0xffff), (0x7fff, RING_EVENT_FLAGS_DESC)] {
+            p.ring
+                .device
+                .write(
+                    0,
+                    EventSuppress {
+                        desc: desc.into(),
+                        flags: flags.into(),
+                    }
+                    .as_bytes(),
+                )
+                .unwrap();
+            p.driver.add(&[], &b, 0).unwrap();
+            assert!(p.driver.kick_prepare());
+            let c = p.device.pop().unwrap().unwrap();
+            p.device.add_used(c.head(), 0).unwrap();
+            p.driver.pop_used().unwrap().unwrap();
+        }
+    }
+}
+
+/// HOSTILE 47: the packed driver side never trusts the device (as HOSTILE 31).
+#[test]
+fn the_driver_checks_every_used_descriptor() {
+    let used1 = AVAIL1 | VIRTQ_DESC_F_USED;
+    // An id that is not outstanding.
+    let mut p = pair(4, PLAIN);
+    let b = bufs(&p.arena, &[8]);
+    let id = p.driver.add(&[], &b, 0).unwrap();
+    let other = (id + 1) % 4;
+    put(&p.ring, 0, PackedDescriptor::new(0, 0, other, used1));
+    assert_eq!(
+        p.driver.pop_used(),
+        Err(DriverQueueError::UnknownId(u32::from(other)))
+    );
+    assert!(p.driver.is_broken());
+    assert!(matches!(
+        p.driver.add(&[], &b, 1).unwrap_err().error,
+        AddError::Broken
+    ));
+    assert_eq!(p.driver.pop_used(), Err(DriverQueueError::Broken));
+    // Reset brings it back.
+    assert_eq!(p.driver.reset(), vec![0]);
+    assert!(!p.driver.is_broken());
+
+    // A length above the writable bytes.
+    let mut p = pair(4, PLAIN);
+    let id = p.driver.add(&[], &b, 0).unwrap();
+    put(
+        &p.ring,
+        0,
+        PackedDescriptor::new(0, 9, id, used1 | VIRTQ_DESC_F_WRITE),
+    );
+    assert_eq!(
+        p.driver.pop_used(),
+        Err(DriverQueueError::LengthTooLarge {
+            head: id,
+            len: 9,
+            writable: 8
+        })
+    );
+
+    // Without WRITE the length is reserved (§2.8.4): nothing was written.
+    let mut p = pair(4, PLAIN);
+    let id = p.driver.add(&[], &b, 0).unwrap();
+    put(&p.ring, 0, PackedDescriptor::new(0, 1 << 30, id, used1));
+    assert_eq!(p.driver.pop_used().unwrap().unwrap(), Used { token: 0, len: 0 });
+
+    // AVAIL and USED disagreeing, or the other lap's used bits: not used.
+    let mut p = pair(4, PLAIN);
+    let id = p.driver.add(&[], &b, 0).unwrap();
+    for flags in [VIRTQ_DESC_F_USED, AVAIL1, 0] {
+        put(&p.ring, 0, PackedDescriptor::new(0, 0, id, flags));
+        assert_eq!(p.driver.pop_used(), Ok(None));
+        assert!(!p.driver.enable_notifications());
+    }
+    // A used descriptor where nothing is outstanding.
+    let mut p = pair(4, PLAIN);
+    put(&p.ring, 0, PackedDescriptor::new(0, 0, 0, used1));
+    assert_eq!(p.driver.pop_used(), Err(DriverQueueError::UnknownId(0)));
 }
