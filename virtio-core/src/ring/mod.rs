@@ -1,5 +1,4 @@
-//! Virtqueues: wire layouts, descriptor chains, and the two sides of the split and
-//! packed rings.
+//! Virtqueues: wire layouts, descriptor chains, and both sides of the split and packed rings.
 
 pub mod areas;
 pub mod chain;

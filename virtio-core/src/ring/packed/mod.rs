@@ -1,5 +1,7 @@
-//! The packed virtqueue (virtio 1.2 §2.8): one descriptor ring both sides write, and
-//! two event suppression structures.
+//! The packed virtqueue (virtio 1.2 §2.8): one descriptor ring, two event suppression areas.
+//!
+//! Both sides write the descriptor ring: the driver its available descriptors, the
+//! device used descriptors over them.
 //!
 //! [`PackedDriver`] is the driver side and [`PackedDevice`] the device side, with the
 //! same methods as [`SplitDriver`](crate::SplitDriver) and

@@ -1,5 +1,4 @@
-//! Tests of the packed ring, driver and device side against each other and against
-//! hostile rings.
+//! Tests of the packed ring: driver against device, and each against a hostile peer.
 
 use super::layout::*;
 use super::*;
