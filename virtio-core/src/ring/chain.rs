@@ -24,9 +24,16 @@
 //!   [`SplitDevice::with_reject_status`](crate::SplitDevice::with_reject_status));
 //! - total length below 2^32;
 //! - zero-length descriptors counted against the limit and otherwise skipped.
+//!
+//! A packed ring's list (§2.8.6, §2.8.7) goes through the same checks in
+//! `walk_packed`, once the ring has copied it out: its direct descriptors are
+//! consecutive ring slots, bounded by the slots the driver has free, an indirect
+//! descriptor must be the whole list, and an indirect table's entries are
+//! consecutive (their `NEXT` flags and ids are ignored).
 
 use crate::access::{AccessError, DescSlot, DeviceMemory, Segment, check_within};
 use crate::ring::layout::{Descriptor, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use crate::ring::packed::layout::PackedDescriptor;
 use smallvec::SmallVec;
 use zerocopy::FromBytes;
 
@@ -66,6 +73,10 @@ pub enum ChainError {
     /// A descriptor carries both INDIRECT and NEXT.
     #[error("indirect descriptor also has NEXT set")]
     IndirectWithNext,
+    /// A packed ring's list mixes an indirect descriptor with other descriptors
+    /// (virtio 1.2 §2.8.7: each list holds descriptors of one type).
+    #[error("indirect descriptor inside a packed descriptor list")]
+    IndirectInList,
     /// Indirect table length 0 or not a multiple of 16.
     #[error("indirect table length {0} is not a non-zero multiple of 16")]
     IndirectLength(u32),
@@ -341,18 +352,40 @@ pub(crate) fn walk<M: DeviceMemory>(
         refused_writable: 0,
     };
     b.walk(size, read, mem, indirect_ok, scratch)?;
-    match b.refused {
-        None => Ok(()),
-        Some(e) => {
-            let writable = u64::from(b.chain.writable_len) + b.refused_writable;
-            *refused = Refused {
-                last_writable: b.last_writable,
-                // Below 2^32: the walk's total-length check counted refused bytes.
-                writable_len: u32::try_from(writable).unwrap_or(u32::MAX),
-            };
-            Err(ChainError::Access(e))
-        }
-    }
+    b.finish(refused)
+}
+
+/// One packed descriptor as fetched from the ring, with its slot:
+/// `(slot, (addr, len, flags, id))`.
+pub(crate) type PackedRawDesc = (u16, RawDesc);
+
+/// Validates a packed-ring list (virtio 1.2 §2.8.6, §2.8.7) whose descriptors the
+/// ring already copied out, in order, into `descs` (the ring bounds their number
+/// and takes the buffer id from the last one). The rules are those of [`walk`],
+/// except that an indirect descriptor must be the whole list (§2.8.7), and an
+/// indirect table's entries are consecutive: their `NEXT` flags and ids are
+/// ignored (§2.8.7), an `INDIRECT` flag among them is refused as nested. Segments
+/// name their ring slot ([`DescSlot::Table`]) or table entry; `chain`'s head is
+/// the buffer id.
+pub(crate) fn walk_packed<M: DeviceMemory>(
+    chain: &mut Chain,
+    descs: &[PackedRawDesc],
+    size: u16,
+    mem: &M,
+    indirect_ok: bool,
+    scratch: &mut Vec<u8>,
+    refused: &mut Refused,
+) -> Result<(), ChainError> {
+    let mut b = Builder {
+        chain,
+        seen_writable: false,
+        count: 0,
+        refused: None,
+        last_writable: None,
+        refused_writable: 0,
+    };
+    b.walk_packed(descs, size, mem, indirect_ok, scratch)?;
+    b.finish(refused)
 }
 
 struct Builder<'c> {
@@ -369,6 +402,24 @@ struct Builder<'c> {
 }
 
 impl Builder<'_> {
+    /// Ends a walk whose structure was sound: fails with the first refusal of the
+    /// sharing model, if any, filling `refused`.
+    #[inline(always)]
+    fn finish(self, refused: &mut Refused) -> Result<(), ChainError> {
+        match self.refused {
+            None => Ok(()),
+            Some(e) => {
+                let writable = u64::from(self.chain.writable_len) + self.refused_writable;
+                *refused = Refused {
+                    last_writable: self.last_writable,
+                    // Below 2^32: the walk's total-length check counted refused bytes.
+                    writable_len: u32::try_from(writable).unwrap_or(u32::MAX),
+                };
+                Err(ChainError::Access(e))
+            }
+        }
+    }
+
     fn walk<M: DeviceMemory>(
         &mut self,
         size: u16,
@@ -474,33 +525,8 @@ impl Builder<'_> {
         mem: &M,
         scratch: &mut Vec<u8>,
     ) -> Result<(), ChainError> {
-        if len == 0 || !len.is_multiple_of(16) {
-            return Err(ChainError::IndirectLength(len));
-        }
-        let entries = len / 16;
-        if entries > u32::from(INDIRECT_MAX) {
-            return Err(ChainError::IndirectTooLarge {
-                entries,
-                limit: INDIRECT_MAX,
-            });
-        }
-        if entries > u32::from(left) {
-            return Err(ChainError::TooLong { limit });
-        }
-        if addr.checked_add(u64::from(len)).is_none() {
-            return Err(ChainError::AddrOverflow { addr, len });
-        }
-        // The table is read like any device-readable buffer (the write flag on a table
-        // descriptor is ignored, §2.7.5.3.2), so every model mediates it.
-        let seg = Segment::new(addr, len, false, self.chain.head, DescSlot::Table(table));
-        mem.check(&seg)?;
-        // `len` is bounded by `INDIRECT_MAX * 16` above: no allocation sized by the driver alone.
-        scratch.clear();
-        scratch.resize(len as usize, 0);
-        mem.read(&seg, 0, scratch)?;
+        let n = self.fetch_table(table, addr, len, (limit, left), mem, scratch)?;
         let descs = <[Descriptor]>::ref_from_bytes(scratch).map_err(|_| ChainError::IndirectLength(len))?;
-        // `entries <= INDIRECT_MAX`.
-        let n = u16::try_from(entries).unwrap_or(u16::MAX);
         let mut i: u16 = 0;
         for _ in 0..n {
             let d = &descs[usize::from(i)];
@@ -523,5 +549,99 @@ impl Builder<'_> {
             i = next;
         }
         Err(ChainError::TooLong { limit: n })
+    }
+
+    /// Checks the indirect table that descriptor `table` points to and copies it
+    /// into `scratch` through `mem`; returns its number of entries.
+    #[inline(always)]
+    fn fetch_table<M: DeviceMemory>(
+        &self,
+        table: u16,
+        addr: u64,
+        len: u32,
+        (limit, left): (u16, u16),
+        mem: &M,
+        scratch: &mut Vec<u8>,
+    ) -> Result<u16, ChainError> {
+        if len == 0 || !len.is_multiple_of(16) {
+            return Err(ChainError::IndirectLength(len));
+        }
+        let entries = len / 16;
+        if entries > u32::from(INDIRECT_MAX) {
+            return Err(ChainError::IndirectTooLarge {
+                entries,
+                limit: INDIRECT_MAX,
+            });
+        }
+        if entries > u32::from(left) {
+            return Err(ChainError::TooLong { limit });
+        }
+        if addr.checked_add(u64::from(len)).is_none() {
+            return Err(ChainError::AddrOverflow { addr, len });
+        }
+        // The table is read like any device-readable buffer (the write flag on a table
+        // descriptor is ignored, §2.7.5.3.2, §2.8.7), so every model mediates it.
+        let seg = Segment::new(addr, len, false, self.chain.head, DescSlot::Table(table));
+        mem.check(&seg)?;
+        // `len` is bounded by `INDIRECT_MAX * 16` above: no allocation sized by the driver alone.
+        scratch.clear();
+        scratch.resize(len as usize, 0);
+        mem.read(&seg, 0, scratch)?;
+        // `entries <= INDIRECT_MAX`.
+        Ok(u16::try_from(entries).unwrap_or(u16::MAX))
+    }
+
+    /// [`Self::walk`] for a packed list already copied out of the ring.
+    fn walk_packed<M: DeviceMemory>(
+        &mut self,
+        descs: &[PackedRawDesc],
+        size: u16,
+        mem: &M,
+        indirect_ok: bool,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), ChainError> {
+        for (k, &(slot, (addr, len, flags, _id))) in descs.iter().enumerate() {
+            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                if !indirect_ok {
+                    return Err(ChainError::IndirectNotNegotiated);
+                }
+                if flags & VIRTQ_DESC_F_NEXT != 0 {
+                    return Err(ChainError::IndirectWithNext);
+                }
+                if k != 0 {
+                    return Err(ChainError::IndirectInList);
+                }
+                let limit = size.max(INDIRECT_MAX);
+                return self.indirect_packed(slot, addr, len, limit, mem, scratch);
+            }
+            self.push(addr, len, flags, DescSlot::Table(slot), mem)?;
+        }
+        Ok(())
+    }
+
+    /// Validates and walks a packed indirect table: consecutive entries (§2.8.7).
+    #[inline(never)]
+    fn indirect_packed<M: DeviceMemory>(
+        &mut self,
+        table: u16,
+        addr: u64,
+        len: u32,
+        limit: u16,
+        mem: &M,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), ChainError> {
+        let n = self.fetch_table(table, addr, len, (limit, limit), mem, scratch)?;
+        let descs =
+            <[PackedDescriptor]>::ref_from_bytes(scratch).map_err(|_| ChainError::IndirectLength(len))?;
+        for (i, d) in (0..n).zip(descs) {
+            let flags = d.flags.get();
+            // Only WRITE is valid in a table entry; the rest is ignored (§2.8.7),
+            // except INDIRECT, which would be a nested table (HOSTILE 3).
+            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                return Err(ChainError::NestedIndirect);
+            }
+            self.push(d.addr.get(), d.len.get(), flags, DescSlot::Indirect(i), mem)?;
+        }
+        Ok(())
     }
 }

@@ -1,8 +1,9 @@
-//! Virtqueues: wire layouts, descriptor chains and the split ring's two sides.
+//! Virtqueues: wire layouts, descriptor chains, and both sides of the split and packed rings.
 
 pub mod areas;
 pub mod chain;
 pub mod layout;
+pub mod packed;
 pub mod queue;
 pub mod split;
 

@@ -15,6 +15,7 @@ pub use skip::skip;
 
 use crate::access::{AccessError, DeviceMemory, Segment, check_within};
 use crate::ring::layout::SplitLayout;
+use crate::ring::packed::{EventSuppress, PackedLayout, PackedRingMemory};
 use crate::ring::split::SplitRingMemory;
 use crate::share::{Direction, DriverShare, Exposed, GuestBuf, ShareError};
 use crate::shm::{Mapping, Region, RegionError};
@@ -140,6 +141,24 @@ impl Arena {
             used: self.guest_region(used, l.used_bytes())?,
         };
         Ok(((desc, avail, used), mem))
+    }
+}
+
+impl Arena {
+    /// Allocates the three areas of a packed queue of `size` and returns their guest
+    /// addresses `(desc, driver, device)` and the driver's (writable) ring memory.
+    pub fn alloc_packed_ring(&self, size: u16) -> Result<((u64, u64, u64), PackedRingMemory), ArenaError> {
+        let l = PackedLayout::new(size).ok_or(ArenaError::Full(0))?;
+        let desc = self.alloc(l.desc_bytes(), 4096)?;
+        // Each event suppression structure on its own cache line: each side writes one.
+        let driver = self.alloc(EventSuppress::SIZE, 64)?;
+        let device = self.alloc(EventSuppress::SIZE, 64)?;
+        let mem = PackedRingMemory {
+            desc: self.guest_region(desc, l.desc_bytes())?,
+            driver: self.guest_region(driver, EventSuppress::SIZE)?,
+            device: self.guest_region(device, EventSuppress::SIZE)?,
+        };
+        Ok(((desc, driver, device), mem))
     }
 }
 

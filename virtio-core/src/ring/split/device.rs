@@ -51,11 +51,34 @@ pub enum RingFault {
         /// The value read now.
         idx: u16,
     },
-    /// A head index outside the descriptor table.
+    /// A head index outside the descriptor table (packed ring: a buffer id not
+    /// below the queue size).
     #[error("available head {head} outside a queue of {size}")]
     HeadOutOfRange {
-        /// The head read from the ring.
+        /// The head read from the ring (packed ring: the buffer id).
         head: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// Packed ring: a descriptor list that runs on (`NEXT`) past the ring slots the
+    /// driver has free, into slots of lists the device still holds.
+    #[error("descriptor list runs past the {room} free ring slots")]
+    ListOverrunsRing {
+        /// Slots the driver had free.
+        room: u16,
+    },
+    /// Packed ring: a buffer id made available while the device still holds a
+    /// buffer with that id; their completions could not be told apart.
+    #[error("buffer id {id} made available while in flight")]
+    IdInFlight {
+        /// The buffer id.
+        id: u16,
+    },
+    /// Packed ring: a starting position outside the ring.
+    #[error("starting position {start:#06x} outside a ring of {size}")]
+    StartOutOfRange {
+        /// The position given (slot in bits 0-14, wrap counter in bit 15).
+        start: u16,
         /// Queue size.
         size: u16,
     },

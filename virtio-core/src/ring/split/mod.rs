@@ -28,8 +28,8 @@ pub struct SplitRingMemory {
 /// Why a queue's memory could not be used for a split ring.
 #[derive(Debug, thiserror::Error)]
 pub enum RingSetupError {
-    /// The queue size is 0, not a power of two or above 32768.
-    #[error("queue size {0} is not a power of two between 1 and 32768")]
+    /// The queue size is 0, above 32768, or (split ring) not a power of two.
+    #[error("queue size {0} is not a valid size for this ring (1 to 32768, a power of two if split)")]
     BadSize(u16),
     /// An area is too small or misaligned.
     #[error("{area} area unusable")]
