@@ -8,9 +8,11 @@
 //! one predictable branch per call, no allocation, and callers keep one concrete
 //! type whatever was negotiated.
 //!
-//! Only the split format is served today; a negotiated `VIRTIO_F_RING_PACKED` is
-//! refused with [`RingSetupError::Unsupported`] (our devices and drivers do not
-//! offer or accept it yet, issue 14).
+//! Both formats are served here; which devices, drivers and models negotiate the
+//! packed one is theirs to say (none offers `VIRTIO_F_RING_PACKED` yet, issue 14).
+//! The ring memory comes as a [`SplitRingMemory`] whatever the format: the three
+//! areas of §2.6 in order (descriptor area, driver area, device area), named by the
+//! split ring's use of them.
 //!
 //! ```
 //! # #[cfg(feature = "test-utils")] {
@@ -35,7 +37,9 @@
 
 use crate::access::DeviceMemory;
 use crate::features::Features;
+use crate::ring::areas::RingFormat;
 use crate::ring::chain::Chain;
+use crate::ring::packed::{PackedDevice, PackedDriver, PackedRingMemory};
 use crate::ring::split::{SplitDevice, SplitDriver};
 use crate::share::{DriverShare, GuestBuf};
 
@@ -49,44 +53,61 @@ pub use crate::ring::split::{
 pub enum DriverRing<S: DriverShare, T> {
     /// A split ring (§2.7).
     Split(SplitDriver<S, T>),
+    /// A packed ring (§2.8).
+    Packed(PackedDriver<S, T>),
 }
 
 /// The device's side of one virtqueue. See the module docs.
 pub enum DeviceRing<M> {
     /// A split ring (§2.7).
     Split(SplitDevice<M>),
+    /// A packed ring (§2.8).
+    Packed(PackedDevice<M>),
+}
+
+/// The same method on whichever format `$ring` holds.
+macro_rules! each {
+    ($ring:expr, $r:ident => $e:expr) => {
+        match $ring {
+            Self::Split($r) => $e,
+            Self::Packed($r) => $e,
+        }
+    };
 }
 
 impl<S: DriverShare, T> std::fmt::Debug for DriverRing<S, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DriverRing::Split(r) => f
-                .debug_struct("DriverRing::Split")
-                .field("size", &r.size())
-                .field("outstanding", &r.outstanding())
-                .finish(),
-        }
+        let format = match self {
+            DriverRing::Split(_) => "DriverRing::Split",
+            DriverRing::Packed(_) => "DriverRing::Packed",
+        };
+        f.debug_struct(format)
+            .field("size", &self.size())
+            .field("outstanding", &self.outstanding())
+            .finish()
     }
 }
 
 impl<M: DeviceMemory> std::fmt::Debug for DeviceRing<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DeviceRing::Split(r) => f
-                .debug_struct("DeviceRing::Split")
-                .field("size", &r.size())
-                .field("in_flight", &r.in_flight())
-                .finish(),
-        }
+        let format = match self {
+            DeviceRing::Split(_) => "DeviceRing::Split",
+            DeviceRing::Packed(_) => "DeviceRing::Packed",
+        };
+        f.debug_struct(format)
+            .field("size", &self.size())
+            .field("in_flight", &self.in_flight())
+            .finish()
     }
 }
 
-/// Refuses a format this module does not serve yet.
-fn format(features: Features) -> Result<(), RingSetupError> {
-    if features.contains(Features::RING_PACKED) {
-        return Err(RingSetupError::Unsupported("VIRTIO_F_RING_PACKED"));
+/// The areas a model hands out, as the packed ring names them.
+fn packed_areas(ring: &SplitRingMemory) -> PackedRingMemory {
+    PackedRingMemory {
+        desc: ring.desc.clone(),
+        driver: ring.avail.clone(),
+        device: ring.used.clone(),
     }
-    Ok(())
 }
 
 impl<S: DriverShare, T> DriverRing<S, T> {
@@ -99,105 +120,78 @@ impl<S: DriverShare, T> DriverRing<S, T> {
         share: S,
         features: Features,
     ) -> Result<Self, RingSetupError> {
-        format(features)?;
-        Ok(DriverRing::Split(SplitDriver::new(size, ring, share, features)?))
+        Ok(match RingFormat::of(features) {
+            RingFormat::Split => DriverRing::Split(SplitDriver::new(size, ring, share, features)?),
+            RingFormat::Packed => {
+                DriverRing::Packed(PackedDriver::new(size, packed_areas(&ring), share, features)?)
+            }
+        })
     }
 
     /// Queue size.
     pub fn size(&self) -> u16 {
-        match self {
-            DriverRing::Split(r) => r.size(),
-        }
-    }
-
-    /// The ring memory, as the driver set it up.
-    pub fn ring_memory(&self) -> &SplitRingMemory {
-        match self {
-            DriverRing::Split(r) => r.ring_memory(),
-        }
+        each!(self, r => r.size())
     }
 
     /// Descriptors free for new requests.
     pub fn num_free(&self) -> u16 {
-        match self {
-            DriverRing::Split(r) => r.num_free(),
-        }
+        each!(self, r => r.num_free())
     }
 
     /// Requests made available and not yet returned.
     pub fn outstanding(&self) -> u16 {
-        match self {
-            DriverRing::Split(r) => r.outstanding(),
-        }
+        each!(self, r => r.outstanding())
     }
 
     /// Whether the device broke the ring's rules; the queue then needs a reset.
     pub fn is_broken(&self) -> bool {
-        match self {
-            DriverRing::Split(r) => r.is_broken(),
-        }
+        each!(self, r => r.is_broken())
     }
 
     /// The sharing model's state for this queue.
     pub fn share(&mut self) -> &mut S {
-        match self {
-            DriverRing::Split(r) => r.share(),
-        }
+        each!(self, r => r.share())
     }
 
     /// Makes a request of device-readable `out` and device-writable `ins` buffers
     /// available, under `token`; returns its head. The device may take it at once:
     /// [`kick_prepare`](Self::kick_prepare) only decides whether to notify.
     pub fn add(&mut self, out: &[GuestBuf], ins: &[GuestBuf], token: T) -> Result<u16, Rejected<T>> {
-        match self {
-            DriverRing::Split(r) => r.add(out, ins, token),
-        }
+        each!(self, r => r.add(out, ins, token))
     }
 
     /// Whether the device wants an available-buffer notification for what was
     /// added since the last call.
     pub fn kick_prepare(&mut self) -> bool {
-        match self {
-            DriverRing::Split(r) => r.kick_prepare(),
-        }
+        each!(self, r => r.kick_prepare())
     }
 
     /// Takes the next used request, if any, after checking it.
     pub fn pop_used(&mut self) -> Result<Option<Used<T>>, DriverQueueError> {
-        match self {
-            DriverRing::Split(r) => r.pop_used(),
-        }
+        each!(self, r => r.pop_used())
     }
 
     /// Asks the device not to send used-buffer notifications.
     pub fn disable_notifications(&mut self) {
-        match self {
-            DriverRing::Split(r) => r.disable_notifications(),
-        }
+        each!(self, r => r.disable_notifications())
     }
 
     /// Asks for a notification at the next used buffer; `false` if one is already
     /// there (pop it instead of waiting).
     pub fn enable_notifications(&mut self) -> bool {
-        match self {
-            DriverRing::Split(r) => r.enable_notifications(),
-        }
+        each!(self, r => r.enable_notifications())
     }
 
     /// Asks for a notification once most outstanding requests are used; `false` if
     /// used buffers are already there.
     pub fn enable_notifications_delayed(&mut self) -> bool {
-        match self {
-            DriverRing::Split(r) => r.enable_notifications_delayed(),
-        }
+        each!(self, r => r.enable_notifications_delayed())
     }
 
     /// After the device was reset: takes back every outstanding request and
     /// returns their tokens.
     pub fn reset(&mut self) -> Vec<T> {
-        match self {
-            DriverRing::Split(r) => r.reset(),
-        }
+        each!(self, r => r.reset())
     }
 }
 
@@ -211,8 +205,12 @@ impl<M: DeviceMemory> DeviceRing<M> {
         mem: M,
         features: Features,
     ) -> Result<Self, RingSetupError> {
-        format(features)?;
-        Ok(DeviceRing::Split(SplitDevice::new(size, ring, mem, features)?))
+        Ok(match RingFormat::of(features) {
+            RingFormat::Split => DeviceRing::Split(SplitDevice::new(size, ring, mem, features)?),
+            RingFormat::Packed => {
+                DeviceRing::Packed(PackedDevice::new(size, &packed_areas(ring), mem, features)?)
+            }
+        })
     }
 
     /// See [`SplitDevice::with_reject_status`].
@@ -220,6 +218,7 @@ impl<M: DeviceMemory> DeviceRing<M> {
     pub fn with_reject_status(self, status: u8) -> Self {
         match self {
             DeviceRing::Split(r) => DeviceRing::Split(r.with_reject_status(status)),
+            DeviceRing::Packed(r) => DeviceRing::Packed(r.with_reject_status(status)),
         }
     }
 
@@ -229,86 +228,65 @@ impl<M: DeviceMemory> DeviceRing<M> {
     pub fn starting_at(self, next_avail: u16) -> Self {
         match self {
             DeviceRing::Split(r) => DeviceRing::Split(r.starting_at(next_avail)),
+            DeviceRing::Packed(r) => DeviceRing::Packed(r.starting_at(next_avail)),
         }
     }
 
     /// Where the device goes on (vhost-user's GET_VRING_BASE).
     pub fn next_avail(&self) -> u16 {
-        match self {
-            DeviceRing::Split(r) => r.next_avail(),
-        }
+        each!(self, r => r.next_avail())
     }
 
     /// Queue size.
     pub fn size(&self) -> u16 {
-        match self {
-            DeviceRing::Split(r) => r.size(),
-        }
+        each!(self, r => r.size())
     }
 
     /// How the device reaches descriptor memory.
     pub fn memory(&self) -> &M {
-        match self {
-            DeviceRing::Split(r) => r.memory(),
-        }
+        each!(self, r => r.memory())
     }
 
     /// The fault that put the queue in needs-reset, if any.
     pub fn fault(&self) -> Option<RingFault> {
-        match self {
-            DeviceRing::Split(r) => r.fault(),
-        }
+        each!(self, r => r.fault())
     }
 
     /// Chains popped and not yet returned.
     pub fn in_flight(&self) -> usize {
-        match self {
-            DeviceRing::Split(r) => r.in_flight(),
-        }
+        each!(self, r => r.in_flight())
     }
 
     /// The next available chain, validated (HOSTILE 1-12), if any.
     pub fn pop(&mut self) -> Result<Option<Chain>, DeviceQueueError> {
-        match self {
-            DeviceRing::Split(r) => r.pop(),
-        }
+        each!(self, r => r.pop())
     }
 
     /// Returns chain `head` to the driver with `len` bytes written.
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), UsedError> {
-        match self {
-            DeviceRing::Split(r) => r.add_used(head, len),
-        }
+        each!(self, r => r.add_used(head, len))
     }
 
     /// Returns several chains, published together.
     pub fn add_used_batch(&mut self, used: impl IntoIterator<Item = (u16, u32)>) -> Result<(), UsedError> {
-        match self {
-            DeviceRing::Split(r) => r.add_used_batch(used),
-        }
+        each!(self, r => r.add_used_batch(used))
     }
 
     /// Whether the driver wants a used-buffer notification for what was returned
     /// since the last call.
     pub fn needs_notification(&mut self) -> bool {
-        match self {
-            DeviceRing::Split(r) => r.needs_notification(),
-        }
+        each!(self, r => r.needs_notification())
     }
 
     /// Asks the driver not to send available-buffer notifications.
     pub fn disable_notifications(&mut self) {
-        match self {
-            DeviceRing::Split(r) => r.disable_notifications(),
-        }
+        each!(self, r => r.disable_notifications())
     }
 
     /// Asks for a notification at the next available buffer; `false` if one is
     /// already there (pop it instead of sleeping).
     pub fn enable_notifications(&mut self) -> bool {
-        match self {
-            DeviceRing::Split(r) => r.enable_notifications(),
-        }
+        each!(self, r => r.enable_notifications())
     }
 }
 
@@ -317,18 +295,42 @@ mod tests {
     use super::*;
     use crate::test_utils::{Arena, IdentityShare};
 
+    /// The same request over either format, chosen by the features alone.
     #[test]
-    fn a_packed_ring_is_refused_until_it_is_served() {
-        let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
-        let (_, ring) = arena.alloc_split_ring(8).unwrap();
-        let f = Features::VERSION_1 | Features::RING_PACKED;
-        assert!(matches!(
-            DriverRing::<_, u32>::new(8, ring.clone(), IdentityShare::new(arena.clone(), 8), f),
-            Err(RingSetupError::Unsupported(_))
-        ));
-        assert!(matches!(
-            DeviceRing::new(8, &ring, arena.clone(), f),
-            Err(RingSetupError::Unsupported(_))
-        ));
+    fn each_format_is_picked_by_the_features_and_serves_the_same_request() {
+        for extra in [Features::empty(), Features::RING_PACKED] {
+            let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
+            let (_, ring) = arena.alloc_split_ring(8).unwrap();
+            let f = Features::VERSION_1 | Features::EVENT_IDX | Features::INDIRECT_DESC | extra;
+            let mut driver =
+                DriverRing::<_, u32>::new(8, ring.clone(), IdentityShare::new(arena.clone(), 8), f).unwrap();
+            let mut device = DeviceRing::new(8, &ring, arena.clone(), f).unwrap();
+            let packed = matches!(device, DeviceRing::Packed(_));
+            assert_eq!(packed, extra == Features::RING_PACKED);
+            assert_eq!(matches!(driver, DriverRing::Packed(_)), packed);
+            for round in 0..40u32 {
+                let out = arena.alloc(16, 16).unwrap();
+                Arena::write(&arena, out, &round.to_le_bytes()).unwrap();
+                let back = arena.alloc(16, 16).unwrap();
+                driver
+                    .add(&[GuestBuf::new(out, 16)], &[GuestBuf::new(back, 16)], round)
+                    .unwrap();
+                driver.kick_prepare();
+                let chain = device.pop().unwrap().expect("a chain");
+                let mut got = [0u8; 4];
+                chain.reader(device.memory()).read_exact(&mut got).unwrap();
+                let mut w = chain.writer(device.memory());
+                w.write_all(&got).unwrap();
+                let written = w.written();
+                device.add_used(chain.head(), written).unwrap();
+                let used = driver.pop_used().unwrap().expect("used");
+                assert_eq!((used.token, used.len), (round, 4));
+                let mut echo = [0u8; 4];
+                Arena::read(&arena, back, &mut echo).unwrap();
+                assert_eq!(u32::from_le_bytes(echo), round);
+            }
+            assert_eq!(device.in_flight(), 0);
+            assert_eq!(driver.outstanding(), 0);
+        }
     }
 }
