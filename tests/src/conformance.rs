@@ -1,11 +1,12 @@
 //! The conformance suite: the same driver/device exchanges, written once, run over any
 //! sharing model.
 //!
-//! Each exchange drives a real [`SplitDriver`] and [`SplitDevice`] over a model's
-//! [`DriverModel`] and [`DeviceModel`] and returns a [`Digest`] of everything both sides
-//! observed: the bytes the device read, the used lengths, the bytes the driver got
-//! back and the order tokens came home in. Models must produce identical digests;
-//! the tests compare them across all four.
+//! Each exchange drives a real [`DriverRing`] and [`DeviceRing`] (in the ring format
+//! the features pick, split or packed) over a model's [`DriverModel`] and
+//! [`DeviceModel`] and returns a [`Digest`] of everything both sides observed: the
+//! bytes the device read, the used lengths, the bytes the driver got back and the
+//! order tokens came home in. Models and ring formats must produce identical
+//! digests; the tests compare them across all four models and both formats.
 
 // Patterns and tokens are derived from wide counters by deliberate truncation.
 #![allow(clippy::cast_possible_truncation)]
@@ -15,8 +16,9 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use virtio_core::features::Features;
-use virtio_core::ring::split::DeviceQueueError;
-use virtio_core::{DeviceModel, DriverModel, GuestBuf, SplitDevice, SplitDriver};
+use virtio_core::ring::areas::RingFormat;
+use virtio_core::ring::queue::DeviceQueueError;
+use virtio_core::{DeviceModel, DeviceRing, DriverModel, DriverRing, GuestBuf};
 
 /// What one exchange observed, hashed: equal digests mean equal behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,9 +37,9 @@ pub struct Fixture<D, V> {
 /// A queue of the fixture, both sides set up.
 pub struct Queue<D: DriverModel, V: DeviceModel> {
     /// Driver side, carrying `u32` tokens.
-    pub driver: SplitDriver<D::Share, u32>,
+    pub driver: DriverRing<D::Share, u32>,
     /// Device side.
-    pub device: SplitDevice<V::Memory>,
+    pub device: DeviceRing<V::Memory>,
 }
 
 impl<D: DriverModel, V: DeviceModel> Fixture<D, V> {
@@ -45,15 +47,15 @@ impl<D: DriverModel, V: DeviceModel> Fixture<D, V> {
     pub fn queue(&self, index: u16, size: u16, features: Features) -> Queue<D, V> {
         let dq = self
             .driver
-            .create_queue(index, size)
+            .create_queue_in(index, RingFormat::of(features), size)
             .expect("driver creates the queue");
         let vq = self
             .device
-            .open_queue(index, size, dq.addrs)
+            .open_queue_in(index, RingFormat::of(features), size, dq.addrs)
             .expect("device opens the queue");
         Queue {
-            driver: SplitDriver::new(size, dq.ring, dq.share, features).expect("driver ring"),
-            device: SplitDevice::new(size, &vq.ring, vq.memory, features).expect("device ring"),
+            driver: DriverRing::new(size, dq.ring, dq.share, features).expect("driver ring"),
+            device: DeviceRing::new(size, &vq.ring, vq.memory, features).expect("device ring"),
         }
     }
 
@@ -101,7 +103,7 @@ fn pattern(seed: u64, i: usize) -> u8 {
 /// The device's reply: it reads the readable part, and writes `reply_len` bytes derived
 /// from what it read into the writable part. Returns the used length.
 fn serve<M: virtio_core::DeviceMemory>(
-    device: &SplitDevice<M>,
+    device: &DeviceRing<M>,
     chain: &virtio_core::ring::Chain,
     reply_len: u32,
     h: &mut DefaultHasher,
@@ -248,16 +250,22 @@ pub fn index_wrap<D: DriverModel, V: DeviceModel>(f: &Fixture<D, V>, features: F
 /// the model set aside for the buffers leaks (else later rounds would run out).
 pub fn reset_outstanding<D: DriverModel, V: DeviceModel>(f: &Fixture<D, V>, features: Features) -> Digest {
     let mut h = DefaultHasher::new();
-    let dq = f.driver.create_queue(0, 16).expect("driver queue");
+    let dq = f
+        .driver
+        .create_queue_in(0, RingFormat::of(features), 16)
+        .expect("driver queue");
     let addrs = dq.addrs;
-    let mut driver: SplitDriver<D::Share, u32> =
-        SplitDriver::new(16, dq.ring, dq.share, features).expect("driver");
+    let mut driver: DriverRing<D::Share, u32> =
+        DriverRing::new(16, dq.ring, dq.share, features).expect("driver");
     let outs: Vec<GuestBuf> = (0..16).map(|k| f.buffer(65536, |i| pattern(k, i))).collect();
     let ins: Vec<GuestBuf> = (0..16).map(|_| f.buffer(65536, |_| 0)).collect();
     for round in 0..40u32 {
         // A fresh device each round, as after a device reset.
-        let vq = f.device.open_queue(0, 16, addrs).expect("device queue");
-        let mut device = SplitDevice::new(16, &vq.ring, vq.memory, features).expect("device");
+        let vq = f
+            .device
+            .open_queue_in(0, RingFormat::of(features), 16, addrs)
+            .expect("device queue");
+        let mut device = DeviceRing::new(16, &vq.ring, vq.memory, features).expect("device");
         let mut added = 0u32;
         for k in 0..8usize {
             match driver.add(&[outs[k]], &[ins[k]], round * 100 + k as u32) {
@@ -320,15 +328,26 @@ pub fn exchanges<D: DriverModel, V: DeviceModel>() -> [(&'static str, Exchange<D
 }
 
 /// Every exchange under every feature set, each on a fresh fixture from `make`, in a
-/// fixed order.
-pub fn run_all<D: DriverModel, V: DeviceModel>(make: impl Fn() -> Fixture<D, V>) -> Vec<(String, Digest)> {
+/// fixed order, in ring `format` (the features of [`feature_sets`] plus
+/// `VIRTIO_F_RING_PACKED` for packed).
+pub fn run_all<D: DriverModel, V: DeviceModel>(
+    make: impl Fn() -> Fixture<D, V>,
+    format: RingFormat,
+) -> Vec<(String, Digest)> {
+    let packed = match format {
+        RingFormat::Split => Features::empty(),
+        RingFormat::Packed => Features::RING_PACKED,
+    };
     let mut out = Vec::new();
     for features in feature_sets() {
         for (name, exchange) in exchanges::<D, V>() {
-            out.push((format!("{name}, {features:?}"), exchange(&make(), features)));
+            out.push((
+                format!("{name}, {features:?}"),
+                exchange(&make(), features | packed),
+            ));
         }
     }
-    let wrap = index_wrap(&make(), Features::VERSION_1 | Features::EVENT_IDX);
+    let wrap = index_wrap(&make(), Features::VERSION_1 | Features::EVENT_IDX | packed);
     out.push(("index wrap".into(), wrap));
     out
 }

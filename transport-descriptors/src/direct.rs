@@ -56,7 +56,13 @@ impl DriverModel for DirectDriver {
         "direct"
     }
 
-    fn create_queue(&self, index: u16, size: u16) -> Result<DriverQueue<DirectShare>, ModelError> {
+    /// Each area on pages of its own, sized for the split ring: either format fits.
+    fn create_queue_in(
+        &self,
+        index: u16,
+        _format: RingFormat,
+        size: u16,
+    ) -> Result<DriverQueue<DirectShare>, ModelError> {
         self.rings.create(index, size)
     }
 }

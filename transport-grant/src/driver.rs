@@ -25,6 +25,7 @@ use crate::service::{GrantService, GrantTable};
 use crate::table::{GrantRange, GrantRef, PAGE_SIZE};
 use hypervisor::{Domain, DomainId, GuestMemory};
 use std::sync::{Arc, Mutex, Weak};
+use virtio_core::ring::areas::RingFormat;
 use virtio_core::ring::layout::SplitLayout;
 use virtio_core::{
     Direction, DriverModel, DriverQueue, DriverShare, Exposed, GuestBuf, ModelError, QueueAddrs, ShareError,
@@ -221,7 +222,15 @@ impl DriverModel for GrantDriver {
         "grant"
     }
 
-    fn create_queue(&self, _index: u16, size: u16) -> Result<DriverQueue<GrantShare>, ModelError> {
+    /// Each area on granted pages of its own, sized for the split ring (either format
+    /// fits); the descriptor area is granted writable for a packed ring, whose device
+    /// writes used descriptors over it (§2.8.3), and read-only for a split one.
+    fn create_queue_in(
+        &self,
+        _index: u16,
+        format: RingFormat,
+        size: u16,
+    ) -> Result<DriverQueue<GrantShare>, ModelError> {
         self.reap();
         let layout = SplitLayout::new(size).ok_or(ModelError::BadSize(size))?;
         let pools = self
@@ -246,7 +255,8 @@ impl DriverModel for GrantDriver {
             live: 0,
         };
         // On failure `share` is dropped, which ends the grants made so far.
-        let (desc, desc_r) = ring_area(&mut share, layout.desc_bytes(), true, size)?;
+        let desc_readonly = format == RingFormat::Split;
+        let (desc, desc_r) = ring_area(&mut share, layout.desc_bytes(), desc_readonly, size)?;
         let (avail, avail_r) = ring_area(&mut share, layout.avail_bytes(), true, size)?;
         let (used, used_r) = ring_area(&mut share, layout.used_bytes(), false, size)?;
         Ok(DriverQueue {

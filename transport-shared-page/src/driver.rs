@@ -10,6 +10,7 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use virtio_core::ring::areas::RingFormat;
 use virtio_core::ring::layout::SplitLayout;
 use virtio_core::shm::Region;
 use virtio_core::{
@@ -156,7 +157,14 @@ impl DriverModel for SharedPageDriver {
         "shared-page"
     }
 
-    fn create_queue(&self, index: u16, size: u16) -> Result<DriverQueue<SharedPageShare>, ModelError> {
+    /// Either format fits the split layout's slot: the packed areas are smaller and
+    /// at least as aligned.
+    fn create_queue_in(
+        &self,
+        index: u16,
+        _format: RingFormat,
+        size: u16,
+    ) -> Result<DriverQueue<SharedPageShare>, ModelError> {
         let l = SplitLayout::new(size).ok_or(ModelError::BadSize(size))?;
         let max = self.layout.max_queue_size();
         if size > max {

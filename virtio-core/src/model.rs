@@ -84,8 +84,20 @@ pub trait DriverModel {
     /// A short name for tables and logs ("shared-page", "direct", ...).
     fn name(&self) -> &'static str;
 
-    /// Allocates and initialises the rings of queue `index` with `size` entries.
-    fn create_queue(&self, index: u16, size: u16) -> Result<DriverQueue<Self::Share>, ModelError>;
+    /// Allocates and initialises the rings of queue `index` with `size` entries in
+    /// ring `format`, shared as that format needs (a packed device writes the
+    /// descriptor ring, §2.8.3).
+    fn create_queue_in(
+        &self,
+        index: u16,
+        format: RingFormat,
+        size: u16,
+    ) -> Result<DriverQueue<Self::Share>, ModelError>;
+
+    /// Allocates and initialises split queue `index` with `size` entries.
+    fn create_queue(&self, index: u16, size: u16) -> Result<DriverQueue<Self::Share>, ModelError> {
+        self.create_queue_in(index, RingFormat::Split, size)
+    }
 }
 
 /// The device side of a sharing model instance (one device serving one guest).

@@ -76,7 +76,16 @@ impl DriverModel for CopyDriver {
         "hypervisor-copy"
     }
 
-    fn create_queue(&self, index: u16, size: u16) -> Result<DriverQueue<DirectShare>, ModelError> {
+    fn create_queue_in(
+        &self,
+        index: u16,
+        format: RingFormat,
+        size: u16,
+    ) -> Result<DriverQueue<DirectShare>, ModelError> {
+        // The copy helper tracks split rings only (see `open_queue_in`).
+        if format != RingFormat::Split {
+            return Err(ModelError::Format(format));
+        }
         if index >= CopyHelper::MAX_QUEUES {
             return Err(ModelError::Model(Box::new(CopyError::BadQueue(index))));
         }

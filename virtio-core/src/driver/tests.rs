@@ -8,6 +8,7 @@ use crate::config::ConfigSpace;
 use crate::lifecycle::{ControlPlane, DeviceLifecycle};
 use crate::model::DriverQueue;
 use crate::notify::EventFdNotifier;
+use crate::ring::areas::RingFormat;
 use crate::test_utils::{Arena, IdentityShare};
 use crate::transport::{ActiveQueue, DeviceHandler, InProcessTransport};
 
@@ -117,7 +118,12 @@ impl DriverModel for Identity {
     fn name(&self) -> &'static str {
         "identity"
     }
-    fn create_queue(&self, _: u16, size: u16) -> Result<DriverQueue<IdentityShare>, ModelError> {
+    fn create_queue_in(
+        &self,
+        _: u16,
+        _: RingFormat,
+        size: u16,
+    ) -> Result<DriverQueue<IdentityShare>, ModelError> {
         let ((desc, avail, used), ring) = self
             .0
             .alloc_split_ring(size)
