@@ -129,26 +129,31 @@ impl<S: DriverShare, T> DriverRing<S, T> {
     }
 
     /// Queue size.
+    #[inline]
     pub fn size(&self) -> u16 {
         each!(self, r => r.size())
     }
 
     /// Descriptors free for new requests.
+    #[inline]
     pub fn num_free(&self) -> u16 {
         each!(self, r => r.num_free())
     }
 
     /// Requests made available and not yet returned.
+    #[inline]
     pub fn outstanding(&self) -> u16 {
         each!(self, r => r.outstanding())
     }
 
     /// Whether the device broke the ring's rules; the queue then needs a reset.
+    #[inline]
     pub fn is_broken(&self) -> bool {
         each!(self, r => r.is_broken())
     }
 
     /// The sharing model's state for this queue.
+    #[inline]
     pub fn share(&mut self) -> &mut S {
         each!(self, r => r.share())
     }
@@ -156,40 +161,47 @@ impl<S: DriverShare, T> DriverRing<S, T> {
     /// Makes a request of device-readable `out` and device-writable `ins` buffers
     /// available, under `token`; returns its head. The device may take it at once:
     /// [`kick_prepare`](Self::kick_prepare) only decides whether to notify.
+    #[inline]
     pub fn add(&mut self, out: &[GuestBuf], ins: &[GuestBuf], token: T) -> Result<u16, Rejected<T>> {
         each!(self, r => r.add(out, ins, token))
     }
 
     /// Whether the device wants an available-buffer notification for what was
     /// added since the last call.
+    #[inline]
     pub fn kick_prepare(&mut self) -> bool {
         each!(self, r => r.kick_prepare())
     }
 
     /// Takes the next used request, if any, after checking it.
+    #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used<T>>, DriverQueueError> {
         each!(self, r => r.pop_used())
     }
 
     /// Asks the device not to send used-buffer notifications.
+    #[inline]
     pub fn disable_notifications(&mut self) {
         each!(self, r => r.disable_notifications())
     }
 
     /// Asks for a notification at the next used buffer; `false` if one is already
     /// there (pop it instead of waiting).
+    #[inline]
     pub fn enable_notifications(&mut self) -> bool {
         each!(self, r => r.enable_notifications())
     }
 
     /// Asks for a notification once most outstanding requests are used; `false` if
     /// used buffers are already there.
+    #[inline]
     pub fn enable_notifications_delayed(&mut self) -> bool {
         each!(self, r => r.enable_notifications_delayed())
     }
 
     /// After the device was reset: takes back every outstanding request and
     /// returns their tokens.
+    #[inline]
     pub fn reset(&mut self) -> Vec<T> {
         each!(self, r => r.reset())
     }
@@ -214,6 +226,7 @@ impl<M: DeviceMemory> DeviceRing<M> {
     }
 
     /// See [`SplitDevice::with_reject_status`].
+    #[inline]
     #[must_use]
     pub fn with_reject_status(self, status: u8) -> Self {
         match self {
@@ -224,6 +237,7 @@ impl<M: DeviceMemory> DeviceRing<M> {
 
     /// Starts where an earlier device instance stopped (vhost-user's
     /// SET_VRING_BASE); see [`SplitDevice::starting_at`].
+    #[inline]
     #[must_use]
     pub fn starting_at(self, next_avail: u16) -> Self {
         match self {
@@ -233,58 +247,69 @@ impl<M: DeviceMemory> DeviceRing<M> {
     }
 
     /// Where the device goes on (vhost-user's GET_VRING_BASE).
+    #[inline]
     pub fn next_avail(&self) -> u16 {
         each!(self, r => r.next_avail())
     }
 
     /// Queue size.
+    #[inline]
     pub fn size(&self) -> u16 {
         each!(self, r => r.size())
     }
 
     /// How the device reaches descriptor memory.
+    #[inline]
     pub fn memory(&self) -> &M {
         each!(self, r => r.memory())
     }
 
     /// The fault that put the queue in needs-reset, if any.
+    #[inline]
     pub fn fault(&self) -> Option<RingFault> {
         each!(self, r => r.fault())
     }
 
     /// Chains popped and not yet returned.
+    #[inline]
     pub fn in_flight(&self) -> usize {
         each!(self, r => r.in_flight())
     }
 
     /// The next available chain, validated (HOSTILE 1-12), if any.
+    #[inline]
     pub fn pop(&mut self) -> Result<Option<Chain>, DeviceQueueError> {
         each!(self, r => r.pop())
     }
 
     /// Returns chain `head` to the driver with `len` bytes written.
+    #[inline]
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), UsedError> {
         each!(self, r => r.add_used(head, len))
     }
 
     /// Returns several chains, published together.
+    #[inline]
     pub fn add_used_batch(&mut self, used: impl IntoIterator<Item = (u16, u32)>) -> Result<(), UsedError> {
         each!(self, r => r.add_used_batch(used))
     }
 
     /// Whether the driver wants a used-buffer notification for what was returned
     /// since the last call.
+    #[inline]
     pub fn needs_notification(&mut self) -> bool {
         each!(self, r => r.needs_notification())
     }
 
     /// Asks the driver not to send available-buffer notifications.
+    #[inline]
     pub fn disable_notifications(&mut self) {
         each!(self, r => r.disable_notifications())
     }
 
     /// Asks for a notification at the next available buffer; `false` if one is
     /// already there (pop it instead of sleeping).
+    #[inline]
     pub fn enable_notifications(&mut self) -> bool {
         each!(self, r => r.enable_notifications())
     }
