@@ -111,13 +111,13 @@ impl DeviceHandler for FuzzDevice {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         self.running.clear();
         for q in queues {
-            let mut next = q.next_avail;
+            let mut next = q.next_avail.unwrap_or(0);
             if let Ok(DeviceQueue { ring, memory }) =
                 self.memory.open_queue(q.index, q.layout.size, q.addrs())
                 && let Ok(dev) =
                     SplitDevice::new(q.layout.size, &ring, memory, Features::from_bits_retain(features))
             {
-                let mut dev = dev.starting_at(q.next_avail);
+                let mut dev = dev.starting_at(next);
                 serve(&mut dev);
                 next = dev.next_avail();
             }

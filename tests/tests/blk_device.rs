@@ -19,8 +19,9 @@ use virtio_core::blk::{self, BlkFeatures, BlkReqHeader};
 use virtio_core::features::Features;
 use virtio_core::lifecycle::{ControlPlane, driver_ok, initialize};
 use virtio_core::notify::Wait;
+use virtio_core::ring::areas::RingFormat;
 use virtio_core::transport::{InProcessTransport, Transport};
-use virtio_core::{DeviceModel, DriverModel, GuestBuf, SplitDriver};
+use virtio_core::{DeviceModel, DriverModel, DriverRing, GuestBuf, SplitDriver};
 use zerocopy::IntoBytes;
 
 const DISK_BYTES: u64 = 8 << 20;
@@ -39,7 +40,7 @@ struct Rig<D: DriverModel, V: DeviceModel> {
     transport: InProcessTransport<BlkDevice<V>>,
     fixture_guest: Arc<hypervisor::Domain>,
     model: D,
-    driver: SplitDriver<D::Share, u32>,
+    driver: DriverRing<D::Share, u32>,
     next: u32,
 }
 
@@ -93,10 +94,11 @@ where
     let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
     let transport = InProcessTransport::new(dev.lifecycle(), dev).unwrap();
     let features = initialize(&transport, blk::DEVICE_ID, wanted, blk::BLK_DEPENDENCIES).unwrap();
-    let q = driver.create_queue(0, 64).unwrap();
+    let f = Features::from_bits_retain(features);
+    let q = driver.create_queue_in(0, RingFormat::of(f), 64).unwrap();
     transport.setup_queue(0, 64, q.addrs).unwrap();
     driver_ok(&transport).unwrap();
-    let ring = SplitDriver::new(64, q.ring, q.share, Features::from_bits_retain(features)).unwrap();
+    let ring = DriverRing::new(64, q.ring, q.share, f).unwrap();
     Rig {
         transport,
         fixture_guest: guest,
@@ -197,12 +199,33 @@ where
     V: DeviceModel + Send + Sync + 'static,
     V::Memory: Send + 'static,
 {
+    matrix_in(f, name, engine, RingFormat::Split);
+}
+
+/// The request matrix over a queue in ring `format`.
+fn matrix_in<D, V>(f: Fixture<D, V>, name: &str, engine: EngineChoice, format: RingFormat)
+where
+    D: DriverModel,
+    V: DeviceModel + Send + Sync + 'static,
+    V::Memory: Send + 'static,
+{
     let settings = BlkSettings {
         engine,
         serial: "serial-0123456789abcdef".into(),
         ..BlkSettings::default()
     };
-    let mut r = rig(f, name, settings, false);
+    let disk = Disk::open(image(name), DiskOptions::default()).unwrap();
+    let packed = match format {
+        RingFormat::Split => 0,
+        RingFormat::Packed => Features::RING_PACKED.bits(),
+    };
+    let wanted = BlkFeatures::all().bits() | (Features::EVENT_IDX | Features::INDIRECT_DESC).bits() | packed;
+    let mut r = rig_negotiating(f, disk, settings, wanted);
+    assert_eq!(
+        matches!(r.driver, DriverRing::Packed(_)),
+        format == RingFormat::Packed,
+        "the ring format negotiated"
+    );
     let ok = blk::VIRTIO_BLK_S_OK;
     for (i, len) in [512usize, 4096, 65536, 512 * 7].into_iter().enumerate() {
         let data = pattern(i as u8, len);
@@ -336,6 +359,32 @@ fn request_matrix_over_grant_with_io_uring() {
 #[test]
 fn request_matrix_over_grant_with_the_thread_pool() {
     matrix(models::grant(), "grant-sync.img", EngineChoice::Sync);
+}
+
+/// The packed ring (virtio 1.2 §2.8), negotiated by the driver from the device's
+/// offer, serves the same matrix over every model that serves packed rings (model 3
+/// refuses them: its copy helper tracks split rings).
+#[test]
+fn request_matrix_over_packed_rings() {
+    UringEngine::probe().expect("io_uring works on this machine kind");
+    matrix_in(
+        models::direct(),
+        "packed-direct.img",
+        EngineChoice::Uring,
+        RingFormat::Packed,
+    );
+    matrix_in(
+        models::shared_page(),
+        "packed-shared-page.img",
+        EngineChoice::Sync,
+        RingFormat::Packed,
+    );
+    matrix_in(
+        models::grant(),
+        "packed-grant.img",
+        EngineChoice::Uring,
+        RingFormat::Packed,
+    );
 }
 
 #[test]
@@ -621,7 +670,7 @@ fn device_runs_on_the_callers_runtime() {
         transport,
         fixture_guest: guest,
         model: driver,
-        driver: SplitDriver::new(16, q.ring, q.share, Features::from_bits_retain(features)).unwrap(),
+        driver: DriverRing::new(16, q.ring, q.share, Features::from_bits_retain(features)).unwrap(),
         next: 0,
     };
     assert_eq!(r.write(0, &[3; 512]), blk::VIRTIO_BLK_S_OK);
@@ -1412,7 +1461,7 @@ fn a_sync_lost_with_its_worker_fails_later_flushes_instead_of_hanging_them() {
         let q = r.model.create_queue(0, 64).unwrap();
         r.transport.setup_queue(0, 64, q.addrs).unwrap();
         driver_ok(&r.transport).unwrap();
-        r.driver = SplitDriver::new(64, q.ring, q.share, Features::VERSION_1).unwrap();
+        r.driver = DriverRing::new(64, q.ring, q.share, Features::VERSION_1).unwrap();
         assert_eq!(
             r.flush(),
             blk::VIRTIO_BLK_S_IOERR,

@@ -75,10 +75,11 @@ pub struct ActiveQueue {
     pub kick: EventFdNotifier,
     /// Notify it to send the driver a used-buffer notification.
     pub interrupt: EventFdNotifier,
-    /// The available-ring position to start at: 0 for a freshly set-up queue; where
-    /// an earlier device instance stopped for a queue that changes hands (vhost-user's
-    /// SET_VRING_BASE). See [`crate::SplitDevice::starting_at`].
-    pub next_avail: u16,
+    /// Where an earlier device instance stopped, for a queue that changes hands
+    /// (vhost-user's SET_VRING_BASE), in the ring format's encoding (see
+    /// [`crate::DeviceRing::starting_at`]); `None` for a freshly set-up queue, which
+    /// starts where its format starts (slot 0, and wrap counter 1 for a packed ring).
+    pub next_avail: Option<u16>,
 }
 
 impl ActiveQueue {
@@ -234,7 +235,7 @@ impl<H: DeviceHandler> InProcessTransport<H> {
                     layout,
                     kick,
                     interrupt,
-                    next_avail: 0,
+                    next_avail: None,
                 }),
                 Err(error) => {
                     tracing::error!(%error, index, "cannot duplicate queue eventfds");

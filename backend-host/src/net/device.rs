@@ -342,7 +342,8 @@ where
     /// and the queue sizes (`2 * queue_pairs` data queues and the control queue).
     pub fn lifecycle(&self) -> DeviceLifecycle {
         let features = self.offered().bits()
-            | (Features::VERSION_1 | Features::INDIRECT_DESC | Features::EVENT_IDX).bits();
+            | (Features::VERSION_1 | Features::INDIRECT_DESC | Features::EVENT_IDX | Features::RING_PACKED)
+                .bits();
         let status = if self.settings.link_up {
             VIRTIO_NET_S_LINK_UP
         } else {
@@ -414,7 +415,11 @@ where
             let vq = self
                 .model
                 .open_queue_in(q.index, RingFormat::of(f), q.layout.size, q.addrs())?;
-            Ok(DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?.starting_at(q.next_avail))
+            let ring = DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?;
+            Ok(match q.next_avail {
+                Some(at) => ring.starting_at(at),
+                None => ring,
+            })
         };
         // The pairs the driver enabled: the longest run from pair 0 with both
         // queues (§5.1.5: "up to N of each kind").

@@ -39,6 +39,8 @@ use virtio_core::features::Features;
 use virtio_core::lifecycle::DeviceLifecycle;
 use virtio_core::notify::EventFdNotifier;
 use virtio_core::ring::SplitLayout;
+use virtio_core::ring::areas::RingFormat;
+use virtio_core::ring::queue::fresh_position;
 use virtio_core::transport::{ActiveQueue, DeviceHandler};
 
 /// A device a vhost-user daemon can serve: a [`DeviceHandler`] that also describes
@@ -150,7 +152,9 @@ struct FrontendAddrs {
 struct Ring {
     size: Option<u16>,
     addrs: Option<FrontendAddrs>,
-    next_avail: u16,
+    /// Where the ring resumes (SET_VRING_BASE, or where the device stopped); `None`
+    /// until then: the format's start.
+    next_avail: Option<u16>,
     kick: Option<EventFdNotifier>,
     call: Option<EventFdNotifier>,
     enabled: bool,
@@ -286,7 +290,7 @@ impl<D: VhostUserDevice> Session<D> {
         }
         for (index, next_avail) in self.device.stop_queues() {
             if let Some(r) = self.rings.get_mut(usize::from(index)) {
-                r.next_avail = next_avail;
+                r.next_avail = Some(next_avail);
             }
         }
         self.rings.iter_mut().for_each(|r| r.running = false);
@@ -500,11 +504,13 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
             .lifecycle
             .queue(u16::try_from(index).unwrap_or(u16::MAX))
             .map(|q| q.max_size);
+        // A split ring's size is a power of two; a packed one's need not be (§2.8).
+        let packed = RingFormat::of(Features::from_bits_retain(self.acked)) == RingFormat::Packed;
         let ring = self.idle_ring(index)?;
         let max = max.unwrap_or(0);
         let size = u16::try_from(num)
             .ok()
-            .filter(|&s| SplitLayout::new(s).is_some() && s <= max);
+            .filter(|&s| s != 0 && s <= max && (packed || SplitLayout::new(s).is_some()));
         ring.size = Some(size.ok_or(SessionError::BadRingSize {
             index,
             size: num,
@@ -533,8 +539,20 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let packed = RingFormat::of(Features::from_bits_retain(self.acked)) == RingFormat::Packed;
         let ring = self.idle_ring(index)?;
-        ring.next_avail = u16::try_from(base).map_err(|_| SessionError::BadBase { index, base })?;
+        // Split: the available index. Packed (vhost-user spec, "Starting and stopping
+        // rings"): bits 0-14 the available position, bit 15 its wrap counter, bits
+        // 16-31 the same for the used position. Our device resumes only with nothing
+        // in flight, so the two must agree.
+        let (avail, used) = (base & 0xffff, base >> 16);
+        let at = match (packed, u16::try_from(avail)) {
+            (false, _) if base > 0xffff => None,
+            (true, _) if used != avail => None,
+            (_, Ok(a)) => Some(a),
+            _ => None,
+        };
+        ring.next_avail = Some(at.ok_or(SessionError::BadBase { index, base })?);
         Ok(())
     }
 
@@ -546,12 +564,18 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
         }
         // Stop the device (which drains every ring), then restart the others.
         self.stop_device();
+        let format = RingFormat::of(Features::from_bits_retain(self.acked));
+        let packed = format == RingFormat::Packed;
         let ring = self.ring(index)?;
         ring.kick = None;
         ring.enabled = false;
-        let next = ring.next_avail;
+        let next = u32::from(ring.next_avail.unwrap_or(fresh_position(format)));
         self.restart(false);
-        Ok(VhostUserVringState::new(index, u32::from(next)))
+        // Packed: the used position in the high half, equal once drained.
+        Ok(VhostUserVringState::new(
+            index,
+            if packed { next | (next << 16) } else { next },
+        ))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {

@@ -19,6 +19,8 @@ pub(crate) struct Log {
 pub(crate) struct Fake {
     log: Arc<Mutex<Log>>,
     running: Vec<(u16, u16)>,
+    /// Offers VIRTIO_F_RING_PACKED too.
+    packed: bool,
 }
 
 impl DeviceHandler for Fake {
@@ -27,7 +29,10 @@ impl DeviceHandler for Fake {
         _features: u64,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        self.running = queues.iter().map(|q| (q.index, q.next_avail)).collect();
+        self.running = queues
+            .iter()
+            .map(|q| (q.index, q.next_avail.unwrap_or(0)))
+            .collect();
         self.log.lock().unwrap().activations.push(self.running.clone());
         Ok(())
     }
@@ -49,7 +54,10 @@ impl DeviceHandler for Fake {
 
 impl VhostUserDevice for Fake {
     fn lifecycle(&self) -> DeviceLifecycle {
-        let offered = (Features::VERSION_1 | Features::EVENT_IDX).bits();
+        let mut offered = (Features::VERSION_1 | Features::EVENT_IDX).bits();
+        if self.packed {
+            offered |= Features::RING_PACKED.bits();
+        }
         DeviceLifecycle::new(2, offered, &[], ConfigSpace::new(vec![1, 2, 3, 4]), &[256, 256])
     }
 
@@ -76,6 +84,7 @@ pub(crate) fn fake() -> (Fake, Arc<Mutex<Log>>) {
     let fake = Fake {
         log: log.clone(),
         running: Vec::new(),
+        packed: false,
     };
     (fake, log)
 }
@@ -114,6 +123,36 @@ fn configure(s: &mut Session<Fake>, i: u32) {
         .unwrap();
     s.set_vring_kick(u8::try_from(i).unwrap(), eventfd_file())
         .unwrap();
+}
+
+/// Packed rings over vhost-user (vhost-user spec, "Starting and stopping rings"):
+/// sizes need not be powers of two, a ring base carries the available position and
+/// its wrap counter in bits 0-15 and the used ones in bits 16-31, and a fresh ring
+/// starts at slot 0 with wrap counter 1.
+#[test]
+fn packed_ring_sizes_and_bases_use_the_packed_encoding() {
+    let (fake, log) = fake();
+    let mut s = Session::new(Fake { packed: true, ..fake }, VhostMemory::new());
+    s.set_features((Features::VERSION_1 | Features::RING_PACKED).bits()).unwrap();
+    s.set_vring_num(0, 100).unwrap();
+    assert!(s.set_vring_num(0, 0).is_err());
+    let at = 0x8000 | 7;
+    assert!(
+        s.set_vring_base(0, at | (5 << 16)).is_err(),
+        "used and available positions must agree: nothing is in flight between devices"
+    );
+    s.set_vring_base(0, at | (at << 16)).unwrap();
+    with_memory(&mut s);
+    configure(&mut s, 0);
+    assert_eq!(log.lock().unwrap().activations, vec![vec![(0, at as u16)]]);
+    // Stopping returns the position the device reached (the fake moves 3), in both
+    // halves.
+    let state = s.get_vring_base(0).unwrap();
+    let end = at + 3;
+    assert_eq!({ state.num }, end | (end << 16));
+    // A ring never started reports the packed start: slot 0, wrap counter 1.
+    let state = s.get_vring_base(1).unwrap();
+    assert_eq!({ state.num }, 0x8000 | (0x8000 << 16));
 }
 
 #[test]

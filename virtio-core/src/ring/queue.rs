@@ -101,6 +101,16 @@ impl<M: DeviceMemory> std::fmt::Debug for DeviceRing<M> {
     }
 }
 
+/// Where a fresh queue of `format` starts, in the encoding of
+/// [`DeviceRing::starting_at`] and [`DeviceRing::next_avail`]: slot 0, with wrap
+/// counter 1 for a packed ring (§2.8.1).
+pub fn fresh_position(format: RingFormat) -> u16 {
+    match format {
+        RingFormat::Split => 0,
+        RingFormat::Packed => 1 << 15,
+    }
+}
+
 /// The areas a model hands out, as the packed ring names them.
 fn packed_areas(ring: &SplitRingMemory) -> PackedRingMemory {
     PackedRingMemory {

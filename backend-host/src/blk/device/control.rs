@@ -66,7 +66,8 @@ where
     /// and queue sizes.
     pub fn lifecycle(&self) -> DeviceLifecycle {
         let features = self.offered().bits()
-            | (Features::VERSION_1 | Features::INDIRECT_DESC | Features::EVENT_IDX).bits();
+            | (Features::VERSION_1 | Features::INDIRECT_DESC | Features::EVENT_IDX | Features::RING_PACKED)
+                .bits();
         let cfg = BlkConfig {
             capacity: self.facts.capacity_sectors.into(),
             size_max: self.facts.size_max.into(),

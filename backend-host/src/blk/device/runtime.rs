@@ -73,9 +73,11 @@ where
         let f = Features::from_bits_retain(features);
         // A request naming memory the model refuses still gets IOERR in its
         // status byte, where that byte is reachable (issue 13, finding 7).
-        let ring = DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?
-            .starting_at(q.next_avail)
-            .with_reject_status(Status::IoErr.raw());
+        let mut ring =
+            DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?.with_reject_status(Status::IoErr.raw());
+        if let Some(at) = q.next_avail {
+            ring = ring.starting_at(at);
+        }
         let blk_features = BlkFeatures::from_bits_truncate(features);
         let stopping = Arc::new(AtomicBool::new(false));
         let worker = Worker::new(
