@@ -133,7 +133,8 @@ fn configure(s: &mut Session<Fake>, i: u32) {
 fn packed_ring_sizes_and_bases_use_the_packed_encoding() {
     let (fake, log) = fake();
     let mut s = Session::new(Fake { packed: true, ..fake }, VhostMemory::new());
-    s.set_features((Features::VERSION_1 | Features::RING_PACKED).bits()).unwrap();
+    s.set_features((Features::VERSION_1 | Features::RING_PACKED).bits())
+        .unwrap();
     s.set_vring_num(0, 100).unwrap();
     assert!(s.set_vring_num(0, 0).is_err());
     let at = 0x8000 | 7;
