@@ -43,8 +43,10 @@ fn ring_bench_produces_every_figure() {
         queue_size: 16,
     };
     let report = ring_bench::run(&cfg);
-    // pop + add_used against virtio-queue, round trips, QD1 p50 and p99.
-    assert_eq!(report.figures.len(), 4, "{:?}", report.figures);
+    // pop + add_used against virtio-queue, the same over the packed ring, round
+    // trips, QD1 p50 and p99.
+    assert_eq!(report.figures.len(), 5, "{:?}", report.figures);
+    assert!(report.figures[1].name.contains("packed"), "{:?}", report.figures[1]);
     for f in &report.figures {
         assert!(f.ours > 0.0, "{f:?}");
     }
