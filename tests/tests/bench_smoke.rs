@@ -46,7 +46,11 @@ fn ring_bench_produces_every_figure() {
     // pop + add_used against virtio-queue, the same over the packed ring, round
     // trips, QD1 p50 and p99.
     assert_eq!(report.figures.len(), 5, "{:?}", report.figures);
-    assert!(report.figures[1].name.contains("packed"), "{:?}", report.figures[1]);
+    assert!(
+        report.figures[1].name.contains("packed"),
+        "{:?}",
+        report.figures[1]
+    );
     for f in &report.figures {
         assert!(f.ours > 0.0, "{f:?}");
     }
