@@ -137,19 +137,20 @@ fn packed_ring_sizes_and_bases_use_the_packed_encoding() {
         .unwrap();
     s.set_vring_num(0, 100).unwrap();
     assert!(s.set_vring_num(0, 0).is_err());
-    let at = 0x8000 | 7;
+    let at: u16 = 0x8000 | 7;
+    let base = u32::from(at);
     assert!(
-        s.set_vring_base(0, at | (5 << 16)).is_err(),
+        s.set_vring_base(0, base | (5 << 16)).is_err(),
         "used and available positions must agree: nothing is in flight between devices"
     );
-    s.set_vring_base(0, at | (at << 16)).unwrap();
+    s.set_vring_base(0, base | (base << 16)).unwrap();
     with_memory(&mut s);
     configure(&mut s, 0);
-    assert_eq!(log.lock().unwrap().activations, vec![vec![(0, at as u16)]]);
+    assert_eq!(log.lock().unwrap().activations, vec![vec![(0, at)]]);
     // Stopping returns the position the device reached (the fake moves 3), in both
     // halves.
     let state = s.get_vring_base(0).unwrap();
-    let end = at + 3;
+    let end = base + 3;
     assert_eq!({ state.num }, end | (end << 16));
     // A ring never started reports the packed start: slot 0, wrap counter 1.
     let state = s.get_vring_base(1).unwrap();
