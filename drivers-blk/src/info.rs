@@ -21,6 +21,9 @@ pub struct BlkOptions {
     pub indirect_desc: bool,
     /// Negotiate VIRTIO_F_EVENT_IDX if offered (fewer notifications both ways).
     pub event_idx: bool,
+    /// Negotiate VIRTIO_F_RING_PACKED if offered: the packed ring (virtio 1.2 §2.8)
+    /// instead of the split one. Off by default.
+    pub ring_packed: bool,
     /// Negotiate VIRTIO_BLK_F_FLUSH if offered.
     pub flush: bool,
     /// Negotiate VIRTIO_BLK_F_DISCARD if offered.
@@ -47,6 +50,7 @@ impl Default for BlkOptions {
             queue_size: 256,
             indirect_desc: true,
             event_idx: true,
+            ring_packed: false,
             flush: true,
             discard: true,
             write_zeroes: true,
@@ -74,6 +78,7 @@ impl BlkOptions {
         let mut core = Features::VERSION_1;
         core.set(Features::INDIRECT_DESC, self.indirect_desc);
         core.set(Features::EVENT_IDX, self.event_idx);
+        core.set(Features::RING_PACKED, self.ring_packed);
         blk.bits() | core.bits()
     }
 }

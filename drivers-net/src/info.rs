@@ -35,7 +35,8 @@ pub struct NetOptions {
     /// Feature bits to accept if offered; the default is every data-path feature
     /// this driver implements ([`Self::SUPPORTED`]: MAC, STATUS, MTU, MRG_RXBUF,
     /// CSUM, GUEST_CSUM, EVENT_IDX, INDIRECT_DESC). Add [`Self::CONTROL`] for the
-    /// control queue and multiqueue ([`Self::multiqueue`] does).
+    /// control queue and multiqueue ([`Self::multiqueue`] does), and
+    /// `Features::RING_PACKED` for the packed ring (virtio 1.2 §2.8).
     pub wanted: u64,
     /// Bytes per receive buffer. Default: [`DEFAULT_MRG_BUF`] with MRG_RXBUF, else
     /// header plus the largest frame (at least [`MIN_RX_BUF`], §5.1.6.3.1). A smaller

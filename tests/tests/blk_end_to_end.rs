@@ -24,6 +24,16 @@ where
     V: DeviceModel + Send + Sync + 'static,
     V::Memory: Send + 'static,
 {
+    setup_with(f, name, queues, false)
+}
+
+/// [`setup`], with the driver asking for the packed ring when `ring_packed`.
+fn setup_with<D, V>(f: Fixture<D, V>, name: &str, queues: u16, ring_packed: bool) -> Driver<D, V>
+where
+    D: DriverModel,
+    V: DeviceModel + Send + Sync + 'static,
+    V::Memory: Send + 'static,
+{
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("blk-e2e");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
@@ -45,6 +55,7 @@ where
     let opts = BlkOptions {
         queues,
         timeout: Some(std::time::Duration::from_secs(20)),
+        ring_packed,
         ..BlkOptions::default()
     };
     BlkDriver::new(transport, driver, guest.memory().clone(), opts).unwrap()
@@ -56,7 +67,20 @@ where
     V: DeviceModel + Send + Sync + 'static,
     V::Memory: Send + 'static,
 {
-    let d = setup(f, name, 1);
+    exercise_with(f, name, false);
+}
+
+/// [`exercise`] over the ring format `ring_packed` asks for.
+fn exercise_with<D, V>(f: Fixture<D, V>, name: &str, ring_packed: bool)
+where
+    D: DriverModel,
+    V: DeviceModel + Send + Sync + 'static,
+    V::Memory: Send + 'static,
+{
+    let d = setup_with(f, name, 1, ring_packed);
+    let packed = virtio_core::features::Features::from_bits_retain(d.info().features)
+        .contains(virtio_core::features::Features::RING_PACKED);
+    assert_eq!(packed, ring_packed, "{name}: the ring format negotiated");
     assert_eq!(d.info().capacity, DISK_BYTES / 512);
     assert!(d.info().flush && d.info().writeback);
     for (i, len) in [512usize, 4096, 65536, 3 * 4096].into_iter().enumerate() {
@@ -79,6 +103,15 @@ where
         d.read_bytes_blocking(0, DISK_BYTES / 512, &mut past),
         Err(BlkError::OutOfRange { .. })
     ));
+}
+
+/// drivers-blk asks for the packed ring (`BlkOptions::ring_packed`), our device
+/// offers it: the same exercise over every model that serves packed rings.
+#[test]
+fn driver_and_device_over_packed_rings() {
+    exercise_with(models::direct(), "p-direct.img", true);
+    exercise_with(models::shared_page(), "p-shared.img", true);
+    exercise_with(models::grant(), "p-grant.img", true);
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //! |--------------------------|--------------------------------------------------------------|
 //! | connect                  | GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER, GET_CONFIG |
 //! | FEATURES_OK              | SET_FEATURES, SET_MEM_TABLE (the guest memfd)                |
-//! | `setup_queue`            | SET_VRING_NUM, SET_VRING_BASE(0), SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL |
+//! | `setup_queue`            | SET_VRING_NUM, SET_VRING_BASE (the format's start), SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL |
 //! | DRIVER_OK                | SET_VRING_ENABLE(1) per set-up queue                         |
 //! | reset (status 0)         | GET_VRING_BASE per started queue (it stops the ring)         |
 //! | config generation / read | GET_CONFIG of the whole space, served from a cache           |
@@ -37,9 +37,11 @@ use vhost::vhost_user::message::{
     VhostUserVringAddrFlags, VhostUserVringState,
 };
 use virtio_core::QueueAddrs;
+use virtio_core::features::Features;
 use virtio_core::lifecycle::{ControlPlane, QueueError};
 use virtio_core::notify::{EventFdNotifier, Notify, Wait};
-use virtio_core::ring::areas::RingAreas;
+use virtio_core::ring::areas::{RingAreas, RingFormat};
+use virtio_core::ring::queue::fresh_position;
 use virtio_core::status::{DeviceStatus, FeaturesVerdict, StatusChange, StatusMachine};
 use virtio_core::transport::{Transport, TransportError};
 use vm_memory::ByteValued;
@@ -276,13 +278,21 @@ impl VhostUserTransport {
         channel: &mut Channel,
         slot: &mut QueueSlot,
         index: u16,
-        size: u16,
+        (format, size): (RingFormat, u16),
         addrs: QueueAddrs,
     ) -> Result<(), VhostUserError> {
         let ring = u32::from(index);
         let state = |num| VhostUserVringState::new(ring, num);
         channel.send(FrontendReq::SET_VRING_NUM, state(u32::from(size)).as_slice(), &[])?;
-        channel.send(FrontendReq::SET_VRING_BASE, state(0).as_slice(), &[])?;
+        // Where a fresh ring starts: index 0 (split); slot 0 with wrap counter 1 for
+        // both the available and the used position (packed: vhost-user spec,
+        // "Starting and stopping rings").
+        let start = u32::from(fresh_position(format));
+        let base = match format {
+            RingFormat::Split => start,
+            RingFormat::Packed => start | (start << 16),
+        };
+        channel.send(FrontendReq::SET_VRING_BASE, state(base).as_slice(), &[])?;
         // No VHOST_VRING_F_LOG: no dirty logging.
         let addr = VhostUserVringAddr::new(
             ring,
@@ -584,6 +594,7 @@ impl Transport for VhostUserTransport {
                 status: status.bits(),
             }));
         }
+        let format = RingFormat::of(Features::from_bits_retain(st.driver_features));
         let slot = &mut st.queues[usize::from(index)];
         if slot.set_up {
             return Err(refused(QueueError::Enabled { index }));
@@ -592,7 +603,8 @@ impl Transport for VhostUserTransport {
         if size > max {
             return Err(refused(QueueError::InvalidSize { size, max }));
         }
-        let areas = RingAreas::split(size, addrs).map_err(|e| refused(QueueError::from_area(e, max)))?;
+        let areas =
+            RingAreas::new(format, size, addrs).map_err(|e| refused(QueueError::from_area(e, max)))?;
         // The back-end drops the connection on a ring outside the memory table;
         // catch that here with a reason.
         for s in areas.spans() {
@@ -604,7 +616,7 @@ impl Transport for VhostUserTransport {
                 }));
             }
         }
-        if let Err(e) = self.start_queue(&mut st.channel, slot, index, size, addrs) {
+        if let Err(e) = self.start_queue(&mut st.channel, slot, index, (format, size), addrs) {
             latch(&mut st.broken, e);
             st.machine.set_needs_reset();
             // The transport error has no place for the cause: it is in `broken()`

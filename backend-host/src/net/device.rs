@@ -342,9 +342,8 @@ where
     /// and the queue sizes (`2 * queue_pairs` data queues and the control queue).
     pub fn lifecycle(&self) -> DeviceLifecycle {
         let features = self.offered().bits()
-            // Not VIRTIO_F_RING_PACKED yet: the net device's paths have not been run
-            // over a packed ring (issue 14).
-            | (Features::VERSION_1 | Features::INDIRECT_DESC | Features::EVENT_IDX).bits();
+            | (Features::VERSION_1 | Features::INDIRECT_DESC | Features::EVENT_IDX | Features::RING_PACKED)
+                .bits();
         let status = if self.settings.link_up {
             VIRTIO_NET_S_LINK_UP
         } else {

@@ -19,6 +19,7 @@ use crate::config::{self, ConfigError};
 use crate::features::{Dependency, Features};
 use crate::lifecycle::{self, InitError};
 use crate::model::{DriverModel, ModelError, QueueAddrs};
+use crate::ring::areas::RingFormat;
 use crate::ring::queue::{DriverRing, RingSetupError};
 use crate::status::DeviceStatus;
 use crate::transport::{Transport, TransportError};
@@ -165,8 +166,9 @@ impl<T: Transport> DeviceGuard<T> {
         }
         // Largest power of two not above `max` (nonzero, checked above).
         let size = 1u16 << (15 - max.leading_zeros());
-        let dq = model.create_queue(index, size)?;
-        let ring = DriverRing::new(size, dq.ring, dq.share, Features::from_bits_retain(self.features))?;
+        let features = Features::from_bits_retain(self.features);
+        let dq = model.create_queue_in(index, RingFormat::of(features), size)?;
+        let ring = DriverRing::new(size, dq.ring, dq.share, features)?;
         let interrupt = self.transport.interrupt(index)?;
         Ok(NewQueue {
             index,
