@@ -85,6 +85,8 @@ echo "VIO-RESULT queues=$(ls /sys/block/vda/mq | wc -l)"
 echo "VIO-RESULT bytes=$(( $(cat /sys/block/vda/size) * 512 ))"
 virtio_dev=$(readlink -f /sys/block/vda/device)
 echo "VIO-RESULT transport=$(basename "$(readlink -f "$virtio_dev/../driver")")"
+# The negotiated feature bits, one character per bit from bit 0.
+echo "VIO-RESULT features=$(cat "$virtio_dev/features")"
 echo "VIO-RESULT seeded=$(dd if=/dev/vda bs=1M count={mib} iflag=direct 2>/dev/null | sum)"
 # yes ends on SIGPIPE when head has enough, which pipefail would count as failure.
 (yes "{token}" || true) | head -c {half} > /pattern
@@ -117,6 +119,11 @@ impl Drop for Cleanup {
 /// Seeds an image, serves it with `daemon`, boots `machine` against it and checks
 /// every checksum.
 fn round_trip(daemon: Daemon, machine: Machine, name: &str) {
+    round_trip_with(daemon, machine, name, false);
+}
+
+/// [`round_trip`], with QEMU allowed to negotiate the packed ring when `packed`.
+fn round_trip_with(daemon: Daemon, machine: Machine, name: &str, packed: bool) {
     let Some(guest) = vio::linux_guest::for_test(name) else {
         return;
     };
@@ -141,6 +148,7 @@ fn round_trip(daemon: Daemon, machine: Machine, name: &str) {
     spec.disks.push(BlkDisk {
         socket: socket.clone(),
         num_queues: QUEUES,
+        packed,
     });
     spec.timeout = Duration::from_secs(90);
     let run = match guest.boot(&spec) {
@@ -156,6 +164,13 @@ fn round_trip(daemon: Daemon, machine: Machine, name: &str) {
         "blk-mq hardware queues"
     );
     assert_eq!(run.required("bytes"), IMAGE_BYTES.to_string(), "capacity");
+    // VIRTIO_F_RING_PACKED is bit 34.
+    assert_eq!(
+        run.required("features").as_bytes().get(34),
+        Some(if packed { &b'1' } else { &b'0' }),
+        "the ring format the guest's driver negotiated: {}",
+        run.required("features")
+    );
     assert_eq!(
         run.required("transport"),
         machine.transport_driver(),
@@ -197,6 +212,13 @@ fn round_trip(daemon: Daemon, machine: Machine, name: &str) {
 #[test]
 fn q35_virtio_pci_guest_reads_writes_and_flushes_through_our_daemon() {
     round_trip(Daemon::Ours, Machine::Q35, "q35-ours");
+}
+
+/// A Linux guest's own packed-ring driver (virtio_ring, `packed=on` in QEMU)
+/// against our daemon's packed device side: the same reads, writes and flushes.
+#[test]
+fn q35_guest_over_packed_rings_reads_writes_and_flushes_through_our_daemon() {
+    round_trip_with(Daemon::Ours, Machine::Q35, "q35-packed", true);
 }
 
 #[test]
@@ -282,6 +304,7 @@ fn a_killed_qemu_loses_no_synced_write_and_our_daemon_serves_the_next_one() {
     spec.disks.push(BlkDisk {
         socket: socket.clone(),
         num_queues: QUEUES,
+        packed: false,
     });
     spec.timeout = Duration::from_secs(30);
     match guest.boot(&spec) {
@@ -298,6 +321,7 @@ fn a_killed_qemu_loses_no_synced_write_and_our_daemon_serves_the_next_one() {
     spec.disks.push(BlkDisk {
         socket: socket.clone(),
         num_queues: QUEUES,
+        packed: false,
     });
     spec.timeout = Duration::from_secs(90);
     let run = guest

@@ -76,6 +76,9 @@ pub struct BlkDisk {
     pub socket: PathBuf,
     /// How many request queues the device offers (`num-queues`).
     pub num_queues: u16,
+    /// Lets QEMU negotiate the packed ring (`packed=on`, virtio 1.2 §2.8) with the
+    /// guest and the backend.
+    pub packed: bool,
 }
 
 /// A vhost-user-net interface; the guest sees it as `eth0`.
@@ -262,7 +265,11 @@ pub fn qemu_args(kit: &Kit, spec: &GuestSpec, initrd: &Path) -> Vec<OsString> {
         ]);
         push(&[
             "-device",
-            &format!("{blk_device},chardev=blk{i},num-queues={}", disk.num_queues),
+            &format!(
+                "{blk_device},chardev=blk{i},num-queues={}{}",
+                disk.num_queues,
+                if disk.packed { ",packed=on" } else { "" }
+            ),
         ]);
     }
     if let Some(net) = &spec.net {
@@ -443,6 +450,7 @@ mod tests {
         spec.disks.push(BlkDisk {
             socket: "/s/blk.sock".into(),
             num_queues: 2,
+            packed: false,
         });
         spec.net = Some(NetPort {
             socket: "/s/net.sock".into(),
@@ -465,6 +473,7 @@ mod tests {
         spec.disks.push(BlkDisk {
             socket: "/s/b".into(),
             num_queues: 1,
+            packed: false,
         });
         let line = joined(&spec);
         assert!(line.contains("-machine microvm,memory-backend=mem"));
