@@ -1392,7 +1392,8 @@ fn a_polling_worker_submits_what_its_completions_start() {
 /// An engine whose syncs never finish and whose `wait` then fails: a broken disk.
 struct LostSync {
     inner: UringEngine,
-    swallowed: usize,
+    /// Syncs swallowed so far, shared with the test.
+    swallowed: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Engine for LostSync {
@@ -1401,7 +1402,7 @@ impl Engine for LostSync {
     }
     fn submit(&mut self, op: backend_host::blk::engine::IoOp) {
         if op.kind == backend_host::blk::engine::IoKind::Flush {
-            self.swallowed += 1;
+            self.swallowed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         } else {
             self.inner.submit(op);
         }
@@ -1425,7 +1426,7 @@ impl Engine for LostSync {
         self.inner.ack_ready();
     }
     fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.swallowed
+        self.inner.in_flight() + self.swallowed.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -1436,13 +1437,16 @@ impl Engine for LostSync {
 /// a success).
 #[test]
 fn a_sync_lost_with_its_worker_fails_later_flushes_instead_of_hanging_them() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use vio::hostile_model::watched;
     watched(|| {
+        let swallowed = Arc::new(AtomicUsize::new(0));
+        let counter = swallowed.clone();
         let settings = BlkSettings {
-            engine: EngineChoice::Custom(Arc::new(|disk: &Disk| {
+            engine: EngineChoice::Custom(Arc::new(move |disk: &Disk| {
                 Ok(Box::new(LostSync {
                     inner: UringEngine::new(disk, Default::default()).map_err(std::io::Error::other)?,
-                    swallowed: 0,
+                    swallowed: counter.clone(),
                 }) as Box<dyn Engine>)
             })),
             ..BlkSettings::default()
@@ -1453,7 +1457,13 @@ fn a_sync_lost_with_its_worker_fails_later_flushes_instead_of_hanging_them() {
         let st = r.buf(&[0xff]);
         r.driver.add(&[hdr], &[st], 99).unwrap();
         r.transport.notify_queue(0).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
+        // The sync must be in the engine (and lost there) before the reset: on a
+        // loaded machine the worker may take longer than any fixed sleep to get it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while swallowed.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the flush never reached the engine");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // Reset: the worker gives up on its engine.
         r.transport.set_status(0);
         let wanted = BlkFeatures::FLUSH.bits();
