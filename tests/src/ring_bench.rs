@@ -62,7 +62,7 @@ pub fn run(cfg: &RingBenchConfig) -> Report {
     let ncores = cores().len();
     let features = Features::VERSION_1 | Features::EVENT_IDX;
     let mut report = Report::new(format!(
-        "split ring, queue size {}, {} repetitions, medians",
+        "rings (split; packed where named), queue size {}, {} repetitions, medians",
         cfg.queue_size, cfg.reps
     ));
 
