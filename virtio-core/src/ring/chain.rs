@@ -343,14 +343,7 @@ pub(crate) fn walk<M: DeviceMemory>(
     scratch: &mut Vec<u8>,
     refused: &mut Refused,
 ) -> Result<(), ChainError> {
-    let mut b = Builder {
-        chain,
-        seen_writable: false,
-        count: 0,
-        refused: None,
-        last_writable: None,
-        refused_writable: 0,
-    };
+    let mut b = Builder::new(chain);
     b.walk(size, read, mem, indirect_ok, scratch)?;
     b.finish(refused)
 }
@@ -376,14 +369,7 @@ pub(crate) fn walk_packed<M: DeviceMemory>(
     scratch: &mut Vec<u8>,
     refused: &mut Refused,
 ) -> Result<(), ChainError> {
-    let mut b = Builder {
-        chain,
-        seen_writable: false,
-        count: 0,
-        refused: None,
-        last_writable: None,
-        refused_writable: 0,
-    };
+    let mut b = Builder::new(chain);
     b.walk_packed(descs, size, mem, indirect_ok, scratch)?;
     b.finish(refused)
 }
@@ -401,7 +387,18 @@ struct Builder<'c> {
     refused_writable: u64,
 }
 
-impl Builder<'_> {
+impl<'c> Builder<'c> {
+    fn new(chain: &'c mut Chain) -> Builder<'c> {
+        Builder {
+            chain,
+            seen_writable: false,
+            count: 0,
+            refused: None,
+            last_writable: None,
+            refused_writable: 0,
+        }
+    }
+
     /// Ends a walk whose structure was sound: fails with the first refusal of the
     /// sharing model, if any, filling `refused`.
     #[inline(always)]

@@ -7,7 +7,7 @@ use super::{PackedRingMemory, Views};
 use crate::features::Features;
 use crate::ring::layout::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::ring::packed::layout::PackedLayout;
-use crate::ring::split::{AddError, DriverQueueError, Rejected, RingSetupError, Used};
+use crate::ring::split::{AddError, DriverQueueError, Rejected, RingSetupError, Used, admit};
 use crate::share::{Direction, DriverShare, GuestBuf};
 use crate::shm::Region;
 use std::sync::atomic::{Ordering, fence};
@@ -172,29 +172,8 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
     }
 
     fn try_add(&mut self, out: &[GuestBuf], ins: &[GuestBuf]) -> Result<u16, AddError> {
-        if self.broken {
-            return Err(AddError::Broken);
-        }
         let total = out.len() + ins.len();
-        if total == 0 {
-            return Err(AddError::Empty);
-        }
-        if total > usize::from(self.size) {
-            return Err(AddError::TooLong(total));
-        }
-        let indirect = self.indirect && total > 1;
-        // `total <= size <= 32768`.
-        let needed = if indirect {
-            1
-        } else {
-            u16::try_from(total).unwrap_or(u16::MAX)
-        };
-        if needed > self.num_free {
-            return Err(AddError::NoSpace {
-                needed,
-                free: self.num_free,
-            });
-        }
+        let (indirect, needed) = admit(self.broken, self.indirect, self.size, self.num_free, total)?;
         // Each outstanding id holds at least one slot, so a free slot means a free id.
         let Some(&id) = self.free_ids.last() else {
             return Err(AddError::NoSpace { needed, free: 0 });

@@ -36,6 +36,42 @@ pub enum AddError {
     Broken,
 }
 
+/// The checks every ring format makes before it takes a request of `total` buffers:
+/// a working queue, at least one buffer, no more than the queue holds, and room for
+/// it. Returns whether it goes in one indirect descriptor, and how many descriptor
+/// slots it takes.
+pub(crate) fn admit(
+    broken: bool,
+    indirect_ok: bool,
+    size: u16,
+    num_free: u16,
+    total: usize,
+) -> Result<(bool, u16), AddError> {
+    if broken {
+        return Err(AddError::Broken);
+    }
+    if total == 0 {
+        return Err(AddError::Empty);
+    }
+    if total > usize::from(size) {
+        return Err(AddError::TooLong(total));
+    }
+    let indirect = indirect_ok && total > 1;
+    // `total <= size <= 32768`.
+    let needed = if indirect {
+        1
+    } else {
+        u16::try_from(total).unwrap_or(u16::MAX)
+    };
+    if needed > num_free {
+        return Err(AddError::NoSpace {
+            needed,
+            free: num_free,
+        });
+    }
+    Ok((indirect, needed))
+}
+
 /// A refused request: the error, and the caller's token handed back.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
@@ -239,29 +275,8 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
     }
 
     fn try_add(&mut self, out: &[GuestBuf], ins: &[GuestBuf]) -> Result<u16, AddError> {
-        if self.broken {
-            return Err(AddError::Broken);
-        }
         let total = out.len() + ins.len();
-        if total == 0 {
-            return Err(AddError::Empty);
-        }
-        if total > usize::from(self.size) {
-            return Err(AddError::TooLong(total));
-        }
-        let indirect = self.indirect && total > 1;
-        // `total <= size <= 32768`.
-        let needed = if indirect {
-            1
-        } else {
-            u16::try_from(total).unwrap_or(u16::MAX)
-        };
-        if needed > self.num_free {
-            return Err(AddError::NoSpace {
-                needed,
-                free: self.num_free,
-            });
-        }
+        let (indirect, needed) = admit(self.broken, self.indirect, self.size, self.num_free, total)?;
         let head = self.free_head;
         let mut shares = std::mem::take(&mut self.heads[usize::from(head)].shares);
         shares.clear();

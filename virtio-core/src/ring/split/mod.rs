@@ -8,6 +8,7 @@ mod device;
 mod driver;
 
 pub use device::{DeviceQueueError, RingFault, SplitDevice, UsedError};
+pub(crate) use driver::admit;
 pub use driver::{AddError, DriverQueueError, Rejected, SplitDriver, Used};
 
 use crate::ring::layout::{Descriptor, SplitLayout};
@@ -43,9 +44,6 @@ pub enum RingSetupError {
     /// A side needs to write an area it was given read-only.
     #[error("{0} area must be writable by this side")]
     NotWritable(&'static str),
-    /// The negotiated features ask for a ring format this build does not serve.
-    #[error("ring format {0} is not served")]
-    Unsupported(&'static str),
 }
 
 /// Atomic views of the split-ring areas. Offsets follow §2.7.5, §2.7.6 and §2.7.8.
