@@ -47,11 +47,6 @@ impl Progress {
         }
     }
 
-    /// Whether a bar is drawn (stderr is a terminal).
-    pub fn is_bar(&self) -> bool {
-        self.bar.is_some()
-    }
-
     /// Steps started so far.
     pub fn started(&self) -> usize {
         self.started

@@ -537,7 +537,7 @@ impl DeviceModel for VhostMemory {
             .table()
             .ok_or_else(|| ModelError::Model("the frontend sent no memory table".into()))?;
         // Sizes, alignment and disjoint areas (virtio 1.2 §2.7; HOSTILE 11, 38) are
-        // checked by `open_split_ring`; the table says whether each area is memory
+        // checked by `open_ring`; the table says whether each area is memory
         // the frontend shared.
         let ring = open_ring(format, size, addrs, |s| {
             table.view(s.addr, s.len).ok_or(ModelError::BadAddrs(addrs))

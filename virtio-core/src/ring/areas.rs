@@ -7,7 +7,7 @@
 //! three disjoint (the device writes the device area; over the descriptor table or
 //! the driver area, its own writes would feed its reads). Whether an area lies in
 //! memory the model can reach is the model's question, answered when it maps the
-//! area (see [`open_split_ring`]).
+//! area (see [`open_ring`]).
 
 use crate::features::Features;
 use crate::model::{ModelError, QueueAddrs};
@@ -114,7 +114,6 @@ pub struct Span {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingAreas {
     size: u16,
-    format: RingFormat,
     spans: [Span; 3],
 }
 
@@ -213,17 +212,12 @@ impl RingAreas {
                 }
             }
         }
-        Ok(RingAreas { size, format, spans })
+        Ok(RingAreas { size, spans })
     }
 
     /// The queue size.
     pub fn size(&self) -> u16 {
         self.size
-    }
-
-    /// The ring format.
-    pub fn format(&self) -> RingFormat {
-        self.format
     }
 
     /// The descriptor, driver and device areas, in that order.
@@ -267,15 +261,6 @@ pub fn open_ring(
         avail: open(avail)?,
         used: open(used)?,
     })
-}
-
-/// [`open_ring`] for a split ring.
-pub fn open_split_ring(
-    size: u16,
-    addrs: QueueAddrs,
-    map: impl FnMut(&Span) -> Result<Region, ModelError>,
-) -> Result<SplitRingMemory, ModelError> {
-    open_ring(RingFormat::Split, size, addrs, map)
 }
 
 #[cfg(test)]
@@ -369,17 +354,22 @@ mod tests {
     }
 
     #[test]
-    fn open_split_ring_maps_in_order_and_passes_model_refusals_on() {
+    fn open_ring_maps_in_order_and_passes_model_refusals_on() {
         let mut seen = Vec::new();
-        let r = open_split_ring(16, A, |s| {
+        let r = open_ring(RingFormat::Split, 16, A, |s| {
             seen.push((s.area, s.addr, s.len, s.device_writes));
             Err(ModelError::NoMemory(16))
         });
         assert!(matches!(r, Err(ModelError::NoMemory(16))));
         assert_eq!(seen, vec![(RingArea::Descriptor, 0x1000, 256, false)]);
-        let r = open_split_ring(16, QueueAddrs { used: 0x1000, ..A }, |_| unreachable!());
+        let r = open_ring(
+            RingFormat::Split,
+            16,
+            QueueAddrs { used: 0x1000, ..A },
+            |_| unreachable!(),
+        );
         assert!(matches!(r, Err(ModelError::BadAddrs(_))));
-        let r = open_split_ring(5, A, |_| unreachable!());
+        let r = open_ring(RingFormat::Split, 5, A, |_| unreachable!());
         assert!(matches!(r, Err(ModelError::BadSize(5))));
         // A packed ring of 5 is fine, with its own lengths.
         let mut lens = Vec::new();
