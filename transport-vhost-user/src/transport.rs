@@ -41,7 +41,7 @@ use virtio_core::features::Features;
 use virtio_core::lifecycle::{ControlPlane, QueueError};
 use virtio_core::notify::{EventFdNotifier, Notify, Wait};
 use virtio_core::ring::areas::{RingAreas, RingFormat};
-use virtio_core::ring::queue::fresh_position;
+use virtio_core::ring::queue::{fresh_position, vring_base};
 use virtio_core::status::{DeviceStatus, FeaturesVerdict, StatusChange, StatusMachine};
 use virtio_core::transport::{Transport, TransportError};
 use vm_memory::ByteValued;
@@ -285,13 +285,8 @@ impl VhostUserTransport {
         let state = |num| VhostUserVringState::new(ring, num);
         channel.send(FrontendReq::SET_VRING_NUM, state(u32::from(size)).as_slice(), &[])?;
         // Where a fresh ring starts: index 0 (split); slot 0 with wrap counter 1 for
-        // both the available and the used position (packed: vhost-user spec,
-        // "Starting and stopping rings").
-        let start = u32::from(fresh_position(format));
-        let base = match format {
-            RingFormat::Split => start,
-            RingFormat::Packed => start | (start << 16),
-        };
+        // both the available and the used position (packed).
+        let base = vring_base(format, fresh_position(format));
         channel.send(FrontendReq::SET_VRING_BASE, state(base).as_slice(), &[])?;
         // No VHOST_VRING_F_LOG: no dirty logging.
         let addr = VhostUserVringAddr::new(

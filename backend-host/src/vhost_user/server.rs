@@ -40,7 +40,7 @@ use virtio_core::lifecycle::DeviceLifecycle;
 use virtio_core::notify::EventFdNotifier;
 use virtio_core::ring::SplitLayout;
 use virtio_core::ring::areas::RingFormat;
-use virtio_core::ring::queue::fresh_position;
+use virtio_core::ring::queue::{fresh_position, position_in_vring_base, vring_base};
 use virtio_core::transport::{ActiveQueue, DeviceHandler};
 
 /// A device a vhost-user daemon can serve: a [`DeviceHandler`] that also describes
@@ -539,20 +539,10 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
-        let packed = RingFormat::of(Features::from_bits_retain(self.acked)) == RingFormat::Packed;
+        let format = RingFormat::of(Features::from_bits_retain(self.acked));
         let ring = self.idle_ring(index)?;
-        // Split: the available index. Packed (vhost-user spec, "Starting and stopping
-        // rings"): bits 0-14 the available position, bit 15 its wrap counter, bits
-        // 16-31 the same for the used position. Our device resumes only with nothing
-        // in flight, so the two must agree.
-        let (avail, used) = (base & 0xffff, base >> 16);
-        let at = match (packed, u16::try_from(avail)) {
-            (false, _) if base > 0xffff => None,
-            (true, _) if used != avail => None,
-            (_, Ok(a)) => Some(a),
-            _ => None,
-        };
-        ring.next_avail = Some(at.ok_or(SessionError::BadBase { index, base })?);
+        let at = position_in_vring_base(format, base).ok_or(SessionError::BadBase { index, base })?;
+        ring.next_avail = Some(at);
         Ok(())
     }
 
@@ -565,17 +555,12 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
         // Stop the device (which drains every ring), then restart the others.
         self.stop_device();
         let format = RingFormat::of(Features::from_bits_retain(self.acked));
-        let packed = format == RingFormat::Packed;
         let ring = self.ring(index)?;
         ring.kick = None;
         ring.enabled = false;
-        let next = u32::from(ring.next_avail.unwrap_or(fresh_position(format)));
+        let next = ring.next_avail.unwrap_or(fresh_position(format));
         self.restart(false);
-        // Packed: the used position in the high half, equal once drained.
-        Ok(VhostUserVringState::new(
-            index,
-            if packed { next | (next << 16) } else { next },
-        ))
+        Ok(VhostUserVringState::new(index, vring_base(format, next)))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {

@@ -111,6 +111,31 @@ pub fn fresh_position(format: RingFormat) -> u16 {
     }
 }
 
+/// A queue's position as vhost-user's SET_VRING_BASE and GET_VRING_BASE carry it
+/// (vhost-user spec, "Starting and stopping rings"): for a split ring the available
+/// index; for a packed ring the available position with its wrap counter in bits
+/// 0-15 and the used one in bits 16-31, the same for a queue with nothing in flight,
+/// the only kind that changes hands here.
+pub fn vring_base(format: RingFormat, position: u16) -> u32 {
+    let p = u32::from(position);
+    match format {
+        RingFormat::Split => p,
+        RingFormat::Packed => p | (p << 16),
+    }
+}
+
+/// The position in a vring base ([`vring_base`]), if a device can resume there: a
+/// split index fits 16 bits; a packed ring's used position equals its available
+/// one (nothing in flight).
+pub fn position_in_vring_base(format: RingFormat, base: u32) -> Option<u16> {
+    let avail = u16::try_from(base & 0xffff).ok()?;
+    let fits = match format {
+        RingFormat::Split => base >> 16 == 0,
+        RingFormat::Packed => base >> 16 == base & 0xffff,
+    };
+    fits.then_some(avail)
+}
+
 /// The areas a model hands out, as the packed ring names them.
 fn packed_areas(ring: &SplitRingMemory) -> PackedRingMemory {
     PackedRingMemory {
