@@ -24,6 +24,10 @@ pub struct BlkOptions {
     /// Negotiate VIRTIO_F_RING_PACKED if offered: the packed ring (virtio 1.2 §2.8)
     /// instead of the split one. Off by default.
     pub ring_packed: bool,
+    /// Negotiate VIRTIO_F_IN_ORDER if offered: the device uses requests in the order
+    /// they were made available and may return a batch with one used entry (virtio
+    /// 1.2 §2.7.9, §2.8.x). Off by default.
+    pub in_order: bool,
     /// Negotiate VIRTIO_BLK_F_FLUSH if offered.
     pub flush: bool,
     /// Negotiate VIRTIO_BLK_F_DISCARD if offered.
@@ -51,6 +55,7 @@ impl Default for BlkOptions {
             indirect_desc: true,
             event_idx: true,
             ring_packed: false,
+            in_order: false,
             flush: true,
             discard: true,
             write_zeroes: true,
@@ -79,6 +84,7 @@ impl BlkOptions {
         core.set(Features::INDIRECT_DESC, self.indirect_desc);
         core.set(Features::EVENT_IDX, self.event_idx);
         core.set(Features::RING_PACKED, self.ring_packed);
+        core.set(Features::IN_ORDER, self.in_order);
         blk.bits() | core.bits()
     }
 }
