@@ -70,7 +70,7 @@ impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
         let device = DeviceGuard::initialize(
             transport,
             virtio_core::blk::DEVICE_ID,
-            opts.wanted(),
+            model.allowed(opts.wanted()),
             BLK_DEPENDENCIES,
         )?;
         let info = BlkInfo::new(device.features(), &read_config(&device)?);

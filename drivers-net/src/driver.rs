@@ -118,7 +118,7 @@ impl<D: DriverModel, T: Transport> NetDriver<D, T> {
         let device = DeviceGuard::initialize(
             transport,
             virtio_core::net::DEVICE_ID,
-            opts.wanted,
+            model.allowed(opts.wanted),
             NET_DEPENDENCIES,
         )?;
         let info = NetInfo::new(device.features(), &read_config(&device)?, &opts)?;

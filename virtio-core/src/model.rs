@@ -8,6 +8,7 @@
 //! against these traits only, so they run unchanged over every model.
 
 use crate::access::DeviceMemory;
+use crate::features::Features;
 use crate::ring::areas::RingFormat;
 use crate::ring::split::SplitRingMemory;
 use crate::share::DriverShare;
@@ -97,6 +98,22 @@ pub trait DriverModel {
     /// Allocates and initialises split queue `index` with `size` entries.
     fn create_queue(&self, index: u16, size: u16) -> Result<DriverQueue<Self::Share>, ModelError> {
         self.create_queue_in(index, RingFormat::Split, size)
+    }
+
+    /// The ring features (`VIRTIO_F_RING_PACKED`, `VIRTIO_F_IN_ORDER`) this model
+    /// can share queues under; a driver over it negotiates no others
+    /// ([`Self::allowed`]). Both, unless the model watches the rings itself and
+    /// reads them only one way (model 3's copy helper follows split rings entry by
+    /// entry, so it refuses both: an in-order batch would leave it believing the
+    /// device still owns chains the driver took back).
+    fn ring_features(&self) -> Features {
+        Features::RING_PACKED | Features::IN_ORDER
+    }
+
+    /// `wanted` without the ring features this model cannot share queues under.
+    fn allowed(&self, wanted: u64) -> u64 {
+        let ring = Features::RING_PACKED | Features::IN_ORDER;
+        wanted & !(ring - self.ring_features()).bits()
     }
 }
 

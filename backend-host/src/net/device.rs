@@ -104,7 +104,7 @@ use virtio_core::net::{
 use virtio_core::notify::{EventFdNotifier, Notify, NotifyError, Wait};
 use virtio_core::ring::Chain;
 use virtio_core::ring::areas::RingFormat;
-use virtio_core::ring::queue::DeviceQueueError;
+use virtio_core::ring::queue::{DeviceQueueError, RING_FEATURES};
 use virtio_core::transport::{ActiveQueue, DeviceHandler};
 use virtio_core::{DeviceMemory, DeviceModel, DeviceRing};
 use zerocopy::{FromBytes, IntoBytes};
@@ -341,9 +341,7 @@ where
     /// The control plane a transport serves: offered features, configuration space
     /// and the queue sizes (`2 * queue_pairs` data queues and the control queue).
     pub fn lifecycle(&self) -> DeviceLifecycle {
-        let features = self.offered().bits()
-            | (Features::VERSION_1 | Features::INDIRECT_DESC | Features::EVENT_IDX | Features::RING_PACKED)
-                .bits();
+        let features = self.offered().bits() | RING_FEATURES.bits();
         let status = if self.settings.link_up {
             VIRTIO_NET_S_LINK_UP
         } else {

@@ -47,6 +47,7 @@ use virtio_core::{
 
 use crate::layout::GuestRings;
 use crate::share::DirectShare;
+use virtio_core::features::Features;
 use virtio_core::ring::areas::RingFormat;
 
 /// Creates both sides of model 3 for `guest`, with a fresh copy helper between them.
@@ -74,6 +75,14 @@ impl DriverModel for CopyDriver {
 
     fn name(&self) -> &'static str {
         "hypervisor-copy"
+    }
+
+    /// Neither the packed ring nor IN_ORDER: the helper follows split rings one used
+    /// entry per chain (see the tracker), and an in-order batch, one entry for many
+    /// chains, would leave it believing the device still owns chains the driver
+    /// took back and reuses.
+    fn ring_features(&self) -> Features {
+        Features::empty()
     }
 
     fn create_queue_in(

@@ -3,9 +3,12 @@
 pub mod areas;
 pub mod chain;
 pub mod layout;
+mod order;
 pub mod packed;
 pub mod queue;
 pub mod split;
+#[cfg(test)]
+mod tests;
 
 pub use chain::{Chain, ChainError, ChainReader, ChainWriter, INDIRECT_MAX};
 pub use layout::{Descriptor, SplitLayout, UsedElem};

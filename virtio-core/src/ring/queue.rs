@@ -8,8 +8,10 @@
 //! one predictable branch per call, no allocation, and callers keep one concrete
 //! type whatever was negotiated.
 //!
-//! Both formats are served here; which devices, drivers and models negotiate the
-//! packed one is theirs to say (none offers `VIRTIO_F_RING_PACKED` yet, issue 14).
+//! Both formats are served here, each with and without `VIRTIO_F_IN_ORDER` (the
+//! device side holds back completions until every chain taken before them is
+//! done, so no device needs to finish work in order); which devices, drivers and
+//! models negotiate them is theirs to say ([`RING_FEATURES`] is all of them).
 //! The ring memory comes as a [`SplitRingMemory`] whatever the format: the three
 //! areas of §2.6 in order (descriptor area, driver area, device area), named by the
 //! split ring's use of them.
@@ -48,6 +50,15 @@ pub use crate::ring::split::{
     AddError, DeviceQueueError, DriverQueueError, Rejected, RingFault, RingSetupError, SplitRingMemory, Used,
     UsedError,
 };
+
+/// Every device-independent feature the rings implement on both sides: what a
+/// device built on [`DeviceRing`] can offer whatever its type, and a driver built
+/// on [`DriverRing`] can accept (virtio 1.2 §6).
+pub const RING_FEATURES: Features = Features::VERSION_1
+    .union(Features::INDIRECT_DESC)
+    .union(Features::EVENT_IDX)
+    .union(Features::RING_PACKED)
+    .union(Features::IN_ORDER);
 
 /// The driver's side of one virtqueue. See the module docs.
 pub enum DriverRing<S: DriverShare, T> {

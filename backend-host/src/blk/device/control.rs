@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use virtio_core::DeviceModel;
 use virtio_core::blk::{self, BlkConfig, BlkFeatures};
 use virtio_core::config::ConfigSpace;
-use virtio_core::features::Features;
 use virtio_core::lifecycle::DeviceLifecycle;
+use virtio_core::ring::queue::RING_FEATURES;
 use virtio_core::transport::{ActiveQueue, DeviceHandler};
 use zerocopy::IntoBytes;
 
@@ -65,9 +65,7 @@ where
     /// The control plane a transport serves: offered features, configuration space
     /// and queue sizes.
     pub fn lifecycle(&self) -> DeviceLifecycle {
-        let features = self.offered().bits()
-            | (Features::VERSION_1 | Features::INDIRECT_DESC | Features::EVENT_IDX | Features::RING_PACKED)
-                .bits();
+        let features = self.offered().bits() | RING_FEATURES.bits();
         let cfg = BlkConfig {
             capacity: self.facts.capacity_sectors.into(),
             size_max: self.facts.size_max.into(),

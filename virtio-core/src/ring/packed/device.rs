@@ -6,6 +6,7 @@ use crate::access::{DeviceMemory, Segment};
 use crate::features::Features;
 use crate::ring::chain::{self, Chain, ChainError, PackedRawDesc, Refused};
 use crate::ring::layout::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use crate::ring::order::InOrder;
 use crate::ring::split::{DeviceQueueError, RingFault, RingSetupError, UsedError};
 use std::sync::atomic::{Ordering, fence};
 
@@ -43,6 +44,9 @@ pub struct PackedDevice<M> {
     descs: Vec<PackedRawDesc>,
     /// See [`Self::with_reject_status`].
     reject_status: Option<u8>,
+    /// With VIRTIO_F_IN_ORDER: the buffers taken, and completions waiting for an
+    /// earlier one (§2.8.x "In-order use of descriptors").
+    order: Option<InOrder>,
 }
 
 impl<M: DeviceMemory> PackedDevice<M> {
@@ -72,6 +76,7 @@ impl<M: DeviceMemory> PackedDevice<M> {
             scratch: Vec::new(),
             descs: Vec::new(),
             reject_status: None,
+            order: features.contains(Features::IN_ORDER).then(|| InOrder::new(size)),
         })
     }
 
@@ -239,6 +244,9 @@ impl<M: DeviceMemory> PackedDevice<M> {
             Ok(()) => {
                 self.in_flight[usize::from(id)] = (u64::from(chain.writable_len()) + 1, ndesc);
                 self.held += 1;
+                if let Some(order) = &mut self.order {
+                    order.taken(id);
+                }
                 Ok(Some(chain))
             }
             Err(source) => {
@@ -249,7 +257,18 @@ impl<M: DeviceMemory> PackedDevice<M> {
                     }
                     _ => 0,
                 };
-                self.push_used(id, used, ndesc);
+                if let Some(order) = &mut self.order {
+                    // In order: the rejection waits for the buffers taken before
+                    // it, and has a used descriptor of its own.
+                    self.in_flight[usize::from(id)] = (u64::from(used) + 1, ndesc);
+                    self.held += 1;
+                    order.taken(id);
+                    // Not held before (checked above), so not waiting either.
+                    let _ = order.complete(id, used, false);
+                    self.flush_in_order();
+                } else {
+                    self.push_used(id, used, ndesc);
+                }
                 Err(DeviceQueueError::BadChain { head: id, source })
             }
         }
@@ -263,31 +282,40 @@ impl<M: DeviceMemory> PackedDevice<M> {
     }
 
     /// Returns a chain to the driver with `len` bytes written into its writable part.
+    ///
+    /// With VIRTIO_F_IN_ORDER the chain is returned once every chain taken before it
+    /// is: until then it counts as [in flight](Self::in_flight).
     pub fn add_used(&mut self, id: u16, len: u32) -> Result<(), UsedError> {
-        let ndesc = self.take_in_flight(id, len)?;
-        self.push_used(id, len, ndesc);
+        self.use_one(id, len)?;
+        self.flush_in_order();
         Ok(())
     }
 
     /// Returns several chains. Each used descriptor is published on its own (a
-    /// packed ring has no index to publish once); the method exists so both ring
-    /// formats serve the same callers. Stops at the first misuse; the chains before
-    /// it are returned.
+    /// packed ring has no index to publish once; in order, one per batch); the
+    /// method exists so both ring formats serve the same callers. Stops at the
+    /// first misuse; the chains before it are returned.
     pub fn add_used_batch(&mut self, used: impl IntoIterator<Item = (u16, u32)>) -> Result<(), UsedError> {
+        let mut result = Ok(());
         for (id, len) in used {
-            self.add_used(id, len)?;
+            if let Err(e) = self.use_one(id, len) {
+                result = Err(e);
+                break;
+            }
         }
-        Ok(())
+        self.flush_in_order();
+        result
     }
 
-    /// Checks that `id` is held and `len` fits; releases it and returns its slots.
-    fn take_in_flight(&mut self, id: u16, len: u32) -> Result<u16, UsedError> {
-        let entry = self
+    /// Checks that `id` is held and `len` fits; then writes its used descriptor (in
+    /// order: records it for `flush_in_order`).
+    fn use_one(&mut self, id: u16, len: u32) -> Result<(), UsedError> {
+        let &(plus_one, ndesc) = self
             .in_flight
-            .get_mut(usize::from(id))
+            .get(usize::from(id))
             .filter(|e| e.0 != 0)
             .ok_or(UsedError::NotInFlight(id))?;
-        let writable = entry.0 - 1;
+        let writable = plus_one - 1;
         if u64::from(len) > writable {
             return Err(UsedError::TooLong {
                 len,
@@ -295,10 +323,39 @@ impl<M: DeviceMemory> PackedDevice<M> {
                 writable: u32::try_from(writable).unwrap_or(u32::MAX),
             });
         }
-        let ndesc = entry.1;
-        *entry = (0, 0);
+        if let Some(order) = &mut self.order {
+            return order.complete(id, len, u64::from(len) == writable);
+        }
+        self.release(id);
+        self.push_used(id, len, ndesc);
+        Ok(())
+    }
+
+    /// Forgets that `id` is held; returns the ring slots its list took.
+    fn release(&mut self, id: u16) -> u16 {
+        let ndesc = self.in_flight[usize::from(id)].1;
+        self.in_flight[usize::from(id)] = (0, 0);
         self.held -= 1;
-        Ok(ndesc)
+        ndesc
+    }
+
+    /// In order: writes one used descriptor per batch of buffers whose predecessors
+    /// are all done, over the batch's first descriptor, with the id of its last
+    /// buffer, and skips the slots of the whole batch.
+    fn flush_in_order(&mut self) {
+        let Some(mut order) = self.order.take() else {
+            return;
+        };
+        let mut slots: u16 = 0;
+        order.flush(|done| {
+            // A batch's lists sit in consecutive slots, at most `size` of them.
+            slots = slots.saturating_add(self.release(done.id));
+            if done.ends_batch {
+                self.push_used(done.id, done.len, slots);
+                slots = 0;
+            }
+        });
+        self.order = Some(order);
     }
 
     /// Writes a used descriptor at the used position and skips the list's slots

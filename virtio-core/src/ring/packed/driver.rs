@@ -10,6 +10,7 @@ use crate::ring::packed::layout::PackedLayout;
 use crate::ring::split::{AddError, DriverQueueError, Rejected, RingSetupError, Used, admit};
 use crate::share::{Direction, DriverShare, GuestBuf};
 use crate::shm::Region;
+use std::collections::VecDeque;
 use std::sync::atomic::{Ordering, fence};
 use zerocopy::IntoBytes;
 
@@ -59,6 +60,14 @@ pub struct PackedDriver<S: DriverShare, T> {
     broken: bool,
     /// Reused buffer for building indirect tables.
     table: Vec<PackedDescriptor>,
+    /// VIRTIO_F_IN_ORDER: buffers come back in the order they were made available,
+    /// one used descriptor per batch (§2.8.x "In-order use of descriptors").
+    in_order: bool,
+    /// In order: the outstanding ids, oldest first.
+    order: VecDeque<u16>,
+    /// In order: the id and used length of the used descriptor that ends the batch
+    /// being taken, once read.
+    batch: Option<(u16, u32)>,
 }
 
 impl<S: DriverShare, T> PackedDriver<S, T> {
@@ -98,6 +107,9 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
             callbacks: true,
             broken: false,
             table: Vec::new(),
+            in_order: features.contains(Features::IN_ORDER),
+            order: VecDeque::new(),
+            batch: None,
         };
         d.init()?;
         Ok(d)
@@ -115,6 +127,8 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
         self.used = 0;
         self.callbacks = true;
         self.broken = false;
+        self.order.clear();
+        self.batch = None;
         let area = |area| move |source| RingSetupError::Area { area, source };
         let zero = |r: &Region, len| r.zero(0, len);
         zero(&self.mem.desc, PackedLayout { size: self.size }.desc_bytes())
@@ -165,6 +179,9 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
             Ok(id) => {
                 self.heads[usize::from(id)].token = Some(token);
                 self.outstanding += 1;
+                if self.in_order {
+                    self.order.push_back(id);
+                }
                 Ok(id)
             }
             Err(error) => Err(Rejected { error, token }),
@@ -335,6 +352,21 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
         if self.broken {
             return Err(DriverQueueError::Broken);
         }
+        if self.in_order {
+            return self.pop_used_in_order();
+        }
+        let Some((id, len)) = self.read_used()? else {
+            return Ok(None);
+        };
+        // The device skips as many slots as the list took (§2.8.6).
+        self.took_used(self.heads[usize::from(id)].ndesc);
+        let token = self.release(id, len);
+        Ok(token.map(|token| Used { token, len }))
+    }
+
+    /// The used descriptor at the next used position, if the device wrote one:
+    /// its buffer id, checked to be outstanding, and its length, checked to fit.
+    fn read_used(&mut self) -> Result<Option<(u16, u32)>, DriverQueueError> {
         let Some((len, id, flags)) = self.used_at(self.used) else {
             return Ok(None);
         };
@@ -353,13 +385,51 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
                 writable,
             }));
         }
-        // The device skips as many slots as the list took (§2.8.6).
-        self.used = self.views.advance(self.used, h.ndesc);
+        Ok(Some((id, len)))
+    }
+
+    /// Moves the used position past `ndesc` slots.
+    fn took_used(&mut self, ndesc: u16) {
+        self.used = self.views.advance(self.used, ndesc);
         if self.callbacks && self.event_idx {
             // Ask for the next notification as soon as anything more is used.
             self.views
                 .set_driver_event(self.views.encode(self.used), RING_EVENT_FLAGS_DESC);
         }
+    }
+
+    /// [`Self::pop_used`] in order: the device writes one used descriptor per batch,
+    /// over the batch's first descriptor, with the id of its last buffer; every
+    /// buffer before that one was used completely, and the next buffer back is
+    /// always the oldest outstanding one.
+    fn pop_used_in_order(&mut self) -> Result<Option<Used<T>>, DriverQueueError> {
+        let (last, last_len) = match self.batch {
+            Some(b) => b,
+            None => {
+                let Some(b) = self.read_used()? else {
+                    return Ok(None);
+                };
+                self.batch = Some(b);
+                b
+            }
+        };
+        // `last` is outstanding (checked), so the queue of outstanding ids is not
+        // empty and holds it.
+        let Some(id) = self.order.pop_front() else {
+            let used = self.outstanding;
+            return Err(self.fail(DriverQueueError::BatchPastUsed {
+                id: u32::from(last),
+                used,
+            }));
+        };
+        let h = &self.heads[usize::from(id)];
+        let len = if id == last {
+            self.batch = None;
+            last_len
+        } else {
+            h.writable
+        };
+        self.took_used(h.ndesc);
         let token = self.release(id, len);
         Ok(token.map(|token| Used { token, len }))
     }
@@ -431,6 +501,9 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
         // (between its used descriptor store and its event suppression load): either
         // it sees our request, or we see its used descriptors below.
         fence(Ordering::SeqCst);
+        if self.in_order {
+            return self.used_past_in_order(wait);
+        }
         // Walk the used descriptors waiting, skipping as the device did. Only a
         // hint: `pop_used` reads and checks each again; an id that is not ours
         // stops the walk and says "poll", so `pop_used` reports it.
@@ -451,6 +524,41 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
             lap = self.views.advance(lap, ndesc);
         }
         false
+    }
+
+    /// The walk of [`Self::enable_after`] in order: whether more than `wait` slots
+    /// past the used position are used, counting the rest of the batch being taken
+    /// and then each batch the device wrote, which skips the slots of every buffer
+    /// up to the id it names. The same hint: an id that ends no batch says "poll".
+    fn used_past_in_order(&self, wait: u16) -> bool {
+        let mut lap = self.used;
+        let mut passed: u32 = 0;
+        let mut oldest_first = self.order.iter();
+        let mut last = self.batch.map(|(id, _)| id);
+        loop {
+            let Some(end) = last else {
+                match self.used_at(lap) {
+                    Some((_, id, _)) => last = Some(id),
+                    None => return false,
+                }
+                continue;
+            };
+            loop {
+                let Some(&id) = oldest_first.next() else {
+                    return true;
+                };
+                let ndesc = self.heads[usize::from(id)].ndesc;
+                passed += u32::from(ndesc);
+                lap = self.views.advance(lap, ndesc);
+                if id == end {
+                    break;
+                }
+            }
+            if passed > u32::from(wait) {
+                return true;
+            }
+            last = None;
+        }
     }
 
     /// Takes back every outstanding request after a device reset, retiring its buffers

@@ -1178,3 +1178,77 @@ fn the_driver_checks_every_used_descriptor() {
     put(&p.ring, 0, PackedDescriptor::new(0, 0, 0, used1));
     assert_eq!(p.driver.pop_used(), Err(DriverQueueError::UnknownId(0)));
 }
+
+/// IN_ORDER on the wire (§2.8.x "In-order use of descriptors"): buffers finished in
+/// reverse come back as one used descriptor over the batch's first descriptor, with
+/// the id of its last buffer; the device skips the slots of the whole batch, and
+/// the driver, which infers the rest, finds the next batch where the device put it.
+#[test]
+fn in_order_batches_write_one_used_descriptor_over_the_first() {
+    let f = PLAIN | Features::IN_ORDER;
+    let mut p = pair(5, f);
+    let out = bufs(&p.arena, &[4]);
+    let ins = bufs(&p.arena, &[16]);
+    for lap in 0..4u32 {
+        // Two lists of two slots each: laps of a 5-slot ring start anywhere.
+        let first_slot = u16::try_from((lap * 4) % 5).unwrap();
+        let ids: Vec<u16> = (0..2)
+            .map(|t| p.driver.add(&out, &ins, lap * 2 + t).unwrap())
+            .collect();
+        let chains: Vec<Chain> = (0..2).map(|_| p.device.pop().unwrap().unwrap()).collect();
+        p.device.add_used(chains[1].head(), 16).unwrap();
+        assert_eq!(p.device.in_flight(), 2, "held until the older buffer is done");
+        p.device.add_used(chains[0].head(), 16).unwrap();
+        let used = get(&p.ring, first_slot);
+        assert_eq!((used.id.get(), used.len.get()), (ids[1], 16));
+        let second = get(&p.ring, (first_slot + 2) % 5);
+        assert_eq!(
+            second.id.get(),
+            ids[1],
+            "the second list's head is left as the driver wrote it"
+        );
+        assert_eq!(
+            second.flags.get() & VIRTQ_DESC_F_WRITE,
+            0,
+            "not a used descriptor"
+        );
+        let back: Vec<_> = std::iter::from_fn(|| p.driver.pop_used().unwrap())
+            .map(|u| (u.token, u.len))
+            .collect();
+        assert_eq!(back, [(lap * 2, 16), (lap * 2 + 1, 16)]);
+    }
+    assert_eq!((p.driver.num_free(), p.device.in_flight()), (5, 0));
+}
+
+/// In order, a used descriptor naming an id that is not outstanding breaks the
+/// driver, and so does a length past the last buffer's writable bytes (HOSTILE 31).
+#[test]
+fn in_order_used_descriptors_are_checked_like_any_other() {
+    let f = PLAIN | Features::IN_ORDER;
+    for (id, len) in [(3u16, 0u32), (1, 17)] {
+        let mut p = pair(4, f);
+        let ins = bufs(&p.arena, &[16]);
+        for t in 0..2 {
+            p.driver.add(&[], &ins, t).unwrap();
+        }
+        put(
+            &p.ring,
+            0,
+            PackedDescriptor::new(0, len, id, AVAIL1 | AVAIL0 | VIRTQ_DESC_F_WRITE),
+        );
+        let r = p.driver.pop_used();
+        if id == 3 {
+            assert_eq!(r, Err(DriverQueueError::UnknownId(3)));
+        } else {
+            assert_eq!(
+                r,
+                Err(DriverQueueError::LengthTooLarge {
+                    head: 1,
+                    len: 17,
+                    writable: 16
+                })
+            );
+        }
+        assert!(p.driver.is_broken());
+    }
+}

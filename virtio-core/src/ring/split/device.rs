@@ -6,6 +6,7 @@ use crate::features::Features;
 use crate::notify::need_event;
 use crate::ring::chain::{self, Chain, ChainError, Refused};
 use crate::ring::layout::{VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY};
+use crate::ring::order::InOrder;
 use std::sync::atomic::{Ordering, fence};
 
 /// Why the device could not take the next chain.
@@ -126,6 +127,9 @@ pub struct SplitDevice<M> {
     scratch: Vec<u8>,
     /// See [`Self::with_reject_status`].
     reject_status: Option<u8>,
+    /// With VIRTIO_F_IN_ORDER: the chains taken, and completions waiting for an
+    /// earlier one (§2.7.9).
+    order: Option<InOrder>,
 }
 
 impl<M: DeviceMemory> SplitDevice<M> {
@@ -152,6 +156,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
             fault: None,
             scratch: Vec::new(),
             reject_status: None,
+            order: features.contains(Features::IN_ORDER).then(|| InOrder::new(size)),
         })
     }
 
@@ -264,6 +269,9 @@ impl<M: DeviceMemory> SplitDevice<M> {
         match walked {
             Ok(()) => {
                 self.in_flight[usize::from(head)] = u64::from(chain.writable_len()) + 1;
+                if let Some(order) = &mut self.order {
+                    order.taken(head);
+                }
                 Ok(Some(chain))
             }
             Err(source) => {
@@ -274,7 +282,18 @@ impl<M: DeviceMemory> SplitDevice<M> {
                     }
                     _ => 0,
                 };
-                self.push_used(head, used);
+                if let Some(order) = &mut self.order {
+                    // In order: the rejection waits for the chains taken before it,
+                    // and has a used entry of its own (the driver must not take it
+                    // for a completely used chain).
+                    self.in_flight[usize::from(head)] = u64::from(used) + 1;
+                    order.taken(head);
+                    // Not held before (checked above), so not waiting either.
+                    let _ = order.complete(head, used, false);
+                    self.flush_in_order();
+                } else {
+                    self.push_used(head, used);
+                }
                 self.views.publish_used_idx(self.used_idx);
                 Err(DeviceQueueError::BadChain { head, source })
             }
@@ -313,8 +332,12 @@ impl<M: DeviceMemory> SplitDevice<M> {
     }
 
     /// Returns a chain to the driver with `len` bytes written into its writable part.
+    ///
+    /// With VIRTIO_F_IN_ORDER the chain is returned once every chain taken before it
+    /// is: until then it counts as [in flight](Self::in_flight).
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), UsedError> {
         self.write_used(head, len)?;
+        self.flush_in_order();
         // Release: the element becomes visible no later than the index.
         self.views.publish_used_idx(self.used_idx);
         Ok(())
@@ -331,12 +354,14 @@ impl<M: DeviceMemory> SplitDevice<M> {
                 break;
             }
         }
+        self.flush_in_order();
         // Release: pairs with the driver's Acquire load of used.idx.
         self.views.publish_used_idx(self.used_idx);
         result
     }
 
-    /// Checks `head` and writes its used element, without publishing the index.
+    /// Checks `head` and writes its used element (in order: records it), without
+    /// publishing the index.
     fn write_used(&mut self, head: u16, len: u32) -> Result<(), UsedError> {
         let slot = self
             .in_flight
@@ -351,9 +376,34 @@ impl<M: DeviceMemory> SplitDevice<M> {
                 writable: u32::try_from(writable).unwrap_or(u32::MAX),
             });
         }
+        if let Some(order) = &mut self.order {
+            // Held until `flush_in_order` returns it.
+            return order.complete(head, len, u64::from(len) == writable);
+        }
         *slot = 0;
         self.push_used(head, len);
         Ok(())
+    }
+
+    /// In order: writes the used entries of every chain whose predecessors are all
+    /// done, one entry per batch, at the ring position of the batch's first chain,
+    /// and moves the used index past the batch (§2.7.9). Does not publish the index.
+    fn flush_in_order(&mut self) {
+        let Some(mut order) = self.order.take() else {
+            return;
+        };
+        let mut batch: u16 = 0;
+        order.flush(|done| {
+            self.in_flight[usize::from(done.id)] = 0;
+            batch += 1;
+            if done.ends_batch {
+                self.views
+                    .set_used_elem(self.used_idx, u32::from(done.id), done.len);
+                self.used_idx = self.used_idx.wrapping_add(batch);
+                batch = 0;
+            }
+        });
+        self.order = Some(order);
     }
 
     fn push_used(&mut self, head: u16, len: u32) {

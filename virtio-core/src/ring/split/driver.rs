@@ -111,6 +111,16 @@ pub enum DriverQueueError {
         /// Writable bytes in the chain.
         writable: u32,
     },
+    /// In order (VIRTIO_F_IN_ORDER): a used entry that ends a batch of more chains
+    /// than the device says it used, or whose id is not in the batch it would end
+    /// (§2.7.9, §2.8.x).
+    #[error("in-order used id {id} does not end a batch of at most {used} chains")]
+    BatchPastUsed {
+        /// The id read.
+        id: u32,
+        /// Chains the device says it used (the packed ring: those outstanding).
+        used: u16,
+    },
     /// An earlier fault; the queue must be reset.
     #[error("device is broken")]
     Broken,
@@ -169,6 +179,15 @@ pub struct SplitDriver<S: DriverShare, T> {
     broken: bool,
     /// Reused buffer for building indirect tables.
     table: Vec<Descriptor>,
+    /// VIRTIO_F_IN_ORDER: descriptors are taken in ring order and come back in the
+    /// order they were made available (§2.7.9).
+    in_order: bool,
+    /// In order: the head of the oldest outstanding chain (the free descriptors are
+    /// the `num_free` before it, from `free_head`).
+    oldest: u16,
+    /// In order: the head and used length of the used entry that ends the batch
+    /// being taken, once read.
+    batch: Option<(u16, u32)>,
 }
 
 impl<S: DriverShare, T> SplitDriver<S, T> {
@@ -208,9 +227,24 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
             callbacks: true,
             broken: false,
             table: Vec::new(),
+            in_order: features.contains(Features::IN_ORDER),
+            oldest: 0,
+            batch: None,
         };
+        d.next = d.initial_links();
         d.zero_rings()?;
         Ok(d)
+    }
+
+    /// The free list at the start: every descriptor, in table order. In order it is
+    /// a circle (the last links to 0, as §2.7.5 asks of a chain that wraps) and
+    /// stays one: chains are taken from its front and come back to its back.
+    fn initial_links(&self) -> Vec<u16> {
+        if self.in_order {
+            (1..self.size).chain([0]).collect()
+        } else {
+            (1..=self.size).collect()
+        }
     }
 
     fn zero_rings(&mut self) -> Result<(), RingSetupError> {
@@ -417,23 +451,11 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
         if self.broken {
             return Err(DriverQueueError::Broken);
         }
-        if self.last_used == self.used_seen {
-            // Acquire: pairs with the device's Release store of used.idx.
-            let idx = self.views.used_idx();
-            let ahead = idx.wrapping_sub(self.last_used);
-            let outstanding = self.outstanding;
-            if ahead > outstanding {
-                return Err(self.fail(DriverQueueError::UsedTooFarAhead {
-                    idx,
-                    last: self.last_used,
-                    ahead,
-                    outstanding,
-                }));
-            }
-            self.used_seen = idx;
-            if ahead == 0 {
-                return Ok(None);
-            }
+        if self.in_order {
+            return self.pop_used_in_order();
+        }
+        if !self.used_waiting()? {
+            return Ok(None);
         }
         let (id, len) = self.views.used_elem(self.last_used);
         let head = match u16::try_from(id) {
@@ -445,13 +467,100 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
             let writable = h.writable;
             return Err(self.fail(DriverQueueError::LengthTooLarge { head, len, writable }));
         }
+        self.took_used();
+        let token = self.release(head, len);
+        Ok(token.map(|token| Used { token, len }))
+    }
+
+    /// Whether used entries wait past `last_used`; reads `used.idx` when those
+    /// seen before are taken, and checks it.
+    fn used_waiting(&mut self) -> Result<bool, DriverQueueError> {
+        if self.last_used != self.used_seen {
+            return Ok(true);
+        }
+        // Acquire: pairs with the device's Release store of used.idx.
+        let idx = self.views.used_idx();
+        let ahead = idx.wrapping_sub(self.last_used);
+        let outstanding = self.outstanding;
+        if ahead > outstanding {
+            return Err(self.fail(DriverQueueError::UsedTooFarAhead {
+                idx,
+                last: self.last_used,
+                ahead,
+                outstanding,
+            }));
+        }
+        self.used_seen = idx;
+        Ok(ahead != 0)
+    }
+
+    /// Moves past one used chain.
+    fn took_used(&mut self) {
         self.last_used = self.last_used.wrapping_add(1);
         if self.callbacks && self.event_idx {
             // Ask for the next notification as soon as anything more is used.
             self.views.set_used_event(self.last_used);
         }
+    }
+
+    /// [`Self::pop_used`] in order (§2.7.9): the device writes one used entry per
+    /// batch, at the position of the batch's first chain, naming its last chain;
+    /// every chain before that one was used completely. The chains come back in the
+    /// order they were made available, so the next one is always the oldest.
+    fn pop_used_in_order(&mut self) -> Result<Option<Used<T>>, DriverQueueError> {
+        if !self.used_waiting()? {
+            return Ok(None);
+        }
+        let (last, last_len) = match self.batch {
+            Some(b) => b,
+            None => {
+                let b = self.read_batch()?;
+                self.batch = Some(b);
+                b
+            }
+        };
+        let head = self.oldest;
+        let h = &self.heads[usize::from(head)];
+        let len = if head == last {
+            self.batch = None;
+            last_len
+        } else {
+            h.writable
+        };
+        self.oldest = self.ring_after(head, h.ndesc);
+        self.took_used();
         let token = self.release(head, len);
         Ok(token.map(|token| Used { token, len }))
+    }
+
+    /// Reads the used entry at `last_used` and checks that it ends a batch of
+    /// outstanding chains, from the oldest, no longer than the used entries the
+    /// device published.
+    fn read_batch(&mut self) -> Result<(u16, u32), DriverQueueError> {
+        let (id, len) = self.views.used_elem(self.last_used);
+        let used = self.used_seen.wrapping_sub(self.last_used);
+        let mut head = self.oldest;
+        for _ in 0..used {
+            let h = &self.heads[usize::from(head)];
+            if h.token.is_none() {
+                break;
+            }
+            if u32::from(head) == id {
+                if len > h.writable {
+                    let writable = h.writable;
+                    return Err(self.fail(DriverQueueError::LengthTooLarge { head, len, writable }));
+                }
+                return Ok((head, len));
+            }
+            head = self.ring_after(head, h.ndesc);
+        }
+        Err(self.fail(DriverQueueError::BatchPastUsed { id, used }))
+    }
+
+    /// The descriptor `n` places after `head` in ring order.
+    fn ring_after(&self, head: u16, n: u16) -> u16 {
+        // Both below `size <= 32768`: the sum fits and the remainder is below `size`.
+        u16::try_from((u32::from(head) + u32::from(n)) % u32::from(self.size)).unwrap_or(0)
     }
 
     /// Retires a head's buffers and returns its descriptors to the free list.
@@ -467,12 +576,16 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
             len -= written;
             self.share.retire(k, written);
         }
-        let mut last = head;
-        for _ in 1..ndesc {
-            last = self.next[usize::from(last)];
+        if !self.in_order {
+            let mut last = head;
+            for _ in 1..ndesc {
+                last = self.next[usize::from(last)];
+            }
+            self.next[usize::from(last)] = self.free_head;
+            self.free_head = head;
         }
-        self.next[usize::from(last)] = self.free_head;
-        self.free_head = head;
+        // In order the oldest chain comes back, and its descriptors join the back of
+        // the free circle where they already are.
         self.num_free += ndesc;
         token
     }
@@ -550,7 +663,9 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
         self.free_head = 0;
         self.num_free = self.size;
         self.outstanding = 0;
-        self.next = (1..=self.size).collect();
+        self.next = self.initial_links();
+        self.oldest = 0;
+        self.batch = None;
         self.avail_idx = 0;
         self.kicked_idx = 0;
         self.last_used = 0;

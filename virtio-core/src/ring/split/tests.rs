@@ -520,3 +520,105 @@ proptest! {
         run_interleaving(features, warmup, &ops);
     }
 }
+
+/// IN_ORDER on the wire (§2.7.9): the driver takes descriptors in ring order,
+/// wrapping at the end of the table; the device returns chains finished in reverse
+/// as one used entry at the batch's first position, naming its last head, and moves
+/// used.idx past the whole batch; a chain not used completely gets its own entry.
+#[test]
+fn in_order_batches_write_one_used_entry_at_the_first_position() {
+    let f = PLAIN | Features::IN_ORDER;
+    let arena = Arena::new(0x4000_0000, 4 << 20).unwrap();
+    let (_, ring) = arena.alloc_split_ring(8).unwrap();
+    let views = Views::new(8, &ring, (true, true, true)).unwrap();
+    let mut driver = SplitDriver::new(8, ring.clone(), IdentityShare::new(arena.clone(), 8), f).unwrap();
+    let mut device = SplitDevice::new(8, &ring, arena.clone(), f).unwrap();
+    let out = bufs(&arena, &[4]);
+    let ins = bufs(&arena, &[16, 16]);
+    // Three chains of three descriptors, twice around a table of 8: heads in ring order.
+    let mut heads = Vec::new();
+    for round in 0..2u32 {
+        for t in 0..2u32 {
+            heads.push(driver.add(&out, &ins, round * 2 + t).unwrap());
+        }
+        let chains: Vec<Chain> = (0..2).map(|_| device.pop().unwrap().unwrap()).collect();
+        let used_before = views.used_idx();
+        for c in chains.iter().rev() {
+            device.add_used(c.head(), c.writable_len()).unwrap();
+        }
+        assert_eq!(
+            views.used_idx(),
+            used_before.wrapping_add(2),
+            "one step for the batch"
+        );
+        assert_eq!(
+            views.used_elem(used_before),
+            (u32::from(chains[1].head()), 32),
+            "the entry at the batch's first position names its last chain"
+        );
+        for t in 0..2 {
+            let u = driver.pop_used().unwrap().unwrap();
+            assert_eq!((u.token, u.len), (round * 2 + t, 32));
+        }
+    }
+    assert_eq!(
+        heads,
+        [0, 3, 6, 1],
+        "descriptors in ring order, wrapping at the end"
+    );
+    // The chain at 6 wrapped: its descriptors are 6, 7, 0, linked as §2.7.5 says.
+    assert_eq!(views.read_desc(7).3, 0);
+
+    // A short completion ends its batch: two entries for three chains.
+    let one = bufs(&arena, &[32]);
+    for t in 10..13 {
+        driver.add(&out, &one, t).unwrap();
+    }
+    let chains: Vec<Chain> = (0..3).map(|_| device.pop().unwrap().unwrap()).collect();
+    let base = views.used_idx();
+    device
+        .add_used_batch([
+            (chains[2].head(), 32),
+            (chains[1].head(), 5),
+            (chains[0].head(), 32),
+        ])
+        .unwrap();
+    assert_eq!(views.used_idx(), base.wrapping_add(3));
+    assert_eq!(views.used_elem(base), (u32::from(chains[1].head()), 5));
+    assert_eq!(
+        views.used_elem(base.wrapping_add(2)),
+        (u32::from(chains[2].head()), 32)
+    );
+    let back: Vec<_> = std::iter::from_fn(|| driver.pop_used().unwrap())
+        .map(|u| (u.token, u.len))
+        .collect();
+    assert_eq!(back, [(10, 32), (11, 5), (12, 32)]);
+    assert_eq!((driver.num_free(), device.in_flight()), (8, 0));
+}
+
+/// A device that claims, in order, a batch longer than the used entries it
+/// published, or ending at a head not outstanding, breaks the queue instead of
+/// handing back requests it never finished (HOSTILE 31).
+#[test]
+fn in_order_batches_past_the_used_index_break_the_driver() {
+    let f = PLAIN | Features::IN_ORDER;
+    for claimed in [2u32, 7, 1] {
+        let arena = Arena::new(0x4000_0000, 4 << 20).unwrap();
+        let (_, ring) = arena.alloc_split_ring(8).unwrap();
+        let views = Views::new(8, &ring, (true, true, true)).unwrap();
+        let mut driver = SplitDriver::new(8, ring.clone(), IdentityShare::new(arena.clone(), 8), f).unwrap();
+        let b = bufs(&arena, &[16]);
+        for t in 0..3u32 {
+            assert_eq!(driver.add(&[], &b, t).unwrap(), u16::try_from(t).unwrap());
+        }
+        views.set_used_elem(0, claimed, 16);
+        views.publish_used_idx(1);
+        // Head 1 or 2 ends a batch of two or three chains where one entry was
+        // published; head 7 is not outstanding.
+        assert_eq!(
+            driver.pop_used(),
+            Err(DriverQueueError::BatchPastUsed { id: claimed, used: 1 })
+        );
+        assert!(driver.is_broken());
+    }
+}
