@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use transport_descriptors::direct::{self, DirectDriver};
 use transport_vhost_user::{VhostUserOptions, VhostUserTransport};
 use virtio_core::blk::BlkFeatures;
+use virtio_core::features::Features;
 
 const IMAGE_BYTES: u64 = 16 << 20;
 const GUEST_BYTES: u64 = 32 << 20;
@@ -122,11 +123,11 @@ type Driver = BlkDriver<DirectDriver, VhostUserTransport>;
 
 /// A fresh guest whose driver connects to `socket` with `queues` queues.
 fn connect(socket: &Path, queues: u16) -> (Arc<Domain>, Driver) {
-    connect_with(socket, queues, false)
+    connect_with(socket, queues, Features::empty())
 }
 
-/// [`connect`], asking for the packed ring when `ring_packed`.
-fn connect_with(socket: &Path, queues: u16, ring_packed: bool) -> (Arc<Domain>, Driver) {
+/// [`connect`], asking for the ring features in `ring` (`RING_PACKED`, `IN_ORDER`).
+fn connect_with(socket: &Path, queues: u16, ring: Features) -> (Arc<Domain>, Driver) {
     let guest = Hypervisor::new().create_domain("vu-guest", GUEST_BYTES).unwrap();
     let model = direct::driver(&guest);
     let transport =
@@ -134,7 +135,8 @@ fn connect_with(socket: &Path, queues: u16, ring_packed: bool) -> (Arc<Domain>, 
     let opts = BlkOptions {
         queues,
         timeout: Some(Duration::from_secs(10)),
-        ring_packed,
+        ring_packed: ring.contains(Features::RING_PACKED),
+        in_order: ring.contains(Features::IN_ORDER),
         ..BlkOptions::default()
     };
     let driver = BlkDriver::new(transport, model, guest.memory().clone(), opts).unwrap();
@@ -198,25 +200,32 @@ fn read_write_flush_discard_and_get_id_on_two_queues() {
 
 /// Packed rings over vhost-user, end to end: our frontend asks for
 /// VIRTIO_F_RING_PACKED, the daemon offers it, the rings' bases travel in the
-/// packed encoding, and the data reaches the image.
+/// packed encoding, and the data reaches the image. The same with IN_ORDER, over
+/// both formats: the daemon returns requests in the order they came.
 #[test]
-fn packed_rings_serve_both_queues_over_vhost_user() {
-    let host = Host::start("packed", &["--queues", "2"]);
-    let (_guest, d) = connect_with(&host.socket, 2, true);
-    let f = virtio_core::features::Features::from_bits_retain(d.info().features);
-    assert!(f.contains(virtio_core::features::Features::RING_PACKED));
-    for q in 0..2u16 {
-        let data = pattern(65536, 40 + q as u8);
-        let sector = 2048 + 256 * u64::from(q);
-        d.write_bytes_blocking(q, sector, &data).unwrap();
-        let mut back = vec![0; data.len()];
-        d.read_bytes_blocking(1 - q, sector, &mut back).unwrap();
-        assert!(back == data, "written on queue {q}, read on the other");
-        d.flush_blocking(q).unwrap();
-        assert!(
-            host.image_bytes(sector * 512, data.len()) == data,
-            "reached the image"
-        );
+fn packed_and_in_order_rings_serve_both_queues_over_vhost_user() {
+    for (name, ring) in [
+        ("packed", Features::RING_PACKED),
+        ("packed-io", Features::RING_PACKED | Features::IN_ORDER),
+        ("split-io", Features::IN_ORDER),
+    ] {
+        let host = Host::start(name, &["--queues", "2"]);
+        let (_guest, d) = connect_with(&host.socket, 2, ring);
+        let f = Features::from_bits_retain(d.info().features);
+        assert_eq!(f & (Features::RING_PACKED | Features::IN_ORDER), ring, "{name}");
+        for q in 0..2u16 {
+            let data = pattern(65536, 40 + q as u8);
+            let sector = 2048 + 256 * u64::from(q);
+            d.write_bytes_blocking(q, sector, &data).unwrap();
+            let mut back = vec![0; data.len()];
+            d.read_bytes_blocking(1 - q, sector, &mut back).unwrap();
+            assert!(back == data, "{name}: written on queue {q}, read on the other");
+            d.flush_blocking(q).unwrap();
+            assert!(
+                host.image_bytes(sector * 512, data.len()) == data,
+                "{name}: reached the image"
+            );
+        }
     }
 }
 

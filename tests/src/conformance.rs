@@ -329,25 +329,27 @@ pub fn exchanges<D: DriverModel, V: DeviceModel>() -> [(&'static str, Exchange<D
 
 /// Every exchange under every feature set, each on a fresh fixture from `make`, in a
 /// fixed order, in ring `format` (the features of [`feature_sets`] plus
-/// `VIRTIO_F_RING_PACKED` for packed).
+/// `VIRTIO_F_RING_PACKED` for packed), with `VIRTIO_F_IN_ORDER` if `in_order`.
 pub fn run_all<D: DriverModel, V: DeviceModel>(
     make: impl Fn() -> Fixture<D, V>,
     format: RingFormat,
+    in_order: bool,
 ) -> Vec<(String, Digest)> {
-    let packed = match format {
+    let mut ring = match format {
         RingFormat::Split => Features::empty(),
         RingFormat::Packed => Features::RING_PACKED,
     };
+    ring.set(Features::IN_ORDER, in_order);
     let mut out = Vec::new();
     for features in feature_sets() {
         for (name, exchange) in exchanges::<D, V>() {
             out.push((
                 format!("{name}, {features:?}"),
-                exchange(&make(), features | packed),
+                exchange(&make(), features | ring),
             ));
         }
     }
-    let wrap = index_wrap(&make(), Features::VERSION_1 | Features::EVENT_IDX | packed);
+    let wrap = index_wrap(&make(), Features::VERSION_1 | Features::EVENT_IDX | ring);
     out.push(("index wrap".into(), wrap));
     out
 }

@@ -1,6 +1,6 @@
-//! The conformance suite over all four sharing models and both ring formats:
-//! identical exchanges must give identical results, and a driver can use different
-//! models for different queues in one process.
+//! The conformance suite over all four sharing models, both ring formats, with and
+//! without IN_ORDER: identical exchanges must give identical results, and a driver
+//! can use different models for different queues in one process.
 
 use vio::conformance::{self, Digest};
 use vio::models;
@@ -15,22 +15,26 @@ fn digests_agree(name: &str, got: &[(String, Digest)], reference: &[(String, Dig
 
 #[test]
 fn all_four_models_behave_identically() {
-    let reference = conformance::run_all(models::direct, Split);
+    let reference = conformance::run_all(models::direct, Split, false);
     // The digests carry information: each kind of exchange has its own digest, and the
     // feature set (indirect, event index) does not change what either side observes.
     let distinct: std::collections::HashSet<_> = reference.iter().map(|(_, d)| *d).collect();
     assert_eq!(distinct.len(), 6, "{reference:?}");
     digests_agree(
         "shared-page",
-        &conformance::run_all(models::shared_page, Split),
+        &conformance::run_all(models::shared_page, Split, false),
         &reference,
     );
     digests_agree(
         "hypervisor-copy",
-        &conformance::run_all(models::hypervisor_copy, Split),
+        &conformance::run_all(models::hypervisor_copy, Split, false),
         &reference,
     );
-    digests_agree("grant", &conformance::run_all(models::grant, Split), &reference);
+    digests_agree(
+        "grant",
+        &conformance::run_all(models::grant, Split, false),
+        &reference,
+    );
 }
 
 /// The packed ring (virtio 1.2 §2.8) gives both sides what the split ring gives
@@ -38,20 +42,20 @@ fn all_four_models_behave_identically() {
 /// each copy against the split ring it tracks, and refuses a packed queue.
 #[test]
 fn the_packed_ring_behaves_as_the_split_ring_over_every_model() {
-    let reference = conformance::run_all(models::direct, Split);
+    let reference = conformance::run_all(models::direct, Split, false);
     digests_agree(
         "direct, packed",
-        &conformance::run_all(models::direct, Packed),
+        &conformance::run_all(models::direct, Packed, false),
         &reference,
     );
     digests_agree(
         "shared-page, packed",
-        &conformance::run_all(models::shared_page, Packed),
+        &conformance::run_all(models::shared_page, Packed, false),
         &reference,
     );
     digests_agree(
         "grant, packed",
-        &conformance::run_all(models::grant, Packed),
+        &conformance::run_all(models::grant, Packed, false),
         &reference,
     );
     let f = models::hypervisor_copy();
@@ -60,6 +64,44 @@ fn the_packed_ring_behaves_as_the_split_ring_over_every_model() {
         virtio_core::DeviceModel::open_queue_in(&f.device, 0, Packed, 8, dq.addrs),
         Err(virtio_core::ModelError::Format(Packed))
     ));
+}
+
+/// IN_ORDER (virtio 1.2 §2.7.9, §2.8): every model that serves it gives, in both
+/// formats, what model 2 gives over split rings in order. Requests come back in
+/// the order they were made available, so the exchange whose device finishes them
+/// out of order differs from its run without IN_ORDER, and no other does. Model 3
+/// serves neither packed rings nor IN_ORDER: a driver over it does not negotiate them.
+#[test]
+fn in_order_behaves_the_same_over_every_model_and_both_formats() {
+    use virtio_core::features::Features;
+    let plain = conformance::run_all(models::direct, Split, false);
+    let reference = conformance::run_all(models::direct, Split, true);
+    for ((exchange, p), (_, r)) in plain.iter().zip(&reference) {
+        assert_eq!(p == r, !exchange.starts_with("out-of-order"), "{exchange}");
+    }
+    digests_agree(
+        "direct, packed, in order",
+        &conformance::run_all(models::direct, Packed, true),
+        &reference,
+    );
+    for format in [Split, Packed] {
+        digests_agree(
+            &format!("shared-page, {format:?}, in order"),
+            &conformance::run_all(models::shared_page, format, true),
+            &reference,
+        );
+        digests_agree(
+            &format!("grant, {format:?}, in order"),
+            &conformance::run_all(models::grant, format, true),
+            &reference,
+        );
+    }
+    let f = models::hypervisor_copy();
+    let wanted = Features::VERSION_1 | Features::RING_PACKED | Features::IN_ORDER;
+    assert_eq!(
+        virtio_core::DriverModel::allowed(&f.driver, wanted.bits()),
+        Features::VERSION_1.bits()
+    );
 }
 
 #[test]
