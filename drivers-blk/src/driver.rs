@@ -174,9 +174,9 @@ impl<D: DriverModel, T: Transport> BlkDriver<D, T> {
     /// the device (a polling device may serve it before any kick).
     pub fn kick(&self, queue: u16) -> Result<(), BlkError> {
         let q = self.queue(queue)?;
-        let notify = q.lock().ring.kick_prepare();
-        if notify {
-            self.transport().notify_queue(q.index)?;
+        let notify = q.lock().ring.kick_due();
+        if let Some(next) = notify {
+            self.device.notify(q.index, next)?;
         }
         Ok(())
     }

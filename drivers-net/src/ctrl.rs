@@ -78,7 +78,7 @@ impl<S: DriverShare> CtrlQueue<S> {
     /// Writes `command` (header and data, at most [`MAX_DATA`] + 2 bytes, checked
     /// by the caller) into a free slot and adds it; returns the slot and whether
     /// the device wants a notification.
-    pub(crate) fn send(&mut self, mem: &GuestMemory, command: &[u8]) -> Result<(u16, bool), NetError> {
+    pub(crate) fn send(&mut self, mem: &GuestMemory, command: &[u8]) -> Result<(u16, Option<u16>), NetError> {
         if let Some(b) = self.broken {
             return Err(NetError::DeviceBroken(b));
         }
@@ -98,7 +98,7 @@ impl<S: DriverShare> CtrlQueue<S> {
             });
         }
         self.free.pop();
-        Ok((slot, self.ring.kick_prepare()))
+        Ok((slot, self.ring.kick_due()))
     }
 
     /// Takes every command the device returned; `Some` with the answer once

@@ -146,8 +146,8 @@ impl<D: DriverModel, T: Transport> NetDriver<D, T> {
         }
         driver.device.driver_ok()?;
         for (k, n) in notify.into_iter().enumerate() {
-            if n {
-                driver.transport().notify_queue(index(2 * k))?;
+            if let Some(next) = n {
+                driver.device.notify(index(2 * k), next)?;
             }
         }
         // §5.1.5 step 4: only pair 0 is used until VQ_PAIRS_SET.
@@ -331,8 +331,8 @@ impl<D: DriverModel, T: Transport> NetDriver<D, T> {
         // Held until the answer: commands take effect in the order issued.
         let mut q = lock(&ctrl.queue);
         let (slot, notify) = q.send(&self.memory, bytes)?;
-        if notify {
-            self.transport().notify_queue(ctrl.index)?;
+        if let Some(next) = notify {
+            self.device.notify(ctrl.index, next)?;
         }
         let deadline = Instant::now() + self.control_timeout;
         let answer = loop {
@@ -535,8 +535,8 @@ impl<D: DriverModel, T: Transport> NetDriver<D, T> {
     fn transmit(&self, pair: u16, parts: &[&[u8]]) -> Result<(), NetError> {
         let p = self.tx_pair(pair)?;
         let notify = lock(&p.tx).send(&self.memory, parts)?;
-        if notify {
-            self.transport().notify_queue(2 * pair + 1)?;
+        if let Some(next) = notify {
+            self.device.notify(2 * pair + 1, next)?;
         }
         Ok(())
     }
@@ -578,8 +578,8 @@ impl<D: DriverModel, T: Transport> NetDriver<D, T> {
         let handled = rx.poll(&self.memory, mode, budget, &mut f)?;
         let notify = rx.refill()?;
         drop(rx);
-        if notify {
-            self.transport().notify_queue(2 * pair)?;
+        if let Some(next) = notify {
+            self.device.notify(2 * pair, next)?;
         }
         Ok(handled)
     }

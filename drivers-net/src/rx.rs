@@ -111,8 +111,9 @@ impl<S: DriverShare> RxQueue<S> {
         self.base + u64::from(self.buf_len) * u64::from(slot)
     }
 
-    /// Posts every free buffer; returns whether the device wants a notification.
-    pub(crate) fn refill(&mut self) -> Result<bool, NetError> {
+    /// Posts every free buffer; returns the ring's next position if the device
+    /// wants a notification ([`DriverRing::kick_due`]).
+    pub(crate) fn refill(&mut self) -> Result<Option<u16>, NetError> {
         if let Some(b) = self.broken {
             return Err(NetError::DeviceBroken(b));
         }
@@ -131,7 +132,7 @@ impl<S: DriverShare> RxQueue<S> {
                 },
             }
         }
-        Ok(self.ring.kick_prepare())
+        Ok(self.ring.kick_due())
     }
 
     fn fail(&mut self, why: Broken) -> NetError {

@@ -74,7 +74,7 @@ impl<S: DriverShare> TxQueue<S> {
 
     /// Copies `parts` (header, then frame) into a free slot and adds it; returns
     /// whether the device wants a notification. The caller checked the lengths.
-    pub(crate) fn send(&mut self, mem: &GuestMemory, parts: &[&[u8]]) -> Result<bool, NetError> {
+    pub(crate) fn send(&mut self, mem: &GuestMemory, parts: &[&[u8]]) -> Result<Option<u16>, NetError> {
         if self.free.is_empty() {
             self.reclaim()?;
         }
@@ -102,7 +102,7 @@ impl<S: DriverShare> TxQueue<S> {
             });
         }
         self.free.pop();
-        Ok(self.ring.kick_prepare())
+        Ok(self.ring.kick_due())
     }
 
     /// Turns used-buffer notifications on for a sender waiting for room, delayed

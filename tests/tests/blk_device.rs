@@ -1512,3 +1512,40 @@ fn offered_seg_max_fits_one_indirect_table() {
         );
     }
 }
+
+/// VIRTIO_F_NOTIFICATION_DATA (virtio 1.2 §2.9), device side: a kick whose data
+/// says the driver made nothing available past what the device already took is
+/// not worth a look at the ring, and the device skips it; the next kick that says
+/// otherwise is served. A driver that lies in it delays only its own request
+/// (HOSTILE 49).
+#[test]
+fn a_kick_whose_data_says_nothing_new_is_skipped_and_the_next_one_served() {
+    use virtio_core::notify::NotificationData;
+    let disk = Disk::open(image("notif-data.img"), DiskOptions::default()).unwrap();
+    let wanted = (BlkFeatures::FLUSH | BlkFeatures::BLK_SIZE).bits() | Features::NOTIFICATION_DATA.bits();
+    let mut r = rig_negotiating(models::direct(), disk, BlkSettings::default(), wanted);
+    // An honest request first: the device has taken one, the driver's next is 1.
+    assert_eq!(r.flush(), blk::VIRTIO_BLK_S_OK);
+    let hdr = r.buf(BlkReqHeader::new(blk::VIRTIO_BLK_T_FLUSH, 0).as_bytes());
+    let status = r.buf(&[0xff]);
+    r.driver.add(&[hdr], &[status], 99).unwrap();
+    assert_eq!(r.driver.next_avail(), 2);
+    // Data that lies: the next request would go where the device already is.
+    let lie = NotificationData { vqn: 0, next: 1 };
+    r.transport.notify_queue_data(lie).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(r.driver.pop_used().unwrap().is_none(), "the kick was not skipped");
+    r.transport
+        .notify_queue_data(NotificationData { vqn: 0, next: 2 })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let used = loop {
+        if let Some(u) = r.driver.pop_used().unwrap() {
+            break u;
+        }
+        assert!(Instant::now() < deadline, "the honest kick was not served");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(used.token, 99);
+    assert_eq!(r.contents(status), [blk::VIRTIO_BLK_S_OK]);
+}

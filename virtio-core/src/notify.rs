@@ -155,6 +155,92 @@ pub fn need_event(event_idx: u16, new_idx: u16, old_idx: u16) -> bool {
     new_idx.wrapping_sub(event_idx).wrapping_sub(1) < new_idx.wrapping_sub(old_idx)
 }
 
+/// What a driver sends with an available-buffer notification once
+/// `VIRTIO_F_NOTIFICATION_DATA` is negotiated (virtio 1.2 §2.9): the queue, and
+/// where the driver will make its next buffer available. On the wire it is one
+/// little-endian 32-bit value, `vqn` in bits 0-15, `next_off` in bits 16-30 and
+/// `next_wrap` in bit 31.
+///
+/// `next` holds `next_off` and `next_wrap` as the ring's own 16-bit position: the
+/// available index for a split ring (whose bit 15 is `next_wrap`), the slot with
+/// the driver's wrap counter in bit 15 for a packed ring, the encoding of
+/// [`DeviceRing::next_avail`](crate::DeviceRing::next_avail) and
+/// [`DriverRing::next_avail`](crate::DriverRing::next_avail). A device compares
+/// the two and never trusts it further: a driver that lies about it can only make
+/// the device skip a wake-up it asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NotificationData {
+    /// The queue notified (`vqn`; `VIRTIO_F_NOTIF_CONFIG_DATA` is not offered).
+    pub vqn: u16,
+    /// `next_off | next_wrap << 15`.
+    pub next: u16,
+}
+
+impl NotificationData {
+    /// The 32-bit value a driver writes (§2.9).
+    #[must_use]
+    pub fn to_bits(self) -> u32 {
+        u32::from(self.vqn) | u32::from(self.next) << 16
+    }
+
+    /// The value a device read; every 32-bit value is one.
+    #[must_use]
+    pub fn from_bits(bits: u32) -> Self {
+        let [a, b, c, d] = bits.to_le_bytes();
+        NotificationData {
+            vqn: u16::from_le_bytes([a, b]),
+            next: u16::from_le_bytes([c, d]),
+        }
+    }
+}
+
+/// The notification data of one queue, where a transport that carries it leaves it
+/// for the device: the driver side stores the latest before it kicks, the device
+/// side reads it once woken (a doorbell register that holds what was last written;
+/// kicks coalesce, and the latest data covers every earlier one).
+#[derive(Debug, Clone, Default)]
+pub struct NotifyRegister(Arc<AtomicU64>);
+
+/// Set in the register once a value was written.
+const REGISTER_WRITTEN: u64 = 1 << 32;
+
+impl NotifyRegister {
+    /// An empty register.
+    #[must_use]
+    pub fn new() -> Self {
+        NotifyRegister::default()
+    }
+
+    /// Stores `data`, to be read after the kick that follows.
+    pub fn write(&self, data: NotificationData) {
+        // Release: pairs with the Acquire in `read`; the kick that follows orders
+        // it before the device wakes anyway.
+        self.0
+            .store(REGISTER_WRITTEN | u64::from(data.to_bits()), Ordering::Release);
+    }
+
+    /// Forgets what was written (a new device instance starts with none).
+    pub fn clear(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+
+    /// The latest data written, if any.
+    #[must_use]
+    pub fn read(&self) -> Option<NotificationData> {
+        let v = self.0.load(Ordering::Acquire);
+        let bits = u32::try_from(v & 0xffff_ffff).unwrap_or(0);
+        (v & REGISTER_WRITTEN != 0).then(|| NotificationData::from_bits(bits))
+    }
+
+    /// Whether the latest data says the driver made nothing available past `next`,
+    /// the device's own next position: a kick that brought nothing (the device
+    /// already took what it announced). `false` when nothing was written.
+    #[must_use]
+    pub fn nothing_past(&self, next: u16) -> bool {
+        self.read().is_some_and(|d| d.next == next)
+    }
+}
+
 /// A notification channel backed by a Linux eventfd.
 ///
 /// The eventfd's 64-bit counter is the pending-notification count: `notify`

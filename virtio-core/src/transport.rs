@@ -8,9 +8,10 @@
 //! the handler is reset first, so status reads 0 only after the device has stopped
 //! touching guest memory (virtio 1.2 §2.4).
 
+use crate::features::Features;
 use crate::lifecycle::{ControlPlane, DeviceLifecycle, QueueLayout};
 use crate::model::QueueAddrs;
-use crate::notify::{EventFdNotifier, Notify, NotifyError, Wait};
+use crate::notify::{EventFdNotifier, NotificationData, Notify, NotifyError, NotifyRegister, Wait};
 use crate::status::{DeviceStatus, StatusChange};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -55,6 +56,20 @@ pub trait Transport: ControlPlane {
     /// Sends an available-buffer notification for queue `index`.
     fn notify_queue(&self, index: u16) -> Result<(), TransportError>;
 
+    /// Whether notifications through this transport carry data
+    /// ([`Self::notify_queue_data`]); a driver negotiates
+    /// `VIRTIO_F_NOTIFICATION_DATA` only if they do. The default: they do not.
+    fn carries_notification_data(&self) -> bool {
+        false
+    }
+
+    /// Sends an available-buffer notification for queue `data.vqn` with its
+    /// notification data (virtio 1.2 §2.9). The default, for a transport that
+    /// cannot carry it, sends the notification alone.
+    fn notify_queue_data(&self, data: NotificationData) -> Result<(), TransportError> {
+        self.notify_queue(data.vqn)
+    }
+
     /// Queue `index`'s used-buffer notification (virtio 1.2 §2.7.10), for the
     /// driver to wait on. Each call gives a new handle on the same notification.
     ///
@@ -80,6 +95,9 @@ pub struct ActiveQueue {
     /// [`crate::DeviceRing::starting_at`]); `None` for a freshly set-up queue, which
     /// starts where its format starts (slot 0, and wrap counter 1 for a packed ring).
     pub next_avail: Option<u16>,
+    /// With `VIRTIO_F_NOTIFICATION_DATA`, where the transport leaves the data of
+    /// the latest kick; `None` if it carries none.
+    pub notification: Option<NotifyRegister>,
 }
 
 impl ActiveQueue {
@@ -141,6 +159,8 @@ pub struct InProcessTransport<H> {
     state: Mutex<State<H>>,
     kicks: Vec<EventFdNotifier>,
     interrupts: Vec<EventFdNotifier>,
+    /// Each queue's notification data (`VIRTIO_F_NOTIFICATION_DATA`).
+    registers: Vec<NotifyRegister>,
 }
 
 struct State<H> {
@@ -174,6 +194,7 @@ impl<H: DeviceHandler> InProcessTransport<H> {
                 handler,
                 active: false,
             }),
+            registers: (0..n).map(|_| NotifyRegister::new()).collect(),
             kicks,
             interrupts,
         })
@@ -213,6 +234,8 @@ impl<H: DeviceHandler> InProcessTransport<H> {
 
     fn activate(&self, st: &mut State<H>) {
         let mut queues = Vec::new();
+        let notification =
+            Features::from_bits_retain(st.lifecycle.driver_features()).contains(Features::NOTIFICATION_DATA);
         for i in 0..st.lifecycle.num_queues() {
             let Ok(index) = u16::try_from(i) else { break };
             let enabled = st.lifecycle.queue(index).is_some_and(|q| q.enabled);
@@ -236,6 +259,10 @@ impl<H: DeviceHandler> InProcessTransport<H> {
                     kick,
                     interrupt,
                     next_avail: None,
+                    notification: notification.then(|| {
+                        self.registers[i].clear();
+                        self.registers[i].clone()
+                    }),
                 }),
                 Err(error) => {
                     tracing::error!(%error, index, "cannot duplicate queue eventfds");
@@ -360,6 +387,21 @@ impl<H: DeviceHandler> Transport for InProcessTransport<H> {
             .get(usize::from(index))
             .ok_or(TransportError::NoSuchQueue(index))?;
         Ok(fd.notify()?)
+    }
+
+    /// Yes: each queue has a register the device side reads
+    /// ([`ActiveQueue::notification`]).
+    fn carries_notification_data(&self) -> bool {
+        true
+    }
+
+    fn notify_queue_data(&self, data: NotificationData) -> Result<(), TransportError> {
+        let register = self
+            .registers
+            .get(usize::from(data.vqn))
+            .ok_or(TransportError::NoSuchQueue(data.vqn))?;
+        register.write(data);
+        self.notify_queue(data.vqn)
     }
 
     fn interrupt(&self, index: u16) -> Result<EventFdNotifier, TransportError> {

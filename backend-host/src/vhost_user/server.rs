@@ -211,7 +211,8 @@ impl<D: VhostUserDevice> Session<D> {
         } else {
             VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
         };
-        let offered = lifecycle.device_features() | protocol_bit;
+        // A kick is an eventfd here: it carries no notification data (§2.9).
+        let offered = (lifecycle.device_features() & !Features::NOTIFICATION_DATA.bits()) | protocol_bit;
         let rings = (0..lifecycle.num_queues()).map(|_| Ring::default()).collect();
         Session {
             device,
@@ -404,6 +405,7 @@ fn active_queue(i: usize, r: &Ring, size: u16, addrs: QueueAddrs) -> Result<Acti
         kick,
         interrupt,
         next_avail: r.next_avail,
+        notification: None,
     })
 }
 

@@ -19,6 +19,7 @@ use crate::config::{self, ConfigError};
 use crate::features::{Dependency, Features};
 use crate::lifecycle::{self, InitError};
 use crate::model::{DriverModel, ModelError, QueueAddrs};
+use crate::notify::NotificationData;
 use crate::ring::areas::RingFormat;
 use crate::ring::queue::{DriverRing, RingSetupError};
 use crate::status::DeviceStatus;
@@ -104,7 +105,9 @@ impl<T: Transport> DeviceGuard<T> {
     /// §3.1.1 steps 1-6 through [`lifecycle::initialize`]: checks that the device
     /// is a `device_id` device (before writing anything), resets it, sets
     /// ACKNOWLEDGE and DRIVER, accepts what it offers of `wanted` with `deps`
-    /// honoured, and checks that it kept FEATURES_OK.
+    /// honoured, and checks that it kept FEATURES_OK. `VIRTIO_F_NOTIFICATION_DATA`
+    /// is the guard's business, not the driver's: it is accepted when offered if
+    /// the transport carries the data, and [`Self::notify`] sends it.
     ///
     /// # Errors
     /// [`SetupError::Init`]; FAILED is written for any failure after the reset.
@@ -114,7 +117,9 @@ impl<T: Transport> DeviceGuard<T> {
         wanted: u64,
         deps: &[Dependency],
     ) -> Result<Self, SetupError> {
-        let features = lifecycle::initialize(&transport, device_id, wanted, deps)?;
+        let mut wanted = Features::from_bits_retain(wanted);
+        wanted.set(Features::NOTIFICATION_DATA, transport.carries_notification_data());
+        let features = lifecycle::initialize(&transport, device_id, wanted.bits(), deps)?;
         Ok(DeviceGuard {
             transport,
             features,
@@ -130,6 +135,21 @@ impl<T: Transport> DeviceGuard<T> {
     /// The negotiated features.
     pub fn features(&self) -> u64 {
         self.features
+    }
+
+    /// Sends queue `index` an available-buffer notification, with the ring's next
+    /// position `next` ([`DriverRing::next_avail`]) as its data when
+    /// `VIRTIO_F_NOTIFICATION_DATA` was negotiated (virtio 1.2 §2.9).
+    ///
+    /// # Errors
+    /// The transport's.
+    pub fn notify(&self, index: u16, next: u16) -> Result<(), TransportError> {
+        if self.features & Features::NOTIFICATION_DATA.bits() != 0 {
+            self.transport
+                .notify_queue_data(NotificationData { vqn: index, next })
+        } else {
+            self.transport.notify_queue(index)
+        }
     }
 
     /// Fills `buf` with `read` under one configuration generation (§2.5.1). `read`

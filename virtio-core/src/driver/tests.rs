@@ -213,3 +213,92 @@ fn a_device_that_never_resets_keeps_its_memory() {
     assert!(!torn_down, "memory the device may still write is not freed");
     assert!(matches!(guard.stop(), Err(InitError::ResetTimeout { .. })));
 }
+
+/// A device that keeps the queues it is given, to look at what reached them.
+struct Keeper(Arc<std::sync::Mutex<Vec<ActiveQueue>>>);
+
+impl DeviceHandler for Keeper {
+    fn activate(
+        &mut self,
+        _: u64,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        *self.0.lock().unwrap() = queues;
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.0.lock().unwrap().clear();
+    }
+}
+
+/// VIRTIO_F_NOTIFICATION_DATA (virtio 1.2 §2.9): the guard accepts it when the
+/// device offers it and the transport carries it, without the driver asking, and
+/// each kick through [`DeviceGuard::notify`] leaves the ring's next position where
+/// the device reads it: the available index of a split ring, the slot with the
+/// wrap counter in bit 15 of a packed one. A transport that cannot carry it never
+/// negotiates it.
+#[test]
+fn notification_data_says_where_the_next_request_goes() {
+    use crate::notify::{NotificationData, Wait};
+    for packed in [false, true] {
+        let mut offered = Features::VERSION_1 | Features::NOTIFICATION_DATA;
+        offered.set(Features::RING_PACKED, packed);
+        let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lc = DeviceLifecycle::new(ID, offered.bits(), &[], ConfigSpace::new(vec![0; 4]), &[8]);
+        let t = InProcessTransport::new(lc, Keeper(kept.clone())).unwrap();
+        let wanted = Features::VERSION_1 | Features::RING_PACKED;
+        let mut g = DeviceGuard::initialize(t, ID, wanted.bits(), &[]).unwrap();
+        assert_eq!(g.features(), offered.bits(), "accepted without being asked");
+        let m = model();
+        let mut q = g.queue::<_, u32>(&m, 0, 8, 1).unwrap();
+        g.setup_queue(0, q.size, q.addrs).unwrap();
+        g.driver_ok().unwrap();
+        g.finish();
+        let (register, kick) = {
+            let queues = kept.lock().unwrap();
+            let a = &queues[0];
+            (
+                a.notification.clone().expect("a register"),
+                a.kick.try_clone().unwrap(),
+            )
+        };
+        // The device side, to take each request back so the ring never fills.
+        let l = crate::ring::layout::SplitLayout { size: 8 };
+        let area = |addr, len| m.0.guest_region(addr, len).unwrap();
+        let ring = crate::ring::split::SplitRingMemory {
+            desc: area(q.addrs.desc, l.desc_bytes()),
+            avail: area(q.addrs.avail, l.avail_bytes()),
+            used: area(q.addrs.used, l.used_bytes()),
+        };
+        let mut device = crate::DeviceRing::new(8, &ring, m.0.clone(), offered).unwrap();
+        assert_eq!(register.read(), None, "nothing before the first kick");
+        let buf = crate::GuestBuf::new(m.0.alloc(16, 8).unwrap(), 16);
+        for k in 1..=10u16 {
+            q.ring.add(&[], &[buf], u32::from(k)).unwrap();
+            let next = q.ring.kick_due().expect("no suppression: every add is kicked");
+            g.notify(0, next).unwrap();
+            // Ten single-slot requests in a ring of 8 wrap once (packed: the wrap
+            // counter, 1 at first, flips with the slot back at 0).
+            let expect = if packed {
+                let slot = k % 8;
+                let wrap = u16::from(k < 8) << 15;
+                slot | wrap
+            } else {
+                k
+            };
+            assert_eq!(register.read(), Some(NotificationData { vqn: 0, next: expect }));
+            assert_eq!(kick.take().unwrap(), 1, "and the kick itself");
+            let chain = device.pop().unwrap().expect("the request");
+            device.add_used(chain.head(), 0).unwrap();
+            assert_eq!(q.ring.pop_used().unwrap().map(|u| u.token), Some(u32::from(k)));
+        }
+    }
+    // The recorder transport does not carry data: the offer is declined.
+    let r = recorder(&[8]);
+    let offered = Features::VERSION_1 | Features::NOTIFICATION_DATA;
+    r.inner.with_lifecycle(|lc| {
+        *lc = DeviceLifecycle::new(ID, offered.bits(), &[], ConfigSpace::new(vec![0; 4]), &[8])
+    });
+    let g = DeviceGuard::initialize(&r, ID, offered.bits(), &[]).unwrap();
+    assert_eq!(g.features(), Features::VERSION_1.bits());
+}

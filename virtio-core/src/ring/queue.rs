@@ -53,12 +53,15 @@ pub use crate::ring::split::{
 
 /// Every device-independent feature the rings implement on both sides: what a
 /// device built on [`DeviceRing`] can offer whatever its type, and a driver built
-/// on [`DriverRing`] can accept (virtio 1.2 §6).
+/// on [`DriverRing`] can accept (virtio 1.2 §6). `VIRTIO_F_NOTIFICATION_DATA`
+/// also needs a transport that carries it
+/// ([`Transport::carries_notification_data`](crate::Transport::carries_notification_data)).
 pub const RING_FEATURES: Features = Features::VERSION_1
     .union(Features::INDIRECT_DESC)
     .union(Features::EVENT_IDX)
     .union(Features::RING_PACKED)
-    .union(Features::IN_ORDER);
+    .union(Features::IN_ORDER)
+    .union(Features::NOTIFICATION_DATA);
 
 /// The driver's side of one virtqueue. See the module docs.
 pub enum DriverRing<S: DriverShare, T> {
@@ -217,6 +220,22 @@ impl<S: DriverShare, T> DriverRing<S, T> {
     #[inline]
     pub fn kick_prepare(&mut self) -> bool {
         each!(self, r => r.kick_prepare())
+    }
+
+    /// [`Self::kick_prepare`], giving [`Self::next_avail`] if a notification is
+    /// due: what a driver sends with it when `VIRTIO_F_NOTIFICATION_DATA` was
+    /// negotiated.
+    #[inline]
+    pub fn kick_due(&mut self) -> Option<u16> {
+        self.kick_prepare().then(|| self.next_avail())
+    }
+
+    /// Where the next request will be made available, as notification data
+    /// carries it (virtio 1.2 §2.9): the available index of a split ring, the slot
+    /// with the driver's wrap counter in bit 15 of a packed one.
+    #[inline]
+    pub fn next_avail(&self) -> u16 {
+        each!(self, r => r.next_avail())
     }
 
     /// Takes the next used request, if any, after checking it.

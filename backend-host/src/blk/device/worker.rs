@@ -39,7 +39,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use virtio_core::blk;
-use virtio_core::notify::{EventFdNotifier, Notify, Wait};
+use virtio_core::notify::{EventFdNotifier, Notify, NotifyRegister, Wait};
 use virtio_core::reactor::watch;
 use virtio_core::{DeviceMemory, DeviceRing};
 
@@ -59,6 +59,8 @@ pub(super) struct WorkerParts<M> {
     pub gate: Arc<FlushGate>,
     pub poller: Poller,
     pub max_bytes_in_flight: usize,
+    /// The queue's notification data, where the transport carries it.
+    pub notification: Option<NotifyRegister>,
 }
 
 /// How a queue worker is told to stop.
@@ -101,6 +103,9 @@ pub(super) struct Worker<M> {
     waiter: Option<u64>,
     /// Popping stopped because the backlog was not empty: the ring may hold more.
     held_back: bool,
+    /// Where the driver says, with each kick, its next request goes
+    /// (`VIRTIO_F_NOTIFICATION_DATA`).
+    notification: Option<NotifyRegister>,
 }
 
 impl<M: DeviceMemory + Send> Worker<M> {
@@ -127,6 +132,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
             running_sync: None,
             waiter: None,
             held_back: false,
+            notification: p.notification,
         }
     }
 
@@ -211,7 +217,11 @@ impl<M: DeviceMemory + Send> Worker<M> {
                     let mut g = g?;
                     g.clear_ready();
                     let _ = kick.take();
-                    self.on_kick(interrupt);
+                    if self.kick_brought_nothing() {
+                        tracing::trace!(queue = self.index, "kick for requests already taken");
+                    } else {
+                        self.on_kick(interrupt);
+                    }
                 }
                 // Out of budget last time: let the runtime run everything else (and
                 // see a stop) before going back to the ring.
@@ -222,6 +232,17 @@ impl<M: DeviceMemory + Send> Worker<M> {
             }
             self.poll_for_more(interrupt);
         }
+    }
+
+    /// Whether the kick's notification data (virtio 1.2 §2.9) says the driver made
+    /// nothing available past what this worker already took: a kick for requests
+    /// an earlier wake-up served, which needs no look at the ring. Only a hint:
+    /// a driver that lies in it delays its own requests until its next kick, and
+    /// nothing is read from the ring on its word (HOSTILE 49).
+    fn kick_brought_nothing(&self) -> bool {
+        self.notification
+            .as_ref()
+            .is_some_and(|r| r.nothing_past(self.ring.next_avail()))
     }
 
     /// Adaptive polling: serves whatever arrives without sleeping until nothing has

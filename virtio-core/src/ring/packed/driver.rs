@@ -320,6 +320,12 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
         Ok((writable, (e.addr, e.len, flags)))
     }
 
+    /// Where the next list goes, the slot with the driver's wrap counter in bit 15
+    /// (notification data, §2.9).
+    pub fn next_avail(&self) -> u16 {
+        self.views.encode(self.avail)
+    }
+
     /// Says whether the device wants an available-buffer notification for the chains
     /// added since the last call (virtio 1.2 §2.8.10, §2.8.21.3). It publishes
     /// nothing: each [`add`](Self::add) already made its chain visible; this only
@@ -401,7 +407,8 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
     /// [`Self::pop_used`] in order: the device writes one used descriptor per batch,
     /// over the batch's first descriptor, with the id of its last buffer; every
     /// buffer before that one was used completely, and the next buffer back is
-    /// always the oldest outstanding one.
+    /// always the oldest outstanding one. The used descriptor is checked as any
+    /// other (HOSTILE 47, 48).
     fn pop_used_in_order(&mut self) -> Result<Option<Used<T>>, DriverQueueError> {
         let (last, last_len) = match self.batch {
             Some(b) => b,

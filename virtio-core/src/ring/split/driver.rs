@@ -427,6 +427,11 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
         Ok(writable)
     }
 
+    /// Our available index: where the next request goes (notification data, §2.9).
+    pub fn next_avail(&self) -> u16 {
+        self.avail_idx
+    }
+
     /// Says whether the device wants an available-buffer notification for the chains
     /// added since the last call (virtio 1.2 §2.7.13.4). It publishes nothing: each
     /// [`add`](Self::add) already made its chain visible (the device may take it
@@ -535,7 +540,7 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
 
     /// Reads the used entry at `last_used` and checks that it ends a batch of
     /// outstanding chains, from the oldest, no longer than the used entries the
-    /// device published.
+    /// device published (HOSTILE 48).
     fn read_batch(&mut self) -> Result<(u16, u32), DriverQueueError> {
         let (id, len) = self.views.used_elem(self.last_used);
         let used = self.used_seen.wrapping_sub(self.last_used);
