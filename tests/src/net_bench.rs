@@ -22,6 +22,9 @@
 //! by the peer's UDP receive path) and where the CPU went (each thread's run time
 //! from `/proc/self/task/<tid>/schedstat`, as a percentage of one core).
 //!
+//! Both guests' drivers ask for the ring format of [`NetBenchConfig::ring`] (and
+//! IN_ORDER if told to); the table's `ring` column says what guest A negotiated.
+//!
 //! Frame lengths are the bytes a driver hands its device (no FCS: virtio-net carries
 //! none): 60 B is the minimum Ethernet frame (64 B on a wire), 1514 B a full
 //! standard frame, 65549 B the largest frame a 16-bit MTU allows (MTU 65535; its
@@ -41,12 +44,14 @@ pub use ours::{stream_ours, stream_tcp};
 pub use veth::{VethError, VethPair, stream_veth};
 
 use crate::progress::{Progress, in_turn};
-use crate::report::{Cell, Table, median};
+use crate::report::{Cell, Table, median, ring_label};
 use backend_host::net::{PortId, SwitchConfig};
-use drivers_net::NetError;
+use drivers_net::{NetError, NetOptions};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use virtio_core::features::Features;
+use virtio_core::ring::areas::RingFormat;
 
 /// Bytes of Ethernet, IPv4 and UDP headers in front of a UDP payload.
 pub const UDP_OVERHEAD: usize = 14 + 20 + 8;
@@ -156,6 +161,10 @@ pub struct NetBenchConfig {
     pub device_poll: Duration,
     /// Also measure a TCP stream over smoltcp per model.
     pub tcp: bool,
+    /// The ring format the drivers ask for (VIRTIO_F_RING_PACKED for packed).
+    pub ring: RingFormat,
+    /// Whether the drivers ask for VIRTIO_F_IN_ORDER (negotiated only if offered).
+    pub in_order: bool,
 }
 
 impl NetBenchConfig {
@@ -173,6 +182,8 @@ impl NetBenchConfig {
             veth: true,
             device_poll: Duration::from_micros(50),
             tcp: true,
+            ring: RingFormat::Split,
+            in_order: false,
         }
     }
 
@@ -182,6 +193,24 @@ impl NetBenchConfig {
             reps: 1,
             run_time: Duration::from_millis(150),
             ..NetBenchConfig::full()
+        }
+    }
+
+    /// What the drivers are set up with: the default options, the queue size and
+    /// receive buffers of the run, and the ring format and IN_ORDER asked for.
+    pub fn driver_options(&self) -> NetOptions {
+        let mut wanted = NetOptions::default().wanted;
+        if self.ring == RingFormat::Packed {
+            wanted |= Features::RING_PACKED.bits();
+        }
+        if self.in_order {
+            wanted |= Features::IN_ORDER.bits();
+        }
+        NetOptions {
+            queue_size: self.queue_size,
+            rx_buf_len: self.rx_buf_len,
+            wanted,
+            ..NetOptions::default()
         }
     }
 
@@ -236,6 +265,8 @@ pub struct Stream {
     pub secs: f64,
     /// CPU share of each thread, named.
     pub cpu: Vec<(&'static str, CpuShare)>,
+    /// The features our sending guest's driver negotiated (`None` for the peer).
+    pub features: Option<u64>,
 }
 
 impl Stream {
@@ -357,6 +388,7 @@ fn window(
         drops: c1.2 - c0.2,
         secs,
         cpu: cpu0.shares(&cpu1, secs),
+        features: None,
     }
 }
 
@@ -418,6 +450,16 @@ fn cpu_cell(runs: &[Stream]) -> Cell {
     Cell::Text(parts.join("/"))
 }
 
+/// The ring column: what our runs negotiated (one label unless they differed).
+fn ring_cell(runs: &[Stream]) -> Cell {
+    let mut labels: Vec<String> = runs.iter().filter_map(|s| s.features.map(ring_label)).collect();
+    labels.dedup();
+    if labels.is_empty() {
+        return Cell::Text("-".into());
+    }
+    Cell::Text(labels.join(" / "))
+}
+
 /// Renders rows as the benchmark table.
 pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
     let dash = || Cell::Text("-".into());
@@ -442,6 +484,7 @@ pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
             vec![
                 Cell::Text(r.model.label().into()),
                 Cell::Text(r.workload.label()),
+                ring_cell(&r.ours),
                 Cell::Num(ours),
                 Cell::Num(med(&r.ours, Stream::gbit)),
                 Cell::Num(med(&r.ours, Stream::drop_pct)),
@@ -459,6 +502,7 @@ pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
         columns: [
             "model",
             "frame B",
+            "ring",
             "ours frames/s",
             "ours Gbit/s",
             "ours drop %",
@@ -492,7 +536,10 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
     let pair = if cfg.veth {
         VethPair::create().map_err(|e| e.to_string())
     } else {
-        Err("not measured (--no-veth)".into())
+        Err(format!(
+            "not measured ({} rows, --no-veth)",
+            crate::report::ring_asked(cfg.ring, cfg.in_order)
+        ))
     };
     let mut peer_failure = pair.as_ref().err().cloned();
     let mut rows = Vec::new();
@@ -581,6 +628,10 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
             veth::VETH_SOCKBUF >> 20
         ),
         "drop %: of the frames that reached the receiving side (switch drop counters; UDP InErrors on veth); CPU %: thread run time / window".into(),
+        format!(
+            "ring: the format guest A's driver negotiated (both asked for {}; IN_ORDER only if the device offers it)",
+            crate::report::ring_asked(cfg.ring, cfg.in_order)
+        ),
     ];
     if let Some(why) = peer_failure {
         notes.push(format!("veth peer: {why}"));
