@@ -50,6 +50,7 @@ use drivers_net::{NetError, NetOptions};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use virtio_core::ModelError;
 use virtio_core::features::Features;
 use virtio_core::ring::areas::RingFormat;
 
@@ -422,8 +423,9 @@ pub struct Row {
     pub model: Model,
     /// What was measured.
     pub workload: Workload,
-    /// Our runs.
-    pub ours: Vec<Stream>,
+    /// Our runs, or why there are none (the sharing model does not serve the ring
+    /// format asked for).
+    pub ours: Result<Vec<Stream>, String>,
     /// The peer's runs, or why there are none.
     pub peer: Result<Vec<Stream>, String>,
 }
@@ -466,7 +468,18 @@ pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
     let rows = rows
         .iter()
         .map(|r| {
-            let ours = med(&r.ours, Stream::frames_per_sec);
+            let Ok(runs) = &r.ours else {
+                // Nothing of ours ran, so there is nothing to hold the peer against.
+                let why = r.ours.as_ref().err().cloned().unwrap_or_default();
+                let mut row = vec![
+                    Cell::Text(r.model.label().into()),
+                    Cell::Text(r.workload.label()),
+                    Cell::Text(why),
+                ];
+                row.resize_with(12, dash);
+                return row;
+            };
+            let ours = med(runs, Stream::frames_per_sec);
             let (peer_rate, peer_gbit, peer_drop, peer_cpu, ratio) = match &r.peer {
                 Ok(p) if !p.is_empty() => {
                     let rate = med(p, Stream::frames_per_sec);
@@ -484,11 +497,11 @@ pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
             vec![
                 Cell::Text(r.model.label().into()),
                 Cell::Text(r.workload.label()),
-                ring_cell(&r.ours),
+                ring_cell(runs),
                 Cell::Num(ours),
-                Cell::Num(med(&r.ours, Stream::gbit)),
-                Cell::Num(med(&r.ours, Stream::drop_pct)),
-                cpu_cell(&r.ours),
+                Cell::Num(med(runs, Stream::gbit)),
+                Cell::Num(med(runs, Stream::drop_pct)),
+                cpu_cell(runs),
                 peer_rate,
                 peer_gbit,
                 peer_drop,
@@ -520,6 +533,38 @@ pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
     }
 }
 
+/// Adds a run to a row's runs.
+fn push(runs: &mut Result<Vec<Stream>, String>, s: Stream) {
+    if let Ok(runs) = runs {
+        runs.push(s);
+    }
+}
+
+/// Sorts one run's outcome: a stream, or (inner `Err`) the ring cell of a row the
+/// sharing model cannot serve in the ring format asked for (the driver's queue set-up
+/// met [`ModelError::Format`]), or (outer `Err`) any other failure.
+fn not_served(
+    run: Result<Stream, NetBenchError>,
+    cfg: &NetBenchConfig,
+) -> Result<Result<Stream, String>, NetBenchError> {
+    let e = match run {
+        Ok(s) => return Ok(Ok(s)),
+        Err(e) => e,
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(ModelError::Format(format)) = c.downcast_ref::<ModelError>() {
+            tracing::info!("the sharing model does not serve {format:?} rings: row not run");
+            return Ok(Err(format!(
+                "{}: not served",
+                crate::report::ring_asked(cfg.ring, false)
+            )));
+        }
+        cause = c.source();
+    }
+    Err(e)
+}
+
 /// Runs every model over every frame length, ours and the veth peer alternating,
 /// and returns the table.
 ///
@@ -548,7 +593,7 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
     let mut progress = Progress::new("net benchmark", steps);
     for &len in &cfg.frames {
         for &model in &cfg.models {
-            let (mut ours, mut peer) = (Vec::new(), Vec::new());
+            let (mut ours, mut peer) = (Ok(Vec::new()), Vec::new());
             for rep in 1..=cfg.reps {
                 progress.step(format_args!(
                     "{}, {len} B frames: repetition {rep}/{}",
@@ -564,7 +609,13 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
                         _ => None,
                     },
                 );
-                ours.push(o?);
+                match not_served(o, cfg)? {
+                    Ok(s) => push(&mut ours, s),
+                    Err(why) => {
+                        ours = Err(why);
+                        break;
+                    }
+                }
                 match p {
                     Some(Ok(s)) => peer.push(s),
                     Some(Err(e)) => peer_failure = Some(e.to_string()),
@@ -585,14 +636,20 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
     drop(pair);
     if cfg.tcp {
         for &model in &cfg.models {
-            let mut ours = Vec::new();
+            let mut ours = Ok(Vec::new());
             for rep in 1..=cfg.reps {
                 progress.step(format_args!(
                     "{}, TCP over smoltcp: repetition {rep}/{}",
                     model.label(),
                     cfg.reps
                 ));
-                ours.push(stream_tcp(model, cfg)?);
+                match not_served(stream_tcp(model, cfg), cfg)? {
+                    Ok(s) => push(&mut ours, s),
+                    Err(why) => {
+                        ours = Err(why);
+                        break;
+                    }
+                }
             }
             rows.push(Row {
                 model,
@@ -635,6 +692,12 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
     ];
     if let Some(why) = peer_failure {
         notes.push(format!("veth peer: {why}"));
+    }
+    if rows.iter().any(|r| r.ours.is_err()) {
+        notes.push(format!(
+            "{}: not served: the sharing model sets up no queue in that ring format (no figures, ours or the peer's)",
+            crate::report::ring_asked(cfg.ring, false)
+        ));
     }
     Ok(table(
         &format!(
