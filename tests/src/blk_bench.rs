@@ -9,6 +9,8 @@
 //! QD32, 64 KiB sequential writes at QD8, and a 4 KiB write followed by a flush at
 //! QD1 (each flush an `fdatasync` on both sides). Per row: IOPS, mean and p99
 //! latency, and the ratio to fio; then our flush latency against raw `fdatasync`.
+//! The driver asks for the ring format of [`BlkBenchConfig::ring`] (and IN_ORDER if
+//! told to); the table's `ring` column says what was negotiated.
 //!
 //! fio is part of the benchmark's set-up: [`ensure_fio`] installs it with apt-get
 //! when it is missing, and otherwise says how.
@@ -16,7 +18,7 @@
 use crate::conformance::Fixture;
 use crate::models;
 use crate::progress::{Progress, in_turn};
-use crate::report::{Cell, Table, median, quantile};
+use crate::report::{Cell, Table, median, quantile, ring_asked, ring_label};
 use backend_host::blk::device::{BlkDevice, BlkSettings, EngineChoice, Runtime};
 use backend_host::blk::disk::{Disk, DiskOptions};
 use drivers_blk::{BlkDriver, BlkOptions, Completion, Polled, Request, RequestId};
@@ -24,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use transport_descriptors::direct::{DirectDevice, DirectDriver};
+use virtio_core::ring::areas::RingFormat;
 use virtio_core::transport::{InProcessTransport, Transport};
 use virtio_core::{DriverModel, GuestBuf};
 
@@ -101,6 +104,13 @@ pub struct BlkBenchConfig {
     /// Install fio when it is missing ([`ensure_fio`]); if false, a missing fio
     /// leaves the peer columns empty.
     pub install_fio: bool,
+    /// Measure fio at all; false leaves its columns empty (a second pass over
+    /// another ring format: fio's figures do not depend on it).
+    pub fio: bool,
+    /// The ring format the driver asks for (VIRTIO_F_RING_PACKED for packed).
+    pub ring: RingFormat,
+    /// Whether the driver asks for VIRTIO_F_IN_ORDER (negotiated only if offered).
+    pub in_order: bool,
 }
 
 impl BlkBenchConfig {
@@ -113,6 +123,9 @@ impl BlkBenchConfig {
             reps: 3,
             poll: Duration::from_micros(100),
             install_fio: true,
+            fio: true,
+            ring: RingFormat::Split,
+            in_order: false,
         }
     }
 
@@ -279,7 +292,12 @@ fn ours(cfg: &BlkBenchConfig) -> Driver {
     let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
     let transport = InProcessTransport::new(dev.lifecycle(), dev).expect("transport");
     // The domain stays alive through the memory handle the driver keeps.
-    BlkDriver::new(transport, driver, guest.memory().clone(), BlkOptions::default()).expect("driver")
+    let opts = BlkOptions {
+        ring_packed: cfg.ring == RingFormat::Packed,
+        in_order: cfg.in_order,
+        ..BlkOptions::default()
+    };
+    BlkDriver::new(transport, driver, guest.memory().clone(), opts).expect("driver")
 }
 
 /// Which step of a slot's work is in flight.
@@ -298,9 +316,20 @@ struct Slot {
     since: Instant,
 }
 
-/// One run of our stack.
-fn ours_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> RunResult {
-    closed_loop(&ours(cfg), cfg.size, cfg.run_time, w, depth)
+/// One run of our stack, and the features its driver negotiated.
+fn ours_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> (RunResult, u64) {
+    let d = ours(cfg);
+    (
+        closed_loop(&d, cfg.size, cfg.run_time, w, depth),
+        d.info().features,
+    )
+}
+
+/// The ring column: what the runs negotiated (one label unless they differed).
+pub fn rings_cell(features: &[u64]) -> Cell {
+    let mut labels: Vec<String> = features.iter().map(|&f| ring_label(f)).collect();
+    labels.dedup();
+    Cell::Text(labels.join(" / "))
 }
 
 /// Keeps `depth` requests of workload `w` in flight on queue 0 of `d` for
@@ -470,7 +499,9 @@ pub fn raw_fdatasync_us(cfg: &BlkBenchConfig) -> std::io::Result<Vec<f64>> {
 
 /// Runs every workload on both stacks and returns the table.
 pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
-    let with_fio = if cfg.install_fio {
+    let with_fio = if !cfg.fio {
+        false
+    } else if cfg.install_fio {
         ensure_fio()?;
         true
     } else {
@@ -483,7 +514,7 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
     for (w, depth) in ROWS {
         // Alternate the two, and which goes first, so drift in the shared disk's
         // speed and whatever the first run leaves behind hit both alike.
-        let (mut fio, mut ours) = (Vec::new(), Vec::new());
+        let (mut fio, mut ours, mut negotiated) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 1..=cfg.reps {
             progress.step(format_args!(
                 "{} QD{depth}: repetition {rep}/{}",
@@ -495,7 +526,8 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
                 || ours_run(cfg, w, depth),
                 || with_fio.then(|| fio_run(cfg, w, depth)).transpose(),
             );
-            ours.push(o);
+            ours.push(o.0);
+            negotiated.push(o.1);
             fio.extend(f?);
         }
         if w == Workload::WriteFlush {
@@ -524,6 +556,7 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
         rows.push(vec![
             Cell::Text(w.label().into()),
             Cell::Int(u64::from(depth)),
+            rings_cell(&negotiated),
             Cell::Num(o[0]),
             peer(|r| r.iops),
             Cell::Text(ratio),
@@ -551,6 +584,7 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
         columns: [
             "workload",
             "QD",
+            "ring",
             "IOPS ours",
             "IOPS fio",
             "ours/fio",
@@ -563,13 +597,20 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
         .to_vec(),
         rows,
         notes: [
-            (!with_fio).then(|| "fio is not installed: no peer figures (`vio blk-bench` installs it)".to_string()),
+            (cfg.fio && !with_fio)
+                .then(|| "fio is not installed: no peer figures (`vio blk-bench` installs it)".to_string()),
+            (!cfg.fio).then(|| format!("fio: not measured ({} rows)", ring_asked(cfg.ring, cfg.in_order))),
+            Some(format!(
+                "ring: the format our driver negotiated (it asked for {}; IN_ORDER only if the device offers it)",
+                ring_asked(cfg.ring, cfg.in_order)
+            )),
             Some(format!(
                 "image {}; write + flush: IOPS count write+flush pairs (fio --fdatasync=1), latency is the flush's (fio: its fdatasync)",
                 cfg.image.display()
             )),
             Some(format!(
-                "ours: drivers-blk polling (sleeping on the interrupt while preempted), device adaptive polling {} us; our flush p50 {:.1} us vs raw fdatasync p50 {:.1} us ({:+.1} us; raw p99 {:.1} us)",
+                "ours ({}): drivers-blk polling (sleeping on the interrupt while preempted), device adaptive polling {} us; our flush p50 {:.1} us vs raw fdatasync p50 {:.1} us ({:+.1} us; raw p99 {:.1} us)",
+                ring_asked(cfg.ring, cfg.in_order),
                 cfg.poll.as_micros(),
                 ours_flush,
                 raw_p50,

@@ -22,6 +22,9 @@
 //! by the peer's UDP receive path) and where the CPU went (each thread's run time
 //! from `/proc/self/task/<tid>/schedstat`, as a percentage of one core).
 //!
+//! Both guests' drivers ask for the ring format of [`NetBenchConfig::ring`] (and
+//! IN_ORDER if told to); the table's `ring` column says what guest A negotiated.
+//!
 //! Frame lengths are the bytes a driver hands its device (no FCS: virtio-net carries
 //! none): 60 B is the minimum Ethernet frame (64 B on a wire), 1514 B a full
 //! standard frame, 65549 B the largest frame a 16-bit MTU allows (MTU 65535; its
@@ -41,12 +44,15 @@ pub use ours::{stream_ours, stream_tcp};
 pub use veth::{VethError, VethPair, stream_veth};
 
 use crate::progress::{Progress, in_turn};
-use crate::report::{Cell, Table, median};
+use crate::report::{Cell, Table, median, ring_label};
 use backend_host::net::{PortId, SwitchConfig};
-use drivers_net::NetError;
+use drivers_net::{NetError, NetOptions};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use virtio_core::ModelError;
+use virtio_core::features::Features;
+use virtio_core::ring::areas::RingFormat;
 
 /// Bytes of Ethernet, IPv4 and UDP headers in front of a UDP payload.
 pub const UDP_OVERHEAD: usize = 14 + 20 + 8;
@@ -156,6 +162,10 @@ pub struct NetBenchConfig {
     pub device_poll: Duration,
     /// Also measure a TCP stream over smoltcp per model.
     pub tcp: bool,
+    /// The ring format the drivers ask for (VIRTIO_F_RING_PACKED for packed).
+    pub ring: RingFormat,
+    /// Whether the drivers ask for VIRTIO_F_IN_ORDER (negotiated only if offered).
+    pub in_order: bool,
 }
 
 impl NetBenchConfig {
@@ -173,6 +183,8 @@ impl NetBenchConfig {
             veth: true,
             device_poll: Duration::from_micros(50),
             tcp: true,
+            ring: RingFormat::Split,
+            in_order: false,
         }
     }
 
@@ -182,6 +194,24 @@ impl NetBenchConfig {
             reps: 1,
             run_time: Duration::from_millis(150),
             ..NetBenchConfig::full()
+        }
+    }
+
+    /// What the drivers are set up with: the default options, the queue size and
+    /// receive buffers of the run, and the ring format and IN_ORDER asked for.
+    pub fn driver_options(&self) -> NetOptions {
+        let mut wanted = NetOptions::default().wanted;
+        if self.ring == RingFormat::Packed {
+            wanted |= Features::RING_PACKED.bits();
+        }
+        if self.in_order {
+            wanted |= Features::IN_ORDER.bits();
+        }
+        NetOptions {
+            queue_size: self.queue_size,
+            rx_buf_len: self.rx_buf_len,
+            wanted,
+            ..NetOptions::default()
         }
     }
 
@@ -236,6 +266,8 @@ pub struct Stream {
     pub secs: f64,
     /// CPU share of each thread, named.
     pub cpu: Vec<(&'static str, CpuShare)>,
+    /// The features our sending guest's driver negotiated (`None` for the peer).
+    pub features: Option<u64>,
 }
 
 impl Stream {
@@ -357,6 +389,7 @@ fn window(
         drops: c1.2 - c0.2,
         secs,
         cpu: cpu0.shares(&cpu1, secs),
+        features: None,
     }
 }
 
@@ -390,8 +423,9 @@ pub struct Row {
     pub model: Model,
     /// What was measured.
     pub workload: Workload,
-    /// Our runs.
-    pub ours: Vec<Stream>,
+    /// Our runs, or why there are none (the sharing model does not serve the ring
+    /// format asked for).
+    pub ours: Result<Vec<Stream>, String>,
     /// The peer's runs, or why there are none.
     pub peer: Result<Vec<Stream>, String>,
 }
@@ -418,13 +452,34 @@ fn cpu_cell(runs: &[Stream]) -> Cell {
     Cell::Text(parts.join("/"))
 }
 
+/// The ring column: what our runs negotiated (one label unless they differed).
+fn ring_cell(runs: &[Stream]) -> Cell {
+    let mut labels: Vec<String> = runs.iter().filter_map(|s| s.features.map(ring_label)).collect();
+    labels.dedup();
+    if labels.is_empty() {
+        return Cell::Text("-".into());
+    }
+    Cell::Text(labels.join(" / "))
+}
+
 /// Renders rows as the benchmark table.
 pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
     let dash = || Cell::Text("-".into());
     let rows = rows
         .iter()
         .map(|r| {
-            let ours = med(&r.ours, Stream::frames_per_sec);
+            let Ok(runs) = &r.ours else {
+                // Nothing of ours ran, so there is nothing to hold the peer against.
+                let why = r.ours.as_ref().err().cloned().unwrap_or_default();
+                let mut row = vec![
+                    Cell::Text(r.model.label().into()),
+                    Cell::Text(r.workload.label()),
+                    Cell::Text(why),
+                ];
+                row.resize_with(12, dash);
+                return row;
+            };
+            let ours = med(runs, Stream::frames_per_sec);
             let (peer_rate, peer_gbit, peer_drop, peer_cpu, ratio) = match &r.peer {
                 Ok(p) if !p.is_empty() => {
                     let rate = med(p, Stream::frames_per_sec);
@@ -442,10 +497,11 @@ pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
             vec![
                 Cell::Text(r.model.label().into()),
                 Cell::Text(r.workload.label()),
+                ring_cell(runs),
                 Cell::Num(ours),
-                Cell::Num(med(&r.ours, Stream::gbit)),
-                Cell::Num(med(&r.ours, Stream::drop_pct)),
-                cpu_cell(&r.ours),
+                Cell::Num(med(runs, Stream::gbit)),
+                Cell::Num(med(runs, Stream::drop_pct)),
+                cpu_cell(runs),
                 peer_rate,
                 peer_gbit,
                 peer_drop,
@@ -459,6 +515,7 @@ pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
         columns: [
             "model",
             "frame B",
+            "ring",
             "ours frames/s",
             "ours Gbit/s",
             "ours drop %",
@@ -474,6 +531,38 @@ pub fn table(title: &str, rows: &[Row], notes: Vec<String>) -> Table {
         rows,
         notes,
     }
+}
+
+/// Adds a run to a row's runs.
+fn push(runs: &mut Result<Vec<Stream>, String>, s: Stream) {
+    if let Ok(runs) = runs {
+        runs.push(s);
+    }
+}
+
+/// Sorts one run's outcome: a stream, or (inner `Err`) the ring cell of a row the
+/// sharing model cannot serve in the ring format asked for (the driver's queue set-up
+/// met [`ModelError::Format`]), or (outer `Err`) any other failure.
+fn not_served(
+    run: Result<Stream, NetBenchError>,
+    cfg: &NetBenchConfig,
+) -> Result<Result<Stream, String>, NetBenchError> {
+    let e = match run {
+        Ok(s) => return Ok(Ok(s)),
+        Err(e) => e,
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(ModelError::Format(format)) = c.downcast_ref::<ModelError>() {
+            tracing::info!("the sharing model does not serve {format:?} rings: row not run");
+            return Ok(Err(format!(
+                "{}: not served",
+                crate::report::ring_asked(cfg.ring, false)
+            )));
+        }
+        cause = c.source();
+    }
+    Err(e)
 }
 
 /// Runs every model over every frame length, ours and the veth peer alternating,
@@ -492,7 +581,10 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
     let pair = if cfg.veth {
         VethPair::create().map_err(|e| e.to_string())
     } else {
-        Err("not measured (--no-veth)".into())
+        Err(format!(
+            "not measured ({} rows, --no-veth)",
+            crate::report::ring_asked(cfg.ring, cfg.in_order)
+        ))
     };
     let mut peer_failure = pair.as_ref().err().cloned();
     let mut rows = Vec::new();
@@ -501,7 +593,7 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
     let mut progress = Progress::new("net benchmark", steps);
     for &len in &cfg.frames {
         for &model in &cfg.models {
-            let (mut ours, mut peer) = (Vec::new(), Vec::new());
+            let (mut ours, mut peer) = (Ok(Vec::new()), Vec::new());
             for rep in 1..=cfg.reps {
                 progress.step(format_args!(
                     "{}, {len} B frames: repetition {rep}/{}",
@@ -517,7 +609,13 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
                         _ => None,
                     },
                 );
-                ours.push(o?);
+                match not_served(o, cfg)? {
+                    Ok(s) => push(&mut ours, s),
+                    Err(why) => {
+                        ours = Err(why);
+                        break;
+                    }
+                }
                 match p {
                     Some(Ok(s)) => peer.push(s),
                     Some(Err(e)) => peer_failure = Some(e.to_string()),
@@ -538,14 +636,20 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
     drop(pair);
     if cfg.tcp {
         for &model in &cfg.models {
-            let mut ours = Vec::new();
+            let mut ours = Ok(Vec::new());
             for rep in 1..=cfg.reps {
                 progress.step(format_args!(
                     "{}, TCP over smoltcp: repetition {rep}/{}",
                     model.label(),
                     cfg.reps
                 ));
-                ours.push(stream_tcp(model, cfg)?);
+                match not_served(stream_tcp(model, cfg), cfg)? {
+                    Ok(s) => push(&mut ours, s),
+                    Err(why) => {
+                        ours = Err(why);
+                        break;
+                    }
+                }
             }
             rows.push(Row {
                 model,
@@ -581,9 +685,19 @@ pub fn run(cfg: &NetBenchConfig) -> Result<Table, NetBenchError> {
             veth::VETH_SOCKBUF >> 20
         ),
         "drop %: of the frames that reached the receiving side (switch drop counters; UDP InErrors on veth); CPU %: thread run time / window".into(),
+        format!(
+            "ring: the format guest A's driver negotiated (both asked for {}; IN_ORDER only if the device offers it)",
+            crate::report::ring_asked(cfg.ring, cfg.in_order)
+        ),
     ];
     if let Some(why) = peer_failure {
         notes.push(format!("veth peer: {why}"));
+    }
+    if rows.iter().any(|r| r.ours.is_err()) {
+        notes.push(format!(
+            "{}: not served: the sharing model sets up no queue in that ring format (no figures, ours or the peer's)",
+            crate::report::ring_asked(cfg.ring, false)
+        ));
     }
     Ok(table(
         &format!(

@@ -2,6 +2,8 @@
 
 use serde::Serialize;
 use std::fmt::Write as _;
+use virtio_core::features::Features;
+use virtio_core::ring::areas::RingFormat;
 
 /// One measured figure, optionally beside the same figure for a peer from the same run.
 #[derive(Debug, Clone)]
@@ -18,6 +20,8 @@ pub struct Figure {
     pub peer_name: Option<String>,
     /// How many repetitions the medians come from.
     pub reps: usize,
+    /// What [`Figure::ratio`] should come to, if there is a target for it.
+    pub goal: Option<Goal>,
 }
 
 impl Figure {
@@ -26,6 +30,75 @@ impl Figure {
     pub fn ratio(&self) -> Option<f64> {
         self.peer.filter(|p| *p > 0.0).map(|p| self.ours / p)
     }
+
+    /// Whether the ratio meets the goal: `None` without a goal or without a ratio
+    /// (no peer figure to judge against).
+    pub fn goal_met(&self) -> Option<bool> {
+        Some(self.goal?.met(self.ratio()?))
+    }
+
+    /// The goal column: the target and whether this run met it.
+    fn goal_cell(&self) -> Cell {
+        let Some(goal) = self.goal else {
+            return Cell::Text("-".into());
+        };
+        let verdict = match self.goal_met() {
+            Some(true) => "met",
+            Some(false) => "NOT met",
+            None => "no ratio",
+        };
+        Cell::Text(format!("{goal}: {verdict}"))
+    }
+}
+
+/// A target for a figure's ratio to its peer measured in the same run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Goal {
+    /// The ratio must be at most this (a time or a cost: lower is better).
+    AtMost(f64),
+    /// The ratio must be at least this (a rate: higher is better).
+    AtLeast(f64),
+}
+
+impl Goal {
+    /// Whether `ratio` meets the goal.
+    pub fn met(self, ratio: f64) -> bool {
+        match self {
+            Goal::AtMost(g) => ratio <= g,
+            Goal::AtLeast(g) => ratio >= g,
+        }
+    }
+}
+
+impl std::fmt::Display for Goal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Goal::AtMost(g) => write!(f, "<= {g:.2}x"),
+            Goal::AtLeast(g) => write!(f, ">= {g:.2}x"),
+        }
+    }
+}
+
+/// The ring a run asked for, as notes name it: `split` or `packed`, with
+/// ` + IN_ORDER` when IN_ORDER was asked for (and so negotiated only if offered).
+pub fn ring_asked(ring: RingFormat, in_order: bool) -> String {
+    let format = match ring {
+        RingFormat::Split => "split",
+        RingFormat::Packed => "packed",
+    };
+    if in_order {
+        format!("{format} + IN_ORDER")
+    } else {
+        format.into()
+    }
+}
+
+/// The ring a run negotiated, as tables name it: `split` or `packed`
+/// (VIRTIO_F_RING_PACKED), with ` + IN_ORDER` when VIRTIO_F_IN_ORDER was
+/// negotiated too. Read from the negotiated `features`, never from what was asked.
+pub fn ring_label(features: u64) -> String {
+    let f = Features::from_bits_retain(features);
+    ring_asked(RingFormat::of(f), f.contains(Features::IN_ORDER))
 }
 
 /// A titled set of figures.
@@ -59,31 +132,57 @@ impl Report {
             peer: peer.map(|p| p.0),
             peer_name: peer.map(|p| p.1.to_string()),
             reps: xs.len(),
+            goal: None,
         });
     }
 
-    /// The report as a generic table.
+    /// Like [`Report::add_median`], with a goal for the ratio to the peer.
+    pub fn add_median_with_goal(
+        &mut self,
+        name: &str,
+        unit: &str,
+        xs: &mut [f64],
+        peer: Option<(f64, &str)>,
+        goal: Option<Goal>,
+    ) {
+        self.add_median(name, unit, xs, peer);
+        if let Some(f) = self.figures.last_mut() {
+            f.goal = goal;
+        }
+    }
+
+    /// The report as a generic table; a `goal` column follows the ratio when a
+    /// figure has a goal.
     pub fn to_table(&self) -> Table {
         let text = |s: &str| Cell::Text(s.to_string());
+        let goals = self.figures.iter().any(|f| f.goal.is_some());
         let rows = self
             .figures
             .iter()
             .map(|f| {
-                vec![
+                let mut row = vec![
                     text(&f.name),
                     text(&f.unit),
                     Cell::Num(f.ours),
                     text(f.peer_name.as_deref().unwrap_or("-")),
                     f.peer.map_or(text("-"), Cell::Num),
                     f.ratio().map_or(text("-"), |r| Cell::Text(format!("{r:.2}x"))),
-                ]
+                ];
+                if goals {
+                    row.push(f.goal_cell());
+                }
+                row
             })
             .collect();
+        let mut columns: Vec<String> = ["measurement", "unit", "ours", "peer", "peer value", "ours/peer"]
+            .map(String::from)
+            .to_vec();
+        if goals {
+            columns.push("goal".into());
+        }
         Table {
             title: self.title.clone(),
-            columns: ["measurement", "unit", "ours", "peer", "peer value", "ours/peer"]
-                .map(String::from)
-                .to_vec(),
+            columns,
             rows,
             notes: self.notes.clone(),
         }
@@ -131,6 +230,24 @@ pub struct Table {
 }
 
 impl Table {
+    /// Appends the rows of `other`, a table of the same columns (the same benchmark
+    /// run again with other settings), and those of its notes this one lacks.
+    ///
+    /// # Errors
+    /// `other`, untouched, when its columns differ.
+    pub fn append(&mut self, other: Table) -> Result<(), Box<Table>> {
+        if other.columns != self.columns {
+            return Err(Box::new(other));
+        }
+        self.rows.extend(other.rows);
+        for n in other.notes {
+            if !self.notes.contains(&n) {
+                self.notes.push(n);
+            }
+        }
+        Ok(())
+    }
+
     /// Renders the table with aligned columns.
     pub fn render(&self) -> String {
         let shown: Vec<Vec<String>> = self
@@ -274,6 +391,7 @@ mod tests {
             peer: Some(48.0),
             peer_name: Some("peer".into()),
             reps: 3,
+            goal: None,
         });
         r.figures.push(Figure {
             name: "longer name".into(),
@@ -282,6 +400,7 @@ mod tests {
             peer: None,
             peer_name: None,
             reps: 3,
+            goal: None,
         });
         let t = r.table();
         let lines: Vec<&str> = t.lines().collect();
@@ -291,5 +410,70 @@ mod tests {
         let col = lines[1].find("unit").unwrap();
         assert_eq!(&lines[3][col..col + 2], "ns");
         assert_eq!(&lines[4][col..col + 5], "ops/s");
+    }
+
+    #[test]
+    fn goals_are_judged_on_the_ratio_in_their_own_column() {
+        let mut r = Report::new("t");
+        r.add_median("base", "ns", &mut [100.0], None);
+        let peer = Some((100.0, "base"));
+        r.add_median_with_goal("cheaper", "ns", &mut [50.0], peer, Some(Goal::AtMost(0.6)));
+        r.add_median_with_goal("dearer", "ns", &mut [70.0], peer, Some(Goal::AtMost(0.6)));
+        r.add_median_with_goal("rate", "1/s", &mut [130.0], peer, Some(Goal::AtLeast(1.3)));
+        r.add_median_with_goal("slow rate", "1/s", &mut [120.0], peer, Some(Goal::AtLeast(1.3)));
+        r.add_median_with_goal("no peer", "1/s", &mut [120.0], None, Some(Goal::AtLeast(1.3)));
+        let met: Vec<_> = r.figures.iter().map(Figure::goal_met).collect();
+        assert_eq!(
+            met,
+            [None, Some(true), Some(false), Some(true), Some(false), None]
+        );
+        let t = r.to_table();
+        assert_eq!(t.columns.last().map(String::as_str), Some("goal"));
+        let goal: Vec<String> = t.rows.iter().map(|row| row[6].shown()).collect();
+        assert_eq!(
+            goal,
+            [
+                "-",
+                "<= 0.60x: met",
+                "<= 0.60x: NOT met",
+                ">= 1.30x: met",
+                ">= 1.30x: NOT met",
+                ">= 1.30x: no ratio"
+            ]
+        );
+        // No goal anywhere: no goal column.
+        r.figures.retain(|f| f.goal.is_none());
+        assert_eq!(r.to_table().columns.len(), 6);
+    }
+
+    #[test]
+    fn ring_labels_name_the_negotiated_format() {
+        use virtio_core::features::Features;
+        let (packed, in_order) = (Features::RING_PACKED.bits(), Features::IN_ORDER.bits());
+        let v1 = Features::VERSION_1.bits();
+        assert_eq!(ring_label(v1), "split");
+        assert_eq!(ring_label(v1 | packed), "packed");
+        assert_eq!(ring_label(v1 | in_order), "split + IN_ORDER");
+        assert_eq!(ring_label(v1 | packed | in_order), "packed + IN_ORDER");
+    }
+
+    #[test]
+    fn append_takes_rows_and_new_notes_of_the_same_columns_only() {
+        let table = |row: &str, notes: &[&str]| Table {
+            title: "t".into(),
+            columns: vec!["a".into()],
+            rows: vec![vec![Cell::Text(row.into())]],
+            notes: notes.iter().map(|n| n.to_string()).collect(),
+        };
+        let mut t = table("split", &["same", "split only"]);
+        t.append(table("packed", &["same", "packed only"])).unwrap();
+        assert_eq!(t.rows.len(), 2);
+        assert_eq!(t.notes, ["same", "split only", "packed only"]);
+        let other = Table {
+            columns: vec!["b".into()],
+            ..table("x", &[])
+        };
+        assert!(t.append(other).is_err());
+        assert_eq!(t.rows.len(), 2);
     }
 }

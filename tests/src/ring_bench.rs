@@ -1,19 +1,25 @@
 //! The ring benchmark behind `vio ring-bench` and `vio demo`.
 //!
 //! Our side runs through the queue interface ([`DeviceRing`], [`DriverRing`]), as our
-//! devices and drivers do. Four measurements, each repeated and reported as a median:
+//! devices and drivers do, in four ring configurations ([`RINGS`]): split, packed
+//! (virtio 1.2 §2.8), and each with VIRTIO_F_IN_ORDER (§2.7.9, §2.8.x) negotiated.
+//! Three measurements per configuration, each repeated and reported as a median:
 //!
 //! 1. Device-side cost, single thread: pop one single-descriptor chain and return it as
-//!    used, for our split ring and for rust-vmm `virtio-queue` serving the very same
-//!    ring memory (filled by our driver, outside the timed section); then for our
-//!    packed ring (virtio-queue has no packed device side).
+//!    used. For the split ring, rust-vmm `virtio-queue` serves the very same ring
+//!    memory (filled by our driver, outside the timed section) as a peer; it has no
+//!    packed device side.
 //! 2. Round trips per second with two threads (driver and device on their own cores,
-//!    both polling, many requests in flight).
-//! 3. Queue-depth-1 round-trip latency with both sides polling.
+//!    both polling, the queue kept full).
+//! 3. Queue-depth-1 round-trip latency with both sides polling: median and p99.
+//!
+//! Every repetition runs the four configurations in turn, starting with another one
+//! each time, so drift hits them alike; the figures of the other three are given as
+//! ratios to split's from the same run, next to issue 14's goals where it sets one.
 
 use crate::peer::SharedGuest;
 use crate::progress::{Progress, in_turn};
-use crate::report::{Report, median, quantile};
+use crate::report::{Goal, Report, median, quantile};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -46,118 +52,206 @@ impl RingBenchConfig {
         }
     }
 
-    /// A short run for the demo.
+    /// A short run for the demo (four ring configurations: 200 ms per two-thread
+    /// run keeps the whole under five seconds).
     pub fn quick() -> Self {
         RingBenchConfig {
             reps: 3,
-            run_time: Duration::from_millis(300),
+            run_time: Duration::from_millis(200),
             single_thread_chains: 1_000_000,
             queue_size: 256,
         }
     }
 }
 
+/// One ring configuration: how its rows are named and the feature bits it adds to
+/// VERSION_1 | EVENT_IDX.
+#[derive(Debug, Clone, Copy)]
+pub struct Ring {
+    /// What the row names add to split's (empty for split: its rows keep their
+    /// names).
+    pub suffix: &'static str,
+    /// Who the ratio is taken against, as the peer column says.
+    pub label: &'static str,
+    /// Feature bits on top of VERSION_1 | EVENT_IDX.
+    pub features: Features,
+    /// Issue 14's goals for this configuration.
+    pub goals: Goals,
+}
+
+/// Targets for a ring's figures as ratios to split's in the same run.
+#[derive(Debug, Clone, Copy)]
+pub struct Goals {
+    /// For the two-thread round trips per second.
+    pub round_trips: Option<Goal>,
+    /// For the QD1 round trip median.
+    pub qd1_median: Option<Goal>,
+}
+
+/// No goal.
+const NO_GOALS: Goals = Goals {
+    round_trips: None,
+    qd1_median: None,
+};
+
+/// The configurations measured, split first: every other one is compared with it.
+pub const RINGS: [Ring; 4] = [
+    Ring {
+        suffix: "",
+        label: "split",
+        features: Features::empty(),
+        goals: NO_GOALS,
+    },
+    Ring {
+        suffix: ", packed ring",
+        label: "packed",
+        features: Features::RING_PACKED,
+        // A packed descriptor is written and read in one cache line where split
+        // touches three (descriptor, available and used rings).
+        goals: Goals {
+            round_trips: Some(Goal::AtLeast(1.3)),
+            qd1_median: Some(Goal::AtMost(0.6)),
+        },
+    },
+    Ring {
+        suffix: ", split ring + IN_ORDER",
+        label: "split + IN_ORDER",
+        features: Features::IN_ORDER,
+        goals: Goals {
+            round_trips: Some(Goal::AtLeast(1.2)),
+            qd1_median: None,
+        },
+    },
+    Ring {
+        suffix: ", packed ring + IN_ORDER",
+        label: "packed + IN_ORDER",
+        features: Features::RING_PACKED.union(Features::IN_ORDER),
+        goals: NO_GOALS,
+    },
+];
+
+/// What the peer column says for the rings compared with split.
+const SPLIT_PEER: &str = "split, same run";
+
+/// The indices of [`RINGS`] in the order repetition `rep` runs them: each starts
+/// one later than the previous, so none always runs first or last.
+fn rotation(rep: usize) -> impl Iterator<Item = usize> {
+    (0..RINGS.len()).map(move |i| (i + rep) % RINGS.len())
+}
+
 /// Runs everything and returns the report.
 pub fn run(cfg: &RingBenchConfig) -> Report {
     let ncores = cores().len();
-    let features = Features::VERSION_1 | Features::EVENT_IDX;
+    let base = Features::VERSION_1 | Features::EVENT_IDX;
+    let features = |r: usize| base | RINGS[r].features;
     let mut report = Report::new(format!(
-        "rings (split; packed where named), queue size {}, {} repetitions, medians",
+        "rings: split, packed, each with and without IN_ORDER; queue size {}, {} repetitions, medians",
         cfg.queue_size, cfg.reps
     ));
 
-    // Three measurements of `reps` repetitions each.
-    let mut progress = Progress::new("ring benchmark", 4 * cfg.reps);
-    let mut ours = Vec::new();
-    let mut peer = Vec::new();
+    // Three measurements of `reps` repetitions of every ring.
+    let mut progress = Progress::new("ring benchmark", 3 * RINGS.len() * cfg.reps);
+    let step = |progress: &mut Progress, what: &str, r: usize, rep: usize| {
+        progress.step(format_args!(
+            "{what}, {}: repetition {rep}/{}",
+            RINGS[r].label, cfg.reps
+        ));
+    };
+
     // One unrecorded round of each first: page faults, caches, clock ramp-up.
     let warm = RingBenchConfig {
         single_thread_chains: cfg.single_thread_chains / 4,
         ..*cfg
     };
-    pop_add_used_ours(&warm, features);
-    pop_add_used_peer(&warm, features);
-    for rep in 1..=cfg.reps {
-        progress.step(format_args!(
-            "device pop + add_used, one thread: repetition {rep}/{}",
-            cfg.reps
-        ));
-        let (o, p) = in_turn(
-            rep,
-            || pop_add_used_ours(cfg, features),
-            || pop_add_used_peer(cfg, features),
-        );
-        ours.push(o);
-        peer.push(p);
+    pop_add_used_peer(&warm, base);
+    for r in 0..RINGS.len() {
+        pop_add_used_ours(&warm, features(r));
     }
-    let peer = Some((median(&mut peer), "virtio-queue 0.18"));
-    report.add_median(
-        "device pop + add_used, 1-desc chain, 1 thread",
-        "ns/chain",
-        &mut ours,
-        peer,
-    );
-    // The packed ring (§2.8) through the same interface; virtio-queue has no packed
-    // device side to measure against.
-    let packed = features | Features::RING_PACKED;
-    pop_add_used_ours(&warm, packed);
-    let mut ours_packed: Vec<f64> = (1..=cfg.reps)
-        .map(|rep| {
-            progress.step(format_args!(
-                "packed ring, pop + add_used: repetition {rep}/{}",
-                cfg.reps
-            ));
-            pop_add_used_ours(cfg, packed)
-        })
-        .collect();
-    report.add_median(
-        "device pop + add_used, 1-desc chain, 1 thread, packed ring",
-        "ns/chain",
-        &mut ours_packed,
-        None,
-    );
+    let mut pop = PerRing::default();
+    let mut peer = Vec::new();
+    for rep in 1..=cfg.reps {
+        for r in rotation(rep) {
+            step(&mut progress, "device pop + add_used, one thread", r, rep);
+            if r == 0 {
+                // Split against virtio-queue on the same memory, as before.
+                let (o, p) = in_turn(
+                    rep,
+                    || pop_add_used_ours(cfg, features(0)),
+                    || pop_add_used_peer(cfg, base),
+                );
+                pop[0].push(o);
+                peer.push(p);
+            } else {
+                pop[r].push(pop_add_used_ours(cfg, features(r)));
+            }
+        }
+    }
 
-    let mut rt = repeat(cfg, &mut progress, "round trips, two polling threads", || {
-        round_trips(cfg, features)
-    });
-    report.add_median(
-        "round trips, 2 polling threads, queue full",
-        "round trips/s",
-        &mut rt,
-        None,
-    );
+    let mut rt = PerRing::default();
+    for rep in 1..=cfg.reps {
+        for r in rotation(rep) {
+            step(&mut progress, "round trips, two polling threads", r, rep);
+            rt[r].push(round_trips(cfg, features(r)));
+        }
+    }
 
-    let (mut p50, mut p99): (Vec<f64>, Vec<f64>) = (1..=cfg.reps)
-        .map(|rep| {
-            progress.step(format_args!(
-                "QD1 latency, two polling threads: repetition {rep}/{}",
-                cfg.reps
-            ));
-            qd1_latency(cfg, features)
-        })
-        .unzip();
-    report.add_median("QD1 round trip, median", "ns", &mut p50, None);
-    report.add_median("QD1 round trip, p99", "ns", &mut p99, None);
+    let (mut p50, mut p99) = (PerRing::default(), PerRing::default());
+    for rep in 1..=cfg.reps {
+        for r in rotation(rep) {
+            step(&mut progress, "QD1 latency, two polling threads", r, rep);
+            let (a, b) = qd1_latency(cfg, features(r));
+            p50[r].push(a);
+            p99[r].push(b);
+        }
+    }
     progress.finish();
+
+    // Split's rows as they always were, then each other ring against split's.
+    let vq = (median(&mut peer), "virtio-queue 0.18");
+    let pop_name = "device pop + add_used, 1-desc chain, 1 thread";
+    add_rows(&mut report, pop_name, "ns/chain", &mut pop, Some(vq), |_| None);
+    let rt_name = "round trips, 2 polling threads, queue full";
+    add_rows(&mut report, rt_name, "round trips/s", &mut rt, None, |r| {
+        r.goals.round_trips
+    });
+    let p50_name = "QD1 round trip, median";
+    add_rows(&mut report, p50_name, "ns", &mut p50, None, |r| {
+        r.goals.qd1_median
+    });
+    add_rows(&mut report, "QD1 round trip, p99", "ns", &mut p99, None, |_| None);
     report.notes.push(format!(
-        "features: VERSION_1 | EVENT_IDX; {ncores} cores; driver and device threads pinned to separate cores; peer measured in the same run"
+        "features: VERSION_1 | EVENT_IDX, plus RING_PACKED and/or IN_ORDER as named; {ncores} cores; driver and device threads pinned to separate cores; peers measured in the same run"
     ));
+    report.notes.push(
+        "rows of packed and IN_ORDER rings: ratio to split's figure of the same run (< 1: cheaper for ns, > 1: faster for round trips/s); goals from issue 14; each repetition runs the four rings in rotated order".into(),
+    );
     report
 }
 
-/// Runs `f` once per repetition, showing progress.
-fn repeat(
-    cfg: &RingBenchConfig,
-    progress: &mut Progress,
-    what: &str,
-    mut f: impl FnMut() -> f64,
-) -> Vec<f64> {
-    (1..=cfg.reps)
-        .map(|rep| {
-            progress.step(format_args!("{what}: repetition {rep}/{}", cfg.reps));
-            f()
-        })
-        .collect()
+/// One measurement's repetitions, per ring of [`RINGS`].
+type PerRing = [Vec<f64>; RINGS.len()];
+
+/// Adds split's row (named `name`, against `split_peer`), then every other ring's
+/// against split's median, with its `goal`.
+fn add_rows(
+    report: &mut Report,
+    name: &str,
+    unit: &str,
+    xs: &mut PerRing,
+    split_peer: Option<(f64, &str)>,
+    goal: impl Fn(&Ring) -> Option<Goal>,
+) {
+    let split = median(&mut xs[0]);
+    report.add_median(name, unit, &mut xs[0], split_peer);
+    for (ring, xs) in RINGS.iter().zip(xs.iter_mut()).skip(1) {
+        report.add_median_with_goal(
+            &format!("{name}{}", ring.suffix),
+            unit,
+            xs,
+            Some((split, SPLIT_PEER)),
+            goal(ring),
+        );
+    }
 }
 
 /// A driver and the ring memory it set up, with buffers for 1-descriptor requests.
@@ -306,7 +400,11 @@ fn round_trips(cfg: &RingBenchConfig, features: Features) -> f64 {
     let mut done = 0u64;
     let start = Instant::now();
     let mut elapsed = Duration::ZERO;
-    while elapsed < cfg.run_time {
+    // A short window on a loaded machine can end before the device thread was ever
+    // scheduled: it then runs on until the first round trip, up to a limit so a
+    // device that never answers cannot hang the benchmark (its rate is then 0).
+    let limit = (cfg.run_time * 10).max(Duration::from_secs(1));
+    while elapsed < cfg.run_time || (done == 0 && elapsed < limit) {
         for _ in 0..1024 {
             let mut got = 0;
             while let Ok(Some(_)) = s.driver.pop_used() {

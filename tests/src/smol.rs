@@ -80,9 +80,24 @@ pub fn plug<D: Drv, V: Dev>(
     ip: Ipv4Address,
     settings: NetSettings,
 ) -> Result<SmolGuest<D, V>, SmolError> {
+    plug_with(f, switch, ip, settings, NetOptions::default())
+}
+
+/// [`plug`] with a driver set up by `opts` (the ring format of the TCP row of
+/// `vio net-loopback`, for one).
+///
+/// # Errors
+/// Device, transport or driver setup failed.
+pub fn plug_with<D: Drv, V: Dev>(
+    f: Fixture<D, V>,
+    switch: &Arc<Switch>,
+    ip: Ipv4Address,
+    settings: NetSettings,
+    opts: NetOptions,
+) -> Result<SmolGuest<D, V>, SmolError> {
     let NetGuest {
         nic, port, domain, ..
-    } = net_rig::plug(f, switch, settings, NetOptions::default())?;
+    } = net_rig::plug(f, switch, settings, opts)?;
     let mut phy = NetPhy::new(nic);
     let config = Config::new(phy.hardware_addr().ok_or(SmolError::NoMac)?);
     let mut iface = Interface::new(config, &mut phy, SmolInstant::now());

@@ -1,14 +1,18 @@
 //! `vio`: the demo and benchmark tool.
 //!
-//! `vio demo` runs a short version of every benchmark on built-in defaults;
-//! `vio ring-bench` runs the full split-ring benchmark, `vio net-loopback` the
-//! guest-to-guest network benchmark against a veth pair, `vio barrier-bench` the
+//! `vio demo` runs a short version of every benchmark on built-in defaults (the block
+//! and network ones over the split ring, then over the packed one);
+//! `vio ring-bench` runs the full ring benchmark (split and packed, each with and
+//! without IN_ORDER), `vio net-loopback` the guest-to-guest network benchmark
+//! against a veth pair, `vio blk-bench` our block path against fio (both over the
+//! ring `--ring` names), `vio barrier-bench` the
 //! block barrier consistency benchmark (crash images, seeded bugs, flush cost),
 //! `vio vhost-bench` our vhost-user-blk daemon against qemu-storage-daemon.
 
 use backend_host::blk::device::BlkSettings;
 use backend_host::blk::disk::DiskOptions;
 use backend_host::vhost_user::BlkServe;
+use clap::builder::{PossibleValuesParser, TypedValueParser as _};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,6 +23,16 @@ use vio::net_bench::{self, Model, NetBenchConfig};
 use vio::report::Table;
 use vio::ring_bench::{self, RingBenchConfig};
 use vio::vhost_bench::{self, VhostBenchConfig};
+use virtio_core::ring::areas::RingFormat;
+
+/// `--ring`: a ring format by name; anything else is refused with the names clap
+/// lists.
+fn ring_parser() -> impl clap::builder::TypedValueParser<Value = RingFormat> {
+    PossibleValuesParser::new(["split", "packed"]).map(|s| match s.as_str() {
+        "packed" => RingFormat::Packed,
+        _ => RingFormat::Split,
+    })
+}
 
 #[derive(Parser)]
 #[command(version, about = "virtio rings, drivers and devices: demo and benchmarks")]
@@ -29,14 +43,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Short run of every benchmark on built-in defaults.
+    /// Short run of every benchmark on built-in defaults; the block and network ones
+    /// over the split ring, then over the packed one.
     Demo {
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Split-ring benchmark: device pop + add_used against virtio-queue, two-thread
-    /// round trips per second and QD1 latency.
+    /// Ring benchmark, split and packed, each with and without IN_ORDER: device pop +
+    /// add_used (split against virtio-queue), two-thread round trips per second and
+    /// QD1 latency, with ratios to split's in the same run.
     RingBench {
         /// Repetitions per measurement (medians are reported).
         #[arg(long, default_value_t = 7)]
@@ -69,6 +85,13 @@ enum Command {
         /// Device adaptive-polling budget in microseconds (0 sleeps at once).
         #[arg(long, default_value_t = 100)]
         poll_us: u64,
+        /// Ring format our driver asks for.
+        #[arg(long, default_value = "split", value_parser = ring_parser())]
+        ring: RingFormat,
+        /// Ask for VIRTIO_F_IN_ORDER too (negotiated if the device offers it; the
+        /// table's ring column says whether it was).
+        #[arg(long)]
+        in_order: bool,
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -212,6 +235,13 @@ enum Command {
         /// Device adaptive-polling budget in microseconds (0 sleeps at once).
         #[arg(long, default_value_t = 50)]
         poll_us: u64,
+        /// Ring format both guests' drivers ask for.
+        #[arg(long, default_value = "split", value_parser = ring_parser())]
+        ring: RingFormat,
+        /// Ask for VIRTIO_F_IN_ORDER too (negotiated if the device offers it; the
+        /// table's ring column says whether it was).
+        #[arg(long)]
+        in_order: bool,
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -236,12 +266,29 @@ fn main() -> std::process::ExitCode {
                 ring_bench::run(&RingBenchConfig::quick()).to_table(),
                 model_bench::run(&ModelBenchConfig::quick()),
             ];
-            match blk_bench::run(&BlkBenchConfig::quick()) {
-                Ok(t) => tables.push(t),
+            // Block and network over each ring format, one table each with a ring
+            // column; the peers (fio, veth) run no virtio ring: measured once, on
+            // the split rows.
+            let packed_blk = BlkBenchConfig {
+                ring: RingFormat::Packed,
+                fio: false,
+                ..BlkBenchConfig::quick()
+            };
+            match both_rings(blk_bench::run(&BlkBenchConfig::quick()), || {
+                blk_bench::run(&packed_blk)
+            }) {
+                Ok(t) => tables.extend(t),
                 Err(e) => return failed("block benchmark", &e),
             }
-            match net_bench::run(&NetBenchConfig::quick()) {
-                Ok(t) => tables.push(t),
+            let packed_net = NetBenchConfig {
+                ring: RingFormat::Packed,
+                veth: false,
+                ..NetBenchConfig::quick()
+            };
+            match both_rings(net_bench::run(&NetBenchConfig::quick()), || {
+                net_bench::run(&packed_net)
+            }) {
+                Ok(t) => tables.extend(t),
                 Err(e) => return failed("network benchmark", &e),
             }
             match barrier::run(&BarrierConfig::quick()) {
@@ -260,6 +307,8 @@ fn main() -> std::process::ExitCode {
             no_veth,
             no_tcp,
             poll_us,
+            ring,
+            in_order,
             json,
         } => {
             if !(0.01..=600.0).contains(&secs) || virtio_core::ring::SplitLayout::new(queue_size).is_none() {
@@ -276,6 +325,8 @@ fn main() -> std::process::ExitCode {
                 veth: !no_veth,
                 tcp: !no_tcp,
                 device_poll: Duration::from_micros(poll_us),
+                ring,
+                in_order,
                 ..NetBenchConfig::full()
             };
             match net_bench::run(&cfg) {
@@ -340,6 +391,8 @@ fn main() -> std::process::ExitCode {
             secs,
             reps,
             poll_us,
+            ring,
+            in_order,
             json,
         } => {
             if !(0.1..=600.0).contains(&secs) || size_mib == 0 {
@@ -353,6 +406,9 @@ fn main() -> std::process::ExitCode {
                 reps: reps.max(1),
                 poll: Duration::from_micros(poll_us),
                 install_fio: true,
+                fio: true,
+                ring,
+                in_order,
             };
             match blk_bench::run(&cfg) {
                 Ok(t) => (vec![t], json),
@@ -448,6 +504,19 @@ fn main() -> std::process::ExitCode {
         }
     };
     finish(&tables, json)
+}
+
+/// The split table `split` with the rows of the packed run `packed` appended (as a
+/// table of its own should their columns ever differ).
+fn both_rings<E>(
+    split: Result<Table, E>,
+    packed: impl FnOnce() -> Result<Table, E>,
+) -> Result<Vec<Table>, E> {
+    let mut table = split?;
+    Ok(match table.append(packed()?) {
+        Ok(()) => vec![table],
+        Err(other) => vec![table, *other],
+    })
 }
 
 /// Whether the real backend had no violation and every mutant was caught.

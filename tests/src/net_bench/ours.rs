@@ -143,11 +143,7 @@ where
         poll: cfg.device_poll,
         ..NetSettings::default()
     };
-    let opts = NetOptions {
-        queue_size: cfg.queue_size,
-        rx_buf_len: cfg.rx_buf_len,
-        ..NetOptions::default()
-    };
+    let opts = cfg.driver_options();
     let a = plug(fa, &switch, settings.clone(), opts.clone())?;
     let b = plug(fb, &switch, settings, opts)?;
     // B announces itself so the stream is switched as unicast, not flooded.
@@ -155,6 +151,7 @@ where
         &frame([0xff; 6], b.mac, SMALL_FRAME),
         Some(Duration::from_secs(5)),
     )?;
+    let features = a.nic.info().features;
     let data = frame(b.mac, a.mac, len);
     let stop = AtomicBool::new(false);
     let counted = Counted::default();
@@ -204,7 +201,10 @@ where
             };
             outcome = outcome.and(r);
         }
-        outcome.map(|()| stream.unwrap_or_default())
+        outcome.map(|()| Stream {
+            features: Some(features),
+            ..stream.unwrap_or_default()
+        })
     });
     for p in [a.port, b.port] {
         if let Some(stats) = switch.stats(p) {

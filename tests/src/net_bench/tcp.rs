@@ -35,8 +35,14 @@ pub(super) fn stream_tcp<D1: Drv, V1: Dev, D2: Drv, V2: Dev>(
         poll: cfg.device_poll,
         ..NetSettings::default()
     };
-    let mut a = smol::plug(fa, &switch, IP_A, settings.clone()).map_err(guest)?;
-    let mut b = smol::plug(fb, &switch, IP_B, settings).map_err(guest)?;
+    // The default driver, as ever, in the ring format asked for.
+    let opts = drivers_net::NetOptions {
+        wanted: cfg.driver_options().wanted,
+        ..drivers_net::NetOptions::default()
+    };
+    let mut a = smol::plug_with(fa, &switch, IP_A, settings.clone(), opts.clone()).map_err(guest)?;
+    let mut b = smol::plug_with(fb, &switch, IP_B, settings, opts).map_err(guest)?;
+    let features = a.phy.driver().info().features;
     let server = b.listen(PORT, TCP_BUF).map_err(guest)?;
     let client = a.connect(IP_B, PORT, TCP_BUF).map_err(guest)?;
     let (b_port, received) = (b.port, AtomicU64::new(0));
@@ -107,5 +113,6 @@ pub(super) fn stream_tcp<D1: Drv, V1: Dev, D2: Drv, V2: Dev>(
         drops,
         secs: secs.as_secs_f64(),
         cpu: Vec::new(),
+        features: Some(features),
     })
 }
