@@ -16,5 +16,6 @@ pub mod grant_ops;
 pub mod net_ctrl;
 pub mod net_rx_mrg;
 pub mod net_tx;
+pub mod packed_walk;
 pub mod vhost_user_reply;
 pub mod vhost_user_session;

@@ -180,6 +180,14 @@ target_tests!(
     |input| targets::net_rx_mrg::report(&input)
 );
 
+target_tests!(
+    packed_walk,
+    packed_walk_corpus_runs_clean,
+    packed_walk_seeds_reach_their_rule,
+    packed_walk_corpus_holds_every_seed,
+    |input| targets::packed_walk::report(&input)
+);
+
 #[test]
 #[ignore = "generator: rewrites fuzz/corpus/<target>/ from each target's `seeds()`"]
 fn write_seed_corpora() {
@@ -193,4 +201,5 @@ fn write_seed_corpora() {
     write_seeds("grant_ops", &targets::grant_ops::seeds());
     write_seeds("copy_helper", &targets::copy_helper::seeds());
     write_seeds("net_rx_mrg", &targets::net_rx_mrg::seeds());
+    write_seeds("packed_walk", &targets::packed_walk::seeds());
 }

@@ -88,6 +88,9 @@ pub struct NetPort {
     pub socket: PathBuf,
     /// The interface's MAC address.
     pub mac: [u8; 6],
+    /// Lets QEMU negotiate the packed ring (`packed=on`, virtio 1.2 §2.8) on the
+    /// interface's virtio-net device with the guest and the backend.
+    pub packed: bool,
 }
 
 /// What to boot and what to run in it.
@@ -280,7 +283,11 @@ pub fn qemu_args(kit: &Kit, spec: &GuestSpec, initrd: &Path) -> Vec<OsString> {
         push(&["-netdev", "vhost-user,id=net0,chardev=netchr0"]);
         push(&[
             "-device",
-            &format!("{net_device},netdev=net0,mac={}", mac_text(net.mac)),
+            &format!(
+                "{net_device},netdev=net0,mac={}{}",
+                mac_text(net.mac),
+                if net.packed { ",packed=on" } else { "" }
+            ),
         ]);
     }
     args.extend([
@@ -455,6 +462,7 @@ mod tests {
         spec.net = Some(NetPort {
             socket: "/s/net.sock".into(),
             mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            packed: false,
         });
         let line = joined(&spec);
         assert!(line.contains("-machine q35,memory-backend=mem"));
@@ -479,6 +487,24 @@ mod tests {
         assert!(line.contains("-machine microvm,memory-backend=mem"));
         assert!(line.contains("-bios /qboot.rom -global virtio-mmio.force-legacy=false"));
         assert!(line.contains("-device vhost-user-blk,chardev=blk0,num-queues=1"));
+    }
+
+    #[test]
+    fn packed_disks_and_ports_ask_qemu_for_the_packed_ring() {
+        let mut spec = GuestSpec::new(Machine::Q35, "true");
+        spec.disks.push(BlkDisk {
+            socket: "/s/b".into(),
+            num_queues: 1,
+            packed: true,
+        });
+        spec.net = Some(NetPort {
+            socket: "/s/n".into(),
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            packed: true,
+        });
+        let line = joined(&spec);
+        assert!(line.contains("-device vhost-user-blk-pci,chardev=blk0,num-queues=1,packed=on"));
+        assert!(line.contains("-device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,packed=on"));
     }
 
     #[test]
