@@ -66,15 +66,6 @@ const MAX_OPS: usize = 256;
 const MAX_POPS: usize = 64;
 /// Most bytes moved through a chain's reader or writer.
 const MAX_IO: u64 = 4096;
-/// Known divergence, reported to the lead (issue 14): the device's chain walk
-/// (`virtio_core::ring::chain`, `Builder::push`) leaves the bytes of a
-/// device-readable descriptor the memory refuses out of HOSTILE 7's total, so a
-/// chain of 2^32 bytes or more with such a descriptor is rejected as `Access` (and,
-/// with a reject status, gets a status byte and a used length) instead of as
-/// `TooManyBytes` with length 0. While `true`, the harness accepts either answer
-/// in exactly that case (`corpus/packed_walk/crash-refused-readable-bytes-uncounted`);
-/// set it to `false` once the walk counts those bytes.
-const KNOWN_REFUSED_READABLE_UNCOUNTED: bool = true;
 /// The status byte a rejected chain gets with input bit 3.
 const REJECT_STATUS: u8 = 0xee;
 
@@ -486,11 +477,10 @@ impl Harness {
     }
 
     /// The model's walk of a list (§2.8.6, §2.8.7; HOSTILE 1-9): the same rules
-    /// in the same order as the device's, written from the specification. With
-    /// `count_refused_readable` false, the bytes of device-readable descriptors the
-    /// memory refuses are left out of rule 7's total, as the device's walk does
-    /// today (see [`KNOWN_REFUSED_READABLE_UNCOUNTED`]).
-    fn walk(&self, list: &[(u16, Desc)], count_refused_readable: bool) -> Walk {
+    /// in the same order as the device's, written from the specification. Every
+    /// descriptor's bytes count toward rule 7's total, refused ones included (the
+    /// campaign's first finding, `crash-refused-readable-bytes-uncounted`).
+    fn walk(&self, list: &[(u16, Desc)]) -> Walk {
         let mut segs = Vec::new();
         let mut seen_writable = false;
         let mut total = 0u64;
@@ -512,9 +502,7 @@ impl Harness {
                     return Err("AddrOverflow");
                 }
                 let in_arena = Self::in_arena(addr, u64::from(len));
-                if in_arena || writable || count_refused_readable {
-                    total += u64::from(len);
-                }
+                total += u64::from(len);
                 if total > u64::from(u32::MAX) {
                     return Err("TooManyBytes");
                 }
@@ -629,7 +617,7 @@ impl Harness {
         // The model walks first: a rejection's status byte may land anywhere the
         // chain's last writable descriptor points, an indirect table included.
         let walks = match &expected {
-            Some(Ok(list)) => Some((self.walk(list, true), self.walk(list, false))),
+            Some(Ok(list)) => Some(self.walk(list)),
             _ => None,
         };
         let r = self.device.pop();
@@ -656,37 +644,23 @@ impl Harness {
                 false
             }
             (Some(Ok(list)), r) => {
-                let walks = walks.expect("walked above");
-                self.check_walk(&list, walks, r, &log)
+                let walk = walks.expect("walked above");
+                self.check_walk(&list, walk, r, &log)
             }
             (e, r) => panic!("pop returned {r:?}, the model expected {e:?}"),
         }
     }
 
-    /// Checks the device's answer for `list` against the model's walks (strict,
-    /// and as the device counts today: see [`KNOWN_REFUSED_READABLE_UNCOUNTED`]).
+    /// Checks the device's answer for `list` against the model's walk.
     fn check_walk(
         &mut self,
         list: &[(u16, Desc)],
-        (strict, lenient): (Walk, Walk),
+        walk: Walk,
         r: Result<Option<Chain>, DeviceQueueError>,
         log: &[Access],
     ) -> bool {
         let id = list.last().map_or(0, |d| d.1.2);
         let ndesc = list.len() as u16;
-        let mut walk = strict;
-        if KNOWN_REFUSED_READABLE_UNCOUNTED
-            && matches!(walk, Walk::Rejected("TooManyBytes", _))
-            && !matches!(
-                &r,
-                Err(DeviceQueueError::BadChain {
-                    source: ChainError::TooManyBytes,
-                    ..
-                })
-            )
-        {
-            walk = lenient;
-        }
         let wrap = u8::from(self.wrap(self.avail));
         self.avail = self.advance(self.avail, u32::from(ndesc));
         match (walk, r) {

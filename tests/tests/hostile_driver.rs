@@ -783,6 +783,23 @@ fn rule07_chain_of_4_gib_is_rejected_before_touching_memory() {
     rig.serve_good_chain();
 }
 
+/// Bytes of descriptors the sharing model refuses count toward the 2^32 total too,
+/// readable as well as writable: a chain that breaks rule 7 is rejected for that
+/// (nothing written into it, whatever status a blk device would leave) even if an
+/// earlier descriptor also names memory the model refuses. Found by the
+/// `packed_walk` fuzz target (corpus input `crash-refused-readable-bytes-uncounted`).
+#[test]
+fn rule07_refused_readable_bytes_count_toward_the_total() {
+    let mut rig = Rig::new(QSIZE, all_features());
+    let outside = rig.end() + 0x1000;
+    rig.raw.write_desc(0, outside, u32::MAX, NEXT, 1);
+    rig.raw.write_desc(1, rig.data, 2, WRITE, 0);
+    rig.raw.push_avail(0);
+    let e = rig.expect_bad(0, None);
+    assert!(matches!(e, ChainError::TooManyBytes), "{e:?}");
+    rig.serve_good_chain();
+}
+
 #[test]
 fn rule07_chain_just_below_4_gib_is_served() {
     let (mut rig, _) = four_gib_rig((1 << 24) - 1);

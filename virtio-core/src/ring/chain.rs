@@ -385,6 +385,9 @@ struct Builder<'c> {
     last_writable: Option<Segment>,
     /// Writable bytes in refused descriptors.
     refused_writable: u64,
+    /// Readable bytes in refused descriptors: they count toward the 2^32 total
+    /// as much as accepted ones (HOSTILE 7).
+    refused_readable: u64,
 }
 
 impl<'c> Builder<'c> {
@@ -396,6 +399,7 @@ impl<'c> Builder<'c> {
             refused: None,
             last_writable: None,
             refused_writable: 0,
+            refused_readable: 0,
         }
     }
 
@@ -485,8 +489,11 @@ impl<'c> Builder<'c> {
             return Err(ChainError::AddrOverflow { addr, len });
         }
         let c = &mut *self.chain;
-        let total =
-            u64::from(c.readable_len) + u64::from(c.writable_len) + self.refused_writable + u64::from(len);
+        let total = u64::from(c.readable_len)
+            + u64::from(c.writable_len)
+            + self.refused_readable
+            + self.refused_writable
+            + u64::from(len);
         if total > u64::from(u32::MAX) {
             return Err(ChainError::TooManyBytes);
         }
@@ -497,6 +504,8 @@ impl<'c> Builder<'c> {
             if writable {
                 self.refused_writable += u64::from(len);
                 self.last_writable = None;
+            } else {
+                self.refused_readable += u64::from(len);
             }
             return Ok(());
         }

@@ -375,7 +375,7 @@ impl<M: DeviceMemory> PackedDevice<M> {
     /// Whether the driver wants a used-buffer notification for what was used since
     /// the last call (virtio 1.2 §2.8.10). Whatever the driver wrote in its event
     /// suppression structure, this never fails: garbage only makes a notification
-    /// more likely (HOSTILE 47).
+    /// more likely (HOSTILE 46).
     pub fn needs_notification(&mut self) -> bool {
         // Pairs with the driver's fence in `PackedDriver::enable_notifications`
         // (between its event suppression store and its look at the ring): either it
