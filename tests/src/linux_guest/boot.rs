@@ -79,6 +79,9 @@ pub struct BlkDisk {
     /// Lets QEMU negotiate the packed ring (`packed=on`, virtio 1.2 §2.8) with the
     /// guest and the backend.
     pub packed: bool,
+    /// Lets QEMU negotiate VIRTIO_F_IN_ORDER (`in_order=on`) with the guest and the
+    /// backend.
+    pub in_order: bool,
 }
 
 /// A vhost-user-net interface; the guest sees it as `eth0`.
@@ -91,6 +94,9 @@ pub struct NetPort {
     /// Lets QEMU negotiate the packed ring (`packed=on`, virtio 1.2 §2.8) on the
     /// interface's virtio-net device with the guest and the backend.
     pub packed: bool,
+    /// Lets QEMU negotiate VIRTIO_F_IN_ORDER (`in_order=on`) on the interface's
+    /// virtio-net device with the guest and the backend.
+    pub in_order: bool,
 }
 
 /// What to boot and what to run in it.
@@ -269,9 +275,10 @@ pub fn qemu_args(kit: &Kit, spec: &GuestSpec, initrd: &Path) -> Vec<OsString> {
         push(&[
             "-device",
             &format!(
-                "{blk_device},chardev=blk{i},num-queues={}{}",
+                "{blk_device},chardev=blk{i},num-queues={}{}{}",
                 disk.num_queues,
-                if disk.packed { ",packed=on" } else { "" }
+                if disk.packed { ",packed=on" } else { "" },
+                if disk.in_order { ",in_order=on" } else { "" }
             ),
         ]);
     }
@@ -284,9 +291,10 @@ pub fn qemu_args(kit: &Kit, spec: &GuestSpec, initrd: &Path) -> Vec<OsString> {
         push(&[
             "-device",
             &format!(
-                "{net_device},netdev=net0,mac={}{}",
+                "{net_device},netdev=net0,mac={}{}{}",
                 mac_text(net.mac),
-                if net.packed { ",packed=on" } else { "" }
+                if net.packed { ",packed=on" } else { "" },
+                if net.in_order { ",in_order=on" } else { "" }
             ),
         ]);
     }
@@ -458,11 +466,13 @@ mod tests {
             socket: "/s/blk.sock".into(),
             num_queues: 2,
             packed: false,
+            in_order: false,
         });
         spec.net = Some(NetPort {
             socket: "/s/net.sock".into(),
             mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
             packed: false,
+            in_order: false,
         });
         let line = joined(&spec);
         assert!(line.contains("-machine q35,memory-backend=mem"));
@@ -482,6 +492,7 @@ mod tests {
             socket: "/s/b".into(),
             num_queues: 1,
             packed: false,
+            in_order: false,
         });
         let line = joined(&spec);
         assert!(line.contains("-machine microvm,memory-backend=mem"));
@@ -496,15 +507,19 @@ mod tests {
             socket: "/s/b".into(),
             num_queues: 1,
             packed: true,
+            in_order: true,
         });
         spec.net = Some(NetPort {
             socket: "/s/n".into(),
             mac: [0x52, 0x54, 0, 0, 0, 1],
             packed: true,
+            in_order: true,
         });
         let line = joined(&spec);
-        assert!(line.contains("-device vhost-user-blk-pci,chardev=blk0,num-queues=1,packed=on"));
-        assert!(line.contains("-device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,packed=on"));
+        assert!(line.contains("-device vhost-user-blk-pci,chardev=blk0,num-queues=1,packed=on,in_order=on"));
+        assert!(
+            line.contains("-device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,packed=on,in_order=on")
+        );
     }
 
     #[test]
