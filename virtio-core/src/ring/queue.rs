@@ -55,7 +55,7 @@ pub use crate::ring::split::{
 /// device built on [`DeviceRing`] can offer whatever its type, and a driver built
 /// on [`DriverRing`] can accept (virtio 1.2 §6). `VIRTIO_F_NOTIFICATION_DATA`
 /// also needs a transport that carries it
-/// ([`Transport::carries_notification_data`](crate::Transport::carries_notification_data)).
+/// ([`Transport::carries_notification_data`](crate::transport::Transport::carries_notification_data)).
 pub const RING_FEATURES: Features = Features::VERSION_1
     .union(Features::INDIRECT_DESC)
     .union(Features::EVENT_IDX)
