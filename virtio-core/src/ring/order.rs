@@ -14,9 +14,8 @@
 //! rejected chain) ends its batch and gets a used entry of its own.
 
 use crate::ring::split::UsedError;
-use std::collections::VecDeque;
 
-/// One chain of the completed prefix, as [`InOrder::flush`] hands it out.
+/// One chain of the completed prefix, as [`InOrder::pop_ready`] hands it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Done {
     /// Head (split ring) or buffer id (packed ring).
@@ -31,32 +30,58 @@ pub(crate) struct Done {
 
 /// The device's record of the chains it took and has not returned, in the order
 /// it took them, with the completions that wait for an earlier chain.
+///
+/// The order is a fixed circular buffer of `size` entries (a queue never holds
+/// more chains than its size), so taking and returning a chain costs two stores
+/// and no allocation.
 #[derive(Debug)]
 pub(crate) struct InOrder {
-    /// Heads or ids in the order they were taken, not yet returned.
-    taken: VecDeque<u16>,
+    /// Heads or ids in the order they were taken, from `start`, `len` of them.
+    taken: Box<[u16]>,
+    start: usize,
+    len: usize,
     /// Per head or id: `Some((len, complete))` once the device finished it.
-    done: Vec<Option<(u32, bool)>>,
+    done: Box<[Option<(u32, bool)>]>,
 }
 
 impl InOrder {
     /// A record for a queue of `size` entries.
     pub(crate) fn new(size: u16) -> Self {
+        let n = usize::from(size).max(1);
         InOrder {
-            taken: VecDeque::with_capacity(usize::from(size)),
-            done: vec![None; usize::from(size)],
+            taken: vec![0; n].into_boxed_slice(),
+            start: 0,
+            len: 0,
+            done: vec![None; n].into_boxed_slice(),
+        }
+    }
+
+    /// The position `i` entries after `start` in the circular buffer.
+    #[inline]
+    fn at(&self, i: usize) -> usize {
+        let p = self.start + i;
+        if p >= self.taken.len() {
+            p - self.taken.len()
+        } else {
+            p
         }
     }
 
     /// Records that the device took `id` (held by the caller, so below the size and
-    /// not already taken).
+    /// not already taken: at most `size` are ever recorded).
+    #[inline]
     pub(crate) fn taken(&mut self, id: u16) {
-        self.taken.push_back(id);
+        if self.len < self.taken.len() {
+            let p = self.at(self.len);
+            self.taken[p] = id;
+            self.len += 1;
+        }
     }
 
     /// Records that `id` is done with `len` bytes written; `complete` says whether
     /// that is the whole writable length, which lets a later entry cover it. A
     /// second completion of the same id is the device's own misuse.
+    #[inline]
     pub(crate) fn complete(&mut self, id: u16, len: u32, complete: bool) -> Result<(), UsedError> {
         match self.done.get_mut(usize::from(id)) {
             Some(slot @ None) => {
@@ -67,25 +92,24 @@ impl InOrder {
         }
     }
 
-    /// Hands the completed prefix to `emit`, in the order the chains were taken,
-    /// and forgets it.
-    pub(crate) fn flush(&mut self, mut emit: impl FnMut(Done)) {
-        while let Some(&id) = self.taken.front() {
-            let Some((len, complete)) = self.done[usize::from(id)] else {
-                break;
-            };
-            self.done[usize::from(id)] = None;
-            self.taken.pop_front();
-            let next_done = self
-                .taken
-                .front()
-                .is_some_and(|&n| self.done[usize::from(n)].is_some());
-            emit(Done {
-                id,
-                len,
-                ends_batch: !complete || !next_done,
-            });
+    /// The oldest chain taken, if it is done: takes it out of the record. Called
+    /// until `None`, it hands out the completed prefix in the order the chains
+    /// were taken.
+    #[inline]
+    pub(crate) fn pop_ready(&mut self) -> Option<Done> {
+        if self.len == 0 {
+            return None;
         }
+        let id = self.taken[self.start];
+        let (len, complete) = self.done[usize::from(id)].take()?;
+        self.start = self.at(1);
+        self.len -= 1;
+        let next_done = self.len > 0 && self.done[usize::from(self.taken[self.start])].is_some();
+        Some(Done {
+            id,
+            len,
+            ends_batch: !complete || !next_done,
+        })
     }
 }
 
@@ -94,9 +118,9 @@ mod tests {
     use super::*;
 
     fn flushed(o: &mut InOrder) -> Vec<(u16, u32, bool)> {
-        let mut v = Vec::new();
-        o.flush(|d| v.push((d.id, d.len, d.ends_batch)));
-        v
+        std::iter::from_fn(|| o.pop_ready())
+            .map(|d| (d.id, d.len, d.ends_batch))
+            .collect()
     }
 
     #[test]

@@ -342,20 +342,17 @@ impl<M: DeviceMemory> PackedDevice<M> {
     /// In order: writes one used descriptor per batch of buffers whose predecessors
     /// are all done, over the batch's first descriptor, with the id of its last
     /// buffer, and skips the slots of the whole batch.
+    #[inline]
     fn flush_in_order(&mut self) {
-        let Some(mut order) = self.order.take() else {
-            return;
-        };
         let mut slots: u16 = 0;
-        order.flush(|done| {
+        while let Some(done) = self.order.as_mut().and_then(InOrder::pop_ready) {
             // A batch's lists sit in consecutive slots, at most `size` of them.
             slots = slots.saturating_add(self.release(done.id));
             if done.ends_batch {
                 self.push_used(done.id, done.len, slots);
                 slots = 0;
             }
-        });
-        self.order = Some(order);
+        }
     }
 
     /// Writes a used descriptor at the used position and skips the list's slots

@@ -388,12 +388,10 @@ impl<M: DeviceMemory> SplitDevice<M> {
     /// In order: writes the used entries of every chain whose predecessors are all
     /// done, one entry per batch, at the ring position of the batch's first chain,
     /// and moves the used index past the batch (§2.7.9). Does not publish the index.
+    #[inline]
     fn flush_in_order(&mut self) {
-        let Some(mut order) = self.order.take() else {
-            return;
-        };
         let mut batch: u16 = 0;
-        order.flush(|done| {
+        while let Some(done) = self.order.as_mut().and_then(InOrder::pop_ready) {
             self.in_flight[usize::from(done.id)] = 0;
             batch += 1;
             if done.ends_batch {
@@ -402,8 +400,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
                 self.used_idx = self.used_idx.wrapping_add(batch);
                 batch = 0;
             }
-        });
-        self.order = Some(order);
+        }
     }
 
     fn push_used(&mut self, head: u16, len: u32) {

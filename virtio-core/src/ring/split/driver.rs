@@ -563,9 +563,12 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
     }
 
     /// The descriptor `n` places after `head` in ring order.
+    #[inline]
     fn ring_after(&self, head: u16, n: u16) -> u16 {
-        // Both below `size <= 32768`: the sum fits and the remainder is below `size`.
-        u16::try_from((u32::from(head) + u32::from(n)) % u32::from(self.size)).unwrap_or(0)
+        // A split ring's size is a power of two (checked in `Views::new`): a mask,
+        // not a division, on this per-chain path. Both below `size <= 32768`, so
+        // the sum fits.
+        head.wrapping_add(n) & (self.size - 1)
     }
 
     /// Retires a head's buffers and returns its descriptors to the free list.
