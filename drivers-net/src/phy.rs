@@ -383,7 +383,7 @@ mod tests {
             let f = Features::from_bits_retain(features);
             let mut open = queues.iter().map(|q| {
                 let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
-                let used = vq.ring.used.clone();
+                let used = vq.ring.device.clone();
                 let ring = DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>((ring, used))
             });

@@ -47,7 +47,7 @@ impl DeviceHandler for Scripted {
         let f = Features::from_bits_retain(features);
         let open = |q: &ActiveQueue| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
             let vq = self.model.open_queue(q.index, q.layout.size, q.addrs())?;
-            let used = vq.ring.used.clone();
+            let used = vq.ring.device.clone();
             Ok((SplitDevice::new(q.layout.size, &vq.ring, vq.memory, f)?, used))
         };
         let (rx, rx_used) = open(&queues[0])?;

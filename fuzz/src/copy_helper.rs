@@ -31,7 +31,7 @@ use hypervisor::{Domain, Hypervisor};
 use transport_descriptors::copy::{CopyDevice, CopyError, CopyMemory, pair};
 use virtio_core::ring::layout::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use virtio_core::{
-    DescSlot, DeviceMemory, DeviceModel, DriverModel, DriverQueue, QueueAddrs, Segment, SplitRingMemory,
+    DescSlot, DeviceMemory, DeviceModel, DriverModel, DriverQueue, QueueAddrs, RingMemory, Segment,
 };
 
 use super::common::{Bytes, Seed};
@@ -73,8 +73,8 @@ impl Own {
         }
     }
 
-    fn sync_avail(&mut self, ring: &SplitRingMemory) {
-        let idx = ring.avail.load_u16(2, Ordering::Acquire).expect("avail.idx");
+    fn sync_avail(&mut self, ring: &RingMemory) {
+        let idx = ring.driver.load_u16(2, Ordering::Acquire).expect("avail.idx");
         let n = idx.wrapping_sub(self.avail_pos);
         if n == 0 || n > SIZE {
             return;
@@ -82,7 +82,7 @@ impl Own {
         for k in 0..n {
             let pos = self.avail_pos.wrapping_add(k) % SIZE;
             let head = ring
-                .avail
+                .driver
                 .load_u16(4 + 2 * u64::from(pos), Ordering::Relaxed)
                 .expect("avail ring");
             if let Some(c) = self.owned.get_mut(usize::from(head)) {
@@ -92,8 +92,8 @@ impl Own {
         self.avail_pos = idx;
     }
 
-    fn refresh_used(&mut self, ring: &SplitRingMemory) {
-        let idx = ring.used.load_u16(2, Ordering::Acquire).expect("used.idx");
+    fn refresh_used(&mut self, ring: &RingMemory) {
+        let idx = ring.device.load_u16(2, Ordering::Acquire).expect("used.idx");
         let n = idx.wrapping_sub(self.used_pos);
         if n > SIZE {
             self.sync_avail(ring);
@@ -102,7 +102,7 @@ impl Own {
             for k in 0..n {
                 let pos = self.used_pos.wrapping_add(k) % SIZE;
                 let id = ring
-                    .used
+                    .device
                     .load_u32(4 + 8 * u64::from(pos), Ordering::Relaxed)
                     .expect("used ring");
                 if let Some(h) = usize::try_from(id).ok().filter(|&h| h < SIZE as usize) {
@@ -116,7 +116,7 @@ impl Own {
         self.used_pos = idx;
     }
 
-    fn owns(&mut self, ring: &SplitRingMemory, head: u16) -> bool {
+    fn owns(&mut self, ring: &RingMemory, head: u16) -> bool {
         let h = usize::from(head);
         if h >= SIZE as usize {
             return false;
@@ -180,12 +180,12 @@ impl Guest {
     /// the heads it has outstanding.
     fn pop_used(&mut self) -> u16 {
         let ring = &self.queue.ring;
-        let idx = ring.used.load_u16(2, Ordering::Acquire).expect("used.idx");
+        let idx = ring.device.load_u16(2, Ordering::Acquire).expect("used.idx");
         let n = idx.wrapping_sub(self.driver_used).min(SIZE);
         for k in 0..n {
             let pos = self.driver_used.wrapping_add(k) % SIZE;
             let id = ring
-                .used
+                .device
                 .load_u32(4 + 8 * u64::from(pos), Ordering::Relaxed)
                 .expect("used ring");
             if let Some(o) = self.outstanding.get_mut(id as usize) {
@@ -331,7 +331,7 @@ pub fn report(data: &[u8]) -> String {
                 elem[..4].copy_from_slice(&id.to_le_bytes());
                 elem[4..].copy_from_slice(&(op as u32).to_le_bytes());
                 dq.ring
-                    .used
+                    .device
                     .write(4 + 8 * slot, &elem)
                     .expect("used ring is writable");
             }
@@ -343,7 +343,7 @@ pub fn report(data: &[u8]) -> String {
                     v
                 };
                 dq.ring
-                    .used
+                    .device
                     .write(2, &idx.to_le_bytes())
                     .expect("used ring is writable");
             }
@@ -407,7 +407,7 @@ pub fn report(data: &[u8]) -> String {
             }
             7 => {
                 assert!(dq.ring.desc.write(0, &[op]).is_err(), "descriptor table written");
-                assert!(dq.ring.avail.write(2, &[op]).is_err(), "available ring written");
+                assert!(dq.ring.driver.write(2, &[op]).is_err(), "available ring written");
             }
             _ => {
                 // The old queue's memory and ring views stop working.
@@ -419,12 +419,18 @@ pub fn report(data: &[u8]) -> String {
                 assert_eq!(error(&e), CopyError::BadQueue(0));
                 // Revoked: the old view reaches scratch pages, never the new ring
                 // (which may sit on the same guest pages).
-                assert!(old.ring.used.is_revoked(), "the old used ring is not revoked");
+                assert!(old.ring.device.is_revoked(), "the old used ring is not revoked");
                 let mut before = [0u8; 2];
-                dq.ring.used.read(2, &mut before).expect("new used ring readable");
-                let _ = old.ring.used.write(2, &[!before[0], !before[1]]);
+                dq.ring
+                    .device
+                    .read(2, &mut before)
+                    .expect("new used ring readable");
+                let _ = old.ring.device.write(2, &[!before[0], !before[1]]);
                 let mut after = [0u8; 2];
-                dq.ring.used.read(2, &mut after).expect("new used ring readable");
+                dq.ring
+                    .device
+                    .read(2, &mut after)
+                    .expect("new used ring readable");
                 assert_eq!(before, after, "revoked used ring written");
                 closed.push(old.memory);
             }

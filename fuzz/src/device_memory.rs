@@ -527,7 +527,7 @@ pub fn grant_memory(data: &[u8]) -> String {
     let Ok(dq) = device.open_queue(0, 8, q.addrs) else {
         return "no device queue".into();
     };
-    q.ring.used.write(0, &[0x5a]).expect("used ring");
+    q.ring.device.write(0, &[0x5a]).expect("used ring");
     let mut probe = [0u8];
     guest.read(rings + 2 * PAGE_SIZE, &mut probe).expect("probe");
     assert_eq!(probe[0], 0x5a, "rings not where the probe said");

@@ -41,9 +41,10 @@
 
 use std::sync::Arc;
 
+use virtio_core::RingMemory;
 use virtio_core::access::{DescSlot, Segment};
 use virtio_core::features::Features;
-use virtio_core::ring::packed::{PackedDevice, PackedRingMemory};
+use virtio_core::ring::packed::PackedDevice;
 use virtio_core::ring::split::{DeviceQueueError, RingFault, UsedError};
 use virtio_core::ring::{Chain, ChainError, INDIRECT_MAX};
 use virtio_core::test_utils::Arena;
@@ -159,7 +160,7 @@ enum Walk {
 
 struct Harness {
     arena: Arc<Arena>,
-    ring: PackedRingMemory,
+    ring: RingMemory,
     /// Guest addresses of the descriptor ring, the driver and the device area.
     areas: (u64, u64, u64),
     device: PackedDevice<Recorder<Arc<Arena>>>,

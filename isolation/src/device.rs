@@ -15,7 +15,7 @@ use transport_shared_page::{Layout, SharedPageConfig, SharedPageDevice};
 use virtio_core::features::Features;
 use virtio_core::ring::SplitLayout;
 use virtio_core::ring::areas::RingFormat;
-use virtio_core::ring::queue::SplitRingMemory;
+use virtio_core::ring::queue::RingMemory;
 use virtio_core::shm::{Mapping, Region};
 use virtio_core::{AccessError, DescSlot, DeviceMemory, DeviceModel, DeviceRing, QueueAddrs, Segment};
 
@@ -171,16 +171,16 @@ impl<'c> Model<'c> {
 /// One ring per file, each at the start of its file: the descriptor table and the
 /// available ring mapped read-only (their files allow nothing else), the used ring
 /// writable (models 3 and 4).
-fn ring_files(files: &[OwnedFd], size: u16) -> Result<SplitRingMemory, String> {
+fn ring_files(files: &[OwnedFd], size: u16) -> Result<RingMemory, String> {
     let [desc, avail, used] = files else {
         return Err(format!("a queue needs 3 ring files, got {}", files.len()));
     };
     let l = SplitLayout::new(size).ok_or("bad queue size")?;
     let ring = |f, writable, bytes| map_whole(f, writable)?.sub(0, bytes).map_err(errno);
-    Ok(SplitRingMemory {
+    Ok(RingMemory {
         desc: ring(desc, false, l.desc_bytes())?,
-        avail: ring(avail, false, l.avail_bytes())?,
-        used: ring(used, true, l.used_bytes())?,
+        driver: ring(avail, false, l.avail_bytes())?,
+        device: ring(used, true, l.used_bytes())?,
     })
 }
 

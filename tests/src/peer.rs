@@ -8,7 +8,7 @@
 //! - [`SharedGuest::device_queue`] builds a `virtio_queue::Queue` (the rust-vmm
 //!   device side) over ring areas our [`SplitDriver`](virtio_core::SplitDriver) owns;
 //! - [`SharedGuest::ring_memory`] / [`SharedGuest::split_device`] build our
-//!   [`SplitRingMemory`] / [`SplitDevice`] over ring areas someone else laid out, for
+//!   [`RingMemory`] / [`SplitDevice`] over ring areas someone else laid out, for
 //!   example `virtio_queue::mock::MockSplitQueue` ([`RingAddrs::of_mock`]).
 //!
 //! ```
@@ -29,7 +29,7 @@ use virtio_core::features::Features;
 use virtio_core::ring::SplitLayout;
 use virtio_core::shm::RegionError;
 use virtio_core::test_utils::{Arena, ArenaError};
-use virtio_core::{SplitDevice, SplitRingMemory};
+use virtio_core::{RingMemory, SplitDevice};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::{Bitmap, WithBitmapSlice};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -224,14 +224,14 @@ impl SharedGuest {
         Ok(q)
     }
 
-    /// Our [`SplitRingMemory`] for a queue of `size` whose areas sit at `addrs`.
-    pub fn ring_memory(&self, size: u16, addrs: RingAddrs) -> Result<SplitRingMemory, PeerError> {
+    /// Our [`RingMemory`] for a queue of `size` whose areas sit at `addrs`.
+    pub fn ring_memory(&self, size: u16, addrs: RingAddrs) -> Result<RingMemory, PeerError> {
         let l = SplitLayout::new(size).ok_or(PeerError::Queue(virtio_queue::Error::InvalidSize))?;
         let area = |addr, len| self.arena.guest_region(addr, len).map_err(PeerError::Range);
-        Ok(SplitRingMemory {
+        Ok(RingMemory {
             desc: area(addrs.desc, l.desc_bytes())?,
-            avail: area(addrs.avail, l.avail_bytes())?,
-            used: area(addrs.used, l.used_bytes())?,
+            driver: area(addrs.avail, l.avail_bytes())?,
+            device: area(addrs.used, l.used_bytes())?,
         })
     }
 

@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use virtio_core::features::Features;
 use virtio_core::test_utils::{Arena, IdentityShare};
-use virtio_core::{DeviceRing, DriverRing, GuestBuf, SplitRingMemory};
+use virtio_core::{DeviceRing, DriverRing, GuestBuf, RingMemory};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 /// How long and how often to measure.
@@ -258,7 +258,7 @@ fn add_rows(
 struct Setup {
     arena: Arc<Arena>,
     addrs: (u64, u64, u64),
-    ring: SplitRingMemory,
+    ring: RingMemory,
     driver: DriverRing<IdentityShare, u16>,
     buf: GuestBuf,
 }

@@ -973,7 +973,7 @@ fn a_flood_of_rejected_chains_cannot_keep_the_device_from_stopping() {
         let q1 = driver.create_queue(1, SIZE).unwrap();
         t.setup_queue(0, SIZE, q0.addrs).unwrap();
         t.setup_queue(1, SIZE, q1.addrs).unwrap();
-        republisher.avail.set(q1.ring.avail.clone()).unwrap();
+        republisher.avail.set(q1.ring.driver.clone()).unwrap();
         let mut good = SplitDriver::<_, u32>::new(SIZE, q0.ring, q0.share, f).unwrap();
         let mut bad = SplitDriver::<_, u32>::new(SIZE, q1.ring, q1.share, f).unwrap();
         driver_ok(&t).unwrap();

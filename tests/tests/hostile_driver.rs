@@ -25,7 +25,7 @@ use virtio_core::ring::{ChainError, INDIRECT_MAX};
 use virtio_core::shm::RegionError;
 use virtio_core::test_utils::raw::{Access, AccessKind, RawDriver, Recorder};
 use virtio_core::test_utils::{Arena, IdentityShare};
-use virtio_core::{GuestBuf, SplitDevice, SplitDriver, SplitRingMemory};
+use virtio_core::{GuestBuf, RingMemory, SplitDevice, SplitDriver};
 
 const BASE: u64 = 0x10_0000;
 const QSIZE: u16 = 8;
@@ -1012,7 +1012,7 @@ fn rule11_bad_queue_sizes_and_misaligned_rings_are_refused() {
         assert!(matches!(r, Err(RingSetupError::BadSize(s)) if s == size));
     }
     let l = SplitLayout { size: 8 };
-    let misaligned = SplitRingMemory {
+    let misaligned = RingMemory {
         desc: arena.guest_region(desc + 4, l.desc_bytes()).unwrap(),
         ..ring.clone()
     };
@@ -1028,8 +1028,8 @@ fn rule11_bad_queue_sizes_and_misaligned_rings_are_refused() {
         "{:?}",
         r.err()
     );
-    let short = SplitRingMemory {
-        used: arena.guest_region(used, l.used_bytes() - 1).unwrap(),
+    let short = RingMemory {
+        device: arena.guest_region(used, l.used_bytes() - 1).unwrap(),
         ..ring.clone()
     };
     let r = SplitDevice::new(8, &short, arena.clone(), all_features());
@@ -1044,8 +1044,8 @@ fn rule11_bad_queue_sizes_and_misaligned_rings_are_refused() {
         "{:?}",
         r.err()
     );
-    let read_only_used = SplitRingMemory {
-        used: ring.used.read_only(),
+    let read_only_used = RingMemory {
+        device: ring.device.read_only(),
         ..ring.clone()
     };
     let r = SplitDevice::new(8, &read_only_used, arena.clone(), all_features());
@@ -1168,7 +1168,7 @@ fn add_used_misuse_is_refused() {
 /// and a raw writer over its used ring.
 struct DriverRig {
     arena: Arc<Arena>,
-    ring: SplitRingMemory,
+    ring: RingMemory,
     driver: SplitDriver<IdentityShare, u32>,
     raw: RawDriver,
 }

@@ -96,7 +96,7 @@ fn hostile_queue(hostile: u16) {
         let dq = driver.create_queue(q, QSIZE).unwrap();
         t.setup_queue(q, QSIZE, dq.addrs).unwrap();
         if q == hostile {
-            republisher.avail.set(dq.ring.avail.clone()).unwrap();
+            republisher.avail.set(dq.ring.driver.clone()).unwrap();
         }
         rings.push(SplitDriver::<_, u32>::new(QSIZE, dq.ring, dq.share, f).unwrap());
     }

@@ -11,9 +11,9 @@
 
 use hypervisor::{Domain, GuestMemory};
 use std::sync::{Arc, Mutex};
+use virtio_core::RingMemory;
 use virtio_core::ring::SplitLayout;
 use virtio_core::ring::areas::{AreaError, RingArea, RingAreas};
-use virtio_core::ring::split::SplitRingMemory;
 use virtio_core::{DriverQueue, ModelError, QueueAddrs};
 
 use crate::share::DirectShare;
@@ -188,10 +188,10 @@ impl GuestRings {
         }
         let spans = [spans[0], spans[1], spans[2]];
         let region = |gpa, bytes| mem.region(gpa, bytes).map_err(|e| ModelError::Model(Box::new(e)));
-        let ring = SplitRingMemory {
+        let ring = RingMemory {
             desc: region(spans[0].gpa, layout.desc_bytes())?,
-            avail: region(spans[1].gpa, layout.avail_bytes())?,
-            used: region(spans[2].gpa, layout.used_bytes())?,
+            driver: region(spans[1].gpa, layout.avail_bytes())?,
+            device: region(spans[2].gpa, layout.used_bytes())?,
         };
         queues.push((index, spans));
         Ok(DriverQueue {

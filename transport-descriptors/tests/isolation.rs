@@ -177,7 +177,7 @@ struct CopyRig {
     g: Arc<Domain>,
     raw: RawQueue,
     dev: SplitDevice<CopyMemory>,
-    ring: virtio_core::SplitRingMemory,
+    ring: virtio_core::RingMemory,
     helper: Arc<CopyHelper>,
     model: copy::CopyDevice,
     addrs: QueueAddrs,
@@ -482,19 +482,19 @@ fn copy_device_cannot_write_the_descriptor_table_or_avail_ring() {
     let buf = buffer(&r.g, b"intact");
     r.raw.desc(0, buf, 6, 0, 0);
     r.raw.publish(0);
-    assert!(!r.ring.desc.is_writable() && !r.ring.avail.is_writable());
+    assert!(!r.ring.desc.is_writable() && !r.ring.driver.is_writable());
     assert_eq!(r.ring.desc.write(0, &[0xff; 16]), Err(RegionError::ReadOnly));
-    assert_eq!(r.ring.avail.write(2, &[9, 9]), Err(RegionError::ReadOnly));
+    assert_eq!(r.ring.driver.write(2, &[9, 9]), Err(RegionError::ReadOnly));
     assert_eq!(r.ring.desc.zero(0, 16), Err(RegionError::ReadOnly));
     // The region's refusal is backed by the MMU: the device's views are separate,
     // read-only mappings, not the guest's own.
     assert_eq!(&mmu_perms(r.ring.desc.as_ptr())[..2], "r-");
-    assert_eq!(&mmu_perms(r.ring.avail.as_ptr())[..2], "r-");
-    assert_eq!(&mmu_perms(r.ring.used.as_ptr())[..2], "rw");
+    assert_eq!(&mmu_perms(r.ring.driver.as_ptr())[..2], "r-");
+    assert_eq!(&mmu_perms(r.ring.device.as_ptr())[..2], "rw");
     assert_ne!(r.ring.desc.as_ptr(), r.raw.ring.desc.as_ptr());
     // The device's views hold the rings and nothing more than their pages.
     let page = r.g.memory().page_size() as usize;
-    assert!(r.ring.desc.len() <= page && r.ring.used.len() <= page);
+    assert!(r.ring.desc.len() <= page && r.ring.device.len() <= page);
     // Nothing changed: the descriptor still says what the guest wrote.
     let c = r.dev.pop().unwrap().unwrap();
     let mut got = [0u8; 6];
@@ -515,9 +515,9 @@ fn copy_bogus_used_entry_loses_ownership() {
     let c1 = r.dev.pop().unwrap().unwrap();
     // The device writes a used entry for head 1 behind the ring's back (at the slot
     // the ring will use next, so its own bookkeeping stays consistent).
-    r.ring.used.write(4, &1u32.to_le_bytes()).unwrap();
-    r.ring.used.write(8, &0u32.to_le_bytes()).unwrap();
-    r.ring.used.write(2, &1u16.to_le_bytes()).unwrap();
+    r.ring.device.write(4, &1u32.to_le_bytes()).unwrap();
+    r.ring.device.write(8, &0u32.to_le_bytes()).unwrap();
+    r.ring.device.write(2, &1u16.to_le_bytes()).unwrap();
     let mut got = [0u8; 16];
     let ae = r.dev.memory().read(&c1.readable()[0], 0, &mut got).unwrap_err();
     assert_eq!(CopyError::of(&ae), Some(&CopyError::NotOwned { head: 1 }));
@@ -531,7 +531,7 @@ fn copy_bogus_used_entry_loses_ownership() {
     // A used index thrown far ahead revokes everything the device holds.
     r.raw.publish(1);
     let c1 = r.dev.pop().unwrap().unwrap();
-    r.ring.used.write(2, &500u16.to_le_bytes()).unwrap();
+    r.ring.device.write(2, &500u16.to_le_bytes()).unwrap();
     let ae = r.dev.memory().read(&c1.readable()[0], 0, &mut got).unwrap_err();
     assert_eq!(CopyError::of(&ae), Some(&CopyError::NotOwned { head: 1 }));
     assert_eq!(peek(&r.g, a, 16), pattern(16, 5));
@@ -622,8 +622,8 @@ fn copy_ring_views_are_revoked_before_the_driver_reuses_the_ring_pages() {
     );
     // Through the clone: the copies land in the scratch pages that replaced the
     // revoked mapping, never in the new used ring.
-    let _ = kept.used.write(0, &[0xff; 8]);
-    let _ = kept.used.zero(0, 8);
+    let _ = kept.device.write(0, &[0xff; 8]);
+    let _ = kept.device.zero(0, 8);
     assert!(peek(&g, q2.addrs.used, page) == fresh);
 
     // The new queue works as if the old device never existed.
@@ -658,9 +658,9 @@ fn copy_ring_clone_kept_past_close_cannot_write_a_reused_page() {
 
     // Writes land in the scratch pages that replaced the revoked mapping; reads see
     // those, never the guest's secret.
-    let _ = kept.used.write(0, &[0xff; 64]);
+    let _ = kept.device.write(0, &[0xff; 64]);
     let mut leak = [0u8; 16];
-    if kept.used.read(0, &mut leak).is_ok() {
+    if kept.device.read(0, &mut leak).is_ok() {
         assert_ne!(&leak[..], &secret[..16], "nor read it");
     }
     if kept.desc.read(0, &mut leak).is_ok() {

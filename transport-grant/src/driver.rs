@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex, Weak};
 use virtio_core::ring::areas::RingFormat;
 use virtio_core::ring::layout::SplitLayout;
 use virtio_core::{
-    Direction, DriverModel, DriverQueue, DriverShare, Exposed, GuestBuf, ModelError, QueueAddrs, ShareError,
-    SplitRingMemory,
+    Direction, DriverModel, DriverQueue, DriverShare, Exposed, GuestBuf, ModelError, QueueAddrs, RingMemory,
+    ShareError,
 };
 
 /// A grant whose revocation failed because it is mapped; `page` is freed to the
@@ -261,10 +261,10 @@ impl DriverModel for GrantDriver {
         let (used, used_r) = ring_area(&mut share, layout.used_bytes(), false, size)?;
         Ok(DriverQueue {
             addrs: QueueAddrs { desc, avail, used },
-            ring: SplitRingMemory {
+            ring: RingMemory {
                 desc: desc_r,
-                avail: avail_r,
-                used: used_r,
+                driver: avail_r,
+                device: used_r,
             },
             share,
         })

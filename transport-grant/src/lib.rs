@@ -21,7 +21,7 @@
 //! and available ring read-only, enforced by the MMU), the pages it has mapped from
 //! persistent grants, and, through the hypervisor's checked copy, the bytes of
 //! grants currently given to it. Ring regions handed to the device (as
-//! [`virtio_core::SplitRingMemory`]) can be cloned, but a clone does not outlive the
+//! [`virtio_core::RingMemory`]) can be cloned, but a clone does not outlive the
 //! queue: closing the queue drops its [`GrantMapping`]s, which revoke the mappings
 //! (every region over them, clones included, is cut off and fails with
 //! [`virtio_core::shm::RegionError::Revoked`]) before the pins are released, so the

@@ -522,13 +522,13 @@ fn ring_regions_kept_past_the_queue_cannot_touch_the_reused_pages() {
 
     // The kept regions reach only the scratch pages that replaced the revoked
     // mappings: writes land there, reads see them, never the guest's data.
-    let _ = kept.used.write(0, &[0xff; 64]);
-    let _ = kept.used.zero(0, 64);
+    let _ = kept.device.write(0, &[0xff; 64]);
+    let _ = kept.device.zero(0, 64);
     let mut leak = [0u8; 16];
-    if kept.avail.read(0, &mut leak).is_ok() {
+    if kept.driver.read(0, &mut leak).is_ok() {
         assert_ne!(leak, [0xa5; 16], "nor read them");
     }
-    assert!(kept.used.sub(0, 8).is_err(), "and no new handle is given out");
+    assert!(kept.device.sub(0, 8).is_err(), "and no new handle is given out");
     let mut now = vec![0u8; secret.len()];
     mem.read(all, &mut now).unwrap();
     assert!(now == secret, "the guest's data is intact");

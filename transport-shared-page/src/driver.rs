@@ -14,8 +14,7 @@ use virtio_core::ring::areas::RingFormat;
 use virtio_core::ring::layout::SplitLayout;
 use virtio_core::shm::Region;
 use virtio_core::{
-    Direction, DriverModel, DriverQueue, DriverShare, Exposed, GuestBuf, ModelError, ShareError,
-    SplitRingMemory,
+    Direction, DriverModel, DriverQueue, DriverShare, Exposed, GuestBuf, ModelError, RingMemory, ShareError,
 };
 
 /// Sets up sharing model 1 for `guest`: allocates and zeroes one shared region of
@@ -181,10 +180,10 @@ impl DriverModel for SharedPageDriver {
             .queue_addrs(index, size)
             .zip(self.layout.bounce(index))
             .ok_or(ModelError::BadSize(size))?;
-        let ring = SplitRingMemory {
+        let ring = RingMemory {
             desc: self.area(addrs.desc, l.desc_bytes())?,
-            avail: self.area(addrs.avail, l.avail_bytes())?,
-            used: self.area(addrs.used, l.used_bytes())?,
+            driver: self.area(addrs.avail, l.avail_bytes())?,
+            device: self.area(addrs.used, l.used_bytes())?,
         };
         let area = self.area(bounce.start, bounce.end - bounce.start)?;
         let share = SharedPageShare {

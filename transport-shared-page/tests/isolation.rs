@@ -413,7 +413,7 @@ fn device_reaches_the_shared_region_and_nothing_else() {
         dq.memory.read(&all, 0, &mut bytes).unwrap();
         assert!(dq.memory.read(&all, all.len(), &mut [0u8; 1]).is_err());
         seen.extend(bytes);
-        for area in [&dq.ring.desc, &dq.ring.avail, &dq.ring.used] {
+        for area in [&dq.ring.desc, &dq.ring.driver, &dq.ring.device] {
             let mut bytes = vec![0u8; area.len()];
             area.read(0, &mut bytes).unwrap();
             seen.extend(bytes);

@@ -76,6 +76,7 @@ pub mod transport;
 
 pub use access::{AccessError, DescSlot, DeviceMemory, ReadOp, Segment, WriteOp};
 pub use model::{DeviceModel, DeviceQueue, DriverModel, DriverQueue, ModelError, QueueAddrs};
+pub use ring::areas::RingMemory;
 pub use ring::queue::{DeviceRing, DriverRing};
-pub use ring::split::{SplitDevice, SplitDriver, SplitRingMemory};
+pub use ring::split::{SplitDevice, SplitDriver};
 pub use share::{Direction, DriverShare, Exposed, GuestBuf, ShareError};

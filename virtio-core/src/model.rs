@@ -10,7 +10,7 @@
 use crate::access::DeviceMemory;
 use crate::features::Features;
 use crate::ring::areas::RingFormat;
-use crate::ring::split::SplitRingMemory;
+use crate::ring::areas::RingMemory;
 use crate::share::DriverShare;
 
 /// The addresses a driver writes into a queue's registers (virtio 1.2 §4.1.4.3:
@@ -51,7 +51,7 @@ pub struct DriverQueue<S> {
     /// What to write into the queue registers.
     pub addrs: QueueAddrs,
     /// The rings in the driver's own memory.
-    pub ring: SplitRingMemory,
+    pub ring: RingMemory,
     /// The model's driver side for this queue.
     pub share: S,
 }
@@ -60,7 +60,7 @@ pub struct DriverQueue<S> {
 #[derive(Debug)]
 pub struct DeviceQueue<M> {
     /// The rings as the device may reach them.
-    pub ring: SplitRingMemory,
+    pub ring: RingMemory,
     /// How the device reaches descriptor memory.
     pub memory: M,
 }

@@ -907,7 +907,7 @@ mod tests {
             MemoryTable::map(&[spec(0, 0x4000, 0, 0)], vec![memfd(0x4000)]).unwrap(),
         ));
         let q = model.open_queue(0, 256, addrs).unwrap();
-        assert!(!q.ring.desc.is_writable() && q.ring.used.is_writable());
+        assert!(!q.ring.desc.is_writable() && q.ring.device.is_writable());
         let odd = QueueAddrs { desc: 8, ..addrs };
         assert!(matches!(
             model.open_queue(0, 256, odd),

@@ -7,7 +7,7 @@
 use hypervisor::GuestMemory;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use virtio_core::ring::split::SplitRingMemory;
+use virtio_core::RingMemory;
 use virtio_core::shm::Mapping;
 use virtio_core::shm::Region;
 use virtio_core::{DescSlot, ModelError, QueueAddrs, ReadOp, Segment, WriteOp};
@@ -195,7 +195,7 @@ impl CopyHelper {
         queue: u16,
         size: u16,
         addrs: QueueAddrs,
-    ) -> Result<(SplitRingMemory, u64), ModelError> {
+    ) -> Result<(RingMemory, u64), ModelError> {
         let mut s = self.slot(queue).map_err(|e| ModelError::Model(Box::new(e)))?;
         if s.published != Some((size, addrs)) {
             tracing::debug!(queue, size, ?addrs, published = ?s.published, "queue not published by the driver");
@@ -222,20 +222,20 @@ impl CopyHelper {
             r.map_err(|e| ModelError::Model(Box::new(e)))
         };
         let device = (|| {
-            Ok::<_, ModelError>(SplitRingMemory {
+            Ok::<_, ModelError>(RingMemory {
                 desc: map(rings.desc, false)?,
-                avail: map(rings.avail, false)?,
-                used: map(rings.used, true)?,
+                driver: map(rings.avail, false)?,
+                device: map(rings.used, true)?,
             })
         })();
         // Listed even when a later step failed: the device may never see them, but
         // `shut` revoking them costs nothing.
         s.device_rings.append(&mut mapped);
         let device = device?;
-        let trusted = SplitRingMemory {
+        let trusted = RingMemory {
             desc: mem.region(rings.desc.gpa, rings.desc.bytes).map_err(model)?,
-            avail: mem.region(rings.avail.gpa, rings.avail.bytes).map_err(model)?,
-            used: mem.region(rings.used.gpa, rings.used.bytes).map_err(model)?,
+            driver: mem.region(rings.avail.gpa, rings.avail.bytes).map_err(model)?,
+            device: mem.region(rings.used.gpa, rings.used.bytes).map_err(model)?,
         };
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         s.active = Some(Box::new(Active {

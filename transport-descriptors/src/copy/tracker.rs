@@ -28,8 +28,8 @@
 use hypervisor::GuestMemory;
 use std::sync::atomic::Ordering;
 use virtio_core::DescSlot;
+use virtio_core::RingMemory;
 use virtio_core::ring::layout::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
-use virtio_core::ring::split::SplitRingMemory;
 use virtio_core::shm::Region;
 
 use super::CopyError;
@@ -108,7 +108,7 @@ fn load_u32(r: &Region, off: u64) -> u32 {
 pub(super) struct Tracker {
     size: u16,
     /// The guest's own views of its rings (the helper's trusted access).
-    ring: SplitRingMemory,
+    ring: RingMemory,
     /// Next available-ring position to account.
     avail_pos: u16,
     /// Next used-ring position to account.
@@ -133,7 +133,7 @@ impl std::fmt::Debug for Tracker {
 impl Tracker {
     /// Tracks a queue of `size` (a valid queue size) whose rings the guest reaches
     /// through `ring`. Counting starts at ring position 0, as the device's does.
-    pub(super) fn new(size: u16, ring: SplitRingMemory) -> Tracker {
+    pub(super) fn new(size: u16, ring: RingMemory) -> Tracker {
         let n = usize::from(size);
         Tracker {
             size,
@@ -168,7 +168,7 @@ impl Tracker {
     fn sync_avail(&mut self) {
         // Acquire pairs with the driver's Release store of avail.idx: the ring entries
         // and the descriptors it published are visible to the loads below.
-        let idx = load_u16(&self.ring.avail, 2, Ordering::Acquire);
+        let idx = load_u16(&self.ring.driver, 2, Ordering::Acquire);
         let n = idx.wrapping_sub(self.avail_pos);
         if n == 0 {
             return;
@@ -185,7 +185,7 @@ impl Tracker {
         }
         for k in 0..n {
             let pos = self.avail_pos.wrapping_add(k);
-            let head = load_u16(&self.ring.avail, 4 + 2 * self.slot(pos), Ordering::Relaxed);
+            let head = load_u16(&self.ring.driver, 4 + 2 * self.slot(pos), Ordering::Relaxed);
             if let Some(c) = self.owned.get_mut(usize::from(head)) {
                 *c = c.saturating_add(1);
             }
@@ -199,7 +199,7 @@ impl Tracker {
         // Acquire pairs with the device's Release store of used.idx (its elements are
         // visible). Loading used.idx before avail.idx (in `complete`) is what keeps
         // completions after the availabilities they answer.
-        let idx = load_u16(&self.ring.used, 2, Ordering::Acquire);
+        let idx = load_u16(&self.ring.device, 2, Ordering::Acquire);
         let n = idx.wrapping_sub(self.used_pos);
         if n == 0 {
             return;
@@ -222,7 +222,7 @@ impl Tracker {
         }
         for k in 0..n {
             let pos = self.used_pos.wrapping_add(k);
-            let id = load_u32(&self.ring.used, 4 + 8 * self.slot(pos));
+            let id = load_u32(&self.ring.device, 4 + 8 * self.slot(pos));
             self.complete(id);
         }
         self.used_pos = idx;
@@ -349,7 +349,7 @@ mod tests {
     /// A guest with one queue of 8 and a tracker over it.
     struct Fixture {
         mem: Arc<GuestMemory>,
-        ring: SplitRingMemory,
+        ring: RingMemory,
         t: Tracker,
         avail: u16,
         used: u16,
@@ -381,16 +381,16 @@ mod tests {
 
         fn make_available(&mut self, head: u16) {
             let slot = u64::from(self.avail % 8);
-            self.ring.avail.write(4 + 2 * slot, &head.to_le_bytes()).unwrap();
+            self.ring.driver.write(4 + 2 * slot, &head.to_le_bytes()).unwrap();
             self.avail = self.avail.wrapping_add(1);
-            self.ring.avail.write(2, &self.avail.to_le_bytes()).unwrap();
+            self.ring.driver.write(2, &self.avail.to_le_bytes()).unwrap();
         }
 
         fn complete(&mut self, id: u32) {
             let slot = u64::from(self.used % 8);
-            self.ring.used.write(4 + 8 * slot, &id.to_le_bytes()).unwrap();
+            self.ring.device.write(4 + 8 * slot, &id.to_le_bytes()).unwrap();
             self.used = self.used.wrapping_add(1);
-            self.ring.used.write(2, &self.used.to_le_bytes()).unwrap();
+            self.ring.device.write(2, &self.used.to_le_bytes()).unwrap();
         }
     }
 
@@ -442,7 +442,7 @@ mod tests {
         assert!(!f.t.owns(1) && f.t.owns(4));
         // used.idx jumping past the ring size revokes everything.
         f.used = f.used.wrapping_add(100);
-        f.ring.used.write(2, &f.used.to_le_bytes()).unwrap();
+        f.ring.device.write(2, &f.used.to_le_bytes()).unwrap();
         f.t.refresh_used();
         assert!(!f.t.owns(4));
         // The queue goes on: a new availability is owned again.

@@ -3,19 +3,19 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
-use virtio_core::ring::split::SplitRingMemory;
+use virtio_core::RingMemory;
 use virtio_core::{DeviceMemory, SplitDevice};
 
 /// The guest writing its own rings byte by byte, as a hostile or buggy driver would.
 pub struct RawQueue {
-    pub ring: SplitRingMemory,
+    pub ring: RingMemory,
     pub size: u16,
     avail: u16,
     used: u16,
 }
 
 impl RawQueue {
-    pub fn new(ring: SplitRingMemory, size: u16) -> RawQueue {
+    pub fn new(ring: RingMemory, size: u16) -> RawQueue {
         RawQueue {
             ring,
             size,
@@ -36,21 +36,21 @@ impl RawQueue {
     /// Makes `head` available and publishes the index.
     pub fn publish(&mut self, head: u16) {
         let slot = u64::from(self.avail % self.size);
-        self.ring.avail.write(4 + 2 * slot, &head.to_le_bytes()).unwrap();
+        self.ring.driver.write(4 + 2 * slot, &head.to_le_bytes()).unwrap();
         self.avail = self.avail.wrapping_add(1);
-        self.ring.avail.write(2, &self.avail.to_le_bytes()).unwrap();
+        self.ring.driver.write(2, &self.avail.to_le_bytes()).unwrap();
     }
 
     /// Used elements published since the last call.
     pub fn take_used(&mut self) -> Vec<(u32, u32)> {
         let mut b = [0u8; 2];
-        self.ring.used.read(2, &mut b).unwrap();
+        self.ring.device.read(2, &mut b).unwrap();
         let idx = u16::from_le_bytes(b);
         let mut out = Vec::new();
         while self.used != idx {
             let slot = u64::from(self.used % self.size);
             let mut e = [0u8; 8];
-            self.ring.used.read(4 + 8 * slot, &mut e).unwrap();
+            self.ring.device.read(4 + 8 * slot, &mut e).unwrap();
             out.push((
                 u32::from_le_bytes(e[..4].try_into().unwrap()),
                 u32::from_le_bytes(e[4..].try_into().unwrap()),

@@ -265,10 +265,10 @@ fn notification_data_says_where_the_next_request_goes() {
         // The device side, to take each request back so the ring never fills.
         let l = crate::ring::layout::SplitLayout { size: 8 };
         let area = |addr, len| m.0.guest_region(addr, len).unwrap();
-        let ring = crate::ring::split::SplitRingMemory {
+        let ring = crate::RingMemory {
             desc: area(q.addrs.desc, l.desc_bytes()),
-            avail: area(q.addrs.avail, l.avail_bytes()),
-            used: area(q.addrs.used, l.used_bytes()),
+            driver: area(q.addrs.avail, l.avail_bytes()),
+            device: area(q.addrs.used, l.used_bytes()),
         };
         let mut device = crate::DeviceRing::new(8, &ring, m.0.clone(), offered).unwrap();
         assert_eq!(register.read(), None, "nothing before the first kick");

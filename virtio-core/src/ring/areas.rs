@@ -12,7 +12,6 @@
 use crate::features::Features;
 use crate::model::{ModelError, QueueAddrs};
 use crate::ring::layout::SplitLayout;
-use crate::ring::split::SplitRingMemory;
 use crate::shm::Region;
 
 /// The three areas of a virtqueue (virtio 1.2 §2.6).
@@ -24,6 +23,25 @@ pub enum RingArea {
     Driver,
     /// Used ring (split) or device event suppression (packed).
     Device,
+}
+
+/// The three memory areas of one queue, as regions of the caller's sharing model
+/// (virtio 1.2 §2.6), whatever the ring format: what the areas hold and who writes
+/// them is the format's business.
+///
+/// | area | split ring (§2.7) | packed ring (§2.8) |
+/// |---|---|---|
+/// | `desc` | descriptor table, `16 * size` B, driver-written | descriptor ring, `16 * size` B, written by both |
+/// | `driver` | available ring, `6 + 2 * size` B, driver-written | driver event suppression, 4 B, driver-written |
+/// | `device` | used ring, `6 + 8 * size` B, device-written | device event suppression, 4 B, device-written |
+#[derive(Debug, Clone)]
+pub struct RingMemory {
+    /// Descriptor area.
+    pub desc: Region,
+    /// Driver area.
+    pub driver: Region,
+    /// Device area.
+    pub device: Region,
 }
 
 /// The two ring formats (virtio 1.2 §2.7 split, §2.8 packed).
@@ -243,7 +261,7 @@ pub fn open_ring(
     size: u16,
     addrs: QueueAddrs,
     mut map: impl FnMut(&Span) -> Result<Region, ModelError>,
-) -> Result<SplitRingMemory, ModelError> {
+) -> Result<RingMemory, ModelError> {
     let areas = RingAreas::new(format, size, addrs).map_err(|reason| {
         tracing::debug!(?format, size, ?addrs, %reason, "queue areas refused");
         match reason {
@@ -256,10 +274,10 @@ pub fn open_ring(
         Ok(if s.device_writes { r } else { r.read_only() })
     };
     let [desc, avail, used] = &areas.spans;
-    Ok(SplitRingMemory {
+    Ok(RingMemory {
         desc: open(desc)?,
-        avail: open(avail)?,
-        used: open(used)?,
+        driver: open(avail)?,
+        device: open(used)?,
     })
 }
 

@@ -12,9 +12,8 @@
 //! device side holds back completions until every chain taken before them is
 //! done, so no device needs to finish work in order); which devices, drivers and
 //! models negotiate them is theirs to say ([`RING_FEATURES`] is all of them).
-//! The ring memory comes as a [`SplitRingMemory`] whatever the format: the three
-//! areas of §2.6 in order (descriptor area, driver area, device area), named by the
-//! split ring's use of them.
+//! The ring memory comes as a [`RingMemory`] whatever the format: the three
+//! areas of §2.6 (descriptor area, driver area, device area).
 //!
 //! ```
 //! # #[cfg(feature = "test-utils")] {
@@ -41,14 +40,14 @@ use crate::access::DeviceMemory;
 use crate::features::Features;
 use crate::ring::areas::RingFormat;
 use crate::ring::chain::Chain;
-use crate::ring::packed::{PackedDevice, PackedDriver, PackedRingMemory};
+use crate::ring::packed::{PackedDevice, PackedDriver};
 use crate::ring::split::{SplitDevice, SplitDriver};
 use crate::share::{DriverShare, GuestBuf};
 
 // What both formats share: errors, what a used request carries, the ring memory.
+pub use crate::ring::areas::RingMemory;
 pub use crate::ring::split::{
-    AddError, DeviceQueueError, DriverQueueError, Rejected, RingFault, RingSetupError, SplitRingMemory, Used,
-    UsedError,
+    AddError, DeviceQueueError, DriverQueueError, Rejected, RingFault, RingSetupError, Used, UsedError,
 };
 
 /// Every device-independent feature the rings implement on both sides: what a
@@ -150,30 +149,14 @@ pub fn position_in_vring_base(format: RingFormat, base: u32) -> Option<u16> {
     fits.then_some(avail)
 }
 
-/// The areas a model hands out, as the packed ring names them.
-fn packed_areas(ring: &SplitRingMemory) -> PackedRingMemory {
-    PackedRingMemory {
-        desc: ring.desc.clone(),
-        driver: ring.avail.clone(),
-        device: ring.used.clone(),
-    }
-}
-
 impl<S: DriverShare, T> DriverRing<S, T> {
     /// Sets up the driver side of a queue of `size` entries over `ring` (the
     /// driver's own memory: it initialises every area) in the format `features`
     /// negotiated.
-    pub fn new(
-        size: u16,
-        ring: SplitRingMemory,
-        share: S,
-        features: Features,
-    ) -> Result<Self, RingSetupError> {
+    pub fn new(size: u16, ring: RingMemory, share: S, features: Features) -> Result<Self, RingSetupError> {
         Ok(match RingFormat::of(features) {
             RingFormat::Split => DriverRing::Split(SplitDriver::new(size, ring, share, features)?),
-            RingFormat::Packed => {
-                DriverRing::Packed(PackedDriver::new(size, packed_areas(&ring), share, features)?)
-            }
+            RingFormat::Packed => DriverRing::Packed(PackedDriver::new(size, ring, share, features)?),
         })
     }
 
@@ -276,17 +259,10 @@ impl<M: DeviceMemory> DeviceRing<M> {
     /// Activates the device side of a queue of `size` entries over `ring`,
     /// reaching descriptor memory through `mem`, in the format `features`
     /// negotiated.
-    pub fn new(
-        size: u16,
-        ring: &SplitRingMemory,
-        mem: M,
-        features: Features,
-    ) -> Result<Self, RingSetupError> {
+    pub fn new(size: u16, ring: &RingMemory, mem: M, features: Features) -> Result<Self, RingSetupError> {
         Ok(match RingFormat::of(features) {
             RingFormat::Split => DeviceRing::Split(SplitDevice::new(size, ring, mem, features)?),
-            RingFormat::Packed => {
-                DeviceRing::Packed(PackedDevice::new(size, &packed_areas(ring), mem, features)?)
-            }
+            RingFormat::Packed => DeviceRing::Packed(PackedDevice::new(size, ring, mem, features)?),
         })
     }
 

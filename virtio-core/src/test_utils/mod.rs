@@ -14,9 +14,9 @@ mod skip;
 pub use skip::skip;
 
 use crate::access::{AccessError, DeviceMemory, Segment, check_within};
+use crate::ring::areas::RingMemory;
 use crate::ring::layout::SplitLayout;
-use crate::ring::packed::{EventSuppress, PackedLayout, PackedRingMemory};
-use crate::ring::split::SplitRingMemory;
+use crate::ring::packed::{EventSuppress, PackedLayout};
 use crate::share::{Direction, DriverShare, Exposed, GuestBuf, ShareError};
 use crate::shm::{Mapping, Region, RegionError};
 use std::sync::{Arc, Mutex};
@@ -129,16 +129,16 @@ impl Arena {
 
     /// Allocates the three areas of a split queue of `size` and returns their guest
     /// addresses `(desc, avail, used)` and the driver's (writable) ring memory.
-    pub fn alloc_split_ring(&self, size: u16) -> Result<((u64, u64, u64), SplitRingMemory), ArenaError> {
+    pub fn alloc_split_ring(&self, size: u16) -> Result<((u64, u64, u64), RingMemory), ArenaError> {
         let l = SplitLayout::new(size).ok_or(ArenaError::Full(0))?;
         let desc = self.alloc(l.desc_bytes(), 4096)?;
         let avail = self.alloc(l.avail_bytes(), 64)?;
         // Own cache line, away from the avail ring the other side writes.
         let used = self.alloc(l.used_bytes(), 4096)?;
-        let mem = SplitRingMemory {
+        let mem = RingMemory {
             desc: self.guest_region(desc, l.desc_bytes())?,
-            avail: self.guest_region(avail, l.avail_bytes())?,
-            used: self.guest_region(used, l.used_bytes())?,
+            driver: self.guest_region(avail, l.avail_bytes())?,
+            device: self.guest_region(used, l.used_bytes())?,
         };
         Ok(((desc, avail, used), mem))
     }
@@ -147,13 +147,13 @@ impl Arena {
 impl Arena {
     /// Allocates the three areas of a packed queue of `size` and returns their guest
     /// addresses `(desc, driver, device)` and the driver's (writable) ring memory.
-    pub fn alloc_packed_ring(&self, size: u16) -> Result<((u64, u64, u64), PackedRingMemory), ArenaError> {
+    pub fn alloc_packed_ring(&self, size: u16) -> Result<((u64, u64, u64), RingMemory), ArenaError> {
         let l = PackedLayout::new(size).ok_or(ArenaError::Full(0))?;
         let desc = self.alloc(l.desc_bytes(), 4096)?;
         // Each event suppression structure on its own cache line: each side writes one.
         let driver = self.alloc(EventSuppress::SIZE, 64)?;
         let device = self.alloc(EventSuppress::SIZE, 64)?;
-        let mem = PackedRingMemory {
+        let mem = RingMemory {
             desc: self.guest_region(desc, l.desc_bytes())?,
             driver: self.guest_region(driver, EventSuppress::SIZE)?,
             device: self.guest_region(device, EventSuppress::SIZE)?,

@@ -21,11 +21,12 @@
 use super::Arena;
 use crate::access::{AccessError, DescSlot, DeviceMemory, Segment};
 use crate::features::Features;
+use crate::ring::areas::RingMemory;
 use crate::ring::chain::Chain;
 use crate::ring::layout::{
     Descriptor, SplitLayout, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 };
-use crate::ring::split::{DeviceQueueError, RingSetupError, SplitDevice, SplitRingMemory, UsedError};
+use crate::ring::split::{DeviceQueueError, RingSetupError, SplitDevice, UsedError};
 use crate::shm::{Region, RegionError};
 use std::sync::{Arc, Mutex};
 use zerocopy::{FromBytes, IntoBytes};
@@ -39,7 +40,7 @@ use zerocopy::{FromBytes, IntoBytes};
 #[derive(Debug)]
 pub struct RawDriver {
     arena: Arc<Arena>,
-    ring: SplitRingMemory,
+    ring: RingMemory,
     size: u16,
     next_avail: u16,
     last_used: u16,
@@ -60,12 +61,12 @@ impl RawDriver {
     ///
     /// Checks the size and that each area is large enough and writable, so that the
     /// field accessors below cannot fail.
-    pub fn new(arena: Arc<Arena>, size: u16, ring: SplitRingMemory) -> Result<RawDriver, RingSetupError> {
+    pub fn new(arena: Arc<Arena>, size: u16, ring: RingMemory) -> Result<RawDriver, RingSetupError> {
         let layout = SplitLayout::new(size).ok_or(RingSetupError::BadSize(size))?;
         for (area, region, bytes) in [
             ("descriptor table", &ring.desc, layout.desc_bytes()),
-            ("available ring", &ring.avail, layout.avail_bytes()),
-            ("used ring", &ring.used, layout.used_bytes()),
+            ("available ring", &ring.driver, layout.avail_bytes()),
+            ("used ring", &ring.device, layout.used_bytes()),
         ] {
             if !region.is_writable() {
                 return Err(RingSetupError::NotWritable(area));
@@ -89,7 +90,7 @@ impl RawDriver {
     }
 
     /// The ring areas written to.
-    pub fn ring(&self) -> &SplitRingMemory {
+    pub fn ring(&self) -> &RingMemory {
         &self.ring
     }
 
@@ -182,7 +183,7 @@ impl RawDriver {
     /// modulo the queue size); touches neither cursor nor `avail.idx`.
     pub fn write_avail_entry(&self, pos: u16, head: u16) {
         Self::poke(
-            &self.ring.avail,
+            &self.ring.driver,
             AVAIL_RING + 2 * self.slot(pos),
             &head.to_le_bytes(),
         );
@@ -190,17 +191,17 @@ impl RawDriver {
 
     /// Reads the available-ring entry at free-running position `pos`.
     pub fn avail_entry(&self, pos: u16) -> u16 {
-        u16::from_le_bytes(Self::peek(&self.ring.avail, AVAIL_RING + 2 * self.slot(pos)))
+        u16::from_le_bytes(Self::peek(&self.ring.driver, AVAIL_RING + 2 * self.slot(pos)))
     }
 
     /// Stores `idx` into `avail.idx` as it is; the private position is unchanged.
     pub fn set_avail_idx(&self, idx: u16) {
-        Self::poke(&self.ring.avail, AVAIL_IDX, &idx.to_le_bytes());
+        Self::poke(&self.ring.driver, AVAIL_IDX, &idx.to_le_bytes());
     }
 
     /// The shared `avail.idx` as it is now.
     pub fn avail_idx(&self) -> u16 {
-        u16::from_le_bytes(Self::peek(&self.ring.avail, AVAIL_IDX))
+        u16::from_le_bytes(Self::peek(&self.ring.driver, AVAIL_IDX))
     }
 
     /// The private available position (where [`RawDriver::put_avail`] writes next).
@@ -215,13 +216,13 @@ impl RawDriver {
 
     /// Stores `flags` into `avail.flags`.
     pub fn set_avail_flags(&self, flags: u16) {
-        Self::poke(&self.ring.avail, AVAIL_FLAGS, &flags.to_le_bytes());
+        Self::poke(&self.ring.driver, AVAIL_FLAGS, &flags.to_le_bytes());
     }
 
     /// Stores `used_event` (the field after the available ring, §2.7.7).
     pub fn set_used_event(&self, v: u16) {
         Self::poke(
-            &self.ring.avail,
+            &self.ring.driver,
             AVAIL_RING + 2 * u64::from(self.size),
             &v.to_le_bytes(),
         );
@@ -230,7 +231,7 @@ impl RawDriver {
     /// Reads `used_event`.
     pub fn used_event(&self) -> u16 {
         u16::from_le_bytes(Self::peek(
-            &self.ring.avail,
+            &self.ring.driver,
             AVAIL_RING + 2 * u64::from(self.size),
         ))
     }
@@ -239,19 +240,19 @@ impl RawDriver {
 
     /// The shared `used.idx` as it is now.
     pub fn used_idx(&self) -> u16 {
-        u16::from_le_bytes(Self::peek(&self.ring.used, USED_IDX))
+        u16::from_le_bytes(Self::peek(&self.ring.device, USED_IDX))
     }
 
     /// The shared `used.flags` as it is now.
     pub fn used_flags(&self) -> u16 {
-        u16::from_le_bytes(Self::peek(&self.ring.used, USED_FLAGS))
+        u16::from_le_bytes(Self::peek(&self.ring.device, USED_FLAGS))
     }
 
     /// The used element `(id, len)` at free-running position `pos`.
     pub fn used_elem(&self, pos: u16) -> (u32, u32) {
         let off = USED_RING + 8 * self.slot(pos);
-        let id = u32::from_le_bytes(Self::peek(&self.ring.used, off));
-        let len = u32::from_le_bytes(Self::peek(&self.ring.used, off + 4));
+        let id = u32::from_le_bytes(Self::peek(&self.ring.device, off));
+        let len = u32::from_le_bytes(Self::peek(&self.ring.device, off + 4));
         (id, len)
     }
 
@@ -277,31 +278,34 @@ impl RawDriver {
 
     /// Reads `avail_event` (the field after the used ring, §2.7.8).
     pub fn avail_event(&self) -> u16 {
-        u16::from_le_bytes(Self::peek(&self.ring.used, USED_RING + 8 * u64::from(self.size)))
+        u16::from_le_bytes(Self::peek(
+            &self.ring.device,
+            USED_RING + 8 * u64::from(self.size),
+        ))
     }
 
     /// Scribbles `v` over `used.idx` (a driver must never write it: rule 10; a hostile
     /// device writes what it likes: rule 31).
     pub fn set_used_idx(&self, v: u16) {
-        Self::poke(&self.ring.used, USED_IDX, &v.to_le_bytes());
+        Self::poke(&self.ring.device, USED_IDX, &v.to_le_bytes());
     }
 
     /// Scribbles `v` over `used.flags`.
     pub fn set_used_flags(&self, v: u16) {
-        Self::poke(&self.ring.used, USED_FLAGS, &v.to_le_bytes());
+        Self::poke(&self.ring.device, USED_FLAGS, &v.to_le_bytes());
     }
 
     /// Scribbles `(id, len)` over the used element at free-running position `pos`.
     pub fn write_used_elem(&self, pos: u16, id: u32, len: u32) {
         let off = USED_RING + 8 * self.slot(pos);
-        Self::poke(&self.ring.used, off, &id.to_le_bytes());
-        Self::poke(&self.ring.used, off + 4, &len.to_le_bytes());
+        Self::poke(&self.ring.device, off, &id.to_le_bytes());
+        Self::poke(&self.ring.device, off + 4, &len.to_le_bytes());
     }
 
     /// Scribbles `v` over `avail_event`.
     pub fn set_avail_event(&self, v: u16) {
         Self::poke(
-            &self.ring.used,
+            &self.ring.device,
             USED_RING + 8 * u64::from(self.size),
             &v.to_le_bytes(),
         );

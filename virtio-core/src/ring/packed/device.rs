@@ -1,9 +1,10 @@
 //! The device side of a packed virtqueue.
 
+use super::Views;
 use super::layout::{RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE};
-use super::{PackedRingMemory, Views};
 use crate::access::{DeviceMemory, Segment};
 use crate::features::Features;
+use crate::ring::areas::RingMemory;
 use crate::ring::chain::{self, Chain, ChainError, PackedRawDesc, Refused};
 use crate::ring::layout::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::ring::order::InOrder;
@@ -53,12 +54,7 @@ impl<M: DeviceMemory> PackedDevice<M> {
     /// Activates the device side of a queue of `size` over `ring`, reaching buffer
     /// memory through `mem`. The descriptor ring (used descriptors go there) and the
     /// device area must be writable.
-    pub fn new(
-        size: u16,
-        ring: &PackedRingMemory,
-        mem: M,
-        features: Features,
-    ) -> Result<Self, RingSetupError> {
+    pub fn new(size: u16, ring: &RingMemory, mem: M, features: Features) -> Result<Self, RingSetupError> {
         let views = Views::new(size, ring, (true, false, true))?;
         Ok(PackedDevice {
             views,

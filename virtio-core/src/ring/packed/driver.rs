@@ -1,10 +1,11 @@
 //! The driver side of a packed virtqueue.
 
+use super::Views;
 use super::layout::{
     PackedDescriptor, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
 };
-use super::{PackedRingMemory, Views};
 use crate::features::Features;
+use crate::ring::areas::RingMemory;
 use crate::ring::layout::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::ring::packed::layout::PackedLayout;
 use crate::ring::split::{AddError, DriverQueueError, Rejected, RingSetupError, Used, admit};
@@ -37,7 +38,7 @@ struct Outstanding<K, T> {
 /// marks the device broken instead of corrupting driver state (HOSTILE 31).
 pub struct PackedDriver<S: DriverShare, T> {
     views: Views,
-    mem: PackedRingMemory,
+    mem: RingMemory,
     share: S,
     size: u16,
     event_idx: bool,
@@ -75,12 +76,7 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
     /// memory, all three areas writable: the driver initialises them) with the
     /// negotiated `features`. The areas are zeroed (§2.8.13: "The descriptor ring is
     /// zero-initialized").
-    pub fn new(
-        size: u16,
-        ring: PackedRingMemory,
-        share: S,
-        features: Features,
-    ) -> Result<Self, RingSetupError> {
+    pub fn new(size: u16, ring: RingMemory, share: S, features: Features) -> Result<Self, RingSetupError> {
         let views = Views::new(size, &ring, (true, true, true))?;
         let mut heads = Vec::with_capacity(usize::from(size));
         heads.resize_with(usize::from(size), || Outstanding {
@@ -144,7 +140,7 @@ impl<S: DriverShare, T> PackedDriver<S, T> {
     }
 
     /// The ring memory this queue was set up over (to hand its addresses to a device).
-    pub fn ring_memory(&self) -> &PackedRingMemory {
+    pub fn ring_memory(&self) -> &RingMemory {
         &self.mem
     }
 

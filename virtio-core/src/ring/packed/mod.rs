@@ -32,27 +32,10 @@ pub use crate::ring::split::{
     AddError, DeviceQueueError, DriverQueueError, Rejected, RingFault, RingSetupError, Used, UsedError,
 };
 
+use crate::ring::areas::RingMemory;
 use crate::shm::{Atomics, Region};
 use layout::{VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
-
-/// The three memory areas of one packed queue, as regions of the caller's sharing
-/// model (§2.8.10.1).
-///
-/// A type of its own rather than [`SplitRingMemory`](crate::SplitRingMemory) with
-/// other meanings for its fields, because the two formats give the sides different
-/// rights: here the device writes the descriptor ring (used descriptors overwrite
-/// available ones), so a model that hands a split device its descriptor table
-/// read-only must map a packed ring differently, and the type says which is which.
-#[derive(Debug, Clone)]
-pub struct PackedRingMemory {
-    /// Descriptor ring: `16 * size` bytes, 16-byte aligned; written by both sides.
-    pub desc: Region,
-    /// Driver event suppression: 4 bytes, 4-byte aligned; written by the driver.
-    pub driver: Region,
-    /// Device event suppression: 4 bytes, 4-byte aligned; written by the device.
-    pub device: Region,
-}
 
 /// Atomic views of the packed-ring areas, plus the lap-position arithmetic.
 ///
@@ -73,7 +56,7 @@ impl Views {
     /// the device area.
     pub(crate) fn new(
         size: u16,
-        mem: &PackedRingMemory,
+        mem: &RingMemory,
         writable: (bool, bool, bool),
     ) -> Result<Views, RingSetupError> {
         let layout = PackedLayout::new(size).ok_or(RingSetupError::BadSize(size))?;

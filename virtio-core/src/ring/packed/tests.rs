@@ -14,7 +14,7 @@ use zerocopy::IntoBytes;
 
 struct Pair {
     arena: Arc<Arena>,
-    ring: PackedRingMemory,
+    ring: RingMemory,
     driver: PackedDriver<IdentityShare, u32>,
     device: PackedDevice<Arc<Arena>>,
 }
@@ -44,12 +44,12 @@ const AVAIL1: u16 = VIRTQ_DESC_F_AVAIL;
 const AVAIL0: u16 = VIRTQ_DESC_F_USED;
 
 /// Writes descriptor `d` into ring slot `slot` as a (hostile) driver would.
-fn put(ring: &PackedRingMemory, slot: u16, d: PackedDescriptor) {
+fn put(ring: &RingMemory, slot: u16, d: PackedDescriptor) {
     ring.desc.write(u64::from(slot) * 16, d.as_bytes()).unwrap();
 }
 
 /// Writes the driver event suppression structure as a (hostile) driver would.
-fn set_driver_event(ring: &PackedRingMemory, desc: u16, flags: u16) {
+fn set_driver_event(ring: &RingMemory, desc: u16, flags: u16) {
     let e = EventSuppress {
         desc: desc.into(),
         flags: flags.into(),
@@ -58,13 +58,13 @@ fn set_driver_event(ring: &PackedRingMemory, desc: u16, flags: u16) {
 }
 
 /// Reads ring slot `slot`.
-fn get(ring: &PackedRingMemory, slot: u16) -> PackedDescriptor {
+fn get(ring: &RingMemory, slot: u16) -> PackedDescriptor {
     let mut d = PackedDescriptor::default();
     ring.desc.read(u64::from(slot) * 16, d.as_mut_bytes()).unwrap();
     d
 }
 
-fn device_event(ring: &PackedRingMemory) -> (u16, u16) {
+fn device_event(ring: &RingMemory) -> (u16, u16) {
     let mut e = EventSuppress::default();
     ring.device.read(0, e.as_mut_bytes()).unwrap();
     (e.desc.get(), e.flags.get())
@@ -424,7 +424,7 @@ fn reset_returns_every_token_and_retires_every_buffer() {
 fn rings_need_writable_areas_on_the_right_side() {
     let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
     let (_, ring) = arena.alloc_packed_ring(5).unwrap();
-    let dev = PackedRingMemory {
+    let dev = RingMemory {
         driver: ring.driver.read_only(),
         ..ring.clone()
     };
@@ -435,7 +435,7 @@ fn rings_need_writable_areas_on_the_right_side() {
         Err(RingSetupError::NotWritable("driver event suppression"))
     ));
     // Unlike a split device, a packed device writes the descriptor ring.
-    let ro_desc = PackedRingMemory {
+    let ro_desc = RingMemory {
         desc: ring.desc.read_only(),
         ..dev.clone()
     };
@@ -769,7 +769,7 @@ fn thousands_of_laps_with_out_of_order_completion() {
 // --- Hostile drivers (HOSTILE 41 to 46) and a hostile device (HOSTILE 47) ---
 
 /// A device over a ring a test writes by hand, as a hostile driver.
-fn raw(size: u16, features: Features) -> (Arc<Arena>, PackedRingMemory, PackedDevice<Arc<Arena>>) {
+fn raw(size: u16, features: Features) -> (Arc<Arena>, RingMemory, PackedDevice<Arc<Arena>>) {
     let arena = Arena::new(0x4000_0000, 1 << 20).unwrap();
     let (_, ring) = arena.alloc_packed_ring(size).unwrap();
     let device = PackedDevice::new(size, &ring, arena.clone(), features).unwrap();
@@ -1003,7 +1003,7 @@ fn indirect_descriptors_stand_alone_and_never_nest() {
 /// driver changing descriptors between the device's reads.
 struct Scribbler {
     arena: Arc<Arena>,
-    ring: PackedRingMemory,
+    ring: RingMemory,
     done: std::sync::atomic::AtomicBool,
 }
 

@@ -1,9 +1,10 @@
 //! The device side of a split virtqueue.
 
-use super::{RingSetupError, SplitRingMemory, Views};
+use super::{RingSetupError, Views};
 use crate::access::{DeviceMemory, Segment};
 use crate::features::Features;
 use crate::notify::need_event;
+use crate::ring::areas::RingMemory;
 use crate::ring::chain::{self, Chain, ChainError, Refused};
 use crate::ring::layout::{VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY};
 use crate::ring::order::InOrder;
@@ -135,12 +136,7 @@ pub struct SplitDevice<M> {
 impl<M: DeviceMemory> SplitDevice<M> {
     /// Activates the device side of a queue of `size` over `ring`, reaching descriptor
     /// memory through `mem`. Only the used ring must be writable.
-    pub fn new(
-        size: u16,
-        ring: &SplitRingMemory,
-        mem: M,
-        features: Features,
-    ) -> Result<Self, RingSetupError> {
+    pub fn new(size: u16, ring: &RingMemory, mem: M, features: Features) -> Result<Self, RingSetupError> {
         let views = Views::new(size, ring, (false, false, true))?;
         Ok(SplitDevice {
             views,

@@ -1,8 +1,9 @@
 //! The driver side of a split virtqueue.
 
-use super::{RingSetupError, SplitRingMemory, Views};
+use super::{RingSetupError, Views};
 use crate::features::Features;
 use crate::notify::need_event;
+use crate::ring::areas::RingMemory;
 use crate::ring::layout::{
     Descriptor, SplitLayout, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY,
@@ -156,7 +157,7 @@ struct Outstanding<K, T> {
 /// broken instead of corrupting driver state (HOSTILE rule 31).
 pub struct SplitDriver<S: DriverShare, T> {
     views: Views,
-    mem: SplitRingMemory,
+    mem: RingMemory,
     share: S,
     size: u16,
     event_idx: bool,
@@ -194,12 +195,7 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
     /// Sets up the driver side of a queue of `size` over `ring` (the driver's own
     /// memory, all three areas writable: the driver initialises them) with the
     /// negotiated `features`. The areas are zeroed.
-    pub fn new(
-        size: u16,
-        ring: SplitRingMemory,
-        share: S,
-        features: Features,
-    ) -> Result<Self, RingSetupError> {
+    pub fn new(size: u16, ring: RingMemory, share: S, features: Features) -> Result<Self, RingSetupError> {
         let views = Views::new(size, &ring, (true, true, true))?;
         let mut heads = Vec::with_capacity(usize::from(size));
         heads.resize_with(usize::from(size), || Outstanding {
@@ -255,10 +251,13 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
             .zero(0, l.desc_bytes())
             .map_err(area("descriptor table"))?;
         self.mem
-            .avail
+            .driver
             .zero(0, l.avail_bytes())
             .map_err(area("available ring"))?;
-        self.mem.used.zero(0, l.used_bytes()).map_err(area("used ring"))?;
+        self.mem
+            .device
+            .zero(0, l.used_bytes())
+            .map_err(area("used ring"))?;
         Ok(())
     }
 
@@ -268,7 +267,7 @@ impl<S: DriverShare, T> SplitDriver<S, T> {
     }
 
     /// The ring memory this queue was set up over (to hand its addresses to a device).
-    pub fn ring_memory(&self) -> &SplitRingMemory {
+    pub fn ring_memory(&self) -> &RingMemory {
         &self.mem
     }
 

@@ -11,20 +11,10 @@ pub use device::{DeviceQueueError, RingFault, SplitDevice, UsedError};
 pub(crate) use driver::admit;
 pub use driver::{AddError, DriverQueueError, Rejected, SplitDriver, Used};
 
+use crate::ring::areas::RingMemory;
 use crate::ring::layout::{Descriptor, SplitLayout};
 use crate::shm::{Atomics, Region, RegionError};
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering, fence};
-
-/// The three memory areas of one split queue, as regions of the caller's sharing model.
-#[derive(Debug, Clone)]
-pub struct SplitRingMemory {
-    /// Descriptor table: `16 * size` bytes, 16-byte aligned.
-    pub desc: Region,
-    /// Available ring: `6 + 2 * size` bytes, 2-byte aligned.
-    pub avail: Region,
-    /// Used ring: `6 + 8 * size` bytes, 4-byte aligned.
-    pub used: Region,
-}
 
 /// Why a queue's memory could not be used for a split ring.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +57,7 @@ pub(crate) struct Views {
 impl Views {
     pub(crate) fn new(
         size: u16,
-        mem: &SplitRingMemory,
+        mem: &RingMemory,
         writable: (bool, bool, bool),
     ) -> Result<Views, RingSetupError> {
         let layout = SplitLayout::new(size).ok_or(RingSetupError::BadSize(size))?;
@@ -79,8 +69,8 @@ impl Views {
             }
         };
         need_w(&mem.desc, writable.0, "descriptor table")?;
-        need_w(&mem.avail, writable.1, "available ring")?;
-        need_w(&mem.used, writable.2, "used ring")?;
+        need_w(&mem.driver, writable.1, "available ring")?;
+        need_w(&mem.device, writable.2, "used ring")?;
         let n = usize::from(size);
         let area = |area: &'static str| move |source| RingSetupError::Area { area, source };
         let desc = mem
@@ -88,10 +78,10 @@ impl Views {
             .sub(0, layout.desc_bytes())
             .and_then(|r| r.atomic_u64s(0, 2 * n));
         let avail = mem
-            .avail
+            .driver
             .sub(0, layout.avail_bytes())
             .and_then(|r| r.atomic_u16s(0, 3 + n));
-        let used = mem.used.sub(0, layout.used_bytes());
+        let used = mem.device.sub(0, layout.used_bytes());
         let used_hdr = used.as_ref().map_err(|e| *e).and_then(|r| r.atomic_u16s(0, 2));
         let used_elems = used
             .as_ref()

@@ -314,10 +314,10 @@ fn reset_returns_every_token_and_retires_every_buffer() {
 fn rings_need_writable_areas_on_the_right_side() {
     let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
     let (_, ring) = arena.alloc_split_ring(8).unwrap();
-    let ro = SplitRingMemory {
+    let ro = RingMemory {
         desc: ring.desc.read_only(),
-        avail: ring.avail.read_only(),
-        used: ring.used.clone(),
+        driver: ring.driver.read_only(),
+        device: ring.device.clone(),
     };
     assert!(SplitDevice::new(8, &ro, arena.clone(), PLAIN).is_ok());
     let share = IdentityShare::new(arena.clone(), 8);
@@ -325,8 +325,8 @@ fn rings_need_writable_areas_on_the_right_side() {
         SplitDriver::<_, ()>::new(8, ro.clone(), share, PLAIN),
         Err(RingSetupError::NotWritable(_))
     ));
-    let bad_used = SplitRingMemory {
-        used: ring.used.read_only(),
+    let bad_used = RingMemory {
+        device: ring.device.read_only(),
         ..ro
     };
     assert!(matches!(
