@@ -8,7 +8,7 @@ use hypervisor::Hypervisor;
 use std::time::Instant;
 use transport_grant::{GrantCopy, GrantService, pair};
 use virtio_core::features::Features;
-use virtio_core::{DeviceModel, Direction, DriverModel, DriverShare, GuestBuf, SplitDevice, SplitDriver};
+use virtio_core::{DeviceModel, DeviceRing, Direction, DriverModel, DriverRing, DriverShare, GuestBuf};
 
 /// Median nanoseconds per iteration of `f` over 21 batches of `n`.
 fn median_ns(n: u32, mut f: impl FnMut()) -> f64 {
@@ -104,9 +104,9 @@ fn main() {
     ] {
         let q = model.create_queue(1, 256).unwrap();
         let dq = device_model.open_queue(1, 256, q.addrs).unwrap();
-        let mut driver: SplitDriver<_, ()> = SplitDriver::new(256, q.ring, q.share, f).unwrap();
+        let mut driver: DriverRing<_, ()> = DriverRing::new(256, q.ring, q.share, f).unwrap();
         driver.share().attach_pool(&pool);
-        let mut device = SplitDevice::new(256, &dq.ring, dq.memory, f).unwrap();
+        let mut device = DeviceRing::new(256, &dq.ring, dq.memory, f).unwrap();
         let mut scratch = vec![0u8; 65536];
         row(
             label,

@@ -34,7 +34,7 @@
 //! use hypervisor::Hypervisor;
 //! use transport_grant::{GrantService, pair};
 //! use virtio_core::features::Features;
-//! use virtio_core::{DeviceModel, DriverModel, GuestBuf, SplitDevice, SplitDriver};
+//! use virtio_core::{DeviceModel, DriverModel, GuestBuf, DeviceRing, DriverRing};
 //!
 //! let hv = Hypervisor::new();
 //! let guest = hv.create_domain("guest", 1 << 20).unwrap();
@@ -43,9 +43,9 @@
 //!
 //! let features = Features::VERSION_1 | Features::INDIRECT_DESC;
 //! let q = driver_model.create_queue(0, 8).unwrap();
-//! let mut driver = SplitDriver::new(8, q.ring, q.share, features).unwrap();
+//! let mut driver = DriverRing::new(8, q.ring, q.share, features).unwrap();
 //! let dq = device_model.open_queue(0, 8, q.addrs).unwrap();
-//! let mut device = SplitDevice::new(8, &dq.ring, dq.memory, features).unwrap();
+//! let mut device = DeviceRing::new(8, &dq.ring, dq.memory, features).unwrap();
 //!
 //! let mem = guest.memory();
 //! let (req, resp) = (mem.alloc(5, 8).unwrap(), mem.alloc(16, 8).unwrap());

@@ -36,7 +36,7 @@
 //! use hypervisor::Hypervisor;
 //! use transport_shared_page::{SharedPageConfig, pair};
 //! use virtio_core::features::Features;
-//! use virtio_core::{DeviceModel, DriverModel, GuestBuf, SplitDevice, SplitDriver};
+//! use virtio_core::{DeviceModel, DriverModel, GuestBuf, DeviceRing, DriverRing};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let hv = Hypervisor::new();
@@ -46,8 +46,8 @@
 //!
 //! let q = drv_model.create_queue(0, 256)?;
 //! let dq = dev_model.open_queue(0, 256, q.addrs)?;
-//! let mut driver = SplitDriver::new(256, q.ring, q.share, features)?;
-//! let mut device = SplitDevice::new(256, &dq.ring, dq.memory, features)?;
+//! let mut driver = DriverRing::new(256, q.ring, q.share, features)?;
+//! let mut device = DeviceRing::new(256, &dq.ring, dq.memory, features)?;
 //!
 //! // The guest's buffers live outside the shared region; the share bounces them.
 //! let mem = guest.memory();
