@@ -342,8 +342,8 @@ fn pop_add_used_peer(cfg: &RingBenchConfig, features: Features) -> f64 {
     })
 }
 
-/// The cores this process may run on, read once before any thread is pinned (a pinned
-/// thread would only see its own core).
+/// The cores this process may run on, read once (a pinned thread would only see its
+/// own core).
 fn cores() -> &'static [core_affinity::CoreId] {
     static CORES: OnceLock<Vec<core_affinity::CoreId>> = OnceLock::new();
     CORES.get_or_init(|| core_affinity::get_core_ids().unwrap_or_default())
@@ -389,11 +389,28 @@ fn spawn_device(
     })
 }
 
+/// Runs `f` on a thread of its own pinned to the first core, so the caller's thread
+/// is never pinned: a pinned caller would leave every thread it starts later (the
+/// other benchmarks of `vio demo`, their device workers) on one core.
+fn on_pinned_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            pin(0);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 fn round_trips(cfg: &RingBenchConfig, features: Features) -> f64 {
+    on_pinned_thread(|| round_trips_here(cfg, features))
+}
+
+fn round_trips_here(cfg: &RingBenchConfig, features: Features) -> f64 {
     let mut s = setup(cfg.queue_size, features);
     let stop = Arc::new(AtomicBool::new(false));
     let dev = spawn_device(&s, cfg.queue_size, features, stop.clone());
-    pin(0);
     s.driver.disable_notifications();
     s.fill();
     let buf = s.buf;
@@ -427,10 +444,13 @@ fn round_trips(cfg: &RingBenchConfig, features: Features) -> f64 {
 }
 
 fn qd1_latency(cfg: &RingBenchConfig, features: Features) -> (f64, f64) {
+    on_pinned_thread(|| qd1_latency_here(cfg, features))
+}
+
+fn qd1_latency_here(cfg: &RingBenchConfig, features: Features) -> (f64, f64) {
     let mut s = setup(cfg.queue_size, features);
     let stop = Arc::new(AtomicBool::new(false));
     let dev = spawn_device(&s, cfg.queue_size, features, stop.clone());
-    pin(0);
     s.driver.disable_notifications();
     let buf = s.buf;
     let mut samples = Vec::with_capacity(1 << 20);

@@ -34,6 +34,23 @@ fn positive(cell: &Cell) -> bool {
     matches!(cell, Cell::Num(v) if *v > 0.0)
 }
 
+/// The ring benchmark pins its own threads, never its caller's: `vio demo` runs
+/// the block and network benchmarks after it on the same thread, and a caller left
+/// pinned to one core would put them and every device worker they start on it.
+#[test]
+fn ring_bench_leaves_its_callers_cores_alone() {
+    use vio::ring_bench::{self, RingBenchConfig};
+    let before = core_affinity::get_core_ids().unwrap_or_default();
+    let cfg = RingBenchConfig {
+        reps: 1,
+        run_time: Duration::from_millis(10),
+        single_thread_chains: 1_000,
+        queue_size: 16,
+    };
+    let _ = ring_bench::run(&cfg);
+    assert_eq!(core_affinity::get_core_ids().unwrap_or_default(), before);
+}
+
 #[test]
 fn ring_bench_produces_every_figure() {
     use vio::ring_bench::{self, RingBenchConfig};
