@@ -30,6 +30,7 @@
 
 use backend_host::blk::device::{BlkSettings, CacheMode, EngineChoice};
 use backend_host::blk::disk::{DirectMode, DiskOptions};
+use backend_host::blk::limit::{Bucket, Limits, RateLimiter};
 use backend_host::net::{NetDevice, NetSettings, Switch, SwitchConfig};
 use backend_host::vhost_user::BlkServe;
 use backend_host::vhost_user::{Daemon, MemoryPolicy, VhostMemory};
@@ -92,6 +93,23 @@ struct NetArgs {
     allow_unsealed_memory: bool,
 }
 
+impl BlkArgs {
+    /// The rate limiter the flags ask for, if any.
+    fn limiter(&self) -> Option<std::sync::Arc<RateLimiter>> {
+        let ops = |r: Option<u64>| r.map(Bucket::new);
+        let mib = |r: Option<u64>| r.map(|m| Bucket::new(m.saturating_mul(1 << 20)));
+        let limits = Limits {
+            ops: ops(self.limit_iops),
+            read_ops: ops(self.limit_read_iops),
+            write_ops: ops(self.limit_write_iops),
+            bytes: mib(self.limit_mib),
+            read_bytes: mib(self.limit_read_mib),
+            write_bytes: mib(self.limit_write_mib),
+        };
+        (!limits.is_unlimited()).then(|| RateLimiter::new(limits))
+    }
+}
+
 #[derive(clap::Args)]
 struct BlkArgs {
     /// Unix socket to listen on (a stale socket file there is replaced).
@@ -139,6 +157,26 @@ struct BlkArgs {
     /// seals its files and needs no flag.
     #[arg(long)]
     allow_unsealed_memory: bool,
+    /// Rate limits, per second, for reads and writes together: operations.
+    /// Every queue of the device shares each limit; bursts are a hundredth of a
+    /// second's worth. FLUSH, DISCARD and WRITE_ZEROES are not limited.
+    #[arg(long, value_name = "OPS", help_heading = "Rate limits", value_parser = clap::value_parser!(u64).range(1..))]
+    limit_iops: Option<u64>,
+    /// Read operations per second.
+    #[arg(long, value_name = "OPS", help_heading = "Rate limits", value_parser = clap::value_parser!(u64).range(1..))]
+    limit_read_iops: Option<u64>,
+    /// Write operations per second.
+    #[arg(long, value_name = "OPS", help_heading = "Rate limits", value_parser = clap::value_parser!(u64).range(1..))]
+    limit_write_iops: Option<u64>,
+    /// MiB per second, read and written together.
+    #[arg(long, value_name = "MIB", help_heading = "Rate limits", value_parser = clap::value_parser!(u64).range(1..))]
+    limit_mib: Option<u64>,
+    /// MiB read per second.
+    #[arg(long, value_name = "MIB", help_heading = "Rate limits", value_parser = clap::value_parser!(u64).range(1..))]
+    limit_read_mib: Option<u64>,
+    /// MiB written per second.
+    #[arg(long, value_name = "MIB", help_heading = "Rate limits", value_parser = clap::value_parser!(u64).range(1..))]
+    limit_write_mib: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -192,6 +230,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn serve_blk(args: BlkArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let limiter = args.limiter();
     let memory = MemoryPolicy {
         allow_unsealed: args.allow_unsealed_memory,
     };
@@ -223,6 +262,7 @@ fn serve_blk(args: BlkArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
                 },
                 poll: Duration::from_micros(args.poll_us),
                 max_bytes_in_flight: (args.max_inflight_mib as usize) << 20,
+                limiter,
             },
         },
         memory,

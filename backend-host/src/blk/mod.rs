@@ -6,6 +6,7 @@ pub mod engine;
 pub mod engine_sync;
 pub mod engine_uring;
 pub mod fault;
+pub mod limit;
 pub mod record;
 pub mod request;
 pub mod wrap;

@@ -4,6 +4,7 @@
 
 use crate::blk::disk::Disk;
 use crate::blk::engine::Engine;
+use crate::blk::limit::RateLimiter;
 use std::sync::Arc;
 
 /// How writes reach stable storage.
@@ -76,6 +77,10 @@ pub struct BlkSettings {
     /// At least [`CHUNK`]; the device's total is this times the queues, plus a pool
     /// of at most 64 reused buffers of 64 KiB per queue.
     pub max_bytes_in_flight: usize,
+    /// Rate limits for READ and WRITE requests ([`RateLimiter`]); `None` (the
+    /// default): unlimited. Give devices the same limiter to limit them as a group;
+    /// change the limits while they run with [`RateLimiter::set`].
+    pub limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Default for BlkSettings {
@@ -88,6 +93,7 @@ impl Default for BlkSettings {
             engine: EngineChoice::Auto,
             poll: std::time::Duration::ZERO,
             max_bytes_in_flight: DEFAULT_BYTES_IN_FLIGHT,
+            limiter: None,
         }
     }
 }

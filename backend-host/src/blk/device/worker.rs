@@ -31,6 +31,7 @@ mod pool;
 use super::flush::FlushGate;
 use super::{CHAINS_PER_WAKE, CHUNK, SharedCache};
 use crate::blk::engine::{Completion, Engine};
+use crate::blk::limit::{RateLimiter, Timer};
 use crate::blk::request::Parser;
 use crate::poll::Poller;
 use exec::{InFlight, SYNC_TAG};
@@ -61,6 +62,8 @@ pub(super) struct WorkerParts<M> {
     pub max_bytes_in_flight: usize,
     /// The queue's notification data, where the transport carries it.
     pub notification: Option<NotifyRegister>,
+    /// The device's rate limits, if any.
+    pub limiter: Option<Arc<RateLimiter>>,
 }
 
 /// How a queue worker is told to stop.
@@ -106,6 +109,11 @@ pub(super) struct Worker<M> {
     /// Where the driver says, with each kick, its next request goes
     /// (`VIRTIO_F_NOTIFICATION_DATA`).
     notification: Option<NotifyRegister>,
+    /// Rate limits, and the timer the worker sleeps on while the backlog's oldest
+    /// request waits for tokens.
+    pub(super) limiter: Option<(Arc<RateLimiter>, Timer)>,
+    /// Stopping: requests in flight are finished whatever the rate limits.
+    pub(super) draining: bool,
 }
 
 impl<M: DeviceMemory + Send> Worker<M> {
@@ -133,6 +141,14 @@ impl<M: DeviceMemory + Send> Worker<M> {
             waiter: None,
             held_back: false,
             notification: p.notification,
+            limiter: p.limiter.and_then(|l| match Timer::new() {
+                Ok(t) => Some((l, t)),
+                Err(error) => {
+                    tracing::error!(%error, "no timer for the rate limits: the queue runs unlimited");
+                    None
+                }
+            }),
+            draining: false,
         }
     }
 
@@ -186,6 +202,10 @@ impl<M: DeviceMemory + Send> Worker<M> {
         let ready_fd = watch(&self.engine.ready_fd())?;
         let stop_fd = watch(stop)?;
         let wake_fd = watch(wake)?;
+        let timer_fd = match &self.limiter {
+            Some((_, t)) => Some(watch(t)?),
+            None => None,
+        };
         // Buffers made available before the first kick are served too.
         self.on_kick(interrupt);
         loop {
@@ -212,6 +232,16 @@ impl<M: DeviceMemory + Send> Worker<M> {
                     g.clear_ready();
                     let _ = wake.take();
                     self.on_sync_progress(interrupt);
+                }
+                // Polled only with a timer (the branch is off without one).
+                g = async { timer_fd.as_ref().expect("a timer").readable().await }, if timer_fd.is_some() => {
+                    // Tokens for the backlog's oldest request.
+                    g?.clear_ready();
+                    if let Some((_, t)) = &self.limiter {
+                        t.take();
+                    }
+                    self.pump();
+                    self.commit();
                 }
                 g = kick_fd.readable() => {
                     let mut g = g?;
@@ -414,6 +444,8 @@ impl<M: DeviceMemory + Send> Worker<M> {
     /// resume it at [`DeviceRing::next_avail`]. Requests waiting for another
     /// queue's sync wait for it here.
     fn drain(&mut self, interrupt: &EventFdNotifier, wake: &EventFdNotifier) {
+        // What the driver made available is finished now, rate limits or not.
+        self.draining = true;
         let mut got = std::mem::take(&mut self.completions);
         loop {
             self.pump();

@@ -12,7 +12,9 @@ use super::Worker;
 use crate::blk::device::flush::Ticket;
 use crate::blk::device::{CHUNK, CacheMode};
 use crate::blk::engine::{AlignedBuf, Completion, IoKind, IoOp};
+use crate::blk::limit::Throttled;
 use crate::blk::request::{Reject, Request, RequestKind};
+use std::time::Duration;
 use virtio_core::DeviceMemory;
 use virtio_core::blk::Status;
 use virtio_core::ring::Chain;
@@ -151,6 +153,11 @@ impl<M: DeviceMemory + Send> Worker<M> {
             if self.bytes_in_flight > 0 && self.bytes_in_flight + n_bytes > self.max_bytes_in_flight {
                 break;
             }
+            // The whole request's tokens before its first chunk, checked last so
+            // that taking them is followed by submitting that chunk.
+            if at == 0 && !self.draining && !self.tokens_for(write, len) {
+                break;
+            }
             let mut buf = self.pool.take(n_bytes);
             let kind = if write {
                 if !self.read_chunk(slot, at, &mut buf) {
@@ -193,6 +200,25 @@ impl<M: DeviceMemory + Send> Worker<M> {
             self.held_back = false;
             self.more = true;
         }
+    }
+
+    /// Takes from the rate limiter what a request of `len` bytes needs; if the
+    /// tokens are not there, arms the timer for when they are and says no.
+    fn tokens_for(&mut self, write: bool, len: u32) -> bool {
+        let Some((limiter, timer)) = &self.limiter else {
+            return true;
+        };
+        let wait = match limiter.try_take(write, u64::from(len)) {
+            Ok(()) => return true,
+            Err(Throttled::For(wait)) => wait,
+            // Only new limits let it through: look again in a second.
+            Err(Throttled::UntilChanged) => Duration::from_secs(1),
+        };
+        if let Err(error) = timer.arm(wait) {
+            tracing::error!(queue = self.index, %error, "arming the rate-limit timer failed: not limiting");
+            return true;
+        }
+        false
     }
 
     /// Copies the data of request `slot` from byte `at` into `buf`; false if the
