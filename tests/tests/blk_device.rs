@@ -1513,13 +1513,14 @@ fn offered_seg_max_fits_one_indirect_table() {
     }
 }
 
-/// VIRTIO_F_NOTIFICATION_DATA (virtio 1.2 §2.9), device side: a kick whose data
-/// says the driver made nothing available past what the device already took is
-/// not worth a look at the ring, and the device skips it; the next kick that says
-/// otherwise is served. A driver that lies in it delays only its own request
-/// (HOSTILE 49).
+/// VIRTIO_F_NOTIFICATION_DATA (virtio 1.2 §2.9), device side: the device finds its
+/// work through the ring, never on the data's word. A kick whose data says nothing
+/// new was made available is served all the same: skipping such kicks lost
+/// wake-ups with an honest single-threaded driver (the blk bench hung in 2 of 4
+/// full bench_smoke runs, and in none of 18 without the skip), and a lying driver
+/// must not be able to stall its own queue either (HOSTILE 49).
 #[test]
-fn a_kick_whose_data_says_nothing_new_is_skipped_and_the_next_one_served() {
+fn a_kick_whose_data_says_nothing_new_is_served_all_the_same() {
     use virtio_core::notify::NotificationData;
     let disk = Disk::open(image("notif-data.img"), DiskOptions::default()).unwrap();
     let wanted = (BlkFeatures::FLUSH | BlkFeatures::BLK_SIZE).bits() | Features::NOTIFICATION_DATA.bits();
@@ -1533,17 +1534,12 @@ fn a_kick_whose_data_says_nothing_new_is_skipped_and_the_next_one_served() {
     // Data that lies: the next request would go where the device already is.
     let lie = NotificationData { vqn: 0, next: 1 };
     r.transport.notify_queue_data(lie).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(r.driver.pop_used().unwrap().is_none(), "the kick was not skipped");
-    r.transport
-        .notify_queue_data(NotificationData { vqn: 0, next: 2 })
-        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let used = loop {
         if let Some(u) = r.driver.pop_used().unwrap() {
             break u;
         }
-        assert!(Instant::now() < deadline, "the honest kick was not served");
+        assert!(Instant::now() < deadline, "the kick was not served");
         std::thread::sleep(Duration::from_millis(5));
     };
     assert_eq!(used.token, 99);

@@ -165,9 +165,9 @@ pub fn need_event(event_idx: u16, new_idx: u16, old_idx: u16) -> bool {
 /// available index for a split ring (whose bit 15 is `next_wrap`), the slot with
 /// the driver's wrap counter in bit 15 for a packed ring, the encoding of
 /// [`DeviceRing::next_avail`](crate::DeviceRing::next_avail) and
-/// [`DriverRing::next_avail`](crate::DriverRing::next_avail). A device compares
-/// the two and never trusts it further: a driver that lies about it can only make
-/// the device skip a wake-up it asked for.
+/// [`DriverRing::next_avail`](crate::DriverRing::next_avail). A device never acts
+/// on it alone: a register holds only the latest write, so it is a hint at most,
+/// and every chain is found through the ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NotificationData {
     /// The queue notified (`vqn`; `VIRTIO_F_NOTIF_CONFIG_DATA` is not offered).
@@ -230,14 +230,6 @@ impl NotifyRegister {
         let v = self.0.load(Ordering::Acquire);
         let bits = u32::try_from(v & 0xffff_ffff).unwrap_or(0);
         (v & REGISTER_WRITTEN != 0).then(|| NotificationData::from_bits(bits))
-    }
-
-    /// Whether the latest data says the driver made nothing available past `next`,
-    /// the device's own next position: a kick that brought nothing (the device
-    /// already took what it announced). `false` when nothing was written.
-    #[must_use]
-    pub fn nothing_past(&self, next: u16) -> bool {
-        self.read().is_some_and(|d| d.next == next)
     }
 }
 

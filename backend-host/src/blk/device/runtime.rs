@@ -92,7 +92,6 @@ where
                 gate: self.gate.clone(),
                 poller: Poller::new(self.settings.poll),
                 max_bytes_in_flight: self.settings.max_bytes_in_flight,
-                notification: q.notification,
                 limiter: self.settings.limiter.clone(),
             },
             stopping.clone(),

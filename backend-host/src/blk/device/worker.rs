@@ -40,7 +40,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use virtio_core::blk;
-use virtio_core::notify::{EventFdNotifier, Notify, NotifyRegister, Wait};
+use virtio_core::notify::{EventFdNotifier, Notify, Wait};
 use virtio_core::reactor::watch;
 use virtio_core::{DeviceMemory, DeviceRing};
 
@@ -60,8 +60,6 @@ pub(super) struct WorkerParts<M> {
     pub gate: Arc<FlushGate>,
     pub poller: Poller,
     pub max_bytes_in_flight: usize,
-    /// The queue's notification data, where the transport carries it.
-    pub notification: Option<NotifyRegister>,
     /// The device's rate limits, if any.
     pub limiter: Option<Arc<RateLimiter>>,
 }
@@ -106,9 +104,6 @@ pub(super) struct Worker<M> {
     waiter: Option<u64>,
     /// Popping stopped because the backlog was not empty: the ring may hold more.
     held_back: bool,
-    /// Where the driver says, with each kick, its next request goes
-    /// (`VIRTIO_F_NOTIFICATION_DATA`).
-    notification: Option<NotifyRegister>,
     /// Rate limits, and the timer the worker sleeps on while the backlog's oldest
     /// request waits for tokens.
     pub(super) limiter: Option<(Arc<RateLimiter>, Timer)>,
@@ -140,7 +135,6 @@ impl<M: DeviceMemory + Send> Worker<M> {
             running_sync: None,
             waiter: None,
             held_back: false,
-            notification: p.notification,
             limiter: p.limiter.and_then(|l| match Timer::new() {
                 Ok(t) => Some((l, t)),
                 Err(error) => {
@@ -247,11 +241,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
                     let mut g = g?;
                     g.clear_ready();
                     let _ = kick.take();
-                    if self.kick_brought_nothing() {
-                        tracing::trace!(queue = self.index, "kick for requests already taken");
-                    } else {
-                        self.on_kick(interrupt);
-                    }
+                    self.on_kick(interrupt);
                 }
                 // Out of budget last time: let the runtime run everything else (and
                 // see a stop) before going back to the ring.
@@ -262,17 +252,6 @@ impl<M: DeviceMemory + Send> Worker<M> {
             }
             self.poll_for_more(interrupt);
         }
-    }
-
-    /// Whether the kick's notification data (virtio 1.2 §2.9) says the driver made
-    /// nothing available past what this worker already took: a kick for requests
-    /// an earlier wake-up served, which needs no look at the ring. Only a hint:
-    /// a driver that lies in it delays its own requests until its next kick, and
-    /// nothing is read from the ring on its word (HOSTILE 49).
-    fn kick_brought_nothing(&self) -> bool {
-        self.notification
-            .as_ref()
-            .is_some_and(|r| r.nothing_past(self.ring.next_avail()))
     }
 
     /// Adaptive polling: serves whatever arrives without sleeping until nothing has
