@@ -361,3 +361,64 @@ fn the_daemon_limits_iops_when_asked() {
     assert!((450..=550).contains(&n), "{n} reads in a second at 500 IOPS");
     assert!(buf == pattern(4096, 1), "the data is still the image's");
 }
+
+/// One command on `vio-host blk`'s control socket; returns the reply line.
+fn control(path: &Path, command: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("control socket {}: {e}", path.display()),
+        }
+    };
+    let mut w = stream.try_clone().unwrap();
+    writeln!(w, "{command}").unwrap();
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).unwrap();
+    reply.trim_end().to_string()
+}
+
+/// Reads of 4 KiB, one at a time, for a second, after a few to spend the burst.
+fn reads_in_a_second(d: &Driver) -> u32 {
+    let mut buf = vec![0; 4096];
+    for _ in 0..10 {
+        d.read_bytes_blocking(0, SEED_SECTOR, &mut buf).unwrap();
+    }
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(1) {
+        d.read_bytes_blocking(0, SEED_SECTOR, &mut buf).unwrap();
+        n += 1;
+    }
+    n
+}
+
+/// `vio-host blk --control`: limits read and changed while the daemon serves; a
+/// malformed command is answered with an error and changes nothing.
+#[test]
+fn the_control_socket_changes_the_limits_while_the_daemon_serves() {
+    // Not the vhost-user socket's name (`vu-control-<pid>.sock`).
+    let path = std::env::temp_dir().join(format!("vio-ctl-{}.sock", std::process::id()));
+    let p = path.to_str().unwrap().to_string();
+    let host = Host::start("control", &["--control", &p]);
+    let (_guest, d) = connect(&host.socket, 1);
+    assert_eq!(control(&path, "get"), "ok", "no limits at the start");
+    assert_eq!(control(&path, "set iops=400"), "ok");
+    let n = reads_in_a_second(&d);
+    assert!((360..=440).contains(&n), "{n} reads in a second at 400 IOPS");
+    let refused = control(&path, "set iops=lots");
+    assert!(refused.starts_with("error: "), "{refused}");
+    assert_eq!(
+        control(&path, "get"),
+        "ok iops=400",
+        "the refused command changed nothing"
+    );
+    assert_eq!(control(&path, "set"), "ok");
+    let n = reads_in_a_second(&d);
+    assert!(n > 1000, "{n} reads in a second with the limits lifted");
+    let _ = std::fs::remove_file(&path);
+}

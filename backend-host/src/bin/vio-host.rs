@@ -106,7 +106,8 @@ impl BlkArgs {
             read_bytes: mib(self.limit_read_mib),
             write_bytes: mib(self.limit_write_mib),
         };
-        (!limits.is_unlimited()).then(|| RateLimiter::new(limits))
+        // A control socket may set limits later: it needs a limiter from the start.
+        (!limits.is_unlimited() || self.control.is_some()).then(|| RateLimiter::new(limits))
     }
 }
 
@@ -174,6 +175,11 @@ struct BlkArgs {
     /// MiB read per second.
     #[arg(long, value_name = "MIB", help_heading = "Rate limits", value_parser = clap::value_parser!(u64).range(1..))]
     limit_read_mib: Option<u64>,
+    /// A unix socket on which the limits can be read and changed while the
+    /// daemon serves (`get`, `set iops=3000 mib=200`; see the README), with or
+    /// without limits at the start.
+    #[arg(long, value_name = "PATH", help_heading = "Rate limits")]
+    control: Option<PathBuf>,
     /// MiB written per second.
     #[arg(long, value_name = "MIB", help_heading = "Rate limits", value_parser = clap::value_parser!(u64).range(1..))]
     limit_write_mib: Option<u64>,
@@ -230,7 +236,13 @@ fn main() -> std::process::ExitCode {
 }
 
 fn serve_blk(args: BlkArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if args.control.as_ref() == Some(&args.socket) {
+        return Err("--control must name another socket than --socket".into());
+    }
     let limiter = args.limiter();
+    if let (Some(path), Some(limiter)) = (&args.control, &limiter) {
+        backend_host::blk::control::serve(path, limiter.clone())?;
+    }
     let memory = MemoryPolicy {
         allow_unsealed: args.allow_unsealed_memory,
     };

@@ -1,5 +1,6 @@
 //! virtio-blk, device side (virtio 1.2 §5.2).
 
+pub mod control;
 pub mod device;
 pub mod disk;
 pub mod engine;

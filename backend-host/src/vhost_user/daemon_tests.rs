@@ -210,3 +210,22 @@ fn a_shrunk_memory_file_ends_only_its_own_session() {
     send(&mut s2, GET_FEATURES, 0, &[]);
     assert!(u64_reply(&mut s2, GET_FEATURES).is_some(), "session 2 goes on");
 }
+
+/// A socket path that names a file of another kind (an image given as `--socket`
+/// by mistake) is refused and the file left as it was; a stale socket is replaced.
+#[test]
+fn binding_never_removes_a_file_that_is_not_a_socket() {
+    let dir = std::env::temp_dir().join(format!("vio-daemon-bind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.img");
+    std::fs::write(&image, b"the guest's data").unwrap();
+    let (device, _log) = fake();
+    assert!(Daemon::bind(&image, device, VhostMemory::new()).is_err());
+    assert_eq!(std::fs::read(&image).unwrap(), b"the guest's data");
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let (device, _log) = fake();
+    let daemon = Daemon::bind(&stale, device, VhostMemory::new()).expect("a stale socket is replaced");
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}

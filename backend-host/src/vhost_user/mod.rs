@@ -91,18 +91,31 @@ impl StopHandle {
     }
 }
 
+/// Removes a socket left at `path` by an earlier process, so a new one can be
+/// bound there; never a file of another kind (a socket path given by mistake must
+/// not cost an image): binding then fails with "address in use".
+///
+/// # Errors
+/// The socket could not be removed.
+pub(crate) fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
 impl<D: VhostUserDevice> Daemon<D> {
-    /// Listens on `path` (a stale socket file there is replaced) for frontends of
-    /// `device`, which opens its queues through `memory`.
+    /// Listens on `path` (a stale socket there is replaced; any other kind of file
+    /// is left alone and refused) for frontends of `device`, which opens its queues
+    /// through `memory`.
     ///
     /// # Errors
-    /// The socket could not be bound.
+    /// The socket could not be bound: `path` holds something that is not a socket,
+    /// or cannot be created.
     pub fn bind(path: impl AsRef<Path>, device: D, memory: VhostMemory) -> std::io::Result<Daemon<D>> {
         let path = path.as_ref().to_path_buf();
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+        remove_stale_socket(&path)?;
         let listener = UnixListener::bind(&path)?;
         Ok(Daemon {
             listener,
