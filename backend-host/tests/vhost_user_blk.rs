@@ -341,25 +341,16 @@ fn frontend_child() {
 }
 
 /// `vio-host blk --limit-iops` limits the device it serves (issue 16, item 4):
-/// blocking 4 KiB reads for a second pass about 500, where the unlimited daemon
-/// serves thousands.
+/// 4 KiB reads from 8 threads for a second pass about 500, where the unlimited
+/// daemon serves thousands.
 #[test]
 fn the_daemon_limits_iops_when_asked() {
     let host = Host::start("limited", &["--limit-iops", "500"]);
     let (_guest, d) = connect(&host.socket, 1);
-    let mut buf = vec![0; 4096];
-    // The bucket starts full: spend its burst first.
-    for _ in 0..10 {
-        d.read_bytes_blocking(0, SEED_SECTOR, &mut buf).unwrap();
-    }
-    let start = Instant::now();
-    let mut n = 0u32;
-    while start.elapsed() < Duration::from_secs(1) {
-        d.read_bytes_blocking(0, SEED_SECTOR, &mut buf).unwrap();
-        n += 1;
-    }
-    assert!((450..=550).contains(&n), "{n} reads in a second at 500 IOPS");
-    assert!(buf == pattern(4096, 1), "the data is still the image's");
+    let n = reads_in_a_second(&d);
+    // Above: the limit (plus its burst of 5 and a request per thread in flight at
+    // the end); below: loose, a loaded machine serves fewer.
+    assert!((350..=520).contains(&n), "{n} reads in a second at 500 IOPS");
 }
 
 /// One command on `vio-host blk`'s control socket; returns the reply line.
@@ -382,19 +373,31 @@ fn control(path: &Path, command: &str) -> String {
     reply.trim_end().to_string()
 }
 
-/// Reads of 4 KiB, one at a time, for a second, after a few to spend the burst.
+/// 4 KiB reads for a second from 8 threads (so the rate, not one request's round
+/// trip, bounds them), after a few to spend the burst.
 fn reads_in_a_second(d: &Driver) -> u32 {
     let mut buf = vec![0; 4096];
     for _ in 0..10 {
         d.read_bytes_blocking(0, SEED_SECTOR, &mut buf).unwrap();
     }
     let start = Instant::now();
-    let mut n = 0;
-    while start.elapsed() < Duration::from_secs(1) {
-        d.read_bytes_blocking(0, SEED_SECTOR, &mut buf).unwrap();
-        n += 1;
-    }
-    n
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut buf = vec![0; 4096];
+                    let mut n = 0;
+                    while start.elapsed() < Duration::from_secs(1) {
+                        d.read_bytes_blocking(0, SEED_SECTOR, &mut buf).unwrap();
+                        assert!(buf == pattern(4096, 1), "the data is still the image's");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).sum()
+    })
 }
 
 /// `vio-host blk --control`: limits read and changed while the daemon serves; a
@@ -409,7 +412,7 @@ fn the_control_socket_changes_the_limits_while_the_daemon_serves() {
     assert_eq!(control(&path, "get"), "ok", "no limits at the start");
     assert_eq!(control(&path, "set iops=400"), "ok");
     let n = reads_in_a_second(&d);
-    assert!((360..=440).contains(&n), "{n} reads in a second at 400 IOPS");
+    assert!((280..=420).contains(&n), "{n} reads in a second at 400 IOPS");
     let refused = control(&path, "set iops=lots");
     assert!(refused.starts_with("error: "), "{refused}");
     assert_eq!(
@@ -419,6 +422,6 @@ fn the_control_socket_changes_the_limits_while_the_daemon_serves() {
     );
     assert_eq!(control(&path, "set"), "ok");
     let n = reads_in_a_second(&d);
-    assert!(n > 1000, "{n} reads in a second with the limits lifted");
+    assert!(n > 800, "{n} reads in a second with the limits lifted");
     let _ = std::fs::remove_file(&path);
 }
