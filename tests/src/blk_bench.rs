@@ -111,6 +111,10 @@ pub struct BlkBenchConfig {
     pub ring: RingFormat,
     /// Whether the driver asks for VIRTIO_F_IN_ORDER (negotiated only if offered).
     pub in_order: bool,
+    /// Give our device a rate limiter whose limits are far above what it can do
+    /// (10 M operations and 1 TiB a second, read and write): what a configured,
+    /// not limiting, limiter costs.
+    pub idle_limiter: bool,
 }
 
 impl BlkBenchConfig {
@@ -126,6 +130,7 @@ impl BlkBenchConfig {
             fio: true,
             ring: RingFormat::Split,
             in_order: false,
+            idle_limiter: false,
         }
     }
 
@@ -283,10 +288,24 @@ fn ours(cfg: &BlkBenchConfig) -> Driver {
         device,
     } = models::direct();
     let disk = Disk::open(&cfg.image, DiskOptions::default()).expect("O_DIRECT image");
+    let limiter = cfg.idle_limiter.then(|| {
+        use backend_host::blk::limit::{Bucket, Limits, RateLimiter};
+        let ops = Some(Bucket::new(10_000_000));
+        let bytes = Some(Bucket::new(1 << 40));
+        RateLimiter::new(Limits {
+            ops,
+            read_ops: ops,
+            write_ops: ops,
+            bytes,
+            read_bytes: bytes,
+            write_bytes: bytes,
+        })
+    });
     let settings = BlkSettings {
         engine: EngineChoice::Uring,
         queue_size: 256,
         poll: cfg.poll,
+        limiter,
         ..BlkSettings::default()
     };
     let dev = BlkDevice::new(disk, device, settings, Runtime::OwnThreads);
@@ -604,6 +623,8 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
                 "ring: the format our driver negotiated (it asked for {}; IN_ORDER only if the device offers it)",
                 ring_asked(cfg.ring, cfg.in_order)
             )),
+            cfg.idle_limiter
+                .then(|| "ours: with a rate limiter configured on every bucket, far above what the disk does (not limiting)".to_string()),
             Some(format!(
                 "image {}; write + flush: IOPS count write+flush pairs (fio --fdatasync=1), latency is the flush's (fio: its fdatasync)",
                 cfg.image.display()

@@ -322,8 +322,8 @@ fn blk_bench_runs_over_the_packed_ring() {
     use vio::blk_bench::{self, BlkBenchConfig, ROWS};
     use virtio_core::ring::areas::RingFormat;
     let image = scratch("blk-packed.img");
-    // What `vio blk-bench --ring packed` runs, at its smallest; fio (which runs no
-    // ring) is left out.
+    // What `vio blk-bench --ring packed --idle-limiter` runs, at its smallest; fio
+    // (which runs no ring) is left out.
     let cfg = BlkBenchConfig {
         image: image.clone(),
         size: 8 << 20,
@@ -334,6 +334,7 @@ fn blk_bench_runs_over_the_packed_ring() {
         fio: false,
         ring: RingFormat::Packed,
         in_order: false,
+        idle_limiter: true,
     };
     let table = blk_bench::run(&cfg).expect("block benchmark");
     assert_eq!(table.rows.len(), ROWS.len());
@@ -347,6 +348,7 @@ fn blk_bench_runs_over_the_packed_ring() {
         );
     }
     assert!(table.notes.iter().any(|n| n == "fio: not measured (packed rows)"));
+    assert!(table.notes.iter().any(|n| n.contains("rate limiter configured")));
     let _ = std::fs::remove_file(image);
 }
 

@@ -92,6 +92,11 @@ enum Command {
         /// table's ring column says whether it was).
         #[arg(long)]
         in_order: bool,
+        /// Configure a rate limiter on our device with every bucket far above what
+        /// the disk does: the limiter's cost when it does not limit (compare with a
+        /// run without the flag).
+        #[arg(long)]
+        idle_limiter: bool,
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -393,6 +398,7 @@ fn main() -> std::process::ExitCode {
             poll_us,
             ring,
             in_order,
+            idle_limiter,
             json,
         } => {
             if !(0.1..=600.0).contains(&secs) || size_mib == 0 {
@@ -409,6 +415,7 @@ fn main() -> std::process::ExitCode {
                 fio: true,
                 ring,
                 in_order,
+                idle_limiter,
             };
             match blk_bench::run(&cfg) {
                 Ok(t) => (vec![t], json),
