@@ -325,6 +325,27 @@ pub(crate) struct Refused {
     pub writable_len: u32,
 }
 
+impl Refused {
+    /// The used length to report for a chain rejected for `source`, both ring
+    /// formats alike: with a reject `status` (see `SplitDevice::with_reject_status`)
+    /// and a chain that was well formed but named memory the model refuses, the
+    /// status goes into the last writable byte, when the model accepts that
+    /// descriptor, and the whole writable length is reported; otherwise 0.
+    pub(crate) fn used_len<M: DeviceMemory>(&self, source: &ChainError, status: Option<u8>, mem: &M) -> u32 {
+        let (ChainError::Access(_), Some(status), Some(last)) = (source, status, &self.last_writable) else {
+            return 0;
+        };
+        // Segments are never empty.
+        match mem.write(last, last.len() - 1, &[status]) {
+            Ok(()) => self.writable_len,
+            Err(e) => {
+                tracing::debug!(error = %e, "status byte of a rejected chain unreachable");
+                0
+            }
+        }
+    }
+}
+
 /// One descriptor as fetched from shared memory: `(addr, len, flags, next)`.
 pub(crate) type RawDesc = (u64, u32, u16, u16);
 

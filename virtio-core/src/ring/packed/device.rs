@@ -2,10 +2,10 @@
 
 use super::Views;
 use super::layout::{RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE};
-use crate::access::{DeviceMemory, Segment};
+use crate::access::DeviceMemory;
 use crate::features::Features;
 use crate::ring::areas::RingMemory;
-use crate::ring::chain::{self, Chain, ChainError, PackedRawDesc, Refused};
+use crate::ring::chain::{self, Chain, PackedRawDesc, Refused};
 use crate::ring::layout::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::ring::order::InOrder;
 use crate::ring::split::{DeviceQueueError, RingFault, RingSetupError, UsedError};
@@ -86,19 +86,6 @@ impl<M: DeviceMemory> PackedDevice<M> {
     pub fn with_reject_status(mut self, status: u8) -> Self {
         self.reject_status = Some(status);
         self
-    }
-
-    /// Writes `status` into the last byte of `last`; returns the used length to
-    /// report (0 if the write was refused).
-    fn write_reject_status(&self, last: &Segment, status: u8, writable_len: u32) -> u32 {
-        // Segments are never empty.
-        match self.mem.write(last, last.len() - 1, &[status]) {
-            Ok(()) => writable_len,
-            Err(e) => {
-                tracing::debug!(error = %e, "status byte of a rejected chain unreachable");
-                0
-            }
-        }
     }
 
     /// Starts the queue at ring position `next_avail` instead of slot 0 with wrap
@@ -247,12 +234,7 @@ impl<M: DeviceMemory> PackedDevice<M> {
             }
             Err(source) => {
                 tracing::debug!(id, error = %source, "rejecting descriptor chain");
-                let used = match (&source, self.reject_status, refused.last_writable) {
-                    (ChainError::Access(_), Some(status), Some(last)) => {
-                        self.write_reject_status(&last, status, refused.writable_len)
-                    }
-                    _ => 0,
-                };
+                let used = refused.used_len(&source, self.reject_status, &self.mem);
                 if let Some(order) = &mut self.order {
                     // In order: the rejection waits for the buffers taken before
                     // it, and has a used descriptor of its own.

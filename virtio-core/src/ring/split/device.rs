@@ -1,7 +1,7 @@
 //! The device side of a split virtqueue.
 
 use super::{RingSetupError, Views};
-use crate::access::{DeviceMemory, Segment};
+use crate::access::DeviceMemory;
 use crate::features::Features;
 use crate::notify::need_event;
 use crate::ring::areas::RingMemory;
@@ -170,19 +170,6 @@ impl<M: DeviceMemory> SplitDevice<M> {
         self
     }
 
-    /// Writes `status` into the last byte of `last`; returns the used length to
-    /// report (0 if the write was refused).
-    fn write_reject_status(&self, last: &Segment, status: u8, writable_len: u32) -> u32 {
-        // Segments are never empty.
-        match self.mem.write(last, last.len() - 1, &[status]) {
-            Ok(()) => writable_len,
-            Err(e) => {
-                tracing::debug!(error = %e, "status byte of a rejected chain unreachable");
-                0
-            }
-        }
-    }
-
     /// Starts the queue at available-ring position `next_avail` instead of 0: for a
     /// queue taken over from an earlier device instance (vhost-user's
     /// SET_VRING_BASE, a backend restarted under a running driver). Call it right
@@ -272,12 +259,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
             }
             Err(source) => {
                 tracing::debug!(head, error = %source, "rejecting descriptor chain");
-                let used = match (&source, self.reject_status, refused.last_writable) {
-                    (ChainError::Access(_), Some(status), Some(last)) => {
-                        self.write_reject_status(&last, status, refused.writable_len)
-                    }
-                    _ => 0,
-                };
+                let used = refused.used_len(&source, self.reject_status, &self.mem);
                 if let Some(order) = &mut self.order {
                     // In order: the rejection waits for the chains taken before it,
                     // and has a used entry of its own (the driver must not take it
