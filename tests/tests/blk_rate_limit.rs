@@ -104,9 +104,15 @@ async fn read_load(drivers: &[Arc<Driver>], depth: u64, from: Instant, until: In
     }
 }
 
+/// Runs `f` with a completion runner on each driver's queue 0, within `deadline`
+/// (a lost completion fails the test instead of hanging it). The runners are gone
+/// when it returns: aborting a task only asks it to stop, and a runner still
+/// claiming its queue makes the next `run_completions` refuse with
+/// [`BlkError::RunnerActive`](drivers_blk::BlkError::RunnerActive).
 fn with_completions<R>(
     drivers: &[Arc<Driver>],
     rt: &tokio::runtime::Runtime,
+    deadline: Duration,
     f: impl std::future::Future<Output = R>,
 ) -> R {
     rt.block_on(async {
@@ -117,9 +123,14 @@ fn with_completions<R>(
                 tokio::spawn(async move { d.run_completions(0).await })
             })
             .collect();
-        let r = f.await;
+        let r = tokio::time::timeout(deadline, f)
+            .await
+            .unwrap_or_else(|_| panic!("the load did not finish within {deadline:?}"));
         for r in runners {
+            // A runner returns only on an error.
+            assert!(!r.is_finished(), "a completion runner ended: {:?}", r.await);
             r.abort();
+            assert!(r.await.unwrap_err().is_cancelled());
         }
         r
     })
@@ -143,7 +154,7 @@ fn a_3000_iops_limit_holds_within_2_percent_over_10_s_without_spinning() {
     let until = from + Duration::from_secs(10);
     let drivers = [d];
     let ticks = std::sync::Mutex::new(None);
-    with_completions(&drivers, &rt, async {
+    with_completions(&drivers, &rt, Duration::from_secs(60), async {
         let load = read_load(&drivers, 32, from, until, done.clone());
         let sample = async {
             tokio::time::sleep_until(from.into()).await;
@@ -184,7 +195,12 @@ fn a_group_shares_its_limits_and_they_change_while_the_devices_run() {
         let done = Arc::new(AtomicU64::new(0));
         let from = Instant::now() + Duration::from_millis(200);
         let until = from + Duration::from_secs(secs);
-        with_completions(&drivers, &rt, read_load(&drivers, 8, from, until, done.clone()));
+        with_completions(
+            &drivers,
+            &rt,
+            Duration::from_secs(30),
+            read_load(&drivers, 8, from, until, done.clone()),
+        );
         done.load(Ordering::Relaxed)
     };
     let shared = window(2);
@@ -202,6 +218,11 @@ fn a_group_shares_its_limits_and_they_change_while_the_devices_run() {
 
 /// Writes waiting for tokens keep their place: a FLUSH made available after them
 /// completes only after every one of them.
+///
+/// One task makes the four writes and the flush available in that order (each
+/// request is submitted and kicked in its future's first poll) and then notes the
+/// order in which they finish, polling the writes before the flush on every wake:
+/// a flush used before a write can only ever be noted first.
 #[test]
 fn a_throttled_device_completes_a_flush_after_the_writes_before_it() {
     let _serial = serial();
@@ -212,35 +233,40 @@ fn a_throttled_device_completes_a_flush_after_the_writes_before_it() {
     let (_guest, d) = setup("flush-order.img", Some(limiter));
     let rt = runtime();
     let drivers = [d.clone()];
-    let order = with_completions(&drivers, &rt, async {
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for i in 0..4u8 {
-            let d = d.clone();
-            let log = log.clone();
-            tasks.push(tokio::spawn(async move {
-                d.write_bytes(0, 1024 * u64::from(i), &vec![i + 1; 64 << 10])
-                    .await
-                    .unwrap();
-                log.lock().unwrap().push(format!("write {i}"));
-            }));
-            // Each write is made available before the next request.
-            tokio::task::yield_now().await;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let flush = {
-            let d = d.clone();
-            let log = log.clone();
-            tokio::spawn(async move {
-                d.flush(0).await.unwrap();
-                log.lock().unwrap().push("flush".to_string());
-            })
-        };
-        for t in tasks {
-            t.await.unwrap();
-        }
-        flush.await.unwrap();
-        log.lock().unwrap().clone()
+    let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 64 << 10]).collect();
+    let order = with_completions(&drivers, &rt, Duration::from_secs(30), async {
+        type Req<'a> = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), drivers_blk::BlkError>> + Send + 'a>,
+        >;
+        let mut reqs: Vec<Option<Req<'_>>> = data
+            .iter()
+            .zip(0u64..)
+            .map(|(buf, i)| Some(Box::pin(d.write_bytes(0, 1024 * i, buf)) as Req<'_>))
+            .collect();
+        reqs.push(Some(Box::pin(d.flush(0))));
+        let mut order = Vec::new();
+        std::future::poll_fn(|cx| {
+            for (i, slot) in reqs.iter_mut().enumerate() {
+                if let Some(f) = slot
+                    && let std::task::Poll::Ready(r) = f.as_mut().poll(cx)
+                {
+                    r.expect("request");
+                    order.push(if i == 4 {
+                        "flush".to_string()
+                    } else {
+                        format!("write {i}")
+                    });
+                    *slot = None;
+                }
+            }
+            if reqs.iter().all(Option::is_none) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        order
     });
     assert_eq!(order.last().map(String::as_str), Some("flush"), "{order:?}");
     assert_eq!(order.len(), 5);
