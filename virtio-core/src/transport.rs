@@ -12,7 +12,9 @@ use crate::features::Features;
 use crate::lifecycle::{ControlPlane, DeviceLifecycle, QueueLayout};
 use crate::model::QueueAddrs;
 use crate::notify::{EventFdNotifier, NotificationData, Notify, NotifyError, NotifyRegister, Wait};
+use crate::ring::inflight::{InflightError, InflightRegion};
 use crate::status::{DeviceStatus, StatusChange};
+use crate::{DeviceMemory, DeviceRing};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Why a queue could not be set up through the transport.
@@ -98,9 +100,29 @@ pub struct ActiveQueue {
     /// With `VIRTIO_F_NOTIFICATION_DATA`, where the transport leaves the data of
     /// the latest kick; `None` if it carries none.
     pub notification: Option<NotifyRegister>,
+    /// Where the device tracks the chains it holds so that a restarted instance
+    /// finishes them (vhost-user's inflight I/O tracking); `None` without.
+    pub inflight: Option<InflightRegion>,
 }
 
 impl ActiveQueue {
+    /// Puts a device ring just opened for this queue where the queue stands: at
+    /// [`Self::next_avail`] if it changes hands, and with its inflight region
+    /// recovered if it has one. Every device opens its rings through this.
+    ///
+    /// # Errors
+    /// The inflight region does not add up, or the ring format cannot be tracked.
+    pub fn resume<M: DeviceMemory>(&mut self, ring: DeviceRing<M>) -> Result<DeviceRing<M>, InflightError> {
+        let ring = match self.next_avail {
+            Some(at) => ring.starting_at(at),
+            None => ring,
+        };
+        match self.inflight.take() {
+            Some(region) => ring.with_inflight(region),
+            None => Ok(ring),
+        }
+    }
+
     /// The queue's addresses, for [`crate::DeviceModel::open_queue`].
     pub fn addrs(&self) -> QueueAddrs {
         QueueAddrs {
@@ -263,6 +285,7 @@ impl<H: DeviceHandler> InProcessTransport<H> {
                         self.registers[i].clear();
                         self.registers[i].clone()
                     }),
+                    inflight: None,
                 }),
                 Err(error) => {
                     tracing::error!(%error, index, "cannot duplicate queue eventfds");

@@ -185,6 +185,9 @@ pub enum ActivateError {
     /// The ring memory is unusable.
     #[error("queue memory unusable")]
     Ring(#[from] virtio_core::ring::queue::RingSetupError),
+    /// The queue's inflight region does not add up.
+    #[error("inflight region refused")]
+    Inflight(#[from] virtio_core::ring::inflight::InflightError),
     /// An eventfd could not be made.
     #[error("eventfd")]
     Notify(#[from] NotifyError),
@@ -409,24 +412,20 @@ where
             return Err(ActivateError::MissingQueue(ctrl_index.unwrap_or(u16::MAX)));
         }
         let f = Features::from_bits_retain(features);
-        let open = |q: &ActiveQueue| -> Result<DeviceRing<V::Memory>, ActivateError> {
+        let open = |q: &mut ActiveQueue| -> Result<DeviceRing<V::Memory>, ActivateError> {
             let vq = self
                 .model
                 .open_queue_in(q.index, RingFormat::of(f), q.layout.size, q.addrs())?;
-            let ring = DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?;
-            Ok(match q.next_avail {
-                Some(at) => ring.starting_at(at),
-                None => ring,
-            })
+            Ok(q.resume(DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?)?)
         };
         // The pairs the driver enabled: the longest run from pair 0 with both
         // queues (§5.1.5: "up to N of each kind").
         let mut pairs = Vec::new();
         let mut slots = slots.into_iter();
-        while let (Some(Some(rx)), Some(Some(tx))) = (slots.next(), slots.next()) {
+        while let (Some(Some(mut rx)), Some(Some(mut tx))) = (slots.next(), slots.next()) {
             pairs.push(Pair {
-                rx: open(&rx)?,
-                tx: open(&tx)?,
+                rx: open(&mut rx)?,
+                tx: open(&mut tx)?,
                 rx_kick: rx.kick,
                 tx_kick: tx.kick,
                 rx_irq: rx.interrupt,
@@ -442,8 +441,8 @@ where
             return Err(ActivateError::MissingQueue(0));
         }
         let ctrl = match ctrl_q {
-            Some(q) => Some(CtrlQueue {
-                ring: open(&q)?,
+            Some(mut q) => Some(CtrlQueue {
+                ring: open(&mut q)?,
                 index: q.index,
                 kick: q.kick,
                 irq: q.interrupt,

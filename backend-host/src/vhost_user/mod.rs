@@ -30,6 +30,7 @@
 //! ```
 
 mod early_enable;
+mod inflight;
 pub mod memory;
 mod net;
 pub mod server;

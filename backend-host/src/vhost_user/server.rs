@@ -24,6 +24,7 @@
 //! only a refused request whose reply cannot say so (GET_VRING_BASE) or a message
 //! the `vhost` crate cannot parse ends the connection. Never a panic.
 
+use crate::vhost_user::inflight::{InflightBuffer, InflightBufferError};
 use crate::vhost_user::memory::{MemoryError, MemoryTable, RegionSpec, VhostMemory};
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -110,6 +111,15 @@ pub enum SessionError {
     /// Protocol features that were not offered.
     #[error("protocol features {0:#x} were not offered")]
     UnofferedProtocol(u64),
+    /// An inflight-buffer request without INFLIGHT_SHMFD negotiated.
+    #[error("INFLIGHT_SHMFD was not negotiated")]
+    NoInflight,
+    /// Inflight tracking asked for over packed rings.
+    #[error("inflight tracking is implemented for split rings only; the frontend acked RING_PACKED")]
+    InflightPacked,
+    /// The inflight buffer was refused.
+    #[error("inflight buffer refused")]
+    InflightBuffer(#[from] InflightBufferError),
     /// The memory table was refused.
     #[error("memory table refused")]
     Memory(#[from] MemoryError),
@@ -178,6 +188,8 @@ pub struct Session<D: VhostUserDevice> {
     rings: Vec<Ring>,
     /// The device is serving the rings marked `running`.
     active: bool,
+    /// Where the device tracks the chains it holds (INFLIGHT_SHMFD).
+    inflight: Option<InflightBuffer>,
     /// The last request was refused and its reply, which has no way to say so,
     /// was not sent: the frontend waits for it, so the connection must end.
     unanswered: bool,
@@ -199,6 +211,7 @@ pub fn implemented_protocol() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 impl<D: VhostUserDevice> Session<D> {
@@ -225,6 +238,7 @@ impl<D: VhostUserDevice> Session<D> {
             protocol: VhostUserProtocolFeatures::empty(),
             rings,
             active: false,
+            inflight: None,
             unanswered: false,
         }
     }
@@ -267,6 +281,19 @@ impl<D: VhostUserDevice> Session<D> {
         self.acked = 0;
         self.protocol_acked = false;
         self.rings.iter_mut().for_each(|r| *r = Ring::default());
+        // The rings it tracked are gone: the frontend asks for a new one.
+        self.inflight = None;
+    }
+
+    /// Inflight tracking needs INFLIGHT_SHMFD negotiated and split rings.
+    fn inflight_allowed(&self) -> Result<(), SessionError> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            return Err(SessionError::NoInflight);
+        }
+        if self.acked & Features::RING_PACKED.bits() != 0 {
+            return Err(SessionError::InflightPacked);
+        }
+        Ok(())
     }
 
     fn ring(&mut self, index: u32) -> Result<&mut Ring, SessionError> {
@@ -319,7 +346,7 @@ impl<D: VhostUserDevice> Session<D> {
         self.stop_device();
         let mut queues = Vec::new();
         for (i, (r, s)) in self.rings.iter().zip(startable).enumerate() {
-            match s.and_then(|(size, addrs)| active_queue(i, r, size, addrs)) {
+            match s.and_then(|(size, addrs)| active_queue(i, r, size, addrs, self.inflight.as_ref())) {
                 Ok(q) => queues.push(q),
                 Err(StartError::NotReady) => {}
                 Err(error) => tracing::warn!(ring = i, %error, "ring cannot start"),
@@ -364,6 +391,8 @@ enum StartError {
     Unmapped(u64),
     #[error("eventfd")]
     EventFd(#[source] virtio_core::notify::NotifyError),
+    #[error("inflight region: {0}")]
+    Inflight(String),
 }
 
 /// The ring's size and guest-physical addresses, if it has all it needs to start: a
@@ -382,8 +411,19 @@ fn check_ring(r: &Ring, table: Option<&MemoryTable>) -> Result<(u16, QueueAddrs)
     Ok((size, addrs))
 }
 
-/// Ring `i`, checked to have `size` and `addrs`, with its own copies of the eventfds.
-fn active_queue(i: usize, r: &Ring, size: u16, addrs: QueueAddrs) -> Result<ActiveQueue, StartError> {
+/// Ring `i`, checked to have `size` and `addrs`, with its own copies of the eventfds
+/// and its region of the inflight buffer, if there is one.
+fn active_queue(
+    i: usize,
+    r: &Ring,
+    size: u16,
+    addrs: QueueAddrs,
+    inflight: Option<&InflightBuffer>,
+) -> Result<ActiveQueue, StartError> {
+    let inflight = inflight
+        .and_then(|b| b.region(i, size))
+        .transpose()
+        .map_err(StartError::Inflight)?;
     let kick = r.kick.as_ref().ok_or(StartError::NotReady)?;
     let kick = kick.try_clone().map_err(StartError::EventFd)?;
     // A ring without a call eventfd is polled by the frontend: signal an eventfd
@@ -406,6 +446,7 @@ fn active_queue(i: usize, r: &Ring, size: u16, addrs: QueueAddrs) -> Result<Acti
         interrupt,
         next_avail: r.next_avail,
         notification: None,
+        inflight,
     })
 }
 
@@ -668,12 +709,30 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
         Err(SessionError::Unsupported("GET_SHARED_OBJECT").into())
     }
 
-    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        Err(SessionError::Unsupported("GET_INFLIGHT_FD").into())
+    fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        self.inflight_allowed()?;
+        let (buffer, reply, file) =
+            InflightBuffer::create(inflight, self.rings.len()).map_err(SessionError::from)?;
+        tracing::debug!(
+            queues = reply.num_queues,
+            size = reply.queue_size,
+            "inflight buffer created"
+        );
+        self.inflight = Some(buffer);
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(SessionError::Unsupported("SET_INFLIGHT_FD").into())
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        self.inflight_allowed()?;
+        let buffer = InflightBuffer::adopt(inflight, &file, self.rings.len()).map_err(SessionError::from)?;
+        tracing::debug!(
+            queues = inflight.num_queues,
+            size = inflight.queue_size,
+            "inflight buffer adopted"
+        );
+        self.inflight = Some(buffer);
+        // Running rings go on untracked until the device restarts them.
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

@@ -10,6 +10,8 @@ use virtio_core::config::ConfigSpace;
 #[derive(Default, Debug)]
 pub(crate) struct Log {
     pub(crate) activations: Vec<Vec<(u16, u16)>>,
+    /// Each activation's queues that came with an inflight region.
+    inflight: Vec<Vec<u16>>,
     stops: usize,
     resets: usize,
     config_writes: Vec<(usize, Vec<u8>)>,
@@ -33,7 +35,15 @@ impl DeviceHandler for Fake {
             .iter()
             .map(|q| (q.index, q.next_avail.unwrap_or(0)))
             .collect();
-        self.log.lock().unwrap().activations.push(self.running.clone());
+        let mut log = self.log.lock().unwrap();
+        log.activations.push(self.running.clone());
+        log.inflight.push(
+            queues
+                .iter()
+                .filter(|q| q.inflight.is_some())
+                .map(|q| q.index)
+                .collect(),
+        );
         Ok(())
     }
 
@@ -166,8 +176,8 @@ fn features_must_be_offered_and_include_version_1() {
     assert!(s.set_features(PF).is_err(), "no VERSION_1");
     s.set_features(offered).unwrap();
     assert!(
-        s.set_protocol_features(1 << 12).is_err(),
-        "INFLIGHT_SHMFD is not offered"
+        s.set_protocol_features(1 << 1).is_err(),
+        "LOG_SHMFD is not offered"
     );
     s.set_protocol_features((implemented_protocol() | VhostUserProtocolFeatures::REPLY_ACK).bits())
         .unwrap();
@@ -343,4 +353,64 @@ fn ring_descriptors_must_be_eventfds() {
     s.set_vring_call(0, eventfd_file()).unwrap();
     s.set_vring_err(0, eventfd_file()).unwrap();
     s.set_vring_call(0, None).unwrap();
+}
+
+fn inflight_desc(num_queues: u16, queue_size: u16) -> VhostUserInflight {
+    VhostUserInflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues,
+        queue_size,
+    }
+}
+
+/// INFLIGHT_SHMFD: a buffer made on GET_INFLIGHT_FD reaches every ring it covers
+/// when the device starts, and one handed back on SET_INFLIGHT_FD (a daemon
+/// restarted under the same frontend) does too. Without the protocol feature, or
+/// over packed rings, both requests are refused.
+#[test]
+fn the_inflight_buffer_reaches_the_rings_it_covers() {
+    let (mut s, log) = session();
+    let offered = s.get_features().unwrap();
+    s.set_features(offered).unwrap();
+    assert!(
+        s.get_inflight_fd(&inflight_desc(2, 256)).is_err(),
+        "INFLIGHT_SHMFD not negotiated"
+    );
+    s.set_protocol_features((implemented_protocol() | VhostUserProtocolFeatures::REPLY_ACK).bits())
+        .unwrap();
+    assert!(
+        s.get_inflight_fd(&inflight_desc(3, 256)).is_err(),
+        "the device has 2 rings"
+    );
+    let (reply, file) = s.get_inflight_fd(&inflight_desc(1, 256)).unwrap();
+    assert!(reply.mmap_size >= 16 + 16 * 256);
+    with_memory(&mut s);
+    configure(&mut s, 0);
+    configure(&mut s, 1);
+    s.set_vring_enable(0, true).unwrap();
+    s.set_vring_enable(1, true).unwrap();
+    let last = log.lock().unwrap().inflight.last().cloned();
+    assert_eq!(last, Some(vec![0]), "only ring 0 is covered");
+
+    // The next daemon gets the same buffer back.
+    let (mut s, log) = session();
+    s.set_features(offered).unwrap();
+    s.set_protocol_features((implemented_protocol() | VhostUserProtocolFeatures::REPLY_ACK).bits())
+        .unwrap();
+    s.set_inflight_fd(&reply, file).unwrap();
+    with_memory(&mut s);
+    configure(&mut s, 0);
+    s.set_vring_enable(0, true).unwrap();
+    assert_eq!(log.lock().unwrap().inflight.last(), Some(&vec![0]));
+
+    let (fake, _) = fake();
+    let mut s = Session::new(Fake { packed: true, ..fake }, VhostMemory::new());
+    s.set_features((Features::VERSION_1 | Features::RING_PACKED).bits() | PF)
+        .unwrap();
+    s.set_protocol_features(implemented_protocol().bits()).unwrap();
+    assert!(
+        s.get_inflight_fd(&inflight_desc(1, 256)).is_err(),
+        "packed rings are not tracked"
+    );
 }

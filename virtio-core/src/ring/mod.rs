@@ -2,6 +2,7 @@
 
 pub mod areas;
 pub mod chain;
+pub mod inflight;
 pub mod layout;
 mod order;
 pub mod packed;

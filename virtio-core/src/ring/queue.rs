@@ -40,6 +40,7 @@ use crate::access::DeviceMemory;
 use crate::features::Features;
 use crate::ring::areas::RingFormat;
 use crate::ring::chain::Chain;
+use crate::ring::inflight::{InflightError, InflightRegion};
 use crate::ring::packed::{PackedDevice, PackedDriver};
 use crate::ring::split::{SplitDevice, SplitDriver};
 use crate::share::{DriverShare, GuestBuf};
@@ -284,6 +285,20 @@ impl<M: DeviceMemory> DeviceRing<M> {
         match self {
             DeviceRing::Split(r) => DeviceRing::Split(r.starting_at(next_avail)),
             DeviceRing::Packed(r) => DeviceRing::Packed(r.starting_at(next_avail)),
+        }
+    }
+
+    /// Tracks the chains in flight in `region`, which outlives this instance, and
+    /// recovers what an earlier instance left there; see
+    /// [`SplitDevice::with_inflight`].
+    ///
+    /// # Errors
+    /// A region that does not add up, or a packed ring
+    /// ([`InflightError::Packed`]: tracking is implemented for split rings only).
+    pub fn with_inflight(self, region: InflightRegion) -> Result<Self, InflightError> {
+        match self {
+            DeviceRing::Split(r) => Ok(DeviceRing::Split(r.with_inflight(region)?)),
+            DeviceRing::Packed(_) => Err(InflightError::Packed),
         }
     }
 

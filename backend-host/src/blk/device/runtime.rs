@@ -64,7 +64,7 @@ where
     pub(super) fn start_queue(
         &mut self,
         features: u64,
-        q: ActiveQueue,
+        mut q: ActiveQueue,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let format = RingFormat::of(Features::from_bits_retain(features));
         let vq = self
@@ -73,11 +73,9 @@ where
         let f = Features::from_bits_retain(features);
         // A request naming memory the model refuses still gets IOERR in its
         // status byte, where that byte is reachable (issue 13, finding 7).
-        let mut ring =
-            DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?.with_reject_status(Status::IoErr.raw());
-        if let Some(at) = q.next_avail {
-            ring = ring.starting_at(at);
-        }
+        let ring = q.resume(
+            DeviceRing::new(q.layout.size, &vq.ring, vq.memory, f)?.with_reject_status(Status::IoErr.raw()),
+        )?;
         let blk_features = BlkFeatures::from_bits_truncate(features);
         let stopping = Arc::new(AtomicBool::new(false));
         let worker = Worker::new(

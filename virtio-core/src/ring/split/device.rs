@@ -6,8 +6,10 @@ use crate::features::Features;
 use crate::notify::need_event;
 use crate::ring::areas::RingMemory;
 use crate::ring::chain::{self, Chain, ChainError, Refused};
+use crate::ring::inflight::{InflightError, InflightRegion};
 use crate::ring::layout::{VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY};
 use crate::ring::order::InOrder;
+use std::collections::VecDeque;
 use std::sync::atomic::{Ordering, fence};
 
 /// Why the device could not take the next chain.
@@ -131,6 +133,10 @@ pub struct SplitDevice<M> {
     /// With VIRTIO_F_IN_ORDER: the chains taken, and completions waiting for an
     /// earlier one (§2.7.9).
     order: Option<InOrder>,
+    /// Inflight I/O tracking (see [`Self::with_inflight`]).
+    inflight: Option<Box<InflightRegion>>,
+    /// Chains an earlier device instance took and did not return, served first.
+    resubmit: VecDeque<u16>,
 }
 
 impl<M: DeviceMemory> SplitDevice<M> {
@@ -153,6 +159,8 @@ impl<M: DeviceMemory> SplitDevice<M> {
             scratch: Vec::new(),
             reject_status: None,
             order: features.contains(Features::IN_ORDER).then(|| InOrder::new(size)),
+            inflight: None,
+            resubmit: VecDeque::new(),
         })
     }
 
@@ -185,6 +193,40 @@ impl<M: DeviceMemory> SplitDevice<M> {
         self
     }
 
+    /// Tracks the chains taken and not returned in `region`, which outlives this
+    /// device instance (vhost-user's inflight I/O tracking; see
+    /// [`crate::ring::inflight`]). Call it after [`Self::starting_at`], if at all.
+    ///
+    /// A region an earlier instance wrote is recovered: the chains it took and did
+    /// not return are popped again first, oldest first, and the device goes on
+    /// after the available entries that instance took; the used index is read back
+    /// from the ring this once (HOSTILE 50). A fresh region (version 0) starts
+    /// where [`Self::starting_at`] put the queue. With `VIRTIO_F_IN_ORDER`, every
+    /// chain then gets a used entry of its own (the spec allows it), so that the
+    /// used index counts the chains returned.
+    ///
+    /// # Errors
+    /// A region that does not add up ([`InflightError`]): the queue must not start.
+    pub fn with_inflight(mut self, mut region: InflightRegion) -> Result<Self, InflightError> {
+        let ring_used = self.views.used_idx();
+        let got = region.recover(ring_used, self.used_idx)?;
+        if got.next_avail != self.last_avail || !got.resubmit.is_empty() {
+            self.used_idx = ring_used;
+            self.signalled_used = ring_used;
+            self.last_avail = got.next_avail;
+            self.avail_seen = got.next_avail;
+        }
+        tracing::debug!(
+            resubmit = got.resubmit.len(),
+            next_avail = got.next_avail,
+            used = self.used_idx,
+            "inflight region recovered"
+        );
+        self.resubmit = got.resubmit.into();
+        self.inflight = Some(Box::new(region));
+        Ok(self)
+    }
+
     /// The next available-ring position the device will take: where another device
     /// instance resumes once this one has returned every chain it took
     /// ([`Self::in_flight`] is 0).
@@ -209,7 +251,8 @@ impl<M: DeviceMemory> SplitDevice<M> {
 
     /// Number of chains popped and not yet returned.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.iter().filter(|&&w| w != 0).count()
+        // Chains left to resubmit were taken too (`next_avail` is past them).
+        self.in_flight.iter().filter(|&&w| w != 0).count() + self.resubmit.len()
     }
 
     /// Takes the next available chain, validated.
@@ -220,6 +263,11 @@ impl<M: DeviceMemory> SplitDevice<M> {
     pub fn pop(&mut self) -> Result<Option<Chain>, DeviceQueueError> {
         if let Some(f) = self.fault {
             return Err(DeviceQueueError::NeedsReset(f));
+        }
+        if let Some(head) = self.resubmit.pop_front() {
+            // Taken (and marked) by an earlier instance; below the size (checked
+            // by the recovery) and held by nobody here.
+            return self.take(head);
         }
         if self.last_avail == self.avail_seen && !self.refresh_avail()? {
             return Ok(None);
@@ -234,9 +282,18 @@ impl<M: DeviceMemory> SplitDevice<M> {
                 size: self.size,
             }));
         }
-        if self.in_flight[usize::from(head)] != 0 {
+        if self.in_flight[usize::from(head)] != 0 || self.resubmit.contains(&head) {
             return Err(DeviceQueueError::DuplicateHead(head));
         }
+        if let Some(r) = &mut self.inflight {
+            r.taken(head);
+        }
+        self.take(head)
+    }
+
+    /// Walks and validates the chain at `head` (below the size, not held), which
+    /// is taken whatever comes of it: served, or returned at once if it breaks a rule.
+    fn take(&mut self, head: u16) -> Result<Option<Chain>, DeviceQueueError> {
         let views = &self.views;
         let mut chain = Chain::empty(head);
         let mut refused = Refused::default();
@@ -272,7 +329,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
                 } else {
                     self.push_used(head, used);
                 }
-                self.views.publish_used_idx(self.used_idx);
+                self.publish();
                 Err(DeviceQueueError::BadChain { head, source })
             }
         }
@@ -316,8 +373,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), UsedError> {
         self.write_used(head, len)?;
         self.flush_in_order();
-        // Release: the element becomes visible no later than the index.
-        self.views.publish_used_idx(self.used_idx);
+        self.publish();
         Ok(())
     }
 
@@ -333,8 +389,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
             }
         }
         self.flush_in_order();
-        // Release: pairs with the driver's Acquire load of used.idx.
-        self.views.publish_used_idx(self.used_idx);
+        self.publish();
         result
     }
 
@@ -372,7 +427,11 @@ impl<M: DeviceMemory> SplitDevice<M> {
         while let Some(done) = self.order.as_mut().and_then(InOrder::pop_ready) {
             self.in_flight[usize::from(done.id)] = 0;
             batch += 1;
-            if done.ends_batch {
+            // Tracked: one entry per chain (see `with_inflight`).
+            if done.ends_batch || self.inflight.is_some() {
+                if let Some(r) = &mut self.inflight {
+                    r.returning(done.id);
+                }
                 self.views
                     .set_used_elem(self.used_idx, u32::from(done.id), done.len);
                 self.used_idx = self.used_idx.wrapping_add(batch);
@@ -382,8 +441,21 @@ impl<M: DeviceMemory> SplitDevice<M> {
     }
 
     fn push_used(&mut self, head: u16, len: u32) {
+        if let Some(r) = &mut self.inflight {
+            r.returning(head);
+        }
         self.views.set_used_elem(self.used_idx, u32::from(head), len);
         self.used_idx = self.used_idx.wrapping_add(1);
+    }
+
+    /// Publishes the used index (Release: the elements become visible no later than
+    /// the index; pairs with the driver's Acquire load), then clears the returned
+    /// batch in the inflight region.
+    fn publish(&mut self) {
+        self.views.publish_used_idx(self.used_idx);
+        if let Some(r) = &mut self.inflight {
+            r.returned(self.used_idx);
+        }
     }
 
     /// Whether the driver wants a used-buffer notification for what was added since the

@@ -622,3 +622,124 @@ fn in_order_batches_past_the_used_index_break_the_driver() {
         assert!(driver.is_broken());
     }
 }
+
+/// One step of [`a_device_that_dies_at_any_moment_loses_and_repeats_nothing`].
+#[derive(Debug, Clone)]
+enum Life {
+    /// The driver makes a request available, if it has room.
+    Add,
+    /// The device takes the next chain.
+    Pop,
+    /// The device returns the `n`-th chain it holds (modulo how many).
+    Complete(usize),
+    /// The device process dies; a new instance recovers from the inflight region.
+    Crash,
+}
+
+fn life() -> impl Strategy<Value = Life> {
+    prop_oneof![
+        3 => Just(Life::Add),
+        3 => Just(Life::Pop),
+        3 => (0usize..8).prop_map(Life::Complete),
+        1 => Just(Life::Crash),
+    ]
+}
+
+proptest! {
+    /// Inflight tracking (vhost-user's INFLIGHT_SHMFD): a device instance that dies
+    /// at any point, holding any chains, completed in any order, is replaced by one
+    /// that recovers the region and serves exactly the chains the dead one took and
+    /// did not return, then goes on with the ring. The driver, which checks every
+    /// used entry against what it has outstanding, gets each request back once,
+    /// with the length the device gave that very request.
+    #[test]
+    fn a_device_that_dies_at_any_moment_loses_and_repeats_nothing(
+        steps in proptest::collection::vec(life(), 1..80),
+        in_order in any::<bool>(),
+    ) {
+        use crate::ring::inflight::{InflightRegion, split_region_size};
+        let size = 8;
+        let mut features = PLAIN | Features::EVENT_IDX;
+        if in_order {
+            features |= Features::IN_ORDER;
+        }
+        let arena = Arena::new(0x4000_0000, 4 << 20).unwrap();
+        let (_, ring) = arena.alloc_split_ring(size).unwrap();
+        let share = IdentityShare::new(arena.clone(), size);
+        let mut driver: SplitDriver<IdentityShare, u32> =
+            SplitDriver::new(size, ring.clone(), share, features).unwrap();
+        let kept = crate::shm::Mapping::anonymous(usize::try_from(split_region_size(size)).unwrap()).unwrap();
+        let instance = || {
+            let region = InflightRegion::new(kept.region(), size).unwrap();
+            SplitDevice::new(size, &ring, arena.clone(), features)
+                .unwrap()
+                .with_inflight(region)
+                .unwrap()
+        };
+        let mut device = instance();
+        // Chains the current instance holds: (head, token read from the request).
+        let mut held: Vec<(u16, u32)> = Vec::new();
+        let mut next_token = 0u32;
+        let mut outstanding = std::collections::BTreeSet::new();
+        let mut done = Vec::new();
+        let token_of = |c: &Chain| {
+            let mut t = [0u8; 4];
+            c.reader(&arena).read_exact(&mut t).unwrap();
+            u32::from_le_bytes(t)
+        };
+        let serve = |device: &mut SplitDevice<Arc<Arena>>, held: &mut Vec<(u16, u32)>, step: &Life| {
+            match step {
+                Life::Pop => {
+                    if let Some(c) = device.pop().unwrap() {
+                        held.push((c.head(), token_of(&c)));
+                    }
+                }
+                Life::Complete(n) if !held.is_empty() => {
+                    let (head, token) = held.remove(n % held.len());
+                    // The length names the request: 1 + its token, at most 16.
+                    device.add_used(head, 1 + token % 16).unwrap();
+                }
+                _ => {}
+            }
+        };
+        for step in &steps {
+            match step {
+                Life::Add => {
+                    if driver.num_free() > 0 {
+                        let out = bufs(&arena, &[4]);
+                        arena.write(out[0].addr, &next_token.to_le_bytes()).unwrap();
+                        driver.add(&out, &bufs(&arena, &[16]), next_token).unwrap();
+                        outstanding.insert(next_token);
+                        next_token += 1;
+                    }
+                }
+                Life::Crash => {
+                    drop(std::mem::replace(&mut device, instance()));
+                    held.clear();
+                }
+                other => serve(&mut device, &mut held, other),
+            }
+            while let Some(u) = driver.pop_used().unwrap() {
+                prop_assert!(outstanding.remove(&u.token), "token {} returned twice", u.token);
+                prop_assert_eq!(u.len, 1 + u.token % 16);
+                done.push(u.token);
+            }
+        }
+        // One more crash, then the last instance finishes everything.
+        drop(std::mem::replace(&mut device, instance()));
+        held.clear();
+        for _ in 0..2 * usize::from(size) {
+            serve(&mut device, &mut held, &Life::Pop);
+        }
+        while !held.is_empty() {
+            serve(&mut device, &mut held, &Life::Complete(0));
+        }
+        while let Some(u) = driver.pop_used().unwrap() {
+            prop_assert!(outstanding.remove(&u.token), "token {} returned twice", u.token);
+            prop_assert_eq!(u.len, 1 + u.token % 16);
+            done.push(u.token);
+        }
+        prop_assert!(outstanding.is_empty(), "never returned: {:?}", outstanding);
+        prop_assert_eq!(done.len(), next_token as usize);
+    }
+}
