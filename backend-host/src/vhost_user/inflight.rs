@@ -12,7 +12,8 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserInflight;
-use virtio_core::ring::inflight::{InflightRegion, split_region_size};
+use virtio_core::ring::areas::RingFormat;
+use virtio_core::ring::inflight::{InflightRegion, region_size};
 use virtio_core::shm::Mapping;
 
 /// Why an inflight buffer was refused.
@@ -21,7 +22,7 @@ pub enum InflightBufferError {
     /// The description names no queue, more queues than the device has, or a
     /// queue size the device cannot have.
     #[error(
-        "inflight buffer for {num_queues} queues of {queue_size}: the device has {queues} queues of at most 32768"
+        "inflight buffer for {num_queues} queues of {queue_size}: the device has {queues} queues of at most {capacity}"
     )]
     Shape {
         /// Queues asked for.
@@ -30,6 +31,8 @@ pub enum InflightBufferError {
         queue_size: u16,
         /// The device's queues.
         queues: usize,
+        /// The device's largest ring.
+        capacity: u16,
     },
     /// The buffer's file is smaller than the description says, or the offset is
     /// not page aligned.
@@ -55,51 +58,68 @@ pub enum InflightBufferError {
 pub(crate) struct InflightBuffer {
     mapping: Arc<Mapping>,
     num_queues: u16,
-    queue_size: u16,
+    /// Entries each queue's region can track: the device's largest ring.
+    capacity: u16,
+    format: RingFormat,
 }
 
-/// Bytes of the buffer for `num_queues` queues of `queue_size`, rounded up to
-/// whole pages.
-fn buffer_size(num_queues: u16, queue_size: u16) -> u64 {
+/// What the device is: its queues, its largest ring, and the ring format the
+/// frontend acked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    pub queues: usize,
+    pub capacity: u16,
+    pub format: RingFormat,
+}
+
+/// Bytes of the buffer for `num_queues` queues of `shape`, rounded up to whole
+/// pages. Each queue's region is sized for the device's largest ring, not for the
+/// frontend's `queue_size`: a ring may be larger than that (QEMU's virtio-mmio
+/// lets the guest pick up to 1024 entries whatever the device's `queue-size`).
+fn buffer_size(shape: Shape, num_queues: u16) -> u64 {
     let page = rustix::param::page_size() as u64;
-    (u64::from(num_queues) * split_region_size(queue_size)).div_ceil(page) * page
+    (u64::from(num_queues) * region_size(shape.format, shape.capacity)).div_ceil(page) * page
 }
 
-fn check_shape(d: &VhostUserInflight, queues: usize) -> Result<(u16, u16), InflightBufferError> {
-    let shape = InflightBufferError::Shape {
-        num_queues: d.num_queues,
-        queue_size: d.queue_size,
-        queues,
-    };
-    if d.num_queues == 0 || usize::from(d.num_queues) > queues || d.queue_size == 0 || d.queue_size > 0x8000 {
-        return Err(shape);
+fn check_shape(d: &VhostUserInflight, shape: Shape) -> Result<u16, InflightBufferError> {
+    if d.num_queues == 0
+        || usize::from(d.num_queues) > shape.queues
+        || d.queue_size == 0
+        || d.queue_size > shape.capacity
+    {
+        return Err(InflightBufferError::Shape {
+            num_queues: d.num_queues,
+            queue_size: d.queue_size,
+            queues: shape.queues,
+            capacity: shape.capacity,
+        });
     }
-    Ok((d.num_queues, d.queue_size))
+    Ok(d.num_queues)
 }
 
 impl InflightBuffer {
     /// A fresh buffer for what GET_INFLIGHT_FD asks (`d`'s queue count and size),
-    /// for a device of `queues` queues; returns the description to reply with and
-    /// the file to send.
+    /// for a device of `queues` queues with rings of `format`; returns the
+    /// description to reply with and the file to send.
     pub(crate) fn create(
         d: &VhostUserInflight,
-        queues: usize,
+        shape: Shape,
     ) -> Result<(InflightBuffer, VhostUserInflight, File), InflightBufferError> {
         use rustix::fs::{MemfdFlags, SealFlags};
-        let (num_queues, queue_size) = check_shape(d, queues)?;
-        let size = buffer_size(num_queues, queue_size);
+        let num_queues = check_shape(d, shape)?;
+        let size = buffer_size(shape, num_queues);
         let fd = rustix::fs::memfd_create("vio-inflight", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
             .map_err(std::io::Error::from)?;
         rustix::fs::ftruncate(&fd, size).map_err(std::io::Error::from)?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK)
             .map_err(|e| InflightBufferError::Unsealed(e.into()))?;
         let file = File::from(fd);
-        let buffer = InflightBuffer::map(&file, 0, num_queues, queue_size, size)?;
+        let buffer = InflightBuffer::map(&file, 0, num_queues, shape, size)?;
         let reply = VhostUserInflight {
             mmap_size: size,
             mmap_offset: 0,
             num_queues,
-            queue_size,
+            queue_size: d.queue_size,
         };
         Ok((buffer, reply, file))
     }
@@ -109,17 +129,17 @@ impl InflightBuffer {
     pub(crate) fn adopt(
         d: &VhostUserInflight,
         file: &File,
-        queues: usize,
+        shape: Shape,
     ) -> Result<InflightBuffer, InflightBufferError> {
         use rustix::fs::SealFlags;
-        let (num_queues, queue_size) = check_shape(d, queues)?;
+        let num_queues = check_shape(d, shape)?;
         // Seal first, then check the size: checked first, it could shrink in between.
         match rustix::fs::fcntl_get_seals(file.as_fd()) {
             Ok(seals) if seals.contains(SealFlags::SHRINK) => {}
             _ => rustix::fs::fcntl_add_seals(file.as_fd(), SealFlags::SHRINK)
                 .map_err(|e| InflightBufferError::Unsealed(e.into()))?,
         }
-        let size = buffer_size(num_queues, queue_size);
+        let size = buffer_size(shape, num_queues);
         let have = file.metadata()?.len();
         let page = rustix::param::page_size() as u64;
         let too_small = InflightBufferError::TooSmall {
@@ -133,14 +153,14 @@ impl InflightBuffer {
         {
             return Err(too_small);
         }
-        InflightBuffer::map(file, d.mmap_offset, num_queues, queue_size, size)
+        InflightBuffer::map(file, d.mmap_offset, num_queues, shape, size)
     }
 
     fn map(
         file: &File,
         offset: u64,
         num_queues: u16,
-        queue_size: u16,
+        shape: Shape,
         size: u64,
     ) -> Result<InflightBuffer, InflightBufferError> {
         let len =
@@ -149,7 +169,8 @@ impl InflightBuffer {
         Ok(InflightBuffer {
             mapping,
             num_queues,
-            queue_size,
+            capacity: shape.capacity,
+            format: shape.format,
         })
     }
 
@@ -159,19 +180,19 @@ impl InflightBuffer {
         if index >= usize::from(self.num_queues) {
             return None;
         }
-        if size != self.queue_size {
+        if size > self.capacity {
             return Some(Err(format!(
                 "ring of {size} entries, inflight buffer for {}",
-                self.queue_size
+                self.capacity
             )));
         }
-        let each = split_region_size(self.queue_size);
+        let each = region_size(self.format, self.capacity);
         Some(
             self.mapping
                 .region()
                 .sub(index as u64 * each, each)
                 .map_err(|e| e.to_string())
-                .and_then(|r| InflightRegion::new(r, size).map_err(|e| e.to_string())),
+                .and_then(|r| InflightRegion::new(r, size, self.format).map_err(|e| e.to_string())),
         )
     }
 }
@@ -179,6 +200,17 @@ impl InflightBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SPLIT: Shape = Shape {
+        queues: 2,
+        capacity: 256,
+        format: RingFormat::Split,
+    };
+    const PACKED: Shape = Shape {
+        queues: 1,
+        capacity: 256,
+        format: RingFormat::Packed,
+    };
 
     fn desc(num_queues: u16, queue_size: u16) -> VhostUserInflight {
         VhostUserInflight {
@@ -191,8 +223,8 @@ mod tests {
 
     #[test]
     fn a_created_buffer_is_sealed_covers_every_queue_and_is_adopted_back() {
-        let (buf, reply, file) = InflightBuffer::create(&desc(2, 128), 2).unwrap();
-        assert_eq!(reply.mmap_size, buffer_size(2, 128));
+        let (buf, reply, file) = InflightBuffer::create(&desc(2, 128), SPLIT).unwrap();
+        assert_eq!(reply.mmap_size, buffer_size(SPLIT, 2));
         assert!(
             rustix::fs::fcntl_get_seals(&file)
                 .unwrap()
@@ -201,29 +233,31 @@ mod tests {
         assert!(buf.region(0, 128).unwrap().is_ok());
         assert!(buf.region(1, 128).unwrap().is_ok());
         assert!(buf.region(2, 128).is_none());
-        assert!(buf.region(1, 64).unwrap().is_err());
-        let again = InflightBuffer::adopt(&reply, &file, 2).unwrap();
+        // A ring larger than the frontend's queue size (virtio-mmio) still fits.
+        assert!(buf.region(1, 256).unwrap().is_ok());
+        assert!(buf.region(1, 512).unwrap().is_err());
+        let again = InflightBuffer::adopt(&reply, &file, SPLIT).unwrap();
         assert!(again.region(1, 128).unwrap().is_ok());
     }
 
     #[test]
     fn shapes_and_files_that_do_not_fit_are_refused() {
         assert!(matches!(
-            InflightBuffer::create(&desc(3, 128), 2),
+            InflightBuffer::create(&desc(3, 128), SPLIT),
             Err(InflightBufferError::Shape { .. })
         ));
         assert!(matches!(
-            InflightBuffer::create(&desc(1, 0), 2),
+            InflightBuffer::create(&desc(1, 0), SPLIT),
             Err(InflightBufferError::Shape { .. })
         ));
-        let (_, reply, file) = InflightBuffer::create(&desc(1, 128), 1).unwrap();
-        // Claims more queues than the file holds.
+        let (_, reply, file) = InflightBuffer::create(&desc(1, 128), PACKED).unwrap();
+        // Claims more than the file holds.
         let bigger = VhostUserInflight {
-            queue_size: 1024,
+            mmap_size: reply.mmap_size / 2,
             ..reply
         };
         assert!(matches!(
-            InflightBuffer::adopt(&bigger, &file, 1),
+            InflightBuffer::adopt(&bigger, &file, PACKED),
             Err(InflightBufferError::TooSmall { .. })
         ));
         let misaligned = VhostUserInflight {
@@ -231,7 +265,7 @@ mod tests {
             ..reply
         };
         assert!(matches!(
-            InflightBuffer::adopt(&misaligned, &file, 1),
+            InflightBuffer::adopt(&misaligned, &file, PACKED),
             Err(InflightBufferError::TooSmall { .. })
         ));
     }

@@ -24,7 +24,7 @@
 //! only a refused request whose reply cannot say so (GET_VRING_BASE) or a message
 //! the `vhost` crate cannot parse ends the connection. Never a panic.
 
-use crate::vhost_user::inflight::{InflightBuffer, InflightBufferError};
+use crate::vhost_user::inflight::{InflightBuffer, InflightBufferError, Shape};
 use crate::vhost_user::memory::{MemoryError, MemoryTable, RegionSpec, VhostMemory};
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -114,9 +114,6 @@ pub enum SessionError {
     /// An inflight-buffer request without INFLIGHT_SHMFD negotiated.
     #[error("INFLIGHT_SHMFD was not negotiated")]
     NoInflight,
-    /// Inflight tracking asked for over packed rings.
-    #[error("inflight tracking is implemented for split rings only; the frontend acked RING_PACKED")]
-    InflightPacked,
     /// The inflight buffer was refused.
     #[error("inflight buffer refused")]
     InflightBuffer(#[from] InflightBufferError),
@@ -285,15 +282,32 @@ impl<D: VhostUserDevice> Session<D> {
         self.inflight = None;
     }
 
-    /// Inflight tracking needs INFLIGHT_SHMFD negotiated and split rings.
+    /// Inflight tracking needs INFLIGHT_SHMFD negotiated.
     fn inflight_allowed(&self) -> Result<(), SessionError> {
         if !self.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
             return Err(SessionError::NoInflight);
         }
-        if self.acked & Features::RING_PACKED.bits() != 0 {
-            return Err(SessionError::InflightPacked);
-        }
         Ok(())
+    }
+
+    /// What the inflight buffer must cover: every ring, each up to the largest
+    /// size the device allows, in the ring format the acked features chose
+    /// (frontends send SET_FEATURES before asking for the buffer).
+    fn inflight_shape(&self) -> Shape {
+        let capacity = (0..self.lifecycle.num_queues())
+            .filter_map(|i| {
+                u16::try_from(i)
+                    .ok()
+                    .and_then(|i| self.lifecycle.queue(i))
+                    .map(|q| q.max_size)
+            })
+            .max()
+            .unwrap_or(0);
+        Shape {
+            queues: self.rings.len(),
+            capacity,
+            format: RingFormat::of(Features::from_bits_retain(self.acked)),
+        }
     }
 
     fn ring(&mut self, index: u32) -> Result<&mut Ring, SessionError> {
@@ -712,7 +726,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
     fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
         self.inflight_allowed()?;
         let (buffer, reply, file) =
-            InflightBuffer::create(inflight, self.rings.len()).map_err(SessionError::from)?;
+            InflightBuffer::create(inflight, self.inflight_shape()).map_err(SessionError::from)?;
         tracing::debug!(
             queues = reply.num_queues,
             size = reply.queue_size,
@@ -724,7 +738,8 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
         self.inflight_allowed()?;
-        let buffer = InflightBuffer::adopt(inflight, &file, self.rings.len()).map_err(SessionError::from)?;
+        let buffer =
+            InflightBuffer::adopt(inflight, &file, self.inflight_shape()).map_err(SessionError::from)?;
         tracing::debug!(
             queues = inflight.num_queues,
             size = inflight.queue_size,

@@ -1,12 +1,14 @@
-//! Inflight I/O tracking for split rings: what a device took and has not returned,
+//! Inflight I/O tracking: what a device took and has not returned,
 //! kept in memory that outlives the device process, so a restarted device finishes
 //! it (vhost-user's `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`, "Inflight I/O tracking").
 //!
 //! A device that completes out of order cannot tell from the rings alone which
 //! chains it took before it died: the available ring's entries of those chains may
 //! already be overwritten. So it keeps one [`InflightRegion`] per queue, shared with
-//! the frontend (which only holds it across the device's restarts), in the spec's
-//! split layout:
+//! the frontend (which only holds it across the device's restarts). The vhost-user
+//! spec suggests layouts; only the device reads the region (the frontend zeroes it
+//! on a VM reset), so each format's layout is the device's own. Split rings use the
+//! spec's split layout:
 //!
 //! ```text
 //! queue region: features u64 | version u16 | desc_num u16 | last_batch_head u16 | used_idx u16
@@ -28,6 +30,33 @@
 //!   returned (one used entry each, so a tracked in-order device writes one used
 //!   entry per chain) or is still marked.
 //!
+//! Packed rings (`features` bit 0 set, so neither format is read as the other)
+//! keep, per buffer id, the list's descriptors themselves: a list completed out of
+//! order is overwritten in the ring by used descriptors while an older one is still
+//! held, so after a crash the ring no longer holds it.
+//!
+//! ```text
+//! queue region: features u64 (1) | version u16 | desc_num u16 | used u16 | pending u16
+//!               | batch_head u16 | batch_len u16 | padding [u8; 12]
+//!               ids[desc_num]: inflight u16 | first u16 | num u16 | next u16 | counter u64
+//!               copies[desc_num]: addr u64 | len u32 | id u16 | flags u16 | slot u16 | link u16 | padding u32
+//! ```
+//!
+//! - taking a list: its descriptors go into free copy entries (linked by `link`
+//!   from `first`, `num` of them), then the id's counter, then its flag;
+//! - returning (one used descriptor for one list, or in order for a batch): the
+//!   ids are linked into the batch list and `pending` is set to the used position
+//!   after it; the used descriptor is written; then the flags are cleared and
+//!   `used` = `pending`;
+//! - recovering: if `pending` differs from `used`, the device died around a used
+//!   descriptor's write. The slot at `used` still holds the descriptor the driver
+//!   made available there, marked available for that lap, exactly when the used
+//!   descriptor was not written (the driver rewrites a slot only after the device
+//!   used it): then the batch is dropped, else it is finished. The ids still marked
+//!   are resubmitted from their copies in counter order, and the device takes
+//!   available descriptors again after the slots they hold (`used` plus their
+//!   descriptors). Copy entries not named by a marked id are free.
+//!
 //! Everything in the region is hostile (HOSTILE 50): the frontend can write it at
 //! any moment. Recovery reads each field once, checks the version, the size, every
 //! head and the batch length against the queue size, and the ring itself then
@@ -35,8 +64,10 @@
 //! other; a region that does not add up is refused with an [`InflightError`], never
 //! a panic or an unbounded walk.
 
+use crate::ring::areas::RingFormat;
+use crate::ring::chain::PackedRawDesc;
 use crate::shm::{Atomics, Region};
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 /// The region layout version this module writes and reads.
 pub const VERSION: u16 = 1;
@@ -44,14 +75,28 @@ pub const VERSION: u16 = 1;
 /// Alignment of each queue's region inside the shared buffer.
 pub const ALIGN: u64 = 64;
 
-const HEADER: usize = 16;
-const DESC: usize = 16;
+/// `features` bit 0: the packed layout.
+const PACKED_LAYOUT: u64 = 1;
 
-/// Bytes of one split queue's region for a queue of `size` entries (header and
-/// descriptor states, rounded up to [`ALIGN`]).
+const SPLIT_HEADER: usize = 16;
+const SPLIT_DESC: usize = 16;
+const PACKED_HEADER: usize = 32;
+const PACKED_ID: usize = 16;
+const PACKED_COPY: usize = 24;
+
+fn layout_bytes(format: RingFormat, size: u16) -> usize {
+    let n = usize::from(size);
+    match format {
+        RingFormat::Split => SPLIT_HEADER + SPLIT_DESC * n,
+        RingFormat::Packed => PACKED_HEADER + (PACKED_ID + PACKED_COPY) * n,
+    }
+}
+
+/// Bytes of one queue's region for a ring of `format` and `size` entries, rounded
+/// up to [`ALIGN`].
 #[must_use]
-pub fn split_region_size(size: u16) -> u64 {
-    ((HEADER + DESC * usize::from(size)) as u64).div_ceil(ALIGN) * ALIGN
+pub fn region_size(format: RingFormat, size: u16) -> u64 {
+    (layout_bytes(format, size) as u64).div_ceil(ALIGN) * ALIGN
 }
 
 /// Why an inflight region was refused.
@@ -70,9 +115,14 @@ pub enum InflightError {
         /// Bytes needed.
         need: u64,
     },
-    /// A version this implementation does not know.
-    #[error("inflight region version {0}, expected 0 or {VERSION}")]
-    Version(u16),
+    /// A version this implementation does not know, or the other format's layout.
+    #[error("inflight region version {version} with features {features:#x}: not this ring format's layout")]
+    Version {
+        /// `version` read.
+        version: u16,
+        /// `features` read.
+        features: u64,
+    },
     /// The region tracks a queue of another size.
     #[error("inflight region for {found} descriptors, the queue has {size}")]
     DescNum {
@@ -85,7 +135,7 @@ pub enum InflightError {
     /// queue.
     #[error("inflight region's last batch ({batch} entries from head {head}) does not fit a queue of {size}")]
     Batch {
-        /// Entries the used indices say the batch had.
+        /// Entries the region says the batch had.
         batch: u16,
         /// The list entry that was out of range (or the list's head).
         head: u16,
@@ -95,37 +145,33 @@ pub enum InflightError {
     /// An `inflight` flag that is neither 0 nor 1.
     #[error("inflight flag {flag} for head {head}")]
     Flag {
-        /// The head.
+        /// The head (packed: the buffer id).
         head: u16,
         /// The value read.
-        flag: u8,
+        flag: u16,
     },
-    /// Inflight tracking is implemented for split rings only.
-    #[error("inflight tracking is implemented for split rings only")]
-    Packed,
+    /// Packed: a used position outside the ring.
+    #[error("inflight region's used position {0:#06x} is outside the ring")]
+    Position(u16),
+    /// Packed: a held list's copies do not add up (an entry out of range or
+    /// shared, a count of 0, or more descriptors than the ring has).
+    #[error("inflight region's copy of buffer {id} does not add up")]
+    Copies {
+        /// The buffer id.
+        id: u16,
+    },
+    /// A region for one ring format given to a ring of the other.
+    #[error("inflight region laid out for the other ring format")]
+    Format,
 }
 
-/// The chains a recovered device must serve again, in the order it first took
-/// them, and where it goes on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recovered {
-    /// Heads of the chains taken and not returned, oldest first.
-    pub resubmit: Vec<u16>,
-    /// The available-ring position to take next: the ring's used index plus the
-    /// chains resubmitted.
-    pub next_avail: u16,
-}
-
-/// One split queue's inflight region (see the module docs).
+/// One queue's inflight region: shared memory of at least [`region_size`] bytes
+/// for the ring's format and size. The device ring reads and writes it (see the
+/// module docs); this handle only carries it there.
 pub struct InflightRegion {
     region: Region,
-    u16s: Atomics<AtomicU16>,
-    u64s: Atomics<AtomicU64>,
     size: u16,
-    /// The next counter value to give a chain taken.
-    counter: u64,
-    /// Heads linked into the batch being returned, not yet cleared.
-    batch: Vec<u16>,
+    format: RingFormat,
 }
 
 impl std::fmt::Debug for InflightRegion {
@@ -133,37 +179,55 @@ impl std::fmt::Debug for InflightRegion {
         f.debug_struct("InflightRegion")
             .field("len", &self.region.len())
             .field("size", &self.size)
-            .field("counter", &self.counter)
+            .field("format", &self.format)
             .finish_non_exhaustive()
     }
 }
 
 impl InflightRegion {
-    /// The region for a queue of `size` entries at the start of `region` (writable,
-    /// 8-byte aligned, at least [`split_region_size`] bytes).
+    /// The region for a ring of `format` and `size` entries at the start of
+    /// `region` (writable, 8-byte aligned, at least [`region_size`] bytes).
     ///
     /// # Errors
     /// [`InflightError::Region`] if `region` cannot hold it.
-    pub fn new(region: Region, size: u16) -> Result<Self, InflightError> {
-        let need = split_region_size(size);
-        let refused = InflightError::Region {
-            len: region.len(),
-            size,
-            need,
-        };
-        if !region.is_writable() || (region.len() as u64) < need {
-            return Err(refused);
+    pub fn new(region: Region, size: u16, format: RingFormat) -> Result<Self, InflightError> {
+        let need = region_size(format, size);
+        if !region.is_writable() || (region.len() as u64) < need || region.atomic_u64s(0, 1).is_err() {
+            return Err(InflightError::Region {
+                len: region.len(),
+                size,
+                need,
+            });
         }
-        let words = usize::try_from(need).map_err(|_| refused)?;
-        let u16s = region.atomic_u16s(0, words / 2).map_err(|_| refused)?;
-        let u64s = region.atomic_u64s(0, words / 8).map_err(|_| refused)?;
-        Ok(InflightRegion {
-            region,
-            u16s,
-            u64s,
-            size,
-            counter: 0,
-            batch: Vec::new(),
+        Ok(InflightRegion { region, size, format })
+    }
+
+    /// The ring format it is laid out for.
+    #[must_use]
+    pub fn format(&self) -> RingFormat {
+        self.format
+    }
+}
+
+/// Atomic views of a region's 16-, 32- and 64-bit words, little-endian.
+struct Words {
+    u16s: Atomics<AtomicU16>,
+    u32s: Atomics<AtomicU32>,
+    u64s: Atomics<AtomicU64>,
+}
+
+impl Words {
+    fn new(r: &InflightRegion) -> Result<Words, InflightError> {
+        let bytes = layout_bytes(r.format, r.size).next_multiple_of(8);
+        let refused = InflightError::Region {
+            len: r.region.len(),
+            size: r.size,
+            need: region_size(r.format, r.size),
+        };
+        Ok(Words {
+            u16s: r.region.atomic_u16s(0, bytes / 2).map_err(|_| refused)?,
+            u32s: r.region.atomic_u32s(0, bytes / 4).map_err(|_| refused)?,
+            u64s: r.region.atomic_u64s(0, bytes / 8).map_err(|_| refused)?,
         })
     }
 
@@ -175,45 +239,74 @@ impl InflightRegion {
         self.u16s[byte / 2].store(v.to_le(), Ordering::Release);
     }
 
+    fn get32(&self, byte: usize) -> u32 {
+        u32::from_le(self.u32s[byte / 4].load(Ordering::Relaxed))
+    }
+
+    fn set32(&self, byte: usize, v: u32) {
+        self.u32s[byte / 4].store(v.to_le(), Ordering::Release);
+    }
+
+    fn get64(&self, byte: usize) -> u64 {
+        u64::from_le(self.u64s[byte / 8].load(Ordering::Relaxed))
+    }
+
+    fn set64(&self, byte: usize, v: u64) {
+        self.u64s[byte / 8].store(v.to_le(), Ordering::Release);
+    }
+}
+
+/// The chains a recovered split device must serve again, in the order it first
+/// took them, and where it goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Heads of the chains taken and not returned, oldest first.
+    pub resubmit: Vec<u16>,
+    /// The available-ring position to take next: the ring's used index plus the
+    /// chains resubmitted.
+    pub next_avail: u16,
+}
+
+/// A split device's bookkeeping in its region (see the module docs).
+pub(crate) struct SplitTracker {
+    w: Words,
+    size: u16,
+    /// The next counter value to give a chain taken.
+    counter: u64,
+    /// Heads linked into the batch being returned, not yet cleared.
+    batch: Vec<u16>,
+}
+
+impl SplitTracker {
+    pub(crate) fn new(r: &InflightRegion) -> Result<Self, InflightError> {
+        if r.format != RingFormat::Split {
+            return Err(InflightError::Format);
+        }
+        Ok(SplitTracker {
+            w: Words::new(r)?,
+            size: r.size,
+            counter: 0,
+            batch: Vec::new(),
+        })
+    }
+
     fn desc(i: u16) -> usize {
-        HEADER + DESC * usize::from(i)
-    }
-
-    /// The `inflight` byte of head `i` (with the padding byte after it, which is
-    /// written as 0).
-    fn flag(&self, i: u16) -> u8 {
-        self.get16(Self::desc(i)).to_le_bytes()[0]
-    }
-
-    fn set_flag(&self, i: u16, on: bool) {
-        self.set16(Self::desc(i), u16::from(on));
-    }
-
-    fn next(&self, i: u16) -> u16 {
-        self.get16(Self::desc(i) + 6)
-    }
-
-    fn counter_of(&self, i: u16) -> u64 {
-        u64::from_le(self.u64s[(Self::desc(i) + 8) / 8].load(Ordering::Relaxed))
-    }
-
-    fn set_counter(&self, i: u16, v: u64) {
-        self.u64s[(Self::desc(i) + 8) / 8].store(v.to_le(), Ordering::Release);
+        SPLIT_HEADER + SPLIT_DESC * usize::from(i)
     }
 
     /// Starts the region afresh for a queue whose used index is `used_idx`: nothing
     /// in flight. The version is written last.
     fn init(&mut self, used_idx: u16) {
-        self.u64s[0].store(0, Ordering::Release);
-        self.set16(10, self.size);
-        self.set16(12, 0);
-        self.set16(14, used_idx);
+        self.w.set64(0, 0);
+        self.w.set16(10, self.size);
+        self.w.set16(12, 0);
+        self.w.set16(14, used_idx);
         for i in 0..self.size {
-            self.set16(Self::desc(i), 0);
-            self.set16(Self::desc(i) + 6, 0);
-            self.set_counter(i, 0);
+            self.w.set16(Self::desc(i), 0);
+            self.w.set16(Self::desc(i) + 6, 0);
+            self.w.set64(Self::desc(i) + 8, 0);
         }
-        self.set16(8, VERSION);
+        self.w.set16(8, VERSION);
         self.counter = 0;
         self.batch.clear();
     }
@@ -222,59 +315,53 @@ impl InflightRegion {
     /// `ring_used` in shared memory (`fresh_used` is the device's own idea of it,
     /// used if the region is new: version 0). Finishes a batch the earlier device
     /// published but did not clear, and returns the chains to serve again.
-    ///
-    /// # Errors
-    /// A region that does not add up (see [`InflightError`]); the device must not
-    /// start the queue then.
-    pub fn recover(&mut self, ring_used: u16, fresh_used: u16) -> Result<Recovered, InflightError> {
-        match self.get16(8) {
-            0 => {
+    pub(crate) fn recover(&mut self, ring_used: u16, fresh_used: u16) -> Result<Recovered, InflightError> {
+        let (version, features) = (self.w.get16(8), self.w.get64(0));
+        match (version, features) {
+            (0, _) => {
                 self.init(fresh_used);
                 return Ok(Recovered {
                     resubmit: Vec::new(),
                     next_avail: fresh_used,
                 });
             }
-            VERSION => {}
-            v => return Err(InflightError::Version(v)),
+            (VERSION, 0) => {}
+            _ => return Err(InflightError::Version { version, features }),
         }
-        let found = self.get16(10);
+        let found = self.w.get16(10);
         if found != self.size {
             return Err(InflightError::DescNum {
                 found,
                 size: self.size,
             });
         }
-        let region_used = self.get16(14);
+        let region_used = self.w.get16(14);
         if region_used != ring_used {
             // The device died after publishing a batch and before clearing it.
             let batch = ring_used.wrapping_sub(region_used);
-            let mut head = self.get16(12);
+            let mut head = self.w.get16(12);
+            let bad = |head| InflightError::Batch {
+                batch,
+                head,
+                size: self.size,
+            };
             if batch > self.size {
-                return Err(InflightError::Batch {
-                    batch,
-                    head,
-                    size: self.size,
-                });
+                return Err(bad(head));
             }
             for _ in 0..batch {
                 if head >= self.size {
-                    return Err(InflightError::Batch {
-                        batch,
-                        head,
-                        size: self.size,
-                    });
+                    return Err(bad(head));
                 }
-                self.set_flag(head, false);
-                head = self.next(head);
+                self.w.set16(Self::desc(head), 0);
+                head = self.w.get16(Self::desc(head) + 6);
             }
-            self.set16(14, ring_used);
+            self.w.set16(14, ring_used);
         }
         let mut held = Vec::new();
         for i in 0..self.size {
-            match self.flag(i) {
+            match self.w.get16(Self::desc(i)) & 0xff {
                 0 => {}
-                1 => held.push((self.counter_of(i), i)),
+                1 => held.push((self.w.get64(Self::desc(i) + 8), i)),
                 flag => return Err(InflightError::Flag { head: i, flag }),
             }
         }
@@ -291,17 +378,17 @@ impl InflightRegion {
 
     /// Marks head `head` (below the queue size) taken.
     pub(crate) fn taken(&mut self, head: u16) {
-        self.set_counter(head, self.counter);
+        self.w.set64(Self::desc(head) + 8, self.counter);
         self.counter = self.counter.wrapping_add(1);
-        self.set_flag(head, true);
+        self.w.set16(Self::desc(head), 1);
     }
 
     /// Links head `head` into the batch being returned: call before its used entry
     /// is published.
     pub(crate) fn returning(&mut self, head: u16) {
-        let last = self.get16(12);
-        self.set16(Self::desc(head) + 6, last);
-        self.set16(12, head);
+        let last = self.w.get16(12);
+        self.w.set16(Self::desc(head) + 6, last);
+        self.w.set16(12, head);
         self.batch.push(head);
     }
 
@@ -309,10 +396,259 @@ impl InflightRegion {
     /// `used_idx`: clears the batch.
     pub(crate) fn returned(&mut self, used_idx: u16) {
         for &head in &self.batch {
-            self.set_flag(head, false);
+            self.w.set16(Self::desc(head), 0);
         }
         self.batch.clear();
-        self.set16(14, used_idx);
+        self.w.set16(14, used_idx);
+    }
+}
+
+/// What a recovered packed device serves again and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PackedRecovered {
+    /// Each list taken and not returned, oldest first: its buffer id and its
+    /// descriptors as the driver made them available.
+    pub resubmit: Vec<(u16, Vec<PackedRawDesc>)>,
+    /// The used position (slot in bits 0-14, wrap counter in bit 15).
+    pub used: u16,
+    /// Ring slots the resubmitted lists hold (the available position is this far
+    /// past `used`).
+    pub slots: u16,
+}
+
+/// A packed device's bookkeeping in its region (see the module docs).
+pub(crate) struct PackedTracker {
+    w: Words,
+    size: u16,
+    counter: u64,
+    /// Copy entries not holding a list, for the next ones taken.
+    free: Vec<u16>,
+    /// The copy entries each id holds (private: the region is only written
+    /// while the device runs, never read back).
+    entries: Vec<Vec<u16>>,
+    /// Ids whose used descriptor is being written.
+    batch: Vec<u16>,
+}
+
+impl PackedTracker {
+    pub(crate) fn new(r: &InflightRegion) -> Result<Self, InflightError> {
+        if r.format != RingFormat::Packed {
+            return Err(InflightError::Format);
+        }
+        Ok(PackedTracker {
+            w: Words::new(r)?,
+            size: r.size,
+            counter: 0,
+            free: Vec::new(),
+            entries: vec![Vec::new(); usize::from(r.size)],
+            batch: Vec::new(),
+        })
+    }
+
+    fn id(&self, id: u16) -> usize {
+        PACKED_HEADER + PACKED_ID * usize::from(id)
+    }
+
+    fn copy(&self, e: u16) -> usize {
+        PACKED_HEADER + PACKED_ID * usize::from(self.size) + PACKED_COPY * usize::from(e)
+    }
+
+    fn init(&mut self, used: u16) {
+        self.w.set64(0, PACKED_LAYOUT);
+        self.w.set16(10, self.size);
+        self.w.set16(12, used);
+        self.w.set16(14, used);
+        self.w.set16(16, 0);
+        self.w.set16(18, 0);
+        for i in 0..self.size {
+            self.w.set16(self.id(i), 0);
+        }
+        self.w.set16(8, VERSION);
+        self.counter = 0;
+        self.free = (0..self.size).rev().collect();
+        self.entries.iter_mut().for_each(Vec::clear);
+        self.batch.clear();
+    }
+
+    /// Reads the region after a restart. `fresh_used` is where a fresh region
+    /// starts (version 0); `untouched(pos)` says whether the ring slot at position
+    /// `pos` is still marked available for that position's lap (no used
+    /// descriptor was written over it); `in_ring(pos)` whether a position is
+    /// inside the ring.
+    pub(crate) fn recover(
+        &mut self,
+        fresh_used: u16,
+        in_ring: impl Fn(u16) -> bool,
+        untouched: impl Fn(u16) -> bool,
+    ) -> Result<PackedRecovered, InflightError> {
+        let (version, features) = (self.w.get16(8), self.w.get64(0));
+        match (version, features) {
+            (0, _) => {
+                self.init(fresh_used);
+                return Ok(PackedRecovered {
+                    resubmit: Vec::new(),
+                    used: fresh_used,
+                    slots: 0,
+                });
+            }
+            (VERSION, PACKED_LAYOUT) => {}
+            _ => return Err(InflightError::Version { version, features }),
+        }
+        let found = self.w.get16(10);
+        if found != self.size {
+            return Err(InflightError::DescNum {
+                found,
+                size: self.size,
+            });
+        }
+        let used = self.w.get16(12);
+        let pending = self.w.get16(14);
+        for pos in [used, pending] {
+            if !in_ring(pos) {
+                return Err(InflightError::Position(pos));
+            }
+        }
+        let mut used_now = used;
+        if pending != used {
+            if untouched(used) {
+                // Died before writing the used descriptor: the batch stays held.
+                self.w.set16(14, used);
+            } else {
+                // Died after: finish the batch.
+                let batch = self.w.get16(18);
+                let mut id = self.w.get16(16);
+                let bad = |head| InflightError::Batch {
+                    batch,
+                    head,
+                    size: self.size,
+                };
+                if batch > self.size {
+                    return Err(bad(id));
+                }
+                for _ in 0..batch {
+                    if id >= self.size {
+                        return Err(bad(id));
+                    }
+                    self.w.set16(self.id(id), 0);
+                    id = self.w.get16(self.id(id) + 6);
+                }
+                self.w.set16(12, pending);
+                used_now = pending;
+            }
+        }
+        let mut owner = vec![false; usize::from(self.size)];
+        let mut held = Vec::new();
+        let mut slots: u32 = 0;
+        for id in 0..self.size {
+            match self.w.get16(self.id(id)) {
+                0 => continue,
+                1 => {}
+                flag => return Err(InflightError::Flag { head: id, flag }),
+            }
+            let bad = InflightError::Copies { id };
+            let num = self.w.get16(self.id(id) + 4);
+            slots += u32::from(num);
+            if num == 0 || slots > u32::from(self.size) {
+                return Err(bad);
+            }
+            let mut descs = Vec::with_capacity(usize::from(num));
+            let mut e = self.w.get16(self.id(id) + 2);
+            self.entries[usize::from(id)].clear();
+            for _ in 0..num {
+                let taken = owner.get_mut(usize::from(e)).ok_or(bad)?;
+                if *taken {
+                    return Err(bad);
+                }
+                *taken = true;
+                self.entries[usize::from(id)].push(e);
+                let c = self.copy(e);
+                descs.push((
+                    self.w.get16(c + 16),
+                    (
+                        self.w.get64(c),
+                        self.w.get32(c + 8),
+                        self.w.get16(c + 14),
+                        self.w.get16(c + 12),
+                    ),
+                ));
+                e = self.w.get16(c + 18);
+            }
+            held.push((self.w.get64(self.id(id) + 8), id, descs));
+        }
+        held.sort_unstable_by_key(|&(counter, id, _)| (counter, id));
+        self.counter = held.last().map_or(0, |&(c, _, _)| c.wrapping_add(1));
+        self.free = (0..self.size).rev().filter(|&e| !owner[usize::from(e)]).collect();
+        self.batch.clear();
+        Ok(PackedRecovered {
+            resubmit: held.into_iter().map(|(_, id, d)| (id, d)).collect(),
+            used: used_now,
+            // At most `size` (checked above).
+            slots: u16::try_from(slots).unwrap_or(self.size),
+        })
+    }
+
+    /// Records list `descs` (at most the free copy entries: the device holds at
+    /// most `size` descriptors) as taken under buffer id `id`.
+    pub(crate) fn taken(&mut self, id: u16, descs: &[PackedRawDesc]) {
+        let mut first = u16::MAX;
+        let mut held = std::mem::take(&mut self.entries[usize::from(id)]);
+        held.clear();
+        // Linked back to front, so `first` ends at the list's first descriptor.
+        for &(slot, (addr, len, flags, did)) in descs.iter().rev() {
+            let Some(e) = self.free.pop() else {
+                // The ring never lets the device hold more than `size`.
+                tracing::error!(id, "inflight copies exhausted: the list is not tracked");
+                self.free.append(&mut held);
+                self.entries[usize::from(id)] = held;
+                return;
+            };
+            held.push(e);
+            let c = self.copy(e);
+            self.w.set64(c, addr);
+            self.w.set32(c + 8, len);
+            self.w.set16(c + 12, did);
+            self.w.set16(c + 14, flags);
+            self.w.set16(c + 16, slot);
+            self.w.set16(c + 18, first);
+            first = e;
+        }
+        self.entries[usize::from(id)] = held;
+        let r = self.id(id);
+        self.w.set16(r + 2, first);
+        // Below `size` descriptors.
+        self.w
+            .set16(r + 4, u16::try_from(descs.len()).unwrap_or(u16::MAX));
+        self.w.set64(r + 8, self.counter);
+        self.counter = self.counter.wrapping_add(1);
+        self.w.set16(r, 1);
+    }
+
+    /// Links id `id` into the batch whose used descriptor is written next.
+    pub(crate) fn returning(&mut self, id: u16) {
+        let last = self.w.get16(16);
+        self.w.set16(self.id(id) + 6, last);
+        self.w.set16(16, id);
+        self.batch.push(id);
+    }
+
+    /// The batch's used descriptor is about to be written; `after` is the used
+    /// position past it.
+    pub(crate) fn publishing(&mut self, after: u16) {
+        // Below `size` ids.
+        self.w
+            .set16(18, u16::try_from(self.batch.len()).unwrap_or(u16::MAX));
+        self.w.set16(14, after);
+    }
+
+    /// The batch's used descriptor is written: its ids and their copies are free.
+    pub(crate) fn returned(&mut self, after: u16) {
+        for &id in &self.batch {
+            self.w.set16(self.id(id), 0);
+            let held = &mut self.entries[usize::from(id)];
+            self.free.append(held);
+        }
+        self.batch.clear();
+        self.w.set16(12, after);
     }
 }
 
@@ -321,21 +657,32 @@ mod tests {
     use super::*;
     use crate::shm::Mapping;
 
-    fn region(size: u16) -> InflightRegion {
-        let m = Mapping::anonymous(usize::try_from(split_region_size(size)).unwrap()).unwrap();
-        InflightRegion::new(m.region(), size).unwrap()
+    fn region(format: RingFormat, size: u16) -> (Region, InflightRegion) {
+        let m = Mapping::anonymous(usize::try_from(region_size(format, size)).unwrap()).unwrap();
+        let r = m.region();
+        (r.clone(), InflightRegion::new(r, size, format).unwrap())
+    }
+
+    fn split(size: u16) -> (Region, SplitTracker) {
+        let (raw, r) = region(RingFormat::Split, size);
+        (raw, SplitTracker::new(&r).unwrap())
+    }
+
+    fn split_again(raw: &Region, size: u16) -> SplitTracker {
+        SplitTracker::new(&InflightRegion::new(raw.clone(), size, RingFormat::Split).unwrap()).unwrap()
     }
 
     #[test]
-    fn sizes_follow_the_layout_rounded_to_64() {
-        assert_eq!(split_region_size(1), 64);
-        assert_eq!(split_region_size(4), 128);
-        assert_eq!(split_region_size(256), 16 + 16 * 256 + 48);
+    fn sizes_follow_the_layouts_rounded_to_64() {
+        assert_eq!(region_size(RingFormat::Split, 1), 64);
+        assert_eq!(region_size(RingFormat::Split, 4), 128);
+        assert_eq!(region_size(RingFormat::Split, 256), 16 + 16 * 256 + 48);
+        assert_eq!(region_size(RingFormat::Packed, 256), 32 + 40 * 256 + 32);
     }
 
     #[test]
     fn a_fresh_region_is_initialised_and_resubmits_nothing() {
-        let mut r = region(8);
+        let (_, mut r) = split(8);
         let got = r.recover(0, 5).unwrap();
         assert_eq!(
             got,
@@ -344,32 +691,32 @@ mod tests {
                 next_avail: 5
             }
         );
-        assert_eq!(r.get16(8), VERSION);
-        assert_eq!(r.get16(10), 8);
-        assert_eq!(r.get16(14), 5);
+        assert_eq!(r.w.get16(8), VERSION);
+        assert_eq!(r.w.get16(10), 8);
+        assert_eq!(r.w.get16(14), 5);
     }
 
     #[test]
     fn heads_taken_and_not_returned_come_back_oldest_first() {
-        let mut r = region(8);
+        let (raw, mut r) = split(8);
         r.recover(0, 0).unwrap();
         for h in [5, 2, 7, 0] {
             r.taken(h);
         }
         r.returning(2);
         r.returned(1);
-        let mut again = InflightRegion::new(r.region.clone(), 8).unwrap();
+        let mut again = split_again(&raw, 8);
         let got = again.recover(1, 0).unwrap();
         assert_eq!(got.resubmit, vec![5, 7, 0]);
         assert_eq!(got.next_avail, 4);
         // New chains count on from the oldest ones.
         again.taken(3);
-        assert_eq!(again.counter_of(3), 4);
+        assert_eq!(again.w.get64(SplitTracker::desc(3) + 8), 4);
     }
 
     #[test]
     fn a_batch_published_but_not_cleared_is_finished_on_recovery() {
-        let mut r = region(8);
+        let (raw, mut r) = split(8);
         r.recover(10, 10).unwrap();
         for h in [1, 3, 4] {
             r.taken(h);
@@ -377,24 +724,30 @@ mod tests {
         r.returning(3);
         r.returning(1);
         // The device dies here: the ring's used index says 12, the region 10.
-        let mut again = InflightRegion::new(r.region.clone(), 8).unwrap();
+        let mut again = split_again(&raw, 8);
         let got = again.recover(12, 0).unwrap();
         assert_eq!(got.resubmit, vec![4]);
         assert_eq!(got.next_avail, 13);
-        assert_eq!(again.get16(14), 12);
+        assert_eq!(again.w.get16(14), 12);
     }
 
     #[test]
     fn a_region_that_does_not_add_up_is_refused() {
         let size = 8;
-        let mut r = region(size);
+        let (_, mut r) = split(size);
         r.recover(0, 0).unwrap();
-        r.set16(8, 7);
-        assert_eq!(r.recover(0, 0), Err(InflightError::Version(7)));
-        r.set16(8, VERSION);
-        r.set16(10, 16);
+        r.w.set16(8, 7);
+        assert_eq!(
+            r.recover(0, 0),
+            Err(InflightError::Version {
+                version: 7,
+                features: 0
+            })
+        );
+        r.w.set16(8, VERSION);
+        r.w.set16(10, 16);
         assert_eq!(r.recover(0, 0), Err(InflightError::DescNum { found: 16, size }));
-        r.set16(10, size);
+        r.w.set16(10, size);
         // A batch longer than the queue.
         assert_eq!(
             r.recover(9, 0),
@@ -405,8 +758,8 @@ mod tests {
             })
         );
         // A batch list that leaves the queue.
-        r.set16(12, 3);
-        r.set16(InflightRegion::desc(3) + 6, 200);
+        r.w.set16(12, 3);
+        r.w.set16(SplitTracker::desc(3) + 6, 200);
         assert_eq!(
             r.recover(2, 0),
             Err(InflightError::Batch {
@@ -415,16 +768,120 @@ mod tests {
                 size
             })
         );
-        r.set16(14, 2);
-        r.set16(InflightRegion::desc(6), 0x0102);
+        r.w.set16(14, 2);
+        r.w.set16(SplitTracker::desc(6), 0x0102);
         assert_eq!(r.recover(2, 0), Err(InflightError::Flag { head: 6, flag: 2 }));
+        // A packed region is not a split one.
+        let (_, p) = region(RingFormat::Packed, size);
+        assert!(matches!(SplitTracker::new(&p), Err(InflightError::Format)));
     }
 
     #[test]
     fn a_region_too_small_or_read_only_is_refused() {
         let m = Mapping::anonymous(4096).unwrap();
-        assert!(InflightRegion::new(m.region().sub(0, 64).unwrap(), 8).is_err());
-        assert!(InflightRegion::new(m.region().read_only(), 8).is_err());
-        assert!(InflightRegion::new(m.region().sub(8, 2048).unwrap(), 8).is_ok());
+        let f = RingFormat::Split;
+        assert!(InflightRegion::new(m.region().sub(0, 64).unwrap(), 8, f).is_err());
+        assert!(InflightRegion::new(m.region().read_only(), 8, f).is_err());
+        assert!(InflightRegion::new(m.region().sub(4, 2048).unwrap(), 8, f).is_err());
+        assert!(InflightRegion::new(m.region().sub(8, 2048).unwrap(), 8, f).is_ok());
+    }
+
+    fn packed(size: u16) -> (Region, PackedTracker) {
+        let (raw, r) = region(RingFormat::Packed, size);
+        (raw, PackedTracker::new(&r).unwrap())
+    }
+
+    fn packed_again(raw: &Region, size: u16) -> PackedTracker {
+        PackedTracker::new(&InflightRegion::new(raw.clone(), size, RingFormat::Packed).unwrap()).unwrap()
+    }
+
+    fn list(slot: u16, n: u16, id: u16) -> Vec<PackedRawDesc> {
+        (0..n)
+            .map(|k| {
+                let flags = if k + 1 < n { 1 } else { 0 };
+                (slot + k, (0x1000 * u64::from(slot + k), 512, flags, id))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_lists_taken_and_not_returned_come_back_with_their_descriptors() {
+        let (raw, mut t) = packed(8);
+        let ok = |_| true;
+        assert_eq!(t.recover(0x8000, ok, |_| false).unwrap().slots, 0);
+        let (a, b, c) = (list(0, 2, 5), list(2, 1, 1), list(3, 3, 0));
+        t.taken(5, &a);
+        t.taken(1, &b);
+        t.taken(0, &c);
+        // Buffer 1 is returned: one used descriptor over slots 0 and 1 (its own
+        // list has one descriptor; the position moves by it).
+        t.returning(1);
+        t.publishing(0x8001);
+        t.returned(0x8001);
+        let mut again = packed_again(&raw, 8);
+        let got = again.recover(0, ok, |_| panic!("nothing pending")).unwrap();
+        assert_eq!(got.used, 0x8001);
+        assert_eq!(got.slots, 5);
+        assert_eq!(got.resubmit, vec![(5, a), (0, c)]);
+        // The copies of the lists held are not handed out again.
+        assert_eq!(again.free.len(), 3);
+    }
+
+    #[test]
+    fn a_packed_batch_is_finished_or_dropped_by_what_the_ring_shows() {
+        for written in [false, true] {
+            let (raw, mut t) = packed(8);
+            t.recover(0x8000, |_| true, |_| false).unwrap();
+            t.taken(3, &list(0, 1, 3));
+            t.taken(4, &list(1, 1, 4));
+            t.returning(4);
+            t.publishing(0x8001);
+            // Dies here, with the used descriptor written or not.
+            let mut again = packed_again(&raw, 8);
+            let got = again
+                .recover(
+                    0,
+                    |_| true,
+                    |pos| {
+                        assert_eq!(pos, 0x8000);
+                        !written
+                    },
+                )
+                .unwrap();
+            if written {
+                assert_eq!((got.used, got.slots), (0x8001, 1));
+                assert_eq!(got.resubmit, vec![(3, list(0, 1, 3))]);
+            } else {
+                assert_eq!((got.used, got.slots), (0x8000, 2));
+                assert_eq!(got.resubmit.len(), 2);
+            }
+        }
+    }
+
+    #[test]
+    fn packed_regions_that_do_not_add_up_are_refused() {
+        let size = 8;
+        let (_, mut t) = packed(size);
+        let ok = |_| true;
+        t.recover(0x8000, ok, |_| false).unwrap();
+        t.taken(2, &list(0, 3, 2));
+        // Two ids sharing copy entries.
+        let first = t.w.get16(t.id(2) + 2);
+        t.w.set16(t.id(6), 1);
+        t.w.set16(t.id(6) + 2, first);
+        t.w.set16(t.id(6) + 4, 1);
+        assert_eq!(t.recover(0, ok, ok), Err(InflightError::Copies { id: 6 }));
+        // More descriptors held than the ring has.
+        t.w.set16(t.id(6) + 4, 7);
+        t.w.set16(t.id(6) + 2, 7);
+        assert_eq!(t.recover(0, ok, ok), Err(InflightError::Copies { id: 6 }));
+        t.w.set16(t.id(6), 0);
+        t.w.set16(12, 0x7fff);
+        assert_eq!(
+            t.recover(0, |p| p & 0x7fff < size, ok),
+            Err(InflightError::Position(0x7fff))
+        );
+        let (_, s) = region(RingFormat::Split, size);
+        assert!(matches!(PackedTracker::new(&s), Err(InflightError::Format)));
     }
 }

@@ -293,12 +293,11 @@ impl<M: DeviceMemory> DeviceRing<M> {
     /// [`SplitDevice::with_inflight`].
     ///
     /// # Errors
-    /// A region that does not add up, or a packed ring
-    /// ([`InflightError::Packed`]: tracking is implemented for split rings only).
+    /// A region that does not add up, or one laid out for the other format.
     pub fn with_inflight(self, region: InflightRegion) -> Result<Self, InflightError> {
         match self {
             DeviceRing::Split(r) => Ok(DeviceRing::Split(r.with_inflight(region)?)),
-            DeviceRing::Packed(_) => Err(InflightError::Packed),
+            DeviceRing::Packed(r) => Ok(DeviceRing::Packed(r.with_inflight(region)?)),
         }
     }
 

@@ -274,3 +274,139 @@ fn in_order_completions_in_reverse_come_back_oldest_first_in_one_batch() {
         assert_eq!(back, [(1, 16), (2, 16), (3, 16), (4, 16)]);
     }
 }
+
+/// One step of [`a_device_that_dies_at_any_moment_loses_and_repeats_nothing`].
+#[derive(Debug, Clone)]
+enum Life {
+    /// The driver makes a request available, if it has room: a token buffer,
+    /// then one or two writable buffers (lists of two or three descriptors).
+    Add(bool),
+    /// The device takes the next chain.
+    Pop,
+    /// The device returns the `n`-th chain it holds (modulo how many).
+    Complete(usize),
+    /// The device process dies; a new instance recovers from the inflight region.
+    Crash,
+}
+
+fn life() -> impl Strategy<Value = Life> {
+    prop_oneof![
+        3 => any::<bool>().prop_map(Life::Add),
+        3 => Just(Life::Pop),
+        3 => (0usize..8).prop_map(Life::Complete),
+        1 => Just(Life::Crash),
+    ]
+}
+
+proptest! {
+    /// Inflight tracking (vhost-user's INFLIGHT_SHMFD), split and packed, with and
+    /// without IN_ORDER: a device instance that dies at any point, holding any
+    /// chains, completed in any order, is replaced by one that recovers the region
+    /// and serves exactly the chains the dead one took and did not return, then
+    /// goes on with the ring. The driver, which checks every used entry against
+    /// what it has outstanding, gets each request back once, with the length the
+    /// device gave that very request.
+    #[test]
+    fn a_device_that_dies_at_any_moment_loses_and_repeats_nothing(
+        steps in proptest::collection::vec(life(), 1..80),
+        packed in any::<bool>(),
+        in_order in any::<bool>(),
+    ) {
+        use crate::ring::areas::RingFormat;
+        use crate::ring::inflight::{InflightRegion, region_size};
+        let size = 8;
+        let mut features = Features::VERSION_1 | Features::EVENT_IDX;
+        if in_order {
+            features |= Features::IN_ORDER;
+        }
+        if packed {
+            features |= Features::RING_PACKED;
+        }
+        let format = RingFormat::of(features);
+        let arena = Arena::new(0x10_0000, 4 << 20).unwrap();
+        let (_, ring) = arena.alloc_split_ring(size).unwrap();
+        let share = IdentityShare::new(arena.clone(), size);
+        let mut driver = DriverRing::<_, u32>::new(size, ring.clone(), share, features).unwrap();
+        let kept = crate::shm::Mapping::anonymous(usize::try_from(region_size(format, size)).unwrap()).unwrap();
+        let instance = || {
+            let region = InflightRegion::new(kept.region(), size, format).unwrap();
+            DeviceRing::new(size, &ring, arena.clone(), features)
+                .unwrap()
+                .with_inflight(region)
+                .unwrap()
+        };
+        let mut device = instance();
+        // Chains the current instance holds: (head, token read from the request).
+        let mut held: Vec<(u16, u32)> = Vec::new();
+        let mut next_token = 0u32;
+        let mut outstanding = std::collections::BTreeSet::new();
+        let mut done = 0usize;
+        let token_of = |c: &Chain| {
+            let mut t = [0u8; 4];
+            c.reader(&arena).read_exact(&mut t).unwrap();
+            u32::from_le_bytes(t)
+        };
+        let serve = |device: &mut DeviceRing<Arc<Arena>>, held: &mut Vec<(u16, u32)>, step: &Life| {
+            match step {
+                Life::Pop => {
+                    if let Some(c) = device.pop().unwrap() {
+                        held.push((c.head(), token_of(&c)));
+                    }
+                }
+                Life::Complete(n) if !held.is_empty() => {
+                    let (head, token) = held.remove(n % held.len());
+                    // The length names the request: 1 + its token, at most 16.
+                    device.add_used(head, 1 + token % 16).unwrap();
+                }
+                _ => {}
+            }
+        };
+        for step in &steps {
+            match step {
+                Life::Add(two) => {
+                    let token = arena.alloc(4, 4).unwrap();
+                    arena.write(token, &next_token.to_le_bytes()).unwrap();
+                    let ins: Vec<GuestBuf> = if *two {
+                        vec![GuestBuf::new(arena.alloc(8, 8).unwrap(), 8), GuestBuf::new(arena.alloc(8, 8).unwrap(), 8)]
+                    } else {
+                        vec![GuestBuf::new(arena.alloc(16, 8).unwrap(), 16)]
+                    };
+                    match driver.add(&[GuestBuf::new(token, 4)], &ins, next_token) {
+                        Ok(_) => {
+                            outstanding.insert(next_token);
+                            next_token += 1;
+                        }
+                        Err(r) if matches!(r.error, AddError::NoSpace { .. }) => {}
+                        Err(r) => panic!("{:?}", r.error),
+                    }
+                }
+                Life::Crash => {
+                    drop(std::mem::replace(&mut device, instance()));
+                    held.clear();
+                }
+                other => serve(&mut device, &mut held, other),
+            }
+            while let Some(u) = driver.pop_used().unwrap() {
+                prop_assert!(outstanding.remove(&u.token), "token {} returned twice", u.token);
+                prop_assert_eq!(u.len, 1 + u.token % 16);
+                done += 1;
+            }
+        }
+        // One more crash, then the last instance finishes everything.
+        drop(std::mem::replace(&mut device, instance()));
+        held.clear();
+        for _ in 0..2 * usize::from(size) {
+            serve(&mut device, &mut held, &Life::Pop);
+        }
+        while !held.is_empty() {
+            serve(&mut device, &mut held, &Life::Complete(0));
+        }
+        while let Some(u) = driver.pop_used().unwrap() {
+            prop_assert!(outstanding.remove(&u.token), "token {} returned twice", u.token);
+            prop_assert_eq!(u.len, 1 + u.token % 16);
+            done += 1;
+        }
+        prop_assert!(outstanding.is_empty(), "never returned: {:?}", outstanding);
+        prop_assert_eq!(done, next_token as usize);
+    }
+}

@@ -6,9 +6,11 @@ use crate::access::DeviceMemory;
 use crate::features::Features;
 use crate::ring::areas::RingMemory;
 use crate::ring::chain::{self, Chain, PackedRawDesc, Refused};
+use crate::ring::inflight::{InflightError, InflightRegion, PackedTracker};
 use crate::ring::layout::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::ring::order::InOrder;
 use crate::ring::split::{DeviceQueueError, RingFault, RingSetupError, UsedError};
+use std::collections::VecDeque;
 use std::sync::atomic::{Ordering, fence};
 
 /// The device side of an activated packed virtqueue.
@@ -48,6 +50,10 @@ pub struct PackedDevice<M> {
     /// With VIRTIO_F_IN_ORDER: the buffers taken, and completions waiting for an
     /// earlier one (§2.8.x "In-order use of descriptors").
     order: Option<InOrder>,
+    /// Inflight I/O tracking (see [`Self::with_inflight`]).
+    inflight: Option<Box<PackedTracker>>,
+    /// Lists an earlier device instance took and did not return, served first.
+    resubmit: VecDeque<(u16, Vec<PackedRawDesc>)>,
 }
 
 impl<M: DeviceMemory> PackedDevice<M> {
@@ -73,6 +79,8 @@ impl<M: DeviceMemory> PackedDevice<M> {
             descs: Vec::new(),
             reject_status: None,
             order: features.contains(Features::IN_ORDER).then(|| InOrder::new(size)),
+            inflight: None,
+            resubmit: VecDeque::new(),
         })
     }
 
@@ -116,6 +124,50 @@ impl<M: DeviceMemory> PackedDevice<M> {
         self
     }
 
+    /// Tracks the lists taken and not returned in `region`, which outlives this
+    /// device instance (vhost-user's inflight I/O tracking; see
+    /// [`crate::ring::inflight`]). Call it after [`Self::starting_at`], if at all.
+    ///
+    /// A region an earlier instance wrote is recovered: the lists it took and did
+    /// not return are served again first, oldest first, from the copies the region
+    /// keeps (the ring may hold used descriptors over them by now), and the device
+    /// goes on at the used position the region recorded, taking available
+    /// descriptors after the slots those lists hold. A fresh region (version 0)
+    /// starts where [`Self::starting_at`] put the queue.
+    ///
+    /// # Errors
+    /// A region that does not add up ([`InflightError`]): the queue must not start.
+    pub fn with_inflight(mut self, region: InflightRegion) -> Result<Self, InflightError> {
+        let mut tracker = PackedTracker::new(&region)?;
+        let views = &self.views;
+        let got = tracker.recover(
+            views.encode(self.used),
+            |pos| views.decode(pos).is_some(),
+            |pos| {
+                // Still the descriptor the driver made available: no used
+                // descriptor was written over it.
+                views.decode(pos).is_some_and(|lap| {
+                    let (_, _, flags) = views.read_tail(views.slot(lap));
+                    Views::is_avail(flags, views.wrap(lap))
+                })
+            },
+        )?;
+        let used = views.decode(got.used).ok_or(InflightError::Position(got.used))?;
+        self.used = used;
+        self.signalled = used;
+        self.used_since_signal = 0;
+        self.avail = self.views.advance(used, got.slots);
+        tracing::debug!(
+            resubmit = got.resubmit.len(),
+            used = got.used,
+            slots = got.slots,
+            "inflight region recovered"
+        );
+        self.resubmit = got.resubmit.into();
+        self.inflight = Some(Box::new(tracker));
+        Ok(self)
+    }
+
     /// The next ring position the device will take, with its wrap counter in bit 15
     /// (see [`Self::starting_at`]): where another device instance resumes once this
     /// one has returned every chain it took ([`Self::in_flight`] is 0).
@@ -140,7 +192,8 @@ impl<M: DeviceMemory> PackedDevice<M> {
 
     /// Number of chains popped and not yet returned.
     pub fn in_flight(&self) -> usize {
-        self.held
+        // Lists left to resubmit were taken too (`next_avail` is past them).
+        self.held + self.resubmit.len()
     }
 
     /// Ring slots the driver may still fill: those not taken by lists the device
@@ -161,6 +214,15 @@ impl<M: DeviceMemory> PackedDevice<M> {
     pub fn pop(&mut self) -> Result<Option<Chain>, DeviceQueueError> {
         if let Some(f) = self.fault {
             return Err(DeviceQueueError::NeedsReset(f));
+        }
+        if let Some((id, descs)) = self.resubmit.pop_front() {
+            // Taken (and tracked) by an earlier instance: ids are distinct and
+            // below the size, and the slots are counted in `avail` already.
+            let ndesc = u16::try_from(descs.len()).unwrap_or(self.size);
+            let saved = std::mem::replace(&mut self.descs, descs);
+            let got = self.serve(id, ndesc);
+            self.descs = saved;
+            return got;
         }
         let room = self.room();
         if room == 0 {
@@ -211,18 +273,28 @@ impl<M: DeviceMemory> PackedDevice<M> {
         // `descs.len() <= room <= size`.
         let ndesc = u16::try_from(descs.len()).unwrap_or(self.size);
         self.avail = self.views.advance(self.avail, ndesc);
+        if let Some(t) = &mut self.inflight {
+            t.taken(id, &descs);
+        }
+        self.descs = descs;
+        self.serve(id, ndesc)
+    }
+
+    /// Walks and validates the list in `self.descs` (buffer id `id`, below the size
+    /// and not held, `ndesc` slots), which is taken whatever comes of it: served,
+    /// or returned at once if it breaks a rule.
+    fn serve(&mut self, id: u16, ndesc: u16) -> Result<Option<Chain>, DeviceQueueError> {
         let mut chain = Chain::empty(id);
         let mut refused = Refused::default();
         let walked = chain::walk_packed(
             &mut chain,
-            &descs,
+            &self.descs,
             self.size,
             &self.mem,
             self.indirect,
             &mut self.scratch,
             &mut refused,
         );
-        self.descs = descs;
         match walked {
             Ok(()) => {
                 self.in_flight[usize::from(id)] = (u64::from(chain.writable_len()) + 1, ndesc);
@@ -245,6 +317,9 @@ impl<M: DeviceMemory> PackedDevice<M> {
                     let _ = order.complete(id, used, false);
                     self.flush_in_order();
                 } else {
+                    if let Some(t) = &mut self.inflight {
+                        t.returning(id);
+                    }
                     self.push_used(id, used, ndesc);
                 }
                 Err(DeviceQueueError::BadChain { head: id, source })
@@ -314,6 +389,9 @@ impl<M: DeviceMemory> PackedDevice<M> {
         let ndesc = self.in_flight[usize::from(id)].1;
         self.in_flight[usize::from(id)] = (0, 0);
         self.held -= 1;
+        if let Some(t) = &mut self.inflight {
+            t.returning(id);
+        }
         ndesc
     }
 
@@ -341,9 +419,16 @@ impl<M: DeviceMemory> PackedDevice<M> {
         // §2.8.4: WRITE in a used descriptor says the device wrote into the buffer.
         let write = if len != 0 { VIRTQ_DESC_F_WRITE } else { 0 };
         let flags = Views::lap_bits(wrap, true) | write;
+        let after = self.views.advance(self.used, ndesc);
+        if let Some(t) = &mut self.inflight {
+            t.publishing(self.views.encode(after));
+        }
         self.views
             .write_tail_release(self.views.slot(self.used), len, id, flags);
-        self.used = self.views.advance(self.used, ndesc);
+        if let Some(t) = &mut self.inflight {
+            t.returned(self.views.encode(after));
+        }
+        self.used = after;
         self.used_since_signal += u32::from(ndesc);
     }
 

@@ -6,7 +6,7 @@ use crate::features::Features;
 use crate::notify::need_event;
 use crate::ring::areas::RingMemory;
 use crate::ring::chain::{self, Chain, ChainError, Refused};
-use crate::ring::inflight::{InflightError, InflightRegion};
+use crate::ring::inflight::{InflightError, InflightRegion, SplitTracker};
 use crate::ring::layout::{VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY};
 use crate::ring::order::InOrder;
 use std::collections::VecDeque;
@@ -134,7 +134,7 @@ pub struct SplitDevice<M> {
     /// earlier one (§2.7.9).
     order: Option<InOrder>,
     /// Inflight I/O tracking (see [`Self::with_inflight`]).
-    inflight: Option<Box<InflightRegion>>,
+    inflight: Option<Box<SplitTracker>>,
     /// Chains an earlier device instance took and did not return, served first.
     resubmit: VecDeque<u16>,
 }
@@ -207,9 +207,10 @@ impl<M: DeviceMemory> SplitDevice<M> {
     ///
     /// # Errors
     /// A region that does not add up ([`InflightError`]): the queue must not start.
-    pub fn with_inflight(mut self, mut region: InflightRegion) -> Result<Self, InflightError> {
+    pub fn with_inflight(mut self, region: InflightRegion) -> Result<Self, InflightError> {
+        let mut tracker = SplitTracker::new(&region)?;
         let ring_used = self.views.used_idx();
-        let got = region.recover(ring_used, self.used_idx)?;
+        let got = tracker.recover(ring_used, self.used_idx)?;
         if got.next_avail != self.last_avail || !got.resubmit.is_empty() {
             self.used_idx = ring_used;
             self.signalled_used = ring_used;
@@ -223,7 +224,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
             "inflight region recovered"
         );
         self.resubmit = got.resubmit.into();
-        self.inflight = Some(Box::new(region));
+        self.inflight = Some(Box::new(tracker));
         Ok(self)
     }
 
