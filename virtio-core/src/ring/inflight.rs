@@ -21,7 +21,7 @@
 //!   (`desc[i].next` = `last_batch_head`, `last_batch_head` = `i`), the used index
 //!   is published in the ring, then each head's `inflight` = 0 and the region's
 //!   `used_idx` = the ring's used index;
-//! - recovering ([`InflightRegion::recover`]): if the region's `used_idx` differs
+//! - recovering: if the region's `used_idx` differs
 //!   from the ring's, the device died between publishing a batch and clearing it:
 //!   the batch (as many heads as the indices differ, from `last_batch_head`) is
 //!   cleared. Every head still marked is resubmitted, in counter order, and the
