@@ -152,6 +152,7 @@ fn round_trip_with(daemon: Daemon, machine: Machine, name: &str, packed: bool) {
         // The packed run also lets QEMU offer IN_ORDER: the guest takes it if its
         // kernel's virtio_ring does (the 6.1 kernel of the kit does not).
         in_order: packed,
+        reconnect: None,
     });
     spec.timeout = Duration::from_secs(90);
     let run = match guest.boot(&spec) {
@@ -315,6 +316,7 @@ fn a_killed_qemu_loses_no_synced_write_and_our_daemon_serves_the_next_one() {
         num_queues: QUEUES,
         packed: false,
         in_order: false,
+        reconnect: None,
     });
     spec.timeout = Duration::from_secs(30);
     match guest.boot(&spec) {
@@ -333,6 +335,7 @@ fn a_killed_qemu_loses_no_synced_write_and_our_daemon_serves_the_next_one() {
         num_queues: QUEUES,
         packed: false,
         in_order: false,
+        reconnect: None,
     });
     spec.timeout = Duration::from_secs(90);
     let run = guest

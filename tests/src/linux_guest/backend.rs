@@ -203,6 +203,26 @@ impl Backend {
         })?;
         Ok(self.log_tail())
     }
+
+    /// Kills it with SIGKILL, as a crash would (no handler runs, nothing is flushed
+    /// or closed in order), waits until it is gone and returns its log. The socket
+    /// file is removed afterwards like on any drop; a frontend reconnecting meanwhile
+    /// finds nothing to connect to until the next backend listens there.
+    pub fn kill(mut self) -> Result<String, BackendError> {
+        if let Some(mut child) = self.child.take() {
+            // An error means it is gone already; the wait reaps it either way.
+            let _ = child.kill();
+            let waited =
+                process::wait_until(&mut child, Instant::now() + BACKEND_TIMEOUT).map_err(|source| {
+                    BackendError::Wait {
+                        name: self.name.clone(),
+                        source,
+                    }
+                })?;
+            tracing::debug!(name = self.name, status = ?waited, "backend killed");
+        }
+        Ok(self.log_tail())
+    }
 }
 
 impl Drop for Backend {

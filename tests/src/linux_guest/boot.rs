@@ -82,6 +82,12 @@ pub struct BlkDisk {
     /// Lets QEMU negotiate VIRTIO_F_IN_ORDER (`in_order=on`) with the guest and the
     /// backend.
     pub in_order: bool,
+    /// When set, QEMU reconnects to the socket this often after the backend went
+    /// away (`reconnect-ms` of the socket chardev; QEMU before 9.2 spelled it
+    /// `reconnect=` in seconds), and resubmits on reconnection what the backend had
+    /// in flight if the backend offers `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`. When
+    /// unset, a backend that goes away leaves the device stopped for good.
+    pub reconnect: Option<Duration>,
 }
 
 /// A vhost-user-net interface; the guest sees it as `eth0`.
@@ -268,9 +274,13 @@ pub fn qemu_args(kit: &Kit, spec: &GuestSpec, initrd: &Path) -> Vec<OsString> {
         ]);
     }
     for (i, disk) in spec.disks.iter().enumerate() {
+        let reconnect = disk
+            .reconnect
+            .map(|every| format!(",reconnect-ms={}", every.as_millis().max(1)))
+            .unwrap_or_default();
         push(&[
             "-chardev",
-            &format!("socket,id=blk{i},path={}", disk.socket.display()),
+            &format!("socket,id=blk{i},path={}{reconnect}", disk.socket.display()),
         ]);
         push(&[
             "-device",
@@ -467,6 +477,7 @@ mod tests {
             num_queues: 2,
             packed: false,
             in_order: false,
+            reconnect: None,
         });
         spec.net = Some(NetPort {
             socket: "/s/net.sock".into(),
@@ -493,6 +504,7 @@ mod tests {
             num_queues: 1,
             packed: false,
             in_order: false,
+            reconnect: None,
         });
         let line = joined(&spec);
         assert!(line.contains("-machine microvm,memory-backend=mem"));
@@ -508,6 +520,7 @@ mod tests {
             num_queues: 1,
             packed: true,
             in_order: true,
+            reconnect: None,
         });
         spec.net = Some(NetPort {
             socket: "/s/n".into(),
@@ -520,6 +533,26 @@ mod tests {
         assert!(
             line.contains("-device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,packed=on,in_order=on")
         );
+    }
+
+    #[test]
+    fn a_reconnecting_disk_asks_its_chardev_to_reconnect_and_others_do_not() {
+        let mut spec = GuestSpec::new(Machine::Q35, "true");
+        for (socket, reconnect) in [("/s/a", Some(Duration::from_millis(250))), ("/s/b", None)] {
+            spec.disks.push(BlkDisk {
+                socket: socket.into(),
+                num_queues: 1,
+                packed: false,
+                in_order: false,
+                reconnect,
+            });
+        }
+        let line = joined(&spec);
+        assert!(line.contains(
+            "-chardev socket,id=blk0,path=/s/a,reconnect-ms=250 -device vhost-user-blk-pci,chardev=blk0,"
+        ));
+        assert!(line.contains("-chardev socket,id=blk1,path=/s/b -device"));
+        assert_eq!(line.matches("reconnect").count(), 1, "{line}");
     }
 
     #[test]
