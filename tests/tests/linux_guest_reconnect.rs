@@ -263,6 +263,9 @@ struct Killings {
     logs: Vec<String>,
     /// Whether it wrote the stop marker.
     stopped: bool,
+    /// For each kill, the time from SIGKILL until a new round's data was in the
+    /// image (the guest's I/O completing again), polled every [`POLL`].
+    resumed: Vec<Duration>,
 }
 
 impl Killings {
@@ -324,6 +327,7 @@ fn kill_loop(target: &Target, first: Backend, mut rng: Rng, kills: u64, done: &R
         let Some(serving) = out.backend.take() else {
             return out;
         };
+        let killed = std::time::Instant::now();
         match serving.kill() {
             Ok(log) => out.logs.push(log),
             Err(e) => {
@@ -352,6 +356,7 @@ fn kill_loop(target: &Target, first: Backend, mut rng: Rng, kills: u64, done: &R
             ));
             return out;
         }
+        out.resumed.push(killed.elapsed());
     }
     let written = std::fs::OpenOptions::new()
         .write(true)
@@ -475,11 +480,16 @@ fn q35_guest_writes_survive_our_daemon_killed_and_restarted_at_random_moments() 
             killings.logs()
         ),
     };
+    let mut resumed = killings.resumed.clone();
+    resumed.sort();
     eprintln!(
-        "linux_guest_reconnect: {name}: guest ran {} rounds in {:.1?} with {} restarts",
+        "linux_guest_reconnect: {name}: guest ran {} rounds in {:.1?} with {} restarts; \
+         SIGKILL to the next round's data in the image: median {:?}, max {:?} (polled every {POLL:?})",
         run.required("rounds"),
         run.elapsed,
-        killings.restarts
+        killings.restarts,
+        resumed.get(resumed.len() / 2).copied().unwrap_or_default(),
+        resumed.last().copied().unwrap_or_default(),
     );
     assert_eq!(
         killings.error,

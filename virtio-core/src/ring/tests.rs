@@ -410,3 +410,38 @@ proptest! {
         prop_assert_eq!(done, next_token as usize);
     }
 }
+
+/// A device instance that takes over a queue from an inflight region owes the
+/// driver one used-buffer notification whatever the driver asked for: the
+/// instance before it may have died between publishing used entries and
+/// notifying, and the driver would wait for ever. Only one, though.
+#[test]
+fn a_takeover_from_an_inflight_region_notifies_the_driver_once() {
+    use crate::ring::areas::RingFormat;
+    use crate::ring::inflight::{InflightRegion, region_size};
+    for packed in [false, true] {
+        let size = 8;
+        let mut features = Features::VERSION_1 | Features::EVENT_IDX;
+        if packed {
+            features |= Features::RING_PACKED;
+        }
+        let format = RingFormat::of(features);
+        let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
+        let (_, ring) = arena.alloc_split_ring(size).unwrap();
+        let share = IdentityShare::new(arena.clone(), size);
+        let mut driver = DriverRing::<_, u32>::new(size, ring.clone(), share, features).unwrap();
+        // The driver sleeps with notifications on and nothing outstanding.
+        assert!(!driver.enable_notifications());
+        let kept =
+            crate::shm::Mapping::anonymous(usize::try_from(region_size(format, size)).unwrap()).unwrap();
+        let mut device = DeviceRing::new(size, &ring, arena.clone(), features)
+            .unwrap()
+            .with_inflight(InflightRegion::new(kept.region(), size, format).unwrap())
+            .unwrap();
+        assert!(
+            device.needs_notification(),
+            "packed {packed}: owed after a takeover"
+        );
+        assert!(!device.needs_notification(), "packed {packed}: only once");
+    }
+}

@@ -54,6 +54,10 @@ pub struct PackedDevice<M> {
     inflight: Option<Box<PackedTracker>>,
     /// Lists an earlier device instance took and did not return, served first.
     resubmit: VecDeque<(u16, Vec<PackedRawDesc>)>,
+    /// A notification is owed whatever the driver asked: set when taking over
+    /// from an instance that may have died between publishing used entries and
+    /// notifying the driver (which would then wait for ever).
+    owed: bool,
 }
 
 impl<M: DeviceMemory> PackedDevice<M> {
@@ -81,6 +85,7 @@ impl<M: DeviceMemory> PackedDevice<M> {
             order: features.contains(Features::IN_ORDER).then(|| InOrder::new(size)),
             inflight: None,
             resubmit: VecDeque::new(),
+            owed: false,
         })
     }
 
@@ -133,7 +138,10 @@ impl<M: DeviceMemory> PackedDevice<M> {
     /// keeps (the ring may hold used descriptors over them by now), and the device
     /// goes on at the used position the region recorded, taking available
     /// descriptors after the slots those lists hold. A fresh region (version 0)
-    /// starts where [`Self::starting_at`] put the queue.
+    /// starts where [`Self::starting_at`] put the queue. The first
+    /// [`Self::needs_notification`] afterwards says yes whatever the driver asked:
+    /// the earlier instance may have died between writing used descriptors and
+    /// notifying the driver.
     ///
     /// # Errors
     /// A region that does not add up ([`InflightError`]): the queue must not start.
@@ -165,6 +173,7 @@ impl<M: DeviceMemory> PackedDevice<M> {
         );
         self.resubmit = got.resubmit.into();
         self.inflight = Some(Box::new(tracker));
+        self.owed = true;
         Ok(self)
     }
 
@@ -441,6 +450,12 @@ impl<M: DeviceMemory> PackedDevice<M> {
         // (between its event suppression store and its look at the ring): either it
         // sees our used descriptors, or we see its new request.
         fence(Ordering::SeqCst);
+        if std::mem::take(&mut self.owed) {
+            // Once, after a takeover: see `with_inflight`.
+            self.signalled = self.used;
+            self.used_since_signal = 0;
+            return true;
+        }
         let old = self.signalled;
         let moved = self.used_since_signal;
         self.signalled = self.used;

@@ -137,6 +137,10 @@ pub struct SplitDevice<M> {
     inflight: Option<Box<SplitTracker>>,
     /// Chains an earlier device instance took and did not return, served first.
     resubmit: VecDeque<u16>,
+    /// A notification is owed whatever the driver asked: set when taking over
+    /// from an instance that may have died between publishing used entries and
+    /// notifying the driver (which would then wait for ever).
+    owed: bool,
 }
 
 impl<M: DeviceMemory> SplitDevice<M> {
@@ -161,6 +165,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
             order: features.contains(Features::IN_ORDER).then(|| InOrder::new(size)),
             inflight: None,
             resubmit: VecDeque::new(),
+            owed: false,
         })
     }
 
@@ -203,7 +208,10 @@ impl<M: DeviceMemory> SplitDevice<M> {
     /// from the ring this once (HOSTILE 50). A fresh region (version 0) starts
     /// where [`Self::starting_at`] put the queue. With `VIRTIO_F_IN_ORDER`, every
     /// chain then gets a used entry of its own (the spec allows it), so that the
-    /// used index counts the chains returned.
+    /// used index counts the chains returned. The first
+    /// [`Self::needs_notification`] afterwards says yes whatever the driver asked:
+    /// the earlier instance may have died between publishing used entries and
+    /// notifying the driver.
     ///
     /// # Errors
     /// A region that does not add up ([`InflightError`]): the queue must not start.
@@ -225,6 +233,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
         );
         self.resubmit = got.resubmit.into();
         self.inflight = Some(Box::new(tracker));
+        self.owed = true;
         Ok(self)
     }
 
@@ -466,6 +475,11 @@ impl<M: DeviceMemory> SplitDevice<M> {
         // its used_event / flags store and its used.idx load): either it sees our new
         // used.idx, or we see its new used_event / flags.
         fence(Ordering::SeqCst);
+        if std::mem::take(&mut self.owed) {
+            // Once, after a takeover: see `with_inflight`.
+            self.signalled_used = self.used_idx;
+            return true;
+        }
         let old = self.signalled_used;
         let new = self.used_idx;
         self.signalled_used = new;
