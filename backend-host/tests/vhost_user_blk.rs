@@ -198,6 +198,51 @@ fn read_write_flush_discard_and_get_id_on_two_queues() {
     });
 }
 
+/// Inflight tracking between our two sides, as QEMU's vhost-user-blk does it: the
+/// frontend asks for INFLIGHT_SHMFD, gets the daemon's buffer at FEATURES_OK and
+/// hands it back before the rings start, and requests go through tracked rings of
+/// both formats; a frontend told not to ask does without.
+#[test]
+fn our_frontend_and_daemon_track_requests_in_flight() {
+    use transport_vhost_user::ProtocolFeatures;
+    let host = Host::start("inflight", &["--queues", "2"]);
+    for (inflight, ring) in [
+        (true, Features::empty()),
+        (true, Features::RING_PACKED),
+        (false, Features::empty()),
+    ] {
+        let guest = Hypervisor::new().create_domain("vu-guest", GUEST_BYTES).unwrap();
+        let opts = VhostUserOptions {
+            inflight,
+            ..VhostUserOptions::blk()
+        };
+        let transport = VhostUserTransport::connect(&host.socket, guest.memory().clone(), opts).unwrap();
+        assert_eq!(
+            transport
+                .backend()
+                .acked_protocol_features
+                .contains(ProtocolFeatures::INFLIGHT_SHMFD),
+            inflight
+        );
+        let opts = BlkOptions {
+            queues: 2,
+            timeout: Some(Duration::from_secs(10)),
+            ring_packed: ring.contains(Features::RING_PACKED),
+            ..BlkOptions::default()
+        };
+        let d = BlkDriver::new(transport, direct::driver(&guest), guest.memory().clone(), opts).unwrap();
+        for q in 0..2u16 {
+            let data = pattern(8192, 40 + q as u8);
+            let sector = 4096 + u64::from(q) * 64;
+            d.write_bytes_blocking(q, sector, &data).unwrap();
+            let mut back = vec![0; 8192];
+            d.read_bytes_blocking(q, sector, &mut back).unwrap();
+            assert!(back == data, "inflight {inflight}, {ring:?}, queue {q}");
+        }
+        d.flush_blocking(0).unwrap();
+    }
+}
+
 /// Packed rings over vhost-user, end to end: our frontend asks for
 /// VIRTIO_F_RING_PACKED, the daemon offers it, the rings' bases travel in the
 /// packed encoding, and the data reaches the image. The same with IN_ORDER, over

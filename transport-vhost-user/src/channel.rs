@@ -40,10 +40,13 @@
 use crate::error::VhostUserError;
 use crate::protocol::{FrontendReq, Header, MAX_REPLY_BODY, VERSION, VhostUserHeaderFlag, has_reply};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-use std::io::{self, IoSlice, Read};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags,
+};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -60,6 +63,9 @@ pub(crate) struct Channel {
     timeout: Duration,
     /// REPLY_ACK was negotiated: requests without a reply ask for an ack.
     reply_ack: bool,
+    /// Descriptors that came with the reply being read (GET_INFLIGHT_FD's
+    /// buffer); any a reply did not ask for are closed with it.
+    received: Vec<OwnedFd>,
 }
 
 impl Channel {
@@ -78,6 +84,7 @@ impl Channel {
             sock,
             timeout,
             reply_ack: false,
+            received: Vec::new(),
         })
     }
 
@@ -120,6 +127,28 @@ impl Channel {
         let deadline = self.deadline();
         self.write(request, 0, body, &[], deadline)?;
         self.read_reply(request, deadline)
+    }
+
+    /// [`Self::call`] for a request whose reply carries one file descriptor
+    /// (GET_INFLIGHT_FD): a reply without one is refused.
+    pub(crate) fn call_with_fd(
+        &mut self,
+        request: FrontendReq,
+        body: &[u8],
+    ) -> Result<(Vec<u8>, OwnedFd), VhostUserError> {
+        let reply = self.call(request, body)?;
+        let mut fds = std::mem::take(&mut self.received).into_iter();
+        let fd = fds.next().ok_or(VhostUserError::BadReply {
+            request,
+            reason: "no file descriptor with the reply",
+        })?;
+        if fds.next().is_some() {
+            return Err(VhostUserError::BadReply {
+                request,
+                reason: "more than one file descriptor with the reply",
+            });
+        }
+        Ok((reply, fd))
     }
 
     /// [`Self::call`] for the requests whose reply is one u64.
@@ -242,6 +271,8 @@ impl Channel {
 
     /// Reads a reply to `request` and returns its body.
     fn read_reply(&mut self, request: FrontendReq, deadline: Instant) -> Result<Vec<u8>, VhostUserError> {
+        // Descriptors of an earlier reply that nobody took are closed here.
+        self.received.clear();
         let mut raw = [0u8; Header::SIZE];
         self.read_exact(request, &mut raw, deadline)?;
         let header = Header::read_from_bytes(&raw).unwrap_or_default();
@@ -302,20 +333,35 @@ impl Channel {
                     });
                 }
             }
-            match self.sock.read(&mut buf[got..]) {
-                Ok(0) => {
+            // recvmsg, not read: a reply may carry descriptors (closed on exec,
+            // and closed with `received` unless the caller takes them).
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [IoSliceMut::new(&mut buf[got..])];
+            match rustix::net::recvmsg(&self.sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+                Ok(r) if r.bytes == 0 => {
                     return Err(VhostUserError::Disconnected {
                         request: Some(request),
                     });
                 }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                Ok(r) => got += r.bytes,
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+                Err(rustix::io::Errno::CONNRESET) => {
                     return Err(VhostUserError::Disconnected {
                         request: Some(request),
                     });
                 }
-                Err(source) => return Err(VhostUserError::Recv { request, source }),
+                Err(e) => {
+                    return Err(VhostUserError::Recv {
+                        request,
+                        source: e.into(),
+                    });
+                }
+            }
+            for m in control.drain() {
+                if let RecvAncillaryMessage::ScmRights(fds) = m {
+                    self.received.extend(fds);
+                }
             }
         }
         Ok(())
@@ -325,7 +371,7 @@ impl Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
 
     const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
@@ -339,6 +385,7 @@ mod tests {
                 sock: a,
                 timeout,
                 reply_ack: false,
+                received: Vec::new(),
             },
             b,
         )
@@ -462,6 +509,45 @@ mod tests {
         peer.read_exact(&mut sent).unwrap();
         let h = Header::read_from_bytes(&sent[..Header::SIZE]).unwrap();
         assert_eq!(h.flags, VERSION | FLAG_NEED_REPLY);
+    }
+
+    /// GET_INFLIGHT_FD's reply must carry the buffer's descriptor: one, not none
+    /// and not two.
+    #[test]
+    fn a_reply_carries_exactly_the_descriptor_it_should() {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        use std::os::fd::AsFd;
+        let send = |peer: &UnixStream, fds: usize| {
+            let h = Header {
+                request: FrontendReq::GET_INFLIGHT_FD.into(),
+                flags: VERSION | FLAG_REPLY,
+                size: 8,
+            };
+            let mut msg = h.as_bytes().to_vec();
+            msg.extend_from_slice(&7u64.to_ne_bytes());
+            let efds: Vec<_> = (0..fds)
+                .map(|_| virtio_core::notify::EventFdNotifier::new().unwrap())
+                .collect();
+            let borrowed: Vec<_> = efds.iter().map(|e| e.as_fd()).collect();
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !borrowed.is_empty() {
+                assert!(control.push(SendAncillaryMessage::ScmRights(&borrowed)));
+            }
+            rustix::net::sendmsg(peer, &[IoSlice::new(&msg)], &mut control, SendFlags::empty()).unwrap();
+        };
+        let (mut ch, peer) = pair(Duration::from_secs(5));
+        send(&peer, 1);
+        let (body, _fd) = ch.call_with_fd(FrontendReq::GET_INFLIGHT_FD, &[]).unwrap();
+        assert_eq!(body, 7u64.to_ne_bytes());
+        for (fds, reason) in [(0, "no file descriptor"), (2, "more than one")] {
+            let (mut ch, peer) = pair(Duration::from_secs(5));
+            send(&peer, fds);
+            match ch.call_with_fd(FrontendReq::GET_INFLIGHT_FD, &[]) {
+                Err(VhostUserError::BadReply { reason: r, .. }) => assert!(r.contains(reason), "{r}"),
+                other => panic!("{fds} descriptors: {other:?}"),
+            }
+        }
     }
 
     #[test]

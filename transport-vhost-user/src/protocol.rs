@@ -54,6 +54,7 @@ pub const fn has_reply(request: FrontendReq) -> bool {
             | FrontendReq::GET_PROTOCOL_FEATURES
             | FrontendReq::GET_QUEUE_NUM
             | FrontendReq::GET_CONFIG
+            | FrontendReq::GET_INFLIGHT_FD
     )
 }
 

@@ -28,13 +28,13 @@ use crate::protocol::{
 };
 use hypervisor::GuestMemory;
 use std::ops::Range;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use vhost::vhost_user::message::{
-    VhostUserConfig, VhostUserConfigFlags, VhostUserMemory, VhostUserMemoryRegion, VhostUserVringAddr,
-    VhostUserVringAddrFlags, VhostUserVringState,
+    VhostUserConfig, VhostUserConfigFlags, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use virtio_core::QueueAddrs;
 use virtio_core::features::Features;
@@ -80,6 +80,10 @@ pub struct VhostUserOptions {
     pub queue_max_size: u16,
     /// Limit on each request's round trip.
     pub timeout: Duration,
+    /// Ask the back-end to track the requests it holds in a buffer this
+    /// front-end keeps (INFLIGHT_SHMFD, where offered), so a back-end restarted
+    /// after a crash finishes them.
+    pub inflight: bool,
 }
 
 impl VhostUserOptions {
@@ -94,6 +98,7 @@ impl VhostUserOptions {
             writable_config: vec![WRITEBACK..WRITEBACK + 1],
             queue_max_size: 256,
             timeout: Duration::from_secs(5),
+            inflight: true,
         }
     }
 }
@@ -106,7 +111,7 @@ pub struct BackendInfo {
     /// GET_PROTOCOL_FEATURES.
     pub protocol_features: ProtocolFeatures,
     /// The protocol features this front-end accepted (MQ, CONFIG and REPLY_ACK
-    /// where offered).
+    /// where offered, and INFLIGHT_SHMFD if the options ask for it).
     pub acked_protocol_features: ProtocolFeatures,
     /// GET_QUEUE_NUM (1 without MQ).
     pub queues: u16,
@@ -133,6 +138,9 @@ struct Inner {
     config: Vec<u8>,
     generation: u32,
     broken: Option<Arc<VhostUserError>>,
+    /// The back-end's inflight buffer (its description and file), from
+    /// FEATURES_OK until a reset.
+    inflight: Option<(VhostUserInflight, OwnedFd)>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -179,7 +187,10 @@ impl VhostUserTransport {
         if !offered.contains(ProtocolFeatures::CONFIG) {
             return Err(VhostUserError::Missing("the CONFIG protocol feature"));
         }
-        let wanted = ProtocolFeatures::MQ | ProtocolFeatures::CONFIG | ProtocolFeatures::REPLY_ACK;
+        let mut wanted = ProtocolFeatures::MQ | ProtocolFeatures::CONFIG | ProtocolFeatures::REPLY_ACK;
+        if opts.inflight {
+            wanted |= ProtocolFeatures::INFLIGHT_SHMFD;
+        }
         let acked = offered & wanted;
         channel.send(
             FrontendReq::SET_PROTOCOL_FEATURES,
@@ -220,6 +231,7 @@ impl VhostUserTransport {
                 config,
                 generation: 0,
                 broken: None,
+                inflight: None,
             }),
             memory,
             backend,
@@ -249,9 +261,16 @@ impl VhostUserTransport {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// FEATURES_OK: the back-end learns the features and the memory. Refused
-    /// without a message if the driver accepted features that were not offered.
-    fn features_ok(&self, channel: &mut Channel, features: u64) -> Result<FeaturesVerdict, VhostUserError> {
+    /// FEATURES_OK: the back-end learns the features and the memory, and with
+    /// INFLIGHT_SHMFD makes its inflight buffer (kept in `inflight`) and gets it
+    /// back, as QEMU's vhost-user-blk does before starting rings. Refused without
+    /// a message if the driver accepted features that were not offered.
+    fn features_ok(
+        &self,
+        channel: &mut Channel,
+        features: u64,
+        inflight: &mut Option<(VhostUserInflight, OwnedFd)>,
+    ) -> Result<FeaturesVerdict, VhostUserError> {
         if features & !self.device_features() != 0 {
             tracing::warn!(features, "driver accepted features the back-end does not offer");
             return Ok(FeaturesVerdict::Refuse);
@@ -269,6 +288,30 @@ impl VhostUserTransport {
         let mut body = VhostUserMemory::new(1).as_slice().to_vec();
         body.extend_from_slice(region.as_slice());
         channel.send(FrontendReq::SET_MEM_TABLE, &body, &[mem.fd()])?;
+        if self
+            .backend
+            .acked_protocol_features
+            .contains(ProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            let ask = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: self.backend.queues,
+                queue_size: self.opts.queue_max_size,
+            };
+            let request = FrontendReq::GET_INFLIGHT_FD;
+            let (reply, fd) = channel.call_with_fd(request, ask.as_slice())?;
+            let got = VhostUserInflight::from_slice(&reply)
+                .copied()
+                .filter(|g| g.mmap_size != 0)
+                .ok_or(VhostUserError::BadReply {
+                    request,
+                    reason: "not an inflight description of a non-empty buffer",
+                })?;
+            channel.send(FrontendReq::SET_INFLIGHT_FD, got.as_slice(), &[fd.as_fd()])?;
+            tracing::debug!(size = got.mmap_size, "inflight buffer from the back-end");
+            *inflight = Some((got, fd));
+        }
         Ok(FeaturesVerdict::Accept)
     }
 
@@ -354,6 +397,8 @@ impl VhostUserTransport {
             let _ = fd.take();
         }
         *driver_features = 0;
+        // A reset device starts with a new buffer (QEMU's vhost-user-blk too).
+        st.inflight = None;
         let _ = machine.write(0, || FeaturesVerdict::Refuse);
     }
 }
@@ -459,7 +504,7 @@ impl ControlPlane for VhostUserTransport {
             if st.broken.is_some() {
                 return FeaturesVerdict::Refuse;
             }
-            self.features_ok(&mut st.channel, st.driver_features)
+            self.features_ok(&mut st.channel, st.driver_features, &mut st.inflight)
                 .unwrap_or_else(|e| {
                     error = Some(e);
                     FeaturesVerdict::Refuse
