@@ -111,9 +111,10 @@ pub struct BlkBenchConfig {
     pub ring: RingFormat,
     /// Whether the driver asks for VIRTIO_F_IN_ORDER (negotiated only if offered).
     pub in_order: bool,
-    /// Give our device a rate limiter whose limits are far above what it can do
-    /// (10 M operations and 1 TiB a second, read and write): what a configured,
-    /// not limiting, limiter costs.
+    /// Also run our stack with a rate limiter whose limits are far above what it
+    /// can do (10 M operations and 1 TiB a second, read and write), in turn with
+    /// the others in the same repetitions: what a configured, not limiting,
+    /// limiter costs.
     pub idle_limiter: bool,
 }
 
@@ -280,15 +281,16 @@ pub fn fio_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> std::io::Result
 type Dev = BlkDevice<DirectDevice>;
 type Driver = BlkDriver<DirectDriver, InProcessTransport<Dev>>;
 
-/// Our stack: the driver and the device behind the in-process transport.
-fn ours(cfg: &BlkBenchConfig) -> Driver {
+/// Our stack: the driver and the device behind the in-process transport, with an
+/// idle rate limiter if `limited`.
+fn ours(cfg: &BlkBenchConfig, limited: bool) -> Driver {
     let Fixture {
         guest,
         driver,
         device,
     } = models::direct();
     let disk = Disk::open(&cfg.image, DiskOptions::default()).expect("O_DIRECT image");
-    let limiter = cfg.idle_limiter.then(|| {
+    let limiter = limited.then(|| {
         use backend_host::blk::limit::{Bucket, Limits, RateLimiter};
         let ops = Some(Bucket::new(10_000_000));
         let bytes = Some(Bucket::new(1 << 40));
@@ -336,8 +338,8 @@ struct Slot {
 }
 
 /// One run of our stack, and the features its driver negotiated.
-fn ours_run(cfg: &BlkBenchConfig, w: Workload, depth: u32) -> (RunResult, u64) {
-    let d = ours(cfg);
+fn ours_run(cfg: &BlkBenchConfig, w: Workload, depth: u32, limited: bool) -> (RunResult, u64) {
+    let d = ours(cfg, limited);
     (
         closed_loop(&d, cfg.size, cfg.run_time, w, depth),
         d.info().features,
@@ -534,17 +536,27 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
         // Alternate the two, and which goes first, so drift in the shared disk's
         // speed and whatever the first run leaves behind hit both alike.
         let (mut fio, mut ours, mut negotiated) = (Vec::new(), Vec::new(), Vec::new());
+        let mut limited = Vec::new();
         for rep in 1..=cfg.reps {
             progress.step(format_args!(
                 "{} QD{depth}: repetition {rep}/{}",
                 w.label(),
                 cfg.reps
             ));
+            // With the idle limiter, it runs first, last or between the other
+            // two in turn.
+            let limiter_first = cfg.idle_limiter && rep % 3 == 0;
+            if limiter_first {
+                limited.push(ours_run(cfg, w, depth, true).0);
+            }
             let (o, f) = in_turn(
                 rep,
-                || ours_run(cfg, w, depth),
+                || ours_run(cfg, w, depth, false),
                 || with_fio.then(|| fio_run(cfg, w, depth)).transpose(),
             );
+            if cfg.idle_limiter && !limiter_first {
+                limited.push(ours_run(cfg, w, depth, true).0);
+            }
             ours.push(o.0);
             negotiated.push(o.1);
             fio.extend(f?);
@@ -572,7 +584,7 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
         } else {
             format!("{:.2}x", o[0] / med(&fio, |r| r.iops))
         };
-        rows.push(vec![
+        let mut row = vec![
             Cell::Text(w.label().into()),
             Cell::Int(u64::from(depth)),
             rings_cell(&negotiated),
@@ -583,7 +595,20 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
             peer(|r| r.mean_us),
             Cell::Num(o[2]),
             peer(|r| r.p99_us),
-        ]);
+        ];
+        if cfg.idle_limiter {
+            let l = med(&limited, |r| r.iops);
+            // Each repetition ran both back to back: the spread of their ratios
+            // shows how much of the median's ratio is noise.
+            let ratios: Vec<f64> = limited.iter().zip(&ours).map(|(x, y)| x.iops / y.iops).collect();
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+            row.push(Cell::Num(l));
+            row.push(Cell::Text(format!("{:.3}x", l / o[0])));
+            row.push(Cell::Text(format!("{lo:.2}-{hi:.2}x")));
+        }
+        rows.push(row);
     }
     progress.finish();
     tracing::info!("flush latency: raw fdatasync on the image");
@@ -612,8 +637,15 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
             "p99 us ours",
             "p99 us fio",
         ]
+        .into_iter()
+        .chain(
+            cfg.idle_limiter
+                .then_some(["IOPS ours+limiter", "limiter/plain", "per-rep range"])
+                .into_iter()
+                .flatten(),
+        )
         .map(String::from)
-        .to_vec(),
+        .collect(),
         rows,
         notes: [
             (cfg.fio && !with_fio)
@@ -624,7 +656,7 @@ pub fn run(cfg: &BlkBenchConfig) -> std::io::Result<Table> {
                 ring_asked(cfg.ring, cfg.in_order)
             )),
             cfg.idle_limiter
-                .then(|| "ours: with a rate limiter configured on every bucket, far above what the disk does (not limiting)".to_string()),
+                .then(|| "ours+limiter: our stack again in the same repetitions, with a rate limiter configured on every bucket far above what the disk does (not limiting)".to_string()),
             Some(format!(
                 "image {}; write + flush: IOPS count write+flush pairs (fio --fdatasync=1), latency is the flush's (fio: its fdatasync)",
                 cfg.image.display()

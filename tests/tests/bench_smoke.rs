@@ -346,7 +346,10 @@ fn blk_bench_runs_over_the_packed_ring() {
             matches!(&row[4], Cell::Text(t) if t == "-"),
             "fio not run: {row:?}"
         );
+        // The limited stack ran in the same repetitions.
+        assert!(positive(&row[10]), "{row:?}");
     }
+    assert_eq!(table.columns[10], "IOPS ours+limiter");
     assert!(table.notes.iter().any(|n| n == "fio: not measured (packed rows)"));
     assert!(table.notes.iter().any(|n| n.contains("rate limiter configured")));
     let _ = std::fs::remove_file(image);

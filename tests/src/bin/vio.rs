@@ -92,9 +92,9 @@ enum Command {
         /// table's ring column says whether it was).
         #[arg(long)]
         in_order: bool,
-        /// Configure a rate limiter on our device with every bucket far above what
-        /// the disk does: the limiter's cost when it does not limit (compare with a
-        /// run without the flag).
+        /// Also run our device with a rate limiter on every bucket far above what
+        /// the disk does, in turn with the others in each repetition: the
+        /// limiter's cost when it does not limit, measured in the same run.
         #[arg(long)]
         idle_limiter: bool,
         /// Also write the figures as JSON.
