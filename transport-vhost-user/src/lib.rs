@@ -69,6 +69,7 @@
 mod channel;
 pub mod error;
 pub mod protocol;
+mod reconnect;
 pub mod transport;
 
 pub use error::VhostUserError;

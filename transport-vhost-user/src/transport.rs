@@ -29,7 +29,8 @@ use crate::protocol::{
 use hypervisor::GuestMemory;
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use vhost::vhost_user::message::{
@@ -49,7 +50,7 @@ use vm_memory::ByteValued;
 /// `VHOST_USER_F_PROTOCOL_FEATURES` in the virtio feature word (bit 30, unused by
 /// virtio). Negotiating it enables protocol features and makes rings start disabled
 /// until SET_VRING_ENABLE.
-const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+pub(crate) const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// `VHOST_SET_CONFIG_TYPE_FRONTEND` (0): a configuration access from the driver, not
 /// from a migration. Not the crate's `VhostUserConfigFlags::WRITABLE`, which is 1, the
@@ -84,6 +85,14 @@ pub struct VhostUserOptions {
     /// front-end keeps (INFLIGHT_SHMFD, where offered), so a back-end restarted
     /// after a crash finishes them.
     pub inflight: bool,
+    /// When the back-end goes away, connect again to the same socket every
+    /// `reconnect` and restore the session on the new back-end: the same
+    /// features, memory table, inflight buffer and rings, as QEMU does with a
+    /// chardev's `reconnect-ms`. The driver notices nothing but the pause; the
+    /// back-end resubmits what the dead one held. Only with inflight tracking
+    /// negotiated (without it, restarting a ring can run a request twice or lose
+    /// one); otherwise, and with `None`, a lost back-end breaks the transport.
+    pub reconnect: Option<Duration>,
 }
 
 impl VhostUserOptions {
@@ -99,6 +108,7 @@ impl VhostUserOptions {
             queue_max_size: 256,
             timeout: Duration::from_secs(5),
             inflight: true,
+            reconnect: None,
         }
     }
 }
@@ -120,33 +130,53 @@ pub struct BackendInfo {
 /// A virtio transport whose device is a vhost-user back-end. The driver's memory is
 /// one [`GuestMemory`] memfd, handed to the back-end in SET_MEM_TABLE.
 pub struct VhostUserTransport {
-    inner: Mutex<Inner>,
-    memory: Arc<GuestMemory>,
-    backend: BackendInfo,
-    opts: VhostUserOptions,
+    inner: Arc<Mutex<Inner>>,
+    shared: Arc<Shared>,
+    /// With [`VhostUserOptions::reconnect`]: the thread that watches the socket and
+    /// restores the session, and its stop flag.
+    monitor: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+/// What never changes for the transport's life, shared with the reconnect monitor.
+pub(crate) struct Shared {
+    pub(crate) memory: Arc<GuestMemory>,
+    pub(crate) backend: BackendInfo,
+    pub(crate) opts: VhostUserOptions,
+    pub(crate) path: PathBuf,
     /// Written by [`Transport::notify_queue`]; the back-end waits on it.
     kicks: Vec<EventFdNotifier>,
     /// Written by the back-end; the driver waits on it.
     calls: Vec<EventFdNotifier>,
 }
 
-struct Inner {
-    channel: Channel,
-    machine: StatusMachine,
-    driver_features: u64,
-    queues: Vec<QueueSlot>,
+impl Drop for VhostUserTransport {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.monitor.take() {
+            stop.store(true, Ordering::Release);
+            let _ = thread.join();
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) channel: Channel,
+    pub(crate) machine: StatusMachine,
+    pub(crate) driver_features: u64,
+    pub(crate) queues: Vec<QueueSlot>,
     config: Vec<u8>,
     generation: u32,
-    broken: Option<Arc<VhostUserError>>,
+    pub(crate) broken: Option<Arc<VhostUserError>>,
     /// The back-end's inflight buffer (its description and file), from
     /// FEATURES_OK until a reset.
-    inflight: Option<(VhostUserInflight, OwnedFd)>,
+    pub(crate) inflight: Option<(VhostUserInflight, OwnedFd)>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-struct QueueSlot {
+pub(crate) struct QueueSlot {
     /// Size and addresses were sent.
-    set_up: bool,
+    pub(crate) set_up: bool,
+    /// The ring's format, size and addresses, for a reconnect.
+    pub(crate) ring: Option<(RingFormat, u16, QueueAddrs)>,
     /// SET_VRING_KICK was sent (libvhost-user starts the ring then): a reset must
     /// stop it with GET_VRING_BASE.
     started: bool,
@@ -155,8 +185,8 @@ struct QueueSlot {
 impl std::fmt::Debug for VhostUserTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhostUserTransport")
-            .field("backend", &self.backend)
-            .field("device_id", &self.opts.device_id)
+            .field("backend", &self.shared.backend)
+            .field("device_id", &self.shared.opts.device_id)
             .finish_non_exhaustive()
     }
 }
@@ -222,33 +252,55 @@ impl VhostUserTransport {
             queues,
         };
         tracing::debug!(?backend, "vhost-user back-end connected");
-        Ok(VhostUserTransport {
-            inner: Mutex::new(Inner {
-                channel,
-                machine: StatusMachine::new(),
-                driver_features: 0,
-                queues: vec![QueueSlot::default(); usize::from(queues)],
-                config,
-                generation: 0,
-                broken: None,
-                inflight: None,
-            }),
+        let inner = Arc::new(Mutex::new(Inner {
+            channel,
+            machine: StatusMachine::new(),
+            driver_features: 0,
+            queues: vec![QueueSlot::default(); usize::from(queues)],
+            config,
+            generation: 0,
+            broken: None,
+            inflight: None,
+        }));
+        let shared = Arc::new(Shared {
             memory,
             backend,
             opts,
+            path: path.to_path_buf(),
             kicks,
             calls,
+        });
+        let monitor = match shared.opts.reconnect {
+            Some(every) if acked.contains(ProtocolFeatures::INFLIGHT_SHMFD) => {
+                let stop = Arc::new(AtomicBool::new(false));
+                let (i, s, st) = (inner.clone(), shared.clone(), stop.clone());
+                let thread = std::thread::Builder::new()
+                    .name("vio-vu-reconnect".into())
+                    .spawn(move || crate::reconnect::monitor(&i, &s, &st, every))
+                    .map_err(VhostUserError::Socket)?;
+                Some((stop, thread))
+            }
+            Some(_) => {
+                tracing::warn!("the back-end does not track requests in flight: no reconnect");
+                None
+            }
+            None => None,
+        };
+        Ok(VhostUserTransport {
+            inner,
+            shared,
+            monitor,
         })
     }
 
     /// What the back-end offered.
     pub fn backend(&self) -> &BackendInfo {
-        &self.backend
+        &self.shared.backend
     }
 
     /// The guest memory shared with the back-end.
     pub fn memory(&self) -> &Arc<GuestMemory> {
-        &self.memory
+        &self.shared.memory
     }
 
     /// The error that broke the connection, if one did.
@@ -259,102 +311,6 @@ impl VhostUserTransport {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every path leaves the state consistent before anything could panic.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// FEATURES_OK: the back-end learns the features and the memory, and with
-    /// INFLIGHT_SHMFD makes its inflight buffer (kept in `inflight`) and gets it
-    /// back, as QEMU's vhost-user-blk does before starting rings. Refused without
-    /// a message if the driver accepted features that were not offered.
-    fn features_ok(
-        &self,
-        channel: &mut Channel,
-        features: u64,
-        inflight: &mut Option<(VhostUserInflight, OwnedFd)>,
-    ) -> Result<FeaturesVerdict, VhostUserError> {
-        if features & !self.device_features() != 0 {
-            tracing::warn!(features, "driver accepted features the back-end does not offer");
-            return Ok(FeaturesVerdict::Refuse);
-        }
-        // Rings start disabled with PROTOCOL_FEATURES; DRIVER_OK enables them.
-        let with_protocol = features | F_PROTOCOL_FEATURES;
-        channel.send(FrontendReq::SET_FEATURES, &with_protocol.to_ne_bytes(), &[])?;
-        let mem = &self.memory;
-        // One region, the whole memfd. The protocol wants each region in two
-        // numberings: guest physical addresses (what descriptors hold) and the
-        // front-end's "user addresses" (what SET_VRING_ADDR holds). A driver here
-        // has only guest addresses, so both numberings are the guest addresses and
-        // SET_VRING_ADDR carries the rings' guest addresses.
-        let region = VhostUserMemoryRegion::new(mem.base(), mem.size(), mem.base(), 0);
-        let mut body = VhostUserMemory::new(1).as_slice().to_vec();
-        body.extend_from_slice(region.as_slice());
-        channel.send(FrontendReq::SET_MEM_TABLE, &body, &[mem.fd()])?;
-        if self
-            .backend
-            .acked_protocol_features
-            .contains(ProtocolFeatures::INFLIGHT_SHMFD)
-        {
-            let ask = VhostUserInflight {
-                mmap_size: 0,
-                mmap_offset: 0,
-                num_queues: self.backend.queues,
-                queue_size: self.opts.queue_max_size,
-            };
-            let request = FrontendReq::GET_INFLIGHT_FD;
-            let (reply, fd) = channel.call_with_fd(request, ask.as_slice())?;
-            let got = VhostUserInflight::from_slice(&reply)
-                .copied()
-                .filter(|g| g.mmap_size != 0)
-                .ok_or(VhostUserError::BadReply {
-                    request,
-                    reason: "not an inflight description of a non-empty buffer",
-                })?;
-            channel.send(FrontendReq::SET_INFLIGHT_FD, got.as_slice(), &[fd.as_fd()])?;
-            tracing::debug!(size = got.mmap_size, "inflight buffer from the back-end");
-            *inflight = Some((got, fd));
-        }
-        Ok(FeaturesVerdict::Accept)
-    }
-
-    /// Sends one queue's registers and eventfds, in QEMU's order.
-    fn start_queue(
-        &self,
-        channel: &mut Channel,
-        slot: &mut QueueSlot,
-        index: u16,
-        (format, size): (RingFormat, u16),
-        addrs: QueueAddrs,
-    ) -> Result<(), VhostUserError> {
-        let ring = u32::from(index);
-        let state = |num| VhostUserVringState::new(ring, num);
-        channel.send(FrontendReq::SET_VRING_NUM, state(u32::from(size)).as_slice(), &[])?;
-        // Where a fresh ring starts: index 0 (split); slot 0 with wrap counter 1 for
-        // both the available and the used position (packed).
-        let base = vring_base(format, fresh_position(format));
-        channel.send(FrontendReq::SET_VRING_BASE, state(base).as_slice(), &[])?;
-        // No VHOST_VRING_F_LOG: no dirty logging.
-        let addr = VhostUserVringAddr::new(
-            ring,
-            VhostUserVringAddrFlags::empty(),
-            addrs.desc,
-            addrs.used,
-            addrs.avail,
-            0,
-        );
-        channel.send(FrontendReq::SET_VRING_ADDR, addr.as_slice(), &[])?;
-        slot.set_up = true;
-        slot.started = true;
-        let i = usize::from(index);
-        channel.send(
-            FrontendReq::SET_VRING_KICK,
-            &u64::from(index).to_ne_bytes(),
-            &[self.kicks[i].as_fd()],
-        )?;
-        channel.send(
-            FrontendReq::SET_VRING_CALL,
-            &u64::from(index).to_ne_bytes(),
-            &[self.calls[i].as_fd()],
-        )?;
-        Ok(())
     }
 
     /// Status 0: stop every started ring, then forget the session. If a ring cannot
@@ -393,7 +349,7 @@ impl VhostUserTransport {
         }
         queues.fill(QueueSlot::default());
         // Stale notifications of the old session must not wake the next one.
-        for fd in self.kicks.iter().chain(&self.calls) {
+        for fd in self.shared.kicks.iter().chain(&self.shared.calls) {
             let _ = fd.take();
         }
         *driver_features = 0;
@@ -403,8 +359,135 @@ impl VhostUserTransport {
     }
 }
 
+impl Shared {
+    /// FEATURES_OK: the back-end learns the features and the memory, and with
+    /// INFLIGHT_SHMFD makes its inflight buffer (kept in `inflight`) and gets it
+    /// back, as QEMU's vhost-user-blk does before starting rings. Refused without
+    /// a message if the driver accepted features that were not offered.
+    pub(crate) fn features_ok(
+        &self,
+        channel: &mut Channel,
+        features: u64,
+        inflight: &mut Option<(VhostUserInflight, OwnedFd)>,
+    ) -> Result<FeaturesVerdict, VhostUserError> {
+        if features & !(self.backend.features & !VHOST_FEATURES) != 0 {
+            tracing::warn!(features, "driver accepted features the back-end does not offer");
+            return Ok(FeaturesVerdict::Refuse);
+        }
+        self.features_and_memory(channel, features)?;
+        self.inflight_buffer(channel, inflight)?;
+        Ok(FeaturesVerdict::Accept)
+    }
+
+    /// SET_FEATURES and SET_MEM_TABLE.
+    pub(crate) fn features_and_memory(
+        &self,
+        channel: &mut Channel,
+        features: u64,
+    ) -> Result<(), VhostUserError> {
+        // Rings start disabled with PROTOCOL_FEATURES; DRIVER_OK enables them.
+        let with_protocol = features | F_PROTOCOL_FEATURES;
+        channel.send(FrontendReq::SET_FEATURES, &with_protocol.to_ne_bytes(), &[])?;
+        let mem = &self.memory;
+        // One region, the whole memfd. The protocol wants each region in two
+        // numberings: guest physical addresses (what descriptors hold) and the
+        // front-end's "user addresses" (what SET_VRING_ADDR holds). A driver here
+        // has only guest addresses, so both numberings are the guest addresses and
+        // SET_VRING_ADDR carries the rings' guest addresses.
+        let region = VhostUserMemoryRegion::new(mem.base(), mem.size(), mem.base(), 0);
+        let mut body = VhostUserMemory::new(1).as_slice().to_vec();
+        body.extend_from_slice(region.as_slice());
+        channel.send(FrontendReq::SET_MEM_TABLE, &body, &[mem.fd()])?;
+        Ok(())
+    }
+
+    /// With INFLIGHT_SHMFD: hands the back-end its inflight buffer (SET_INFLIGHT_FD),
+    /// first asking for a new one (GET_INFLIGHT_FD) unless `inflight` holds the
+    /// buffer of this device's session already (a reconnect).
+    pub(crate) fn inflight_buffer(
+        &self,
+        channel: &mut Channel,
+        inflight: &mut Option<(VhostUserInflight, OwnedFd)>,
+    ) -> Result<(), VhostUserError> {
+        if !self
+            .backend
+            .acked_protocol_features
+            .contains(ProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            return Ok(());
+        }
+        if let Some((got, fd)) = inflight {
+            channel.send(FrontendReq::SET_INFLIGHT_FD, got.as_slice(), &[fd.as_fd()])?;
+            return Ok(());
+        }
+        {
+            let ask = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: self.backend.queues,
+                queue_size: self.opts.queue_max_size,
+            };
+            let request = FrontendReq::GET_INFLIGHT_FD;
+            let (reply, fd) = channel.call_with_fd(request, ask.as_slice())?;
+            let got = VhostUserInflight::from_slice(&reply)
+                .copied()
+                .filter(|g| g.mmap_size != 0)
+                .ok_or(VhostUserError::BadReply {
+                    request,
+                    reason: "not an inflight description of a non-empty buffer",
+                })?;
+            channel.send(FrontendReq::SET_INFLIGHT_FD, got.as_slice(), &[fd.as_fd()])?;
+            tracing::debug!(size = got.mmap_size, "inflight buffer from the back-end");
+            *inflight = Some((got, fd));
+        }
+        Ok(())
+    }
+
+    /// Sends one queue's registers and eventfds, in QEMU's order; the ring starts
+    /// at position `at` (its format's start for a fresh ring).
+    pub(crate) fn start_queue(
+        &self,
+        channel: &mut Channel,
+        slot: &mut QueueSlot,
+        (index, at): (u16, u16),
+        (format, size): (RingFormat, u16),
+        addrs: QueueAddrs,
+    ) -> Result<(), VhostUserError> {
+        let ring = u32::from(index);
+        let state = |num| VhostUserVringState::new(ring, num);
+        channel.send(FrontendReq::SET_VRING_NUM, state(u32::from(size)).as_slice(), &[])?;
+        let base = vring_base(format, at);
+        channel.send(FrontendReq::SET_VRING_BASE, state(base).as_slice(), &[])?;
+        // No VHOST_VRING_F_LOG: no dirty logging.
+        let addr = VhostUserVringAddr::new(
+            ring,
+            VhostUserVringAddrFlags::empty(),
+            addrs.desc,
+            addrs.used,
+            addrs.avail,
+            0,
+        );
+        channel.send(FrontendReq::SET_VRING_ADDR, addr.as_slice(), &[])?;
+        slot.set_up = true;
+        slot.started = true;
+        slot.ring = Some((format, size, addrs));
+        let i = usize::from(index);
+        channel.send(
+            FrontendReq::SET_VRING_KICK,
+            &u64::from(index).to_ne_bytes(),
+            &[self.kicks[i].as_fd()],
+        )?;
+        channel.send(
+            FrontendReq::SET_VRING_CALL,
+            &u64::from(index).to_ne_bytes(),
+            &[self.calls[i].as_fd()],
+        )?;
+        Ok(())
+    }
+}
+
 /// Keeps the first error that broke the connection.
-fn latch(broken: &mut Option<Arc<VhostUserError>>, error: VhostUserError) {
+pub(crate) fn latch(broken: &mut Option<Arc<VhostUserError>>, error: VhostUserError) {
     if broken.is_none() {
         tracing::error!(%error, "vhost-user connection broken");
         *broken = Some(Arc::new(error));
@@ -456,16 +539,16 @@ fn get_config(channel: &mut Channel, len: usize) -> Result<Vec<u8>, VhostUserErr
 
 impl ControlPlane for VhostUserTransport {
     fn device_id(&self) -> u32 {
-        self.opts.device_id
+        self.shared.opts.device_id
     }
 
     fn config_len(&self) -> usize {
-        self.opts.config_len
+        self.shared.opts.config_len
     }
 
     fn device_features(&self) -> u64 {
         // Bits 26 and 30 are vhost's, not the device's.
-        self.backend.features & !VHOST_FEATURES
+        self.shared.backend.features & !VHOST_FEATURES
     }
 
     fn set_driver_features(&self, features: u64) {
@@ -504,7 +587,8 @@ impl ControlPlane for VhostUserTransport {
             if st.broken.is_some() {
                 return FeaturesVerdict::Refuse;
             }
-            self.features_ok(&mut st.channel, st.driver_features, &mut st.inflight)
+            self.shared
+                .features_ok(&mut st.channel, st.driver_features, &mut st.inflight)
                 .unwrap_or_else(|e| {
                     error = Some(e);
                     FeaturesVerdict::Refuse
@@ -540,7 +624,7 @@ impl ControlPlane for VhostUserTransport {
         // two generation reads is consistent (§2.5.1).
         let mut st = self.lock();
         if st.broken.is_none() {
-            match get_config(&mut st.channel, self.opts.config_len) {
+            match get_config(&mut st.channel, self.shared.opts.config_len) {
                 Ok(config) if config != st.config => {
                     st.config = config;
                     st.generation = st.generation.wrapping_add(1);
@@ -566,6 +650,7 @@ impl ControlPlane for VhostUserTransport {
     fn write_config(&self, offset: usize, data: &[u8]) {
         let end = offset.checked_add(data.len());
         let writable = self
+            .shared
             .opts
             .writable_config
             .iter()
@@ -592,7 +677,7 @@ impl ControlPlane for VhostUserTransport {
         let result = st
             .channel
             .send(FrontendReq::SET_CONFIG, &body, &[])
-            .and_then(|()| get_config(&mut st.channel, self.opts.config_len));
+            .and_then(|()| get_config(&mut st.channel, self.shared.opts.config_len));
         match result {
             Ok(config) => {
                 if config != st.config {
@@ -609,19 +694,19 @@ impl Transport for VhostUserTransport {
     type Interrupt = EventFdNotifier;
 
     fn num_queues(&self) -> u16 {
-        self.backend.queues
+        self.shared.backend.queues
     }
 
     fn queue_max_size(&self, index: u16) -> u16 {
-        if index < self.backend.queues {
-            self.opts.queue_max_size
+        if index < self.shared.backend.queues {
+            self.shared.opts.queue_max_size
         } else {
             0
         }
     }
 
     fn setup_queue(&self, index: u16, size: u16, addrs: QueueAddrs) -> Result<(), TransportError> {
-        if index >= self.backend.queues {
+        if index >= self.shared.backend.queues {
             return Err(TransportError::NoSuchQueue(index));
         }
         let refused = |source| TransportError::QueueRefused { index, source };
@@ -639,7 +724,7 @@ impl Transport for VhostUserTransport {
         if slot.set_up {
             return Err(refused(QueueError::Enabled { index }));
         }
-        let max = self.opts.queue_max_size;
+        let max = self.shared.opts.queue_max_size;
         if size > max {
             return Err(refused(QueueError::InvalidSize { size, max }));
         }
@@ -648,7 +733,7 @@ impl Transport for VhostUserTransport {
         // The back-end drops the connection on a ring outside the memory table;
         // catch that here with a reason.
         for s in areas.spans() {
-            if self.memory.offset_of(s.addr, s.len).is_none() {
+            if self.shared.memory.offset_of(s.addr, s.len).is_none() {
                 return Err(refused(QueueError::OutsideMemory {
                     area: s.area,
                     addr: s.addr,
@@ -656,7 +741,13 @@ impl Transport for VhostUserTransport {
                 }));
             }
         }
-        if let Err(e) = self.start_queue(&mut st.channel, slot, index, (format, size), addrs) {
+        // Where a fresh ring starts: index 0 (split); slot 0 with wrap counter 1 for
+        // both the available and the used position (packed).
+        let at = fresh_position(format);
+        if let Err(e) = self
+            .shared
+            .start_queue(&mut st.channel, slot, (index, at), (format, size), addrs)
+        {
             latch(&mut st.broken, e);
             st.machine.set_needs_reset();
             // The transport error has no place for the cause: it is in `broken()`
@@ -670,6 +761,7 @@ impl Transport for VhostUserTransport {
 
     fn notify_queue(&self, index: u16) -> Result<(), TransportError> {
         let kick = self
+            .shared
             .kicks
             .get(usize::from(index))
             .ok_or(TransportError::NoSuchQueue(index))?;
@@ -679,6 +771,7 @@ impl Transport for VhostUserTransport {
     /// A handle on the eventfd sent in SET_VRING_CALL.
     fn interrupt(&self, index: u16) -> Result<EventFdNotifier, TransportError> {
         let call = self
+            .shared
             .calls
             .get(usize::from(index))
             .ok_or(TransportError::NoSuchQueue(index))?;
