@@ -81,6 +81,8 @@ impl VhostBenchConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Peer {
     Ours,
+    /// Ours with `--poll-us 0`: what its adaptive polling costs in CPU.
+    OursNoPoll,
     Qsd,
 }
 
@@ -93,6 +95,10 @@ fn start(cfg: &VhostBenchConfig, peer: Peer) -> std::io::Result<(Backend, PathBu
             "vio vhost-serve",
             backend::vio_blk(&cfg.program, &cfg.image, &socket, 1, cfg.poll),
         ),
+        Peer::OursNoPoll => (
+            "vio vhost-serve --poll-us 0",
+            backend::vio_blk(&cfg.program, &cfg.image, &socket, 1, Duration::ZERO),
+        ),
         Peer::Qsd => ("qemu-storage-daemon", backend::qsd_blk(&cfg.image, &socket, 1)),
     };
     let daemon = Backend::spawn(name, cmd, &socket).map_err(std::io::Error::other)?;
@@ -101,12 +107,15 @@ fn start(cfg: &VhostBenchConfig, peer: Peer) -> std::io::Result<(Backend, PathBu
 
 /// One run against a daemon: a fresh guest and connection (asking for inflight
 /// tracking if `inflight`), the closed loop, and a reset when the driver is dropped.
+/// Returns the run's figures and the daemon's CPU time per completed request in
+/// microseconds (user + system, all its threads, polling included; the connection's
+/// set-up and reset count too).
 fn run_once(
     cfg: &VhostBenchConfig,
-    socket: &Path,
+    (daemon, socket): (&Backend, &Path),
     (w, depth): (Workload, u32),
     inflight: bool,
-) -> std::io::Result<RunResult> {
+) -> std::io::Result<(RunResult, f64)> {
     fn err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
         std::io::Error::other(e)
     }
@@ -119,9 +128,15 @@ fn run_once(
         ..VhostUserOptions::blk()
     };
     let transport = VhostUserTransport::connect(socket, guest.memory().clone(), opts).map_err(err)?;
+    let gone = || std::io::Error::other(format!("{} is gone", daemon.socket().display()));
+    let before = daemon.cpu_time().ok_or_else(gone)?;
     let driver =
         BlkDriver::new(transport, model, guest.memory().clone(), BlkOptions::default()).map_err(err)?;
-    Ok(blk_bench::closed_loop(&driver, cfg.size, cfg.run_time, w, depth))
+    let r = blk_bench::closed_loop(&driver, cfg.size, cfg.run_time, w, depth);
+    drop(driver);
+    let cpu = daemon.cpu_time().ok_or_else(gone)?.saturating_sub(before);
+    let requests = (r.iops * cfg.run_time.as_secs_f64()).max(1.0);
+    Ok((r, cpu.as_secs_f64() * 1e6 / requests))
 }
 
 /// Runs every row against both daemons and returns the table.
@@ -137,12 +152,24 @@ pub fn run(cfg: &VhostBenchConfig) -> std::io::Result<Table> {
     }
     blk_bench::prepare_image(&cfg.image, cfg.size)?;
     // Both daemons stay up for the whole run; each run is a new frontend.
-    let (_ours, ours) = start(cfg, Peer::Ours)?;
-    let (_qsd, qsd) = start(cfg, Peer::Qsd)?;
+    let (ours_d, ours) = start(cfg, Peer::Ours)?;
+    let (qsd_d, qsd) = start(cfg, Peer::Qsd)?;
+    let (quiet_d, quiet) = start(cfg, Peer::OursNoPoll)?;
     let mut rows = Vec::new();
-    let mut progress = Progress::new("vhost-user benchmark", ROWS.len() * cfg.reps);
-    for (w, depth) in ROWS {
+    // Every row, then 4k random reads at QD32 once more with our daemon not polling.
+    let plan = ROWS
+        .iter()
+        .map(|&(w, depth)| (w, depth, false))
+        .chain([(Workload::RandRead, 32, true)]);
+    let mut progress = Progress::new("vhost-user benchmark", (ROWS.len() + 1) * cfg.reps);
+    for (w, depth, no_poll) in plan {
+        let (ours_d, ours) = if no_poll {
+            (&quiet_d, &quiet)
+        } else {
+            (&ours_d, &ours)
+        };
         let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut cpu_a, mut cpu_b) = (Vec::new(), Vec::new());
         for rep in 1..=cfg.reps {
             progress.step(format_args!(
                 "{} QD{depth}: repetition {rep}/{}",
@@ -150,20 +177,22 @@ pub fn run(cfg: &VhostBenchConfig) -> std::io::Result<Table> {
                 cfg.reps
             ));
             // Each variant goes first in turn: ours tracked, qsd, ours untracked.
-            let mut got: [Option<RunResult>; 3] = [None, None, None];
+            let mut got: [Option<(RunResult, f64)>; 3] = [None, None, None];
             for k in 0..3 {
                 let v = (k + rep) % 3;
-                let (socket, inflight) = match v {
-                    0 => (&ours, true),
-                    1 => (&qsd, true),
-                    _ => (&ours, false),
+                let (daemon, inflight) = match v {
+                    0 => ((ours_d, ours.as_path()), true),
+                    1 => ((&qsd_d, qsd.as_path()), true),
+                    _ => ((ours_d, ours.as_path()), false),
                 };
-                got[v] = Some(run_once(cfg, socket, (w, depth), inflight)?);
+                got[v] = Some(run_once(cfg, daemon, (w, depth), inflight)?);
             }
             let [x, y, z] = got.map(|r| r.expect("every variant ran"));
-            a.push(x);
-            b.push(y);
-            c.push(z);
+            a.push(x.0);
+            b.push(y.0);
+            c.push(z.0);
+            cpu_a.push(x.1);
+            cpu_b.push(y.1);
         }
         let med =
             |rs: &[RunResult], f: fn(&RunResult) -> f64| median(&mut rs.iter().map(f).collect::<Vec<_>>());
@@ -175,7 +204,11 @@ pub fn run(cfg: &VhostBenchConfig) -> std::io::Result<Table> {
             .iter()
             .fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
         rows.push(vec![
-            Cell::Text(w.label().into()),
+            Cell::Text(if no_poll {
+                format!("{}, ours --poll-us 0", w.label())
+            } else {
+                w.label().into()
+            }),
             Cell::Int(u64::from(depth)),
             Cell::Num(iops.0),
             Cell::Num(iops.1),
@@ -187,6 +220,9 @@ pub fn run(cfg: &VhostBenchConfig) -> std::io::Result<Table> {
             Cell::Num(med(&b, |r| r.p99_us)),
             Cell::Num(med(&c, |r| r.iops)),
             Cell::Text(format!("{:.2}x", iops.0 / med(&c, |r| r.iops))),
+            Cell::Num(median(&mut cpu_a)),
+            Cell::Num(median(&mut cpu_b)),
+            Cell::Text(format!("{:.2}x", median(&mut cpu_a) / median(&mut cpu_b))),
         ]);
     }
     progress.finish();
@@ -210,11 +246,15 @@ pub fn run(cfg: &VhostBenchConfig) -> std::io::Result<Table> {
             "p99 us qsd",
             "IOPS ours untracked",
             "tracked/untracked",
+            "CPU us/req ours",
+            "CPU us/req qsd",
+            "CPU ours/qsd",
         ]
         .map(String::from)
         .to_vec(),
         rows,
         notes: vec![
+            "CPU us/req: the daemon process's user + system time over a run (every thread, polling included, the connection's set-up and reset too) per completed request, from /proc".to_string(),
             format!(
                 "load: drivers-blk as a vhost-user frontend (memfd guest memory), polling; image {}, O_DIRECT + io_uring on both",
                 cfg.image.display()

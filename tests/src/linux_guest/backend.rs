@@ -176,6 +176,20 @@ impl Backend {
         })
     }
 
+    /// CPU time the backend process has used so far (user and system, every
+    /// thread), from `/proc/<pid>/stat`; `None` once it is gone.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let pid = self.child.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command name (which may hold spaces and parentheses): utime
+        // and stime are the 12th and 13th fields, in clock ticks.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        let hz = rustix::param::clock_ticks_per_second().max(1);
+        Some(Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz))
+    }
+
     /// The socket it listens on.
     pub fn socket(&self) -> &Path {
         &self.socket
