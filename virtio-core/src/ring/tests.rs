@@ -473,8 +473,10 @@ proptest! {
     /// As [`a_device_that_dies_at_any_moment_loses_and_repeats_nothing`], but the
     /// device dies between any two of its stores, inside `pop`, `add_used`,
     /// `add_used_batch` or its own recovery: the region and the ring then hold
-    /// what SIGKILL leaves, and the next instance recovers from exactly that. The
-    /// driver gets each request back once, with the length the device gave it.
+    /// what SIGKILL leaves, and the next instance, started only when the device
+    /// is next needed (the driver may reclaim, reuse heads and make requests
+    /// available meanwhile), recovers from exactly that. The driver gets each
+    /// request back once, with the length the device gave it.
     #[test]
     fn a_device_killed_between_any_two_stores_loses_and_repeats_nothing(
         steps in proptest::collection::vec(kill(), 1..100),
@@ -515,6 +517,8 @@ proptest! {
             }
         };
         let mut device = instance();
+        // The last instance died; the next one starts when the device is needed.
+        let mut dead = false;
         let mut held: Vec<(u16, u32)> = Vec::new();
         let mut next_token = 0u32;
         let mut outstanding = std::collections::BTreeSet::new();
@@ -578,14 +582,22 @@ proptest! {
                     held.clear();
                 }
                 Kill::Arm(n) => crash::arm(*n),
-                other => match catch_unwind(AssertUnwindSafe(|| serve(&mut device, &mut held, other))) {
-                    Ok(()) => {}
-                    Err(p) if p.is::<crash::Crash>() => {
+                other => {
+                    if dead {
+                        // Restarted only now: the driver may have reclaimed,
+                        // reused heads and made new requests available meanwhile.
                         drop(std::mem::replace(&mut device, instance()));
-                        held.clear();
+                        dead = false;
                     }
-                    Err(p) => resume_unwind(p),
-                },
+                    match catch_unwind(AssertUnwindSafe(|| serve(&mut device, &mut held, other))) {
+                        Ok(()) => {}
+                        Err(p) if p.is::<crash::Crash>() => {
+                            dead = true;
+                            held.clear();
+                        }
+                        Err(p) => resume_unwind(p),
+                    }
+                }
             }
             pop_used(&mut driver, &mut outstanding)?;
         }
@@ -601,5 +613,87 @@ proptest! {
         pop_used(&mut driver, &mut outstanding)?;
         prop_assert!(outstanding.is_empty(), "never returned: {:?}", outstanding);
         prop_assert_eq!(done, next_token as usize);
+    }
+}
+
+proptest! {
+    /// HOSTILE 50 at the device: a ring taken over with whatever the frontend
+    /// put in the inflight region either refuses to start or serves chains like
+    /// any other ring: no panic, and every chain it hands out can be returned.
+    #[test]
+    fn a_device_over_any_inflight_region_refuses_or_serves_without_panicking(
+        bytes in prop::collection::vec(any::<u8>(), 512),
+        header in any::<bool>(),
+        flags in prop::collection::vec(0u8..2, 8),
+        packed in any::<bool>(),
+        used in any::<u16>(),
+        adds in 0usize..8,
+    ) {
+        use crate::ring::areas::RingFormat;
+        use crate::ring::inflight::{InflightRegion, region_size};
+        let size = 8u16;
+        let mut features = Features::VERSION_1;
+        if packed {
+            features |= Features::RING_PACKED;
+        }
+        let format = RingFormat::of(features);
+        let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
+        let (_, ring) = arena.alloc_split_ring(size).unwrap();
+        let share = IdentityShare::new(arena.clone(), size);
+        let mut driver = DriverRing::<_, u32>::new(size, ring.clone(), share, features).unwrap();
+        for t in 0..adds {
+            let b = GuestBuf::new(arena.alloc(16, 8).unwrap(), 16);
+            let _ = driver.add(&[], &[b], u32::try_from(t).unwrap());
+        }
+        let len = usize::try_from(region_size(format, size)).unwrap();
+        let kept = crate::shm::Mapping::anonymous(len).unwrap();
+        let mut b = bytes[..len].to_vec();
+        if header {
+            b[0..8].copy_from_slice(&u64::from(packed).to_le_bytes());
+            b[8..10].copy_from_slice(&1u16.to_le_bytes());
+            b[10..12].copy_from_slice(&size.to_le_bytes());
+            let put = |b: &mut Vec<u8>, at: usize, v: u16| b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            if packed {
+                // Used and pending positions inside the ring; ids whose copies
+                // are one or two entries linked inside the ring.
+                put(&mut b, 12, 0x8000 | (used & 7));
+                put(&mut b, 14, 0x8000 | ((used >> 3) & 7));
+                put(&mut b, 16, (used >> 6) & 7);
+                put(&mut b, 18, (used >> 9) & 7);
+                for (i, f) in flags.iter().enumerate() {
+                    let at = 32 + 16 * i;
+                    let (first, num) = (b[at + 2] % 8, 1 + b[at + 4] % 2);
+                    put(&mut b, at, u16::from(*f));
+                    put(&mut b, at + 2, u16::from(first));
+                    put(&mut b, at + 4, u16::from(num));
+                    let link = 32 + 16 * 8 + 24 * i + 18;
+                    let l = b[link] % 8;
+                    put(&mut b, link, u16::from(l));
+                }
+            } else {
+                // A last batch of up to two heads unfinished (the ring's used
+                // index is 0).
+                put(&mut b, 12, used & 7);
+                put(&mut b, 14, 0u16.wrapping_sub((used >> 3) % 3));
+                for (i, f) in flags.iter().enumerate() {
+                    let at = 16 + 16 * i;
+                    put(&mut b, at, u16::from(*f));
+                    let next = b[at + 6] % 8;
+                    put(&mut b, at + 6, u16::from(next));
+                }
+            }
+        }
+        kept.region().write(0, &b).unwrap();
+        let region = InflightRegion::new(kept.region(), size, format).unwrap();
+        let Ok(mut device) = DeviceRing::new(size, &ring, arena.clone(), features).unwrap().with_inflight(region) else {
+            return Ok(());
+        };
+        for _ in 0..3 * usize::from(size) {
+            match device.pop() {
+                Ok(Some(c)) => prop_assert_eq!(device.add_used(c.head(), 0), Ok(())),
+                Ok(None) | Err(crate::ring::split::DeviceQueueError::NeedsReset(_)) => break,
+                Err(_) => {}
+            }
+        }
     }
 }
