@@ -209,6 +209,51 @@ impl InflightRegion {
     }
 }
 
+/// Simulated crashes, for tests only: every store into an inflight region, and
+/// every store into the ring that recovery depends on (used entries, the used
+/// index, packed used descriptors), passes a [`crash::point`] first, so a test can
+/// end a device instance between any two of them, as SIGKILL can.
+pub(crate) mod crash {
+    #[cfg(test)]
+    use std::cell::Cell;
+
+    #[cfg(test)]
+    thread_local! {
+        /// Stores left before the crash, plus one; 0: no crash armed.
+        static LEFT: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// The unwinding payload of a simulated crash.
+    #[cfg(test)]
+    #[derive(Debug)]
+    pub(crate) struct Crash;
+
+    /// Arms a crash right before the `n`-th store from now (`n` >= 1); 0 disarms.
+    #[cfg(test)]
+    pub(crate) fn arm(n: u64) {
+        LEFT.set(n);
+    }
+
+    /// Called right before a store: unwinds with [`Crash`] (without running the
+    /// panic hook) if this is the store the armed crash is before.
+    #[cfg(test)]
+    pub(crate) fn point() {
+        match LEFT.get() {
+            0 => {}
+            1 => {
+                LEFT.set(0);
+                std::panic::resume_unwind(Box::new(Crash));
+            }
+            n => LEFT.set(n - 1),
+        }
+    }
+
+    /// Nothing outside tests.
+    #[cfg(not(test))]
+    #[inline(always)]
+    pub(crate) fn point() {}
+}
+
 /// Atomic views of a region's 16-, 32- and 64-bit words, little-endian.
 struct Words {
     u16s: Atomics<AtomicU16>,
@@ -236,6 +281,7 @@ impl Words {
     }
 
     fn set16(&self, byte: usize, v: u16) {
+        crash::point();
         self.u16s[byte / 2].store(v.to_le(), Ordering::Release);
     }
 
@@ -244,6 +290,7 @@ impl Words {
     }
 
     fn set32(&self, byte: usize, v: u32) {
+        crash::point();
         self.u32s[byte / 4].store(v.to_le(), Ordering::Release);
     }
 
@@ -252,6 +299,7 @@ impl Words {
     }
 
     fn set64(&self, byte: usize, v: u64) {
+        crash::point();
         self.u64s[byte / 8].store(v.to_le(), Ordering::Release);
     }
 }
@@ -656,6 +704,7 @@ impl PackedTracker {
 mod tests {
     use super::*;
     use crate::shm::Mapping;
+    use proptest::prelude::*;
 
     fn region(format: RingFormat, size: u16) -> (Region, InflightRegion) {
         let m = Mapping::anonymous(usize::try_from(region_size(format, size)).unwrap()).unwrap();
@@ -883,5 +932,131 @@ mod tests {
         );
         let (_, s) = region(RingFormat::Split, size);
         assert!(matches!(PackedTracker::new(&s), Err(InflightError::Format)));
+    }
+
+    /// A region's bytes for a queue of `size`: arbitrary (level 0), with this
+    /// format's header and positions inside the ring (1), and also with entries
+    /// that point inside the queue and flags mostly 0 or 1 (2), so recovery gets
+    /// past its first checks.
+    fn hostile(format: RingFormat, size: u16) -> impl Strategy<Value = Vec<u8>> {
+        let len = usize::try_from(region_size(format, size)).unwrap();
+        (prop::collection::vec(any::<u8>(), len), 0u8..3).prop_map(move |(mut b, level)| {
+            let n = usize::from(size);
+            let put = |b: &mut Vec<u8>, at: usize, v: u16| b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            let get = |b: &Vec<u8>, at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+            let modulo = |b: &mut Vec<u8>, at: usize, m: u16| {
+                let v = get(b, at) % m;
+                put(b, at, v);
+            };
+            let packed = format == RingFormat::Packed;
+            if level >= 1 {
+                b[0..8].copy_from_slice(&u64::from(packed).to_le_bytes());
+                put(&mut b, 8, VERSION);
+                put(&mut b, 10, size);
+                if packed {
+                    // Used and pending: a slot in the ring, either wrap counter.
+                    for at in [12, 14] {
+                        let v = get(&b, at);
+                        put(&mut b, at, (v & 0x8000) | ((v & 0x7fff) % size));
+                    }
+                }
+            }
+            if level >= 2 {
+                let (entry, entries) = if packed {
+                    (PACKED_ID, PACKED_HEADER)
+                } else {
+                    (SPLIT_DESC, SPLIT_HEADER)
+                };
+                for i in 0..n {
+                    let at = entries + entry * i;
+                    let raw = get(&b, at);
+                    // Mostly 0 or 1; now and then anything.
+                    put(&mut b, at, if raw % 16 == 15 { raw } else { raw % 2 });
+                    if packed {
+                        modulo(&mut b, at + 2, size);
+                        modulo(&mut b, at + 4, 4);
+                        modulo(&mut b, at + 6, size);
+                        modulo(&mut b, PACKED_HEADER + PACKED_ID * n + PACKED_COPY * i + 18, size);
+                    } else {
+                        modulo(&mut b, at + 6, size);
+                    }
+                }
+                if packed {
+                    modulo(&mut b, 16, size);
+                    modulo(&mut b, 18, size + 1);
+                } else {
+                    modulo(&mut b, 12, size);
+                }
+            }
+            b
+        })
+    }
+
+    fn filled(format: RingFormat, size: u16, bytes: &[u8]) -> InflightRegion {
+        let m = Mapping::anonymous(bytes.len()).unwrap();
+        m.region().write(0, bytes).unwrap();
+        InflightRegion::new(m.region(), size, format).unwrap()
+    }
+
+    proptest! {
+        /// HOSTILE 50: whatever the frontend left in a split region, recovery
+        /// returns or refuses, and what it resubmits are distinct heads below the
+        /// size; recovering again in the same process (a restarted device)
+        /// resubmits exactly the same chains from the same position.
+        #[test]
+        fn any_split_region_recovers_distinct_heads_or_is_refused(
+            (size, bytes) in (1u16..17).prop_flat_map(|n| (Just(n), hostile(RingFormat::Split, n))),
+            ring_used in any::<u16>(),
+            near in any::<bool>(),
+            fresh in any::<u16>(),
+        ) {
+            let r = filled(RingFormat::Split, size, &bytes);
+            let region_used = u16::from_le_bytes([bytes[14], bytes[15]]);
+            // Mostly a ring whose used index is at most a queue ahead.
+            let ring_used = if near { region_used.wrapping_add(ring_used % (size + 1)) } else { ring_used };
+            let mut t = SplitTracker::new(&r).unwrap();
+            if let Ok(got) = t.recover(ring_used, fresh) {
+                let mut heads = got.resubmit.clone();
+                heads.sort_unstable();
+                heads.dedup();
+                prop_assert_eq!(heads.len(), got.resubmit.len(), "a head twice: {:?}", got.resubmit);
+                prop_assert!(heads.iter().all(|&h| h < size));
+                let mut again = SplitTracker::new(&r).unwrap();
+                prop_assert_eq!(again.recover(ring_used, fresh), Ok(got));
+            }
+        }
+
+        /// HOSTILE 50, packed: recovery returns or refuses; the ids resubmitted are
+        /// distinct and below the size, their lists hold `slots` descriptors in
+        /// all, at most the size, the copies they keep are not handed out again,
+        /// and recovering again resubmits the same.
+        #[test]
+        fn any_packed_region_recovers_distinct_lists_within_the_ring_or_is_refused(
+            (size, bytes) in (1u16..17).prop_flat_map(|n| (Just(n), hostile(RingFormat::Packed, n))),
+            written in any::<bool>(),
+            fresh in any::<u16>(),
+        ) {
+            let r = filled(RingFormat::Packed, size, &bytes);
+            let in_ring = |p: u16| p & 0x7fff < size;
+            let mut t = PackedTracker::new(&r).unwrap();
+            if let Ok(got) = t.recover(fresh, in_ring, |_| !written) {
+                let mut ids: Vec<u16> = got.resubmit.iter().map(|(id, _)| *id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                prop_assert_eq!(ids.len(), got.resubmit.len());
+                prop_assert!(ids.iter().all(|&id| id < size));
+                let descs: usize = got.resubmit.iter().map(|(_, d)| d.len()).sum();
+                prop_assert!(got.resubmit.iter().all(|(_, d)| !d.is_empty()));
+                prop_assert_eq!(descs, usize::from(got.slots));
+                prop_assert!(got.slots <= size);
+                let mut copies: Vec<u16> = t.entries.iter().flatten().chain(&t.free).copied().collect();
+                prop_assert_eq!(copies.len(), usize::from(size));
+                copies.sort_unstable();
+                copies.dedup();
+                prop_assert_eq!(copies.len(), usize::from(size), "a copy entry both held and free");
+                let mut again = PackedTracker::new(&r).unwrap();
+                prop_assert_eq!(again.recover(fresh, in_ring, |_| !written), Ok(got));
+            }
+        }
     }
 }

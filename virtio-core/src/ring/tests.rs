@@ -445,3 +445,255 @@ fn a_takeover_from_an_inflight_region_notifies_the_driver_once() {
         assert!(!device.needs_notification(), "packed {packed}: only once");
     }
 }
+
+/// One step of [`a_device_killed_between_any_two_stores_loses_and_repeats_nothing`].
+#[derive(Debug, Clone)]
+enum Kill {
+    /// As [`Life`]'s.
+    Life(Life),
+    /// The device returns up to `n` of the chains it holds, from the `k`-th, in
+    /// one batch (one used index published for all: split's `add_used_batch`).
+    Batch(usize, usize),
+    /// The device process will die right before its `n`-th store from now into
+    /// the inflight region or the ring (used entries, used index, used
+    /// descriptors), whichever call it is in, recovery included.
+    Arm(u64),
+}
+
+fn kill() -> impl Strategy<Value = Kill> {
+    prop_oneof![
+        8 => life().prop_map(Kill::Life),
+        2 => (1usize..5, 0usize..8).prop_map(|(n, k)| Kill::Batch(n, k)),
+        2 => (1u64..24).prop_map(Kill::Arm),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    /// As [`a_device_that_dies_at_any_moment_loses_and_repeats_nothing`], but the
+    /// device dies between any two of its stores, inside `pop`, `add_used`,
+    /// `add_used_batch` or its own recovery: the region and the ring then hold
+    /// what SIGKILL leaves, and the next instance, started only when the device
+    /// is next needed (the driver may reclaim, reuse heads and make requests
+    /// available meanwhile), recovers from exactly that. The driver gets each
+    /// request back once, with the length the device gave it.
+    #[test]
+    fn a_device_killed_between_any_two_stores_loses_and_repeats_nothing(
+        steps in proptest::collection::vec(kill(), 1..100),
+        packed in any::<bool>(),
+        in_order in any::<bool>(),
+    ) {
+        use crate::ring::areas::RingFormat;
+        use crate::ring::inflight::{InflightRegion, crash, region_size};
+        use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+        crash::arm(0);
+        let size = 8;
+        let mut features = Features::VERSION_1 | Features::EVENT_IDX;
+        if in_order {
+            features |= Features::IN_ORDER;
+        }
+        if packed {
+            features |= Features::RING_PACKED;
+        }
+        let format = RingFormat::of(features);
+        let arena = Arena::new(0x10_0000, 4 << 20).unwrap();
+        let (_, ring) = arena.alloc_split_ring(size).unwrap();
+        let share = IdentityShare::new(arena.clone(), size);
+        let mut driver = DriverRing::<_, u32>::new(size, ring.clone(), share, features).unwrap();
+        let kept = crate::shm::Mapping::anonymous(usize::try_from(region_size(format, size)).unwrap()).unwrap();
+        // A new instance; if it dies recovering, another one.
+        let instance = || loop {
+            let region = InflightRegion::new(kept.region(), size, format).unwrap();
+            let got = catch_unwind(AssertUnwindSafe(|| {
+                DeviceRing::new(size, &ring, arena.clone(), features)
+                    .unwrap()
+                    .with_inflight(region)
+                    .unwrap()
+            }));
+            match got {
+                Ok(d) => break d,
+                Err(p) if p.is::<crash::Crash>() => {}
+                Err(p) => resume_unwind(p),
+            }
+        };
+        let mut device = instance();
+        // The last instance died; the next one starts when the device is needed.
+        let mut dead = false;
+        let mut held: Vec<(u16, u32)> = Vec::new();
+        let mut next_token = 0u32;
+        let mut outstanding = std::collections::BTreeSet::new();
+        let mut done = 0usize;
+        let token_of = |c: &Chain| {
+            let mut t = [0u8; 4];
+            c.reader(&arena).read_exact(&mut t).unwrap();
+            u32::from_le_bytes(t)
+        };
+        let serve = |device: &mut DeviceRing<Arc<Arena>>, held: &mut Vec<(u16, u32)>, step: &Kill| {
+            match step {
+                Kill::Life(Life::Pop) => {
+                    if let Some(c) = device.pop().unwrap() {
+                        held.push((c.head(), token_of(&c)));
+                    }
+                }
+                Kill::Life(Life::Complete(n)) if !held.is_empty() => {
+                    let (head, token) = held.remove(n % held.len());
+                    device.add_used(head, 1 + token % 16).unwrap();
+                }
+                Kill::Batch(n, k) if !held.is_empty() => {
+                    let k = k % held.len();
+                    let n = (*n).min(held.len() - k);
+                    let batch: Vec<_> = held.drain(k..k + n).map(|(h, t)| (h, 1 + t % 16)).collect();
+                    device.add_used_batch(batch).unwrap();
+                }
+                _ => {}
+            }
+        };
+        let mut pop_used = |driver: &mut DriverRing<_, u32>, outstanding: &mut std::collections::BTreeSet<u32>| -> Result<(), TestCaseError> {
+            loop {
+                let got = driver.pop_used();
+                prop_assert!(got.is_ok(), "driver refused a used entry: {:?}", got.err());
+                let Some(u) = got.unwrap() else { return Ok(()) };
+                prop_assert!(outstanding.remove(&u.token), "token {} returned twice", u.token);
+                prop_assert_eq!(u.len, 1 + u.token % 16);
+                done += 1;
+            }
+        };
+        for step in &steps {
+            match step {
+                Kill::Life(Life::Add(two)) => {
+                    let token = arena.alloc(4, 4).unwrap();
+                    arena.write(token, &next_token.to_le_bytes()).unwrap();
+                    let ins: Vec<GuestBuf> = if *two {
+                        vec![GuestBuf::new(arena.alloc(8, 8).unwrap(), 8), GuestBuf::new(arena.alloc(8, 8).unwrap(), 8)]
+                    } else {
+                        vec![GuestBuf::new(arena.alloc(16, 8).unwrap(), 16)]
+                    };
+                    match driver.add(&[GuestBuf::new(token, 4)], &ins, next_token) {
+                        Ok(_) => {
+                            outstanding.insert(next_token);
+                            next_token += 1;
+                        }
+                        Err(r) if matches!(r.error, AddError::NoSpace { .. }) => {}
+                        Err(r) => panic!("{:?}", r.error),
+                    }
+                }
+                Kill::Life(Life::Crash) => {
+                    drop(std::mem::replace(&mut device, instance()));
+                    held.clear();
+                }
+                Kill::Arm(n) => crash::arm(*n),
+                other => {
+                    if dead {
+                        // Restarted only now: the driver may have reclaimed,
+                        // reused heads and made new requests available meanwhile.
+                        drop(std::mem::replace(&mut device, instance()));
+                        dead = false;
+                    }
+                    match catch_unwind(AssertUnwindSafe(|| serve(&mut device, &mut held, other))) {
+                        Ok(()) => {}
+                        Err(p) if p.is::<crash::Crash>() => {
+                            dead = true;
+                            held.clear();
+                        }
+                        Err(p) => resume_unwind(p),
+                    }
+                }
+            }
+            pop_used(&mut driver, &mut outstanding)?;
+        }
+        crash::arm(0);
+        drop(std::mem::replace(&mut device, instance()));
+        held.clear();
+        for _ in 0..2 * usize::from(size) {
+            serve(&mut device, &mut held, &Kill::Life(Life::Pop));
+        }
+        while !held.is_empty() {
+            serve(&mut device, &mut held, &Kill::Life(Life::Complete(0)));
+        }
+        pop_used(&mut driver, &mut outstanding)?;
+        prop_assert!(outstanding.is_empty(), "never returned: {:?}", outstanding);
+        prop_assert_eq!(done, next_token as usize);
+    }
+}
+
+proptest! {
+    /// HOSTILE 50 at the device: a ring taken over with whatever the frontend
+    /// put in the inflight region either refuses to start or serves chains like
+    /// any other ring: no panic, and every chain it hands out can be returned.
+    #[test]
+    fn a_device_over_any_inflight_region_refuses_or_serves_without_panicking(
+        bytes in prop::collection::vec(any::<u8>(), 512),
+        header in any::<bool>(),
+        flags in prop::collection::vec(0u8..2, 8),
+        packed in any::<bool>(),
+        used in any::<u16>(),
+        adds in 0usize..8,
+    ) {
+        use crate::ring::areas::RingFormat;
+        use crate::ring::inflight::{InflightRegion, region_size};
+        let size = 8u16;
+        let mut features = Features::VERSION_1;
+        if packed {
+            features |= Features::RING_PACKED;
+        }
+        let format = RingFormat::of(features);
+        let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
+        let (_, ring) = arena.alloc_split_ring(size).unwrap();
+        let share = IdentityShare::new(arena.clone(), size);
+        let mut driver = DriverRing::<_, u32>::new(size, ring.clone(), share, features).unwrap();
+        for t in 0..adds {
+            let b = GuestBuf::new(arena.alloc(16, 8).unwrap(), 16);
+            let _ = driver.add(&[], &[b], u32::try_from(t).unwrap());
+        }
+        let len = usize::try_from(region_size(format, size)).unwrap();
+        let kept = crate::shm::Mapping::anonymous(len).unwrap();
+        let mut b = bytes[..len].to_vec();
+        if header {
+            b[0..8].copy_from_slice(&u64::from(packed).to_le_bytes());
+            b[8..10].copy_from_slice(&1u16.to_le_bytes());
+            b[10..12].copy_from_slice(&size.to_le_bytes());
+            let put = |b: &mut Vec<u8>, at: usize, v: u16| b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            if packed {
+                // Used and pending positions inside the ring; ids whose copies
+                // are one or two entries linked inside the ring.
+                put(&mut b, 12, 0x8000 | (used & 7));
+                put(&mut b, 14, 0x8000 | ((used >> 3) & 7));
+                put(&mut b, 16, (used >> 6) & 7);
+                put(&mut b, 18, (used >> 9) & 7);
+                for (i, f) in flags.iter().enumerate() {
+                    let at = 32 + 16 * i;
+                    let (first, num) = (b[at + 2] % 8, 1 + b[at + 4] % 2);
+                    put(&mut b, at, u16::from(*f));
+                    put(&mut b, at + 2, u16::from(first));
+                    put(&mut b, at + 4, u16::from(num));
+                    let link = 32 + 16 * 8 + 24 * i + 18;
+                    let l = b[link] % 8;
+                    put(&mut b, link, u16::from(l));
+                }
+            } else {
+                // A last batch of up to two heads unfinished (the ring's used
+                // index is 0).
+                put(&mut b, 12, used & 7);
+                put(&mut b, 14, 0u16.wrapping_sub((used >> 3) % 3));
+                for (i, f) in flags.iter().enumerate() {
+                    let at = 16 + 16 * i;
+                    put(&mut b, at, u16::from(*f));
+                    let next = b[at + 6] % 8;
+                    put(&mut b, at + 6, u16::from(next));
+                }
+            }
+        }
+        kept.region().write(0, &b).unwrap();
+        let region = InflightRegion::new(kept.region(), size, format).unwrap();
+        let Ok(mut device) = DeviceRing::new(size, &ring, arena.clone(), features).unwrap().with_inflight(region) else {
+            return Ok(());
+        };
+        for _ in 0..3 * usize::from(size) {
+            match device.pop() {
+                Ok(Some(c)) => prop_assert_eq!(device.add_used(c.head(), 0), Ok(())),
+                Ok(None) | Err(crate::ring::split::DeviceQueueError::NeedsReset(_)) => break,
+                Err(_) => {}
+            }
+        }
+    }
+}

@@ -6,7 +6,7 @@ use crate::access::DeviceMemory;
 use crate::features::Features;
 use crate::ring::areas::RingMemory;
 use crate::ring::chain::{self, Chain, PackedRawDesc, Refused};
-use crate::ring::inflight::{InflightError, InflightRegion, PackedTracker};
+use crate::ring::inflight::{InflightError, InflightRegion, PackedTracker, crash};
 use crate::ring::layout::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::ring::order::InOrder;
 use crate::ring::split::{DeviceQueueError, RingFault, RingSetupError, UsedError};
@@ -432,6 +432,7 @@ impl<M: DeviceMemory> PackedDevice<M> {
         if let Some(t) = &mut self.inflight {
             t.publishing(self.views.encode(after));
         }
+        crash::point();
         self.views
             .write_tail_release(self.views.slot(self.used), len, id, flags);
         if let Some(t) = &mut self.inflight {

@@ -6,7 +6,7 @@ use crate::features::Features;
 use crate::notify::need_event;
 use crate::ring::areas::RingMemory;
 use crate::ring::chain::{self, Chain, ChainError, Refused};
-use crate::ring::inflight::{InflightError, InflightRegion, SplitTracker};
+use crate::ring::inflight::{InflightError, InflightRegion, SplitTracker, crash};
 use crate::ring::layout::{VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY};
 use crate::ring::order::InOrder;
 use std::collections::VecDeque;
@@ -442,6 +442,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
                 if let Some(r) = &mut self.inflight {
                     r.returning(done.id);
                 }
+                crash::point();
                 self.views
                     .set_used_elem(self.used_idx, u32::from(done.id), done.len);
                 self.used_idx = self.used_idx.wrapping_add(batch);
@@ -454,6 +455,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
         if let Some(r) = &mut self.inflight {
             r.returning(head);
         }
+        crash::point();
         self.views.set_used_elem(self.used_idx, u32::from(head), len);
         self.used_idx = self.used_idx.wrapping_add(1);
     }
@@ -462,6 +464,7 @@ impl<M: DeviceMemory> SplitDevice<M> {
     /// the index; pairs with the driver's Acquire load), then clears the returned
     /// batch in the inflight region.
     fn publish(&mut self) {
+        crash::point();
         self.views.publish_used_idx(self.used_idx);
         if let Some(r) = &mut self.inflight {
             r.returned(self.used_idx);
