@@ -44,6 +44,12 @@ use virtio_core::notify::{EventFdNotifier, Notify, Wait};
 use virtio_core::reactor::watch;
 use virtio_core::{DeviceMemory, DeviceRing};
 
+/// With this many ops at the disk the worker does not poll: a completion is never
+/// far off, and the wake-up it costs is shared by the batch that completes with it.
+/// Polling then spends a core for little: `vio vhost-bench` measured 1.9x the CPU
+/// per request for 7% more IOPS at QD32 with a 50 us budget.
+const DEEP: usize = 8;
+
 /// While completing a batch of ops, the worker starts newly available chains after
 /// this many completions ([`Worker::complete_all`]).
 const RESTART_EVERY: usize = 8;
@@ -258,7 +264,7 @@ impl<M: DeviceMemory + Send> Worker<M> {
     /// for the polling budget, with kicks suppressed meanwhile; backs off while the
     /// core is shared (see [`Poller`]). A stop request ends it.
     fn poll_for_more(&mut self, interrupt: &EventFdNotifier) {
-        if self.more || self.stop_requested() {
+        if self.more || self.stop_requested() || self.engine.in_flight() >= DEEP {
             return;
         }
         let Some(mut session) = self.poller.start() else {
@@ -360,7 +366,14 @@ impl<M: DeviceMemory + Send> Worker<M> {
     /// anyway; a kick's batch ([`Worker::on_kick`]) is still committed with one call.
     fn start_each(&mut self) -> bool {
         let mut budget = CHAINS_PER_WAKE;
-        self.pop_and_start(&mut budget, true)
+        // With [`DEEP`] ops at the disk already, the disk does not wait for the
+        // next one: one call for the batch.
+        let each = self.engine.in_flight() < DEEP;
+        let any = self.pop_and_start(&mut budget, each);
+        if !each {
+            self.commit();
+        }
+        any
     }
 
     /// Reaps engine completions and finishes the requests they complete.
