@@ -310,70 +310,65 @@ impl Words {
 pub struct Recovered {
     /// Heads of the chains taken and not returned, oldest first.
     pub resubmit: Vec<u16>,
-    /// The available-ring position to take next: the ring's used index plus the
-    /// chains resubmitted.
+    /// The used index the device goes on from.
+    pub used: u16,
+    /// The available-ring position to take next: `used` plus the chains
+    /// resubmitted.
     pub next_avail: u16,
 }
 
-/// A split device's bookkeeping in its region (see the module docs).
-pub(crate) struct SplitTracker {
+/// What both layouts share: the header's first fields (`features` u64, `version`
+/// u16, `desc_num` u16), and one 16-byte record per head (split) or buffer id
+/// (packed) from `base`: the `inflight` flag (u16) at 0, the batch list's `next`
+/// (u16) at 6, the `counter` (u64) at 8.
+struct Records {
     w: Words,
     size: u16,
+    /// Where the records start.
+    base: usize,
+    /// The bits of a flag that count (split's is a byte, with padding after it).
+    flag_mask: u16,
+    /// Where the header keeps the head of the batch list.
+    batch_head: usize,
     /// The next counter value to give a chain taken.
     counter: u64,
-    /// Heads linked into the batch being returned, not yet cleared.
+    /// Heads (ids) linked into the batch being returned, not yet cleared.
     batch: Vec<u16>,
 }
 
-impl SplitTracker {
-    pub(crate) fn new(r: &InflightRegion) -> Result<Self, InflightError> {
-        if r.format != RingFormat::Split {
+impl Records {
+    fn new(r: &InflightRegion, format: RingFormat) -> Result<Self, InflightError> {
+        if r.format != format {
             return Err(InflightError::Format);
         }
-        Ok(SplitTracker {
+        let (base, flag_mask, batch_head) = match format {
+            RingFormat::Split => (SPLIT_HEADER, 0xff, 12),
+            RingFormat::Packed => (PACKED_HEADER, 0xffff, 16),
+        };
+        Ok(Records {
             w: Words::new(r)?,
             size: r.size,
+            base,
+            flag_mask,
+            batch_head,
             counter: 0,
             batch: Vec::new(),
         })
     }
 
-    fn desc(i: u16) -> usize {
-        SPLIT_HEADER + SPLIT_DESC * usize::from(i)
+    /// The byte offset of record `i`.
+    fn rec(&self, i: u16) -> usize {
+        self.base + 16 * usize::from(i)
     }
 
-    /// Starts the region afresh for a queue whose used index is `used_idx`: nothing
-    /// in flight. The version is written last.
-    fn init(&mut self, used_idx: u16) {
-        self.w.set64(0, 0);
-        self.w.set16(10, self.size);
-        self.w.set16(12, 0);
-        self.w.set16(14, used_idx);
-        for i in 0..self.size {
-            self.w.set16(Self::desc(i), 0);
-            self.w.set16(Self::desc(i) + 6, 0);
-            self.w.set64(Self::desc(i) + 8, 0);
-        }
-        self.w.set16(8, VERSION);
-        self.counter = 0;
-        self.batch.clear();
-    }
-
-    /// Reads the region after a device restart, for a ring whose used index is
-    /// `ring_used` in shared memory (`fresh_used` is the device's own idea of it,
-    /// used if the region is new: version 0). Finishes a batch the earlier device
-    /// published but did not clear, and returns the chains to serve again.
-    pub(crate) fn recover(&mut self, ring_used: u16, fresh_used: u16) -> Result<Recovered, InflightError> {
+    /// Whether an earlier instance recorded the region in the layout whose
+    /// `features` are `layout` (false: a fresh region, version 0), checking the
+    /// version and the size it tracks.
+    fn recorded(&self, layout: u64) -> Result<bool, InflightError> {
         let (version, features) = (self.w.get16(8), self.w.get64(0));
         match (version, features) {
-            (0, _) => {
-                self.init(fresh_used);
-                return Ok(Recovered {
-                    resubmit: Vec::new(),
-                    next_avail: fresh_used,
-                });
-            }
-            (VERSION, 0) => {}
+            (0, _) => return Ok(false),
+            (VERSION, f) if f == layout => {}
             _ => return Err(InflightError::Version { version, features }),
         }
         let found = self.w.get16(10);
@@ -383,71 +378,166 @@ impl SplitTracker {
                 size: self.size,
             });
         }
-        let region_used = self.w.get16(14);
-        if region_used != ring_used {
-            // The device died after publishing a batch and before clearing it.
-            let batch = ring_used.wrapping_sub(region_used);
-            let mut head = self.w.get16(12);
-            let bad = |head| InflightError::Batch {
-                batch,
-                head,
-                size: self.size,
-            };
-            if batch > self.size {
+        Ok(true)
+    }
+
+    /// Writes the header's first fields for `layout`, but not the version (see
+    /// [`Self::seal`]), and forgets the counter and the batch.
+    fn start(&mut self, layout: u64) {
+        self.w.set64(0, layout);
+        self.w.set16(10, self.size);
+        self.counter = 0;
+        self.batch.clear();
+    }
+
+    /// The version, written last: only now does the region count as recorded.
+    fn seal(&self) {
+        self.w.set16(8, VERSION);
+    }
+
+    /// Clears the `batch` records of the batch list an earlier instance left
+    /// unfinished, from its head.
+    fn finish_batch(&self, batch: u16) -> Result<(), InflightError> {
+        let mut head = self.w.get16(self.batch_head);
+        let bad = |head| InflightError::Batch {
+            batch,
+            head,
+            size: self.size,
+        };
+        if batch > self.size {
+            return Err(bad(head));
+        }
+        for _ in 0..batch {
+            if head >= self.size {
                 return Err(bad(head));
             }
-            for _ in 0..batch {
-                if head >= self.size {
-                    return Err(bad(head));
-                }
-                self.w.set16(Self::desc(head), 0);
-                head = self.w.get16(Self::desc(head) + 6);
-            }
-            self.w.set16(14, ring_used);
+            self.w.set16(self.rec(head), 0);
+            head = self.w.get16(self.rec(head) + 6);
+        }
+        Ok(())
+    }
+
+    /// The flag of record `i`: `Some(counter)` if set.
+    fn held(&self, i: u16) -> Result<Option<u64>, InflightError> {
+        match self.w.get16(self.rec(i)) & self.flag_mask {
+            0 => Ok(None),
+            1 => Ok(Some(self.w.get64(self.rec(i) + 8))),
+            flag => Err(InflightError::Flag { head: i, flag }),
+        }
+    }
+
+    /// Sorts what recovery found held, oldest first; new chains count on after
+    /// the newest.
+    fn order<T>(&mut self, held: &mut [(u64, u16, T)]) {
+        held.sort_unstable_by_key(|&(counter, i, _)| (counter, i));
+        self.counter = held.last().map_or(0, |&(c, _, _)| c.wrapping_add(1));
+        self.batch.clear();
+    }
+
+    /// Marks record `i` taken: its counter, then its flag.
+    fn mark(&mut self, i: u16) {
+        self.w.set64(self.rec(i) + 8, self.counter);
+        self.counter = self.counter.wrapping_add(1);
+        self.w.set16(self.rec(i), 1);
+    }
+
+    /// Links record `i` into the batch being returned.
+    fn link(&mut self, i: u16) {
+        let last = self.w.get16(self.batch_head);
+        self.w.set16(self.rec(i) + 6, last);
+        self.w.set16(self.batch_head, i);
+        self.batch.push(i);
+    }
+
+    /// Clears the flags of the batch, which is returned.
+    fn clear_batch(&mut self) {
+        for &i in &self.batch {
+            self.w.set16(self.rec(i), 0);
+        }
+        self.batch.clear();
+    }
+}
+
+/// A split device's bookkeeping in its region (see the module docs): the spec's
+/// layout, `last_batch_head` at 12 and `used_idx` at 14.
+pub(crate) struct SplitTracker {
+    r: Records,
+}
+
+impl SplitTracker {
+    pub(crate) fn new(r: &InflightRegion) -> Result<Self, InflightError> {
+        Ok(SplitTracker {
+            r: Records::new(r, RingFormat::Split)?,
+        })
+    }
+
+    /// Starts the region afresh for a queue whose used index is `used_idx`: nothing
+    /// in flight. The version is written last.
+    fn init(&mut self, used_idx: u16) {
+        let r = &mut self.r;
+        r.start(0);
+        r.w.set16(12, 0);
+        r.w.set16(14, used_idx);
+        for i in 0..r.size {
+            r.w.set16(r.rec(i), 0);
+            r.w.set16(r.rec(i) + 6, 0);
+            r.w.set64(r.rec(i) + 8, 0);
+        }
+        r.seal();
+    }
+
+    /// Reads the region after a device restart, for a ring whose used index is
+    /// `ring_used` in shared memory (`fresh_used` is the device's own idea of it,
+    /// used if the region is new: version 0). Finishes a batch the earlier device
+    /// published but did not clear, and returns the chains to serve again.
+    pub(crate) fn recover(&mut self, ring_used: u16, fresh_used: u16) -> Result<Recovered, InflightError> {
+        if !self.r.recorded(0)? {
+            self.init(fresh_used);
+            return Ok(Recovered {
+                resubmit: Vec::new(),
+                used: fresh_used,
+                next_avail: fresh_used,
+            });
+        }
+        let r = &mut self.r;
+        let region_used = r.w.get16(14);
+        if region_used != ring_used {
+            // The device died after publishing a batch and before clearing it.
+            r.finish_batch(ring_used.wrapping_sub(region_used))?;
+            r.w.set16(14, ring_used);
         }
         let mut held = Vec::new();
-        for i in 0..self.size {
-            match self.w.get16(Self::desc(i)) & 0xff {
-                0 => {}
-                1 => held.push((self.w.get64(Self::desc(i) + 8), i)),
-                flag => return Err(InflightError::Flag { head: i, flag }),
+        for i in 0..r.size {
+            if let Some(counter) = r.held(i)? {
+                held.push((counter, i, ()));
             }
         }
-        held.sort_unstable();
-        self.counter = held.last().map_or(0, |&(c, _)| c.wrapping_add(1));
-        self.batch.clear();
+        r.order(&mut held);
         // At most `size` entries: fits.
         let n = u16::try_from(held.len()).unwrap_or(u16::MAX);
         Ok(Recovered {
-            resubmit: held.into_iter().map(|(_, i)| i).collect(),
+            resubmit: held.into_iter().map(|(_, i, ())| i).collect(),
+            used: ring_used,
             next_avail: ring_used.wrapping_add(n),
         })
     }
 
     /// Marks head `head` (below the queue size) taken.
     pub(crate) fn taken(&mut self, head: u16) {
-        self.w.set64(Self::desc(head) + 8, self.counter);
-        self.counter = self.counter.wrapping_add(1);
-        self.w.set16(Self::desc(head), 1);
+        self.r.mark(head);
     }
 
     /// Links head `head` into the batch being returned: call before its used entry
     /// is published.
     pub(crate) fn returning(&mut self, head: u16) {
-        let last = self.w.get16(12);
-        self.w.set16(Self::desc(head) + 6, last);
-        self.w.set16(12, head);
-        self.batch.push(head);
+        self.r.link(head);
     }
 
     /// The batch's used entries are published and the ring's used index is
     /// `used_idx`: clears the batch.
     pub(crate) fn returned(&mut self, used_idx: u16) {
-        for &head in &self.batch {
-            self.w.set16(Self::desc(head), 0);
-        }
-        self.batch.clear();
-        self.w.set16(14, used_idx);
+        self.r.clear_batch();
+        self.r.w.set16(14, used_idx);
     }
 }
 
@@ -464,58 +554,44 @@ pub(crate) struct PackedRecovered {
     pub slots: u16,
 }
 
-/// A packed device's bookkeeping in its region (see the module docs).
+/// A packed device's bookkeeping in its region (see the module docs): `used` at
+/// 12, `pending` at 14, `batch_head` at 16, `batch_len` at 18; each id's record
+/// also holds its list's `first` copy entry (at 2) and length (at 4).
 pub(crate) struct PackedTracker {
-    w: Words,
-    size: u16,
-    counter: u64,
+    r: Records,
     /// Copy entries not holding a list, for the next ones taken.
     free: Vec<u16>,
     /// The copy entries each id holds (private: the region is only written
     /// while the device runs, never read back).
     entries: Vec<Vec<u16>>,
-    /// Ids whose used descriptor is being written.
-    batch: Vec<u16>,
 }
 
 impl PackedTracker {
     pub(crate) fn new(r: &InflightRegion) -> Result<Self, InflightError> {
-        if r.format != RingFormat::Packed {
-            return Err(InflightError::Format);
-        }
         Ok(PackedTracker {
-            w: Words::new(r)?,
-            size: r.size,
-            counter: 0,
+            r: Records::new(r, RingFormat::Packed)?,
             free: Vec::new(),
             entries: vec![Vec::new(); usize::from(r.size)],
-            batch: Vec::new(),
         })
     }
 
-    fn id(&self, id: u16) -> usize {
-        PACKED_HEADER + PACKED_ID * usize::from(id)
-    }
-
     fn copy(&self, e: u16) -> usize {
-        PACKED_HEADER + PACKED_ID * usize::from(self.size) + PACKED_COPY * usize::from(e)
+        PACKED_HEADER + PACKED_ID * usize::from(self.r.size) + PACKED_COPY * usize::from(e)
     }
 
     fn init(&mut self, used: u16) {
-        self.w.set64(0, PACKED_LAYOUT);
-        self.w.set16(10, self.size);
-        self.w.set16(12, used);
-        self.w.set16(14, used);
-        self.w.set16(16, 0);
-        self.w.set16(18, 0);
-        for i in 0..self.size {
-            self.w.set16(self.id(i), 0);
+        let r = &mut self.r;
+        r.start(PACKED_LAYOUT);
+        r.w.set16(12, used);
+        r.w.set16(14, used);
+        r.w.set16(16, 0);
+        r.w.set16(18, 0);
+        for i in 0..r.size {
+            r.w.set16(r.rec(i), 0);
         }
-        self.w.set16(8, VERSION);
-        self.counter = 0;
-        self.free = (0..self.size).rev().collect();
+        r.seal();
+        self.free = (0..r.size).rev().collect();
         self.entries.iter_mut().for_each(Vec::clear);
-        self.batch.clear();
     }
 
     /// Reads the region after a restart. `fresh_used` is where a fresh region
@@ -529,28 +605,17 @@ impl PackedTracker {
         in_ring: impl Fn(u16) -> bool,
         untouched: impl Fn(u16) -> bool,
     ) -> Result<PackedRecovered, InflightError> {
-        let (version, features) = (self.w.get16(8), self.w.get64(0));
-        match (version, features) {
-            (0, _) => {
-                self.init(fresh_used);
-                return Ok(PackedRecovered {
-                    resubmit: Vec::new(),
-                    used: fresh_used,
-                    slots: 0,
-                });
-            }
-            (VERSION, PACKED_LAYOUT) => {}
-            _ => return Err(InflightError::Version { version, features }),
-        }
-        let found = self.w.get16(10);
-        if found != self.size {
-            return Err(InflightError::DescNum {
-                found,
-                size: self.size,
+        if !self.r.recorded(PACKED_LAYOUT)? {
+            self.init(fresh_used);
+            return Ok(PackedRecovered {
+                resubmit: Vec::new(),
+                used: fresh_used,
+                slots: 0,
             });
         }
-        let used = self.w.get16(12);
-        let pending = self.w.get16(14);
+        let size = self.r.size;
+        let used = self.r.w.get16(12);
+        let pending = self.r.w.get16(14);
         for pos in [used, pending] {
             if !in_ring(pos) {
                 return Err(InflightError::Position(pos));
@@ -560,47 +625,30 @@ impl PackedTracker {
         if pending != used {
             if untouched(used) {
                 // Died before writing the used descriptor: the batch stays held.
-                self.w.set16(14, used);
+                self.r.w.set16(14, used);
             } else {
                 // Died after: finish the batch.
-                let batch = self.w.get16(18);
-                let mut id = self.w.get16(16);
-                let bad = |head| InflightError::Batch {
-                    batch,
-                    head,
-                    size: self.size,
-                };
-                if batch > self.size {
-                    return Err(bad(id));
-                }
-                for _ in 0..batch {
-                    if id >= self.size {
-                        return Err(bad(id));
-                    }
-                    self.w.set16(self.id(id), 0);
-                    id = self.w.get16(self.id(id) + 6);
-                }
-                self.w.set16(12, pending);
+                self.r.finish_batch(self.r.w.get16(18))?;
+                self.r.w.set16(12, pending);
                 used_now = pending;
             }
         }
-        let mut owner = vec![false; usize::from(self.size)];
+        let mut owner = vec![false; usize::from(size)];
         let mut held = Vec::new();
         let mut slots: u32 = 0;
-        for id in 0..self.size {
-            match self.w.get16(self.id(id)) {
-                0 => continue,
-                1 => {}
-                flag => return Err(InflightError::Flag { head: id, flag }),
-            }
+        for id in 0..size {
+            let Some(counter) = self.r.held(id)? else {
+                continue;
+            };
             let bad = InflightError::Copies { id };
-            let num = self.w.get16(self.id(id) + 4);
+            let rec = self.r.rec(id);
+            let num = self.r.w.get16(rec + 4);
             slots += u32::from(num);
-            if num == 0 || slots > u32::from(self.size) {
+            if num == 0 || slots > u32::from(size) {
                 return Err(bad);
             }
             let mut descs = Vec::with_capacity(usize::from(num));
-            let mut e = self.w.get16(self.id(id) + 2);
+            let mut e = self.r.w.get16(rec + 2);
             self.entries[usize::from(id)].clear();
             for _ in 0..num {
                 let taken = owner.get_mut(usize::from(e)).ok_or(bad)?;
@@ -610,28 +658,22 @@ impl PackedTracker {
                 *taken = true;
                 self.entries[usize::from(id)].push(e);
                 let c = self.copy(e);
+                let w = &self.r.w;
                 descs.push((
-                    self.w.get16(c + 16),
-                    (
-                        self.w.get64(c),
-                        self.w.get32(c + 8),
-                        self.w.get16(c + 14),
-                        self.w.get16(c + 12),
-                    ),
+                    w.get16(c + 16),
+                    (w.get64(c), w.get32(c + 8), w.get16(c + 14), w.get16(c + 12)),
                 ));
-                e = self.w.get16(c + 18);
+                e = w.get16(c + 18);
             }
-            held.push((self.w.get64(self.id(id) + 8), id, descs));
+            held.push((counter, id, descs));
         }
-        held.sort_unstable_by_key(|&(counter, id, _)| (counter, id));
-        self.counter = held.last().map_or(0, |&(c, _, _)| c.wrapping_add(1));
-        self.free = (0..self.size).rev().filter(|&e| !owner[usize::from(e)]).collect();
-        self.batch.clear();
+        self.r.order(&mut held);
+        self.free = (0..size).rev().filter(|&e| !owner[usize::from(e)]).collect();
         Ok(PackedRecovered {
             resubmit: held.into_iter().map(|(_, id, d)| (id, d)).collect(),
             used: used_now,
             // At most `size` (checked above).
-            slots: u16::try_from(slots).unwrap_or(self.size),
+            slots: u16::try_from(slots).unwrap_or(size),
         })
     }
 
@@ -652,51 +694,47 @@ impl PackedTracker {
             };
             held.push(e);
             let c = self.copy(e);
-            self.w.set64(c, addr);
-            self.w.set32(c + 8, len);
-            self.w.set16(c + 12, did);
-            self.w.set16(c + 14, flags);
-            self.w.set16(c + 16, slot);
-            self.w.set16(c + 18, first);
+            let w = &self.r.w;
+            w.set64(c, addr);
+            w.set32(c + 8, len);
+            w.set16(c + 12, did);
+            w.set16(c + 14, flags);
+            w.set16(c + 16, slot);
+            w.set16(c + 18, first);
             first = e;
         }
         self.entries[usize::from(id)] = held;
-        let r = self.id(id);
-        self.w.set16(r + 2, first);
+        let rec = self.r.rec(id);
+        self.r.w.set16(rec + 2, first);
         // Below `size` descriptors.
-        self.w
-            .set16(r + 4, u16::try_from(descs.len()).unwrap_or(u16::MAX));
-        self.w.set64(r + 8, self.counter);
-        self.counter = self.counter.wrapping_add(1);
-        self.w.set16(r, 1);
+        self.r
+            .w
+            .set16(rec + 4, u16::try_from(descs.len()).unwrap_or(u16::MAX));
+        self.r.mark(id);
     }
 
     /// Links id `id` into the batch whose used descriptor is written next.
     pub(crate) fn returning(&mut self, id: u16) {
-        let last = self.w.get16(16);
-        self.w.set16(self.id(id) + 6, last);
-        self.w.set16(16, id);
-        self.batch.push(id);
+        self.r.link(id);
     }
 
     /// The batch's used descriptor is about to be written; `after` is the used
     /// position past it.
     pub(crate) fn publishing(&mut self, after: u16) {
         // Below `size` ids.
-        self.w
-            .set16(18, u16::try_from(self.batch.len()).unwrap_or(u16::MAX));
-        self.w.set16(14, after);
+        self.r
+            .w
+            .set16(18, u16::try_from(self.r.batch.len()).unwrap_or(u16::MAX));
+        self.r.w.set16(14, after);
     }
 
     /// The batch's used descriptor is written: its ids and their copies are free.
     pub(crate) fn returned(&mut self, after: u16) {
-        for &id in &self.batch {
-            self.w.set16(self.id(id), 0);
-            let held = &mut self.entries[usize::from(id)];
-            self.free.append(held);
+        for &id in &self.r.batch {
+            self.free.append(&mut self.entries[usize::from(id)]);
         }
-        self.batch.clear();
-        self.w.set16(12, after);
+        self.r.clear_batch();
+        self.r.w.set16(12, after);
     }
 }
 
@@ -704,6 +742,11 @@ impl PackedTracker {
 mod tests {
     use super::*;
     use crate::shm::Mapping;
+
+    /// The byte offset of split head `i`'s record.
+    fn desc(i: u16) -> usize {
+        SPLIT_HEADER + SPLIT_DESC * usize::from(i)
+    }
     use proptest::prelude::*;
 
     fn region(format: RingFormat, size: u16) -> (Region, InflightRegion) {
@@ -737,12 +780,13 @@ mod tests {
             got,
             Recovered {
                 resubmit: vec![],
+                used: 5,
                 next_avail: 5
             }
         );
-        assert_eq!(r.w.get16(8), VERSION);
-        assert_eq!(r.w.get16(10), 8);
-        assert_eq!(r.w.get16(14), 5);
+        assert_eq!(r.r.w.get16(8), VERSION);
+        assert_eq!(r.r.w.get16(10), 8);
+        assert_eq!(r.r.w.get16(14), 5);
     }
 
     #[test]
@@ -760,7 +804,7 @@ mod tests {
         assert_eq!(got.next_avail, 4);
         // New chains count on from the oldest ones.
         again.taken(3);
-        assert_eq!(again.w.get64(SplitTracker::desc(3) + 8), 4);
+        assert_eq!(again.r.w.get64(desc(3) + 8), 4);
     }
 
     #[test]
@@ -777,7 +821,7 @@ mod tests {
         let got = again.recover(12, 0).unwrap();
         assert_eq!(got.resubmit, vec![4]);
         assert_eq!(got.next_avail, 13);
-        assert_eq!(again.w.get16(14), 12);
+        assert_eq!(again.r.w.get16(14), 12);
     }
 
     #[test]
@@ -785,7 +829,7 @@ mod tests {
         let size = 8;
         let (_, mut r) = split(size);
         r.recover(0, 0).unwrap();
-        r.w.set16(8, 7);
+        r.r.w.set16(8, 7);
         assert_eq!(
             r.recover(0, 0),
             Err(InflightError::Version {
@@ -793,10 +837,10 @@ mod tests {
                 features: 0
             })
         );
-        r.w.set16(8, VERSION);
-        r.w.set16(10, 16);
+        r.r.w.set16(8, VERSION);
+        r.r.w.set16(10, 16);
         assert_eq!(r.recover(0, 0), Err(InflightError::DescNum { found: 16, size }));
-        r.w.set16(10, size);
+        r.r.w.set16(10, size);
         // A batch longer than the queue.
         assert_eq!(
             r.recover(9, 0),
@@ -807,8 +851,8 @@ mod tests {
             })
         );
         // A batch list that leaves the queue.
-        r.w.set16(12, 3);
-        r.w.set16(SplitTracker::desc(3) + 6, 200);
+        r.r.w.set16(12, 3);
+        r.r.w.set16(desc(3) + 6, 200);
         assert_eq!(
             r.recover(2, 0),
             Err(InflightError::Batch {
@@ -817,8 +861,8 @@ mod tests {
                 size
             })
         );
-        r.w.set16(14, 2);
-        r.w.set16(SplitTracker::desc(6), 0x0102);
+        r.r.w.set16(14, 2);
+        r.r.w.set16(desc(6), 0x0102);
         assert_eq!(r.recover(2, 0), Err(InflightError::Flag { head: 6, flag: 2 }));
         // A packed region is not a split one.
         let (_, p) = region(RingFormat::Packed, size);
@@ -915,17 +959,17 @@ mod tests {
         t.recover(0x8000, ok, |_| false).unwrap();
         t.taken(2, &list(0, 3, 2));
         // Two ids sharing copy entries.
-        let first = t.w.get16(t.id(2) + 2);
-        t.w.set16(t.id(6), 1);
-        t.w.set16(t.id(6) + 2, first);
-        t.w.set16(t.id(6) + 4, 1);
+        let first = t.r.w.get16(t.r.rec(2) + 2);
+        t.r.w.set16(t.r.rec(6), 1);
+        t.r.w.set16(t.r.rec(6) + 2, first);
+        t.r.w.set16(t.r.rec(6) + 4, 1);
         assert_eq!(t.recover(0, ok, ok), Err(InflightError::Copies { id: 6 }));
         // More descriptors held than the ring has.
-        t.w.set16(t.id(6) + 4, 7);
-        t.w.set16(t.id(6) + 2, 7);
+        t.r.w.set16(t.r.rec(6) + 4, 7);
+        t.r.w.set16(t.r.rec(6) + 2, 7);
         assert_eq!(t.recover(0, ok, ok), Err(InflightError::Copies { id: 6 }));
-        t.w.set16(t.id(6), 0);
-        t.w.set16(12, 0x7fff);
+        t.r.w.set16(t.r.rec(6), 0);
+        t.r.w.set16(12, 0x7fff);
         assert_eq!(
             t.recover(0, |p| p & 0x7fff < size, ok),
             Err(InflightError::Position(0x7fff))

@@ -219,12 +219,10 @@ impl<M: DeviceMemory> SplitDevice<M> {
         let mut tracker = SplitTracker::new(&region)?;
         let ring_used = self.views.used_idx();
         let got = tracker.recover(ring_used, self.used_idx)?;
-        if got.next_avail != self.last_avail || !got.resubmit.is_empty() {
-            self.used_idx = ring_used;
-            self.signalled_used = ring_used;
-            self.last_avail = got.next_avail;
-            self.avail_seen = got.next_avail;
-        }
+        self.used_idx = got.used;
+        self.signalled_used = got.used;
+        self.last_avail = got.next_avail;
+        self.avail_seen = got.next_avail;
         tracing::debug!(
             resubmit = got.resubmit.len(),
             next_avail = got.next_avail,
