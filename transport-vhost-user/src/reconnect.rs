@@ -19,8 +19,8 @@
 
 use crate::channel::Channel;
 use crate::error::VhostUserError;
-use crate::protocol::{FrontendReq, ProtocolFeatures};
-use crate::transport::{F_PROTOCOL_FEATURES, Inner, Shared};
+use crate::protocol::FrontendReq;
+use crate::transport::{F_PROTOCOL_FEATURES, Inner, Shared, handshake};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -65,33 +65,25 @@ pub(crate) fn monitor(inner: &Mutex<Inner>, s: &Shared, stop: &AtomicBool, every
 
 /// Replays the session on `ch`; on success it becomes the transport's channel.
 fn restore(st: &mut Inner, s: &Shared, mut ch: Channel) -> Result<(), VhostUserError> {
-    let features = ch.call_u64(FrontendReq::GET_FEATURES)?;
+    let acked = s.backend.acked_protocol_features;
+    let (features, _, _, queues) = handshake(&mut ch, |offered| {
+        if offered.contains(acked) {
+            Ok(acked)
+        } else {
+            Err(VhostUserError::Missing(
+                "every protocol feature the lost back-end had agreed to",
+            ))
+        }
+    })?;
     let want = st.driver_features | F_PROTOCOL_FEATURES;
     if features & want != want {
         return Err(VhostUserError::Missing(
             "every feature the lost back-end had agreed to",
         ));
     }
-    let acked = s.backend.acked_protocol_features;
-    let offered = ProtocolFeatures::from_bits_retain(ch.call_u64(FrontendReq::GET_PROTOCOL_FEATURES)?);
-    if !offered.contains(acked) {
-        return Err(VhostUserError::Missing(
-            "every protocol feature the lost back-end had agreed to",
-        ));
+    if queues != s.backend.queues {
+        return Err(VhostUserError::BadQueueCount(u64::from(queues)));
     }
-    ch.send(
-        FrontendReq::SET_PROTOCOL_FEATURES,
-        &acked.bits().to_ne_bytes(),
-        &[],
-    )?;
-    ch.set_reply_ack(acked.contains(ProtocolFeatures::REPLY_ACK));
-    if acked.contains(ProtocolFeatures::MQ) {
-        let n = ch.call_u64(FrontendReq::GET_QUEUE_NUM)?;
-        if n != u64::from(s.backend.queues) {
-            return Err(VhostUserError::BadQueueCount(n));
-        }
-    }
-    ch.send(FrontendReq::SET_OWNER, &[], &[])?;
     let status = st.machine.status();
     if status.contains(DeviceStatus::FEATURES_OK) {
         s.features_and_memory(&mut ch, st.driver_features)?;

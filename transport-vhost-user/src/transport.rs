@@ -208,36 +208,16 @@ impl VhostUserTransport {
             return Err(VhostUserError::ConfigTooLarge(opts.config_len));
         }
         let mut channel = Channel::connect(path, opts.timeout)?;
-        let features = channel.call_u64(FrontendReq::GET_FEATURES)?;
-        if features & F_PROTOCOL_FEATURES == 0 {
-            return Err(VhostUserError::Missing("VHOST_USER_F_PROTOCOL_FEATURES"));
-        }
-        let offered =
-            ProtocolFeatures::from_bits_retain(channel.call_u64(FrontendReq::GET_PROTOCOL_FEATURES)?);
-        if !offered.contains(ProtocolFeatures::CONFIG) {
-            return Err(VhostUserError::Missing("the CONFIG protocol feature"));
-        }
-        let mut wanted = ProtocolFeatures::MQ | ProtocolFeatures::CONFIG | ProtocolFeatures::REPLY_ACK;
-        if opts.inflight {
-            wanted |= ProtocolFeatures::INFLIGHT_SHMFD;
-        }
-        let acked = offered & wanted;
-        channel.send(
-            FrontendReq::SET_PROTOCOL_FEATURES,
-            &acked.bits().to_ne_bytes(),
-            &[],
-        )?;
-        channel.set_reply_ack(acked.contains(ProtocolFeatures::REPLY_ACK));
-        let queues = if acked.contains(ProtocolFeatures::MQ) {
-            let n = channel.call_u64(FrontendReq::GET_QUEUE_NUM)?;
-            match u16::try_from(n) {
-                Ok(q @ 1..=MAX_QUEUES) => q,
-                _ => return Err(VhostUserError::BadQueueCount(n)),
+        let (features, offered, acked, queues) = handshake(&mut channel, |offered| {
+            if !offered.contains(ProtocolFeatures::CONFIG) {
+                return Err(VhostUserError::Missing("the CONFIG protocol feature"));
             }
-        } else {
-            1
-        };
-        channel.send(FrontendReq::SET_OWNER, &[], &[])?;
+            let mut wanted = ProtocolFeatures::MQ | ProtocolFeatures::CONFIG | ProtocolFeatures::REPLY_ACK;
+            if opts.inflight {
+                wanted |= ProtocolFeatures::INFLIGHT_SHMFD;
+            }
+            Ok(offered & wanted)
+        })?;
         let config = get_config(&mut channel, opts.config_len)?;
         let kicks = (0..queues)
             .map(|_| EventFdNotifier::new())
@@ -484,6 +464,40 @@ impl Shared {
         )?;
         Ok(())
     }
+}
+
+/// A connection's first messages, at connect and at a reconnect: GET_FEATURES
+/// (which must offer `VHOST_USER_F_PROTOCOL_FEATURES`), GET_PROTOCOL_FEATURES,
+/// SET_PROTOCOL_FEATURES with what `accept` makes of the offer, GET_QUEUE_NUM with
+/// MQ (1 without), SET_OWNER. Returns the features, the protocol features offered
+/// and accepted, and the queue count.
+pub(crate) fn handshake(
+    channel: &mut Channel,
+    accept: impl FnOnce(ProtocolFeatures) -> Result<ProtocolFeatures, VhostUserError>,
+) -> Result<(u64, ProtocolFeatures, ProtocolFeatures, u16), VhostUserError> {
+    let features = channel.call_u64(FrontendReq::GET_FEATURES)?;
+    if features & F_PROTOCOL_FEATURES == 0 {
+        return Err(VhostUserError::Missing("VHOST_USER_F_PROTOCOL_FEATURES"));
+    }
+    let offered = ProtocolFeatures::from_bits_retain(channel.call_u64(FrontendReq::GET_PROTOCOL_FEATURES)?);
+    let acked = accept(offered)?;
+    channel.send(
+        FrontendReq::SET_PROTOCOL_FEATURES,
+        &acked.bits().to_ne_bytes(),
+        &[],
+    )?;
+    channel.set_reply_ack(acked.contains(ProtocolFeatures::REPLY_ACK));
+    let queues = if acked.contains(ProtocolFeatures::MQ) {
+        let n = channel.call_u64(FrontendReq::GET_QUEUE_NUM)?;
+        match u16::try_from(n) {
+            Ok(q @ 1..=MAX_QUEUES) => q,
+            _ => return Err(VhostUserError::BadQueueCount(n)),
+        }
+    } else {
+        1
+    };
+    channel.send(FrontendReq::SET_OWNER, &[], &[])?;
+    Ok((features, offered, acked, queues))
 }
 
 /// Keeps the first error that broke the connection.
