@@ -298,6 +298,153 @@ fn life() -> impl Strategy<Value = Life> {
     ]
 }
 
+/// The rig of the inflight tests: a driver whose requests name themselves (a
+/// 4-byte token, then one or two writable buffers of 16 bytes in all), and the
+/// memory a tracked device keeps across its instances.
+struct Tracked {
+    size: u16,
+    features: Features,
+    format: crate::ring::areas::RingFormat,
+    arena: Arc<Arena>,
+    ring: crate::ring::areas::RingMemory,
+    driver: DriverRing<IdentityShare, u32>,
+    /// The inflight region's memory, which outlives every device instance.
+    kept: Arc<crate::shm::Mapping>,
+    next_token: u32,
+    outstanding: std::collections::BTreeSet<u32>,
+    /// Requests the driver got back.
+    done: usize,
+}
+
+/// VERSION_1 with the ring features asked for.
+fn ring_features(packed: bool, in_order: bool, event_idx: bool) -> Features {
+    let mut f = Features::VERSION_1;
+    for (on, bit) in [
+        (packed, Features::RING_PACKED),
+        (in_order, Features::IN_ORDER),
+        (event_idx, Features::EVENT_IDX),
+    ] {
+        if on {
+            f |= bit;
+        }
+    }
+    f
+}
+
+impl Tracked {
+    fn new(size: u16, features: Features) -> Tracked {
+        use crate::ring::areas::RingFormat;
+        use crate::ring::inflight::region_size;
+        let format = RingFormat::of(features);
+        let arena = Arena::new(0x10_0000, 4 << 20).unwrap();
+        let (_, ring) = arena.alloc_split_ring(size).unwrap();
+        let share = IdentityShare::new(arena.clone(), size);
+        let driver = DriverRing::new(size, ring.clone(), share, features).unwrap();
+        let kept =
+            crate::shm::Mapping::anonymous(usize::try_from(region_size(format, size)).unwrap()).unwrap();
+        Tracked {
+            size,
+            features,
+            format,
+            arena,
+            ring,
+            driver,
+            kept,
+            next_token: 0,
+            outstanding: std::collections::BTreeSet::new(),
+            done: 0,
+        }
+    }
+
+    /// A new device instance over the ring and the kept region.
+    fn device(&self) -> Result<DeviceRing<Arc<Arena>>, crate::ring::inflight::InflightError> {
+        let region = crate::ring::inflight::InflightRegion::new(self.kept.region(), self.size, self.format)?;
+        DeviceRing::new(self.size, &self.ring, self.arena.clone(), self.features)
+            .unwrap()
+            .with_inflight(region)
+    }
+
+    /// The driver makes the next request available, if it has room.
+    fn add(&mut self, two: bool) {
+        let a = &self.arena;
+        let token = a.alloc(4, 4).unwrap();
+        a.write(token, &self.next_token.to_le_bytes()).unwrap();
+        let ins: Vec<GuestBuf> = if two {
+            vec![
+                GuestBuf::new(a.alloc(8, 8).unwrap(), 8),
+                GuestBuf::new(a.alloc(8, 8).unwrap(), 8),
+            ]
+        } else {
+            vec![GuestBuf::new(a.alloc(16, 8).unwrap(), 16)]
+        };
+        match self.driver.add(&[GuestBuf::new(token, 4)], &ins, self.next_token) {
+            Ok(_) => {
+                self.outstanding.insert(self.next_token);
+                self.next_token += 1;
+            }
+            Err(r) if matches!(r.error, AddError::NoSpace { .. }) => {}
+            Err(r) => panic!("{:?}", r.error),
+        }
+    }
+
+    /// The device's step `op` on the chains it holds, `(head, token)`: take the
+    /// next chain, or return the `n`-th held with the length that names it
+    /// (1 + its token % 16).
+    fn serve(&self, device: &mut DeviceRing<Arc<Arena>>, held: &mut Vec<(u16, u32)>, op: &Life) {
+        match op {
+            Life::Pop => {
+                if let Some(c) = device.pop().unwrap() {
+                    let mut t = [0u8; 4];
+                    c.reader(&self.arena).read_exact(&mut t).unwrap();
+                    held.push((c.head(), u32::from_le_bytes(t)));
+                }
+            }
+            Life::Complete(n) if !held.is_empty() => {
+                let (head, token) = held.remove(n % held.len());
+                device.add_used(head, 1 + token % 16).unwrap();
+            }
+            _ => {}
+        }
+    }
+
+    /// The driver takes every used request: each must be outstanding, back once,
+    /// with its own length.
+    fn reclaim(&mut self) -> Result<(), TestCaseError> {
+        loop {
+            let got = self.driver.pop_used();
+            prop_assert!(got.is_ok(), "driver refused a used entry: {:?}", got.err());
+            let Some(u) = got.unwrap() else { return Ok(()) };
+            prop_assert!(
+                self.outstanding.remove(&u.token),
+                "token {} returned twice",
+                u.token
+            );
+            prop_assert_eq!(u.len, 1 + u.token % 16);
+            self.done += 1;
+        }
+    }
+
+    /// A last instance takes and returns everything; then every request must be
+    /// back, once.
+    fn finish(&mut self, mut device: DeviceRing<Arc<Arena>>) -> Result<(), TestCaseError> {
+        let mut held = Vec::new();
+        for _ in 0..2 * usize::from(self.size) {
+            self.serve(&mut device, &mut held, &Life::Pop);
+        }
+        while !held.is_empty() {
+            self.serve(&mut device, &mut held, &Life::Complete(0));
+        }
+        self.reclaim()?;
+        prop_assert!(
+            self.outstanding.is_empty(),
+            "never returned: {:?}",
+            self.outstanding
+        );
+        prop_assert_eq!(self.done, self.next_token as usize);
+        Ok(())
+    }
+}
+
 proptest! {
     /// Inflight tracking (vhost-user's INFLIGHT_SHMFD), split and packed, with and
     /// without IN_ORDER: a device instance that dies at any point, holding any
@@ -312,102 +459,25 @@ proptest! {
         packed in any::<bool>(),
         in_order in any::<bool>(),
     ) {
-        use crate::ring::areas::RingFormat;
-        use crate::ring::inflight::{InflightRegion, region_size};
-        let size = 8;
-        let mut features = Features::VERSION_1 | Features::EVENT_IDX;
-        if in_order {
-            features |= Features::IN_ORDER;
-        }
-        if packed {
-            features |= Features::RING_PACKED;
-        }
-        let format = RingFormat::of(features);
-        let arena = Arena::new(0x10_0000, 4 << 20).unwrap();
-        let (_, ring) = arena.alloc_split_ring(size).unwrap();
-        let share = IdentityShare::new(arena.clone(), size);
-        let mut driver = DriverRing::<_, u32>::new(size, ring.clone(), share, features).unwrap();
-        let kept = crate::shm::Mapping::anonymous(usize::try_from(region_size(format, size)).unwrap()).unwrap();
-        let instance = || {
-            let region = InflightRegion::new(kept.region(), size, format).unwrap();
-            DeviceRing::new(size, &ring, arena.clone(), features)
-                .unwrap()
-                .with_inflight(region)
-                .unwrap()
-        };
-        let mut device = instance();
+        let mut t = Tracked::new(8, ring_features(packed, in_order, true));
+        let mut device = t.device().unwrap();
         // Chains the current instance holds: (head, token read from the request).
         let mut held: Vec<(u16, u32)> = Vec::new();
-        let mut next_token = 0u32;
-        let mut outstanding = std::collections::BTreeSet::new();
-        let mut done = 0usize;
-        let token_of = |c: &Chain| {
-            let mut t = [0u8; 4];
-            c.reader(&arena).read_exact(&mut t).unwrap();
-            u32::from_le_bytes(t)
-        };
-        let serve = |device: &mut DeviceRing<Arc<Arena>>, held: &mut Vec<(u16, u32)>, step: &Life| {
-            match step {
-                Life::Pop => {
-                    if let Some(c) = device.pop().unwrap() {
-                        held.push((c.head(), token_of(&c)));
-                    }
-                }
-                Life::Complete(n) if !held.is_empty() => {
-                    let (head, token) = held.remove(n % held.len());
-                    // The length names the request: 1 + its token, at most 16.
-                    device.add_used(head, 1 + token % 16).unwrap();
-                }
-                _ => {}
-            }
-        };
         for step in &steps {
             match step {
-                Life::Add(two) => {
-                    let token = arena.alloc(4, 4).unwrap();
-                    arena.write(token, &next_token.to_le_bytes()).unwrap();
-                    let ins: Vec<GuestBuf> = if *two {
-                        vec![GuestBuf::new(arena.alloc(8, 8).unwrap(), 8), GuestBuf::new(arena.alloc(8, 8).unwrap(), 8)]
-                    } else {
-                        vec![GuestBuf::new(arena.alloc(16, 8).unwrap(), 16)]
-                    };
-                    match driver.add(&[GuestBuf::new(token, 4)], &ins, next_token) {
-                        Ok(_) => {
-                            outstanding.insert(next_token);
-                            next_token += 1;
-                        }
-                        Err(r) if matches!(r.error, AddError::NoSpace { .. }) => {}
-                        Err(r) => panic!("{:?}", r.error),
-                    }
-                }
+                Life::Add(two) => t.add(*two),
                 Life::Crash => {
-                    drop(std::mem::replace(&mut device, instance()));
+                    drop(std::mem::replace(&mut device, t.device().unwrap()));
                     held.clear();
                 }
-                other => serve(&mut device, &mut held, other),
+                other => t.serve(&mut device, &mut held, other),
             }
-            while let Some(u) = driver.pop_used().unwrap() {
-                prop_assert!(outstanding.remove(&u.token), "token {} returned twice", u.token);
-                prop_assert_eq!(u.len, 1 + u.token % 16);
-                done += 1;
-            }
+            t.reclaim()?;
         }
         // One more crash, then the last instance finishes everything.
-        drop(std::mem::replace(&mut device, instance()));
-        held.clear();
-        for _ in 0..2 * usize::from(size) {
-            serve(&mut device, &mut held, &Life::Pop);
-        }
-        while !held.is_empty() {
-            serve(&mut device, &mut held, &Life::Complete(0));
-        }
-        while let Some(u) = driver.pop_used().unwrap() {
-            prop_assert!(outstanding.remove(&u.token), "token {} returned twice", u.token);
-            prop_assert_eq!(u.len, 1 + u.token % 16);
-            done += 1;
-        }
-        prop_assert!(outstanding.is_empty(), "never returned: {:?}", outstanding);
-        prop_assert_eq!(done, next_token as usize);
+        drop(device);
+        let last = t.device().unwrap();
+        t.finish(last)?;
     }
 }
 
@@ -417,27 +487,11 @@ proptest! {
 /// notifying, and the driver would wait for ever. Only one, though.
 #[test]
 fn a_takeover_from_an_inflight_region_notifies_the_driver_once() {
-    use crate::ring::areas::RingFormat;
-    use crate::ring::inflight::{InflightRegion, region_size};
     for packed in [false, true] {
-        let size = 8;
-        let mut features = Features::VERSION_1 | Features::EVENT_IDX;
-        if packed {
-            features |= Features::RING_PACKED;
-        }
-        let format = RingFormat::of(features);
-        let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
-        let (_, ring) = arena.alloc_split_ring(size).unwrap();
-        let share = IdentityShare::new(arena.clone(), size);
-        let mut driver = DriverRing::<_, u32>::new(size, ring.clone(), share, features).unwrap();
+        let mut t = Tracked::new(8, ring_features(packed, false, true));
         // The driver sleeps with notifications on and nothing outstanding.
-        assert!(!driver.enable_notifications());
-        let kept =
-            crate::shm::Mapping::anonymous(usize::try_from(region_size(format, size)).unwrap()).unwrap();
-        let mut device = DeviceRing::new(size, &ring, arena.clone(), features)
-            .unwrap()
-            .with_inflight(InflightRegion::new(kept.region(), size, format).unwrap())
-            .unwrap();
+        assert!(!t.driver.enable_notifications());
+        let mut device = t.device().unwrap();
         assert!(
             device.needs_notification(),
             "packed {packed}: owed after a takeover"
@@ -483,102 +537,27 @@ proptest! {
         packed in any::<bool>(),
         in_order in any::<bool>(),
     ) {
-        use crate::ring::areas::RingFormat;
-        use crate::ring::inflight::{InflightRegion, crash, region_size};
+        use crate::ring::inflight::crash;
         use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
         crash::arm(0);
-        let size = 8;
-        let mut features = Features::VERSION_1 | Features::EVENT_IDX;
-        if in_order {
-            features |= Features::IN_ORDER;
-        }
-        if packed {
-            features |= Features::RING_PACKED;
-        }
-        let format = RingFormat::of(features);
-        let arena = Arena::new(0x10_0000, 4 << 20).unwrap();
-        let (_, ring) = arena.alloc_split_ring(size).unwrap();
-        let share = IdentityShare::new(arena.clone(), size);
-        let mut driver = DriverRing::<_, u32>::new(size, ring.clone(), share, features).unwrap();
-        let kept = crate::shm::Mapping::anonymous(usize::try_from(region_size(format, size)).unwrap()).unwrap();
+        let mut t = Tracked::new(8, ring_features(packed, in_order, true));
         // A new instance; if it dies recovering, another one.
-        let instance = || loop {
-            let region = InflightRegion::new(kept.region(), size, format).unwrap();
-            let got = catch_unwind(AssertUnwindSafe(|| {
-                DeviceRing::new(size, &ring, arena.clone(), features)
-                    .unwrap()
-                    .with_inflight(region)
-                    .unwrap()
-            }));
-            match got {
+        let instance = |t: &Tracked| loop {
+            match catch_unwind(AssertUnwindSafe(|| t.device().unwrap())) {
                 Ok(d) => break d,
                 Err(p) if p.is::<crash::Crash>() => {}
                 Err(p) => resume_unwind(p),
             }
         };
-        let mut device = instance();
+        let mut device = instance(&t);
         // The last instance died; the next one starts when the device is needed.
         let mut dead = false;
         let mut held: Vec<(u16, u32)> = Vec::new();
-        let mut next_token = 0u32;
-        let mut outstanding = std::collections::BTreeSet::new();
-        let mut done = 0usize;
-        let token_of = |c: &Chain| {
-            let mut t = [0u8; 4];
-            c.reader(&arena).read_exact(&mut t).unwrap();
-            u32::from_le_bytes(t)
-        };
-        let serve = |device: &mut DeviceRing<Arc<Arena>>, held: &mut Vec<(u16, u32)>, step: &Kill| {
-            match step {
-                Kill::Life(Life::Pop) => {
-                    if let Some(c) = device.pop().unwrap() {
-                        held.push((c.head(), token_of(&c)));
-                    }
-                }
-                Kill::Life(Life::Complete(n)) if !held.is_empty() => {
-                    let (head, token) = held.remove(n % held.len());
-                    device.add_used(head, 1 + token % 16).unwrap();
-                }
-                Kill::Batch(n, k) if !held.is_empty() => {
-                    let k = k % held.len();
-                    let n = (*n).min(held.len() - k);
-                    let batch: Vec<_> = held.drain(k..k + n).map(|(h, t)| (h, 1 + t % 16)).collect();
-                    device.add_used_batch(batch).unwrap();
-                }
-                _ => {}
-            }
-        };
-        let mut pop_used = |driver: &mut DriverRing<_, u32>, outstanding: &mut std::collections::BTreeSet<u32>| -> Result<(), TestCaseError> {
-            loop {
-                let got = driver.pop_used();
-                prop_assert!(got.is_ok(), "driver refused a used entry: {:?}", got.err());
-                let Some(u) = got.unwrap() else { return Ok(()) };
-                prop_assert!(outstanding.remove(&u.token), "token {} returned twice", u.token);
-                prop_assert_eq!(u.len, 1 + u.token % 16);
-                done += 1;
-            }
-        };
         for step in &steps {
             match step {
-                Kill::Life(Life::Add(two)) => {
-                    let token = arena.alloc(4, 4).unwrap();
-                    arena.write(token, &next_token.to_le_bytes()).unwrap();
-                    let ins: Vec<GuestBuf> = if *two {
-                        vec![GuestBuf::new(arena.alloc(8, 8).unwrap(), 8), GuestBuf::new(arena.alloc(8, 8).unwrap(), 8)]
-                    } else {
-                        vec![GuestBuf::new(arena.alloc(16, 8).unwrap(), 16)]
-                    };
-                    match driver.add(&[GuestBuf::new(token, 4)], &ins, next_token) {
-                        Ok(_) => {
-                            outstanding.insert(next_token);
-                            next_token += 1;
-                        }
-                        Err(r) if matches!(r.error, AddError::NoSpace { .. }) => {}
-                        Err(r) => panic!("{:?}", r.error),
-                    }
-                }
+                Kill::Life(Life::Add(two)) => t.add(*two),
                 Kill::Life(Life::Crash) => {
-                    drop(std::mem::replace(&mut device, instance()));
+                    drop(std::mem::replace(&mut device, instance(&t)));
                     held.clear();
                 }
                 Kill::Arm(n) => crash::arm(*n),
@@ -586,10 +565,20 @@ proptest! {
                     if dead {
                         // Restarted only now: the driver may have reclaimed,
                         // reused heads and made new requests available meanwhile.
-                        drop(std::mem::replace(&mut device, instance()));
+                        drop(std::mem::replace(&mut device, instance(&t)));
                         dead = false;
                     }
-                    match catch_unwind(AssertUnwindSafe(|| serve(&mut device, &mut held, other))) {
+                    let served = catch_unwind(AssertUnwindSafe(|| match other {
+                        Kill::Life(op) => t.serve(&mut device, &mut held, op),
+                        Kill::Batch(n, k) if !held.is_empty() => {
+                            let k = k % held.len();
+                            let n = (*n).min(held.len() - k);
+                            let batch: Vec<_> = held.drain(k..k + n).map(|(h, t)| (h, 1 + t % 16)).collect();
+                            device.add_used_batch(batch).unwrap();
+                        }
+                        _ => {}
+                    }));
+                    match served {
                         Ok(()) => {}
                         Err(p) if p.is::<crash::Crash>() => {
                             dead = true;
@@ -599,20 +588,12 @@ proptest! {
                     }
                 }
             }
-            pop_used(&mut driver, &mut outstanding)?;
+            t.reclaim()?;
         }
         crash::arm(0);
-        drop(std::mem::replace(&mut device, instance()));
-        held.clear();
-        for _ in 0..2 * usize::from(size) {
-            serve(&mut device, &mut held, &Kill::Life(Life::Pop));
-        }
-        while !held.is_empty() {
-            serve(&mut device, &mut held, &Kill::Life(Life::Complete(0)));
-        }
-        pop_used(&mut driver, &mut outstanding)?;
-        prop_assert!(outstanding.is_empty(), "never returned: {:?}", outstanding);
-        prop_assert_eq!(done, next_token as usize);
+        drop(device);
+        let last = t.device().unwrap();
+        t.finish(last)?;
     }
 }
 
@@ -629,24 +610,14 @@ proptest! {
         used in any::<u16>(),
         adds in 0usize..8,
     ) {
-        use crate::ring::areas::RingFormat;
-        use crate::ring::inflight::{InflightRegion, region_size};
+        use crate::ring::inflight::region_size;
         let size = 8u16;
-        let mut features = Features::VERSION_1;
-        if packed {
-            features |= Features::RING_PACKED;
+        let mut t = Tracked::new(size, ring_features(packed, false, false));
+        for k in 0..adds {
+            let b = GuestBuf::new(t.arena.alloc(16, 8).unwrap(), 16);
+            let _ = t.driver.add(&[], &[b], u32::try_from(k).unwrap());
         }
-        let format = RingFormat::of(features);
-        let arena = Arena::new(0x10_0000, 1 << 20).unwrap();
-        let (_, ring) = arena.alloc_split_ring(size).unwrap();
-        let share = IdentityShare::new(arena.clone(), size);
-        let mut driver = DriverRing::<_, u32>::new(size, ring.clone(), share, features).unwrap();
-        for t in 0..adds {
-            let b = GuestBuf::new(arena.alloc(16, 8).unwrap(), 16);
-            let _ = driver.add(&[], &[b], u32::try_from(t).unwrap());
-        }
-        let len = usize::try_from(region_size(format, size)).unwrap();
-        let kept = crate::shm::Mapping::anonymous(len).unwrap();
+        let len = usize::try_from(region_size(t.format, size)).unwrap();
         let mut b = bytes[..len].to_vec();
         if header {
             b[0..8].copy_from_slice(&u64::from(packed).to_le_bytes());
@@ -683,9 +654,8 @@ proptest! {
                 }
             }
         }
-        kept.region().write(0, &b).unwrap();
-        let region = InflightRegion::new(kept.region(), size, format).unwrap();
-        let Ok(mut device) = DeviceRing::new(size, &ring, arena.clone(), features).unwrap().with_inflight(region) else {
+        t.kept.region().write(0, &b).unwrap();
+        let Ok(mut device) = t.device() else {
             return Ok(());
         };
         for _ in 0..3 * usize::from(size) {
