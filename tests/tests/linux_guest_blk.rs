@@ -13,10 +13,10 @@
 //! Skipped, saying so, only where the kit's prerequisites cannot be installed (not
 //! root, no network) and `CI` is unset.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use vio::linux_guest::{Backend, BlkDisk, GuestError, GuestSpec, Machine, backend, report};
+use std::time::Duration;
+use vio::linux_guest::{Backend, BlkDisk, Cleanup, GuestError, GuestSpec, Machine, backend, report, unique};
 
 /// The image size; the guest overwrites its second half.
 const IMAGE_BYTES: usize = 8 << 20;
@@ -47,8 +47,7 @@ fn blk_backend(daemon: Daemon, image: &Path, socket: &Path) -> (&'static str, Co
 
 /// A seed unique to this run, so a stale image cannot pass.
 fn seed() -> u64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    (now.as_secs() << 30) ^ u64::from(now.subsec_nanos()) ^ (u64::from(std::process::id()) << 20) | 1
+    vio::linux_guest::run_seed()
 }
 
 /// `len` bytes of xorshift64 output from `seed`.
@@ -98,22 +97,6 @@ echo "VIO-RESULT readback=$(dd if=/dev/vda bs=1M skip={half_mib} count={half_mib
 echo "VIO-RESULT final=$(sum < /dev/vda)"
 "#
     )
-}
-
-/// A path unique to this test in `dir`.
-fn unique(dir: &Path, name: &str, ext: &str) -> PathBuf {
-    dir.join(format!("{name}-{}.{ext}", std::process::id()))
-}
-
-/// Files removed when the test ends, passed or not.
-struct Cleanup(Vec<PathBuf>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::fs::remove_file(path);
-        }
-    }
 }
 
 /// Seeds an image, serves it with `daemon`, boots `machine` against it and checks

@@ -23,8 +23,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use vio::linux_guest::{Backend, BackendError, BlkDisk, GuestError, GuestSpec, Machine, backend, report};
+use std::time::Duration;
+use vio::linux_guest::{
+    Backend, BackendError, BlkDisk, Cleanup, GuestError, GuestSpec, Machine, backend, report, unique,
+};
 
 /// The image size: the markers, the rounds, then the readers' area.
 const IMAGE_BYTES: u64 = 128 << 20;
@@ -68,8 +70,7 @@ fn seed() -> u64 {
         let hex = text.trim().trim_start_matches("0x");
         return u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("VIO_RECONNECT_SEED={text}: {e}")) | 1;
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    (now.as_secs() << 30) ^ u64::from(now.subsec_nanos()) ^ (u64::from(std::process::id()) << 20) | 1
+    vio::linux_guest::run_seed()
 }
 
 /// xorshift64: the kill schedule's randomness, replayable from the seed.
@@ -193,21 +194,19 @@ echo "VIO-RESULT ioerrors=none"
     )
 }
 
-/// A path unique to this test in `dir`.
-fn unique(dir: &Path, name: &str, ext: &str) -> PathBuf {
-    dir.join(format!("{name}-{}.{ext}", std::process::id()))
-}
-
-/// Files and directories removed when the test ends, passed or not.
-struct Cleanup(Vec<PathBuf>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::fs::remove_file(path);
-            let _ = std::fs::remove_dir_all(path);
-        }
-    }
+/// A q35 guest running [`guest_script`] on one disk of [`QUEUES`] queues at
+/// `socket`, whose chardev reconnects every [`RECONNECT`], killed at `timeout`.
+fn reconnecting_guest(token: &str, socket: &Path, packed: bool, timeout: Duration) -> GuestSpec {
+    let mut spec = GuestSpec::new(Machine::Q35, guest_script(token));
+    spec.disks.push(BlkDisk {
+        socket: socket.to_path_buf(),
+        num_queues: QUEUES,
+        packed,
+        in_order: false,
+        reconnect: Some(RECONNECT),
+    });
+    spec.timeout = timeout;
+    spec
 }
 
 /// Where the killer runs its daemons and looks for the guest's progress.
@@ -469,15 +468,7 @@ fn survives_kills(name: &str, packed: bool) {
         (target, killings)
     });
 
-    let mut spec = GuestSpec::new(Machine::Q35, guest_script(&token));
-    spec.disks.push(BlkDisk {
-        socket: socket.clone(),
-        num_queues: QUEUES,
-        packed,
-        in_order: false,
-        reconnect: Some(RECONNECT),
-    });
-    spec.timeout = Duration::from_secs(90);
+    let spec = reconnecting_guest(&token, &socket, packed, Duration::from_secs(90));
     let booted = guest.boot(&spec);
     drop(done_tx);
     let (target, killings) = killer.join().expect("the killer thread");
@@ -601,15 +592,7 @@ fn a_daemon_that_does_not_come_back_is_reported_with_its_log() {
             Err(e) => Ok(report(&e)),
         }
     });
-    let mut spec = GuestSpec::new(Machine::Q35, guest_script(&token));
-    spec.disks.push(BlkDisk {
-        socket: socket.clone(),
-        num_queues: QUEUES,
-        packed: false,
-        in_order: false,
-        reconnect: Some(RECONNECT),
-    });
-    spec.timeout = Duration::from_secs(30);
+    let spec = reconnecting_guest(&token, &socket, false, Duration::from_secs(30));
     let booted = guest.boot(&spec);
     drop(done_tx);
     let said = killer

@@ -49,6 +49,33 @@ pub fn for_test(name: &str) -> Option<LinuxGuest> {
     }
 }
 
+/// A seed unique to this run (time and process id), so a stale image cannot pass.
+#[must_use]
+pub fn run_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    (now.as_secs() << 30) ^ u64::from(now.subsec_nanos()) ^ (u64::from(std::process::id()) << 20) | 1
+}
+
+/// A path unique to this test process in `dir`: `name-PID.ext`.
+#[must_use]
+pub fn unique(dir: &std::path::Path, name: &str, ext: &str) -> std::path::PathBuf {
+    dir.join(format!("{name}-{}.{ext}", std::process::id()))
+}
+
+/// Files and directories a test made, removed when it ends, passed or not.
+#[derive(Debug)]
+pub struct Cleanup(pub Vec<std::path::PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
 /// `e` and its chain of causes, one per line.
 pub fn report(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
