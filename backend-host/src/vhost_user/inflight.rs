@@ -198,7 +198,7 @@ impl InflightBuffer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const SPLIT: Shape = Shape {
@@ -212,7 +212,8 @@ mod tests {
         format: RingFormat::Packed,
     };
 
-    fn desc(num_queues: u16, queue_size: u16) -> VhostUserInflight {
+    /// What GET_INFLIGHT_FD asks: `num_queues` queues of `queue_size`.
+    pub(crate) fn desc(num_queues: u16, queue_size: u16) -> VhostUserInflight {
         VhostUserInflight {
             mmap_size: 0,
             mmap_offset: 0,

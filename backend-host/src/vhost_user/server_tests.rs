@@ -355,15 +355,6 @@ fn ring_descriptors_must_be_eventfds() {
     s.set_vring_call(0, None).unwrap();
 }
 
-fn inflight_desc(num_queues: u16, queue_size: u16) -> VhostUserInflight {
-    VhostUserInflight {
-        mmap_size: 0,
-        mmap_offset: 0,
-        num_queues,
-        queue_size,
-    }
-}
-
 /// INFLIGHT_SHMFD: a buffer made on GET_INFLIGHT_FD reaches every ring it covers
 /// when the device starts, and one handed back on SET_INFLIGHT_FD (a daemon
 /// restarted under the same frontend) does too. Without the protocol feature both
@@ -374,16 +365,20 @@ fn the_inflight_buffer_reaches_the_rings_it_covers() {
     let offered = s.get_features().unwrap();
     s.set_features(offered).unwrap();
     assert!(
-        s.get_inflight_fd(&inflight_desc(2, 256)).is_err(),
+        s.get_inflight_fd(&crate::vhost_user::inflight::tests::desc(2, 256))
+            .is_err(),
         "INFLIGHT_SHMFD not negotiated"
     );
     s.set_protocol_features((implemented_protocol() | VhostUserProtocolFeatures::REPLY_ACK).bits())
         .unwrap();
     assert!(
-        s.get_inflight_fd(&inflight_desc(3, 256)).is_err(),
+        s.get_inflight_fd(&crate::vhost_user::inflight::tests::desc(3, 256))
+            .is_err(),
         "the device has 2 rings"
     );
-    let (reply, file) = s.get_inflight_fd(&inflight_desc(1, 256)).unwrap();
+    let (reply, file) = s
+        .get_inflight_fd(&crate::vhost_user::inflight::tests::desc(1, 256))
+        .unwrap();
     assert!(reply.mmap_size >= 16 + 16 * 256);
     with_memory(&mut s);
     configure(&mut s, 0);
@@ -410,6 +405,8 @@ fn the_inflight_buffer_reaches_the_rings_it_covers() {
     s.set_features((Features::VERSION_1 | Features::RING_PACKED).bits() | PF)
         .unwrap();
     s.set_protocol_features(implemented_protocol().bits()).unwrap();
-    let (packed, _) = s.get_inflight_fd(&inflight_desc(2, 256)).unwrap();
+    let (packed, _) = s
+        .get_inflight_fd(&crate::vhost_user::inflight::tests::desc(2, 256))
+        .unwrap();
     assert!(packed.mmap_size >= 2 * (32 + 40 * 256));
 }
