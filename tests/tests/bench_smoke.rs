@@ -310,11 +310,21 @@ fn vhost_bench_runs_both_daemons_on_every_row() {
     // Every row, and QD32 reads once more with our daemon not polling.
     assert_eq!(table.rows.len(), ROWS.len() + 1);
     assert!(matches!(&table.rows[ROWS.len()][0], Cell::Text(t) if t.ends_with("ours --poll-us 0")));
+    let num = |c: &Cell| match c {
+        Cell::Num(v) if v.is_finite() && *v >= 0.0 => *v,
+        other => panic!("not a figure: {other:?}"),
+    };
     for row in &table.rows {
-        // Both daemons completed requests on every row, and used CPU for them.
-        for cell in row[2..4].iter().chain(&row[12..14]) {
-            assert!(matches!(cell, Cell::Num(v) if *v > 0.0), "{row:?}");
+        // Both daemons completed requests on every row.
+        for cell in &row[2..4] {
+            assert!(num(cell) > 0.0, "{row:?}");
         }
+    }
+    // And used CPU for them: per row it may round to nothing (clock ticks of
+    // 10 ms against runs of 50 ms), over the table it cannot.
+    for col in 12..14 {
+        let total: f64 = table.rows.iter().map(|r| num(&r[col])).sum();
+        assert!(total > 0.0, "{}: {total}", table.columns[col]);
     }
     let _ = std::fs::remove_file(image);
 }
